@@ -1,0 +1,3 @@
+from elbasy.cli import main
+
+main()

@@ -1,0 +1,36 @@
+"""Build elbasy's data plane: the Cython epoll loop in ext/ becomes elbasy._loop.
+
+The cffi OpenSSL binding (elbasy._tls) joins here with the interception work:
+add its builder to `cffi_modules` below.
+"""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+debug = os.environ.get("ELBASY_DEBUG") == "1"
+
+extensions = [
+    Extension(
+        "elbasy._loop",
+        sources=["ext/loop.pyx"],
+        include_dirs=["ext"],
+        define_macros=[("ELBASY_DEBUG", "1" if debug else "0"), ("_GNU_SOURCE", "1")],
+        extra_compile_args=["-O2", "-fno-strict-aliasing"] + (["-g", "-O0"] if debug else []),
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+        },
+        annotate=os.environ.get("ELBASY_ANNOTATE") == "1",
+    ),
+)
