@@ -1,0 +1,251 @@
+"""The ``elbasy`` command.
+
+``elbasy [OPTIONS]`` runs the proxy. Every option can also come from the
+environment (``ELBASY_<NAME>``, e.g. ``ELBASY_LISTEN``; ``ELBASY_CONNECT_TO``
+holds space-separated rules) and from a TOML file given with ``--config``
+whose keys are the long option names (``listen = "127.0.0.1:9000"``,
+``connect_to = ["api.example.com:443:127.0.0.1:8443"]``). The command line
+wins over the environment, which wins over the file, which wins over the
+defaults.
+
+``main`` is a click group so that later subcommands (``elbasy ca ...``) share
+these options; without a subcommand it runs the proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import click
+from click.core import ParameterSource
+
+from elbasy import __version__
+from elbasy.config import Config, ConfigError, ConnectTo, load_toml, parse_listen, to_toml
+
+__all__ = ["build_config", "main"]
+
+_DEFAULTS = Config()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def build_config(
+    *,
+    listen: str = _DEFAULTS.listen,
+    log_level: str = _DEFAULTS.log_level,
+    log_format: str = _DEFAULTS.log_format,
+    head_timeout: float = _DEFAULTS.head_timeout,
+    connect_timeout: float = _DEFAULTS.connect_timeout,
+    idle_timeout: float = _DEFAULTS.idle_timeout,
+    keepalive_timeout: float = _DEFAULTS.keepalive_timeout,
+    response_timeout: float = _DEFAULTS.response_timeout,
+    max_head_bytes: int = _DEFAULTS.max_head_bytes,
+    connect_to: Iterable[str] = (),
+) -> Config:
+    """A :class:`Config` from settings spelled as ``elbasy``'s options.
+
+    Raises :class:`ConfigError` whose ``field`` is the option's name.
+    """
+    host, port = parse_listen(listen)
+    rules: list[ConnectTo] = []
+    for spec in connect_to:
+        try:
+            rules.append(ConnectTo.parse(spec))
+        except ConfigError as e:
+            raise ConfigError(e.reason, "connect_to") from None
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        log_level=log_level,
+        log_format=log_format,
+        head_timeout=head_timeout,
+        connect_timeout=connect_timeout,
+        idle_timeout=idle_timeout,
+        keepalive_timeout=keepalive_timeout,
+        response_timeout=response_timeout,
+        max_head_bytes=max_head_bytes,
+        connect_to=tuple(rules),
+    )
+
+
+class ConfigProblem(click.ClickException):
+    """A bad setting: printed as one ``Error: ...`` line, exit code 2."""
+
+    exit_code = 2
+
+
+_SOURCES = {
+    ParameterSource.COMMANDLINE: "",
+    ParameterSource.ENVIRONMENT: " (from ${envvar})",
+    ParameterSource.DEFAULT_MAP: " (from the config file)",
+    ParameterSource.DEFAULT: " (the default)",
+}
+
+
+def _problem(ctx: click.Context, error: ConfigError) -> ConfigProblem:
+    """Turn a ConfigError into a one-line click error naming the option and its source."""
+    name = error.field
+    if name in ("listen_host", "listen_port"):
+        name = "listen"
+    param = next((p for p in ctx.command.params if p.name == name), None)
+    if param is None or not isinstance(param, click.Option):
+        return ConfigProblem(str(error))
+    source = ctx.get_parameter_source(param.name or "")
+    where = _SOURCES.get(source, "") if source is not None else ""
+    where = where.replace("${envvar}", str(param.envvar))
+    return ConfigProblem(f"invalid value for {param.opts[0]}{where}: {error.reason}")
+
+
+def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Eager callback of ``--config``: the file's settings become the defaults."""
+    if not value:
+        return
+    try:
+        settings = load_toml(value)
+    except ConfigError as e:
+        raise ConfigProblem(str(e)) from None
+    ctx.default_map = {**settings, **(ctx.default_map or {})}
+
+
+def _env(name: str) -> str:
+    return "ELBASY_" + name.upper()
+
+
+def _seconds(name: str, default: float, help: str) -> Callable[[_F], _F]:
+    return click.option(
+        "--" + name.replace("_", "-"),
+        name,
+        type=float,
+        default=default,
+        show_default=True,
+        envvar=_env(name),
+        metavar="SECONDS",
+        help=help,
+    )
+
+
+@click.group(
+    invoke_without_command=True,
+    subcommand_metavar="[COMMAND [ARGS]...]",
+    context_settings={"show_default": True},
+)
+@click.version_option(__version__, "--version", prog_name="elbasy", message="%(prog)s %(version)s")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    envvar=_env("config"),
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config_file,
+    metavar="FILE",
+    help="TOML file whose keys are these options' long names (listen, connect_to, ...).",
+)
+@click.option(
+    "--listen",
+    "listen",
+    default=_DEFAULTS.listen,
+    envvar=_env("listen"),
+    metavar="HOST:PORT",
+    help="Address to accept clients on; port 0 picks a free port, ':PORT' means all interfaces.",
+)
+@click.option(
+    "--log-level",
+    "log_level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default=_DEFAULTS.log_level,
+    envvar=_env("log_level"),
+)
+@click.option(
+    "--log-format",
+    "log_format",
+    type=click.Choice(["text", "json"], case_sensitive=False),
+    default=_DEFAULTS.log_format,
+    envvar=_env("log_format"),
+)
+@_seconds("head_timeout", _DEFAULTS.head_timeout, "Close clients whose request head is late.")
+@_seconds("connect_timeout", _DEFAULTS.connect_timeout, "Give up dialing upstream (504).")
+@_seconds("idle_timeout", _DEFAULTS.idle_timeout, "Close CONNECT tunnels idle this long.")
+@_seconds(
+    "keepalive_timeout",
+    _DEFAULTS.keepalive_timeout,
+    "Close idle keep-alive client and pooled upstream connections.",
+)
+@_seconds(
+    "response_timeout",
+    _DEFAULTS.response_timeout,
+    "Wait this long for an upstream response head (504).",
+)
+@click.option(
+    "--max-head-bytes",
+    "max_head_bytes",
+    type=int,
+    default=_DEFAULTS.max_head_bytes,
+    envvar=_env("max_head_bytes"),
+    metavar="N",
+    help="Largest request head accepted (431 beyond).",
+)
+@click.option(
+    "--connect-to",
+    "connect_to",
+    multiple=True,
+    envvar=_env("connect_to"),
+    metavar="HOST:PORT:ADDR:PORT",
+    show_default=False,
+    help="Dial ADDR:PORT for HOST:PORT (curl syntax; HOST is a glob; empty fields mean "
+    "any/keep; IPv6 in brackets). Repeatable; the first match wins.",
+)
+@click.pass_context
+def main(
+    ctx: click.Context,
+    listen: str,
+    log_level: str,
+    log_format: str,
+    head_timeout: float,
+    connect_timeout: float,
+    idle_timeout: float,
+    keepalive_timeout: float,
+    response_timeout: float,
+    max_head_bytes: int,
+    connect_to: tuple[str, ...],
+) -> None:
+    """elbasy: an egress HTTP(S) proxy that keeps API clients under their rate limits.
+
+    Every option can also be set as ELBASY_<NAME> in the environment (e.g.
+    ELBASY_LISTEN; ELBASY_CONNECT_TO takes space-separated rules) or in the
+    --config file. Precedence: command line, environment, config file, defaults.
+    """
+    try:
+        config = build_config(
+            listen=listen,
+            log_level=log_level,
+            log_format=log_format,
+            head_timeout=head_timeout,
+            connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout,
+            keepalive_timeout=keepalive_timeout,
+            response_timeout=response_timeout,
+            max_head_bytes=max_head_bytes,
+            connect_to=connect_to,
+        )
+    except ConfigError as e:
+        raise _problem(ctx, e) from None
+    ctx.obj = config
+    if ctx.invoked_subcommand is not None:
+        return
+
+    from elbasy.logs import configure
+    from elbasy.server import run
+
+    configure(config.log_level, config.log_format)
+    try:
+        run(config)
+    except KeyboardInterrupt:  # Ctrl-C before the server installed its handlers
+        pass
+
+
+@main.command("show-config")
+@click.pass_obj
+def show_config(config: Config) -> None:
+    """Print the effective settings as a TOML config file, then exit."""
+    click.echo(to_toml(config), nl=False)

@@ -1,0 +1,229 @@
+"""What elbasy does with each request and response head.
+
+The loop calls a `Proxy` once per request head and once per response head;
+it answers with the verdicts in `elbasy.verdicts`. Everything here is plain
+Python over bytes: no fds, and the clock only as the callable it is handed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+
+from elbasy import __version__
+from elbasy.errors import RemoteProtocolError
+from elbasy.logs import log_access
+from elbasy.protocol.headers import Headers, serialize, strip_hop_by_hop
+from elbasy.protocol.http1 import (
+    RequestHead,
+    parse_request_head,
+    parse_response_head,
+    request_framing,
+    response_framing,
+    upstream_keeps_alive,
+)
+from elbasy.protocol.targets import check_host, check_port, parse_authority
+from elbasy.verdicts import BODY_CLOSE, BODY_NONE, Forward, Reply, ResponsePlan, Tunnel
+
+log = logging.getLogger("elbasy.proxy")
+
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class Exchange:
+    """One request (or one tunnel) as the access log will tell it."""
+
+    __slots__ = ("client", "method", "target", "keep_alive")
+
+    def __init__(self, client: str, method: str, target: str, keep_alive: bool = False) -> None:
+        self.client = client
+        self.method = method
+        self.target = target
+        self.keep_alive = keep_alive
+
+
+def response(status: int, body: bytes, content_type: bytes, close: bool) -> bytes:
+    head = [
+        (b"Content-Type", content_type),
+        (b"Content-Length", str(len(body)).encode()),
+        (b"Server", b"elbasy/" + __version__.encode()),
+    ]
+    if close:
+        head.append((b"Connection", b"close"))
+    line = b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Error").encode())
+    return serialize(line, head) + body
+
+
+def error_response(status: int, reason: str) -> bytes:
+    """elbasy's own error: a one-line plain-text reason, then close."""
+    return response(status, reason.encode("utf-8", "replace") + b"\n", b"text/plain", True)
+
+
+class Proxy:
+    """The per-request decisions of one worker."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+        self.counters: Counter[str] = Counter()
+
+    # ---- request heads -----------------------------------------------------------
+
+    def on_request(self, head: bytes, client: str) -> Reply | Tunnel | Forward:
+        try:
+            req = parse_request_head(head)
+        except RemoteProtocolError as exc:
+            return self._refuse(Exchange(client, "-", "-"), exc)
+        # HTTP/1.0 clients get one request per connection: their upstream
+        # request is HTTP/1.0 too, so no chunked answer can reach them.
+        ex = Exchange(client, req.method, req.target, req.keep_alive and req.version != "1.0")
+        try:
+            if req.method == "CONNECT":
+                host, port = parse_authority(req.target)
+                return Tunnel(host, port, ex)
+            if req.target.startswith("/"):
+                return self._own_page(req, ex)
+            return self._forward(req, ex)
+        except RemoteProtocolError as exc:
+            return self._refuse(ex, exc)
+
+    def _refuse(self, ex: Exchange, exc: RemoteProtocolError) -> Reply:
+        status = exc.status_hint
+        self.counters["bad_requests" if status == 400 else f"refused_{status}"] += 1
+        log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
+        log.info("refused %s from %s: %s", ex.target, ex.client, exc)
+        return Reply(error_response(status, str(exc)), True)
+
+    def _forward(self, req: RequestHead, ex: Exchange) -> Forward:
+        try:
+            url = httptools.parse_url(req.target.encode("ascii"))
+        except httptools.HttpParserInvalidURLError:
+            raise RemoteProtocolError(f"bad request target {req.target!r}") from None
+        scheme = (url.schema or b"").lower()
+        if scheme == b"https":
+            raise RemoteProtocolError("https:// URLs go through CONNECT, not absolute-form")
+        if scheme != b"http" or not url.host:
+            raise RemoteProtocolError(f"bad request target {req.target!r}")
+        if url.userinfo:
+            raise RemoteProtocolError("credentials in the request URL are refused")
+        raw_host = url.host.decode("ascii")
+        host = check_host(f"[{raw_host}]" if ":" in raw_host else raw_host)
+        port = url.port or 80
+        check_port(str(port))
+        body, length = request_framing(req)
+        path = url.path or b"/"
+        if url.query:
+            path += b"?" + url.query
+        authority = url.host if ":" not in raw_host else b"[" + url.host + b"]"
+        if url.port:
+            authority += b":%d" % url.port
+        headers: Headers = [(b"Host", authority)]
+        headers += [(n, v) for n, v in strip_hop_by_hop(req.headers) if n.lower() != b"host"]
+        version = b"HTTP/1.0" if req.version == "1.0" else b"HTTP/1.1"
+        line = req.method.encode("ascii") + b" " + path + b" " + version
+        retryable = req.method in IDEMPOTENT and body == BODY_NONE
+        return Forward(host, port, serialize(line, headers), body, length, retryable, ex)
+
+    def _own_page(self, req: RequestHead, ex: Exchange) -> Reply:
+        """Origin-form: a request to elbasy itself, not through it."""
+        path = req.target.split("?", 1)[0]
+        close = not req.keep_alive
+        if req.method not in ("GET", "HEAD"):
+            status, data = 405, error_response(405, "elbasy's own pages answer GET only")
+            close = True
+        elif path == "/healthz":
+            status = 200
+            data = response(200, self._healthz(), b"application/json", close)
+        elif path == "/":
+            status, data = 200, response(200, _INDEX, b"text/html; charset=utf-8", close)
+        else:
+            status, data = 404, response(404, b"not found\n", b"text/plain", close)
+        if req.method == "HEAD":
+            data = data[: data.index(b"\r\n\r\n") + 4]
+        log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)
+        return Reply(data, close)
+
+    def _healthz(self) -> bytes:
+        stats = self._stats()
+        stats["version"] = __version__
+        counters = stats.setdefault("counters", {})
+        for name, value in self.counters.items():
+            counters[name] = value
+        return json.dumps(stats, sort_keys=True).encode() + b"\n"
+
+    # ---- response heads ---------------------------------------------------------
+
+    def on_response(self, ex: Exchange, head: bytes) -> ResponsePlan:
+        resp = parse_response_head(head)
+        if 100 <= resp.status < 200 and resp.status != 101:
+            return ResponsePlan(head, resp.status, BODY_NONE, 0, True, True, True)
+        body, length = response_framing(resp, ex.method)
+        keep_client = ex.keep_alive and body != BODY_CLOSE and resp.status != 101
+        headers = strip_hop_by_hop(resp.headers)
+        if not keep_client:
+            headers.append((b"Connection", b"close"))
+        reuse = upstream_keeps_alive(resp) and body != BODY_CLOSE
+        return ResponsePlan(
+            serialize(resp.status_line, headers), resp.status, body, length, False,
+            keep_client, reuse,
+        )
+
+    # ---- endings ------------------------------------------------------------------
+
+    def finished(self, ex: Exchange, status: int, up: int, down: int, took_ns: int) -> None:
+        log_access(ex.client, ex.method, ex.target, status, up, down, took_ns / 1e6)
+
+    def failed(self, ex: Exchange, status: int, reason: str) -> bytes:
+        self.counters[f"upstream_{status}"] += 1
+        log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
+        log.warning("%s %s from %s: %s", ex.method, ex.target, ex.client, reason)
+        return error_response(status, reason)
+
+    def head_too_large(self, client: str) -> bytes:
+        return self._refuse(
+            Exchange(client, "-", "-"),
+            RemoteProtocolError("request head is larger than the configured limit", 431),
+        ).data
+
+    def bad_body(self, ex: Exchange) -> bytes:
+        return self._refuse(ex, RemoteProtocolError("malformed chunked request body")).data
+
+    def bad_response(self, ex: Exchange, exc: Exception) -> bytes:
+        return self.failed(ex, 502, f"bad response from the upstream: {exc}")
+
+    def internal_error(self, ex: Exchange | None, exc: BaseException) -> bytes:
+        log.error("internal error on %s", ex.target if ex else "-", exc_info=exc)
+        return error_response(500, "elbasy hit an internal error; see its log")
+
+
+_INDEX = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>elbasy</title></head>
+<body>
+<h1>elbasy</h1>
+<p>This is elbasy, an egress proxy for calling rate-limited APIs. It is not a
+web server: point your HTTP client at it as a proxy instead.</p>
+<pre>
+export HTTPS_PROXY=http://HOST:PORT
+export HTTP_PROXY=http://HOST:PORT
+curl -x http://HOST:PORT https://example.com/
+</pre>
+<p>Health and counters: <a href="/healthz">/healthz</a> (JSON).</p>
+</body></html>
+"""

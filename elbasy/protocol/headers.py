@@ -1,0 +1,66 @@
+"""Hop-by-hop headers: what a proxy must not pass on (RFC 9110 §7.6.1).
+
+Stripping happens before any policy sees a message, so a rule can never be
+fooled by, or accidentally forward, a header meant for elbasy itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Headers = list[tuple[bytes, bytes]]
+
+# Transfer-Encoding is hop-by-hop too, but elbasy relays chunked bodies byte
+# for byte, so the coding on both hops is the same and the header stays.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",  # not standard; curl and old browsers send it
+        b"keep-alive",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    }
+)
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """Lower-cased option names listed in every Connection header."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token:
+                    tokens.add(token)
+    return tokens
+
+
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    """The headers minus hop-by-hop ones and any named in Connection."""
+    named = connection_tokens(headers)
+    return [
+        (name, value)
+        for name, value in headers
+        if (low := name.lower()) not in HOP_BY_HOP and low not in named
+    ]
+
+
+def first(headers: Headers, name: bytes) -> bytes | None:
+    """The first value of header `name` (lower-case), or None."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def serialize(start_line: bytes, headers: Headers) -> bytes:
+    """A head ready for the wire: start line, headers, blank line."""
+    parts = [start_line]
+    for name, value in headers:
+        parts.append(name + b": " + value)
+    parts.append(b"")
+    parts.append(b"")
+    return b"\r\n".join(parts)

@@ -1,0 +1,113 @@
+"""Name resolution that never blocks the loop.
+
+getaddrinfo runs on a few worker threads; each answer is queued and the
+loop is woken through an eventfd it polls. IP literals and fresh cache hits
+answer at once. Answers are lists of (family, address, port) for the loop to
+try in order; failures are a one-line reason string for the 502.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from elbasy.config import ConnectTo, route
+
+Address = tuple[int, str, int]
+Answer = list[Address] | str
+
+
+class Resolver:
+    def __init__(
+        self,
+        clock: Any,
+        connect_to: tuple[ConnectTo, ...] = (),
+        ttl: float = 30.0,
+        negative_ttl: float = 5.0,
+        threads: int = 4,
+    ) -> None:
+        self._clock = clock
+        self._connect_to = connect_to
+        self._ttl = ttl
+        self._negative_ttl = negative_ttl
+        self._cache: dict[tuple[str, int], tuple[float, Answer]] = {}
+        self._done: deque[tuple[Any, Answer]] = deque()
+        self._pending: dict[tuple[str, int], list[Any]] = {}
+        self._lock = threading.Lock()
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="elbasy-dns")
+
+    def fileno(self) -> int:
+        return self._efd
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        os.close(self._efd)
+
+    def lookup(self, host: str, port: int, token: Any) -> Answer | None:
+        """An answer now, or None and the answer later through completed()."""
+        host, port = route(self._connect_to, host, port)
+        literal = _literal(host, port)
+        if literal is not None:
+            return literal
+        key = (host, port)
+        hit = self._cache.get(key)
+        now = self._clock()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        waiting = self._pending.get(key)
+        if waiting is not None:
+            waiting.append(token)
+            return None
+        self._pending[key] = [token]
+        self._pool.submit(self._resolve, key)
+        return None
+
+    def completed(self) -> list[tuple[Any, Answer]]:
+        """Answers that arrived since the last call (loop thread only)."""
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        out: list[tuple[Any, Answer]] = []
+        while self._done:
+            key, answer = self._done.popleft()
+            ttl = self._ttl if isinstance(answer, list) else self._negative_ttl
+            self._cache[key] = (self._clock() + ttl, answer)
+            if len(self._cache) > 10000:
+                self._cache.clear()
+            for token in self._pending.pop(key, []):
+                out.append((token, answer))
+        return out
+
+    def _resolve(self, key: tuple[str, int]) -> None:
+        host, port = key
+        answer: Answer
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            seen: list[Address] = []
+            for family, _, _, _, sockaddr in infos:
+                entry = (int(family), str(sockaddr[0]), port)
+                if entry not in seen:
+                    seen.append(entry)
+            answer = seen or f"no address for {host}"
+        except socket.gaierror as exc:
+            answer = f"DNS lookup for {host} failed: {exc.strerror}"
+        except Exception as exc:  # the loop must hear back whatever happens
+            answer = f"DNS lookup for {host} failed: {exc}"
+        self._done.append((key, answer))
+        os.eventfd_write(self._efd, 1)
+
+
+def _literal(host: str, port: int) -> list[Address] | None:
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return [(int(family), str(ip), port)]

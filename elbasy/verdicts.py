@@ -1,0 +1,59 @@
+"""What the policy plane tells the data plane to do.
+
+The loop asks once per request head and once per response head; these small
+immutable answers are all that crosses back. Body framings are plain ints so
+the Cython side can switch on them without touching Python objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+BODY_NONE = 0  # no body follows the head
+BODY_LENGTH = 1  # exactly `length` bytes follow
+BODY_CHUNKED = 2  # chunked transfer coding, relayed byte for byte
+BODY_CLOSE = 3  # the body runs until the upstream closes (responses only)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer the client with these bytes; keep the connection unless `close`."""
+
+    data: bytes
+    close: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """Dial host:port, answer 200 and relay bytes both ways until both ends finish."""
+
+    host: str
+    port: int
+    ticket: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send `head` (then the request body, by framing) to host:port and relay the answer."""
+
+    host: str
+    port: int
+    head: bytes
+    body: int
+    length: int
+    retryable: bool  # idempotent and bodiless: safe to send again on a fresh connection
+    ticket: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsePlan:
+    """How to relay one response head (and the body after it) to the client."""
+
+    head: bytes
+    status: int
+    body: int
+    length: int
+    interim: bool  # a 1xx: relay it and keep reading for the final response
+    keep_client: bool
+    reuse_upstream: bool

@@ -1,0 +1,223 @@
+/* elbasy data plane: small C helpers the Cython loop calls.
+ *
+ * Everything here is non-blocking, never raises, and reports failure as an
+ * errno value so the loop decides what the peer sees (DESIGN §7).
+ */
+#ifndef ELBASY_IO_H
+#define ELBASY_IO_H
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+static inline int64_t elb_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline void elb_nodelay(int fd)
+{
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+/* Close so that the peer sees a reset, not an orderly end: used when the
+ * other side of a tunnel reset, so the reset travels on. */
+static inline void elb_close_reset(int fd)
+{
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    close(fd);
+}
+
+/* Start a non-blocking connect to a numeric address. Returns 0 with *out_fd
+ * set (connected or in progress), or an errno with no fd left open. */
+static inline int elb_connect(int family, const char *ip, int port, int *out_fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len;
+    memset(&ss, 0, sizeof(ss));
+    if (family == AF_INET6) {
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET6, ip, &s6->sin6_addr) != 1)
+            return EINVAL;
+        len = sizeof(*s6);
+    } else {
+        struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+        s4->sin_family = AF_INET;
+        s4->sin_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET, ip, &s4->sin_addr) != 1)
+            return EINVAL;
+        len = sizeof(*s4);
+    }
+    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return errno;
+    elb_nodelay(fd);
+    if (connect(fd, (struct sockaddr *)&ss, len) < 0 && errno != EINPROGRESS) {
+        int err = errno;
+        close(fd);
+        return err;
+    }
+    *out_fd = fd;
+    return 0;
+}
+
+static inline int elb_socket_error(int fd)
+{
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        return errno;
+    return err;
+}
+
+/* Format a peer address as "ip:port" (IPv6 as "[ip]:port"). */
+static inline int elb_format_peer(const struct sockaddr_storage *ss, char *out, size_t cap)
+{
+    char ip[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof(ip));
+        return snprintf(out, cap, "[%s]:%u", ip, ntohs(s6->sin6_port));
+    }
+    const struct sockaddr_in *s4 = (const struct sockaddr_in *)ss;
+    inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof(ip));
+    return snprintf(out, cap, "%s:%u", ip, ntohs(s4->sin_port));
+}
+
+/* Where a request head ends: offset just past the blank line, or -1.
+ * Scans from `from` so a head arriving in pieces is scanned once. */
+static inline long elb_head_end(const char *buf, size_t len, size_t from)
+{
+    size_t i = from > 3 ? from - 3 : 0;
+    for (; i + 1 < len; i++) {
+        const char *p = memchr(buf + i, '\n', len - i);
+        if (p == NULL)
+            return -1;
+        i = (size_t)(p - buf);
+        if (i + 1 < len && buf[i + 1] == '\n')
+            return (long)(i + 2);
+        if (i + 2 < len && buf[i + 1] == '\r' && buf[i + 2] == '\n')
+            return (long)(i + 3);
+    }
+    return -1;
+}
+
+/* ---- chunked framing -------------------------------------------------
+ * The relay forwards chunked bodies byte for byte; it only needs to know
+ * where the message ends and to refuse malformed framing (RFC 9112 §7.1).
+ * llhttp validates heads in the policy plane; this tracks body boundaries
+ * in the data plane so bodies never cross into Python.
+ */
+enum {
+    CH_SIZE = 0, CH_SIZE_ANY, CH_EXT, CH_SIZE_LF, CH_DATA, CH_DATA_CR, CH_DATA_LF,
+    CH_TRAILER_START, CH_TRAILER, CH_TRAILER_LF, CH_END_LF, CH_DONE
+};
+
+typedef struct {
+    int state;
+    uint64_t remaining;
+} elb_chunked;
+
+static inline int elb_hexval(char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* Consume up to len bytes. Returns the bytes that belong to the message
+ * (== len unless the message ended inside the buffer), or -1 on bad framing.
+ * st->state == CH_DONE once the last chunk and trailers are through. */
+static inline long elb_chunked_scan(elb_chunked *st, const char *buf, size_t len)
+{
+    size_t i = 0;
+    while (i < len && st->state != CH_DONE) {
+        char c = buf[i];
+        switch (st->state) {
+        case CH_SIZE:
+        case CH_SIZE_ANY: {
+            int v = elb_hexval(c);
+            if (v >= 0) {
+                if (st->remaining >> 59) return -1; /* absurd size */
+                st->remaining = st->remaining * 16 + (uint64_t)v;
+                st->state = CH_SIZE_ANY;
+            } else if (st->state == CH_SIZE) {
+                return -1;
+            } else if (c == ';' || c == ' ' || c == '\t') {
+                st->state = CH_EXT;
+            } else if (c == '\r') {
+                st->state = CH_SIZE_LF;
+            } else {
+                return -1;
+            }
+            i++;
+            break;
+        }
+        case CH_EXT:
+            if (c == '\r') st->state = CH_SIZE_LF;
+            else if (c == '\n') return -1;
+            i++;
+            break;
+        case CH_SIZE_LF:
+            if (c != '\n') return -1;
+            st->state = st->remaining ? CH_DATA : CH_TRAILER_START;
+            i++;
+            break;
+        case CH_DATA: {
+            size_t take = len - i;
+            if (take > st->remaining) take = (size_t)st->remaining;
+            st->remaining -= take;
+            i += take;
+            if (st->remaining == 0) st->state = CH_DATA_CR;
+            break;
+        }
+        case CH_DATA_CR:
+            if (c != '\r') return -1;
+            st->state = CH_DATA_LF;
+            i++;
+            break;
+        case CH_DATA_LF:
+            if (c != '\n') return -1;
+            st->state = CH_SIZE;
+            i++;
+            break;
+        case CH_TRAILER_START:
+            if (c == '\r') st->state = CH_END_LF;
+            else if (c == '\n') return -1;
+            else st->state = CH_TRAILER;
+            i++;
+            break;
+        case CH_TRAILER:
+            if (c == '\r') st->state = CH_TRAILER_LF;
+            i++;
+            break;
+        case CH_TRAILER_LF:
+            if (c != '\n') return -1;
+            st->state = CH_TRAILER_START;
+            i++;
+            break;
+        case CH_END_LF:
+            if (c != '\n') return -1;
+            st->state = CH_DONE;
+            i++;
+            break;
+        }
+    }
+    return (long)i;
+}
+
+#endif

@@ -1,0 +1,1689 @@
+# cython: language_level=3
+"""elbasy's data plane: one epoll loop per worker process.
+
+The loop owns every fd: the listener, client connections, upstream
+connections (in use and pooled), kernel pipes for splice(2), the resolver's
+eventfd and the signal wake-up fd. It makes no policy decision: a complete
+request head goes to the policy object once (``on_request``), a complete
+response head once (``on_response``), and the verdicts that come back say
+what to do. Bodies and tunnel bytes never enter Python.
+
+Reading order follows a connection: accept -> head -> verdict -> (resolve ->
+connect) -> tunnel or forward exchange -> keep-alive or close. Deadlines live
+in one binary min-heap of (when, fd, serial) entries checked lazily: an idle
+deadline moves forward with a plain store, and the heap entry is re-pushed
+only when it fires early.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.errno cimport EAGAIN, ECONNRESET, EINTR, EMFILE, ENFILE, EPIPE, errno
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memmove
+
+import os
+
+from elbasy.verdicts import Forward, Reply, Tunnel
+
+
+cdef extern from "Python.h":
+    int PyErr_CheckSignals() except -1
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLL_CLOEXEC
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+
+    struct sockaddr:
+        pass
+
+    struct sockaddr_storage:
+        unsigned short ss_family
+
+    int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    int shutdown(int fd, int how)
+    int getpeername(int fd, sockaddr *addr, socklen_t *addrlen)
+    enum:
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        MSG_NOSIGNAL
+        MSG_PEEK
+        MSG_DONTWAIT
+        SHUT_WR
+        ECONNABORTED
+        ENOBUFS
+        ENOMEM
+
+
+cdef extern from "<fcntl.h>" nogil:
+    ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t n,
+                   unsigned int flags)
+    int pipe2(int *fds, int flags)
+    int fcntl(int fd, int cmd, ...)
+    int open(const char *path, int flags)
+    enum:
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+        F_SETPIPE_SZ
+        O_NONBLOCK
+        O_CLOEXEC
+        O_RDONLY
+
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+    ssize_t read(int fd, void *buf, size_t n)
+
+
+cdef extern from "elbasy_io.h" nogil:
+    ctypedef struct elb_chunked:
+        int state
+        uint64_t remaining
+    enum:
+        CH_DONE
+    int64_t elb_now_ns()
+    void elb_nodelay(int fd)
+    void elb_close_reset(int fd)
+    int elb_connect(int family, const char *ip, int port, int *out_fd)
+    int elb_socket_error(int fd)
+    int elb_format_peer(const sockaddr_storage *ss, char *out, size_t cap)
+    long elb_head_end(const char *buf, size_t length, size_t start)
+    long elb_chunked_scan(elb_chunked *st, const char *buf, size_t length)
+
+
+# ---- sizes ------------------------------------------------------------------
+
+DEF MAX_EVENTS = 256
+DEF ACCEPT_BATCH = 64
+DEF IO_CHUNK = 65536          # one recv; a full read marks a bulk flow
+DEF SPLICE_CHUNK = 262144     # bytes asked of one splice(2)
+DEF PIPE_SIZE = 262144
+DEF PIPE_POOL_MAX = 64
+DEF POOL_PER_HOST = 32
+DEF PUMP_ROUNDS = 8           # bounds the work one wake-up does for one flow
+
+# connection states (mirrors elbasy/protocol/states.py)
+DEF S_HEAD = 1
+DEF S_RESOLVE = 2
+DEF S_CONNECT = 3
+DEF S_TUNNEL = 4
+DEF S_FORWARD = 5
+DEF S_LINGER = 6
+DEF S_CLOSED = 7
+
+# body framings (mirrors elbasy.verdicts)
+DEF BODY_NONE = 0
+DEF BODY_LENGTH = 1
+DEF BODY_CHUNKED = 2
+DEF BODY_CLOSE = 3
+
+# what a connection waits for after resolving and connecting
+DEF GOAL_TUNNEL = 1
+DEF GOAL_FORWARD = 2
+
+DEF LINGER_NS = 2000000000
+
+
+# ---- byte buffers -----------------------------------------------------------
+
+cdef struct Buf:
+    char *data
+    Py_ssize_t start
+    Py_ssize_t end
+    Py_ssize_t cap
+
+
+cdef inline Py_ssize_t buf_len(Buf *b) noexcept nogil:
+    return b.end - b.start
+
+
+cdef int buf_reserve(Buf *b, Py_ssize_t room) except -1:
+    """Make room for `room` more bytes after b.end, compacting first."""
+    cdef Py_ssize_t used = b.end - b.start
+    cdef Py_ssize_t cap
+    cdef char *p
+    if b.cap - b.end >= room:
+        return 0
+    if b.start > 0:
+        if used:
+            memmove(b.data, b.data + b.start, used)
+        b.start = 0
+        b.end = used
+        if b.cap - b.end >= room:
+            return 0
+    cap = b.cap if b.cap else 4096
+    while cap - used < room:
+        cap *= 2
+    p = <char *>realloc(b.data, cap)
+    if p == NULL:
+        raise MemoryError()
+    b.data = p
+    b.cap = cap
+    return 0
+
+
+cdef int buf_append(Buf *b, const char *src, Py_ssize_t n) except -1:
+    buf_reserve(b, n)
+    memcpy(b.data + b.end, src, n)
+    b.end += n
+    return 0
+
+
+cdef inline void buf_consumed(Buf *b, Py_ssize_t n) noexcept nogil:
+    b.start += n
+    if b.start >= b.end:
+        b.start = 0
+        b.end = 0
+
+
+cdef inline void buf_free(Buf *b) noexcept nogil:
+    if b.data != NULL:
+        free(b.data)
+    b.data = NULL
+    b.start = 0
+    b.end = 0
+    b.cap = 0
+
+
+# ---- one direction of a tunnel -------------------------------------------------
+
+cdef struct Dir:
+    int pipe_r
+    int pipe_w
+    Py_ssize_t in_pipe     # bytes parked in the kernel pipe
+    bint spliced           # bulk flow: bytes go through the pipe
+    bint eof               # source sent FIN
+    bint shut              # FIN passed on to the destination
+    Buf pend               # copy mode: bytes the destination did not take yet
+
+
+cdef inline bint dir_pending(Dir *d) noexcept nogil:
+    return d.in_pipe > 0 or buf_len(&d.pend) > 0
+
+
+# ---- timer heap -----------------------------------------------------------------
+
+cdef struct TimerEntry:
+    int64_t when
+    int fd
+    uint64_t serial
+
+
+# ---- the objects fds map to ---------------------------------------------------
+
+cdef class Slot:
+    """Anything the loop keeps a deadline for."""
+    cdef int fd
+    cdef uint64_t serial
+    cdef int64_t deadline       # 0: none
+    cdef int64_t next_check     # when this slot's earliest heap entry fires
+
+
+@cython.final
+cdef class Pooled(Slot):
+    """An idle upstream connection waiting in the keep-alive pool."""
+    cdef object key
+    cdef int mask
+
+
+@cython.final
+cdef class Conn(Slot):
+    """A client connection and, while it has one, its upstream."""
+    cdef int ufd
+    cdef int state
+    cdef int goal
+    cdef int cmask
+    cdef int umask
+    cdef int requests
+    cdef int64_t started
+    cdef int64_t exchange_started
+    cdef Buf cin                # from the client: head bytes, then body bytes
+    cdef Buf cout               # to the client, not yet taken by its socket
+    cdef Buf uin                # from upstream
+    cdef Buf uout               # to upstream, not yet taken by its socket
+    cdef Dir up                 # tunnel: client -> upstream
+    cdef Dir down               # tunnel: upstream -> client
+    cdef sockaddr_storage peer
+    cdef object peer_text
+    cdef object ticket          # the policy's handle for this request or tunnel
+    cdef object verdict         # the Tunnel or Forward being carried out
+    cdef object addrs
+    cdef int addr_i
+    cdef int last_err
+    # forward exchange
+    cdef int req_framing
+    cdef int resp_framing
+    cdef uint64_t req_remaining
+    cdef uint64_t resp_remaining
+    cdef elb_chunked req_chunks
+    cdef elb_chunked resp_chunks
+    cdef bint req_done
+    cdef bint resp_head_done
+    cdef bint resp_done
+    cdef bint keep_client
+    cdef bint reuse_upstream
+    cdef bint reused
+    cdef bint retried
+    cdef bint client_shut       # our FIN to the client went out (lingering close)
+    cdef int status
+    cdef uint64_t bytes_up
+    cdef uint64_t bytes_down
+
+
+cdef inline int64_t seconds_ns(double s):
+    return <int64_t>(s * 1e9)
+
+
+@cython.final
+cdef class Loop:
+    """The epoll loop of one worker. See the module docstring."""
+
+    cdef int epfd
+    cdef int listen_fd
+    cdef int spare_fd
+    cdef int resolver_fd
+    cdef int wakeup_fd
+    cdef bint stopping
+    cdef object policy
+    cdef object resolver
+    cdef list fdmap
+    cdef dict pool
+    cdef uint64_t next_serial
+    cdef int64_t now
+    cdef int64_t started_ns
+    cdef epoll_event *events
+    cdef char *iobuf
+    cdef TimerEntry *heap
+    cdef Py_ssize_t heap_len
+    cdef Py_ssize_t heap_cap
+    cdef int pipes[PIPE_POOL_MAX][2]
+    cdef int npipes
+    # deadlines, ns
+    cdef int64_t head_ns
+    cdef int64_t connect_ns
+    cdef int64_t idle_ns
+    cdef int64_t keepalive_ns
+    cdef int64_t response_ns
+    cdef Py_ssize_t max_head
+    # counters for /healthz
+    cdef uint64_t c_accepted
+    cdef uint64_t c_open
+    cdef uint64_t c_tunnels_open
+    cdef uint64_t c_tunnels_total
+    cdef uint64_t c_requests
+    cdef uint64_t c_bytes_up
+    cdef uint64_t c_bytes_down
+    cdef uint64_t c_spliced
+    cdef uint64_t c_copied
+    cdef uint64_t c_head_timeouts
+    cdef uint64_t c_idle_timeouts
+    cdef uint64_t c_keepalive_closed
+    cdef uint64_t c_accept_emfile
+    cdef uint64_t c_accept_errors
+    cdef uint64_t c_connect_failures
+    cdef uint64_t c_connect_timeouts
+    cdef uint64_t c_response_timeouts
+    cdef uint64_t c_client_aborts
+    cdef uint64_t c_upstream_aborts
+    cdef uint64_t c_pool_reused
+    cdef uint64_t c_pool_stale
+    cdef uint64_t c_retries
+    cdef uint64_t c_policy_errors
+    cdef uint64_t c_pipes_created
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.listen_fd = -1
+        self.spare_fd = -1
+        self.resolver_fd = -1
+        self.wakeup_fd = -1
+        self.events = NULL
+        self.iobuf = NULL
+        self.heap = NULL
+
+    def __init__(self, policy, resolver, int listen_fd, int wakeup_fd=-1, *,
+                 double head_timeout=10.0, double connect_timeout=10.0,
+                 double idle_timeout=300.0, double keepalive_timeout=60.0,
+                 double response_timeout=60.0, Py_ssize_t max_head_bytes=65536):
+        self.policy = policy
+        self.resolver = resolver
+        self.fdmap = []
+        self.pool = {}
+        self.head_ns = seconds_ns(head_timeout)
+        self.connect_ns = seconds_ns(connect_timeout)
+        self.idle_ns = seconds_ns(idle_timeout)
+        self.keepalive_ns = seconds_ns(keepalive_timeout)
+        self.response_ns = seconds_ns(response_timeout)
+        self.max_head = max_head_bytes
+        self.events = <epoll_event *>malloc(sizeof(epoll_event) * MAX_EVENTS)
+        self.iobuf = <char *>malloc(IO_CHUNK)
+        self.heap_cap = 1024
+        self.heap = <TimerEntry *>malloc(sizeof(TimerEntry) * self.heap_cap)
+        if self.events == NULL or self.iobuf == NULL or self.heap == NULL:
+            raise MemoryError()
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, os.strerror(errno))
+        # One fd held in reserve: when accept4 hits EMFILE, give it up, accept
+        # and close the waiting client, take it back. No busy loop.
+        self.spare_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+        self.listen_fd = listen_fd
+        self.add_fd(listen_fd, EPOLLIN)
+        self.resolver_fd = resolver.fileno()
+        self.add_fd(self.resolver_fd, EPOLLIN)
+        self.wakeup_fd = wakeup_fd
+        if wakeup_fd >= 0:
+            self.add_fd(wakeup_fd, EPOLLIN)
+        self.now = elb_now_ns()
+        self.started_ns = self.now
+
+    def __dealloc__(self):
+        cdef int i
+        if self.epfd >= 0:
+            close(self.epfd)
+        if self.spare_fd >= 0:
+            close(self.spare_fd)
+        for i in range(self.npipes):
+            close(self.pipes[i][0])
+            close(self.pipes[i][1])
+        free(self.events)
+        free(self.iobuf)
+        free(self.heap)
+
+    # ---- public, from Python -----------------------------------------------------
+
+    def stop(self):
+        """Leave run() at the next wake-up (safe from a signal handler)."""
+        self.stopping = True
+
+    def run(self):
+        """Serve until stop(); then close every connection this loop owns."""
+        cdef int n, i, fd, timeout
+        cdef uint32_t ev
+        cdef object obj
+        while not self.stopping:
+            timeout = self.next_timeout_ms()
+            with nogil:
+                n = epoll_wait(self.epfd, self.events, MAX_EVENTS, timeout)
+            if n < 0:
+                if errno == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                raise OSError(errno, os.strerror(errno))
+            self.now = elb_now_ns()
+            for i in range(n):
+                fd = self.events[i].data.fd
+                ev = self.events[i].events
+                if fd == self.listen_fd:
+                    self.accept_batch()
+                elif fd == self.resolver_fd:
+                    self.resolved_batch()
+                elif fd == self.wakeup_fd:
+                    self.drain_wakeup()
+                    PyErr_CheckSignals()
+                elif fd < len(self.fdmap):
+                    obj = self.fdmap[fd]
+                    if obj is None:
+                        continue
+                    if type(obj) is Conn:
+                        self.conn_event(<Conn>obj, fd, ev)
+                    else:
+                        self.pool_drop(<Pooled>obj)
+            self.run_timers()
+        self.shutdown_all()
+
+    def stats(self):
+        """Counters for /healthz; cheap enough to call per status request."""
+        return {
+            "uptime_seconds": (elb_now_ns() - self.started_ns) / 1e9,
+            "connections": {
+                "open": self.c_open,
+                "accepted": self.c_accepted,
+                "tunnels_open": self.c_tunnels_open,
+                "tunnels_total": self.c_tunnels_total,
+                "requests_total": self.c_requests,
+                "upstream_idle": sum(len(v) for v in self.pool.values()),
+            },
+            "bytes_up": self.c_bytes_up,
+            "bytes_down": self.c_bytes_down,
+            "bytes_spliced": self.c_spliced,
+            "bytes_copied": self.c_copied,
+            "counters": {
+                "head_timeouts": self.c_head_timeouts,
+                "idle_timeouts": self.c_idle_timeouts,
+                "keepalive_closed": self.c_keepalive_closed,
+                "accept_emfile": self.c_accept_emfile,
+                "accept_errors": self.c_accept_errors,
+                "connect_failures": self.c_connect_failures,
+                "connect_timeouts": self.c_connect_timeouts,
+                "response_timeouts": self.c_response_timeouts,
+                "client_aborts": self.c_client_aborts,
+                "upstream_aborts": self.c_upstream_aborts,
+                "upstream_reused": self.c_pool_reused,
+                "upstream_stale": self.c_pool_stale,
+                "retries": self.c_retries,
+                "policy_errors": self.c_policy_errors,
+                "pipes_created": self.c_pipes_created,
+                "timers": self.heap_len,
+            },
+        }
+
+    # ---- epoll registration ----------------------------------------------------------
+
+    cdef int add_fd(self, int fd, uint32_t mask) except -1:
+        cdef epoll_event e
+        e.events = mask
+        e.data.u64 = 0
+        e.data.fd = fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &e) < 0:
+            raise OSError(errno, os.strerror(errno))
+        return 0
+
+    cdef inline void set_mask(self, int fd, int *current, int want) noexcept:
+        """Ask epoll for `want` on fd; one syscall only when it changes."""
+        cdef epoll_event e
+        if current[0] == want:
+            return
+        e.events = <uint32_t>want
+        e.data.u64 = 0
+        e.data.fd = fd
+        if current[0] < 0:
+            epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &e)
+        else:
+            epoll_ctl(self.epfd, EPOLL_CTL_MOD, fd, &e)
+        current[0] = want
+
+    cdef void map_fd(self, int fd, object obj):
+        cdef Py_ssize_t need = fd + 1 - len(self.fdmap)
+        if need > 0:
+            self.fdmap.extend([None] * (need + 64))
+        self.fdmap[fd] = obj
+
+    # ---- deadlines ------------------------------------------------------------------
+
+    cdef void heap_push(self, int64_t when, int fd, uint64_t serial):
+        cdef Py_ssize_t i, parent
+        cdef TimerEntry *h
+        cdef TimerEntry item
+        if self.heap_len == self.heap_cap:
+            h = <TimerEntry *>realloc(self.heap, sizeof(TimerEntry) * self.heap_cap * 2)
+            if h == NULL:
+                raise MemoryError()
+            self.heap = h
+            self.heap_cap *= 2
+        item.when = when
+        item.fd = fd
+        item.serial = serial
+        i = self.heap_len
+        self.heap_len += 1
+        while i > 0:
+            parent = (i - 1) >> 1
+            if self.heap[parent].when <= when:
+                break
+            self.heap[i] = self.heap[parent]
+            i = parent
+        self.heap[i] = item
+
+    cdef TimerEntry heap_pop(self) noexcept:
+        cdef TimerEntry top = self.heap[0]
+        cdef TimerEntry last
+        cdef Py_ssize_t i = 0, child, n
+        self.heap_len -= 1
+        n = self.heap_len
+        if n > 0:
+            last = self.heap[n]
+            while True:
+                child = 2 * i + 1
+                if child >= n:
+                    break
+                if child + 1 < n and self.heap[child + 1].when < self.heap[child].when:
+                    child += 1
+                if self.heap[child].when >= last.when:
+                    break
+                self.heap[i] = self.heap[child]
+                i = child
+            self.heap[i] = last
+        return top
+
+    cdef void arm(self, Slot s, int64_t when):
+        """Set the slot's deadline; push a heap entry only if it is sooner."""
+        s.deadline = when
+        if s.next_check == 0 or when < s.next_check:
+            self.heap_push(when, s.fd, s.serial)
+            s.next_check = when
+
+    cdef int next_timeout_ms(self) noexcept:
+        cdef int64_t wait
+        if self.heap_len == 0:
+            return 1000
+        wait = self.heap[0].when - elb_now_ns()
+        if wait <= 0:
+            return 0
+        return <int>(wait // 1000000) + 1
+
+    cdef void run_timers(self):
+        cdef TimerEntry t
+        cdef object obj
+        cdef Slot s
+        while self.heap_len > 0 and self.heap[0].when <= self.now:
+            t = self.heap_pop()
+            if t.fd >= len(self.fdmap):
+                continue
+            obj = self.fdmap[t.fd]
+            if obj is None:
+                continue
+            s = <Slot>obj
+            if s.serial != t.serial or s.next_check != t.when:
+                continue
+            s.next_check = 0
+            if s.deadline == 0:
+                continue
+            if s.deadline > self.now:
+                self.heap_push(s.deadline, s.fd, s.serial)
+                s.next_check = s.deadline
+                continue
+            s.deadline = 0
+            if type(s) is Conn:
+                self.conn_expired(<Conn>s)
+            else:
+                self.pool_drop(<Pooled>s)
+
+    # ---- accept -------------------------------------------------------------------------
+
+    cdef void accept_batch(self):
+        cdef int i, fd, err
+        cdef sockaddr_storage ss
+        cdef socklen_t slen
+        cdef Conn c
+        for i in range(ACCEPT_BATCH):
+            slen = sizeof(ss)
+            fd = accept4(self.listen_fd, <sockaddr *>&ss, &slen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                err = errno
+                if err == EAGAIN or err == EINTR:
+                    return
+                if err == ECONNABORTED:
+                    continue
+                if err == EMFILE or err == ENFILE:
+                    self.c_accept_emfile += 1
+                    self.shed_one_client()
+                    return
+                self.c_accept_errors += 1
+                return
+            elb_nodelay(fd)
+            c = Conn.__new__(Conn)
+            c.fd = fd
+            c.ufd = -1
+            c.cmask = -1
+            c.umask = -1
+            c.serial = self.new_serial()
+            c.started = self.now
+            c.peer = ss
+            c.up.pipe_r = -1
+            c.up.pipe_w = -1
+            c.down.pipe_r = -1
+            c.down.pipe_w = -1
+            self.map_fd(fd, c)
+            self.c_accepted += 1
+            self.c_open += 1
+            c.state = S_HEAD
+            self.arm(c, self.now + self.head_ns)
+            # The listener defers accept until the client has sent something,
+            # so the head is usually already here: read before polling.
+            self.read_head(c)
+
+    cdef void shed_one_client(self):
+        """Out of fds: close the spare, accept and drop one client, re-take it."""
+        cdef int fd
+        if self.spare_fd >= 0:
+            close(self.spare_fd)
+            self.spare_fd = -1
+        fd = accept4(self.listen_fd, NULL, NULL, SOCK_CLOEXEC)
+        if fd >= 0:
+            close(fd)
+        self.spare_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+
+    cdef inline uint64_t new_serial(self) noexcept:
+        self.next_serial += 1
+        return self.next_serial
+
+    cdef object peer_of(self, Conn c):
+        cdef char text[80]
+        cdef int n
+        if c.peer_text is None:
+            n = elb_format_peer(&c.peer, text, sizeof(text))
+            c.peer_text = text[:n].decode("ascii")
+        return c.peer_text
+
+    # ---- events on a connection ------------------------------------------------------
+
+    cdef void conn_event(self, Conn c, int fd, uint32_t ev):
+        cdef int st = c.state
+        if st == S_TUNNEL:
+            self.tunnel_event(c, fd, ev)
+            return
+        if ev & EPOLLERR:
+            if fd == c.ufd:
+                if st == S_CONNECT:
+                    self.connect_ready(c)
+                    return
+                self.c_upstream_aborts += 1
+                self.upstream_lost(c)
+            else:
+                self.c_client_aborts += 1
+                self.close_conn(c, False)
+            return
+        if st == S_HEAD:
+            if ev & EPOLLOUT:
+                if self.flush_client(c) < 0:
+                    return
+            if ev & (EPOLLIN | EPOLLHUP):
+                self.read_head(c)
+            else:
+                self.update_head_mask(c)
+        elif st == S_CONNECT:
+            if fd == c.ufd:
+                self.connect_ready(c)
+            elif ev & EPOLLHUP:
+                self.c_client_aborts += 1
+                self.close_conn(c, False)
+        elif st == S_FORWARD:
+            self.forward_event(c, fd, ev)
+        elif st == S_LINGER:
+            self.linger_event(c, ev)
+        elif ev & EPOLLHUP:
+            # resolving: the client went away meanwhile
+            self.c_client_aborts += 1
+            self.close_conn(c, False)
+
+    cdef void conn_expired(self, Conn c):
+        cdef int st = c.state
+        if st == S_HEAD:
+            if c.requests > 0 and buf_len(&c.cin) == 0:
+                self.c_keepalive_closed += 1
+            else:
+                self.c_head_timeouts += 1
+            self.close_conn(c, False)
+        elif st == S_RESOLVE:
+            self.c_connect_timeouts += 1
+            self.fail(c, 504, "timed out resolving the upstream host")
+        elif st == S_CONNECT:
+            self.drop_upstream(c, False)
+            if c.addrs is not None and c.addr_i < len(c.addrs):
+                self.try_connect(c)
+            else:
+                self.c_connect_timeouts += 1
+                self.fail(c, 504, "timed out connecting to the upstream")
+        elif st == S_TUNNEL:
+            self.c_idle_timeouts += 1
+            self.close_conn(c, False)
+        elif st == S_FORWARD:
+            self.c_response_timeouts += 1
+            if not c.resp_head_done:
+                self.drop_upstream(c, False)
+                self.fail(c, 504, "the upstream did not answer in time")
+            else:
+                self.close_conn(c, False)
+        else:
+            self.close_conn(c, False)
+
+    # ---- request head ---------------------------------------------------------------------
+
+    cdef void update_head_mask(self, Conn c):
+        cdef int want = EPOLLIN
+        if buf_len(&c.cout):
+            want |= EPOLLOUT
+        self.set_mask(c.fd, &c.cmask, want)
+
+    cdef void read_head(self, Conn c):
+        cdef ssize_t n
+        cdef long end
+        cdef Py_ssize_t before = buf_len(&c.cin), limit = self.max_head + 1
+        if before:
+            # pipelined bytes left over from the previous request
+            end = elb_head_end(c.cin.data + c.cin.start, before, 0)
+            if end > 0:
+                self.dispatch_head(c, end)
+                return
+        while True:
+            if before > self.max_head:
+                self.head_too_large(c)
+                return
+            buf_reserve(&c.cin, limit - before if limit - before < 16384 else 16384)
+            n = recv(c.fd, c.cin.data + c.cin.end, c.cin.cap - c.cin.end, 0)
+            if n > 0:
+                if before == 0 and c.requests > 0:
+                    # a keep-alive client began its next request
+                    self.arm(c, self.now + self.head_ns)
+                c.cin.end += n
+                end = elb_head_end(c.cin.data + c.cin.start, buf_len(&c.cin), before)
+                if end > 0:
+                    self.dispatch_head(c, end)
+                    return
+                before = buf_len(&c.cin)
+                continue
+            if n == 0:
+                # client finished (keep-alive close, or gave up mid-head)
+                self.close_conn(c, False)
+                return
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                self.update_head_mask(c)
+                return
+            self.c_client_aborts += 1
+            self.close_conn(c, False)
+            return
+
+    cdef void head_too_large(self, Conn c):
+        cdef bytes data
+        try:
+            data = self.policy.head_too_large(self.peer_of(c))
+        except Exception:
+            data = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\r\n"
+        self.send_final(c, data)
+
+    cdef void dispatch_head(self, Conn c, long end):
+        """A whole head is here: ask the policy once what to do with it."""
+        cdef bytes head = PyBytes_FromStringAndSize(c.cin.data + c.cin.start, end)
+        cdef object v
+        buf_consumed(&c.cin, end)
+        c.requests += 1
+        self.c_requests += 1
+        c.exchange_started = self.now
+        try:
+            v = self.policy.on_request(head, self.peer_of(c))
+        except Exception as exc:
+            self.policy_error(c, exc)
+            return
+        if type(v) is Reply:
+            self.reply(c, (<object>v).data, (<object>v).close)
+        elif type(v) is Tunnel:
+            c.verdict = v
+            c.ticket = (<object>v).ticket
+            c.goal = GOAL_TUNNEL
+            self.start_upstream(c, (<object>v).host, (<object>v).port)
+        elif type(v) is Forward:
+            c.verdict = v
+            c.ticket = (<object>v).ticket
+            c.goal = GOAL_FORWARD
+            c.retried = False
+            if not self.take_pooled(c, (<object>v).host, (<object>v).port):
+                self.start_upstream(c, (<object>v).host, (<object>v).port)
+        else:
+            self.policy_error(c, TypeError(f"unknown verdict {v!r}"))
+
+    cdef void policy_error(self, Conn c, object exc):
+        self.c_policy_errors += 1
+        try:
+            data = self.policy.internal_error(c.ticket, exc)
+        except Exception:
+            data = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+        self.drop_upstream(c, False)
+        self.send_final(c, data)
+
+    # ---- replies from elbasy itself ------------------------------------------------------
+
+    cdef int queue_client(self, Conn c, const char *data, Py_ssize_t n) except -1:
+        """Send to the client now; park what its socket does not take."""
+        cdef ssize_t sent = 0
+        if buf_len(&c.cout) == 0:
+            sent = send(c.fd, data, n, MSG_NOSIGNAL)
+            if sent < 0:
+                if errno != EAGAIN and errno != EINTR:
+                    return -1
+                sent = 0
+        if sent < n:
+            buf_append(&c.cout, data + sent, n - sent)
+        return 0
+
+    cdef int flush_client(self, Conn c) except -2:
+        """Write parked bytes to the client: 1 drained, 0 still parked, -1 closed."""
+        cdef ssize_t sent
+        while buf_len(&c.cout):
+            sent = send(c.fd, c.cout.data + c.cout.start, buf_len(&c.cout), MSG_NOSIGNAL)
+            if sent < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return 0
+                self.c_client_aborts += 1
+                self.close_conn(c, False)
+                return -1
+            buf_consumed(&c.cout, sent)
+        return 1
+
+    cdef void reply(self, Conn c, bytes data, bint close_after):
+        if close_after:
+            self.send_final(c, data)
+            return
+        if self.queue_client(c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) < 0:
+            self.close_conn(c, False)
+            return
+        self.back_to_head(c)
+
+    cdef void send_final(self, Conn c, bytes data):
+        """Answer and close, lingering so the answer is not lost to a reset.
+
+        Closing a socket with unread input makes the kernel send RST, which
+        can destroy the answer in flight (a 431 after a big head, say). So:
+        send, shut our side, read and discard for a moment, then close.
+        """
+        self.drop_upstream(c, False)
+        if self.queue_client(c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) < 0:
+            self.close_conn(c, False)
+            return
+        c.state = S_LINGER
+        buf_free(&c.cin)
+        self.arm(c, self.now + LINGER_NS)
+        self.linger_event(c, 0)
+
+    cdef void linger_event(self, Conn c, uint32_t ev):
+        cdef ssize_t n
+        cdef int i, rc
+        if buf_len(&c.cout):
+            rc = self.flush_client(c)
+            if rc < 0:
+                return
+            if rc == 0:
+                self.set_mask(c.fd, &c.cmask, EPOLLOUT)
+                return
+        if not c.client_shut:
+            shutdown(c.fd, SHUT_WR)
+            c.client_shut = True
+        for i in range(16):
+            n = recv(c.fd, self.iobuf, IO_CHUNK, 0)
+            if n > 0:
+                continue
+            if n < 0 and (errno == EAGAIN or errno == EINTR):
+                self.set_mask(c.fd, &c.cmask, EPOLLIN)
+                return
+            break
+        self.close_conn(c, False)
+
+    cdef void fail(self, Conn c, int status, str reason):
+        """An upstream could not be reached or did not answer: say why."""
+        cdef bytes data
+        try:
+            data = self.policy.failed(c.ticket, status, reason)
+        except Exception:
+            data = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
+        self.send_final(c, data)
+
+    cdef void back_to_head(self, Conn c):
+        """Keep-alive: wait for the next request on this client connection."""
+        c.state = S_HEAD
+        c.verdict = None
+        c.ticket = None
+        c.goal = 0
+        if buf_len(&c.cin):
+            self.arm(c, self.now + self.head_ns)
+            self.read_head(c)
+        else:
+            self.arm(c, self.now + self.keepalive_ns)
+            self.update_head_mask(c)
+
+    # ---- resolve and connect ------------------------------------------------------------------
+
+    cdef void start_upstream(self, Conn c, str host, int port):
+        cdef object res
+        c.state = S_RESOLVE
+        c.addrs = None
+        c.addr_i = 0
+        c.last_err = 0
+        self.set_mask(c.fd, &c.cmask, 0)
+        self.arm(c, self.now + self.connect_ns)
+        try:
+            res = self.resolver.lookup(host, port, (c.fd, c.serial))
+        except Exception as exc:
+            self.policy_error(c, exc)
+            return
+        if res is not None:
+            self.resolved(c, res)
+
+    cdef void resolved_batch(self):
+        cdef object obj
+        cdef Conn c
+        for token, res in self.resolver.completed():
+            fd, serial = token
+            if fd >= len(self.fdmap):
+                continue
+            obj = self.fdmap[fd]
+            if type(obj) is not Conn:
+                continue
+            c = <Conn>obj
+            if c.serial != serial or c.state != S_RESOLVE:
+                continue
+            self.resolved(c, res)
+
+    cdef void resolved(self, Conn c, object res):
+        if isinstance(res, str):
+            self.c_connect_failures += 1
+            self.fail(c, 502, res)
+            return
+        c.addrs = res
+        c.addr_i = 0
+        self.try_connect(c)
+
+    cdef void try_connect(self, Conn c):
+        cdef int fd = -1, err = 0
+        cdef bytes ip
+        while c.addr_i < len(c.addrs):
+            family, host, port = c.addrs[c.addr_i]
+            c.addr_i += 1
+            ip = host.encode("ascii")
+            err = elb_connect(family, ip, port, &fd)
+            if err == 0:
+                c.ufd = fd
+                c.umask = -1
+                self.map_fd(fd, c)
+                c.state = S_CONNECT
+                self.set_mask(fd, &c.umask, EPOLLOUT)
+                self.arm(c, self.now + self.connect_ns)
+                return
+            c.last_err = err
+            if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+                self.fail(c, 503, "elbasy is out of sockets; try again shortly")
+                return
+        self.c_connect_failures += 1
+        self.fail(c, 502, self.connect_reason(c))
+
+    cdef str connect_reason(self, Conn c):
+        target = f"{(<object>c.verdict).host}:{(<object>c.verdict).port}"
+        if c.last_err:
+            return f"cannot connect to {target}: {os.strerror(c.last_err)}"
+        return f"cannot connect to {target}"
+
+    cdef void connect_ready(self, Conn c):
+        cdef int err = elb_socket_error(c.ufd)
+        cdef sockaddr_storage ss
+        cdef socklen_t slen = sizeof(ss)
+        if err == 0 and getpeername(c.ufd, <sockaddr *>&ss, &slen) < 0:
+            return  # a stale wake-up: still connecting
+        if err != 0:
+            c.last_err = err
+            self.drop_upstream(c, False)
+            self.try_connect(c)
+            return
+        c.addrs = None
+        if c.goal == GOAL_TUNNEL:
+            self.begin_tunnel(c)
+        else:
+            c.reused = False
+            self.begin_forward(c)
+
+    cdef void drop_upstream(self, Conn c, bint reset):
+        if c.ufd >= 0:
+            self.fdmap[c.ufd] = None
+            if reset:
+                elb_close_reset(c.ufd)
+            else:
+                close(c.ufd)
+            c.ufd = -1
+            c.umask = -1
+
+    # ---- tunnels ----------------------------------------------------------------------------
+
+    cdef void begin_tunnel(self, Conn c):
+        cdef bytes ok = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        cdef Py_ssize_t early = buf_len(&c.cin)
+        cdef ssize_t sent
+        c.state = S_TUNNEL
+        self.c_tunnels_open += 1
+        self.c_tunnels_total += 1
+        c.bytes_up = 0
+        c.bytes_down = 0
+        # The "200" goes first; a client that did not wait for it (bytes after
+        # the CONNECT head) has those bytes passed on before anything else.
+        sent = send(c.fd, PyBytes_AS_STRING(ok), PyBytes_GET_SIZE(ok), MSG_NOSIGNAL)
+        if sent < 0:
+            sent = 0
+        if sent < PyBytes_GET_SIZE(ok):
+            buf_append(&c.down.pend, PyBytes_AS_STRING(ok) + sent, PyBytes_GET_SIZE(ok) - sent)
+        if early:
+            buf_append(&c.up.pend, c.cin.data + c.cin.start, early)
+            c.bytes_up += early
+        buf_free(&c.cin)
+        buf_free(&c.cout)
+        self.arm(c, self.now + self.idle_ns)
+        if early:
+            if self.pump(c, &c.up, c.fd, c.ufd) < 0:
+                self.tunnel_abort(c, c.ufd)
+                return
+        if buf_len(&c.down.pend):
+            if self.pump(c, &c.down, c.ufd, c.fd) < 0:
+                self.tunnel_abort(c, c.fd)
+                return
+        self.tunnel_masks(c)
+
+    cdef void tunnel_event(self, Conn c, int fd, uint32_t ev):
+        cdef int rc = 0
+        if ev & EPOLLERR:
+            self.tunnel_abort(c, fd)
+            return
+        if fd == c.fd:
+            if ev & (EPOLLIN | EPOLLHUP):
+                rc = self.pump(c, &c.up, c.fd, c.ufd)
+                if rc < 0:
+                    self.tunnel_abort(c, c.fd if rc == -1 else c.ufd)
+                    return
+            if ev & (EPOLLOUT | EPOLLHUP):
+                rc = self.pump(c, &c.down, c.ufd, c.fd)
+                if rc < 0:
+                    self.tunnel_abort(c, c.ufd if rc == -1 else c.fd)
+                    return
+        else:
+            if ev & (EPOLLIN | EPOLLHUP):
+                rc = self.pump(c, &c.down, c.ufd, c.fd)
+                if rc < 0:
+                    self.tunnel_abort(c, c.ufd if rc == -1 else c.fd)
+                    return
+            if ev & (EPOLLOUT | EPOLLHUP):
+                rc = self.pump(c, &c.up, c.fd, c.ufd)
+                if rc < 0:
+                    self.tunnel_abort(c, c.fd if rc == -1 else c.ufd)
+                    return
+        if c.up.shut and c.down.shut:
+            self.close_conn(c, False)
+            return
+        self.c_deadline_touch(c, self.idle_ns)
+        self.tunnel_masks(c)
+
+    cdef inline void c_deadline_touch(self, Conn c, int64_t span):
+        c.deadline = self.now + span
+
+    cdef void tunnel_masks(self, Conn c):
+        cdef int cw = 0, uw = 0
+        if not c.up.eof and not dir_pending(&c.up):
+            cw |= EPOLLIN
+        if dir_pending(&c.down):
+            cw |= EPOLLOUT
+        if not c.down.eof and not dir_pending(&c.down):
+            uw |= EPOLLIN
+        if dir_pending(&c.up):
+            uw |= EPOLLOUT
+        self.set_mask(c.fd, &c.cmask, cw)
+        self.set_mask(c.ufd, &c.umask, uw)
+
+    cdef void tunnel_abort(self, Conn c, int culprit):
+        """One side failed or reset: end both, passing a reset on."""
+        if culprit == c.fd:
+            self.c_client_aborts += 1
+            if c.ufd >= 0:
+                self.fdmap[c.ufd] = None
+                elb_close_reset(c.ufd)
+                c.ufd = -1
+        else:
+            self.c_upstream_aborts += 1
+            if c.fd >= 0:
+                self.fdmap[c.fd] = None
+                elb_close_reset(c.fd)
+                c.fd = -1
+        self.close_conn(c, False)
+
+    cdef int pump(self, Conn c, Dir *d, int src, int dst) except -3:
+        """Move what src has to dst.
+
+        Returns 0 on progress or a clean wait, -1 if src failed, -2 if dst
+        failed. A flow starts in copy mode (recv/send through the loop's
+        buffer: cheapest for small messages, one syscall each way) and moves
+        to splice through a kernel pipe as soon as one read fills the buffer,
+        the sign of a bulk flow. Backpressure: nothing is read while the
+        destination still has bytes of ours to take.
+        """
+        cdef ssize_t n, k
+        cdef int rounds
+        cdef bint up = d == &c.up
+        # 1. bytes already on their way
+        while buf_len(&d.pend):
+            k = send(dst, d.pend.data + d.pend.start, buf_len(&d.pend), MSG_NOSIGNAL)
+            if k < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return 0
+                return -2
+            buf_consumed(&d.pend, k)
+            self.c_copied += k
+        if buf_len(&d.pend) == 0 and d.pend.cap > 16384:
+            buf_free(&d.pend)
+        while d.in_pipe > 0:
+            k = splice(d.pipe_r, NULL, dst, NULL, d.in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if k < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return 0
+                return -2
+            d.in_pipe -= k
+            self.c_spliced += k
+        # 2. read more, as long as the destination keeps up
+        for rounds in range(PUMP_ROUNDS):
+            if d.eof:
+                break
+            if d.spliced:
+                n = splice(src, NULL, d.pipe_w, NULL, SPLICE_CHUNK,
+                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                if n < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno == EAGAIN:
+                        break
+                    return -1
+                if n == 0:
+                    d.eof = True
+                    break
+                if up:
+                    c.bytes_up += n
+                    self.c_bytes_up += n
+                else:
+                    c.bytes_down += n
+                    self.c_bytes_down += n
+                d.in_pipe = n
+                while d.in_pipe > 0:
+                    k = splice(d.pipe_r, NULL, dst, NULL, d.in_pipe,
+                               SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                    if k < 0:
+                        if errno == EINTR:
+                            continue
+                        if errno == EAGAIN:
+                            return 0
+                        return -2
+                    d.in_pipe -= k
+                    self.c_spliced += k
+            else:
+                n = recv(src, self.iobuf, IO_CHUNK, 0)
+                if n < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno == EAGAIN:
+                        break
+                    return -1
+                if n == 0:
+                    d.eof = True
+                    break
+                if up:
+                    c.bytes_up += n
+                    self.c_bytes_up += n
+                else:
+                    c.bytes_down += n
+                    self.c_bytes_down += n
+                k = send(dst, self.iobuf, n, MSG_NOSIGNAL)
+                if k < 0:
+                    if errno != EAGAIN and errno != EINTR:
+                        return -2
+                    k = 0
+                self.c_copied += k
+                if n == IO_CHUNK:
+                    self.go_splice(d)
+                if k < n:
+                    buf_append(&d.pend, self.iobuf + k, n - k)
+                    return 0
+        # 3. the source is done and everything reached dst: pass the FIN on
+        if d.eof and not d.shut and not dir_pending(d):
+            shutdown(dst, SHUT_WR)
+            d.shut = True
+            self.release_pipe(d)
+        return 0
+
+    cdef void go_splice(self, Dir *d):
+        cdef int p[2]
+        if d.spliced:
+            return
+        if self.npipes > 0:
+            self.npipes -= 1
+            d.pipe_r = self.pipes[self.npipes][0]
+            d.pipe_w = self.pipes[self.npipes][1]
+        else:
+            if pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0:
+                return  # out of fds: this flow stays in copy mode
+            fcntl(p[1], F_SETPIPE_SZ, <int>PIPE_SIZE)
+            d.pipe_r = p[0]
+            d.pipe_w = p[1]
+            self.c_pipes_created += 1
+        d.spliced = True
+
+    cdef void release_pipe(self, Dir *d):
+        if d.pipe_r < 0:
+            return
+        if d.in_pipe == 0 and self.npipes < PIPE_POOL_MAX:
+            self.pipes[self.npipes][0] = d.pipe_r
+            self.pipes[self.npipes][1] = d.pipe_w
+            self.npipes += 1
+        else:
+            close(d.pipe_r)
+            close(d.pipe_w)
+        d.pipe_r = -1
+        d.pipe_w = -1
+        d.in_pipe = 0
+        d.spliced = False
+
+    # ---- forwarding HTTP messages ---------------------------------------------------------
+
+    cdef bint take_pooled(self, Conn c, str host, int port):
+        """Reuse an idle upstream connection for (host, port), if a live one waits."""
+        cdef list idle = self.pool.get((host, port))
+        cdef Pooled p
+        cdef ssize_t n
+        cdef char probe
+        while idle:
+            p = <Pooled>idle.pop()
+            n = recv(p.fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT)
+            if n < 0 and errno == EAGAIN:
+                c.ufd = p.fd
+                c.umask = p.mask
+                self.map_fd(p.fd, c)
+                p.deadline = 0
+                c.reused = True
+                self.c_pool_reused += 1
+                self.begin_forward(c)
+                return True
+            self.c_pool_stale += 1
+            self.fdmap[p.fd] = None
+            close(p.fd)
+        return False
+
+    cdef void pool_put(self, Conn c):
+        cdef object key = ((<object>c.verdict).host, (<object>c.verdict).port)
+        cdef list idle = self.pool.get(key)
+        cdef Pooled p
+        if idle is None:
+            idle = []
+            self.pool[key] = idle
+        if len(idle) >= POOL_PER_HOST:
+            self.drop_upstream(c, False)
+            return
+        p = Pooled.__new__(Pooled)
+        p.fd = c.ufd
+        p.serial = self.new_serial()
+        p.key = key
+        p.mask = c.umask
+        self.map_fd(p.fd, p)
+        # any byte or FIN from an idle upstream means it is no longer usable
+        self.set_mask(p.fd, &p.mask, EPOLLIN | EPOLLRDHUP)
+        self.arm(p, self.now + self.keepalive_ns)
+        idle.append(p)
+        c.ufd = -1
+        c.umask = -1
+
+    cdef void pool_drop(self, Pooled p):
+        cdef list idle = self.pool.get(p.key)
+        if idle is not None:
+            try:
+                idle.remove(p)
+            except ValueError:
+                pass
+        if self.fdmap[p.fd] is p:
+            self.fdmap[p.fd] = None
+            close(p.fd)
+        p.deadline = 0
+
+    cdef void begin_forward(self, Conn c):
+        cdef object v = c.verdict
+        cdef bytes head = v.head
+        c.state = S_FORWARD
+        c.req_framing = v.body
+        c.req_remaining = v.length
+        c.req_chunks.state = 0
+        c.req_chunks.remaining = 0
+        c.req_done = c.req_framing == BODY_NONE or (
+            c.req_framing == BODY_LENGTH and c.req_remaining == 0)
+        c.resp_head_done = False
+        c.resp_done = False
+        c.status = 0
+        c.bytes_up = PyBytes_GET_SIZE(head)
+        c.bytes_down = 0
+        c.uout.start = 0
+        c.uout.end = 0
+        c.uin.start = 0
+        c.uin.end = 0
+        self.c_bytes_up += PyBytes_GET_SIZE(head)
+        buf_append(&c.uout, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
+        self.arm(c, self.now + self.response_ns)
+        if self.request_body_step(c) < 0:
+            return
+        if self.flush_upstream(c) < 0:
+            return
+        self.forward_masks(c)
+
+    cdef int request_body_step(self, Conn c) except -2:
+        """Move the request body bytes we hold from cin to uout, by framing."""
+        cdef Py_ssize_t avail = buf_len(&c.cin)
+        cdef Py_ssize_t take
+        cdef long got
+        if c.req_done or avail == 0:
+            return 0
+        if c.req_framing == BODY_LENGTH:
+            take = avail if <uint64_t>avail < c.req_remaining else <Py_ssize_t>c.req_remaining
+            c.req_remaining -= take
+            if c.req_remaining == 0:
+                c.req_done = True
+        else:
+            got = elb_chunked_scan(&c.req_chunks, c.cin.data + c.cin.start, avail)
+            if got < 0:
+                self.bad_request_body(c)
+                return -1
+            take = got
+            if c.req_chunks.state == CH_DONE:
+                c.req_done = True
+        buf_append(&c.uout, c.cin.data + c.cin.start, take)
+        buf_consumed(&c.cin, take)
+        c.bytes_up += take
+        self.c_bytes_up += take
+        return 0
+
+    cdef void bad_request_body(self, Conn c):
+        cdef bytes data
+        try:
+            data = self.policy.bad_body(c.ticket)
+        except Exception:
+            data = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
+        # the upstream has a partial request: it can never be reused
+        self.drop_upstream(c, True)
+        if c.resp_head_done:
+            self.close_conn(c, False)
+        else:
+            self.send_final(c, data)
+
+    cdef int flush_upstream(self, Conn c) except -2:
+        cdef ssize_t sent
+        while buf_len(&c.uout):
+            sent = send(c.ufd, c.uout.data + c.uout.start, buf_len(&c.uout), MSG_NOSIGNAL)
+            if sent < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return 0
+                self.c_upstream_aborts += 1
+                self.upstream_lost(c)
+                return -1
+            buf_consumed(&c.uout, sent)
+        return 1
+
+    cdef void forward_masks(self, Conn c):
+        cdef int cw = 0, uw = 0
+        if not c.req_done and buf_len(&c.uout) == 0:
+            cw |= EPOLLIN
+        if buf_len(&c.cout):
+            cw |= EPOLLOUT
+        if not c.resp_done and buf_len(&c.cout) == 0:
+            uw |= EPOLLIN
+        if buf_len(&c.uout):
+            uw |= EPOLLOUT
+        self.set_mask(c.fd, &c.cmask, cw)
+        self.set_mask(c.ufd, &c.umask, uw)
+
+    cdef void forward_event(self, Conn c, int fd, uint32_t ev):
+        cdef ssize_t n
+        if fd == c.fd:
+            if ev & EPOLLOUT:
+                if self.flush_client(c) < 0:
+                    return
+            if ev & (EPOLLIN | EPOLLHUP) and not c.req_done:
+                buf_reserve(&c.cin, IO_CHUNK)
+                n = recv(c.fd, c.cin.data + c.cin.end, IO_CHUNK, 0)
+                if n == 0 or (n < 0 and errno != EAGAIN and errno != EINTR):
+                    self.c_client_aborts += 1
+                    self.drop_upstream(c, True)
+                    self.close_conn(c, False)
+                    return
+                if n > 0:
+                    c.cin.end += n
+                    if self.request_body_step(c) < 0:
+                        return
+                    if self.flush_upstream(c) < 0:
+                        return
+        else:
+            if ev & EPOLLOUT:
+                if self.flush_upstream(c) < 0:
+                    return
+            if ev & (EPOLLIN | EPOLLHUP | EPOLLRDHUP):
+                if self.read_response(c) < 0:
+                    return
+        if c.state != S_FORWARD:
+            return
+        if c.resp_done:
+            self.finish_exchange(c)
+            return
+        self.c_deadline_touch(c, self.response_ns)
+        self.forward_masks(c)
+
+    cdef int read_response(self, Conn c) except -2:
+        cdef ssize_t n
+        cdef int rounds
+        for rounds in range(PUMP_ROUNDS):
+            buf_reserve(&c.uin, IO_CHUNK)
+            n = recv(c.ufd, c.uin.data + c.uin.end, IO_CHUNK, 0)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return 0
+                self.c_upstream_aborts += 1
+                self.upstream_lost(c)
+                return -1
+            if n == 0:
+                if c.resp_head_done and c.resp_framing == BODY_CLOSE:
+                    c.resp_done = True
+                    c.reuse_upstream = False
+                    return 0
+                self.c_upstream_aborts += 1
+                self.upstream_lost(c)
+                return -1
+            c.uin.end += n
+            if self.response_step(c) < 0:
+                return -1
+            if c.resp_done or buf_len(&c.cout):
+                return 0
+        return 0
+
+    cdef int response_step(self, Conn c) except -2:
+        """Handle what uin holds: heads (interim and final), then body bytes."""
+        cdef long end
+        cdef Py_ssize_t avail, take
+        cdef long got
+        cdef bytes head
+        cdef object plan
+        while not c.resp_head_done:
+            avail = buf_len(&c.uin)
+            end = elb_head_end(c.uin.data + c.uin.start, avail, 0)
+            if end < 0:
+                if avail > self.max_head:
+                    self.drop_upstream(c, True)
+                    self.fail(c, 502, "the upstream's response head is too large")
+                    return -1
+                return 0
+            head = PyBytes_FromStringAndSize(c.uin.data + c.uin.start, end)
+            buf_consumed(&c.uin, end)
+            try:
+                plan = self.policy.on_response(c.ticket, head)
+            except Exception as exc:
+                self.drop_upstream(c, True)
+                try:
+                    data = self.policy.bad_response(c.ticket, exc)
+                except Exception:
+                    data = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
+                self.send_final(c, data)
+                return -1
+            head = plan.head
+            c.bytes_down += PyBytes_GET_SIZE(head)
+            self.c_bytes_down += PyBytes_GET_SIZE(head)
+            if self.queue_client(c, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) < 0:
+                self.c_client_aborts += 1
+                self.drop_upstream(c, True)
+                self.close_conn(c, False)
+                return -1
+            if plan.interim:
+                continue
+            c.resp_head_done = True
+            c.status = plan.status
+            c.resp_framing = plan.body
+            c.resp_remaining = plan.length
+            c.resp_chunks.state = 0
+            c.resp_chunks.remaining = 0
+            c.keep_client = plan.keep_client
+            c.reuse_upstream = plan.reuse_upstream
+            if c.resp_framing == BODY_NONE or (
+                    c.resp_framing == BODY_LENGTH and c.resp_remaining == 0):
+                c.resp_done = True
+        avail = buf_len(&c.uin)
+        if c.resp_done or avail == 0:
+            if c.resp_done and avail:
+                c.reuse_upstream = False  # bytes past the response: not trusted
+            return 0
+        if c.resp_framing == BODY_LENGTH:
+            take = avail if <uint64_t>avail < c.resp_remaining else <Py_ssize_t>c.resp_remaining
+            c.resp_remaining -= take
+            if c.resp_remaining == 0:
+                c.resp_done = True
+        elif c.resp_framing == BODY_CHUNKED:
+            got = elb_chunked_scan(&c.resp_chunks, c.uin.data + c.uin.start, avail)
+            if got < 0:
+                self.c_upstream_aborts += 1
+                self.drop_upstream(c, True)
+                self.close_conn(c, False)
+                return -1
+            take = got
+            if c.resp_chunks.state == CH_DONE:
+                c.resp_done = True
+        else:
+            take = avail
+        if c.resp_done and take < avail:
+            c.reuse_upstream = False
+        c.bytes_down += take
+        self.c_bytes_down += take
+        if self.queue_client(c, c.uin.data + c.uin.start, take) < 0:
+            self.c_client_aborts += 1
+            self.drop_upstream(c, True)
+            self.close_conn(c, False)
+            return -1
+        c.uin.start = 0
+        c.uin.end = 0
+        return 0
+
+    cdef void upstream_lost(self, Conn c):
+        """The upstream closed or failed mid-exchange."""
+        cdef object v = c.verdict
+        if (c.state == S_FORWARD and not c.resp_head_done and buf_len(&c.uin) == 0
+                and c.reused and not c.retried and v.retryable):
+            # A pooled connection the server had closed as we reused it: the
+            # request never reached an application, and it is idempotent with
+            # no body, so one fresh attempt is safe.
+            self.c_retries += 1
+            c.retried = True
+            self.drop_upstream(c, False)
+            buf_free(&c.uout)
+            c.goal = GOAL_FORWARD
+            self.start_upstream(c, v.host, v.port)
+            return
+        self.drop_upstream(c, True)
+        if c.state == S_FORWARD and not c.resp_head_done:
+            self.fail(c, 502, "the upstream closed the connection before answering")
+        else:
+            self.close_conn(c, False)
+
+    cdef void finish_exchange(self, Conn c):
+        cdef int64_t took = self.now - c.exchange_started
+        try:
+            self.policy.finished(c.ticket, c.status, c.bytes_up, c.bytes_down, took)
+        except Exception:
+            self.c_policy_errors += 1
+        if c.reuse_upstream and c.req_done and buf_len(&c.uout) == 0:
+            self.pool_put(c)
+        else:
+            self.drop_upstream(c, False)
+        buf_free(&c.uin)
+        buf_free(&c.uout)
+        c.ticket = None
+        if c.keep_client and c.req_done:
+            self.back_to_head(c)
+        else:
+            c.state = S_LINGER
+            self.arm(c, self.now + LINGER_NS)
+            self.linger_event(c, 0)
+
+    # ---- the end of a connection ---------------------------------------------------------
+
+    cdef void close_conn(self, Conn c, bint reset):
+        cdef int64_t took
+        if c.state == S_CLOSED:
+            return
+        if c.state == S_TUNNEL:
+            self.c_tunnels_open -= 1
+            took = self.now - c.exchange_started
+            try:
+                self.policy.finished(c.ticket, 200, c.bytes_up, c.bytes_down, took)
+            except Exception:
+                self.c_policy_errors += 1
+        elif c.state == S_FORWARD and c.ticket is not None:
+            took = self.now - c.exchange_started
+            try:
+                self.policy.finished(c.ticket, c.status, c.bytes_up, c.bytes_down, took)
+            except Exception:
+                self.c_policy_errors += 1
+        c.state = S_CLOSED
+        if c.fd >= 0:
+            self.fdmap[c.fd] = None
+            if reset:
+                elb_close_reset(c.fd)
+            else:
+                close(c.fd)
+            c.fd = -1
+        self.drop_upstream(c, reset)
+        self.release_pipe(&c.up)
+        self.release_pipe(&c.down)
+        buf_free(&c.cin)
+        buf_free(&c.cout)
+        buf_free(&c.uin)
+        buf_free(&c.uout)
+        buf_free(&c.up.pend)
+        buf_free(&c.down.pend)
+        c.deadline = 0
+        c.ticket = None
+        c.verdict = None
+        c.addrs = None
+        self.c_open -= 1
+
+    cdef void drain_wakeup(self):
+        cdef char scratch[64]
+        while read(self.wakeup_fd, scratch, sizeof(scratch)) > 0:
+            pass
+
+    cdef void shutdown_all(self):
+        cdef object obj
+        for obj in list(self.fdmap):
+            if obj is None:
+                continue
+            if type(obj) is Conn:
+                self.close_conn(<Conn>obj, False)
+            else:
+                self.pool_drop(<Pooled>obj)
+        self.pool.clear()
