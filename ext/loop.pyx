@@ -17,7 +17,7 @@ only when it fires early.
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.errno cimport EAGAIN, ECONNRESET, EINTR, EMFILE, ENFILE, EPIPE, errno
+from libc.errno cimport EAGAIN, EINTR, EMFILE, ENFILE, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
@@ -619,11 +619,11 @@ cdef class Loop:
     # ---- accept -------------------------------------------------------------------------
 
     cdef void accept_batch(self):
-        cdef int i, fd, err
+        cdef int _i, fd, err
         cdef sockaddr_storage ss
         cdef socklen_t slen
         cdef Conn c
-        for i in range(ACCEPT_BATCH):
+        for _i in range(ACCEPT_BATCH):
             slen = sizeof(ss)
             fd = accept4(self.listen_fd, <sockaddr *>&ss, &slen, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
@@ -908,7 +908,7 @@ cdef class Loop:
 
     cdef void linger_event(self, Conn c, uint32_t ev):
         cdef ssize_t n
-        cdef int i, rc
+        cdef int _i, rc
         if buf_len(&c.cout):
             rc = self.flush_client(c)
             if rc < 0:
@@ -919,7 +919,7 @@ cdef class Loop:
         if not c.client_shut:
             shutdown(c.fd, SHUT_WR)
             c.client_shut = True
-        for i in range(16):
+        for _i in range(16):
             n = recv(c.fd, self.iobuf, IO_CHUNK, 0)
             if n > 0:
                 continue
@@ -1160,7 +1160,7 @@ cdef class Loop:
         destination still has bytes of ours to take.
         """
         cdef ssize_t n, k
-        cdef int rounds
+        cdef int _rounds
         cdef bint up = d == &c.up
         # 1. bytes already on their way
         while buf_len(&d.pend):
@@ -1186,7 +1186,7 @@ cdef class Loop:
             d.in_pipe -= k
             self.c_spliced += k
         # 2. read more, as long as the destination keeps up
-        for rounds in range(PUMP_ROUNDS):
+        for _rounds in range(PUMP_ROUNDS):
             if d.eof:
                 break
             if d.spliced:
@@ -1478,8 +1478,8 @@ cdef class Loop:
 
     cdef int read_response(self, Conn c) except -2:
         cdef ssize_t n
-        cdef int rounds
-        for rounds in range(PUMP_ROUNDS):
+        cdef int _rounds
+        for _rounds in range(PUMP_ROUNDS):
             buf_reserve(&c.uin, IO_CHUNK)
             n = recv(c.ufd, c.uin.data + c.uin.end, IO_CHUNK, 0)
             if n < 0:

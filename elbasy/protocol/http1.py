@@ -76,7 +76,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         target=target,
         version=parser.get_http_version(),
         headers=sink.headers,
-        keep_alive=parser.should_keep_alive(),
+        keep_alive=_keep_alive(parser.get_http_version(), sink.headers),
     )
 
 
@@ -100,8 +100,16 @@ def parse_response_head(head: bytes) -> ResponseHead:
         status_line=head[:line_end],
         version=parser.get_http_version(),
         headers=sink.headers,
-        keep_alive=parser.should_keep_alive(),
+        keep_alive=_keep_alive(parser.get_http_version(), sink.headers),
     )
+
+
+def _keep_alive(version: str, headers: Headers) -> bool:
+    """HTTP/1.1 persists unless told to close; HTTP/1.0 only when asked to."""
+    tokens = connection_tokens(headers)
+    if version == "1.1":
+        return b"close" not in tokens
+    return b"keep-alive" in tokens and b"close" not in tokens
 
 
 def _content_length(headers: Headers, status: int) -> int | None:

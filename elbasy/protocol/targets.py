@@ -9,7 +9,9 @@ from elbasy.errors import RemoteProtocolError
 
 # RFC 3986 reg-name as hosts use it in practice: labels of letters, digits,
 # hyphens and underscores, separated by dots.
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?$"
+)
 
 
 def check_host(host: str) -> str:

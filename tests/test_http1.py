@@ -1,0 +1,130 @@
+"""The sans-IO head parsing and framing: bytes in, values out, no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from elbasy.errors import RemoteProtocolError
+from elbasy.protocol.headers import strip_hop_by_hop
+from elbasy.protocol.http1 import (
+    parse_request_head,
+    parse_response_head,
+    request_framing,
+    response_framing,
+    upstream_keeps_alive,
+)
+from elbasy.protocol.targets import parse_authority
+from elbasy.verdicts import BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE
+
+
+def test_absolute_form_request() -> None:
+    req = parse_request_head(
+        b"GET http://example.com:8080/a?b=1 HTTP/1.1\r\nHost: example.com\r\nX-A: 1\r\n\r\n"
+    )
+    assert req.method == "GET"
+    assert req.target == "http://example.com:8080/a?b=1"
+    assert req.version == "1.1"
+    assert req.headers == [(b"Host", b"example.com"), (b"X-A", b"1")]
+    assert req.keep_alive
+    assert request_framing(req) == (BODY_NONE, 0)
+
+
+def test_connect_head_is_complete_even_though_llhttp_calls_it_an_upgrade() -> None:
+    req = parse_request_head(b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert req.method == "CONNECT"
+    assert parse_authority(req.target) == ("api.example.com", 443)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["example.com", "example.com:", ":443", "example.com:0", "example.com:70000", "a b:1",
+     "[::1:443", "exa$mple.com:443", "example.com:44x3"],
+)
+def test_bad_connect_targets(target: str) -> None:
+    with pytest.raises(RemoteProtocolError) as err:
+        parse_authority(target)
+    assert err.value.status_hint == 400
+
+
+def test_ipv6_connect_target() -> None:
+    assert parse_authority("[::1]:8443") == ("::1", 8443)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+        b"POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+)
+def test_malformed_heads_are_the_clients_fault(head: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as err:
+        req = parse_request_head(head)
+        request_framing(req)
+    assert err.value.status_hint == 400
+
+
+def test_request_framings() -> None:
+    cl = parse_request_head(b"POST http://a/ HTTP/1.1\r\nContent-Length: 12\r\n\r\n")
+    assert request_framing(cl) == (BODY_LENGTH, 12)
+    ch = parse_request_head(b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert request_framing(ch) == (BODY_CHUNKED, 0)
+    with pytest.raises(RemoteProtocolError):
+        gz = parse_request_head(b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n")
+        request_framing(gz)
+
+
+def test_conflicting_content_lengths() -> None:
+    with pytest.raises(RemoteProtocolError):
+        req = parse_request_head(
+            b"POST http://a/ HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+        )
+        request_framing(req)
+
+
+@pytest.mark.parametrize(
+    ("head", "method", "expected"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", "GET", (BODY_LENGTH, 5)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", "HEAD", (BODY_NONE, 0)),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "GET", (BODY_CHUNKED, 0)),
+        (b"HTTP/1.1 200 OK\r\n\r\n", "GET", (BODY_CLOSE, 0)),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", "GET", (BODY_NONE, 0)),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", "GET", (BODY_NONE, 0)),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", "POST", (BODY_NONE, 0)),
+    ],
+)
+def test_response_framings(head: bytes, method: str, expected: tuple[int, int]) -> None:
+    assert response_framing(parse_response_head(head), method) == expected
+
+
+def test_upstream_keep_alive() -> None:
+    assert upstream_keeps_alive(parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+    assert not upstream_keeps_alive(
+        parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+    )
+    assert not upstream_keeps_alive(parse_response_head(b"HTTP/1.0 200 OK\r\n\r\n"))
+
+
+def test_bad_response_is_a_502() -> None:
+    with pytest.raises(RemoteProtocolError) as err:
+        parse_response_head(b"HTTP/1.1 abc\r\n\r\n")
+    assert err.value.status_hint == 502
+
+
+def test_hop_by_hop_and_connection_named_headers_are_stripped() -> None:
+    headers = [
+        (b"Connection", b"keep-alive, X-Secret"),
+        (b"X-Secret", b"1"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Proxy-Authorization", b"Basic Zm9vOmJhcg=="),
+        (b"Proxy-Connection", b"keep-alive"),
+        (b"TE", b"trailers"),
+        (b"Upgrade", b"websocket"),
+        (b"Accept", b"*/*"),
+        (b"Transfer-Encoding", b"chunked"),
+    ]
+    assert strip_hop_by_hop(headers) == [(b"Accept", b"*/*"), (b"Transfer-Encoding", b"chunked")]
