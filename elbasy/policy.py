@@ -45,6 +45,8 @@ REASONS = {
     504: "Gateway Timeout",
 }
 
+_HOST = frozenset({b"host"})
+
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
@@ -135,7 +137,7 @@ class Proxy:
         if url.port:
             authority += b":%d" % url.port
         headers: Headers = [(b"Host", authority)]
-        headers += [(n, v) for n, v in strip_hop_by_hop(req.headers) if n.lower() != b"host"]
+        headers += strip_hop_by_hop(req.headers, req.framing.connection | _HOST)
         version = b"HTTP/1.0" if req.version == "1.0" else b"HTTP/1.1"
         line = req.method.encode("ascii") + b" " + path + b" " + version
         retryable = req.method in IDEMPOTENT and body == BODY_NONE
@@ -176,9 +178,10 @@ class Proxy:
             return ResponsePlan(head, resp.status, BODY_NONE, 0, True, True, True)
         body, length = response_framing(resp, ex.method)
         keep_client = ex.keep_alive and body != BODY_CLOSE and resp.status != 101
-        headers = strip_hop_by_hop(resp.headers)
+        f = resp.framing
+        headers = strip_hop_by_hop(resp.headers, f.connection) if f.hop_by_hop else resp.headers
         if not keep_client:
-            headers.append((b"Connection", b"close"))
+            headers = [*headers, (b"Connection", b"close")]
         reuse = upstream_keeps_alive(resp) and body != BODY_CLOSE
         return ResponsePlan(
             serialize(resp.status_line, headers), resp.status, body, length, False,

@@ -252,6 +252,7 @@ cdef class Pooled(Slot):
     """An idle upstream connection waiting in the keep-alive pool."""
     cdef object key
     cdef int mask
+    cdef int64_t since          # when it went idle
 
 
 @cython.final
@@ -319,6 +320,7 @@ cdef class Loop:
     cdef uint64_t next_serial
     cdef int64_t now
     cdef int64_t started_ns
+    cdef int64_t next_sweep
     cdef epoll_event *events
     cdef char *iobuf
     cdef TimerEntry *heap
@@ -458,6 +460,9 @@ cdef class Loop:
                     else:
                         self.pool_drop(<Pooled>obj)
             self.run_timers()
+            if self.now >= self.next_sweep:
+                self.sweep_pool()
+                self.next_sweep = self.now + 1000000000
         self.shutdown_all()
 
     def stats(self):
@@ -1326,10 +1331,10 @@ cdef class Loop:
         p.serial = self.new_serial()
         p.key = key
         p.mask = c.umask
+        p.since = self.now
         self.map_fd(p.fd, p)
         # any byte or FIN from an idle upstream means it is no longer usable
         self.set_mask(p.fd, &p.mask, EPOLLIN | EPOLLRDHUP)
-        self.arm(p, self.now + self.keepalive_ns)
         idle.append(p)
         c.ufd = -1
         c.umask = -1
@@ -1671,6 +1676,27 @@ cdef class Loop:
         c.verdict = None
         c.addrs = None
         self.c_open -= 1
+
+    cdef void sweep_pool(self):
+        """Close upstream connections idle longer than the keep-alive timeout.
+
+        One pass a second over the pool (at most POOL_PER_HOST per host)
+        instead of a timer per pooled connection: a connection is pooled and
+        taken again on every request, and a timer each time would churn.
+        """
+        cdef list idle
+        cdef Pooled p
+        cdef int64_t oldest = self.now - self.keepalive_ns
+        for key in list(self.pool):
+            idle = self.pool[key]
+            # oldest first: put() appends, take() pops the newest
+            while idle and (<Pooled>idle[0]).since <= oldest:
+                p = <Pooled>idle.pop(0)
+                if self.fdmap[p.fd] is p:
+                    self.fdmap[p.fd] = None
+                    close(p.fd)
+            if not idle:
+                del self.pool[key]
 
     cdef void drain_wakeup(self):
         cdef char scratch[64]

@@ -102,7 +102,8 @@ def test_response_framings(head: bytes, method: str, expected: tuple[int, int]) 
 
 
 def test_upstream_keep_alive() -> None:
-    assert upstream_keeps_alive(parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+    ok = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert upstream_keeps_alive(ok)
     assert not upstream_keeps_alive(
         parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
     )

@@ -38,14 +38,13 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
-def strip_hop_by_hop(headers: Headers) -> Headers:
-    """The headers minus hop-by-hop ones and any named in Connection."""
-    named = connection_tokens(headers)
-    return [
-        (name, value)
-        for name, value in headers
-        if (low := name.lower()) not in HOP_BY_HOP and low not in named
-    ]
+def strip_hop_by_hop(headers: Headers, named: Iterable[bytes] | None = None) -> Headers:
+    """The headers minus hop-by-hop ones and any named in Connection.
+
+    `named` is the set of Connection options when the caller already has it.
+    """
+    drop = HOP_BY_HOP.union(connection_tokens(headers) if named is None else named)
+    return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
 def first(headers: Headers, name: bytes) -> bytes | None:

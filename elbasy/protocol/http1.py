@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import httptools
 
 from elbasy.errors import RemoteProtocolError
-from elbasy.protocol.headers import Headers, connection_tokens
+from elbasy.protocol.headers import HOP_BY_HOP, Headers
 from elbasy.verdicts import BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE
 
 
@@ -24,6 +24,7 @@ class RequestHead:
     version: str  # "1.0" or "1.1"
     headers: Headers
     keep_alive: bool
+    framing: Framing
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,31 +34,75 @@ class ResponseHead:
     version: str
     headers: Headers
     keep_alive: bool
+    framing: Framing
 
 
-class _Collector:
-    """Receives llhttp's callbacks for one head."""
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """What the headers say about the message body and the connection."""
 
-    __slots__ = ("url", "headers", "complete")
+    connection: frozenset[bytes]  # lower-cased Connection options
+    content_lengths: tuple[bytes, ...]
+    codings: tuple[bytes, ...]  # Transfer-Encoding codings, lower-cased, in order
+    hop_by_hop: bool  # a hop-by-hop header (or one named in Connection) is present
+
+
+_WATCHED = HOP_BY_HOP | {b"content-length", b"transfer-encoding"}
+
+
+class _Validator:
+    """llhttp's callbacks: only the URL and the end of the head.
+
+    llhttp checks the whole head (request line, header syntax, framing
+    conflicts) in C; leaving out on_header keeps it from calling Python per
+    header. The headers are then read off the validated bytes in one pass.
+    """
+
+    __slots__ = ("url", "complete")
 
     def __init__(self) -> None:
         self.url = b""
-        self.headers: Headers = []
         self.complete = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
     def on_headers_complete(self) -> None:
         self.complete = True
 
 
+def _headers(head: bytes, status: int) -> tuple[Headers, Framing]:
+    """Headers and framing facts of a head llhttp has already accepted."""
+    headers: Headers = []
+    connection: set[bytes] = set()
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    hop = False
+    for line in head.split(b"\n")[1:]:
+        if not line or line == b"\r":
+            break
+        if line[0] in b" \t":
+            raise RemoteProtocolError("folded header lines are not accepted", status)
+        name, _, value = line.partition(b":")
+        value = value.strip()
+        headers.append((name, value))
+        low = name.lower()
+        if low in _WATCHED:
+            if low == b"content-length":
+                lengths.append(value)
+            elif low == b"transfer-encoding":
+                codings += [c.strip().lower() for c in value.split(b",") if c.strip()]
+            else:
+                hop = True
+                if low == b"connection":
+                    connection.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    framing = Framing(frozenset(connection), tuple(lengths), tuple(codings), hop)
+    return headers, framing
+
+
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse a complete request head (request line to blank line)."""
-    sink = _Collector()
+    sink = _Validator()
     parser = httptools.HttpRequestParser(sink)
     try:
         parser.feed_data(head)
@@ -71,18 +116,21 @@ def parse_request_head(head: bytes) -> RequestHead:
         target = sink.url.decode("ascii")
     except UnicodeDecodeError:
         raise RemoteProtocolError("request target is not ASCII") from None
+    headers, framing = _headers(head, 400)
+    version = parser.get_http_version()
     return RequestHead(
         method=parser.get_method().decode("ascii"),
         target=target,
-        version=parser.get_http_version(),
-        headers=sink.headers,
-        keep_alive=_keep_alive(parser.get_http_version(), sink.headers),
+        version=version,
+        headers=headers,
+        keep_alive=_keep_alive(version, framing.connection),
+        framing=framing,
     )
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse a complete response head from an upstream."""
-    sink = _Collector()
+    sink = _Validator()
     parser = httptools.HttpResponseParser(sink)
     try:
         parser.feed_data(head)
@@ -92,28 +140,27 @@ def parse_response_head(head: bytes) -> ResponseHead:
         raise RemoteProtocolError(f"malformed response head: {exc}", 502) from None
     if not sink.complete:
         raise RemoteProtocolError("malformed response head: incomplete", 502)
-    line_end = head.find(b"\r\n")
-    if line_end < 0:
-        line_end = head.find(b"\n")
+    headers, framing = _headers(head, 502)
+    version = parser.get_http_version()
     return ResponseHead(
         status=parser.get_status_code(),
-        status_line=head[:line_end],
-        version=parser.get_http_version(),
-        headers=sink.headers,
-        keep_alive=_keep_alive(parser.get_http_version(), sink.headers),
+        status_line=head[: head.find(b"\n")].rstrip(b"\r"),
+        version=version,
+        headers=headers,
+        keep_alive=_keep_alive(version, framing.connection),
+        framing=framing,
     )
 
 
-def _keep_alive(version: str, headers: Headers) -> bool:
+def _keep_alive(version: str, connection: frozenset[bytes]) -> bool:
     """HTTP/1.1 persists unless told to close; HTTP/1.0 only when asked to."""
-    tokens = connection_tokens(headers)
     if version == "1.1":
-        return b"close" not in tokens
-    return b"keep-alive" in tokens and b"close" not in tokens
+        return b"close" not in connection
+    return b"keep-alive" in connection and b"close" not in connection
 
 
-def _content_length(headers: Headers, status: int) -> int | None:
-    values = {v.strip() for n, v in headers if n.lower() == b"content-length"}
+def _content_length(framing: Framing, status: int) -> int | None:
+    values = set(framing.content_lengths)
     if not values:
         return None
     if len(values) > 1:
@@ -124,28 +171,14 @@ def _content_length(headers: Headers, status: int) -> int | None:
     return int(text)
 
 
-def _is_chunked(headers: Headers, status: int) -> bool | None:
-    """None without Transfer-Encoding; True when chunked is the final coding."""
-    codings = [
-        c.strip().lower()
-        for n, v in headers
-        if n.lower() == b"transfer-encoding"
-        for c in v.split(b",")
-        if c.strip()
-    ]
-    if not codings:
-        return None
-    return codings[-1] == b"chunked"
-
-
 def request_framing(req: RequestHead) -> tuple[int, int]:
     """(body framing, length) of a request (RFC 9112 §6.3)."""
-    chunked = _is_chunked(req.headers, 400)
-    length = _content_length(req.headers, 400)
-    if chunked is not None:
+    f = req.framing
+    length = _content_length(f, 400)
+    if f.codings:
         if length is not None:
             raise RemoteProtocolError("both Transfer-Encoding and Content-Length")
-        if not chunked:
+        if f.codings[-1] != b"chunked":
             raise RemoteProtocolError("request Transfer-Encoding must end in chunked")
         return BODY_CHUNKED, 0
     if length is None or length == 0:
@@ -158,10 +191,10 @@ def response_framing(resp: ResponseHead, request_method: str) -> tuple[int, int]
     status = resp.status
     if request_method == "HEAD" or 100 <= status < 200 or status in (204, 304):
         return BODY_NONE, 0
-    chunked = _is_chunked(resp.headers, 502)
-    if chunked is not None:
-        return (BODY_CHUNKED, 0) if chunked else (BODY_CLOSE, 0)
-    length = _content_length(resp.headers, 502)
+    f = resp.framing
+    if f.codings:
+        return (BODY_CHUNKED, 0) if f.codings[-1] == b"chunked" else (BODY_CLOSE, 0)
+    length = _content_length(f, 502)
     if length is None:
         return BODY_CLOSE, 0
     if length == 0:
@@ -171,6 +204,4 @@ def response_framing(resp: ResponseHead, request_method: str) -> tuple[int, int]
 
 def upstream_keeps_alive(resp: ResponseHead) -> bool:
     """Whether the upstream connection may carry another request."""
-    if b"close" in connection_tokens(resp.headers):
-        return False
     return resp.keep_alive
