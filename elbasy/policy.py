@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,9 @@ REASONS = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
+
+COUNTERS = ("bad_requests", "heads_too_large", "upstream_errors")
+_REFUSAL_COUNTER = {400: "bad_requests", 431: "heads_too_large"}
 
 _HOST = frozenset({b"host"})
 
@@ -84,7 +88,8 @@ class Proxy:
 
     def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
         self._stats = stats
-        self.counters: Counter[str] = Counter()
+        # every counter is present from the start, so dashboards see zeros
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
 
     # ---- request heads -----------------------------------------------------------
 
@@ -108,7 +113,7 @@ class Proxy:
 
     def _refuse(self, ex: Exchange, exc: RemoteProtocolError) -> Reply:
         status = exc.status_hint
-        self.counters["bad_requests" if status == 400 else f"refused_{status}"] += 1
+        self.counters[_REFUSAL_COUNTER.get(status, f"refused_{status}")] += 1
         log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
         log.info("refused %s from %s: %s", ex.target, ex.client, exc)
         return Reply(error_response(status, str(exc)), True)
@@ -165,6 +170,7 @@ class Proxy:
     def _healthz(self) -> bytes:
         stats = self._stats()
         stats["version"] = __version__
+        stats["pid"] = os.getpid()
         counters = stats.setdefault("counters", {})
         for name, value in self.counters.items():
             counters[name] = value
@@ -194,6 +200,7 @@ class Proxy:
         log_access(ex.client, ex.method, ex.target, status, up, down, took_ns / 1e6)
 
     def failed(self, ex: Exchange, status: int, reason: str) -> bytes:
+        self.counters["upstream_errors"] += 1
         self.counters[f"upstream_{status}"] += 1
         log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
         log.warning("%s %s from %s: %s", ex.method, ex.target, ex.client, reason)

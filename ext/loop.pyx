@@ -775,6 +775,9 @@ cdef class Loop:
         if before:
             # pipelined bytes left over from the previous request
             end = elb_head_end(c.cin.data + c.cin.start, before, 0)
+            if end > self.max_head:
+                self.head_too_large(c)
+                return
             if end > 0:
                 self.dispatch_head(c, end)
                 return
@@ -790,6 +793,9 @@ cdef class Loop:
                     self.arm(c, self.now + self.head_ns)
                 c.cin.end += n
                 end = elb_head_end(c.cin.data + c.cin.start, buf_len(&c.cin), before)
+                if end > self.max_head:
+                    self.head_too_large(c)
+                    return
                 if end > 0:
                     self.dispatch_head(c, end)
                     return

@@ -118,6 +118,8 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise RemoteProtocolError("request target is not ASCII") from None
     headers, framing = _headers(head, 400)
     version = parser.get_http_version()
+    if version not in ("1.0", "1.1"):
+        raise RemoteProtocolError(f"unsupported HTTP version {version}")
     return RequestHead(
         method=parser.get_method().decode("ascii"),
         target=target,
