@@ -21,7 +21,15 @@ import click
 from click.core import ParameterSource
 
 from elbasy import __version__
-from elbasy.config import Config, ConfigError, ConnectTo, load_toml, parse_listen, to_toml
+from elbasy.config import (
+    SPLICE_MODES,
+    Config,
+    ConfigError,
+    ConnectTo,
+    load_toml,
+    parse_listen,
+    to_toml,
+)
 
 __all__ = ["build_config", "main"]
 
@@ -40,6 +48,7 @@ def build_config(
     keepalive_timeout: float = _DEFAULTS.keepalive_timeout,
     response_timeout: float = _DEFAULTS.response_timeout,
     max_head_bytes: int = _DEFAULTS.max_head_bytes,
+    splice: str = _DEFAULTS.splice,
     connect_to: Iterable[str] = (),
 ) -> Config:
     """A :class:`Config` from settings spelled as ``elbasy``'s options.
@@ -64,6 +73,7 @@ def build_config(
         keepalive_timeout=keepalive_timeout,
         response_timeout=response_timeout,
         max_head_bytes=max_head_bytes,
+        splice=splice,
         connect_to=tuple(rules),
     )
 
@@ -186,6 +196,14 @@ def _seconds(name: str, default: float, help: str) -> Callable[[_F], _F]:
     help="Largest request head accepted (431 beyond).",
 )
 @click.option(
+    "--splice",
+    "splice",
+    type=click.Choice(list(SPLICE_MODES), case_sensitive=False),
+    default=_DEFAULTS.splice,
+    envvar=_env("splice"),
+    help="How tunnels move bytes: auto copies small messages and splices bulk flows.",
+)
+@click.option(
     "--connect-to",
     "connect_to",
     multiple=True,
@@ -207,6 +225,7 @@ def main(
     keepalive_timeout: float,
     response_timeout: float,
     max_head_bytes: int,
+    splice: str,
     connect_to: tuple[str, ...],
 ) -> None:
     """elbasy: an egress HTTP(S) proxy that keeps API clients under their rate limits.
@@ -226,6 +245,7 @@ def main(
             keepalive_timeout=keepalive_timeout,
             response_timeout=response_timeout,
             max_head_bytes=max_head_bytes,
+            splice=splice,
             connect_to=connect_to,
         )
     except ConfigError as e:

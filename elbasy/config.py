@@ -34,6 +34,7 @@ __all__ = [
     "CONFIG_KEYS",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "SPLICE_MODES",
     "MAX_HEAD_BYTES_MAX",
     "MAX_HEAD_BYTES_MIN",
     "Config",
@@ -48,6 +49,10 @@ __all__ = [
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
+#: How CONNECT tunnels move bytes: "auto" copies small messages with
+#: recv/send and splices a flow once it turns bulk; the others force one way
+#: (for measurement, or kernels where splice misbehaves).
+SPLICE_MODES: tuple[str, ...] = ("auto", "always", "never")
 MAX_HEAD_BYTES_MIN = 1024
 MAX_HEAD_BYTES_MAX = 16 * 1024 * 1024
 
@@ -67,6 +72,7 @@ CONFIG_KEYS: Mapping[str, str] = {
     "log_format": "string",
     **{name: "number" for name in _TIMEOUT_FIELDS},
     "max_head_bytes": "integer",
+    "splice": "string",
     "connect_to": "array of strings",
 }
 
@@ -307,6 +313,7 @@ class Config:
     keepalive_timeout: float = 60.0
     response_timeout: float = 60.0
     max_head_bytes: int = 65536
+    splice: str = "auto"
     connect_to: tuple[ConnectTo, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -319,7 +326,11 @@ class Config:
             )
         if not _is_int(self.listen_port) or not 0 <= self.listen_port <= 65535:
             raise ConfigError(f"must be 0 to 65535, got {self.listen_port!r}", "listen_port")
-        for name, allowed in (("log_level", LOG_LEVELS), ("log_format", LOG_FORMATS)):
+        for name, allowed in (
+            ("log_level", LOG_LEVELS),
+            ("log_format", LOG_FORMATS),
+            ("splice", SPLICE_MODES),
+        ):
             value = getattr(self, name)
             if not isinstance(value, str) or value.lower() not in allowed:
                 raise ConfigError(f"must be one of {', '.join(allowed)}; got {value!r}", name)
@@ -421,6 +432,7 @@ def to_toml(config: Config) -> str:
         "log_format": config.log_format,
         **{name: getattr(config, name) for name in _TIMEOUT_FIELDS},
         "max_head_bytes": config.max_head_bytes,
+        "splice": config.splice,
         "connect_to": [str(rule) for rule in config.connect_to],
     }
     return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())

@@ -16,7 +16,7 @@ import time
 
 from elbasy import __version__
 from elbasy._loop import Loop
-from elbasy.config import Config
+from elbasy.config import SPLICE_MODES, Config
 from elbasy.logs import startup_banner
 from elbasy.policy import Proxy
 from elbasy.resolver import Resolver
@@ -72,6 +72,7 @@ def run(config: Config) -> None:
         keepalive_timeout=config.keepalive_timeout,
         response_timeout=config.response_timeout,
         max_head_bytes=config.max_head_bytes,
+        splice=SPLICE_MODES.index(config.splice),
     )
 
     def stop(signum: int, frame: object) -> None:

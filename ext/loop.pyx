@@ -151,6 +151,11 @@ DEF GOAL_FORWARD = 2
 
 DEF LINGER_NS = 2000000000
 
+# how tunnels move bytes (index into elbasy.config.SPLICE_MODES)
+DEF SPLICE_AUTO = 0
+DEF SPLICE_ALWAYS = 1
+DEF SPLICE_NEVER = 2
+
 
 # ---- byte buffers -----------------------------------------------------------
 
@@ -335,6 +340,7 @@ cdef class Loop:
     cdef int64_t keepalive_ns
     cdef int64_t response_ns
     cdef Py_ssize_t max_head
+    cdef int splice_mode
     # counters for /healthz
     cdef uint64_t c_accepted
     cdef uint64_t c_open
@@ -374,7 +380,8 @@ cdef class Loop:
     def __init__(self, policy, resolver, int listen_fd, int wakeup_fd=-1, *,
                  double head_timeout=10.0, double connect_timeout=10.0,
                  double idle_timeout=300.0, double keepalive_timeout=60.0,
-                 double response_timeout=60.0, Py_ssize_t max_head_bytes=65536):
+                 double response_timeout=60.0, Py_ssize_t max_head_bytes=65536,
+                 int splice=SPLICE_AUTO):
         self.policy = policy
         self.resolver = resolver
         self.fdmap = []
@@ -385,6 +392,7 @@ cdef class Loop:
         self.keepalive_ns = seconds_ns(keepalive_timeout)
         self.response_ns = seconds_ns(response_timeout)
         self.max_head = max_head_bytes
+        self.splice_mode = splice
         self.events = <epoll_event *>malloc(sizeof(epoll_event) * MAX_EVENTS)
         self.iobuf = <char *>malloc(IO_CHUNK)
         self.heap_cap = 1024
@@ -1084,6 +1092,9 @@ cdef class Loop:
             c.bytes_up += early
         buf_free(&c.cin)
         buf_free(&c.cout)
+        if self.splice_mode == SPLICE_ALWAYS:
+            self.go_splice(&c.up)
+            self.go_splice(&c.down)
         self.arm(c, self.now + self.idle_ns)
         if early:
             if self.pump(c, &c.up, c.fd, c.ufd) < 0:
@@ -1253,7 +1264,7 @@ cdef class Loop:
                         return -2
                     k = 0
                 self.c_copied += k
-                if n == IO_CHUNK:
+                if n == IO_CHUNK and self.splice_mode == SPLICE_AUTO:
                     self.go_splice(d)
                 if k < n:
                     buf_append(&d.pend, self.iobuf + k, n - k)

@@ -148,6 +148,7 @@ DEFAULTS = {
     "keepalive_timeout": 60.0,
     "response_timeout": 60.0,
     "max_head_bytes": 65536,
+    "splice": "auto",
     "connect_to": [],
 }
 
@@ -168,6 +169,7 @@ def test_every_option_from_the_command_line() -> None:
             "--keepalive-timeout=4",
             "--response-timeout=5",
             "--max-head-bytes=2048",
+            "--splice=never",
             "--connect-to=a:443:[::1]:8443",
             "--connect-to",
             "*.b.com::c:",
@@ -183,6 +185,7 @@ def test_every_option_from_the_command_line() -> None:
         "keepalive_timeout": 4.0,
         "response_timeout": 5.0,
         "max_head_bytes": 2048,
+        "splice": "never",
         "connect_to": ["a:443:[::1]:8443", "*.b.com::c:"],
     }
 
@@ -198,6 +201,7 @@ def test_every_option_from_the_environment() -> None:
         "ELBASY_KEEPALIVE_TIMEOUT": "4",
         "ELBASY_RESPONSE_TIMEOUT": "5",
         "ELBASY_MAX_HEAD_BYTES": "4096",
+        "ELBASY_SPLICE": "always",
         "ELBASY_CONNECT_TO": "a:443:127.0.0.1:8443  ::b:\n",
     }
     assert settings([], env) == {
@@ -210,6 +214,7 @@ def test_every_option_from_the_environment() -> None:
         "keepalive_timeout": 4.0,
         "response_timeout": 5.0,
         "max_head_bytes": 4096,
+        "splice": "always",
         "connect_to": ["a:443:127.0.0.1:8443", "::b:"],
     }
 

@@ -376,6 +376,7 @@ def test_config_keys_are_the_option_names() -> None:
         "keepalive_timeout",
         "response_timeout",
         "max_head_bytes",
+        "splice",
         "connect_to",
     }
 
