@@ -1,14 +1,15 @@
 """What the policy plane tells the data plane to do.
 
 The loop asks once per request head and once per response head; these small
-immutable answers are all that crosses back. Body framings are plain ints so
+immutable answers are all that crosses back. They are named tuples: built
+once per request, they must be cheap to make (a frozen dataclass costs
+several times more per instance). Body framings are plain ints so
 the Cython side can switch on them without touching Python objects.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 BODY_NONE = 0  # no body follows the head
 BODY_LENGTH = 1  # exactly `length` bytes follow
@@ -16,16 +17,14 @@ BODY_CHUNKED = 2  # chunked transfer coding, relayed byte for byte
 BODY_CLOSE = 3  # the body runs until the upstream closes (responses only)
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     """Answer the client with these bytes; keep the connection unless `close`."""
 
     data: bytes
     close: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Tunnel:
+class Tunnel(NamedTuple):
     """Dial host:port, answer 200 and relay bytes both ways until both ends finish."""
 
     host: str
@@ -33,8 +32,7 @@ class Tunnel:
     ticket: Any
 
 
-@dataclass(frozen=True, slots=True)
-class Forward:
+class Forward(NamedTuple):
     """Send `head` (then the request body, by framing) to host:port and relay the answer."""
 
     host: str
@@ -46,8 +44,7 @@ class Forward:
     ticket: Any
 
 
-@dataclass(frozen=True, slots=True)
-class ResponsePlan:
+class ResponsePlan(NamedTuple):
     """How to relay one response head (and the body after it) to the client."""
 
     head: bytes

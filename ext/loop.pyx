@@ -127,7 +127,7 @@ DEF IO_CHUNK = 65536          # one recv; a full read marks a bulk flow
 DEF SPLICE_CHUNK = 262144     # bytes asked of one splice(2)
 DEF PIPE_SIZE = 262144
 DEF PIPE_POOL_MAX = 64
-DEF POOL_PER_HOST = 32
+DEF POOL_PER_HOST = 256
 DEF PUMP_ROUNDS = 8           # bounds the work one wake-up does for one flow
 
 # connection states (mirrors elbasy/protocol/states.py)
@@ -1558,11 +1558,9 @@ cdef class Loop:
             head = plan.head
             c.bytes_down += PyBytes_GET_SIZE(head)
             self.c_bytes_down += PyBytes_GET_SIZE(head)
-            if self.queue_client(c, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) < 0:
-                self.c_client_aborts += 1
-                self.drop_upstream(c, True)
-                self.close_conn(c, False)
-                return -1
+            # parked, not sent: the body bytes that came with it leave in the
+            # same send (one segment, one wake-up for the client)
+            buf_append(&c.cout, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
             if plan.interim:
                 continue
             c.resp_head_done = True
@@ -1580,7 +1578,7 @@ cdef class Loop:
         if c.resp_done or avail == 0:
             if c.resp_done and avail:
                 c.reuse_upstream = False  # bytes past the response: not trusted
-            return 0
+            return -1 if self.flush_client(c) < 0 else 0
         if c.resp_framing == BODY_LENGTH:
             take = avail if <uint64_t>avail < c.resp_remaining else <Py_ssize_t>c.resp_remaining
             c.resp_remaining -= take
@@ -1602,6 +1600,11 @@ cdef class Loop:
             c.reuse_upstream = False
         c.bytes_down += take
         self.c_bytes_down += take
+        if buf_len(&c.cout):
+            buf_append(&c.cout, c.uin.data + c.uin.start, take)
+            c.uin.start = 0
+            c.uin.end = 0
+            return -1 if self.flush_client(c) < 0 else 0
         if self.queue_client(c, c.uin.data + c.uin.start, take) < 0:
             self.c_client_aborts += 1
             self.drop_upstream(c, True)

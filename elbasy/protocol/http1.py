@@ -8,7 +8,7 @@ clock: the tests feed bytes alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import httptools
 
@@ -17,8 +17,7 @@ from elbasy.protocol.headers import HOP_BY_HOP, Headers
 from elbasy.verdicts import BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
+class RequestHead(NamedTuple):
     method: str
     target: str
     version: str  # "1.0" or "1.1"
@@ -27,8 +26,7 @@ class RequestHead:
     framing: Framing
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
+class ResponseHead(NamedTuple):
     status: int
     status_line: bytes
     version: str
@@ -37,8 +35,7 @@ class ResponseHead:
     framing: Framing
 
 
-@dataclass(frozen=True, slots=True)
-class Framing:
+class Framing(NamedTuple):
     """What the headers say about the message body and the connection."""
 
     connection: frozenset[bytes]  # lower-cased Connection options
