@@ -8,10 +8,8 @@ try in order; failures are a one-line reason string for the 502.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -38,7 +36,6 @@ class Resolver:
         self._cache: dict[tuple[str, int], tuple[float, Answer]] = {}
         self._done: deque[tuple[Any, Answer]] = deque()
         self._pending: dict[tuple[str, int], list[Any]] = {}
-        self._lock = threading.Lock()
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="elbasy-dns")
 
@@ -51,15 +48,16 @@ class Resolver:
 
     def lookup(self, host: str, port: int, token: Any) -> Answer | None:
         """An answer now, or None and the answer later through completed()."""
-        host, port = route(self._connect_to, host, port)
-        literal = _literal(host, port)
-        if literal is not None:
-            return literal
+        if self._connect_to:
+            host, port = route(self._connect_to, host, port)
         key = (host, port)
         hit = self._cache.get(key)
-        now = self._clock()
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > self._clock():
             return hit[1]
+        literal = _literal(host, port)
+        if literal is not None:
+            self._cache[key] = (float("inf"), literal)
+            return literal
         waiting = self._pending.get(key)
         if waiting is not None:
             waiting.append(token)
@@ -80,7 +78,7 @@ class Resolver:
             ttl = self._ttl if isinstance(answer, list) else self._negative_ttl
             self._cache[key] = (self._clock() + ttl, answer)
             if len(self._cache) > 10000:
-                self._cache.clear()
+                self._cache.clear()  # crude, and rare: a proxy talks to few hosts
             for token in self._pending.pop(key, []):
                 out.append((token, answer))
         return out
@@ -105,9 +103,12 @@ class Resolver:
 
 
 def _literal(host: str, port: int) -> list[Address] | None:
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    return [(int(family), str(ip), port)]
+    """The address itself when `host` is an IP literal (no lookup needed)."""
+    host = host.strip("[]")
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            packed = socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return [(int(family), socket.inet_ntop(family, packed), port)]
+    return None

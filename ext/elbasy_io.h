@@ -30,13 +30,12 @@ static inline void elb_nodelay(int fd)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
-/* Close so that the peer sees a reset, not an orderly end: used when the
- * other side of a tunnel reset, so the reset travels on. */
-static inline void elb_close_reset(int fd)
+/* Make the coming close() a reset, not an orderly end: used when the other
+ * side of a tunnel reset (the reset travels on) or an exchange is abandoned. */
+static inline void elb_set_reset(int fd)
 {
     struct linger lg = {1, 0};
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
-    close(fd);
 }
 
 /* Start a non-blocking connect to a numeric address. Returns 0 with *out_fd

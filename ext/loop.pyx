@@ -70,7 +70,6 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     int shutdown(int fd, int how)
-    int getpeername(int fd, sockaddr *addr, socklen_t *addrlen)
     enum:
         SOCK_NONBLOCK
         SOCK_CLOEXEC
@@ -111,7 +110,7 @@ cdef extern from "elbasy_io.h" nogil:
         CH_DONE
     int64_t elb_now_ns()
     void elb_nodelay(int fd)
-    void elb_close_reset(int fd)
+    void elb_set_reset(int fd)
     int elb_connect(int family, const char *ip, int port, int *out_fd)
     int elb_socket_error(int fd)
     int elb_format_peer(const sockaddr_storage *ss, char *out, size_t cap)
@@ -329,6 +328,9 @@ cdef class Loop:
     cdef epoll_event *events
     cdef char *iobuf
     cdef TimerEntry *heap
+    cdef int *retired
+    cdef Py_ssize_t nretired
+    cdef Py_ssize_t retired_cap
     cdef Py_ssize_t heap_len
     cdef Py_ssize_t heap_cap
     cdef int pipes[PIPE_POOL_MAX][2]
@@ -376,6 +378,7 @@ cdef class Loop:
         self.events = NULL
         self.iobuf = NULL
         self.heap = NULL
+        self.retired = NULL
 
     def __init__(self, policy, resolver, int listen_fd, int wakeup_fd=-1, *,
                  double head_timeout=10.0, double connect_timeout=10.0,
@@ -397,7 +400,10 @@ cdef class Loop:
         self.iobuf = <char *>malloc(IO_CHUNK)
         self.heap_cap = 1024
         self.heap = <TimerEntry *>malloc(sizeof(TimerEntry) * self.heap_cap)
-        if self.events == NULL or self.iobuf == NULL or self.heap == NULL:
+        self.retired_cap = 256
+        self.retired = <int *>malloc(sizeof(int) * self.retired_cap)
+        if (self.events == NULL or self.iobuf == NULL or self.heap == NULL
+                or self.retired == NULL):
             raise MemoryError()
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
@@ -424,9 +430,11 @@ cdef class Loop:
         for i in range(self.npipes):
             close(self.pipes[i][0])
             close(self.pipes[i][1])
+        self.close_retired()
         free(self.events)
         free(self.iobuf)
         free(self.heap)
+        free(self.retired)
 
     # ---- public, from Python -----------------------------------------------------
 
@@ -471,7 +479,9 @@ cdef class Loop:
             if self.now >= self.next_sweep:
                 self.sweep_pool()
                 self.next_sweep = self.now + 1000000000
+            self.close_retired()
         self.shutdown_all()
+        self.close_retired()
 
     def stats(self):
         """Counters for /healthz; cheap enough to call per status request."""
@@ -533,6 +543,34 @@ cdef class Loop:
         else:
             epoll_ctl(self.epfd, EPOLL_CTL_MOD, fd, &e)
         current[0] = want
+
+    cdef void retire_fd(self, int fd, bint reset):
+        """Close fd once this wake-up's events are all handled.
+
+        Closing at once would let accept4 or socket hand the same number to
+        a new connection while events for the old one are still queued in
+        this batch; the new connection would then get the old one's error
+        or hang-up. The caller has already unmapped fd, so those events are
+        dropped, and the number cannot come back before the batch ends.
+        """
+        cdef int *grown
+        if reset:
+            elb_set_reset(fd)
+        if self.nretired == self.retired_cap:
+            grown = <int *>realloc(self.retired, sizeof(int) * self.retired_cap * 2)
+            if grown == NULL:
+                close(fd)  # out of memory: close now rather than leak
+                return
+            self.retired = grown
+            self.retired_cap *= 2
+        self.retired[self.nretired] = fd
+        self.nretired += 1
+
+    cdef void close_retired(self) noexcept:
+        cdef Py_ssize_t i
+        for i in range(self.nretired):
+            close(self.retired[i])
+        self.nretired = 0
 
     cdef void map_fd(self, int fd, object obj):
         cdef Py_ssize_t need = fd + 1 - len(self.fdmap)
@@ -651,7 +689,7 @@ cdef class Loop:
                     return
                 self.c_accept_errors += 1
                 return
-            elb_nodelay(fd)
+            # TCP_NODELAY comes from the listener: accepted sockets inherit it
             c = Conn.__new__(Conn)
             c.fd = fd
             c.ufd = -1
@@ -808,6 +846,13 @@ cdef class Loop:
                     self.dispatch_head(c, end)
                     return
                 before = buf_len(&c.cin)
+                if c.cin.end < c.cin.cap:
+                    # short read: the socket is empty for now
+                    if before > self.max_head:
+                        self.head_too_large(c)
+                        return
+                    self.update_head_mask(c)
+                    return
                 continue
             if n == 0:
                 # client finished (keep-alive close, or gave up mid-head)
@@ -978,7 +1023,10 @@ cdef class Loop:
         c.addrs = None
         c.addr_i = 0
         c.last_err = 0
-        self.set_mask(c.fd, &c.cmask, 0)
+        if c.cmask > 0:
+            # stop reading the client (pipelined bytes wait in the kernel);
+            # a client never registered stays unregistered: one syscall less
+            self.set_mask(c.fd, &c.cmask, 0)
         self.arm(c, self.now + self.connect_ns)
         try:
             res = self.resolver.lookup(host, port, (c.fd, c.serial))
@@ -1043,10 +1091,6 @@ cdef class Loop:
 
     cdef void connect_ready(self, Conn c):
         cdef int err = elb_socket_error(c.ufd)
-        cdef sockaddr_storage ss
-        cdef socklen_t slen = sizeof(ss)
-        if err == 0 and getpeername(c.ufd, <sockaddr *>&ss, &slen) < 0:
-            return  # a stale wake-up: still connecting
         if err != 0:
             c.last_err = err
             self.drop_upstream(c, False)
@@ -1063,9 +1107,9 @@ cdef class Loop:
         if c.ufd >= 0:
             self.fdmap[c.ufd] = None
             if reset:
-                elb_close_reset(c.ufd)
+                self.retire_fd(c.ufd, True)
             else:
-                close(c.ufd)
+                self.retire_fd(c.ufd, False)
             c.ufd = -1
             c.umask = -1
 
@@ -1161,13 +1205,13 @@ cdef class Loop:
             self.c_client_aborts += 1
             if c.ufd >= 0:
                 self.fdmap[c.ufd] = None
-                elb_close_reset(c.ufd)
+                self.retire_fd(c.ufd, True)
                 c.ufd = -1
         else:
             self.c_upstream_aborts += 1
             if c.fd >= 0:
                 self.fdmap[c.fd] = None
-                elb_close_reset(c.fd)
+                self.retire_fd(c.fd, True)
                 c.fd = -1
         self.close_conn(c, False)
 
@@ -1269,9 +1313,16 @@ cdef class Loop:
                 if k < n:
                     buf_append(&d.pend, self.iobuf + k, n - k)
                     return 0
+                if n < IO_CHUNK:
+                    # a short read emptied the socket: another recv would
+                    # only say EAGAIN; the level-triggered poll will call again
+                    return 0
         # 3. the source is done and everything reached dst: pass the FIN on
         if d.eof and not d.shut and not dir_pending(d):
-            shutdown(dst, SHUT_WR)
+            # the FIN travels on; when the other way is already finished the
+            # tunnel closes right after, and close() sends it for free
+            if not (c.down.shut if up else c.up.shut):
+                shutdown(dst, SHUT_WR)
             d.shut = True
             self.release_pipe(d)
         return 0
@@ -1330,7 +1381,7 @@ cdef class Loop:
                 return True
             self.c_pool_stale += 1
             self.fdmap[p.fd] = None
-            close(p.fd)
+            self.retire_fd(p.fd, False)
         return False
 
     cdef void pool_put(self, Conn c):
@@ -1365,7 +1416,7 @@ cdef class Loop:
                 pass
         if self.fdmap[p.fd] is p:
             self.fdmap[p.fd] = None
-            close(p.fd)
+            self.retire_fd(p.fd, False)
         p.deadline = 0
 
     cdef void begin_forward(self, Conn c):
@@ -1523,7 +1574,7 @@ cdef class Loop:
             c.uin.end += n
             if self.response_step(c) < 0:
                 return -1
-            if c.resp_done or buf_len(&c.cout):
+            if c.resp_done or buf_len(&c.cout) or n < IO_CHUNK:
                 return 0
         return 0
 
@@ -1678,9 +1729,9 @@ cdef class Loop:
         if c.fd >= 0:
             self.fdmap[c.fd] = None
             if reset:
-                elb_close_reset(c.fd)
+                self.retire_fd(c.fd, True)
             else:
-                close(c.fd)
+                self.retire_fd(c.fd, False)
             c.fd = -1
         self.drop_upstream(c, reset)
         self.release_pipe(&c.up)
@@ -1714,7 +1765,7 @@ cdef class Loop:
                 p = <Pooled>idle.pop(0)
                 if self.fdmap[p.fd] is p:
                     self.fdmap[p.fd] = None
-                    close(p.fd)
+                    self.retire_fd(p.fd, False)
             if not idle:
                 del self.pool[key]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -181,6 +182,18 @@ def test_no_fd_leak_after_10k_failing_connections(proxy, raw_origin, refused_por
     assert p.healthz()["version"] == p.version
 
 
+def _fd_kinds(p) -> collections.Counter[str]:
+    """What the proxy's fds point at, by kind (socket, pipe, anon_inode:[eventpoll], ...)."""
+    kinds: collections.Counter[str] = collections.Counter()
+    for fd in os.listdir(f"/proc/{p.pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{p.pid}/fd/{fd}")
+        except OSError:
+            continue
+        kinds[target.split(":[")[0] if target.startswith(("socket", "pipe")) else target] += 1
+    return kinds
+
+
 def test_fd_count_stable_after_tunnels_and_forwards(proxy, http_origin, tls_origin, client_ssl_ctx):
     """Successful traffic (pooled upstreams aside) returns the fd count to where it was."""
     import http.client
@@ -188,21 +201,40 @@ def test_fd_count_stable_after_tunnels_and_forwards(proxy, http_origin, tls_orig
     p = proxy("--keepalive-timeout", "1")
     hp = http_origin.hostport
 
-    def one_round() -> None:
-        conn = http.client.HTTPSConnection("127.0.0.1", p.port, context=client_ssl_ctx, timeout=10)
-        conn.set_tunnel("127.0.0.1", tls_origin.port)
-        conn.request("GET", "/hello")
-        assert conn.getresponse().read() == b"hello from origin"
-        conn.close()
-        resp, _ = origins.send_and_read(
-            p, f"GET http://{hp}/hello HTTP/1.1\r\nHost: {hp}\r\nConnection: close\r\n\r\n".encode()
-        )
-        assert resp.status == 200
+    def one_round(i: int) -> str | None:
+        step = "tunnel"
+        try:
+            conn = http.client.HTTPSConnection(
+                "127.0.0.1", p.port, context=client_ssl_ctx, timeout=10
+            )
+            conn.set_tunnel("127.0.0.1", tls_origin.port)
+            conn.request("GET", "/hello")
+            body = conn.getresponse().read()
+            conn.close()
+            if body != b"hello from origin":
+                return f"round {i}: tunnel body {body!r}"
+            step = "forward"
+            req = f"GET http://{hp}/hello HTTP/1.1\r\nHost: {hp}\r\nConnection: close\r\n\r\n"
+            resp, _ = origins.send_and_read(p, req.encode())
+            if resp.status != 200:
+                return f"round {i}: forward status {resp.status}: {resp.raw_head!r} {resp.body!r}"
+        except Exception as e:  # report every failing round, not just the first
+            return f"round {i}: {step} raised {type(e).__name__}: {e}"
+        return None
 
-    one_round()
+    assert one_round(-1) is None
     time.sleep(2.5)  # idle pooled upstream connections expire after the keep-alive timeout
     base = p.fd_count()
+    base_kinds = _fd_kinds(p)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(lambda _: one_round(), range(200)))
+        errors = [e for e in pool.map(one_round, range(200)) if e]
+    assert not errors, (
+        f"{len(errors)} of 200 rounds failed: {errors[:5]}\nstderr tail:\n"
+        + "".join(p.stderr_lines[-20:])
+    )
     time.sleep(2.5)
-    assert _settle_fds(p, base) <= base, (p.fd_count(), base)
+    after = _settle_fds(p, base)
+    assert after <= base, (
+        f"fds {after} vs {base} before; by kind now {dict(_fd_kinds(p))} vs {dict(base_kinds)}; "
+        f"healthz {p.healthz()}"
+    )

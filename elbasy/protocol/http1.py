@@ -44,6 +44,8 @@ class Framing(NamedTuple):
     hop_by_hop: bool  # a hop-by-hop header (or one named in Connection) is present
 
 
+_NO_FRAMING = Framing(frozenset(), (), (), False)
+
 _WATCHED = HOP_BY_HOP | {b"content-length", b"transfer-encoding"}
 
 
@@ -113,12 +115,16 @@ def parse_request_head(head: bytes) -> RequestHead:
         target = sink.url.decode("ascii")
     except UnicodeDecodeError:
         raise RemoteProtocolError("request target is not ASCII") from None
-    headers, framing = _headers(head, 400)
     version = parser.get_http_version()
     if version not in ("1.0", "1.1"):
         raise RemoteProtocolError(f"unsupported HTTP version {version}")
+    method = parser.get_method().decode("ascii")
+    if method == "CONNECT":
+        # llhttp checked the headers; a tunnel needs none of them (yet)
+        return RequestHead(method, target, version, [], False, _NO_FRAMING)
+    headers, framing = _headers(head, 400)
     return RequestHead(
-        method=parser.get_method().decode("ascii"),
+        method=method,
         target=target,
         version=version,
         headers=headers,

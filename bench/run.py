@@ -1,0 +1,1611 @@
+#!/usr/bin/env python3
+"""Load benchmark: elbasy side by side with its peers, on loopback.
+
+One run starts local nginx origins (plain HTTP and HTTPS, a 100-byte object
+and a bulk object), HAProxy as a TCP relay in front of the HTTPS origin, and
+the proxies (elbasy, squid, tinyproxy, proxy.py, mitmproxy), then measures,
+in alternating order over several repeats:
+
+  plain        hey, keep-alive, plain HTTP forwarded through the proxy
+  connect      hey, keep-alive, HTTPS through a CONNECT tunnel
+  connect-new  hey -disable-keepalive: a new tunnel (and TLS handshake) per request
+  bulk         curl, one large object over HTTPS through a CONNECT tunnel
+  idle         process memory per idle CONNECT tunnel (RSS of the process tree)
+
+"direct" (no proxy) and "haproxy" (the client talks TLS to HAProxy, which
+relays bytes to the origin: a user-space hop without CONNECT) are measured in
+the same rotation as reference points.  The script prints one markdown table
+with medians, ranges and elbasy/peer ratios, then the targets from DESIGN §8
+with PASS/MISS, the machine and the command line.
+
+Python standard library only; the load generators are hey and curl.  Every
+traffic source is bounded in time (hey -z, curl --max-time, deadlines in the
+idle-tunnel loop) and in count (--idle-tunnels), and talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+VENVS_DIR = BENCH_DIR / ".venvs"
+RESULTS_DIR = BENCH_DIR / "results"
+
+LOOPBACK = "127.0.0.1"
+APT_PACKAGES = ["hey", "squid", "tinyproxy", "haproxy", "nginx", "curl", "openssl"]
+# Pinned so runs on different days compare like with like.
+PIP_PEERS = {
+    "proxy.py": ("proxy.py==2.4.10", "proxy"),
+    "mitmproxy": ("mitmproxy==11.0.2", "mitmdump"),
+}
+
+PROXIES = ["elbasy", "squid", "tinyproxy", "proxy.py", "mitmproxy"]
+BASELINES = ["direct", "haproxy"]
+ALL_TARGETS = ["direct", "haproxy"] + PROXIES
+
+CELLS = ["plain", "connect", "connect-new", "bulk", "idle"]
+CELL_TITLES = {
+    "plain": "plain HTTP keep-alive (req/s)",
+    "connect": "CONNECT keep-alive (req/s)",
+    "connect-new": "CONNECT new tunnel/req (req/s)",
+    "bulk": "CONNECT bulk (GB/s)",
+    "idle": "idle tunnel (KiB each)",
+}
+# Which targets each cell applies to.  HAProxy relays the TLS origin only.
+CELL_TARGETS = {
+    "plain": ["direct"] + PROXIES,
+    "connect": ALL_TARGETS,
+    "connect-new": ALL_TARGETS,
+    "bulk": ALL_TARGETS,
+    "idle": ["haproxy"] + PROXIES,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def loud(msg: str) -> None:
+    bar = "!" * 72
+    print(f"\n{bar}\n[bench] {msg}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# small helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def run(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def first_line(cmd: list[str]) -> str:
+    try:
+        p = run(cmd, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"? ({e})"
+    out = (p.stdout or p.stderr).strip().splitlines()
+    return out[0].strip() if out else "?"
+
+
+def parse_duration(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s|m)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r} (e.g. 5s, 500ms, 1m)")
+    value = float(m.group(1))
+    unit = m.group(2) or "s"
+    return value / 1000 if unit == "ms" else value * 60 if unit == "m" else value
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMG]i?B?|B)?\s*", text, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 1GiB, 256MiB)")
+    mult = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    unit = (m.group(2) or "").lower()[:1]
+    return int(float(m.group(1)) * mult[unit])
+
+
+def human_size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n}B"
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+# --------------------------------------------------------------------------
+# process-tree memory
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # comm may hold spaces and parentheses: the fields start after the last ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def tree_pids(root: int) -> list[int]:
+    kids = _children_map()
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def tree_cpu_s(root: int) -> float:
+    """User + system CPU seconds of a process tree (threads included)."""
+    ticks = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks / CLK_TCK
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_rss_kib(root: int) -> int:
+    return sum(rss_kib(p) for p in tree_pids(root))
+
+
+# --------------------------------------------------------------------------
+# install
+
+
+def apt_install(packages: list[str]) -> None:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    log(f"apt-get install {' '.join(packages)}")
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        log("apt-get install failed; running apt-get update once and retrying")
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=900)
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if p.returncode != 0:
+            loud("apt-get install failed:\n" + p.stderr[-2000:])
+
+
+def venv_bin(name: str) -> Path:
+    return VENVS_DIR / name / "bin" / PIP_PEERS[name][1]
+
+
+def install(skip: bool) -> None:
+    if skip:
+        return
+    binaries = {
+        "hey": "hey",
+        "squid": "squid",
+        "tinyproxy": "tinyproxy",
+        "haproxy": "haproxy",
+        "nginx": "nginx",
+        "curl": "curl",
+        "openssl": "openssl",
+    }
+    missing = [pkg for pkg, exe in binaries.items() if not shutil.which(exe, path=_sbin_path())]
+    if missing:
+        apt_install(missing)
+    for name, (spec, _exe) in PIP_PEERS.items():
+        if venv_bin(name).exists():
+            continue
+        venv = VENVS_DIR / name
+        log(f"creating venv {venv} and installing {spec}")
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "venv", str(venv)],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+            subprocess.run(
+                [str(venv / "bin" / "pip"), "install", "-q", spec],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            out = getattr(e, "stderr", "") or ""
+            loud(f"pip install {spec} failed: {e}\n{str(out)[-2000:]}")
+
+
+def _sbin_path() -> str:
+    return os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+
+
+def which(exe: str) -> str | None:
+    return shutil.which(exe, path=_sbin_path())
+
+
+# --------------------------------------------------------------------------
+# processes we start
+
+
+class Proc:
+    """A child in its own session, so that stopping it takes its helpers too."""
+
+    def __init__(self, name: str, cmd: list[str], workdir: Path, env: dict | None = None):
+        self.name = name
+        self.cmd = cmd
+        self.logpath = workdir / f"{name}.log"
+        self._logf = open(self.logpath, "wb")
+        self.popen = subprocess.Popen(
+            cmd,
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            lines = self.logpath.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def stop(self) -> None:
+        # Helpers may start their own session (squid's pinger does), which
+        # takes them out of our process group: note the whole tree first.
+        tree = (
+            [(pid, _start_time(pid)) for pid in tree_pids(self.pid)]
+            if self.popen.poll() is None
+            else []
+        )
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.popen.wait(timeout=5)
+        else:
+            # The leader is gone; make sure nothing it forked lingers.
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid, started in tree[1:]:
+            if _start_time(pid) != started:
+                continue  # gone (and the pid perhaps reused): not ours to touch
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._logf.close()
+
+
+STARTED: list[Proc] = []
+
+
+def start(name: str, cmd: list[str], workdir: Path, env: dict | None = None) -> Proc:
+    p = Proc(name, cmd, workdir, env)
+    STARTED.append(p)
+    return p
+
+
+def stop_all() -> None:
+    while STARTED:
+        STARTED.pop().stop()
+
+
+# --------------------------------------------------------------------------
+# origins
+
+
+@dataclass
+class Origins:
+    plain_port: int
+    tls_port: int
+    bulk_path: str
+    bulk_size: int
+    proc: Proc
+
+    @property
+    def plain_small(self) -> str:
+        return f"http://{LOOPBACK}:{self.plain_port}/100b"
+
+    @property
+    def tls_small(self) -> str:
+        return f"https://{LOOPBACK}:{self.tls_port}/100b"
+
+    @property
+    def tls_bulk(self) -> str:
+        return f"https://{LOOPBACK}:{self.tls_port}{self.bulk_path}"
+
+
+def make_cert(workdir: Path) -> tuple[Path, Path]:
+    key, crt = workdir / "origin.key", workdir / "origin.crt"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return key, crt
+
+
+def start_origins(workdir: Path, bulk_size: int) -> Origins:
+    www = workdir / "www"
+    www.mkdir()
+    (www / "100b").write_bytes(b"elbasy bench object: 100 bytes".ljust(99, b".") + b"\n")
+    bulk_name = f"bulk-{human_size(bulk_size)}"
+    with open(www / bulk_name, "wb") as f:
+        f.truncate(bulk_size)  # sparse: costs no disk, reads as zeros
+    key, crt = make_cert(workdir)
+    plain_port, tls_port = free_port(), free_port()
+    ngx = workdir / "nginx"
+    ngx.mkdir()
+    conf = ngx / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+master_process on;
+user root;
+pid {ngx}/nginx.pid;
+error_log {ngx}/error.log crit;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 600s;
+    keepalive_requests 100000000;
+    client_header_timeout 600s;
+    client_body_temp_path {ngx}/body;
+    proxy_temp_path {ngx}/proxy;
+    fastcgi_temp_path {ngx}/fastcgi;
+    uwsgi_temp_path {ngx}/uwsgi;
+    scgi_temp_path {ngx}/scgi;
+    root {www};
+    server {{
+        listen {LOOPBACK}:{plain_port} backlog=4096;
+    }}
+    server {{
+        listen {LOOPBACK}:{tls_port} ssl backlog=4096;
+        ssl_certificate {crt};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+    }}
+}}
+""")
+    proc = start(
+        "nginx-origin", [which("nginx") or "nginx", "-c", str(conf), "-p", str(ngx)], workdir
+    )
+    deadline = time.monotonic() + 15
+    if not (wait_port(plain_port, deadline) and wait_port(tls_port, deadline)):
+        raise SystemExit(f"nginx origin did not start:\n{proc.log_tail()}")
+    return Origins(plain_port, tls_port, "/" + bulk_name, bulk_size, proc)
+
+
+# --------------------------------------------------------------------------
+# peers
+
+
+@dataclass
+class Peer:
+    name: str
+    procs: list[Proc] = field(default_factory=list)
+    connect_port: int = 0  # CONNECT (and for haproxy: the TLS relay port)
+    plain_port: int = 0  # absolute-form plain HTTP
+    mem_proc: Proc | None = None  # whose process tree holds the idle tunnels
+    failed: str = ""  # why the peer is out, if it is
+    version: str = ""
+    notes: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def check_alive(self) -> bool:
+        for p in self.procs:
+            if not p.alive():
+                self.fail(f"{p.name} exited with code {p.popen.returncode}:\n{p.log_tail()}")
+                return False
+        return self.ok
+
+    def cpu_s(self) -> float:
+        return sum(tree_cpu_s(p.pid) for p in self.procs if p.alive())
+
+    def fail(self, why: str) -> None:
+        if not self.failed:
+            lines = [ln.strip() for ln in why.splitlines() if ln.strip()] or ["failed"]
+            self.failed = lines[0] + (f" … {lines[-1]}" if len(lines) > 1 else "")
+            loud(f"peer {self.name} is out: {why}")
+        for p in self.procs:
+            p.stop()
+            if p in STARTED:
+                STARTED.remove(p)
+
+
+def start_elbasy(peer: Peer, workdir: Path, python: str) -> None:
+    chk = run(
+        [python, "-c", "import elbasy._loop, elbasy; print(getattr(elbasy, '__version__', '?'))"],
+        timeout=60,
+        cwd=workdir,
+    )
+    if chk.returncode != 0:
+        err = (chk.stderr.strip().splitlines() or ["?"])[-1]
+        peer.fail(
+            f"elbasy is not importable with {python} ({err}); "
+            f"build it with `pip install -e {REPO_DIR}`"
+        )
+        return
+    peer.version = "elbasy " + chk.stdout.strip()
+    cmd = [python, "-m", "elbasy", "--listen", f"{LOOPBACK}:0", "--log-level", "warning"]
+    proc = start("elbasy", cmd, workdir)
+    peer.procs = [proc]
+    peer.mem_proc = proc
+    peer.notes = "defaults, --log-level warning (one process, one event loop)"
+    deadline = time.monotonic() + 20
+    pat = re.compile(r"elbasy (\S+) listening on ([0-9.]+):(\d+)")
+    while time.monotonic() < deadline and proc.alive():
+        m = pat.search(proc.logpath.read_text(errors="replace"))
+        if m:
+            peer.version = f"elbasy {m.group(1)}"
+            peer.connect_port = peer.plain_port = int(m.group(3))
+            return
+        time.sleep(0.1)
+    peer.fail(f"elbasy printed no 'listening on' line within 20 s:\n{proc.log_tail()}")
+
+
+def start_squid(peer: Peer, workdir: Path) -> None:
+    exe = which("squid")
+    if not exe:
+        peer.fail("squid not installed")
+        return
+    d = workdir / "squid"
+    d.mkdir(mode=0o777)
+    os.chmod(d, 0o777)  # squid drops to the 'proxy' user after reading its config
+    port = free_port()
+    conf = d / "squid.conf"
+    conf.write_text(f"""
+http_port {LOOPBACK}:{port}
+http_access allow all
+workers 1
+cache deny all
+cache_mem 0 MB
+access_log none
+cache_store_log none
+cache_log {d}/cache.log
+logfile_rotate 0
+debug_options ALL,0
+pid_filename {d}/squid.pid
+coredump_dir {d}
+netdb_filename none
+pinger_enable off
+max_filedescriptors 20000
+shutdown_lifetime 0 seconds
+via off
+forwarded_for delete
+client_persistent_connections on
+server_persistent_connections on
+""")
+    proc = start("squid", [exe, "-N", "-f", str(conf)], workdir)
+    peer.procs, peer.mem_proc = [proc], proc
+    peer.connect_port = peer.plain_port = port
+    peer.version = first_line([exe, "-v"])
+    peer.notes = "workers 1, no cache (cache deny all, cache_mem 0), access_log none"
+
+
+def start_tinyproxy(peer: Peer, workdir: Path) -> None:
+    exe = which("tinyproxy")
+    if not exe:
+        peer.fail("tinyproxy not installed")
+        return
+    d = workdir / "tinyproxy"
+    d.mkdir()
+    os.chmod(d, 0o777)  # it runs as nobody
+    port = free_port()
+    conf = d / "tinyproxy.conf"
+    conf.write_text(f"""
+User nobody
+Group nogroup
+Port {port}
+Listen {LOOPBACK}
+Timeout 600
+MaxClients 12000
+LogLevel Critical
+LogFile "{d}/tinyproxy.log"
+DisableViaHeader Yes
+""")
+    proc = start("tinyproxy", [exe, "-d", "-c", str(conf)], workdir)
+    peer.procs, peer.mem_proc = [proc], proc
+    peer.connect_port = peer.plain_port = port
+    peer.version = first_line([exe, "-v"])
+    peer.notes = "thread per connection (its only model), MaxClients 12000, LogLevel Critical"
+
+
+def start_proxypy(peer: Peer, workdir: Path) -> None:
+    exe = venv_bin("proxy.py")
+    if not exe.exists():
+        peer.fail(f"proxy.py not installed ({exe} missing)")
+        return
+    port = free_port()
+    cmd = [
+        str(exe),
+        "--hostname",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--num-acceptors",
+        "1",
+        "--num-workers",
+        "1",
+        "--threadless",
+        "--timeout",
+        "600",
+        "--open-file-limit",
+        "20000",
+        "--log-level",
+        "WARNING",
+    ]
+    proc = start("proxy.py", cmd, workdir)
+    peer.procs, peer.mem_proc = [proc], proc
+    peer.connect_port = peer.plain_port = port
+    ver = run(
+        [
+            str(exe.parent / "python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('proxy.py'))",
+        ],
+        timeout=60,
+    )
+    peer.version = f"proxy.py {ver.stdout.strip()}"
+    peer.notes = "--threadless --num-acceptors 1 --num-workers 1, --timeout 600"
+
+
+def start_mitmproxy(peer: Peer, workdir: Path) -> None:
+    exe = venv_bin("mitmproxy")
+    if not exe.exists():
+        peer.fail(f"mitmproxy not installed ({exe} missing)")
+        return
+    confdir = workdir / "mitmproxy"
+    confdir.mkdir()
+    common = [
+        str(exe),
+        "--listen-host",
+        LOOPBACK,
+        "-q",
+        "--set",
+        f"confdir={confdir}",
+        "--set",
+        "termlog_verbosity=error",
+    ]
+    # Passthrough instance for CONNECT cells: every host ignored, so it
+    # tunnels bytes instead of intercepting TLS.  A second, ordinary instance
+    # forwards plain HTTP.
+    cport, pport = free_port(), free_port()
+    tun = start("mitmproxy-tunnel", common + ["-p", str(cport), "--ignore-hosts", ".*"], workdir)
+    fwd = start("mitmproxy-plain", common + ["-p", str(pport)], workdir)
+    peer.procs, peer.mem_proc = [tun, fwd], tun
+    peer.connect_port, peer.plain_port = cport, pport
+    peer.version = first_line([str(exe), "--version"])
+    peer.notes = (
+        "mitmdump -q; CONNECT cells on an --ignore-hosts '.*' (passthrough) instance, "
+        "plain HTTP on a default one"
+    )
+
+
+def start_haproxy(peer: Peer, workdir: Path, origins: Origins) -> None:
+    exe = which("haproxy")
+    if not exe:
+        peer.fail("haproxy not installed")
+        return
+    d = workdir / "haproxy"
+    d.mkdir()
+    port = free_port()
+    # HAProxy refuses to start when maxconn needs more fds than the hard limit
+    # (about 2 per connection plus a reserve).
+    maxconn = max(1000, min(20000, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 5000) // 2))
+    conf = d / "haproxy.cfg"
+    conf.write_text(f"""
+global
+    nbthread 1
+    maxconn {maxconn}
+defaults
+    mode tcp
+    option splice-auto
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+frontend relay
+    bind {LOOPBACK}:{port}
+    default_backend origin
+backend origin
+    server tls {LOOPBACK}:{origins.tls_port}
+""")
+    proc = start("haproxy", [exe, "-db", "-f", str(conf)], workdir)
+    peer.procs, peer.mem_proc = [proc], proc
+    peer.connect_port = port
+    peer.version = first_line([exe, "-v"])
+    peer.notes = "mode tcp, option splice-auto, nbthread 1; the client speaks TLS to it, no CONNECT"
+
+
+def probe(peer: Peer, origins: Origins) -> None:
+    """Wait for the peer to listen, then push one request through each path it serves."""
+    if not peer.ok:
+        return
+    deadline = time.monotonic() + 30
+    ports = {peer.connect_port, peer.plain_port} - {0}
+    for port in ports:
+        if not wait_port(port, deadline):
+            peer.check_alive()
+            tails = "\n".join(p.log_tail() for p in peer.procs)
+            peer.fail(f"not listening on port {port} after 30 s:\n{tails}")
+            return
+    checks = []
+    if peer.name == "haproxy":
+        checks.append(["curl", "-k", f"https://{LOOPBACK}:{peer.connect_port}/100b"])
+    else:
+        checks.append(
+            ["curl", "-k", "-x", f"http://{LOOPBACK}:{peer.connect_port}", origins.tls_small]
+        )
+        checks.append(["curl", "-x", f"http://{LOOPBACK}:{peer.plain_port}", origins.plain_small])
+    for cmd in checks:
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                p = run(
+                    cmd[:1]
+                    + ["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"]
+                    + cmd[1:],
+                    timeout=10,
+                )
+                last = f"exit {p.returncode}, HTTP {p.stdout.strip()} {p.stderr.strip()}"
+                if p.stdout.strip() == "200":
+                    break
+            except subprocess.TimeoutExpired:
+                last = "curl timed out"
+            time.sleep(0.3)
+        else:
+            tails = "\n".join(p.log_tail() for p in peer.procs)
+            peer.fail(f"probe `{' '.join(cmd)}` failed ({last}):\n{tails}")
+            return
+
+
+def start_peers(names: list[str], workdir: Path, origins: Origins, args) -> dict[str, Peer]:
+    peers: dict[str, Peer] = {}
+    for name in names:
+        peer = Peer(name)
+        peers[name] = peer
+        if name == "direct":
+            peer.version = "no proxy"
+            peer.notes = "hey/curl straight to the nginx origin"
+            continue
+        log(f"starting {name}")
+        try:
+            if name == "elbasy":
+                start_elbasy(peer, workdir, args.elbasy_python)
+            elif name == "squid":
+                start_squid(peer, workdir)
+            elif name == "tinyproxy":
+                start_tinyproxy(peer, workdir)
+            elif name == "proxy.py":
+                start_proxypy(peer, workdir)
+            elif name == "mitmproxy":
+                start_mitmproxy(peer, workdir)
+            elif name == "haproxy":
+                start_haproxy(peer, workdir, origins)
+            probe(peer, origins)
+        except Exception as e:  # a peer that cannot start must not sink the run
+            peer.fail(f"could not start: {e!r}")
+        if peer.ok:
+            log(f"{name} ready ({peer.version})")
+    return peers
+
+
+# --------------------------------------------------------------------------
+# measurements
+
+HEY_FLOAT = r"([0-9.]+|NaN)"
+
+
+def parse_hey(out: str) -> dict:
+    res: dict = {}
+    m = re.search(r"Total:\s+" + HEY_FLOAT + " secs", out)
+    res["total_s"] = float(m.group(1)) if m else None
+    m = re.search(r"Requests/sec:\s+" + HEY_FLOAT, out)
+    res["hey_rps"] = float(m.group(1)) if m else None
+    res["latency"] = {
+        f"p{pct}": float(v) for pct, v in re.findall(r"^\s+(\d+)% in ([0-9.]+) secs", out, re.M)
+    }
+    codes = {int(c): int(n) for c, n in re.findall(r"^\s+\[(\d{3})\]\s+(\d+) responses", out, re.M)}
+    res["status"] = codes
+    errs = 0
+    m = re.search(r"Error distribution:\n(.*)", out, re.S)
+    samples = []
+    if m:
+        for n, text in re.findall(r"^\s+\[(\d+)\]\s+(.*)$", m.group(1), re.M):
+            errs += int(n)
+            if len(samples) < 3:
+                samples.append(text[:200])
+    ok = sum(n for c, n in codes.items() if 200 <= c < 300)
+    res["ok"] = ok
+    res["errors"] = errs + sum(n for c, n in codes.items() if not 200 <= c < 300)
+    res["error_samples"] = samples
+    # Count only good answers: hey's Requests/sec includes failures, which can be fast.
+    res["value"] = ok / res["total_s"] if res["total_s"] else 0.0
+    return res
+
+
+def hey_cell(cell: str, target: Peer, origins: Origins, args) -> dict:
+    cmd = ["hey", "-z", f"{args.duration}s", "-c", str(args.concurrency), "-t", "10"]
+    if cell == "connect-new":
+        cmd.append("-disable-keepalive")
+    if target.name == "haproxy":
+        url = f"https://{LOOPBACK}:{target.connect_port}/100b"
+    elif cell == "plain":
+        url = origins.plain_small
+        if target.name != "direct":
+            cmd += ["-x", f"http://{LOOPBACK}:{target.plain_port}"]
+    else:
+        url = origins.tls_small
+        if target.name != "direct":
+            cmd += ["-x", f"http://{LOOPBACK}:{target.connect_port}"]
+    cmd.append(url)
+    try:
+        p = run(cmd, timeout=args.duration + 40)
+    except subprocess.TimeoutExpired:
+        return {
+            "value": 0.0,
+            "errors": 1,
+            "error_samples": ["hey did not finish in time"],
+            "cmd": cmd,
+        }
+    res = parse_hey(p.stdout)
+    res["cmd"] = cmd
+    if not res["ok"]:
+        res["errors"] = max(res["errors"], 1)
+        res["error_samples"].append(
+            f"no 2xx at all (hey exit {p.returncode}): {p.stderr.strip()[:200]}"
+        )
+    return res
+
+
+def bulk_cell(target: Peer, origins: Origins, args) -> dict:
+    cmd = [
+        "curl",
+        "-s",
+        "-k",
+        "--http1.1",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        str(args.bulk_timeout),
+        "-w",
+        "%{http_code} %{size_download} %{speed_download} %{time_total}",
+    ]
+    if target.name == "haproxy":
+        url = f"https://{LOOPBACK}:{target.connect_port}{origins.bulk_path}"
+    else:
+        url = origins.tls_bulk
+        if target.name != "direct":
+            cmd += ["-x", f"http://{LOOPBACK}:{target.connect_port}"]
+    cmd.append(url)
+    try:
+        p = run(cmd, timeout=args.bulk_timeout + 20)
+    except subprocess.TimeoutExpired:
+        return {
+            "value": 0.0,
+            "errors": 1,
+            "error_samples": ["curl did not finish in time"],
+            "cmd": cmd,
+        }
+    parts = p.stdout.split()
+    res: dict = {"cmd": cmd, "errors": 0, "error_samples": []}
+    try:
+        code, size, speed, total = parts[0], int(float(parts[1])), float(parts[2]), float(parts[3])
+    except (IndexError, ValueError):
+        code, size, speed, total = "?", 0, 0.0, 0.0
+    res.update(http_code=code, bytes=size, time_s=total, value=speed / 1e9)
+    if p.returncode != 0 or code != "200" or size != origins.bulk_size:
+        res["errors"] = 1
+        res["error_samples"].append(
+            f"curl exit {p.returncode}, HTTP {code}, {size} of {origins.bulk_size} bytes"
+        )
+    return res
+
+
+def _recv_head(sock: socket.socket, limit: int = 8192) -> bytes:
+    buf = b""
+    while b"\r\n\r\n" not in buf and len(buf) < limit:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def idle_cell(target: Peer, origins: Origins, args) -> dict:
+    """Hold N idle tunnels open through the peer and weigh its process tree."""
+    n = args.idle_tunnels
+    root = target.mem_proc.pid
+    deadline = time.monotonic() + args.idle_timeout
+    connect_req = (
+        f"CONNECT {LOOPBACK}:{origins.tls_port} HTTP/1.1\r\n"
+        f"Host: {LOOPBACK}:{origins.tls_port}\r\n\r\n"
+    ).encode()
+    relay = target.name == "haproxy"
+    tls_ctx = None
+    if args.idle_tls:
+        tls_ctx = ssl.create_default_context()
+        tls_ctx.check_hostname = False
+        tls_ctx.verify_mode = ssl.CERT_NONE
+
+    def open_batch(count: int) -> tuple[list[socket.socket], int, list[str]]:
+        socks, bad, samples = [], 0, []
+        pending = []
+        for _ in range(count):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                s = socket.create_connection((LOOPBACK, target.connect_port), timeout=min(10, left))
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if not relay:
+                    s.sendall(connect_req)
+                pending.append(s)
+            except OSError as e:
+                bad += 1
+                if len(samples) < 3:
+                    samples.append(f"connect: {e}")
+        for s in pending:
+            try:
+                # Every read is bounded by the cell's deadline too.
+                s.settimeout(max(0.05, min(10, deadline - time.monotonic())))
+                if not relay:
+                    head = _recv_head(s)
+                    if not re.match(rb"HTTP/1\.[01] 200", head):
+                        raise OSError(f"CONNECT answered {head[:60]!r}")
+                if tls_ctx is not None:
+                    # Do one TLS handshake with the origin through the tunnel, then idle:
+                    # what a pooled HTTPS connection looks like to the proxy.
+                    t = tls_ctx.wrap_socket(s, server_hostname="localhost")
+                    s = t
+                socks.append(s)
+            except OSError as e:
+                bad += 1
+                if len(samples) < 3:
+                    samples.append(str(e)[:200])
+                s.close()
+        return socks, bad, samples
+
+    # Warm up the paths (lazy allocations, worker spawn), then take the baseline.
+    warm, _, _ = open_batch(20)
+    for s in warm:
+        s.close()
+    time.sleep(1.0)
+    before = tree_rss_kib(root)
+    held: list[socket.socket] = []
+    failures, samples = 0, []
+    try:
+        while len(held) < n and time.monotonic() < deadline and failures < 50:
+            socks, bad, smp = open_batch(min(100, n - len(held)))
+            held += socks
+            failures += bad
+            samples += smp[: max(0, 3 - len(samples))]
+        time.sleep(2.0)  # let the proxy settle
+        after = tree_rss_kib(root)
+        # How many are still open (the proxy might have dropped some)?
+        still = 0
+        for s in held:
+            try:
+                s.setblocking(False)
+                data = (
+                    s.recv(1, socket.MSG_PEEK)
+                    if not isinstance(s, ssl.SSLSocket)
+                    else socket.socket.recv(s, 1, socket.MSG_PEEK)
+                )
+                if data:
+                    still += 1
+            except (BlockingIOError, ssl.SSLWantReadError):
+                still += 1
+            except OSError:
+                pass
+    finally:
+        for s in held:
+            try:
+                s.close()
+            except OSError:
+                pass
+    opened = len(held)
+    per = (after - before) / opened if opened else 0.0
+    res = {
+        "value": per,
+        "tunnels_requested": n,
+        "tunnels_opened": opened,
+        "tunnels_held": still,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "errors": failures + (opened - still),
+        "error_samples": samples,
+    }
+    if opened < n:
+        res["error_samples"].append(f"opened only {opened} of {n} tunnels")
+        res["errors"] = max(res["errors"], 1)
+    if opened != still:
+        res["error_samples"].append(
+            f"{opened - still} tunnels closed by the peer before the measure"
+        )
+    time.sleep(1.0)
+    return res
+
+
+# --------------------------------------------------------------------------
+# reporting
+
+
+def fmt_value(cell: str, v: float) -> str:
+    if cell == "bulk":
+        return f"{v:.2f}"
+    if cell == "idle":
+        return f"{v:.1f}"
+    if v >= 10000:
+        return f"{v / 1000:.1f}k"
+    if v >= 1000:
+        return f"{v / 1000:.2f}k"
+    return f"{v:.0f}"
+
+
+def summarize(runs: list[dict]) -> dict | None:
+    if not runs:
+        return None
+    vals = [r["value"] for r in runs]
+    return {
+        "median": statistics.median(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "n": len(vals),
+        "errors": sum(r.get("errors", 0) for r in runs),
+        "cpu_per_unit": _median_or_none([_cpu_per_unit(r) for r in runs]),
+        "p50_ms": [
+            round(r["latency"]["p50"] * 1000, 2)
+            for r in runs
+            if r.get("latency", {}).get("p50") is not None
+        ],
+    }
+
+
+def _cpu_per_unit(r: dict) -> float | None:
+    """Proxy CPU per request (µs) for hey cells, per GB (s) for bulk."""
+    cpu = r.get("proxy_cpu_s")
+    if cpu is None:
+        return None
+    if "bytes" in r:
+        return cpu / (r["bytes"] / 1e9) if r.get("bytes") else None
+    return cpu / r["ok"] * 1e6 if r.get("ok") else None
+
+
+def _median_or_none(vals: list) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def cell_text(cell: str, s: dict | None, ref: dict | None, is_elbasy: bool) -> str:
+    if s is None:
+        return "—"
+    txt = fmt_value(cell, s["median"])
+    if s["n"] > 1:
+        txt += f" [{fmt_value(cell, s['min'])}–{fmt_value(cell, s['max'])}]"
+    if s["errors"]:
+        txt += f" **{s['errors']} err**"
+    if cell != "idle" and ref is not None and not is_elbasy and s["median"] > 0:
+        txt += f" ×{ref['median'] / s['median']:.2f}"
+    return txt
+
+
+TARGET_LINES = [
+    # (label, cell, reference peers (max of), required ratio, direction)
+    (
+        "CONNECT keep-alive ≥ 0.9× max(HAProxy relay, tinyproxy)",
+        "connect",
+        ["haproxy", "tinyproxy"],
+        0.9,
+        "ratio",
+    ),
+    ("tunnel bulk ≥ 1.0× HAProxy relay", "bulk", ["haproxy"], 1.0, "ratio"),
+    ("new tunnels/s ≥ 1.0× HAProxy relay", "connect-new", ["haproxy"], 1.0, "ratio"),
+    ("plain HTTP forward ≥ 1.5× squid", "plain", ["squid"], 1.5, "ratio"),
+    ("≤ 2 KiB per idle tunnel", "idle", [], 2.0, "max"),
+]
+
+
+def target_rows(summary: dict) -> list[list[str]]:
+    rows = []
+    for label, cell, refs, need, kind in TARGET_LINES:
+        el = summary.get(cell, {}).get("elbasy")
+        if el is None:
+            rows.append([label, "not measured", "", "", "", "n/a"])
+            continue
+        if kind == "max":
+            ok = el["median"] <= need
+            result = "PASS" if ok else "MISS"
+            if el["errors"]:
+                result = "MISS (elbasy errors)"
+            rows.append([label, f"{el['median']:.2f} KiB", "—", "—", f"≤ {need}", result])
+            continue
+        cands = [(r, summary.get(cell, {}).get(r)) for r in refs]
+        cands = [(r, s) for r, s in cands if s is not None and s["median"] > 0]
+        if not cands:
+            rows.append(
+                [
+                    label,
+                    fmt_value(cell, el["median"]),
+                    "reference not measured",
+                    "",
+                    f"≥ {need}",
+                    "n/a",
+                ]
+            )
+            continue
+        rname, rs = max(cands, key=lambda c: c[1]["median"])
+        ratio = el["median"] / rs["median"]
+        result = "PASS" if ratio >= need else "MISS"
+        if el["errors"]:
+            result = "MISS (elbasy errors)"
+        rows.append(
+            [
+                label,
+                fmt_value(cell, el["median"]),
+                f"{rname} {fmt_value(cell, rs['median'])}",
+                f"{ratio:.2f}",
+                f"≥ {need}",
+                result,
+            ]
+        )
+    return rows
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def machine_info(peers: dict[str, Peer]) -> list[str]:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        debian = Path("/etc/debian_version").read_text().strip()
+    except OSError:
+        debian = "?"
+    mem = "?"
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1048576:.1f} GiB"
+    except OSError:
+        pass
+    curl_version = " ".join(first_line(["curl", "--version"]).split()[:2])
+    lines = [
+        f"- CPUs {LOADAVG.get('busy', '?')} busy just before the run; load average at start "
+        f"{LOADAVG.get('start', '?')}, at end {_loadavg()} "
+        "(client, proxies and origin share the cores; anything else running skews "
+        "absolute figures)",
+        f"- machine: {os.cpu_count()} cores ({cpu}), {mem} RAM, Linux {platform.release()}, "
+        f"Debian {debian}, "
+        f"Python {platform.python_version()}",
+        f"- load tools: hey {_dpkg_version('hey')}, {curl_version}, "
+        f"{first_line(['openssl', 'version'])}",
+        f"- origin: {first_line([which('nginx') or 'nginx', '-v'])} "
+        "(1 worker, TLS with a P-256 self-signed cert)",
+    ]
+    for name, p in peers.items():
+        state = f"**out: {p.failed}**" if p.failed else p.notes
+        lines.append(f"- {name}: {p.version or '?'} — {state}")
+    return lines
+
+
+LOADAVG: dict[str, str] = {}
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def cpu_busy(seconds: float) -> float:
+    """Fraction of all CPUs busy (not idle, not iowait) over a short sample."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return 1 - (i1 - i0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def _dpkg_version(pkg: str) -> str:
+    try:
+        p = run(["dpkg-query", "-W", "-f", "${Version}", pkg], timeout=20)
+        return p.stdout.strip() or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def render(
+    results: dict, peers: dict[str, Peer], cells: list[str], args, started: str
+) -> tuple[str, dict]:
+    summary = {
+        cell: {
+            t: summarize(results[cell].get(t, []))
+            for t in CELL_TARGETS[cell]
+            if results[cell].get(t)
+        }
+        for cell in cells
+    }
+    rows = []
+    for name in ALL_TARGETS:
+        if name not in peers:
+            continue
+        label = {"direct": "direct (no proxy)", "haproxy": "HAProxy TCP relay"}.get(name, name)
+        if peers[name].failed:
+            label += " (out)"
+        row = [label]
+        for cell in cells:
+            if name not in CELL_TARGETS[cell]:
+                row.append("n/a")
+                continue
+            s = summary[cell].get(name)
+            row.append(cell_text(cell, s, summary[cell].get("elbasy"), name == "elbasy"))
+        rows.append(row)
+    out = []
+    out.append(f"## elbasy load benchmark, {started}")
+    out.append("")
+    out.append(
+        f"median [min–max] over {args.repeats} repeat(s), peers rotated each repeat; "
+        f"hey -c {args.concurrency} -z {args.duration:g}s; "
+        f"bulk = {human_size(args.bulk_size)} via curl; "
+        f"idle = RSS growth of the process tree / {args.idle_tunnels} tunnels"
+        f"{' (one TLS handshake through each)' if args.idle_tls else ''}. "
+        f"×R = elbasy median / that peer's median (>1: elbasy faster)."
+    )
+    out.append("")
+    out.append(md_table(["peer"] + [CELL_TITLES[c] for c in cells], rows))
+    out.append("")
+    out.append("### Targets (DESIGN §8, medians from this run)")
+    out.append("")
+    out.append(
+        md_table(
+            ["target", "elbasy", "reference", "ratio", "needed", "result"], target_rows(summary)
+        )
+    )
+    out.append("")
+    hey_cells = [c for c in cells if c in ("plain", "connect", "connect-new")]
+    if hey_cells:
+        out.append("### hey p50 latency per repeat (ms): a second mode shows up here")
+        out.append("")
+        lrows = []
+        for name in ALL_TARGETS:
+            if name not in peers:
+                continue
+            row = [name]
+            for cell in hey_cells:
+                s = summary[cell].get(name)
+                row.append(", ".join(f"{v:g}" for v in s["p50_ms"]) if s else "—")
+            lrows.append(row)
+        out.append(md_table(["peer"] + [CELL_TITLES[c].split(" (")[0] for c in hey_cells], lrows))
+        out.append("")
+    cpu_cells = [c for c in cells if c != "idle"]
+    if cpu_cells:
+        out.append("### Proxy CPU per unit of work, median (µs per request; s per GB for bulk)")
+        out.append("")
+        out.append(
+            "Less sensitive than req/s to whatever else runs on the machine; "
+            "the sum of user and system time of the proxy's process tree during the cell."
+        )
+        out.append("")
+        crows = []
+        for name in ALL_TARGETS:
+            if name not in peers or name == "direct":
+                continue
+            row = [name]
+            for cell in cpu_cells:
+                s = summary[cell].get(name)
+                v = s["cpu_per_unit"] if s else None
+                row.append("—" if v is None else (f"{v:.2f}" if cell == "bulk" else f"{v:.0f}"))
+            crows.append(row)
+        out.append(md_table(["peer"] + [CELL_TITLES[c].split(" (")[0] for c in cpu_cells], crows))
+        out.append("")
+    errs = []
+    for cell in cells:
+        for name, runs in results[cell].items():
+            for i, r in enumerate(runs):
+                if r.get("errors"):
+                    errs.append(
+                        f"- {cell} / {name} / repeat {r.get('repeat', i)}: {r['errors']} errors; "
+                        + "; ".join(r.get("error_samples", [])[:2])
+                    )
+    if errs:
+        out.append("### Errors")
+        out.append("")
+        out += errs[:40]
+        out.append("")
+    out.append("### Machine and peers")
+    out.append("")
+    out += machine_info(peers)
+    out.append("")
+    out.append("### Command")
+    out.append("")
+    out.append(
+        "    " + shlex.join(["python3", os.path.relpath(sys.argv[0], REPO_DIR)] + sys.argv[1:])
+    )
+    return "\n".join(out) + "\n", summary
+
+
+# --------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 1 repeat, 2s cells, 256MiB bulk, 500 idle tunnels (explicit flags win)",
+    )
+    ap.add_argument("--repeats", type=int, default=None, help="repeats per cell (default 5)")
+    ap.add_argument(
+        "--duration", type=parse_duration, default=None, help="hey -z per cell (default 5s)"
+    )
+    ap.add_argument("--concurrency", type=int, default=50, help="hey -c (default 50)")
+    ap.add_argument(
+        "--bulk-size", type=parse_size, default=None, help="bulk object size (default 1GiB)"
+    )
+    ap.add_argument(
+        "--bulk-timeout", type=int, default=120, help="curl --max-time for bulk (default 120)"
+    )
+    ap.add_argument(
+        "--idle-tunnels", type=int, default=None, help="idle tunnels per peer (default 5000)"
+    )
+    ap.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=180,
+        help="seconds to open them, per peer (default 180)",
+    )
+    ap.add_argument(
+        "--idle-tls",
+        action="store_true",
+        help="do a TLS handshake with the origin through each idle tunnel before idling",
+    )
+    ap.add_argument(
+        "--only", default=",".join(CELLS), help=f"cells, comma-separated: {','.join(CELLS)}"
+    )
+    ap.add_argument(
+        "--peers",
+        default=",".join(ALL_TARGETS),
+        help=f"targets, comma-separated: {','.join(ALL_TARGETS)}",
+    )
+    ap.add_argument(
+        "--json",
+        dest="json_out",
+        default=None,
+        help="raw results file (default bench/results/<date>.json, table beside it as .md)",
+    )
+    ap.add_argument(
+        "--skip-install", action="store_true", help="do not apt-get / pip install the peers"
+    )
+    ap.add_argument(
+        "--elbasy-python",
+        default=sys.executable,
+        help="python that has elbasy installed (default: this one)",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=parse_duration,
+        default=1.0,
+        help="uncounted hey run per peer and cell before the repeats (default 1s, 0 = none)",
+    )
+    ap.add_argument(
+        "--pause", type=float, default=0.5, help="seconds of quiet between cells (default 0.5)"
+    )
+    args = ap.parse_args(argv)
+    quick = {"repeats": 1, "duration": 2.0, "bulk_size": 256 << 20, "idle_tunnels": 500}
+    full = {"repeats": 5, "duration": 5.0, "bulk_size": 1 << 30, "idle_tunnels": 5000}
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.cells = [c.strip() for c in args.only.split(",") if c.strip()]
+    args.targets = [t.strip() for t in args.peers.split(",") if t.strip()]
+    for c in args.cells:
+        if c not in CELLS:
+            ap.error(f"unknown cell {c!r}; choose from {','.join(CELLS)}")
+    for t in args.targets:
+        if t not in ALL_TARGETS:
+            ap.error(f"unknown peer {t!r}; choose from {','.join(ALL_TARGETS)}")
+    if args.repeats < 1 or args.idle_tunnels < 1 or args.concurrency < 1:
+        ap.error("--repeats, --idle-tunnels and --concurrency must be positive")
+    args.cells = [c for c in CELLS if c in args.cells]
+    args.targets = [t for t in ALL_TARGETS if t in args.targets]
+    return args
+
+
+def measure(args, workdir: Path, peers: dict[str, Peer], results: dict) -> None:
+    """Start origins and peers, then run every cell; fills peers and results."""
+    log(f"workdir {workdir}; origins (nginx, {human_size(args.bulk_size)} bulk object)")
+    origins = start_origins(workdir, args.bulk_size)
+    peers.update(start_peers(args.targets, workdir, origins, args))
+
+    if "idle" in args.cells:
+        names = [n for n in CELL_TARGETS["idle"] if n in peers]
+        for name in names:
+            peer = peers[name]
+            if not peer.check_alive():
+                continue
+            log(f"idle: {args.idle_tunnels} tunnels through {name}")
+            r = idle_cell(peer, origins, args)
+            r["repeat"] = 0
+            results["idle"].setdefault(name, []).append(r)
+            log(
+                f"idle: {name}: {r['value']:.2f} KiB/tunnel "
+                f"({r['tunnels_held']}/{r['tunnels_requested']} held, "
+                f"RSS {r['rss_before_kib']} -> {r['rss_after_kib']} KiB)"
+            )
+            peer.check_alive()
+
+    load_cells = [c for c in args.cells if c != "idle"]
+    if args.warmup > 0:
+        log(f"warm-up: {args.warmup:g}s of hey per peer and cell (not counted)")
+        warm = argparse.Namespace(**vars(args))
+        warm.duration = args.warmup
+        for cell in load_cells:
+            if cell == "bulk":
+                continue
+            for name in CELL_TARGETS[cell]:
+                if name in peers and (name == "direct" or peers[name].check_alive()):
+                    hey_cell(cell, peers[name], origins, warm)
+    for rep in range(args.repeats):
+        for ci, cell in enumerate(load_cells):
+            names = [n for n in CELL_TARGETS[cell] if n in peers]
+            k = (rep + ci) % len(names) if names else 0
+            order = names[k:] + names[:k]  # rotate: no peer always goes first
+            for name in order:
+                peer = peers[name]
+                if name != "direct" and not peer.check_alive():
+                    continue
+                cpu0 = peer.cpu_s()
+                r = (
+                    bulk_cell(peer, origins, args)
+                    if cell == "bulk"
+                    else hey_cell(cell, peer, origins, args)
+                )
+                r["repeat"] = rep
+                if name != "direct":
+                    r["proxy_cpu_s"] = round(peer.cpu_s() - cpu0, 3)
+                results[cell].setdefault(name, []).append(r)
+                unit = "GB/s" if cell == "bulk" else "req/s"
+                extra = f", {r['errors']} errors" if r.get("errors") else ""
+                log(
+                    f"repeat {rep + 1}/{args.repeats} {cell:11s} {name:10s} "
+                    f"{r['value']:10.2f} {unit}{extra}"
+                )
+                if name != "direct":
+                    peer.check_alive()
+                time.sleep(args.pause)
+
+
+def report(
+    args,
+    peers: dict[str, Peer],
+    results: dict,
+    started: str,
+    stamp: str,
+    elapsed: float,
+    interrupted: bool,
+) -> None:
+    if interrupted:
+        started += " (interrupted: partial results)"
+    table, summary = render(results, peers, args.cells, args, started)
+    print(table, flush=True)
+    log(f"done in {elapsed / 60:.1f} min")
+    json_path = Path(args.json_out) if args.json_out else RESULTS_DIR / f"{stamp}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    raw = {
+        "started": started,
+        "argv": sys.argv,
+        "elapsed_s": elapsed,
+        "interrupted": interrupted,
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "repeats",
+                "duration",
+                "concurrency",
+                "bulk_size",
+                "idle_tunnels",
+                "idle_tls",
+                "cells",
+                "targets",
+            )
+        },
+        "peers": {
+            n: {"version": p.version, "failed": p.failed, "notes": p.notes}
+            for n, p in peers.items()
+        },
+        "summary": summary,
+        "results": results,
+    }
+    json_path.write_text(json.dumps(raw, indent=1, default=str))
+    json_path.with_suffix(".md").write_text(table)
+    log(f"raw results: {json_path}; table: {json_path.with_suffix('.md')}")
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    # Unwind through the finally below, which stops every process we started.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    if os.geteuid() != 0 and not args.skip_install:
+        log("not root: skipping installs (use --skip-install to silence this)")
+        args.skip_install = True
+    LOADAVG["start"] = _loadavg()
+    busy = cpu_busy(1.0)
+    LOADAVG["busy"] = f"{busy:.0%}"
+    if busy > 0.2:
+        loud(
+            f"the CPUs were {busy:.0%} busy in the second before the run: something else is "
+            "using the cores, absolute figures (and maybe ratios) will be off"
+        )
+    install(args.skip_install)
+    if not which("hey") or not which("curl") or not which("nginx"):
+        raise SystemExit("hey, curl and nginx are required (drop --skip-install to install them)")
+    nofile = raise_nofile()
+    if "idle" in args.cells and nofile < args.idle_tunnels + 100:
+        log(f"RLIMIT_NOFILE hard limit is {nofile}: capping --idle-tunnels")
+        args.idle_tunnels = max(1, nofile - 200)
+
+    workdir = Path(tempfile.mkdtemp(prefix="elbasy-bench-"))
+    os.chmod(workdir, 0o755)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    t0 = time.monotonic()
+    results: dict = {cell: {} for cell in args.cells}
+    peers: dict[str, Peer] = {}
+    interrupted = False
+    try:
+        try:
+            measure(args, workdir, peers, results)
+        except KeyboardInterrupt:
+            interrupted = True
+            log("interrupted: reporting what was measured so far")
+        if peers:
+            report(args, peers, results, started, stamp, time.monotonic() - t0, interrupted)
+    finally:
+        stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
