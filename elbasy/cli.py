@@ -214,20 +214,7 @@ def _seconds(name: str, default: float, help: str) -> Callable[[_F], _F]:
     "any/keep; IPv6 in brackets). Repeatable; the first match wins.",
 )
 @click.pass_context
-def main(
-    ctx: click.Context,
-    listen: str,
-    log_level: str,
-    log_format: str,
-    head_timeout: float,
-    connect_timeout: float,
-    idle_timeout: float,
-    keepalive_timeout: float,
-    response_timeout: float,
-    max_head_bytes: int,
-    splice: str,
-    connect_to: tuple[str, ...],
-) -> None:
+def main(ctx: click.Context, /, **options: Any) -> None:
     """elbasy: an egress HTTP(S) proxy that keeps API clients under their rate limits.
 
     Every option can also be set as ELBASY_<NAME> in the environment (e.g.
@@ -235,19 +222,7 @@ def main(
     --config file. Precedence: command line, environment, config file, defaults.
     """
     try:
-        config = build_config(
-            listen=listen,
-            log_level=log_level,
-            log_format=log_format,
-            head_timeout=head_timeout,
-            connect_timeout=connect_timeout,
-            idle_timeout=idle_timeout,
-            keepalive_timeout=keepalive_timeout,
-            response_timeout=response_timeout,
-            max_head_bytes=max_head_bytes,
-            splice=splice,
-            connect_to=connect_to,
-        )
+        config = build_config(**options)
     except ConfigError as e:
         raise _problem(ctx, e) from None
     ctx.obj = config

@@ -1226,7 +1226,7 @@ cdef class Loop:
         destination still has bytes of ours to take.
         """
         cdef ssize_t n, k
-        cdef int _rounds
+        cdef int _rounds, rc
         cdef bint up = d == &c.up
         # 1. bytes already on their way
         while buf_len(&d.pend):
@@ -1239,8 +1239,69 @@ cdef class Loop:
                 return -2
             buf_consumed(&d.pend, k)
             self.c_copied += k
-        if buf_len(&d.pend) == 0 and d.pend.cap > 16384:
-            buf_free(&d.pend)
+        if d.pend.cap:
+            buf_free(&d.pend)  # an idle tunnel keeps no buffer
+        rc = self.drain_pipe(d, dst)
+        if rc <= 0:
+            return rc
+        # 2. read more, as long as the destination keeps up
+        for _rounds in range(PUMP_ROUNDS):
+            if d.eof:
+                break
+            if d.spliced:
+                n = splice(src, NULL, d.pipe_w, NULL, SPLICE_CHUNK,
+                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            else:
+                n = recv(src, self.iobuf, IO_CHUNK, 0)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    break
+                return -1
+            if n == 0:
+                d.eof = True
+                break
+            if up:
+                c.bytes_up += n
+                self.c_bytes_up += n
+            else:
+                c.bytes_down += n
+                self.c_bytes_down += n
+            if d.spliced:
+                d.in_pipe = n
+                rc = self.drain_pipe(d, dst)
+                if rc <= 0:
+                    return rc
+                continue
+            k = send(dst, self.iobuf, n, MSG_NOSIGNAL)
+            if k < 0:
+                if errno != EAGAIN and errno != EINTR:
+                    return -2
+                k = 0
+            self.c_copied += k
+            if n == IO_CHUNK and self.splice_mode == SPLICE_AUTO:
+                self.go_splice(d)
+            if k < n:
+                buf_append(&d.pend, self.iobuf + k, n - k)
+                return 0
+            if n < IO_CHUNK:
+                # a short read emptied the socket: another recv would
+                # only say EAGAIN; the level-triggered poll will call again
+                return 0
+        # 3. the source is done and everything reached dst: pass the FIN on
+        if d.eof and not d.shut and not dir_pending(d):
+            # the FIN travels on; when the other way is already finished the
+            # tunnel closes right after, and close() sends it for free
+            if not (c.down.shut if up else c.up.shut):
+                shutdown(dst, SHUT_WR)
+            d.shut = True
+            self.release_pipe(d)
+        return 0
+
+    cdef int drain_pipe(self, Dir *d, int dst) except -3:
+        """Move what the pipe holds to dst: 1 emptied, 0 dst is full, -2 dst failed."""
+        cdef ssize_t k
         while d.in_pipe > 0:
             k = splice(d.pipe_r, NULL, dst, NULL, d.in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if k < 0:
@@ -1251,81 +1312,7 @@ cdef class Loop:
                 return -2
             d.in_pipe -= k
             self.c_spliced += k
-        # 2. read more, as long as the destination keeps up
-        for _rounds in range(PUMP_ROUNDS):
-            if d.eof:
-                break
-            if d.spliced:
-                n = splice(src, NULL, d.pipe_w, NULL, SPLICE_CHUNK,
-                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-                if n < 0:
-                    if errno == EINTR:
-                        continue
-                    if errno == EAGAIN:
-                        break
-                    return -1
-                if n == 0:
-                    d.eof = True
-                    break
-                if up:
-                    c.bytes_up += n
-                    self.c_bytes_up += n
-                else:
-                    c.bytes_down += n
-                    self.c_bytes_down += n
-                d.in_pipe = n
-                while d.in_pipe > 0:
-                    k = splice(d.pipe_r, NULL, dst, NULL, d.in_pipe,
-                               SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-                    if k < 0:
-                        if errno == EINTR:
-                            continue
-                        if errno == EAGAIN:
-                            return 0
-                        return -2
-                    d.in_pipe -= k
-                    self.c_spliced += k
-            else:
-                n = recv(src, self.iobuf, IO_CHUNK, 0)
-                if n < 0:
-                    if errno == EINTR:
-                        continue
-                    if errno == EAGAIN:
-                        break
-                    return -1
-                if n == 0:
-                    d.eof = True
-                    break
-                if up:
-                    c.bytes_up += n
-                    self.c_bytes_up += n
-                else:
-                    c.bytes_down += n
-                    self.c_bytes_down += n
-                k = send(dst, self.iobuf, n, MSG_NOSIGNAL)
-                if k < 0:
-                    if errno != EAGAIN and errno != EINTR:
-                        return -2
-                    k = 0
-                self.c_copied += k
-                if n == IO_CHUNK and self.splice_mode == SPLICE_AUTO:
-                    self.go_splice(d)
-                if k < n:
-                    buf_append(&d.pend, self.iobuf + k, n - k)
-                    return 0
-                if n < IO_CHUNK:
-                    # a short read emptied the socket: another recv would
-                    # only say EAGAIN; the level-triggered poll will call again
-                    return 0
-        # 3. the source is done and everything reached dst: pass the FIN on
-        if d.eof and not d.shut and not dir_pending(d):
-            # the FIN travels on; when the other way is already finished the
-            # tunnel closes right after, and close() sends it for free
-            if not (c.down.shut if up else c.up.shut):
-                shutdown(dst, SHUT_WR)
-            d.shut = True
-            self.release_pipe(d)
-        return 0
+        return 1
 
     cdef void go_splice(self, Dir *d):
         cdef int p[2]

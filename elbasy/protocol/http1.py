@@ -49,6 +49,9 @@ _NO_FRAMING = Framing(frozenset(), (), (), False)
 _WATCHED = HOP_BY_HOP | {b"content-length", b"transfer-encoding"}
 
 
+_Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
+
+
 class _Validator:
     """llhttp's callbacks: only the URL and the end of the head.
 
@@ -99,18 +102,23 @@ def _headers(head: bytes, status: int) -> tuple[Headers, Framing]:
     return headers, framing
 
 
-def parse_request_head(head: bytes) -> RequestHead:
-    """Parse a complete request head (request line to blank line)."""
-    sink = _Validator()
-    parser = httptools.HttpRequestParser(sink)
+def _validate(parser: _Parser, sink: _Validator, head: bytes, what: str, status: int) -> None:
+    """Let llhttp check a whole head; its complaint becomes the peer's fault."""
     try:
         parser.feed_data(head)
     except httptools.HttpParserUpgrade:
         pass  # CONNECT or Upgrade: the head is complete, what follows is not HTTP
     except httptools.HttpParserError as exc:
-        raise RemoteProtocolError(f"malformed request head: {exc}") from None
+        raise RemoteProtocolError(f"malformed {what} head: {exc}", status) from None
     if not sink.complete:
-        raise RemoteProtocolError("malformed request head: incomplete")
+        raise RemoteProtocolError(f"malformed {what} head: incomplete", status)
+
+
+def parse_request_head(head: bytes) -> RequestHead:
+    """Parse a complete request head (request line to blank line)."""
+    sink = _Validator()
+    parser = httptools.HttpRequestParser(sink)
+    _validate(parser, sink, head, "request", 400)
     try:
         target = sink.url.decode("ascii")
     except UnicodeDecodeError:
@@ -137,14 +145,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     """Parse a complete response head from an upstream."""
     sink = _Validator()
     parser = httptools.HttpResponseParser(sink)
-    try:
-        parser.feed_data(head)
-    except httptools.HttpParserUpgrade:
-        pass
-    except httptools.HttpParserError as exc:
-        raise RemoteProtocolError(f"malformed response head: {exc}", 502) from None
-    if not sink.complete:
-        raise RemoteProtocolError("malformed response head: incomplete", 502)
+    _validate(parser, sink, head, "response", 502)
     headers, framing = _headers(head, 502)
     version = parser.get_http_version()
     return ResponseHead(

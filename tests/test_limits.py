@@ -1,0 +1,350 @@
+"""Resource limits: running out of file descriptors, and thousands of deadlines at once.
+
+The fd tests start elbasy themselves, with RLIMIT_NOFILE lowered (soft and hard, since elbasy
+lifts soft to hard at start) in the child before exec.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import json
+import os
+import re
+import resource
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import origins
+import pytest
+from origins import Reader, connect_tunnel
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP = re.compile(r"^elbasy \S+ listening on 127\.0\.0\.1:(\d+)\s*$")
+PARTIAL_HEAD = b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: 127.0.0.1:9\r\nX-Slow: "
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NOFILE = 64
+
+
+class LimitedProxy:
+    """`python -m elbasy` on 127.0.0.1:0 with RLIMIT_NOFILE set to ``nofile`` (soft and hard)."""
+
+    def __init__(self, nofile: int, *args: str) -> None:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("ELBASY_") and not k.lower().endswith("_proxy")
+        }
+        env["PYTHONUNBUFFERED"] = "1"
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "elbasy", "--listen", "127.0.0.1:0", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=str(REPO),
+            preexec_fn=limit,
+        )
+        self.pid = self.proc.pid
+        self.port = 0
+        self.lines: list[str] = []
+        self._started = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._started.wait(10) or self.port == 0:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"elbasy did not start; stderr:\n{''.join(self.lines)}")
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace")
+            self.lines.append(line)
+            m = STARTUP.match(line)
+            if m and not self._started.is_set():
+                self.port = int(m.group(1))
+                self._started.set()
+        self._started.set()
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+
+    def healthz(self, attempts: int = 1) -> dict:
+        """GET /healthz; retried while the proxy sheds connections for want of fds."""
+        for i in range(attempts):
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            try:
+                conn.request("GET", "/healthz", headers={"Connection": "close"})
+                resp = conn.getresponse()
+                body = resp.read()
+                assert resp.status == 200, (resp.status, body)
+                return json.loads(body)
+            except (OSError, http.client.HTTPException):
+                if i == attempts - 1:
+                    raise
+                time.sleep(0.2)
+            finally:
+                conn.close()
+        raise AssertionError("unreachable")
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # fields[0] is the state (field 3): utime and stime are fields 14 and 15
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def wait_fds(self, target: int, timeout: float = 5.0) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            n = self.fd_count()
+            if n == target or time.monotonic() > deadline:
+                return n
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                return None
+        self._reader.join(2)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def limited() -> Iterator:
+    started: list[LimitedProxy] = []
+
+    def start(nofile: int, *args: str) -> LimitedProxy:
+        p = LimitedProxy(nofile, *args)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        was_alive = p.alive()
+        code = p.stop()
+        assert was_alive, f"elbasy died with {p.proc.returncode}:\n{''.join(p.lines[-30:])}"
+        assert code == 0, f"exit code after SIGTERM: {code}\n{''.join(p.lines[-30:])}"
+
+
+@pytest.fixture
+def many_fds() -> Iterator[int]:
+    """Lift this test process's soft RLIMIT_NOFILE to the hard limit for the test."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _idle_client(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(PARTIAL_HEAD)  # TCP_DEFER_ACCEPT hands it to elbasy; the head never ends
+    return s
+
+
+def _readable(s: socket.socket, timeout: float) -> bool:
+    poller = select.poll()  # not select(): the fds of the 2,000-connection test exceed 1023
+    poller.register(s, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(int(timeout * 1000)))
+
+
+def _closed_by_peer(s: socket.socket) -> bool:
+    """Non-blocking: has the proxy closed this connection (EOF or reset)?"""
+    if not _readable(s, 0):
+        return False
+    try:
+        return s.recv(1, socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def _wait_closed(s: socket.socket, timeout: float) -> bool:
+    return _readable(s, timeout) and _closed_by_peer(s)
+
+
+def test_out_of_fds_sheds_clients_without_spinning_and_recovers(limited, http_origin):
+    p = limited(NOFILE, "--head-timeout", "60", "--keepalive-timeout", "1")
+    baseline = p.fd_count()
+    h0 = p.healthz()
+    assert h0["counters"]["accept_emfile"] == 0
+    assert p.wait_fds(baseline) == baseline
+    free = NOFILE - baseline
+    assert free > 10, f"elbasy already holds {baseline} fds at start; the limit {NOFILE} is too low"
+
+    # 1. fill every free fd with an idle client, then ten more
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(free + 10):
+            idle.append(_idle_client(p.port))
+        assert p.wait_fds(NOFILE) == NOFILE, f"elbasy holds {p.fd_count()} fds, limit {NOFILE}"
+        deadline = time.monotonic() + 5
+        while True:
+            shed = [s for s in idle if _closed_by_peer(s)]
+            if len(shed) >= 10 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert len(shed) >= 10, f"only {len(shed)} of the clients over the limit were closed"
+        assert p.alive()
+        for s in shed:
+            idle.remove(s)
+            s.close()
+
+        # 2. out of fds for 2 s, with a new client every 0.1 s: each is shed, no busy loop
+        cpu0 = p.cpu_seconds()
+        t0 = time.monotonic()
+        extra_shed = 0
+        while time.monotonic() - t0 < 2.0:
+            with _idle_client(p.port) as s:
+                extra_shed += _wait_closed(s, 2.0)
+            time.sleep(0.1)
+        cpu = p.cpu_seconds() - cpu0
+        assert extra_shed >= 10, f"only {extra_shed} clients shed while out of fds"
+        assert cpu < 0.5, f"elbasy used {cpu:.2f} s of CPU in 2 s out of fds: a busy loop"
+        assert p.alive()
+        assert p.fd_count() == NOFILE
+
+        # 3. one fd free: a CONNECT gets its client socket but none for the upstream
+        idle.pop().close()
+        assert p.wait_fds(NOFILE - 1) == NOFILE - 1
+        s, resp, reader = connect_tunnel(p, http_origin.hostport, timeout=5)
+        with s:
+            assert resp.status == 503, resp
+            assert b"out of sockets" in resp.body, resp.body
+        assert not http_origin.requests and http_origin.connections == 0
+        assert p.alive()
+
+        # 4. /healthz once a few fds are free again
+        for s in idle[:3]:
+            s.close()
+        del idle[:3]
+        h = p.healthz(attempts=20)
+        assert h["counters"]["accept_emfile"] >= 20, h["counters"]
+    finally:
+        for s in idle:
+            s.close()
+
+    # 5. everything closed: back to the baseline, and a forwarded request works
+    assert p.wait_fds(baseline) == baseline, f"{p.fd_count()} fds held, baseline {baseline}"
+    h = p.healthz(attempts=5)
+    assert h["connections"]["open"] == 1, h["connections"]  # this /healthz request
+    with p.connect(5) as s:
+        s.sendall(
+            f"GET {http_origin.base}/hello HTTP/1.1\r\nHost: {http_origin.hostport}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        resp = origins.read_response(Reader(s), "GET")
+    assert resp.status == 200 and resp.body == b"hello from origin", resp
+    # the pooled upstream connection goes after --keepalive-timeout 1
+    assert p.wait_fds(baseline, timeout=5) == baseline, f"{p.fd_count()} fds, baseline {baseline}"
+
+
+def test_connect_without_fd_for_upstream_is_503_and_counted(limited, http_origin):
+    """The same 503 from a cold start, and the proxy serves the tunnel once an fd is free."""
+    p = limited(NOFILE, "--head-timeout", "60")
+    baseline = p.fd_count()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(NOFILE - baseline):
+            idle.append(_idle_client(p.port))
+        assert p.wait_fds(NOFILE) == NOFILE
+        idle.pop().close()
+        assert p.wait_fds(NOFILE - 1) == NOFILE - 1
+        s, resp, reader = connect_tunnel(p, http_origin.hostport, timeout=5)
+        with s:
+            assert resp.status == 503, resp
+            assert resp.headers.get("Content-Type", "").startswith("text/plain"), resp.headers
+            s.settimeout(3)
+            assert reader.read_to_eof() == b"", "503 must close the connection"
+        # two fds free: the tunnel works
+        idle.pop().close()
+        assert p.wait_fds(NOFILE - 2) == NOFILE - 2
+        s, resp, reader = connect_tunnel(p, http_origin.hostport, timeout=5)
+        with s:
+            assert resp.status == 200, resp
+            s.sendall(f"GET /hello HTTP/1.1\r\nHost: {http_origin.hostport}\r\n\r\n".encode())
+            r = origins.read_response(reader, "GET")
+            assert r.status == 200 and r.body == b"hello from origin", r
+    finally:
+        for s in idle:
+            s.close()
+    assert p.wait_fds(baseline) == baseline, f"{p.fd_count()} fds held, baseline {baseline}"
+
+
+def test_two_thousand_head_deadlines(proxy, many_fds):
+    n = 2000
+    if many_fds < n + 200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {many_fds} is too low for {n} connections")
+    p = proxy("--head-timeout", "3")
+    fds0 = p.fd_count()
+    h0 = p.healthz()
+    socks: list[socket.socket] = []
+    try:
+        t_first = time.monotonic()
+        for _ in range(n):
+            try:
+                socks.append(_idle_client(p.port))
+            except OSError as e:  # pragma: no cover - diagnostic
+                if e.errno == errno.EMFILE:
+                    pytest.fail(f"the test ran out of fds after {len(socks)} connections")
+                raise
+        t_last = time.monotonic()
+        assert t_last - t_first < 2.5, f"opening {n} connections took {t_last - t_first:.1f} s"
+        h = p.wait_open_connections(n + 1, timeout=2)
+        assert h["connections"]["open"] == n + 1, h["connections"]
+        assert h["counters"]["timers"] >= n, h["counters"]
+        assert p.fd_count() >= fds0 + n
+
+        # waiting on 2,000 deadlines costs (next to) nothing
+        cpu0 = _cpu_seconds(p.pid)
+        time.sleep(max(0.0, t_first + 2.5 - time.monotonic()))
+        assert _cpu_seconds(p.pid) - cpu0 < 0.3
+        assert p.healthz()["counters"]["head_timeouts"] == h0["counters"]["head_timeouts"]
+
+        # all closed by the proxy within a few seconds of the deadline
+        limit = t_last + 3 + 3
+        still_open = 0
+        for s in socks:
+            if not _wait_closed(s, max(0.0, limit - time.monotonic())):
+                still_open += 1
+        assert still_open == 0, f"{still_open} of {n} connections outlived their head deadline"
+    finally:
+        for s in socks:
+            s.close()
+    h = p.wait_open_connections(1, timeout=3)
+    assert h["connections"]["open"] == 1, h["connections"]
+    assert h["counters"]["head_timeouts"] - h0["counters"]["head_timeouts"] == n, h["counters"]
+    assert h["counters"]["timers"] < 50, h["counters"]
+    deadline = time.monotonic() + 5
+    while p.fd_count() > fds0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert p.fd_count() == fds0
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
