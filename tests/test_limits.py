@@ -317,7 +317,9 @@ def test_two_thousand_head_deadlines(proxy, many_fds):
                     pytest.fail(f"the test ran out of fds after {len(socks)} connections")
                 raise
         t_last = time.monotonic()
-        assert t_last - t_first < HEAD_TIMEOUT - 1.5, f"opening {n} connections took {t_last - t_first:.1f} s"
+        assert t_last - t_first < HEAD_TIMEOUT - 1.5, (
+            f"opening {n} connections took {t_last - t_first:.1f} s"
+        )
         h = p.wait_open_connections(n + 1, timeout=2)
         assert h["connections"]["open"] == n + 1, h["connections"]
         assert h["counters"]["timers"] >= n, h["counters"]
