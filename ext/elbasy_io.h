@@ -39,8 +39,10 @@ static inline void elb_set_reset(int fd)
 }
 
 /* Start a non-blocking connect to a numeric address. Returns 0 with *out_fd
- * set (connected or in progress), or an errno with no fd left open. */
-static inline int elb_connect(int family, const char *ip, int port, int *out_fd)
+ * set, or an errno with no fd left open. *connected says whether the
+ * handshake is already done: on loopback and other near peers it finishes
+ * inside connect(), and then the loop need not wait a wake-up for it. */
+static inline int elb_connect(int family, const char *ip, int port, int *out_fd, int *connected)
 {
     struct sockaddr_storage ss;
     socklen_t len;
@@ -64,10 +66,17 @@ static inline int elb_connect(int family, const char *ip, int port, int *out_fd)
     if (fd < 0)
         return errno;
     elb_nodelay(fd);
-    if (connect(fd, (struct sockaddr *)&ss, len) < 0 && errno != EINPROGRESS) {
+    *connected = 0;
+    if (connect(fd, (struct sockaddr *)&ss, len) == 0) {
+        *connected = 1;
+    } else if (errno != EINPROGRESS) {
         int err = errno;
         close(fd);
         return err;
+    } else {
+        struct sockaddr_storage peer;
+        socklen_t plen = sizeof(peer);
+        *connected = getpeername(fd, (struct sockaddr *)&peer, &plen) == 0;
     }
     *out_fd = fd;
     return 0;

@@ -111,7 +111,7 @@ cdef extern from "elbasy_io.h" nogil:
     int64_t elb_now_ns()
     void elb_nodelay(int fd)
     void elb_set_reset(int fd)
-    int elb_connect(int family, const char *ip, int port, int *out_fd)
+    int elb_connect(int family, const char *ip, int port, int *out_fd, int *connected)
     int elb_socket_error(int fd)
     int elb_format_peer(const sockaddr_storage *ss, char *out, size_t cap)
     long elb_head_end(const char *buf, size_t length, size_t start)
@@ -1061,18 +1061,21 @@ cdef class Loop:
         self.try_connect(c)
 
     cdef void try_connect(self, Conn c):
-        cdef int fd = -1, err = 0
+        cdef int fd = -1, err = 0, connected = 0
         cdef bytes ip
         while c.addr_i < len(c.addrs):
             family, host, port = c.addrs[c.addr_i]
             c.addr_i += 1
             ip = host.encode("ascii")
-            err = elb_connect(family, ip, port, &fd)
+            err = elb_connect(family, ip, port, &fd, &connected)
             if err == 0:
                 c.ufd = fd
                 c.umask = -1
                 self.map_fd(fd, c)
                 c.state = S_CONNECT
+                if connected:
+                    self.connected(c)
+                    return
                 self.set_mask(fd, &c.umask, EPOLLOUT)
                 self.arm(c, self.now + self.connect_ns)
                 return
@@ -1096,6 +1099,9 @@ cdef class Loop:
             self.drop_upstream(c, False)
             self.try_connect(c)
             return
+        self.connected(c)
+
+    cdef void connected(self, Conn c):
         c.addrs = None
         if c.goal == GOAL_TUNNEL:
             self.begin_tunnel(c)
