@@ -19,7 +19,12 @@ import httptools
 from elbasy import __version__
 from elbasy.errors import RemoteProtocolError
 from elbasy.logs import log_access
-from elbasy.protocol.headers import Headers, serialize, strip_hop_by_hop
+from elbasy.protocol.headers import (
+    cut_lines,
+    named_in_connection,
+    serialize,
+    strip_named_lines,
+)
 from elbasy.protocol.http1 import (
     RequestHead,
     parse_request_head,
@@ -48,8 +53,6 @@ REASONS = {
 
 COUNTERS = ("bad_requests", "heads_too_large", "upstream_errors")
 _REFUSAL_COUNTER = {400: "bad_requests", 431: "heads_too_large"}
-
-_HOST = frozenset({b"host"})
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
@@ -141,12 +144,17 @@ class Proxy:
         authority = url.host if ":" not in raw_host else b"[" + url.host + b"]"
         if url.port:
             authority += b":%d" % url.port
-        headers: Headers = [(b"Host", authority)]
-        headers += strip_hop_by_hop(req.headers, req.framing.connection | _HOST)
         version = b"HTTP/1.0" if req.version == "1.0" else b"HTTP/1.1"
         line = req.method.encode("ascii") + b" " + path + b" " + version
+        raw = req.raw
+        f = req.framing
+        rest = cut_lines(raw, sorted(f.hop_lines + f.host_lines))
+        named = named_in_connection(f.connection)
+        if named:
+            rest = strip_named_lines(rest, named)
+        head = line + b"\r\nHost: " + authority + rest[rest.index(b"\r\n") :]
         retryable = req.method in IDEMPOTENT and body == BODY_NONE
-        return Forward(host, port, serialize(line, headers), body, length, retryable, ex)
+        return Forward(host, port, head, body, length, retryable, ex)
 
     def _own_page(self, req: RequestHead, ex: Exchange) -> Reply:
         """Origin-form: a request to elbasy itself, not through it."""
@@ -185,14 +193,16 @@ class Proxy:
         body, length = response_framing(resp, ex.method)
         keep_client = ex.keep_alive and body != BODY_CLOSE and resp.status != 101
         f = resp.framing
-        headers = strip_hop_by_hop(resp.headers, f.connection) if f.hop_by_hop else resp.headers
+        head = resp.raw
+        if f.hop_lines:
+            head = cut_lines(head, f.hop_lines)
+            named = named_in_connection(f.connection)
+            if named:
+                head = strip_named_lines(head, named)
         if not keep_client:
-            headers = [*headers, (b"Connection", b"close")]
+            head = head[:-2] + b"Connection: close\r\n\r\n"
         reuse = upstream_keeps_alive(resp) and body != BODY_CLOSE
-        return ResponsePlan(
-            serialize(resp.status_line, headers), resp.status, body, length, False,
-            keep_client, reuse,
-        )
+        return ResponsePlan(head, resp.status, body, length, False, keep_client, reuse)
 
     # ---- endings ------------------------------------------------------------------
 

@@ -298,6 +298,7 @@ cdef class Conn(Slot):
     cdef bint reused
     cdef bint retried
     cdef bint client_shut       # our FIN to the client went out (lingering close)
+    cdef bint client_paused     # client input waits until the response is through
     cdef int status
     cdef uint64_t bytes_up
     cdef uint64_t bytes_down
@@ -1005,6 +1006,7 @@ cdef class Loop:
     cdef void back_to_head(self, Conn c):
         """Keep-alive: wait for the next request on this client connection."""
         c.state = S_HEAD
+        c.client_paused = False
         c.verdict = None
         c.ticket = None
         c.goal = 0
@@ -1360,10 +1362,20 @@ cdef class Loop:
         cdef Pooled p
         cdef ssize_t n
         cdef char probe
+        cdef bint retryable = (<object>c.verdict).retryable
+        cdef bint alive
         while idle:
             p = <Pooled>idle.pop()
-            n = recv(p.fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT)
-            if n < 0 and errno == EAGAIN:
+            # An upstream that closed while idle is usually dropped by its
+            # hang-up event; one that closed a moment ago may not be yet. A
+            # request that may be retried finds out by trying; any other
+            # gets a one-byte peek first.
+            if retryable:
+                alive = True
+            else:
+                n = recv(p.fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT)
+                alive = n < 0 and errno == EAGAIN
+            if alive:
                 c.ufd = p.fd
                 c.umask = p.mask
                 self.map_fd(p.fd, c)
@@ -1495,13 +1507,19 @@ cdef class Loop:
         return 1
 
     cdef void forward_masks(self, Conn c):
+        """epoll interest during an exchange, chosen so that the common case
+        never changes it: the client stays registered for input and the
+        upstream for input and hang-up, from one request to the next and
+        while pooled. Reading pauses only for backpressure, or once the
+        client sends more than the request while the response is pending.
+        """
         cdef int cw = 0, uw = 0
-        if not c.req_done and buf_len(&c.uout) == 0:
+        if not c.client_paused and (c.req_done or buf_len(&c.uout) == 0):
             cw |= EPOLLIN
         if buf_len(&c.cout):
             cw |= EPOLLOUT
-        if not c.resp_done and buf_len(&c.cout) == 0:
-            uw |= EPOLLIN
+        if c.resp_done or buf_len(&c.cout) == 0:
+            uw |= EPOLLIN | EPOLLRDHUP
         if buf_len(&c.uout):
             uw |= EPOLLOUT
         self.set_mask(c.fd, &c.cmask, cw)
@@ -1513,7 +1531,11 @@ cdef class Loop:
             if ev & EPOLLOUT:
                 if self.flush_client(c) < 0:
                     return
-            if ev & (EPOLLIN | EPOLLHUP) and not c.req_done:
+            if ev & (EPOLLIN | EPOLLHUP) and c.req_done:
+                # bytes (a pipelined request) or the end, before our answer:
+                # leave them in the kernel until the response is through
+                c.client_paused = True
+            elif ev & (EPOLLIN | EPOLLHUP):
                 buf_reserve(&c.cin, IO_CHUNK)
                 n = recv(c.fd, c.cin.data + c.cin.end, IO_CHUNK, 0)
                 if n == 0 or (n < 0 and errno != EAGAIN and errno != EINTR):

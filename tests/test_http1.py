@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from elbasy.errors import RemoteProtocolError
-from elbasy.protocol.headers import strip_hop_by_hop
+from elbasy.protocol.headers import (
+    cut_lines,
+    named_in_connection,
+    strip_hop_by_hop,
+    strip_named_lines,
+)
 from elbasy.protocol.http1 import (
     parse_request_head,
     parse_response_head,
@@ -24,7 +29,7 @@ def test_absolute_form_request() -> None:
     assert req.method == "GET"
     assert req.target == "http://example.com:8080/a?b=1"
     assert req.version == "1.1"
-    assert req.headers == [(b"Host", b"example.com"), (b"X-A", b"1")]
+    assert req.headers() == [(b"Host", b"example.com"), (b"X-A", b"1")]
     assert req.keep_alive
     assert request_framing(req) == (BODY_NONE, 0)
 
@@ -129,3 +134,15 @@ def test_hop_by_hop_and_connection_named_headers_are_stripped() -> None:
         (b"Transfer-Encoding", b"chunked"),
     ]
     assert strip_hop_by_hop(headers) == [(b"Accept", b"*/*"), (b"Transfer-Encoding", b"chunked")]
+
+
+def test_hop_by_hop_lines_are_cut_from_the_raw_head() -> None:
+    head = (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\n"
+        b"keep-alive: timeout=5\r\nX-Kept: a\r\nTE: trailers\r\nTex: kept\r\n\r\n"
+    )
+    f = parse_response_head(head).framing
+    out = cut_lines(head, f.hop_lines)
+    out = strip_named_lines(out, named_in_connection(f.connection))
+    assert out == b"HTTP/1.1 200 OK\r\nX-Kept: a\r\nTex: kept\r\n\r\n"
+    assert parse_response_head(out).headers() == [(b"X-Kept", b"a"), (b"Tex", b"kept")]

@@ -6,6 +6,8 @@ fooled by, or accidentally forward, a header meant for elbasy itself.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Iterable
 
 Headers = list[tuple[bytes, bytes]]
@@ -45,6 +47,37 @@ def strip_hop_by_hop(headers: Headers, named: Iterable[bytes] | None = None) -> 
     """
     drop = HOP_BY_HOP.union(connection_tokens(headers) if named is None else named)
     return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+# Connection options that are not header names.
+_PLAIN_OPTIONS = frozenset({b"close", b"keep-alive"})
+
+
+@functools.lru_cache(maxsize=256)
+def _lines_named(names: frozenset[bytes]) -> re.Pattern[bytes]:
+    alternatives = b"|".join(re.escape(n) for n in sorted(names))
+    return re.compile(rb"\r\n(?:" + alternatives + rb")[ \t]*:[^\r]*", re.IGNORECASE)
+
+
+def cut_lines(head: bytes, spans: Iterable[tuple[int, int]]) -> bytes:
+    """`head` without the byte ranges in `spans` (sorted, not overlapping)."""
+    parts = []
+    at = 0
+    for start, end in spans:
+        parts.append(head[at:start])
+        at = end
+    parts.append(head[at:])
+    return b"".join(parts)
+
+
+def strip_named_lines(head: bytes, named: frozenset[bytes]) -> bytes:
+    """`head` (validated: CRLF lines) without the header lines in `named` (lower-case)."""
+    return _lines_named(named).sub(b"", head)
+
+
+def named_in_connection(connection: frozenset[bytes]) -> frozenset[bytes]:
+    """The Connection options that name headers (not close or keep-alive)."""
+    return connection - _PLAIN_OPTIONS
 
 
 def first(headers: Headers, name: bytes) -> bytes | None:

@@ -8,6 +8,7 @@ clock: the tests feed bytes alone.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import httptools
@@ -17,37 +18,46 @@ from elbasy.protocol.headers import HOP_BY_HOP, Headers
 from elbasy.verdicts import BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE
 
 
-class RequestHead(NamedTuple):
-    method: str
-    target: str
-    version: str  # "1.0" or "1.1"
-    headers: Headers
-    keep_alive: bool
-    framing: Framing
-
-
-class ResponseHead(NamedTuple):
-    status: int
-    status_line: bytes
-    version: str
-    headers: Headers
-    keep_alive: bool
-    framing: Framing
-
-
 class Framing(NamedTuple):
     """What the headers say about the message body and the connection."""
 
     connection: frozenset[bytes]  # lower-cased Connection options
     content_lengths: tuple[bytes, ...]
     codings: tuple[bytes, ...]  # Transfer-Encoding codings, lower-cased, in order
-    hop_by_hop: bool  # a hop-by-hop header (or one named in Connection) is present
+    hop_lines: tuple[tuple[int, int], ...]  # where hop-by-hop header lines sit in the head
+    host_lines: tuple[tuple[int, int], ...]  # where Host lines sit
+
+    @property
+    def hop_by_hop(self) -> bool:
+        """A hop-by-hop header (or one named in Connection) is present."""
+        return bool(self.hop_lines)
 
 
-_NO_FRAMING = Framing(frozenset(), (), (), False)
+class RequestHead(NamedTuple):
+    method: str
+    target: str
+    version: str  # "1.0" or "1.1"
+    raw: bytes  # the head as received, request line to blank line
+    keep_alive: bool
+    framing: Framing
 
-_WATCHED = HOP_BY_HOP | {b"content-length", b"transfer-encoding"}
+    def headers(self) -> Headers:
+        return header_list(self.raw)
 
+
+class ResponseHead(NamedTuple):
+    status: int
+    status_line: bytes
+    version: str
+    raw: bytes
+    keep_alive: bool
+    framing: Framing
+
+    def headers(self) -> Headers:
+        return header_list(self.raw)
+
+
+_NO_FRAMING = Framing(frozenset(), (), (), (), ())
 
 _Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
 
@@ -56,8 +66,10 @@ class _Validator:
     """llhttp's callbacks: only the URL and the end of the head.
 
     llhttp checks the whole head (request line, header syntax, framing
-    conflicts) in C; leaving out on_header keeps it from calling Python per
-    header. The headers are then read off the validated bytes in one pass.
+    conflicts, CRLF line ends, no folded lines) in C; leaving out on_header
+    keeps it from calling Python per header. What elbasy needs from the
+    headers is then read off the validated bytes by one regular-expression
+    scan, also in C.
     """
 
     __slots__ = ("url", "complete")
@@ -73,33 +85,41 @@ class _Validator:
         self.complete = True
 
 
-def _headers(head: bytes, status: int) -> tuple[Headers, Framing]:
-    """Headers and framing facts of a head llhttp has already accepted."""
-    headers: Headers = []
+# On a head llhttp accepted, every header line is "\r\nName:[ \t]*value", and
+# lower-casing the head keeps every offset: one scan of the lower-cased copy
+# finds the lines that matter and where they are.
+_SCANNED = HOP_BY_HOP | {b"content-length", b"transfer-encoding", b"host"}
+_FRAMING_LINE = re.compile(
+    rb"\r\n(" + b"|".join(re.escape(h) for h in sorted(_SCANNED)) + rb")[ \t]*:[ \t]*([^\r]*)"
+)
+_HEADER_LINE = re.compile(rb"\r\n([^:\r]+):[ \t]*([^\r]*)")
+
+
+def _framing(head: bytes) -> Framing:
+    """The headers that decide framing and persistence, from a validated head."""
     connection: set[bytes] = set()
     lengths: list[bytes] = []
     codings: list[bytes] = []
-    hop = False
-    for line in head.split(b"\n")[1:]:
-        if not line or line == b"\r":
-            break
-        if line[0] in b" \t":
-            raise RemoteProtocolError("folded header lines are not accepted", status)
-        name, _, value = line.partition(b":")
-        value = value.strip()
-        headers.append((name, value))
-        low = name.lower()
-        if low in _WATCHED:
-            if low == b"content-length":
-                lengths.append(value)
-            elif low == b"transfer-encoding":
-                codings += [c.strip().lower() for c in value.split(b",") if c.strip()]
-            else:
-                hop = True
-                if low == b"connection":
-                    connection.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    framing = Framing(frozenset(connection), tuple(lengths), tuple(codings), hop)
-    return headers, framing
+    hop: list[tuple[int, int]] = []
+    host: list[tuple[int, int]] = []
+    for m in _FRAMING_LINE.finditer(head.lower()):
+        name = m[1]
+        if name == b"content-length":
+            lengths.append(m[2].rstrip(b" \t"))
+        elif name == b"host":
+            host.append(m.span())
+        elif name == b"transfer-encoding":
+            codings += [c.strip() for c in m[2].split(b",") if c.strip()]
+        else:
+            hop.append(m.span())
+            if name == b"connection":
+                connection.update(t.strip() for t in m[2].split(b",") if t.strip())
+    return Framing(frozenset(connection), tuple(lengths), tuple(codings), tuple(hop), tuple(host))
+
+
+def header_list(head: bytes) -> Headers:
+    """Every header of a validated head as (name, value) pairs, in order."""
+    return [(m[1], m[2].rstrip(b" \t")) for m in _HEADER_LINE.finditer(head)]
 
 
 def _validate(parser: _Parser, sink: _Validator, head: bytes, what: str, status: int) -> None:
@@ -129,13 +149,13 @@ def parse_request_head(head: bytes) -> RequestHead:
     method = parser.get_method().decode("ascii")
     if method == "CONNECT":
         # llhttp checked the headers; a tunnel needs none of them (yet)
-        return RequestHead(method, target, version, [], False, _NO_FRAMING)
-    headers, framing = _headers(head, 400)
+        return RequestHead(method, target, version, head, False, _NO_FRAMING)
+    framing = _framing(head)
     return RequestHead(
         method=method,
         target=target,
         version=version,
-        headers=headers,
+        raw=head,
         keep_alive=_keep_alive(version, framing.connection),
         framing=framing,
     )
@@ -146,13 +166,13 @@ def parse_response_head(head: bytes) -> ResponseHead:
     sink = _Validator()
     parser = httptools.HttpResponseParser(sink)
     _validate(parser, sink, head, "response", 502)
-    headers, framing = _headers(head, 502)
+    framing = _framing(head)
     version = parser.get_http_version()
     return ResponseHead(
         status=parser.get_status_code(),
-        status_line=head[: head.find(b"\n")].rstrip(b"\r"),
+        status_line=head[: head.find(b"\r\n")],
         version=version,
-        headers=headers,
+        raw=head,
         keep_alive=_keep_alive(version, framing.connection),
         framing=framing,
     )
