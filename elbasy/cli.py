@@ -21,6 +21,7 @@ import click
 from click.core import ParameterSource
 
 from elbasy import __version__
+from elbasy.ca_cli import ca
 from elbasy.config import (
     SPLICE_MODES,
     Config,
@@ -244,3 +245,6 @@ def main(ctx: click.Context, /, **options: Any) -> None:
 def show_config(config: Config) -> None:
     """Print the effective settings as a TOML config file, then exit."""
     click.echo(to_toml(config), nl=False)
+
+
+main.add_command(ca)
