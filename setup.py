@@ -1,4 +1,5 @@
-"""Build elbasy's data plane: the Cython epoll loop in ext/ becomes elbasy._loop.
+"""Build elbasy's compiled parts: the Cython epoll loop in ext/ becomes
+elbasy._loop, and the header-line reader elbasy._heads.
 
 The cffi OpenSSL binding (elbasy._tls) joins here with the interception work:
 add its builder to `cffi_modules` below.
@@ -18,7 +19,12 @@ extensions = [
         include_dirs=["ext"],
         define_macros=[("ELBASY_DEBUG", "1" if debug else "0"), ("_GNU_SOURCE", "1")],
         extra_compile_args=["-O2", "-fno-strict-aliasing"] + (["-g", "-O0"] if debug else []),
-    )
+    ),
+    Extension(
+        "elbasy._heads",
+        sources=["ext/heads.pyx"],
+        extra_compile_args=["-O2"] + (["-g", "-O0"] if debug else []),
+    ),
 ]
 
 setup(

@@ -60,7 +60,10 @@ PIP_PEERS = {
 
 PROXIES = ["elbasy", "squid", "tinyproxy", "proxy.py", "mitmproxy"]
 BASELINES = ["direct", "haproxy"]
-ALL_TARGETS = ["direct", "haproxy"] + PROXIES
+# elbasy with its tunnel byte path forced one way, to measure the per-flow
+# choice "auto" makes (not in the default run; ask with --peers)
+ELBASY_VARIANTS = {"elbasy-copy": "never", "elbasy-splice": "always"}
+ALL_TARGETS = ["direct", "haproxy"] + PROXIES + list(ELBASY_VARIANTS)
 
 CELLS = ["plain", "connect", "connect-new", "bulk", "idle"]
 CELL_TITLES = {
@@ -526,7 +529,7 @@ class Peer:
                 STARTED.remove(p)
 
 
-def start_elbasy(peer: Peer, workdir: Path, python: str) -> None:
+def start_elbasy(peer: Peer, workdir: Path, python: str, splice: str = "auto") -> None:
     chk = run(
         [python, "-c", "import elbasy._loop, elbasy; print(getattr(elbasy, '__version__', '?'))"],
         timeout=60,
@@ -541,10 +544,11 @@ def start_elbasy(peer: Peer, workdir: Path, python: str) -> None:
         return
     peer.version = "elbasy " + chk.stdout.strip()
     cmd = [python, "-m", "elbasy", "--listen", f"{LOOPBACK}:0", "--log-level", "warning"]
-    proc = start("elbasy", cmd, workdir)
+    cmd += ["--splice", splice]
+    proc = start(peer.name, cmd, workdir)
     peer.procs = [proc]
     peer.mem_proc = proc
-    peer.notes = "defaults, --log-level warning (one process, one event loop)"
+    peer.notes = f"--splice {splice}, --log-level warning (one process, one event loop)"
     deadline = time.monotonic() + 20
     pat = re.compile(r"elbasy (\S+) listening on ([0-9.]+):(\d+)")
     while time.monotonic() < deadline and proc.alive():
@@ -785,6 +789,8 @@ def start_peers(names: list[str], workdir: Path, origins: Origins, args) -> dict
         try:
             if name == "elbasy":
                 start_elbasy(peer, workdir, args.elbasy_python)
+            elif name in ELBASY_VARIANTS:
+                start_elbasy(peer, workdir, args.elbasy_python, ELBASY_VARIANTS[name])
             elif name == "squid":
                 start_squid(peer, workdir)
             elif name == "tinyproxy":
@@ -1400,7 +1406,7 @@ def parse_args(argv: list[str] | None = None):
     )
     ap.add_argument(
         "--peers",
-        default=",".join(ALL_TARGETS),
+        default=",".join(BASELINES + PROXIES),
         help=f"targets, comma-separated: {','.join(ALL_TARGETS)}",
     )
     ap.add_argument(

@@ -19,12 +19,7 @@ import httptools
 from elbasy import __version__
 from elbasy.errors import RemoteProtocolError
 from elbasy.logs import log_access
-from elbasy.protocol.headers import (
-    cut_lines,
-    named_in_connection,
-    serialize,
-    strip_named_lines,
-)
+from elbasy.protocol.headers import drop_header_lines, named_in_connection, serialize
 from elbasy.protocol.http1 import (
     RequestHead,
     parse_request_head,
@@ -91,6 +86,7 @@ class Proxy:
 
     def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
         self._stats = stats
+        self._authorities: dict[tuple[bytes, int | None], tuple[str, int, bytes]] = {}
         # every counter is present from the start, so dashboards see zeros
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
 
@@ -133,28 +129,38 @@ class Proxy:
             raise RemoteProtocolError(f"bad request target {req.target!r}")
         if url.userinfo:
             raise RemoteProtocolError("credentials in the request URL are refused")
-        raw_host = url.host.decode("ascii")
-        host = check_host(f"[{raw_host}]" if ":" in raw_host else raw_host)
-        port = url.port or 80
-        check_port(str(port))
+        host, port, authority = self._authority(url.host, url.port)
         body, length = request_framing(req)
         path = url.path or b"/"
         if url.query:
             path += b"?" + url.query
-        authority = url.host if ":" not in raw_host else b"[" + url.host + b"]"
-        if url.port:
-            authority += b":%d" % url.port
         version = b"HTTP/1.0" if req.version == "1.0" else b"HTTP/1.1"
         line = req.method.encode("ascii") + b" " + path + b" " + version
-        raw = req.raw
-        f = req.framing
-        rest = cut_lines(raw, sorted(f.hop_lines + f.host_lines))
-        named = named_in_connection(f.connection)
+        rest = req.stripped
+        named = named_in_connection(req.framing.connection)
         if named:
-            rest = strip_named_lines(rest, named)
+            rest = drop_header_lines(rest, named)
         head = line + b"\r\nHost: " + authority + rest[rest.index(b"\r\n") :]
         retryable = req.method in IDEMPOTENT and body == BODY_NONE
         return Forward(host, port, head, body, length, retryable, ex)
+
+    def _authority(self, raw: bytes, port: int | None) -> tuple[str, int, bytes]:
+        """(host, port, Host header value) of a URL's authority, checked once per authority."""
+        key = (raw, port)
+        known = self._authorities.get(key)
+        if known is not None:
+            return known
+        text = raw.decode("ascii")
+        host = check_host(f"[{text}]" if ":" in text else text)
+        number = port or 80
+        check_port(str(number))
+        value = raw if ":" not in text else b"[" + raw + b"]"
+        if port:
+            value += b":%d" % port
+        if len(self._authorities) >= 4096:
+            self._authorities.clear()
+        known = self._authorities[key] = (host, number, value)
+        return known
 
     def _own_page(self, req: RequestHead, ex: Exchange) -> Reply:
         """Origin-form: a request to elbasy itself, not through it."""
@@ -193,12 +199,10 @@ class Proxy:
         body, length = response_framing(resp, ex.method)
         keep_client = ex.keep_alive and body != BODY_CLOSE and resp.status != 101
         f = resp.framing
-        head = resp.raw
-        if f.hop_lines:
-            head = cut_lines(head, f.hop_lines)
-            named = named_in_connection(f.connection)
-            if named:
-                head = strip_named_lines(head, named)
+        head = resp.stripped
+        named = named_in_connection(f.connection)
+        if named:
+            head = drop_header_lines(head, named)
         if not keep_client:
             head = head[:-2] + b"Connection: close\r\n\r\n"
         reuse = upstream_keeps_alive(resp) and body != BODY_CLOSE

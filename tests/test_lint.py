@@ -23,4 +23,4 @@ def test_mypy() -> None:
 
 
 def test_cython_lint() -> None:
-    run(sys.executable, "-m", "cython_lint.cython_lint", "ext/loop.pyx")
+    run(sys.executable, "-m", "cython_lint.cython_lint", "ext/loop.pyx", "ext/heads.pyx")

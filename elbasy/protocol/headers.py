@@ -6,8 +6,6 @@ fooled by, or accidentally forward, a header meant for elbasy itself.
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Iterable
 
 Headers = list[tuple[bytes, bytes]]
@@ -53,14 +51,30 @@ def strip_hop_by_hop(headers: Headers, named: Iterable[bytes] | None = None) -> 
 _PLAIN_OPTIONS = frozenset({b"close", b"keep-alive"})
 
 
-@functools.lru_cache(maxsize=256)
-def _lines_named(names: frozenset[bytes]) -> re.Pattern[bytes]:
-    alternatives = b"|".join(re.escape(n) for n in sorted(names))
-    return re.compile(rb"\r\n(?:" + alternatives + rb")[ \t]*:[^\r]*", re.IGNORECASE)
+def named_in_connection(connection: frozenset[bytes]) -> frozenset[bytes]:
+    """The Connection options that name headers (not close or keep-alive)."""
+    return connection - _PLAIN_OPTIONS
 
 
-def cut_lines(head: bytes, spans: Iterable[tuple[int, int]]) -> bytes:
-    """`head` without the byte ranges in `spans` (sorted, not overlapping)."""
+def drop_header_lines(head: bytes, names: Iterable[bytes]) -> bytes:
+    """`head` (validated: CRLF lines, no space before colons) without the
+    header lines whose lower-cased names are in `names`.
+
+    Plain bytes searches on a lower-cased copy: no list of header pairs is
+    built on the per-request path.
+    """
+    low = head.lower()
+    spans: list[tuple[int, int]] = []
+    for name in names:
+        key = b"\r\n" + name + b":"
+        at = low.find(key)
+        while at >= 0:
+            end = low.find(b"\r\n", at + 2)
+            spans.append((at, end))
+            at = low.find(key, end)
+    if not spans:
+        return head
+    spans.sort()
     parts = []
     at = 0
     for start, end in spans:
@@ -68,16 +82,6 @@ def cut_lines(head: bytes, spans: Iterable[tuple[int, int]]) -> bytes:
         at = end
     parts.append(head[at:])
     return b"".join(parts)
-
-
-def strip_named_lines(head: bytes, named: frozenset[bytes]) -> bytes:
-    """`head` (validated: CRLF lines) without the header lines in `named` (lower-case)."""
-    return _lines_named(named).sub(b"", head)
-
-
-def named_in_connection(connection: frozenset[bytes]) -> frozenset[bytes]:
-    """The Connection options that name headers (not close or keep-alive)."""
-    return connection - _PLAIN_OPTIONS
 
 
 def first(headers: Headers, name: bytes) -> bytes | None:

@@ -13,8 +13,9 @@ from typing import NamedTuple
 
 import httptools
 
+from elbasy._heads import scan
 from elbasy.errors import RemoteProtocolError
-from elbasy.protocol.headers import HOP_BY_HOP, Headers
+from elbasy.protocol.headers import Headers
 from elbasy.verdicts import BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE
 
 
@@ -24,13 +25,7 @@ class Framing(NamedTuple):
     connection: frozenset[bytes]  # lower-cased Connection options
     content_lengths: tuple[bytes, ...]
     codings: tuple[bytes, ...]  # Transfer-Encoding codings, lower-cased, in order
-    hop_lines: tuple[tuple[int, int], ...]  # where hop-by-hop header lines sit in the head
-    host_lines: tuple[tuple[int, int], ...]  # where Host lines sit
-
-    @property
-    def hop_by_hop(self) -> bool:
-        """A hop-by-hop header (or one named in Connection) is present."""
-        return bool(self.hop_lines)
+    hop_by_hop: bool  # a hop-by-hop header was present
 
 
 class RequestHead(NamedTuple):
@@ -38,6 +33,7 @@ class RequestHead(NamedTuple):
     target: str
     version: str  # "1.0" or "1.1"
     raw: bytes  # the head as received, request line to blank line
+    stripped: bytes  # raw without hop-by-hop and Host lines
     keep_alive: bool
     framing: Framing
 
@@ -50,6 +46,7 @@ class ResponseHead(NamedTuple):
     status_line: bytes
     version: str
     raw: bytes
+    stripped: bytes  # raw without hop-by-hop lines
     keep_alive: bool
     framing: Framing
 
@@ -57,7 +54,8 @@ class ResponseHead(NamedTuple):
         return header_list(self.raw)
 
 
-_NO_FRAMING = Framing(frozenset(), (), (), (), ())
+_NO_OPTIONS: frozenset[bytes] = frozenset()
+_NO_FRAMING = Framing(frozenset(), (), (), False)
 
 _Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
 
@@ -68,8 +66,7 @@ class _Validator:
     llhttp checks the whole head (request line, header syntax, framing
     conflicts, CRLF line ends, no folded lines) in C; leaving out on_header
     keeps it from calling Python per header. What elbasy needs from the
-    headers is then read off the validated bytes by one regular-expression
-    scan, also in C.
+    headers is then read off the validated bytes by elbasy._heads, also in C.
     """
 
     __slots__ = ("url", "complete")
@@ -85,36 +82,20 @@ class _Validator:
         self.complete = True
 
 
-# On a head llhttp accepted, every header line is "\r\nName:[ \t]*value", and
-# lower-casing the head keeps every offset: one scan of the lower-cased copy
-# finds the lines that matter and where they are.
-_SCANNED = HOP_BY_HOP | {b"content-length", b"transfer-encoding", b"host"}
-_FRAMING_LINE = re.compile(
-    rb"\r\n(" + b"|".join(re.escape(h) for h in sorted(_SCANNED)) + rb")[ \t]*:[ \t]*([^\r]*)"
-)
 _HEADER_LINE = re.compile(rb"\r\n([^:\r]+):[ \t]*([^\r]*)")
 
 
-def _framing(head: bytes) -> Framing:
-    """The headers that decide framing and persistence, from a validated head."""
-    connection: set[bytes] = set()
-    lengths: list[bytes] = []
-    codings: list[bytes] = []
-    hop: list[tuple[int, int]] = []
-    host: list[tuple[int, int]] = []
-    for m in _FRAMING_LINE.finditer(head.lower()):
-        name = m[1]
-        if name == b"content-length":
-            lengths.append(m[2].rstrip(b" \t"))
-        elif name == b"host":
-            host.append(m.span())
-        elif name == b"transfer-encoding":
-            codings += [c.strip() for c in m[2].split(b",") if c.strip()]
-        else:
-            hop.append(m.span())
-            if name == b"connection":
-                connection.update(t.strip() for t in m[2].split(b",") if t.strip())
-    return Framing(frozenset(connection), tuple(lengths), tuple(codings), tuple(hop), tuple(host))
+def _framing(head: bytes, drop_host: bool) -> tuple[bytes, Framing]:
+    """The head without hop-by-hop lines, and what its headers say about framing."""
+    stripped, connection, lengths, codings, hop = scan(head, drop_host)
+    options = (
+        frozenset(t.strip().lower() for v in connection for t in v.split(b",") if t.strip())
+        if connection
+        else _NO_OPTIONS
+    )
+    if codings:
+        codings = tuple(c.strip().lower() for v in codings for c in v.split(b",") if c.strip())
+    return stripped, Framing(options, lengths, codings, hop)
 
 
 def header_list(head: bytes) -> Headers:
@@ -149,13 +130,14 @@ def parse_request_head(head: bytes) -> RequestHead:
     method = parser.get_method().decode("ascii")
     if method == "CONNECT":
         # llhttp checked the headers; a tunnel needs none of them (yet)
-        return RequestHead(method, target, version, head, False, _NO_FRAMING)
-    framing = _framing(head)
+        return RequestHead(method, target, version, head, head, False, _NO_FRAMING)
+    stripped, framing = _framing(head, True)
     return RequestHead(
         method=method,
         target=target,
         version=version,
         raw=head,
+        stripped=stripped,
         keep_alive=_keep_alive(version, framing.connection),
         framing=framing,
     )
@@ -166,13 +148,14 @@ def parse_response_head(head: bytes) -> ResponseHead:
     sink = _Validator()
     parser = httptools.HttpResponseParser(sink)
     _validate(parser, sink, head, "response", 502)
-    framing = _framing(head)
+    stripped, framing = _framing(head, False)
     version = parser.get_http_version()
     return ResponseHead(
         status=parser.get_status_code(),
         status_line=head[: head.find(b"\r\n")],
         version=version,
         raw=head,
+        stripped=stripped,
         keep_alive=_keep_alive(version, framing.connection),
         framing=framing,
     )
