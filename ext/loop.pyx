@@ -212,6 +212,21 @@ cdef inline void buf_consumed(Buf *b, Py_ssize_t n) noexcept nogil:
         b.end = 0
 
 
+cdef int buf_send(int fd, Buf *b, uint64_t *counter) noexcept nogil:
+    """Send what b holds: 1 all sent, 0 the socket is full, -1 failed (errno)."""
+    cdef ssize_t sent
+    while buf_len(b):
+        sent = send(fd, b.data + b.start, buf_len(b), MSG_NOSIGNAL)
+        if sent < 0:
+            if errno == EINTR:
+                continue
+            return 0 if errno == EAGAIN else -1
+        buf_consumed(b, sent)
+        if counter != NULL:
+            counter[0] += sent
+    return 1
+
+
 cdef inline void buf_free(Buf *b) noexcept nogil:
     if b.data != NULL:
         free(b.data)
@@ -936,19 +951,11 @@ cdef class Loop:
 
     cdef int flush_client(self, Conn c) except -2:
         """Write parked bytes to the client: 1 drained, 0 still parked, -1 closed."""
-        cdef ssize_t sent
-        while buf_len(&c.cout):
-            sent = send(c.fd, c.cout.data + c.cout.start, buf_len(&c.cout), MSG_NOSIGNAL)
-            if sent < 0:
-                if errno == EINTR:
-                    continue
-                if errno == EAGAIN:
-                    return 0
-                self.c_client_aborts += 1
-                self.close_conn(c, False)
-                return -1
-            buf_consumed(&c.cout, sent)
-        return 1
+        cdef int rc = buf_send(c.fd, &c.cout, NULL)
+        if rc < 0:
+            self.c_client_aborts += 1
+            self.close_conn(c, False)
+        return rc
 
     cdef void reply(self, Conn c, bytes data, bint close_after):
         if close_after:
@@ -1241,16 +1248,9 @@ cdef class Loop:
         cdef int _rounds, rc
         cdef bint up = d == &c.up
         # 1. bytes already on their way
-        while buf_len(&d.pend):
-            k = send(dst, d.pend.data + d.pend.start, buf_len(&d.pend), MSG_NOSIGNAL)
-            if k < 0:
-                if errno == EINTR:
-                    continue
-                if errno == EAGAIN:
-                    return 0
-                return -2
-            buf_consumed(&d.pend, k)
-            self.c_copied += k
+        rc = buf_send(dst, &d.pend, &self.c_copied)
+        if rc <= 0:
+            return -2 if rc < 0 else 0
         if d.pend.cap:
             buf_free(&d.pend)  # an idle tunnel keeps no buffer
         rc = self.drain_pipe(d, dst)
@@ -1496,19 +1496,11 @@ cdef class Loop:
             self.send_final(c, data)
 
     cdef int flush_upstream(self, Conn c) except -2:
-        cdef ssize_t sent
-        while buf_len(&c.uout):
-            sent = send(c.ufd, c.uout.data + c.uout.start, buf_len(&c.uout), MSG_NOSIGNAL)
-            if sent < 0:
-                if errno == EINTR:
-                    continue
-                if errno == EAGAIN:
-                    return 0
-                self.c_upstream_aborts += 1
-                self.upstream_lost(c)
-                return -1
-            buf_consumed(&c.uout, sent)
-        return 1
+        cdef int rc = buf_send(c.ufd, &c.uout, NULL)
+        if rc < 0:
+            self.c_upstream_aborts += 1
+            self.upstream_lost(c)
+        return rc
 
     cdef void forward_masks(self, Conn c):
         """epoll interest during an exchange, chosen so that the common case
