@@ -44,6 +44,7 @@ REASONS = {
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    508: "Loop Detected",
 }
 
 COUNTERS = ("bad_requests", "heads_too_large", "upstream_errors")
@@ -87,6 +88,10 @@ class Proxy:
     def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
         self._stats = stats
         self._authorities: dict[tuple[bytes, int | None], tuple[str, int, bytes]] = {}
+        # names this process in Via (RFC 9110 §7.6.3), so a request that comes
+        # back (a client or --connect-to pointing elbasy at itself) is refused
+        # instead of looping until the fds run out
+        self._via = b"elbasy-" + os.urandom(4).hex().encode()
         # every counter is present from the start, so dashboards see zeros
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
 
@@ -130,6 +135,8 @@ class Proxy:
         if url.userinfo:
             raise RemoteProtocolError("credentials in the request URL are refused")
         host, port, authority = self._authority(url.host, url.port)
+        if self._via in req.raw:
+            raise RemoteProtocolError("request loop: it has already passed through here", 508)
         body, length = request_framing(req)
         path = url.path or b"/"
         if url.query:
@@ -140,7 +147,8 @@ class Proxy:
         named = named_in_connection(req.framing.connection)
         if named:
             rest = drop_header_lines(rest, named)
-        head = line + b"\r\nHost: " + authority + rest[rest.index(b"\r\n") :]
+        head = line + b"\r\nHost: " + authority + b"\r\nVia: 1.1 " + self._via
+        head += rest[rest.index(b"\r\n") :]
         retryable = req.method in IDEMPOTENT and body == BODY_NONE
         return Forward(host, port, head, body, length, retryable, ex)
 

@@ -26,9 +26,9 @@ def test_absolute_form_is_rewritten_to_origin_form() -> None:
     )
     assert isinstance(v, Forward)
     assert (v.host, v.port, v.body, v.length) == ("a.example", 8080, BODY_LENGTH, 4)
-    assert v.head == (
-        b"POST /p?q=1 HTTP/1.1\r\nHost: a.example:8080\r\nContent-Length: 4\r\n\r\n"
-    )
+    assert v.head.startswith(b"POST /p?q=1 HTTP/1.1\r\nHost: a.example:8080\r\nVia: 1.1 elbasy-")
+    assert v.head.endswith(b"\r\nContent-Length: 4\r\n\r\n")
+    assert v.head.count(b"\r\n") == 5
     assert not v.retryable
 
 
@@ -83,3 +83,16 @@ def test_interim_response_is_relayed_as_is() -> None:
     ex = Exchange("c", "POST", "http://a/", keep_alive=True)
     plan = proxy().on_response(ex, b"HTTP/1.1 100 Continue\r\n\r\n")
     assert plan.interim and plan.head == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def test_a_request_that_comes_back_is_a_loop() -> None:
+    p = proxy()
+    first = p.on_request(b"GET http://a.example/ HTTP/1.1\r\n\r\n", "c")
+    assert isinstance(first, Forward)
+    # the forwarded head, arriving again as a request to the same elbasy
+    again = first.head.replace(b"GET / ", b"GET http://a.example/ ", 1)
+    v = p.on_request(again, "c")
+    assert isinstance(v, Reply) and v.data.startswith(b"HTTP/1.1 508 ")
+    # another elbasy's Via is no loop
+    other = proxy().on_request(again, "c")
+    assert isinstance(other, Forward)
