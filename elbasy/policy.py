@@ -213,7 +213,8 @@ class Proxy:
             head = drop_header_lines(head, named)
         if not keep_client:
             head = head[:-2] + b"Connection: close\r\n\r\n"
-        reuse = upstream_keeps_alive(resp) and body != BODY_CLOSE
+        # a 101 hands the connection to another protocol: never pooled
+        reuse = upstream_keeps_alive(resp) and body != BODY_CLOSE and resp.status != 101
         return ResponsePlan(head, resp.status, body, length, False, keep_client, reuse)
 
     # ---- endings ------------------------------------------------------------------

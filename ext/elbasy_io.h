@@ -177,7 +177,7 @@ static inline long elb_chunked_scan(elb_chunked *st, const char *buf, size_t len
         }
         case CH_EXT:
             if (c == '\r') st->state = CH_SIZE_LF;
-            else if (c == '\n') return -1;
+            else if (((unsigned char)c < 0x20 && c != '\t') || c == 0x7f) return -1;
             i++;
             break;
         case CH_SIZE_LF:
@@ -210,7 +210,11 @@ static inline long elb_chunked_scan(elb_chunked *st, const char *buf, size_t len
             i++;
             break;
         case CH_TRAILER:
+            /* a bare LF or other control byte would end the message early for
+             * a lenient upstream: refuse it rather than let one request hide
+             * another */
             if (c == '\r') st->state = CH_TRAILER_LF;
+            else if (((unsigned char)c < 0x20 && c != '\t') || c == 0x7f) return -1;
             i++;
             break;
         case CH_TRAILER_LF:

@@ -132,6 +132,7 @@ DEF PIPE_SIZE = 1048576
 DEF PIPE_POOL_MAX = 64
 DEF POOL_PER_HOST = 256
 DEF PUMP_ROUNDS = 8           # bounds the work one wake-up does for one flow
+DEF OUT_HIGH = 262144         # bytes owed to a client beyond which its input waits
 
 # connection states (mirrors elbasy/protocol/states.py)
 DEF S_HEAD = 1
@@ -776,7 +777,7 @@ cdef class Loop:
             if ev & EPOLLOUT:
                 if self.flush_client(c) < 0:
                     return
-            if ev & (EPOLLIN | EPOLLHUP):
+            if ev & (EPOLLIN | EPOLLHUP) or buf_len(&c.cin):
                 self.read_head(c)
             else:
                 self.update_head_mask(c)
@@ -829,54 +830,56 @@ cdef class Loop:
     # ---- request head ---------------------------------------------------------------------
 
     cdef void update_head_mask(self, Conn c):
-        cdef int want = EPOLLIN
+        cdef int want = 0
+        if buf_len(&c.cout) <= OUT_HIGH:
+            want = EPOLLIN
         if buf_len(&c.cout):
             want |= EPOLLOUT
         self.set_mask(c.fd, &c.cmask, want)
 
     cdef void read_head(self, Conn c):
+        """Read and dispatch request heads while the connection waits for one.
+
+        A loop, not a recursion: a client may pipeline any number of
+        requests that elbasy answers itself, and each answer comes back here.
+        Answers the client does not read pile up in cout; past OUT_HIGH no
+        more heads are read or dispatched until it drains.
+        """
         cdef ssize_t n
         cdef long end
-        cdef Py_ssize_t before = buf_len(&c.cin), limit = self.max_head + 1
-        if before:
-            # pipelined bytes left over from the previous request
-            end = elb_head_end(c.cin.data + c.cin.start, before, 0)
-            if end > self.max_head:
-                self.head_too_large(c)
-                return
-            if end > 0:
-                self.dispatch_head(c, end)
-                return
+        cdef Py_ssize_t have, scanned = 0, limit = self.max_head + 1
         while True:
-            if before > self.max_head:
-                self.head_too_large(c)
+            if buf_len(&c.cout) > OUT_HIGH:
+                self.update_head_mask(c)
                 return
-            buf_reserve(&c.cin, limit - before if limit - before < 16384 else 16384)
-            n = recv(c.fd, c.cin.data + c.cin.end, c.cin.cap - c.cin.end, 0)
-            if n > 0:
-                if before == 0 and c.requests > 0:
-                    # a keep-alive client began its next request
-                    self.arm(c, self.now + self.head_ns)
-                c.cin.end += n
-                end = elb_head_end(c.cin.data + c.cin.start, buf_len(&c.cin), before)
-                if end > self.max_head:
+            have = buf_len(&c.cin)
+            if have:
+                end = elb_head_end(c.cin.data + c.cin.start, have, scanned)
+                if end > self.max_head or (end < 0 and have > self.max_head):
                     self.head_too_large(c)
                     return
                 if end > 0:
                     self.dispatch_head(c, end)
-                    return
-                before = buf_len(&c.cin)
-                if c.cin.end < c.cin.cap:
-                    # short read: the socket is empty for now
-                    if before > self.max_head:
-                        self.head_too_large(c)
+                    if c.state != S_HEAD:
                         return
-                    self.update_head_mask(c)
-                    return
+                    scanned = 0
+                    continue
+                scanned = have
+            buf_reserve(&c.cin, limit - have if limit - have < 16384 else 16384)
+            n = recv(c.fd, c.cin.data + c.cin.end, c.cin.cap - c.cin.end, 0)
+            if n > 0:
+                if have == 0 and c.requests > 0:
+                    # a keep-alive client began its next request
+                    self.arm(c, self.now + self.head_ns)
+                c.cin.end += n
                 continue
             if n == 0:
-                # client finished (keep-alive close, or gave up mid-head)
-                self.close_conn(c, False)
+                # the client is done (keep-alive close, or gave up mid-head);
+                # what we still owe it is delivered before the close
+                if buf_len(&c.cout):
+                    self.linger(c)
+                else:
+                    self.close_conn(c, False)
                 return
             if errno == EINTR:
                 continue
@@ -964,7 +967,7 @@ cdef class Loop:
         if self.queue_client(c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) < 0:
             self.close_conn(c, False)
             return
-        self.back_to_head(c)
+        self.back_to_head(c, False)
 
     cdef void send_final(self, Conn c, bytes data):
         """Answer and close, lingering so the answer is not lost to a reset.
@@ -977,6 +980,10 @@ cdef class Loop:
         if self.queue_client(c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) < 0:
             self.close_conn(c, False)
             return
+        self.linger(c)
+
+    cdef void linger(self, Conn c):
+        """Deliver what the client is owed, then close without a reset."""
         c.state = S_LINGER
         buf_free(&c.cin)
         self.arm(c, self.now + LINGER_NS)
@@ -985,10 +992,13 @@ cdef class Loop:
     cdef void linger_event(self, Conn c, uint32_t ev):
         cdef ssize_t n
         cdef int _i, rc
-        if buf_len(&c.cout):
+        cdef Py_ssize_t owed = buf_len(&c.cout)
+        if owed:
             rc = self.flush_client(c)
             if rc < 0:
                 return
+            if buf_len(&c.cout) < owed:
+                c.deadline = self.now + LINGER_NS  # a slow reader that reads is no staller
             if rc == 0:
                 self.set_mask(c.fd, &c.cmask, EPOLLOUT)
                 return
@@ -1002,8 +1012,10 @@ cdef class Loop:
             if n < 0 and (errno == EAGAIN or errno == EINTR):
                 self.set_mask(c.fd, &c.cmask, EPOLLIN)
                 return
-            break
-        self.close_conn(c, False)
+            self.close_conn(c, False)
+            return
+        # still more input: read it on the next wake-up, within the deadline
+        self.set_mask(c.fd, &c.cmask, EPOLLIN)
 
     cdef void fail(self, Conn c, int status, str reason):
         """An upstream could not be reached or did not answer: say why."""
@@ -1014,8 +1026,12 @@ cdef class Loop:
             data = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
         self.send_final(c, data)
 
-    cdef void back_to_head(self, Conn c):
-        """Keep-alive: wait for the next request on this client connection."""
+    cdef void back_to_head(self, Conn c, bint resume):
+        """Keep-alive: wait for the next request on this client connection.
+
+        With resume, pipelined bytes already here are read at once; without
+        it the caller is read_head itself, whose loop goes on.
+        """
         c.state = S_HEAD
         c.client_paused = False
         c.verdict = None
@@ -1023,7 +1039,8 @@ cdef class Loop:
         c.goal = 0
         if buf_len(&c.cin):
             self.arm(c, self.now + self.head_ns)
-            self.read_head(c)
+            if resume:
+                self.read_head(c)
         else:
             self.arm(c, self.now + self.keepalive_ns)
             self.update_head_mask(c)
@@ -1145,9 +1162,14 @@ cdef class Loop:
         c.bytes_down = 0
         # The "200" goes first; a client that did not wait for it (bytes after
         # the CONNECT head) has those bytes passed on before anything else.
-        sent = send(c.fd, PyBytes_AS_STRING(ok), PyBytes_GET_SIZE(ok), MSG_NOSIGNAL)
-        if sent < 0:
+        if buf_len(&c.cout):
+            # a response to an earlier request is still on its way: it goes first
+            buf_append(&c.down.pend, c.cout.data + c.cout.start, buf_len(&c.cout))
             sent = 0
+        else:
+            sent = send(c.fd, PyBytes_AS_STRING(ok), PyBytes_GET_SIZE(ok), MSG_NOSIGNAL)
+            if sent < 0:
+                sent = 0
         if sent < PyBytes_GET_SIZE(ok):
             buf_append(&c.down.pend, PyBytes_AS_STRING(ok) + sent, PyBytes_GET_SIZE(ok) - sent)
         if early:
@@ -1171,39 +1193,40 @@ cdef class Loop:
 
     cdef void tunnel_event(self, Conn c, int fd, uint32_t ev):
         cdef int rc = 0
+        cdef int other = c.ufd if fd == c.fd else c.fd
+        cdef Dir *reading = &c.up if fd == c.fd else &c.down    # fd is its source
+        cdef Dir *writing = &c.down if fd == c.fd else &c.up    # fd is its destination
+        cdef uint64_t before = self.c_copied + self.c_spliced + c.bytes_up + c.bytes_down
+        cdef epoll_event unused
         if ev & EPOLLERR:
             self.tunnel_abort(c, fd)
             return
-        if fd == c.fd:
-            if ev & (EPOLLIN | EPOLLHUP):
-                rc = self.pump(c, &c.up, c.fd, c.ufd)
-                if rc < 0:
-                    self.tunnel_abort(c, c.fd if rc == -1 else c.ufd)
-                    return
-            if ev & (EPOLLOUT | EPOLLHUP):
-                rc = self.pump(c, &c.down, c.ufd, c.fd)
-                if rc < 0:
-                    self.tunnel_abort(c, c.ufd if rc == -1 else c.fd)
-                    return
-        else:
-            if ev & (EPOLLIN | EPOLLHUP):
-                rc = self.pump(c, &c.down, c.ufd, c.fd)
-                if rc < 0:
-                    self.tunnel_abort(c, c.ufd if rc == -1 else c.fd)
-                    return
-            if ev & (EPOLLOUT | EPOLLHUP):
-                rc = self.pump(c, &c.up, c.fd, c.ufd)
-                if rc < 0:
-                    self.tunnel_abort(c, c.fd if rc == -1 else c.ufd)
-                    return
+        if ev & (EPOLLIN | EPOLLHUP):
+            rc = self.pump(c, reading, fd, other)
+            if rc < 0:
+                self.tunnel_abort(c, fd if rc == -1 else other)
+                return
+        if ev & (EPOLLOUT | EPOLLHUP):
+            rc = self.pump(c, writing, other, fd)
+            if rc < 0:
+                self.tunnel_abort(c, other if rc == -1 else fd)
+                return
         if c.up.shut and c.down.shut:
             self.close_conn(c, False)
             return
-        self.c_deadline_touch(c, self.idle_ns)
+        if self.c_copied + self.c_spliced + c.bytes_up + c.bytes_down != before:
+            c.deadline = self.now + self.idle_ns  # idle means no byte moved
         self.tunnel_masks(c)
-
-    cdef inline void c_deadline_touch(self, Conn c, int64_t span):
-        c.deadline = self.now + span
+        if ev & EPOLLHUP:
+            # A socket shut both ways reports HUP whatever it is asked for.
+            # While it has nothing to do (its data waits on the other side)
+            # it leaves epoll; tunnel_masks adds it back when it has.
+            if fd == c.fd and c.cmask == 0:
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, &unused)
+                c.cmask = -1
+            elif fd == c.ufd and c.umask == 0:
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, &unused)
+                c.umask = -1
 
     cdef void tunnel_masks(self, Conn c):
         cdef int cw = 0, uw = 0
@@ -1366,20 +1389,14 @@ cdef class Loop:
         cdef Pooled p
         cdef ssize_t n
         cdef char probe
-        cdef bint retryable = (<object>c.verdict).retryable
-        cdef bint alive
         while idle:
             p = <Pooled>idle.pop()
             # An upstream that closed while idle is usually dropped by its
-            # hang-up event; one that closed a moment ago may not be yet. A
-            # request that may be retried finds out by trying; any other
-            # gets a one-byte peek first.
-            if retryable:
-                alive = True
-            else:
-                n = recv(p.fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT)
-                alive = n < 0 and errno == EAGAIN
-            if alive:
+            # hang-up event, but one that closed (or sent stray bytes) a moment
+            # ago may not be yet: a one-byte peek makes sure nothing waits on
+            # it, so no byte from before is read as this request's answer.
+            n = recv(p.fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT)
+            if n < 0 and errno == EAGAIN:
                 c.ufd = p.fd
                 c.umask = p.mask
                 self.map_fd(p.fd, c)
@@ -1557,7 +1574,7 @@ cdef class Loop:
         if c.resp_done:
             self.finish_exchange(c)
             return
-        self.c_deadline_touch(c, self.response_ns)
+        c.deadline = self.now + self.response_ns
         self.forward_masks(c)
 
     cdef int read_response(self, Conn c) except -2:
@@ -1711,11 +1728,9 @@ cdef class Loop:
         buf_free(&c.uout)
         c.ticket = None
         if c.keep_client and c.req_done:
-            self.back_to_head(c)
+            self.back_to_head(c, True)
         else:
-            c.state = S_LINGER
-            self.arm(c, self.now + LINGER_NS)
-            self.linger_event(c, 0)
+            self.linger(c)
 
     # ---- the end of a connection ---------------------------------------------------------
 

@@ -51,9 +51,15 @@ def strip_hop_by_hop(headers: Headers, named: Iterable[bytes] | None = None) -> 
 _PLAIN_OPTIONS = frozenset({b"close", b"keep-alive"})
 
 
+# Never dropped because Connection names them: elbasy frames the body by
+# them, so the next hop must see the same framing (or one request could
+# carry another inside its body), and Host is set by elbasy itself.
+_NEVER_NAMED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+
 def named_in_connection(connection: frozenset[bytes]) -> frozenset[bytes]:
-    """The Connection options that name headers (not close or keep-alive)."""
-    return connection - _PLAIN_OPTIONS
+    """The Connection options that name headers to drop (not close or keep-alive)."""
+    return connection - _PLAIN_OPTIONS - _NEVER_NAMED
 
 
 def drop_header_lines(head: bytes, names: Iterable[bytes]) -> bytes:

@@ -187,6 +187,9 @@ def request_framing(req: RequestHead) -> tuple[int, int]:
     if f.codings:
         if length is not None:
             raise RemoteProtocolError("both Transfer-Encoding and Content-Length")
+        if req.version == "1.0":
+            # RFC 9112 §6.1: framing an HTTP/1.0 message by it is faulty
+            raise RemoteProtocolError("Transfer-Encoding in an HTTP/1.0 request")
         if f.codings[-1] != b"chunked":
             raise RemoteProtocolError("request Transfer-Encoding must end in chunked")
         return BODY_CHUNKED, 0
