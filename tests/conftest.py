@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -55,8 +56,15 @@ def _clean_env() -> dict[str, str]:
 class Proxy:
     """A running `python -m elbasy` subprocess."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], nofile: int | None = None) -> None:
+        """Start elbasy; with `nofile`, under that RLIMIT_NOFILE (soft and hard,
+        since elbasy lifts its soft limit to the hard one)."""
         self.args = args
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "elbasy", "--listen", "127.0.0.1:0", *args],
             stdin=subprocess.DEVNULL,
@@ -64,6 +72,7 @@ class Proxy:
             stderr=subprocess.PIPE,
             env=_clean_env(),
             cwd=str(REPO),
+            preexec_fn=limit if nofile is not None else None,
         )
         self.pid = self.proc.pid
         self._lines: list[str] = []
@@ -135,6 +144,13 @@ class Proxy:
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # fields[0] is the state (field 3): utime and stime are fields 14 and 15
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def alive(self) -> bool:
         return self.proc.poll() is None

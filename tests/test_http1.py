@@ -37,8 +37,17 @@ def test_connect_head_is_complete_even_though_llhttp_calls_it_an_upgrade() -> No
 
 @pytest.mark.parametrize(
     "target",
-    ["example.com", "example.com:", ":443", "example.com:0", "example.com:70000", "a b:1",
-     "[::1:443", "exa$mple.com:443", "example.com:44x3"],
+    [
+        "example.com",
+        "example.com:",
+        ":443",
+        "example.com:0",
+        "example.com:70000",
+        "a b:1",
+        "[::1:443",
+        "exa$mple.com:443",
+        "example.com:44x3",
+    ],
 )
 def test_bad_connect_targets(target: str) -> None:
     with pytest.raises(RemoteProtocolError) as err:

@@ -9,77 +9,34 @@ from __future__ import annotations
 import errno
 import http.client
 import json
-import os
 import re
 import resource
 import select
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import origins
 import pytest
+from conftest import Proxy
 from origins import Reader, connect_tunnel
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP = re.compile(r"^elbasy \S+ listening on 127\.0\.0\.1:(\d+)\s*$")
 PARTIAL_HEAD = b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: 127.0.0.1:9\r\nX-Slow: "
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 NOFILE = 64
 
 
-class LimitedProxy:
+class LimitedProxy(Proxy):
     """`python -m elbasy` on 127.0.0.1:0 with RLIMIT_NOFILE set to ``nofile`` (soft and hard)."""
 
     def __init__(self, nofile: int, *args: str) -> None:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("ELBASY_") and not k.lower().endswith("_proxy")
-        }
-        env["PYTHONUNBUFFERED"] = "1"
+        super().__init__(list(args), nofile=nofile)
 
-        def limit() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "elbasy", "--listen", "127.0.0.1:0", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=str(REPO),
-            preexec_fn=limit,
-        )
-        self.pid = self.proc.pid
-        self.port = 0
-        self.lines: list[str] = []
-        self._started = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        if not self._started.wait(10) or self.port == 0:
-            self.proc.kill()
-            self.proc.wait(5)
-            raise AssertionError(f"elbasy did not start; stderr:\n{''.join(self.lines)}")
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode("utf-8", "replace")
-            self.lines.append(line)
-            m = STARTUP.match(line)
-            if m and not self._started.is_set():
-                self.port = int(m.group(1))
-                self._started.set()
-        self._started.set()
-
-    def connect(self, timeout: float = 10.0) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+    @property
+    def lines(self) -> list[str]:
+        return self.stderr_lines
 
     def healthz(self, attempts: int = 1) -> dict:
         """GET /healthz; retried while the proxy sheds connections for want of fds."""
@@ -99,15 +56,6 @@ class LimitedProxy:
                 conn.close()
         raise AssertionError("unreachable")
 
-    def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        # fields[0] is the state (field 3): utime and stime are fields 14 and 15
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
     def wait_fds(self, target: int, timeout: float = 5.0) -> int:
         deadline = time.monotonic() + timeout
         while True:
@@ -115,21 +63,6 @@ class LimitedProxy:
             if n == target or time.monotonic() > deadline:
                 return n
             time.sleep(0.05)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                return None
-        self._reader.join(2)
-        return self.proc.returncode
 
 
 @pytest.fixture
@@ -326,9 +259,9 @@ def test_two_thousand_head_deadlines(proxy, many_fds):
         assert p.fd_count() >= fds0 + n
 
         # waiting on 2,000 deadlines costs (next to) nothing
-        cpu0 = _cpu_seconds(p.pid)
+        cpu0 = p.cpu_seconds()
         time.sleep(max(0.0, t_first + HEAD_TIMEOUT - 1.5 - time.monotonic()))
-        assert _cpu_seconds(p.pid) - cpu0 < 0.3
+        assert p.cpu_seconds() - cpu0 < 0.3
         assert p.healthz()["counters"]["head_timeouts"] == h0["counters"]["head_timeouts"]
 
         # all closed by the proxy within a few seconds of the deadline
@@ -349,9 +282,3 @@ def test_two_thousand_head_deadlines(proxy, many_fds):
     while p.fd_count() > fds0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert p.fd_count() == fds0
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
