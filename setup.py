@@ -17,6 +17,10 @@ extensions = [
         "elbasy._loop",
         sources=["ext/loop.pyx"],
         include_dirs=["ext"],
+        depends=["ext/elbasy_io.h", "ext/elbasy_tls.h"],
+        # the same libssl as elbasy._tls: the loop reads and writes the SSL*
+        # objects that binding creates
+        libraries=["ssl", "crypto"],
         define_macros=[("ELBASY_DEBUG", "1" if debug else "0"), ("_GNU_SOURCE", "1")],
         extra_compile_args=["-O2", "-fno-strict-aliasing"] + (["-g", "-O0"] if debug else []),
     ),

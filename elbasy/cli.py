@@ -51,6 +51,10 @@ def build_config(
     max_head_bytes: int = _DEFAULTS.max_head_bytes,
     splice: str = _DEFAULTS.splice,
     connect_to: Iterable[str] = (),
+    intercept: Iterable[str] = (),
+    data_dir: str | None = None,
+    upstream_ca: str | None = None,
+    unconstrained_ca: bool = False,
 ) -> Config:
     """A :class:`Config` from settings spelled as ``elbasy``'s options.
 
@@ -76,6 +80,10 @@ def build_config(
         max_head_bytes=max_head_bytes,
         splice=splice,
         connect_to=tuple(rules),
+        intercept=tuple(intercept),
+        data_dir=str(data_dir) if data_dir is not None else None,
+        upstream_ca=upstream_ca,
+        unconstrained_ca=unconstrained_ca,
     )
 
 
@@ -214,6 +222,44 @@ def _seconds(name: str, default: float, help: str) -> Callable[[_F], _F]:
     help="Dial ADDR:PORT for HOST:PORT (curl syntax; HOST is a glob; empty fields mean "
     "any/keep; IPv6 in brackets). Repeatable; the first match wins.",
 )
+@click.option(
+    "--intercept",
+    "intercept",
+    multiple=True,
+    envvar=_env("intercept"),
+    metavar="GLOB",
+    show_default=False,
+    help="Terminate TLS for CONNECTs to hosts matching GLOB (e.g. '*.myshopify.com') and "
+    "relay each request; repeatable. Other hosts get a spliced tunnel.",
+)
+@click.option(
+    "--data-dir",
+    "data_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    envvar=_env("data_dir"),
+    metavar="DIR",
+    show_default=False,
+    help="Where the CA lives (made on first run). [default: $XDG_DATA_HOME/elbasy]",
+)
+@click.option(
+    "--upstream-ca",
+    "upstream_ca",
+    type=click.Path(dir_okay=False),
+    default=None,
+    envvar=_env("upstream_ca"),
+    metavar="FILE",
+    show_default=False,
+    help="Also trust these CA certificates (PEM) when verifying upstream TLS.",
+)
+@click.option(
+    "--unconstrained-ca",
+    "unconstrained_ca",
+    is_flag=True,
+    default=False,
+    envvar=_env("unconstrained_ca"),
+    help="On first run, make a CA without name constraints (it can issue for ANY host).",
+)
 @click.pass_context
 def main(ctx: click.Context, /, **options: Any) -> None:
     """elbasy: an egress HTTP(S) proxy that keeps API clients under their rate limits.
@@ -231,11 +277,13 @@ def main(ctx: click.Context, /, **options: Any) -> None:
         return
 
     from elbasy.logs import configure
-    from elbasy.server import run
+    from elbasy.server import StartupError, run
 
     configure(config.log_level, config.log_format)
     try:
         run(config)
+    except StartupError as e:
+        raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:  # Ctrl-C before the server installed its handlers
         pass
 

@@ -74,6 +74,10 @@ CONFIG_KEYS: Mapping[str, str] = {
     "max_head_bytes": "integer",
     "splice": "string",
     "connect_to": "array of strings",
+    "intercept": "array of strings",
+    "data_dir": "string",
+    "upstream_ca": "string",
+    "unconstrained_ca": "boolean",
 }
 
 _HOSTNAME_CHARS = frozenset(string.ascii_letters + string.digits + "-._")
@@ -315,6 +319,14 @@ class Config:
     max_head_bytes: int = 65536
     splice: str = "auto"
     connect_to: tuple[ConnectTo, ...] = field(default=())
+    #: host globs whose CONNECTs are intercepted (TLS terminated by elbasy)
+    intercept: tuple[str, ...] = field(default=())
+    #: where the CA lives; None: $XDG_DATA_HOME/elbasy
+    data_dir: str | None = None
+    #: extra CA bundle (PEM) trusted for upstream TLS, beside the system store
+    upstream_ca: str | None = None
+    #: a first-run CA without name constraints (intercepting arbitrary hosts)
+    unconstrained_ca: bool = False
 
     def __post_init__(self) -> None:
         def fix(name: str, value: object) -> None:
@@ -355,6 +367,20 @@ class Config:
             if not isinstance(rule, ConnectTo):
                 raise ConfigError(f"must hold ConnectTo rules, got {rule!r}", "connect_to")
         fix("connect_to", rules)
+        globs = tuple(self.intercept)
+        for glob in globs:
+            if not isinstance(glob, str) or not glob or any(c not in _GLOB_CHARS for c in glob):
+                if not (isinstance(glob, str) and ":" in glob):  # IPv6 literals
+                    raise ConfigError(f"{glob!r} is not a host glob", "intercept")
+        fix("intercept", tuple(g.lower() for g in globs))
+        for name in ("data_dir", "upstream_ca"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"must be a path, got {value!r}", name)
+        if not isinstance(self.unconstrained_ca, bool):
+            raise ConfigError(
+                f"must be true or false, got {self.unconstrained_ca!r}", "unconstrained_ca"
+            )
 
     @property
     def listen(self) -> str:
@@ -377,6 +403,8 @@ def _check_toml_value(path: Path, key: str, value: object) -> object:
     if kind == "number" and (_is_int(value) or isinstance(value, float)):
         return value
     if kind == "integer" and _is_int(value):
+        return value
+    if kind == "boolean" and isinstance(value, bool):
         return value
     if kind == "array of strings":
         if isinstance(value, str):
@@ -419,6 +447,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 def _toml_value(value: object) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
@@ -434,5 +464,11 @@ def to_toml(config: Config) -> str:
         "max_head_bytes": config.max_head_bytes,
         "splice": config.splice,
         "connect_to": [str(rule) for rule in config.connect_to],
+        "intercept": list(config.intercept),
+        "data_dir": config.data_dir,
+        "upstream_ca": config.upstream_ca,
+        "unconstrained_ca": config.unconstrained_ca,
     }
-    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
+    return "".join(
+        f"{key} = {_toml_value(value)}\n" for key, value in values.items() if value is not None
+    )

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 import httptools
@@ -29,7 +31,15 @@ from elbasy.protocol.http1 import (
     upstream_keeps_alive,
 )
 from elbasy.protocol.targets import check_host, check_port, parse_authority
-from elbasy.verdicts import BODY_CLOSE, BODY_NONE, Forward, Reply, ResponsePlan, Tunnel
+from elbasy.verdicts import (
+    BODY_CLOSE,
+    BODY_NONE,
+    Forward,
+    Intercept,
+    Reply,
+    ResponsePlan,
+    Tunnel,
+)
 
 log = logging.getLogger("elbasy.proxy")
 
@@ -41,14 +51,24 @@ REASONS = {
     405: "Method Not Allowed",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
     508: "Loop Detected",
 }
 
-COUNTERS = ("bad_requests", "heads_too_large", "upstream_errors")
+COUNTERS = (
+    "bad_requests",
+    "heads_too_large",
+    "upstream_errors",
+    "tls_client_failures",
+    "abandoned_while_held",
+)
 _REFUSAL_COUNTER = {400: "bad_requests", 431: "heads_too_large"}
+_HOST_LINE = re.compile(rb"\r\nhost:[ \t]*([^\r]*)", re.IGNORECASE)
+# nginx's convention for "the client closed the request before an answer"
+CLIENT_CLOSED = 499
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
@@ -85,8 +105,11 @@ def error_response(status: int, reason: str) -> bytes:
 class Proxy:
     """The per-request decisions of one worker."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, Any]], intercept: Sequence[str] = ()) -> None:
         self._stats = stats
+        # host globs whose CONNECTs are intercepted (TLS terminated here)
+        self.intercept = tuple(g.lower() for g in intercept)
+        self._intercepted: dict[str, bool] = {}
         self._authorities: dict[tuple[bytes, int | None], tuple[str, int, bytes]] = {}
         # names this process in Via (RFC 9110 §7.6.3), so a request that comes
         # back (a client or --connect-to pointing elbasy at itself) is refused
@@ -97,7 +120,7 @@ class Proxy:
 
     # ---- request heads -----------------------------------------------------------
 
-    def on_request(self, head: bytes, client: str) -> Reply | Tunnel | Forward:
+    def on_request(self, head: bytes, client: str) -> Reply | Tunnel | Intercept | Forward:
         try:
             req = parse_request_head(head)
         except RemoteProtocolError as exc:
@@ -108,12 +131,64 @@ class Proxy:
         try:
             if req.method == "CONNECT":
                 host, port = parse_authority(req.target)
+                if self.intercepts(host):
+                    return Intercept(host, port, ex)
                 return Tunnel(host, port, ex)
             if req.target.startswith("/"):
                 return self._own_page(req, ex)
             return self._forward(req, ex)
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
+
+    def intercepts(self, host: str) -> bool:
+        """Whether CONNECTs to ``host`` are intercepted (one glob match per host, cached)."""
+        known = self._intercepted.get(host)
+        if known is None:
+            name = host.lower()
+            known = any(fnmatchcase(name, glob) for glob in self.intercept)
+            if len(self._intercepted) >= 4096:
+                self._intercepted.clear()
+            self._intercepted[host] = known
+        return known
+
+    def on_intercepted(self, head: bytes, client: str, site: Intercept) -> Reply | Forward:
+        """A request inside an intercepted TLS session: forward it to the site over TLS."""
+        origin = "https://" + (site.host if site.port == 443 else f"{site.host}:{site.port}")
+        try:
+            req = parse_request_head(head)
+        except RemoteProtocolError as exc:
+            return self._refuse(Exchange(client, "-", origin), exc)
+        ex = Exchange(
+            client, req.method, origin + req.target, req.keep_alive and req.version != "1.0"
+        )
+        try:
+            if req.method == "CONNECT":
+                raise RemoteProtocolError("CONNECT inside an intercepted TLS session")
+            if b"upgrade" in req.framing.connection:
+                raise RemoteProtocolError(
+                    f"elbasy does not relay protocol upgrades on intercepted hosts ({site.host})",
+                    501,
+                )
+            path = req.target.encode("ascii")
+            if not (path.startswith(b"/") or path == b"*"):
+                path = self._origin_form(path)
+            found = _HOST_LINE.search(req.raw)
+            authority = found[1].rstrip(b" \t") if found else origin[8:].encode("ascii")
+            return self._upstream(req, path, authority, site.host, site.port, ex, tls=True)
+        except RemoteProtocolError as exc:
+            return self._refuse(ex, exc)
+
+    @staticmethod
+    def _origin_form(target: bytes) -> bytes:
+        """The path and query of an absolute-form target (a client may send one to a server)."""
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:
+            raise RemoteProtocolError(f"bad request target {target!r}") from None
+        if not url.schema:
+            raise RemoteProtocolError(f"bad request target {target!r}")
+        path = url.path or b"/"
+        return path + b"?" + url.query if url.query else path
 
     def _refuse(self, ex: Exchange, exc: RemoteProtocolError) -> Reply:
         status = exc.status_hint
@@ -135,12 +210,25 @@ class Proxy:
         if url.userinfo:
             raise RemoteProtocolError("credentials in the request URL are refused")
         host, port, authority = self._authority(url.host, url.port)
-        if self._via in req.raw:
-            raise RemoteProtocolError("request loop: it has already passed through here", 508)
-        body, length = request_framing(req)
         path = url.path or b"/"
         if url.query:
             path += b"?" + url.query
+        return self._upstream(req, path, authority, host, port, ex, tls=False)
+
+    def _upstream(
+        self,
+        req: RequestHead,
+        path: bytes,
+        authority: bytes,
+        host: str,
+        port: int,
+        ex: Exchange,
+        tls: bool,
+    ) -> Forward:
+        """The request as it leaves: origin-form, hop-by-hop stripped, Host and Via set."""
+        if self._via in req.raw:
+            raise RemoteProtocolError("request loop: it has already passed through here", 508)
+        body, length = request_framing(req)
         version = b"HTTP/1.0" if req.version == "1.0" else b"HTTP/1.1"
         line = req.method.encode("ascii") + b" " + path + b" " + version
         rest = req.stripped
@@ -150,7 +238,7 @@ class Proxy:
         head = line + b"\r\nHost: " + authority + b"\r\nVia: 1.1 " + self._via
         head += rest[rest.index(b"\r\n") :]
         retryable = req.method in IDEMPOTENT and body == BODY_NONE
-        return Forward(host, port, head, body, length, retryable, ex)
+        return Forward(host, port, head, body, length, retryable, ex, tls)
 
     def _authority(self, raw: bytes, port: int | None) -> tuple[str, int, bytes]:
         """(host, port, Host header value) of a URL's authority, checked once per authority."""
@@ -228,6 +316,20 @@ class Proxy:
         log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
         log.warning("%s %s from %s: %s", ex.method, ex.target, ex.client, reason)
         return error_response(status, reason)
+
+    def departing(self, ex: Exchange) -> float | None:
+        """A held request's departure time came: None to send it, or a later time."""
+        return None
+
+    def abandoned(self, ex: Exchange) -> None:
+        """The client of a held request left before its departure."""
+        self.counters["abandoned_while_held"] += 1
+        log_access(ex.client, ex.method, ex.target, CLIENT_CLOSED, 0, 0, 0.0)
+
+    def tls_failed(self, ex: Exchange, error: Exception) -> None:
+        """The TLS handshake with an intercepted client failed (untrusted CA, garbage...)."""
+        self.counters["tls_client_failures"] += 1
+        log.info("TLS with %s for %s failed: %s", ex.client, ex.target, error)
 
     def head_too_large(self, client: str) -> bytes:
         return self._refuse(

@@ -8,11 +8,14 @@ concerns (the listening socket, fd limits, signals).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import resource
 import signal
 import socket
 import time
+from pathlib import Path
+from typing import Any
 
 from elbasy import __version__
 from elbasy._loop import Loop
@@ -54,48 +57,142 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class StartupError(Exception):
+    """elbasy cannot start as configured; the message says why and what to do."""
+
+
+def interception(config: Config) -> tuple[Any, Any, str]:
+    """The TLS halves for --intercept: (server side, upstream side, CA file).
+
+    Loads the CA from the data dir, or makes it on the first run, and
+    refuses to start when it cannot issue for every intercepted host (its
+    name constraints predate a new --intercept glob, or it is near expiry),
+    naming the command that makes a new one.
+    """
+    from elbasy.ca import CAError, CertificateAuthority, default_data_dir
+    from elbasy.tls import ClientTLS, ServerTLS, TLSError
+
+    def now() -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    where = Path(config.data_dir) if config.data_dir else default_data_dir()
+    try:
+        authority = CertificateAuthority.load_or_create(
+            where, config.intercept, now=now(), unconstrained=config.unconstrained_ca
+        )
+    except CAError as e:
+        raise StartupError(str(e)) from None
+    problem = authority.needs_new_ca(config.intercept, now())
+    if problem is not None:
+        raise StartupError(problem)
+    if authority.unconstrained:
+        log.warning(
+            "the CA in %s is UNCONSTRAINED: its key can impersonate any site", authority.data_dir
+        )
+    try:
+        client = ClientTLS(config.upstream_ca)
+    except TLSError as e:
+        raise StartupError(str(e)) from None
+    return ServerTLS(authority, now), client, str(authority.cert_path)
+
+
+class Worker:
+    """One loop with its listener, resolver and policy; ``serve()`` runs it.
+
+    ``policy_type`` builds the policy (a test may pass a subclass of
+    :class:`Proxy`). ``stop()`` may be called from any thread.
+    """
+
+    def __init__(self, config: Config, policy_type: type[Proxy] = Proxy) -> None:
+        self.config = config
+        self.sock = listen(config.listen_host, config.listen_port)
+        self.address: tuple[str, int] = self.sock.getsockname()[:2]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.resolver = Resolver(time.monotonic, config.connect_to)
+        self.server_tls: Any = None
+        self.client_tls: Any = None
+        self.ca_file: str | None = None
+        try:
+            if config.intercept:
+                self.server_tls, self.client_tls, self.ca_file = interception(config)
+            self.policy = policy_type(self._stats, config.intercept)
+            self.loop = Loop(
+                self.policy,
+                self.resolver,
+                self.sock.fileno(),
+                self._wake_r.fileno(),
+                head_timeout=config.head_timeout,
+                connect_timeout=config.connect_timeout,
+                idle_timeout=config.idle_timeout,
+                keepalive_timeout=config.keepalive_timeout,
+                response_timeout=config.response_timeout,
+                max_head_bytes=config.max_head_bytes,
+                splice=SPLICE_MODES.index(config.splice),
+                server_tls=self.server_tls,
+                client_tls=self.client_tls,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _stats(self) -> dict[str, Any]:
+        loop = getattr(self, "loop", None)
+        stats: dict[str, Any] = loop.stats() if loop is not None else {}
+        if self.server_tls is not None:
+            stats.setdefault("tls", {}).update(self.server_tls.stats())
+        return stats
+
+    @property
+    def wakeup_fd(self) -> int:
+        """Where signal.set_wakeup_fd should write (wakes the loop)."""
+        return self._wake_w.fileno()
+
+    def serve(self) -> None:
+        """Run the loop until stop(); then every connection it owned is closed."""
+        self.loop.run()
+
+    def stop(self) -> None:
+        self.loop.stop()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def close(self) -> None:
+        self.resolver.close()
+        for tls in (self.server_tls, self.client_tls):
+            if tls is not None:
+                tls.close()
+        self.sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
 def run(config: Config) -> None:
     """Serve until SIGINT or SIGTERM."""
     limit = raise_fd_limit()
-    sock = listen(config.listen_host, config.listen_port)
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    resolver = Resolver(time.monotonic, config.connect_to)
-    loop: Loop | None = None
-    proxy = Proxy(lambda: loop.stats() if loop is not None else {})
-    loop = Loop(
-        proxy,
-        resolver,
-        sock.fileno(),
-        wake_r.fileno(),
-        head_timeout=config.head_timeout,
-        connect_timeout=config.connect_timeout,
-        idle_timeout=config.idle_timeout,
-        keepalive_timeout=config.keepalive_timeout,
-        response_timeout=config.response_timeout,
-        max_head_bytes=config.max_head_bytes,
-        splice=SPLICE_MODES.index(config.splice),
-    )
+    worker = Worker(config)
 
     def stop(signum: int, frame: object) -> None:
         log.info("signal %d: stopping", signum)
-        assert loop is not None
-        loop.stop()
+        worker.loop.stop()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-    host, port = sock.getsockname()[:2]
+    old_wakeup = signal.set_wakeup_fd(worker.wakeup_fd, warn_on_full_buffer=False)
+    host, port = worker.address
     startup_banner(__version__, host, port)
     log.info("fd limit %d", limit)
+    if config.intercept:
+        log.info(
+            "intercepting %s with the CA in %s (clients must trust it: elbasy ca trust-help)",
+            ", ".join(config.intercept),
+            worker.ca_file,
+        )
     try:
-        loop.run()
+        worker.serve()
     finally:
         signal.set_wakeup_fd(old_wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        resolver.close()
-        sock.close()
-        wake_r.close()
-        wake_w.close()
+        worker.close()
         log.info("stopped")

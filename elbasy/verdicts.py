@@ -32,8 +32,26 @@ class Tunnel(NamedTuple):
     ticket: Any
 
 
+class Intercept(NamedTuple):
+    """Answer 200, accept TLS as `host` (leaf by SNI), then relay each HTTP message.
+
+    Every request inside the session goes to the policy's ``on_intercepted``
+    with this verdict as the ``site``.
+    """
+
+    host: str
+    port: int
+    ticket: Any
+
+
 class Forward(NamedTuple):
-    """Send `head` (then the request body, by framing) to host:port and relay the answer."""
+    """Send `head` (then the request body, by framing) to host:port and relay the answer.
+
+    ``tls``: the upstream speaks TLS (verified, SNI and ALPN http/1.1).
+    ``depart``: hold the request until this time (seconds on the monotonic
+    clock, ``time.monotonic``); 0 or a past time means now. When it comes the
+    loop asks the policy's ``departing`` once more before sending.
+    """
 
     host: str
     port: int
@@ -42,6 +60,8 @@ class Forward(NamedTuple):
     length: int
     retryable: bool  # idempotent and bodiless: safe to send again on a fresh connection
     ticket: Any
+    tls: bool = False
+    depart: float = 0.0
 
 
 class ResponsePlan(NamedTuple):

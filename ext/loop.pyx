@@ -18,13 +18,13 @@ only when it fires early.
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.errno cimport EAGAIN, EINTR, EMFILE, ENFILE, errno
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
 import os
 
-from elbasy.verdicts import Forward, Reply, Tunnel
+from elbasy.verdicts import Forward, Intercept, Reply, Tunnel
 
 
 cdef extern from "Python.h":
@@ -118,6 +118,17 @@ cdef extern from "elbasy_io.h" nogil:
     long elb_chunked_scan(elb_chunked *st, const char *buf, size_t length)
 
 
+cdef extern from "elbasy_tls.h" nogil:
+    ctypedef struct SSL:
+        pass
+    void SSL_free(SSL *ssl)
+    ssize_t elb_io_recv(int fd, SSL *ssl, char *buf, size_t n, int *want_write)
+    ssize_t elb_io_send(int fd, SSL *ssl, const char *buf, size_t n)
+    int elb_tls_handshake(SSL *ssl, int *want)
+    int elb_tls_settle(SSL *ssl, int fd)
+    void elb_tls_goodbye(SSL *ssl)
+
+
 # ---- sizes ------------------------------------------------------------------
 
 DEF MAX_EVENTS = 256
@@ -142,6 +153,9 @@ DEF S_TUNNEL = 4
 DEF S_FORWARD = 5
 DEF S_LINGER = 6
 DEF S_CLOSED = 7
+DEF S_TLS_ACCEPT = 8     # intercepted: TLS handshake with the client
+DEF S_TLS_CONNECT = 9    # TLS handshake with the upstream
+DEF S_WAIT = 10          # a request held until its departure time
 
 # body framings (mirrors elbasy.verdicts)
 DEF BODY_NONE = 0
@@ -213,11 +227,13 @@ cdef inline void buf_consumed(Buf *b, Py_ssize_t n) noexcept nogil:
         b.end = 0
 
 
-cdef int buf_send(int fd, Buf *b, uint64_t *counter) noexcept nogil:
-    """Send what b holds: 1 all sent, 0 the socket is full, -1 failed (errno)."""
+cdef int buf_send(int fd, SSL *ssl, Buf *b, uint64_t *counter) noexcept nogil:
+    """Send what b holds (through TLS if ssl): 1 all sent, 0 the socket is
+    full, -1 failed (errno). A TLS write that could not finish is retried
+    with the same bytes at the front of b, as OpenSSL requires."""
     cdef ssize_t sent
     while buf_len(b):
-        sent = send(fd, b.data + b.start, buf_len(b), MSG_NOSIGNAL)
+        sent = elb_io_send(fd, ssl, b.data + b.start, buf_len(b))
         if sent < 0:
             if errno == EINTR:
                 continue
@@ -277,6 +293,7 @@ cdef class Pooled(Slot):
     cdef object key
     cdef int mask
     cdef int64_t since          # when it went idle
+    cdef SSL *ssl               # its TLS session, for an https upstream
 
 
 @cython.final
@@ -322,6 +339,19 @@ cdef class Conn(Slot):
     cdef int status
     cdef uint64_t bytes_up
     cdef uint64_t bytes_down
+    # TLS
+    cdef SSL *cssl              # intercepted: our TLS session with the client
+    cdef SSL *ussl              # our TLS session with an https upstream
+    cdef object site            # intercepted: the Intercept verdict (host, port)
+    cdef bint early_tls         # the ClientHello came with the CONNECT head
+    cdef int c_rw               # a TLS read on the client needs it writable
+    cdef int u_rw               # a TLS read on the upstream needs it writable
+
+
+cdef inline void pooled_free_tls(Pooled p) noexcept:
+    if p.ssl != NULL:
+        SSL_free(p.ssl)
+        p.ssl = NULL
 
 
 cdef inline int64_t seconds_ns(double s):
@@ -340,6 +370,8 @@ cdef class Loop:
     cdef bint stopping
     cdef object policy
     cdef object resolver
+    cdef object server_tls      # mints leaves and makes client-side SSL*s (interception)
+    cdef object client_tls      # makes verified upstream SSL*s
     cdef list fdmap
     cdef dict pool
     cdef uint64_t next_serial
@@ -389,6 +421,15 @@ cdef class Loop:
     cdef uint64_t c_retries
     cdef uint64_t c_policy_errors
     cdef uint64_t c_pipes_created
+    cdef uint64_t c_intercepts_open
+    cdef uint64_t c_intercepts_total
+    cdef uint64_t c_tls_accepted
+    cdef uint64_t c_tls_accept_failures
+    cdef uint64_t c_tls_upstream
+    cdef uint64_t c_tls_upstream_failures
+    cdef uint64_t c_held
+    cdef uint64_t c_waiting
+    cdef uint64_t c_abandoned
 
     def __cinit__(self):
         self.epfd = -1
@@ -405,9 +446,11 @@ cdef class Loop:
                  double head_timeout=10.0, double connect_timeout=10.0,
                  double idle_timeout=300.0, double keepalive_timeout=60.0,
                  double response_timeout=60.0, Py_ssize_t max_head_bytes=65536,
-                 int splice=SPLICE_AUTO):
+                 int splice=SPLICE_AUTO, server_tls=None, client_tls=None):
         self.policy = policy
         self.resolver = resolver
+        self.server_tls = server_tls
+        self.client_tls = client_tls
         self.fdmap = []
         self.pool = {}
         self.head_ns = seconds_ns(head_timeout)
@@ -537,7 +580,17 @@ cdef class Loop:
                 "policy_errors": self.c_policy_errors,
                 "pipes_created": self.c_pipes_created,
                 "timers": self.heap_len,
+                "abandoned_while_held": self.c_abandoned,
             },
+            "tls": {
+                "intercepts_open": self.c_intercepts_open,
+                "intercepts_total": self.c_intercepts_total,
+                "client_handshakes": self.c_tls_accepted,
+                "client_handshake_failures": self.c_tls_accept_failures,
+                "upstream_handshakes": self.c_tls_upstream,
+                "upstream_handshake_failures": self.c_tls_upstream_failures,
+            },
+            "held": {"total": self.c_held, "waiting": self.c_waiting},
         }
 
     # ---- epoll registration ----------------------------------------------------------
@@ -762,6 +815,22 @@ cdef class Loop:
         if st == S_TUNNEL:
             self.tunnel_event(c, fd, ev)
             return
+        if ev & EPOLLOUT:
+            # a TLS read that had to write first goes on now
+            if fd == c.fd and c.c_rw:
+                c.c_rw = 0
+                ev |= EPOLLIN
+            elif fd == c.ufd and c.u_rw:
+                c.u_rw = 0
+                ev |= EPOLLIN
+        if st == S_WAIT:
+            # held before departure: the client is only watched for leaving
+            if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                self.c_abandoned += 1
+                self.close_conn(c, False)
+            elif self.flush_client(c) >= 0:
+                self.wait_mask(c)
+            return
         if ev & EPOLLERR:
             if fd == c.ufd:
                 if st == S_CONNECT:
@@ -781,12 +850,17 @@ cdef class Loop:
                 self.read_head(c)
             else:
                 self.update_head_mask(c)
-        elif st == S_CONNECT:
-            if fd == c.ufd:
+        elif st == S_CONNECT or st == S_TLS_CONNECT:
+            if fd != c.ufd:
+                if ev & EPOLLHUP:
+                    self.c_client_aborts += 1
+                    self.close_conn(c, False)
+            elif st == S_CONNECT:
                 self.connect_ready(c)
-            elif ev & EPOLLHUP:
-                self.c_client_aborts += 1
-                self.close_conn(c, False)
+            else:
+                self.upstream_tls_step(c)
+        elif st == S_TLS_ACCEPT:
+            self.client_tls_step(c)
         elif st == S_FORWARD:
             self.forward_event(c, fd, ev)
         elif st == S_LINGER:
@@ -817,6 +891,15 @@ cdef class Loop:
         elif st == S_TUNNEL:
             self.c_idle_timeouts += 1
             self.close_conn(c, False)
+        elif st == S_WAIT:
+            self.departure(c)
+        elif st == S_TLS_ACCEPT:
+            self.c_head_timeouts += 1
+            self.close_conn(c, False)
+        elif st == S_TLS_CONNECT:
+            self.c_connect_timeouts += 1
+            self.drop_upstream(c, False)
+            self.fail(c, 504, "timed out in the TLS handshake with the upstream")
         elif st == S_FORWARD:
             self.c_response_timeouts += 1
             if not c.resp_head_done:
@@ -833,7 +916,7 @@ cdef class Loop:
         cdef int want = 0
         if buf_len(&c.cout) <= OUT_HIGH:
             want = EPOLLIN
-        if buf_len(&c.cout):
+        if buf_len(&c.cout) or c.c_rw:
             want |= EPOLLOUT
         self.set_mask(c.fd, &c.cmask, want)
 
@@ -866,7 +949,8 @@ cdef class Loop:
                     continue
                 scanned = have
             buf_reserve(&c.cin, limit - have if limit - have < 16384 else 16384)
-            n = recv(c.fd, c.cin.data + c.cin.end, c.cin.cap - c.cin.end, 0)
+            n = elb_io_recv(c.fd, c.cssl, c.cin.data + c.cin.end, c.cin.cap - c.cin.end,
+                            &c.c_rw)
             if n > 0:
                 if have == 0 and c.requests > 0:
                     # a keep-alive client began its next request
@@ -906,27 +990,191 @@ cdef class Loop:
         c.requests += 1
         self.c_requests += 1
         c.exchange_started = self.now
+        cdef int64_t depart
         try:
-            v = self.policy.on_request(head, self.peer_of(c))
+            if c.site is None:
+                v = self.policy.on_request(head, self.peer_of(c))
+            else:
+                v = self.policy.on_intercepted(head, self.peer_of(c), c.site)
         except Exception as exc:
             self.policy_error(c, exc)
             return
         if type(v) is Reply:
             self.reply(c, (<object>v).data, (<object>v).close)
-        elif type(v) is Tunnel:
-            c.verdict = v
-            c.ticket = (<object>v).ticket
-            c.goal = GOAL_TUNNEL
-            self.start_upstream(c, (<object>v).host, (<object>v).port)
         elif type(v) is Forward:
             c.verdict = v
             c.ticket = (<object>v).ticket
             c.goal = GOAL_FORWARD
             c.retried = False
-            if not self.take_pooled(c, (<object>v).host, (<object>v).port):
-                self.start_upstream(c, (<object>v).host, (<object>v).port)
+            depart = seconds_ns((<object>v).depart)
+            if depart > self.now:
+                self.hold(c, depart)
+            else:
+                self.send_forward(c)
+        elif type(v) is Tunnel and c.site is None:
+            c.verdict = v
+            c.ticket = (<object>v).ticket
+            c.goal = GOAL_TUNNEL
+            self.start_upstream(c, (<object>v).host, (<object>v).port)
+        elif type(v) is Intercept and c.site is None:
+            self.begin_intercept(c, v)
         else:
-            self.policy_error(c, TypeError(f"unknown verdict {v!r}"))
+            self.policy_error(c, TypeError(f"unexpected verdict {v!r}"))
+
+    # ---- held requests: "forward at T" -------------------------------------------------
+
+    cdef void hold(self, Conn c, int64_t depart):
+        """Keep a request until its departure time, on the timer heap.
+
+        Nothing is read from the client meanwhile (a body waits in the
+        kernel); it is watched only for leaving, which gives the
+        reservation back to the policy.
+        """
+        c.state = S_WAIT
+        self.c_held += 1
+        self.c_waiting += 1
+        self.arm(c, depart)
+        self.wait_mask(c)
+
+    cdef void wait_mask(self, Conn c):
+        self.set_mask(c.fd, &c.cmask, EPOLLRDHUP | (EPOLLOUT if buf_len(&c.cout) else 0))
+
+    cdef void departure(self, Conn c):
+        """A held request's time has come: the policy confirms it or moves it later."""
+        cdef object again
+        cdef int64_t when
+        try:
+            again = self.policy.departing(c.ticket)
+        except Exception as exc:
+            self.c_waiting -= 1
+            c.state = S_RESOLVE  # no longer held
+            self.policy_error(c, exc)
+            return
+        if again is not None:
+            when = seconds_ns(again)
+            if when > self.now:
+                self.arm(c, when)
+                return
+        self.c_waiting -= 1
+        c.state = S_RESOLVE  # no longer held; on its way
+        self.send_forward(c)
+
+    cdef void send_forward(self, Conn c):
+        cdef object v = c.verdict
+        if not self.take_pooled(c, v.host, v.port, v.tls):
+            self.start_upstream(c, v.host, v.port)
+
+    # ---- interception: TLS with the client ----------------------------------------------
+
+    cdef void begin_intercept(self, Conn c, object v):
+        """Answer the CONNECT, then accept TLS as the host it named.
+
+        The leaf is chosen by SNI in the binding's C table (the CONNECT host
+        when the client sends no SNI). A ClientHello that came with the
+        CONNECT head goes to OpenSSL from memory first.
+        """
+        cdef bytes ok = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        cdef bytes early = PyBytes_FromStringAndSize(c.cin.data + c.cin.start, buf_len(&c.cin))
+        cdef uintptr_t ptr
+        if self.server_tls is None:
+            self.policy_error(c, RuntimeError("interception is not configured in this loop"))
+            return
+        c.verdict = v
+        c.ticket = v.ticket
+        try:
+            ptr = self.server_tls.new_ssl(c.fd, v.host, early)
+        except Exception as exc:
+            self.policy_error(c, exc)
+            return
+        # the "200" leaves in plain text, before c.cssl is set
+        if self.queue_client(c, PyBytes_AS_STRING(ok), PyBytes_GET_SIZE(ok)) < 0:
+            SSL_free(<SSL *>ptr)
+            self.c_client_aborts += 1
+            self.close_conn(c, False)
+            return
+        c.cssl = <SSL *>ptr
+        c.early_tls = PyBytes_GET_SIZE(early) > 0
+        buf_free(&c.cin)
+        c.site = v
+        c.state = S_TLS_ACCEPT
+        self.c_intercepts_open += 1
+        self.c_intercepts_total += 1
+        self.arm(c, self.now + self.head_ns)
+        self.client_tls_step(c)
+
+    cdef void client_tls_step(self, Conn c):
+        cdef int rc, want = EPOLLIN
+        if buf_len(&c.cout):
+            # the rest of the "200" (plain text) goes before any TLS byte
+            rc = buf_send(c.fd, NULL, &c.cout, NULL)
+            if rc < 0:
+                self.c_client_aborts += 1
+                self.close_conn(c, False)
+                return
+            if rc == 0:
+                self.set_mask(c.fd, &c.cmask, EPOLLOUT)
+                return
+        while True:
+            rc = elb_tls_handshake(c.cssl, &want)
+            if rc == 0 and c.early_tls:
+                if elb_tls_settle(c.cssl, c.fd) != 0:
+                    c.early_tls = False
+                    continue
+            break
+        if rc == 0:
+            self.set_mask(c.fd, &c.cmask, want)
+            return
+        if rc < 0:
+            self.c_tls_accept_failures += 1
+            try:
+                self.policy.tls_failed(c.ticket, self.server_tls.failure(<uintptr_t>c.cssl))
+            except Exception:
+                self.c_policy_errors += 1
+            self.close_conn(c, False)
+            return
+        self.c_tls_accepted += 1
+        c.verdict = None
+        c.ticket = None
+        c.state = S_HEAD
+        self.arm(c, self.now + self.head_ns)
+        self.read_head(c)  # the first request usually follows the handshake at once
+
+    # ---- interception: TLS with the upstream --------------------------------------------
+
+    cdef void begin_upstream_tls(self, Conn c):
+        cdef object v = c.verdict
+        cdef uintptr_t ptr
+        try:
+            ptr = self.client_tls.new_ssl(c.ufd, v.host)
+        except Exception as exc:
+            self.drop_upstream(c, False)
+            self.c_tls_upstream_failures += 1
+            self.fail(c, 502, f"cannot start TLS with {v.host}: {exc}")
+            return
+        c.ussl = <SSL *>ptr
+        c.state = S_TLS_CONNECT
+        self.arm(c, self.now + self.connect_ns)
+        self.upstream_tls_step(c)
+
+    cdef void upstream_tls_step(self, Conn c):
+        cdef int want = EPOLLIN
+        cdef int rc = elb_tls_handshake(c.ussl, &want)
+        cdef object reason
+        if rc == 0:
+            self.set_mask(c.ufd, &c.umask, want)
+            return
+        if rc < 0:
+            self.c_tls_upstream_failures += 1
+            try:
+                reason = str(self.client_tls.failure(<uintptr_t>c.ussl))
+            except Exception as exc:
+                reason = f"TLS handshake failed ({exc})"
+            self.drop_upstream(c, False)
+            self.fail(c, 502, f"TLS with {(<object>c.verdict).host} failed: {reason}")
+            return
+        self.c_tls_upstream += 1
+        c.reused = False
+        self.begin_forward(c)
 
     cdef void policy_error(self, Conn c, object exc):
         self.c_policy_errors += 1
@@ -943,7 +1191,7 @@ cdef class Loop:
         """Send to the client now; park what its socket does not take."""
         cdef ssize_t sent = 0
         if buf_len(&c.cout) == 0:
-            sent = send(c.fd, data, n, MSG_NOSIGNAL)
+            sent = elb_io_send(c.fd, c.cssl, data, n)
             if sent < 0:
                 if errno != EAGAIN and errno != EINTR:
                     return -1
@@ -954,7 +1202,7 @@ cdef class Loop:
 
     cdef int flush_client(self, Conn c) except -2:
         """Write parked bytes to the client: 1 drained, 0 still parked, -1 closed."""
-        cdef int rc = buf_send(c.fd, &c.cout, NULL)
+        cdef int rc = buf_send(c.fd, c.cssl, &c.cout, NULL)
         if rc < 0:
             self.c_client_aborts += 1
             self.close_conn(c, False)
@@ -1003,6 +1251,8 @@ cdef class Loop:
                 self.set_mask(c.fd, &c.cmask, EPOLLOUT)
                 return
         if not c.client_shut:
+            if c.cssl != NULL:
+                elb_tls_goodbye(c.cssl)
             shutdown(c.fd, SHUT_WR)
             c.client_shut = True
         for _i in range(16):
@@ -1135,11 +1385,17 @@ cdef class Loop:
         c.addrs = None
         if c.goal == GOAL_TUNNEL:
             self.begin_tunnel(c)
+        elif (<object>c.verdict).tls:
+            self.begin_upstream_tls(c)
         else:
             c.reused = False
             self.begin_forward(c)
 
     cdef void drop_upstream(self, Conn c, bint reset):
+        if c.ussl != NULL:
+            SSL_free(c.ussl)
+            c.ussl = NULL
+        c.u_rw = 0
         if c.ufd >= 0:
             self.fdmap[c.ufd] = None
             if reset:
@@ -1271,7 +1527,7 @@ cdef class Loop:
         cdef int _rounds, rc
         cdef bint up = d == &c.up
         # 1. bytes already on their way
-        rc = buf_send(dst, &d.pend, &self.c_copied)
+        rc = buf_send(dst, NULL, &d.pend, &self.c_copied)
         if rc <= 0:
             return -2 if rc < 0 else 0
         if d.pend.cap:
@@ -1383,9 +1639,9 @@ cdef class Loop:
 
     # ---- forwarding HTTP messages ---------------------------------------------------------
 
-    cdef bint take_pooled(self, Conn c, str host, int port):
-        """Reuse an idle upstream connection for (host, port), if a live one waits."""
-        cdef list idle = self.pool.get((host, port))
+    cdef bint take_pooled(self, Conn c, str host, int port, bint tls):
+        """Reuse an idle upstream connection for (host, port, tls), if a live one waits."""
+        cdef list idle = self.pool.get((host, port, tls))
         cdef Pooled p
         cdef ssize_t n
         cdef char probe
@@ -1399,6 +1655,8 @@ cdef class Loop:
             if n < 0 and errno == EAGAIN:
                 c.ufd = p.fd
                 c.umask = p.mask
+                c.ussl = p.ssl
+                p.ssl = NULL
                 self.map_fd(p.fd, c)
                 p.deadline = 0
                 c.reused = True
@@ -1408,10 +1666,12 @@ cdef class Loop:
             self.c_pool_stale += 1
             self.fdmap[p.fd] = None
             self.retire_fd(p.fd, False)
+            pooled_free_tls(p)
         return False
 
     cdef void pool_put(self, Conn c):
-        cdef object key = ((<object>c.verdict).host, (<object>c.verdict).port)
+        cdef object v = c.verdict
+        cdef object key = (v.host, v.port, v.tls)
         cdef list idle = self.pool.get(key)
         cdef Pooled p
         if idle is None:
@@ -1426,6 +1686,8 @@ cdef class Loop:
         p.key = key
         p.mask = c.umask
         p.since = self.now
+        p.ssl = c.ussl
+        c.ussl = NULL
         self.map_fd(p.fd, p)
         # any byte or FIN from an idle upstream means it is no longer usable
         self.set_mask(p.fd, &p.mask, EPOLLIN | EPOLLRDHUP)
@@ -1443,6 +1705,7 @@ cdef class Loop:
         if self.fdmap[p.fd] is p:
             self.fdmap[p.fd] = None
             self.retire_fd(p.fd, False)
+        pooled_free_tls(p)
         p.deadline = 0
 
     cdef void begin_forward(self, Conn c):
@@ -1513,7 +1776,7 @@ cdef class Loop:
             self.send_final(c, data)
 
     cdef int flush_upstream(self, Conn c) except -2:
-        cdef int rc = buf_send(c.ufd, &c.uout, NULL)
+        cdef int rc = buf_send(c.ufd, c.ussl, &c.uout, NULL)
         if rc < 0:
             self.c_upstream_aborts += 1
             self.upstream_lost(c)
@@ -1529,11 +1792,11 @@ cdef class Loop:
         cdef int cw = 0, uw = 0
         if not c.client_paused and (c.req_done or buf_len(&c.uout) == 0):
             cw |= EPOLLIN
-        if buf_len(&c.cout):
+        if buf_len(&c.cout) or c.c_rw:
             cw |= EPOLLOUT
         if c.resp_done or buf_len(&c.cout) == 0:
             uw |= EPOLLIN | EPOLLRDHUP
-        if buf_len(&c.uout):
+        if buf_len(&c.uout) or c.u_rw:
             uw |= EPOLLOUT
         self.set_mask(c.fd, &c.cmask, cw)
         self.set_mask(c.ufd, &c.umask, uw)
@@ -1550,7 +1813,7 @@ cdef class Loop:
                 c.client_paused = True
             elif ev & (EPOLLIN | EPOLLHUP):
                 buf_reserve(&c.cin, IO_CHUNK)
-                n = recv(c.fd, c.cin.data + c.cin.end, IO_CHUNK, 0)
+                n = elb_io_recv(c.fd, c.cssl, c.cin.data + c.cin.end, IO_CHUNK, &c.c_rw)
                 if n == 0 or (n < 0 and errno != EAGAIN and errno != EINTR):
                     self.c_client_aborts += 1
                     self.drop_upstream(c, True)
@@ -1582,7 +1845,7 @@ cdef class Loop:
         cdef int _rounds
         for _rounds in range(PUMP_ROUNDS):
             buf_reserve(&c.uin, IO_CHUNK)
-            n = recv(c.ufd, c.uin.data + c.uin.end, IO_CHUNK, 0)
+            n = elb_io_recv(c.ufd, c.ussl, c.uin.data + c.uin.end, IO_CHUNK, &c.u_rw)
             if n < 0:
                 if errno == EINTR:
                     continue
@@ -1602,7 +1865,8 @@ cdef class Loop:
             c.uin.end += n
             if self.response_step(c) < 0:
                 return -1
-            if c.resp_done or buf_len(&c.cout) or n < IO_CHUNK:
+            if c.resp_done or buf_len(&c.cout) or (n < IO_CHUNK and c.ussl == NULL):
+                # (a TLS read returns one record at most: read on until EAGAIN)
                 return 0
         return 0
 
@@ -1709,7 +1973,9 @@ cdef class Loop:
             self.start_upstream(c, v.host, v.port)
             return
         self.drop_upstream(c, True)
-        if c.state == S_FORWARD and not c.resp_head_done:
+        if c.state == S_TLS_CONNECT:
+            self.fail(c, 502, "the upstream closed the connection during the TLS handshake")
+        elif c.state == S_FORWARD and not c.resp_head_done:
             self.fail(c, 502, "the upstream closed the connection before answering")
         else:
             self.close_conn(c, False)
@@ -1751,6 +2017,18 @@ cdef class Loop:
                 self.policy.finished(c.ticket, c.status, c.bytes_up, c.bytes_down, took)
             except Exception:
                 self.c_policy_errors += 1
+        elif c.state == S_WAIT:
+            self.c_waiting -= 1
+            try:
+                self.policy.abandoned(c.ticket)
+            except Exception:
+                self.c_policy_errors += 1
+        if c.site is not None:
+            self.c_intercepts_open -= 1
+            c.site = None
+        if c.cssl != NULL:
+            SSL_free(c.cssl)
+            c.cssl = NULL
         c.state = S_CLOSED
         if c.fd >= 0:
             self.fdmap[c.fd] = None
@@ -1792,6 +2070,7 @@ cdef class Loop:
                 if self.fdmap[p.fd] is p:
                     self.fdmap[p.fd] = None
                     self.retire_fd(p.fd, False)
+                pooled_free_tls(p)
             if not idle:
                 del self.pool[key]
 

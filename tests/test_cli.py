@@ -150,6 +150,8 @@ DEFAULTS = {
     "max_head_bytes": 65536,
     "splice": "auto",
     "connect_to": [],
+    "intercept": [],
+    "unconstrained_ca": False,
 }
 
 
@@ -173,6 +175,12 @@ def test_every_option_from_the_command_line() -> None:
             "--connect-to=a:443:[::1]:8443",
             "--connect-to",
             "*.b.com::c:",
+            "--intercept=*.myshopify.com",
+            "--intercept",
+            "API.etsy.com",
+            "--data-dir=/tmp/elbasy-data",
+            "--upstream-ca=/tmp/extra.pem",
+            "--unconstrained-ca",
         ]
     )
     assert got == {
@@ -187,6 +195,10 @@ def test_every_option_from_the_command_line() -> None:
         "max_head_bytes": 2048,
         "splice": "never",
         "connect_to": ["a:443:[::1]:8443", "*.b.com::c:"],
+        "intercept": ["*.myshopify.com", "api.etsy.com"],
+        "data_dir": "/tmp/elbasy-data",
+        "upstream_ca": "/tmp/extra.pem",
+        "unconstrained_ca": True,
     }
 
 
@@ -203,6 +215,10 @@ def test_every_option_from_the_environment() -> None:
         "ELBASY_MAX_HEAD_BYTES": "4096",
         "ELBASY_SPLICE": "always",
         "ELBASY_CONNECT_TO": "a:443:127.0.0.1:8443  ::b:\n",
+        "ELBASY_INTERCEPT": "*.myshopify.com api.etsy.com",
+        "ELBASY_DATA_DIR": "/tmp/elbasy-data",
+        "ELBASY_UPSTREAM_CA": "/tmp/extra.pem",
+        "ELBASY_UNCONSTRAINED_CA": "1",
     }
     assert settings([], env) == {
         "listen": "[::1]:9001",
@@ -216,6 +232,10 @@ def test_every_option_from_the_environment() -> None:
         "max_head_bytes": 4096,
         "splice": "always",
         "connect_to": ["a:443:127.0.0.1:8443", "::b:"],
+        "intercept": ["*.myshopify.com", "api.etsy.com"],
+        "data_dir": "/tmp/elbasy-data",
+        "upstream_ca": "/tmp/extra.pem",
+        "unconstrained_ca": True,
     }
 
 

@@ -378,6 +378,10 @@ def test_config_keys_are_the_option_names() -> None:
         "max_head_bytes",
         "splice",
         "connect_to",
+        "intercept",
+        "data_dir",
+        "upstream_ca",
+        "unconstrained_ca",
     }
 
 
