@@ -986,11 +986,11 @@ cdef class Loop:
         """A whole head is here: ask the policy once what to do with it."""
         cdef bytes head = PyBytes_FromStringAndSize(c.cin.data + c.cin.start, end)
         cdef object v
+        cdef int64_t depart
         buf_consumed(&c.cin, end)
         c.requests += 1
         self.c_requests += 1
         c.exchange_started = self.now
-        cdef int64_t depart
         try:
             if c.site is None:
                 v = self.policy.on_request(head, self.peer_of(c))
