@@ -6,11 +6,11 @@ and a bulk object), HAProxy as a TCP relay in front of the HTTPS origin, and
 the proxies (elbasy, squid, tinyproxy, proxy.py, mitmproxy), then measures,
 in alternating order over several repeats:
 
-  plain        hey, keep-alive, plain HTTP forwarded through the proxy
-  connect      hey, keep-alive, HTTPS through a CONNECT tunnel
-  connect-new  hey -disable-keepalive: a new tunnel (and TLS handshake) per request
-  bulk         curl, one large object over HTTPS through a CONNECT tunnel
-  idle         process memory per idle CONNECT tunnel (RSS of the process tree)
+  plain          hey, keep-alive, plain HTTP forwarded through the proxy
+  connect        hey, keep-alive, HTTPS through a CONNECT tunnel
+  connect-new    hey -disable-keepalive: a new tunnel (and TLS handshake) per request
+  bulk           curl, one large object over HTTPS through a CONNECT tunnel
+  idle           process memory per idle CONNECT tunnel (RSS of the process tree)
   intercept      hey, keep-alive, HTTPS through a proxy that terminates TLS with its
                  own CA and forwards on its own TLS connection to the origin
   intercept-new  the same with hey -disable-keepalive: a CONNECT and two TLS
@@ -20,15 +20,16 @@ in alternating order over several repeats:
 
 "direct" (no proxy) and "haproxy" (the client talks TLS to HAProxy, which
 relays bytes to the origin: a user-space hop without CONNECT) are measured in
-the same rotation as reference points (direct only for the interception
-cells, which go to https://localhost:PORT, a certificate signed by a bench CA
-that the intercepting proxies are told to trust).  The script prints one markdown table
-with medians, ranges and elbasy/peer ratios, then the targets from DESIGN §8
-with PASS/MISS, the machine and the command line.
+the same rotation as reference points; the interception cells have direct
+only, and go to https://localhost:PORT, whose certificate is signed by a
+bench CA that the intercepting proxies are told to trust.  The script prints
+one markdown table with medians, ranges and elbasy/peer ratios, then the
+targets from DESIGN §8 with PASS/MISS, the machine and the command line.
 
 Python standard library only; the load generators are hey and curl.  Every
 traffic source is bounded in time (hey -z, curl --max-time, deadlines in the
-idle-tunnel loop) and in count (--idle-tunnels), and talks to 127.0.0.1 only.
+idle-tunnel loop) and in count (--idle-tunnels, hey -n for latency), and
+talks to loopback only.
 """
 
 from __future__ import annotations
@@ -619,7 +620,7 @@ def start_elbasy(
         err = (chk.stderr.strip().splitlines() or ["?"])[-1]
         peer.fail(
             f"elbasy is not importable with {python} ({err}); "
-            f"build it with `pip install -e {REPO_DIR}`"
+            f"build it with `pip install -e {REPO_DIR}` or put a built checkout on PYTHONPATH"
         )
         return
     peer.version = "elbasy " + chk.stdout.strip()
@@ -830,8 +831,9 @@ def start_mitmproxy_intercept(peer: Peer, workdir: Path, origins: Origins) -> No
 
 def start_proxypy_intercept(peer: Peer, workdir: Path, origins: Origins) -> None:
     """proxy.py 2.4.10 intercepts every CONNECT once given a CA.  It verifies the
-    upstream (CERT_REQUIRED, host name checked) against --ca-file only, which
-    defaults to certifi's bundle: point it at the bench CA."""
+    upstream (CERT_REQUIRED, host name checked) against --ca-file only, whose
+    default (certifi/cacert.pem in its site-packages) pip does not install with
+    it: every interception would fail.  Point it at the bench CA."""
     d = workdir / "proxypy-intercept"
     d.mkdir()
     ca_key, ca_crt = make_ca(d, "ca", "proxy.py bench interception CA", key_type="rsa")
