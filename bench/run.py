@@ -6,21 +6,30 @@ and a bulk object), HAProxy as a TCP relay in front of the HTTPS origin, and
 the proxies (elbasy, squid, tinyproxy, proxy.py, mitmproxy), then measures,
 in alternating order over several repeats:
 
-  plain        hey, keep-alive, plain HTTP forwarded through the proxy
-  connect      hey, keep-alive, HTTPS through a CONNECT tunnel
-  connect-new  hey -disable-keepalive: a new tunnel (and TLS handshake) per request
-  bulk         curl, one large object over HTTPS through a CONNECT tunnel
-  idle         process memory per idle CONNECT tunnel (RSS of the process tree)
+  plain          hey, keep-alive, plain HTTP forwarded through the proxy
+  connect        hey, keep-alive, HTTPS through a CONNECT tunnel
+  connect-new    hey -disable-keepalive: a new tunnel (and TLS handshake) per request
+  bulk           curl, one large object over HTTPS through a CONNECT tunnel
+  idle           process memory per idle CONNECT tunnel (RSS of the process tree)
+  intercept      hey, keep-alive, HTTPS through a proxy that terminates TLS with its
+                 own CA and forwards on its own TLS connection to the origin
+  intercept-new  the same with hey -disable-keepalive: a CONNECT and two TLS
+                 handshakes per request
+  latency        hey -c 1 over a fixed count: p50/p99 through the intercepting
+                 proxy, and the milliseconds it adds to going direct
 
 "direct" (no proxy) and "haproxy" (the client talks TLS to HAProxy, which
 relays bytes to the origin: a user-space hop without CONNECT) are measured in
-the same rotation as reference points.  The script prints one markdown table
-with medians, ranges and elbasy/peer ratios, then the targets from DESIGN §8
-with PASS/MISS, the machine and the command line.
+the same rotation as reference points; the interception cells have direct
+only, and go to https://localhost:PORT, whose certificate is signed by a
+bench CA that the intercepting proxies are told to trust.  The script prints
+one markdown table with medians, ranges and elbasy/peer ratios, then the
+targets from DESIGN §8 with PASS/MISS, the machine and the command line.
 
 Python standard library only; the load generators are hey and curl.  Every
 traffic source is bounded in time (hey -z, curl --max-time, deadlines in the
-idle-tunnel loop) and in count (--idle-tunnels), and talks to 127.0.0.1 only.
+idle-tunnel loop) and in count (--idle-tunnels, hey -n for latency), and
+talks to loopback only.
 """
 
 from __future__ import annotations
@@ -65,13 +74,24 @@ BASELINES = ["direct", "haproxy"]
 ELBASY_VARIANTS = {"elbasy-copy": "never", "elbasy-splice": "always"}
 ALL_TARGETS = ["direct", "haproxy"] + PROXIES + list(ELBASY_VARIANTS)
 
-CELLS = ["plain", "connect", "connect-new", "bulk", "idle"]
+# Peers that terminate TLS themselves, each from a second, intercepting
+# instance (the first one passes CONNECT tunnels through untouched).
+INTERCEPTORS = ["elbasy", "mitmproxy", "proxy.py"]
+INTERCEPT_CELLS = ["intercept", "intercept-new", "latency"]
+# The intercepted origin is named, not an address: proxies verify its certificate.
+TLS_HOST = "localhost"
+BENCH_CA_CN = "elbasy bench origin CA"
+
+CELLS = ["plain", "connect", "connect-new", "bulk", "idle"] + INTERCEPT_CELLS
 CELL_TITLES = {
     "plain": "plain HTTP keep-alive (req/s)",
     "connect": "CONNECT keep-alive (req/s)",
     "connect-new": "CONNECT new tunnel/req (req/s)",
     "bulk": "CONNECT bulk (GB/s)",
     "idle": "idle tunnel (KiB each)",
+    "intercept": "TLS interception keep-alive (req/s)",
+    "intercept-new": "TLS interception new conn/req (req/s)",
+    "latency": "interception latency p50 / p99 (+added) (ms)",
 }
 # Which targets each cell applies to.  HAProxy relays the TLS origin only.
 CELL_TARGETS = {
@@ -80,6 +100,9 @@ CELL_TARGETS = {
     "connect-new": ALL_TARGETS,
     "bulk": ALL_TARGETS,
     "idle": ["haproxy"] + PROXIES,
+    "intercept": ["direct"] + INTERCEPTORS,
+    "intercept-new": ["direct"] + INTERCEPTORS,
+    "latency": ["direct"] + INTERCEPTORS,
 }
 
 
@@ -389,6 +412,7 @@ class Origins:
     bulk_path: str
     bulk_size: int
     proc: Proc
+    ca_file: Path  # the bench CA that signed the TLS origin's certificate
 
     @property
     def plain_small(self) -> str:
@@ -399,38 +423,74 @@ class Origins:
         return f"https://{LOOPBACK}:{self.tls_port}/100b"
 
     @property
+    def intercept_small(self) -> str:
+        return f"https://{TLS_HOST}:{self.tls_port}/100b"
+
+    @property
     def tls_bulk(self) -> str:
         return f"https://{LOOPBACK}:{self.tls_port}{self.bulk_path}"
 
 
-def make_cert(workdir: Path) -> tuple[Path, Path]:
-    key, crt = workdir / "origin.key", workdir / "origin.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(crt),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
+def openssl(*args: str) -> None:
+    p = run(["openssl", *args], timeout=60)
+    if p.returncode != 0:
+        raise SystemExit(f"openssl {' '.join(args[:2])} failed:\n{p.stderr[-1500:]}")
+
+
+def make_ca(workdir: Path, name: str, cn: str, key_type: str = "ec") -> tuple[Path, Path]:
+    """A self-signed CA: (key, certificate), PEM, in workdir/name.key and name.crt."""
+    key, crt = workdir / f"{name}.key", workdir / f"{name}.crt"
+    newkey = (
+        ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        if key_type == "ec"
+        else ["-newkey", "rsa:2048"]
     )
+    openssl(
+        "req", "-x509", *newkey, "-nodes", "-days", "30", "-subj", f"/CN={cn}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout", str(key), "-out", str(crt),
+    )  # fmt: skip
     return key, crt
+
+
+def make_cert(workdir: Path) -> tuple[Path, Path, Path]:
+    """The origin's certificate for localhost and 127.0.0.1, signed by a bench CA
+    (not self-signed, so that intercepting proxies can be told to trust the CA).
+    Returns (origin key, origin certificate, CA certificate)."""
+    ca_key, ca_crt = make_ca(workdir, "bench-ca", BENCH_CA_CN)
+    key, csr, crt = workdir / "origin.key", workdir / "origin.csr", workdir / "origin.crt"
+    ext = workdir / "origin.ext"
+    ext.write_text(
+        f"subjectAltName=DNS:{TLS_HOST},IP:{LOOPBACK}\n"
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid\n"
+    )
+    openssl(
+        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-subj", f"/CN={TLS_HOST}", "-keyout", str(key), "-out", str(csr),
+    )  # fmt: skip
+    openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
+        "-set_serial", str(int(time.time())), "-days", "30", "-extfile", str(ext),
+        "-out", str(crt),
+    )  # fmt: skip
+    return key, crt, ca_crt
+
+
+def ipv6_loopback(port: int) -> bool:
+    """Whether [::1]:port can be bound (localhost may resolve to ::1 first)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", port))
+        return True
+    except OSError:
+        return False
 
 
 def start_origins(workdir: Path, bulk_size: int) -> Origins:
@@ -440,8 +500,10 @@ def start_origins(workdir: Path, bulk_size: int) -> Origins:
     bulk_name = f"bulk-{human_size(bulk_size)}"
     with open(www / bulk_name, "wb") as f:
         f.truncate(bulk_size)  # sparse: costs no disk, reads as zeros
-    key, crt = make_cert(workdir)
+    key, crt, ca_crt = make_cert(workdir)
     plain_port, tls_port = free_port(), free_port()
+    # Clients and proxies resolve localhost; where it means ::1 too, answer there.
+    listen6 = f"listen [::1]:{tls_port} ssl backlog=4096;" if ipv6_loopback(tls_port) else ""
     ngx = workdir / "nginx"
     ngx.mkdir()
     conf = ngx / "nginx.conf"
@@ -474,6 +536,7 @@ http {{
     }}
     server {{
         listen {LOOPBACK}:{tls_port} ssl backlog=4096;
+        {listen6}
         ssl_certificate {crt};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -486,7 +549,7 @@ http {{
     deadline = time.monotonic() + 15
     if not (wait_port(plain_port, deadline) and wait_port(tls_port, deadline)):
         raise SystemExit(f"nginx origin did not start:\n{proc.log_tail()}")
-    return Origins(plain_port, tls_port, "/" + bulk_name, bulk_size, proc)
+    return Origins(plain_port, tls_port, "/" + bulk_name, bulk_size, proc, ca_crt)
 
 
 # --------------------------------------------------------------------------
@@ -503,10 +566,26 @@ class Peer:
     failed: str = ""  # why the peer is out, if it is
     version: str = ""
     notes: str = ""
+    role: str = ""  # "intercept" for a peer's TLS-intercepting instance
+    intercept: Peer | None = None  # that instance, when the interception cells run
+    ca_file: Path | None = None  # the CA an intercepting instance signs with
 
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.role}" if self.role else self.name
+
+    def for_cell(self, cell: str) -> Peer:
+        """The instance that serves a cell: interception has its own, and is out
+        (with its reason) when that instance did not come up."""
+        if cell not in INTERCEPT_CELLS or self.name == "direct":
+            return self
+        if self.intercept is None:
+            self.intercept = Peer(self.name, role="intercept", failed="not started")
+        return self.intercept
 
     def check_alive(self) -> bool:
         for p in self.procs:
@@ -522,14 +601,16 @@ class Peer:
         if not self.failed:
             lines = [ln.strip() for ln in why.splitlines() if ln.strip()] or ["failed"]
             self.failed = lines[0] + (f" … {lines[-1]}" if len(lines) > 1 else "")
-            loud(f"peer {self.name} is out: {why}")
+            loud(f"peer {self.label} is out: {why}")
         for p in self.procs:
             p.stop()
             if p in STARTED:
                 STARTED.remove(p)
 
 
-def start_elbasy(peer: Peer, workdir: Path, python: str, splice: str = "auto") -> None:
+def start_elbasy(
+    peer: Peer, workdir: Path, python: str, splice: str = "auto", extra: list[str] | None = None
+) -> None:
     chk = run(
         [python, "-c", "import elbasy._loop, elbasy; print(getattr(elbasy, '__version__', '?'))"],
         timeout=60,
@@ -539,16 +620,18 @@ def start_elbasy(peer: Peer, workdir: Path, python: str, splice: str = "auto") -
         err = (chk.stderr.strip().splitlines() or ["?"])[-1]
         peer.fail(
             f"elbasy is not importable with {python} ({err}); "
-            f"build it with `pip install -e {REPO_DIR}`"
+            f"build it with `pip install -e {REPO_DIR}` or put a built checkout on PYTHONPATH"
         )
         return
     peer.version = "elbasy " + chk.stdout.strip()
     cmd = [python, "-m", "elbasy", "--listen", f"{LOOPBACK}:0", "--log-level", "warning"]
-    cmd += ["--splice", splice]
-    proc = start(peer.name, cmd, workdir)
+    cmd += ["--splice", splice] + (extra or [])
+    proc = start(peer.label, cmd, workdir)
     peer.procs = [proc]
     peer.mem_proc = proc
     peer.notes = f"--splice {splice}, --log-level warning (one process, one event loop)"
+    if extra:
+        peer.notes += ", " + shlex.join(extra)
     deadline = time.monotonic() + 20
     pat = re.compile(r"elbasy (\S+) listening on ([0-9.]+):(\d+)")
     while time.monotonic() < deadline and proc.alive():
@@ -628,7 +711,7 @@ DisableViaHeader Yes
     peer.notes = "thread per connection (its only model), MaxClients 12000, LogLevel Critical"
 
 
-def start_proxypy(peer: Peer, workdir: Path) -> None:
+def start_proxypy(peer: Peer, workdir: Path, extra: list[str] | None = None) -> None:
     exe = venv_bin("proxy.py")
     if not exe.exists():
         peer.fail(f"proxy.py not installed ({exe} missing)")
@@ -651,8 +734,8 @@ def start_proxypy(peer: Peer, workdir: Path) -> None:
         "20000",
         "--log-level",
         "WARNING",
-    ]
-    proc = start("proxy.py", cmd, workdir)
+    ] + (extra or [])
+    proc = start(peer.label, cmd, workdir)
     peer.procs, peer.mem_proc = [proc], proc
     peer.connect_port = peer.plain_port = port
     ver = run(
@@ -699,6 +782,85 @@ def start_mitmproxy(peer: Peer, workdir: Path) -> None:
     )
 
 
+def start_elbasy_intercept(peer: Peer, workdir: Path, python: str, origins: Origins) -> None:
+    data = workdir / "elbasy-data"  # elbasy creates its CA there on first run
+    extra = [
+        "--intercept",
+        TLS_HOST,
+        "--data-dir",
+        str(data),
+        "--upstream-ca",
+        str(origins.ca_file),
+    ]
+    start_elbasy(peer, workdir, python, extra=extra)
+    peer.ca_file = data / "ca.pem"
+
+
+def start_mitmproxy_intercept(peer: Peer, workdir: Path, origins: Origins) -> None:
+    exe = venv_bin("mitmproxy")
+    if not exe.exists():
+        peer.fail(f"mitmproxy not installed ({exe} missing)")
+        return
+    confdir = workdir / "mitmproxy-intercept"  # its own CA, made on first start
+    confdir.mkdir()
+    port = free_port()
+    cmd = [
+        str(exe),
+        "--listen-host",
+        LOOPBACK,
+        "-p",
+        str(port),
+        "-q",
+        "--set",
+        f"confdir={confdir}",
+        "--set",
+        "termlog_verbosity=error",
+        "--set",
+        f"ssl_verify_upstream_trusted_ca={origins.ca_file}",
+    ]
+    proc = start(peer.label, cmd, workdir)
+    peer.procs, peer.mem_proc = [proc], proc
+    peer.connect_port = port
+    peer.ca_file = confdir / "mitmproxy-ca-cert.pem"
+    peer.version = first_line([str(exe), "--version"])
+    peer.notes = (
+        "mitmdump -q, an ordinary (intercepting) instance with its own confdir CA, "
+        "upstream verified against the bench CA (ssl_verify_upstream_trusted_ca)"
+    )
+
+
+def start_proxypy_intercept(peer: Peer, workdir: Path, origins: Origins) -> None:
+    """proxy.py 2.4.10 intercepts every CONNECT once given a CA.  It verifies the
+    upstream (CERT_REQUIRED, host name checked) against --ca-file only, whose
+    default (certifi/cacert.pem in its site-packages) pip does not install with
+    it: every interception would fail.  Point it at the bench CA."""
+    d = workdir / "proxypy-intercept"
+    d.mkdir()
+    ca_key, ca_crt = make_ca(d, "ca", "proxy.py bench interception CA", key_type="rsa")
+    signing_key = d / "signing.key"  # the key of every leaf it generates
+    openssl("genrsa", "-out", str(signing_key), "2048")
+    certs = d / "certs"
+    certs.mkdir()
+    extra = [
+        "--ca-key-file",
+        str(ca_key),
+        "--ca-cert-file",
+        str(ca_crt),
+        "--ca-signing-key-file",
+        str(signing_key),
+        "--ca-cert-dir",
+        str(certs),
+        "--ca-file",
+        str(origins.ca_file),
+    ]
+    start_proxypy(peer, workdir, extra)
+    peer.ca_file = ca_crt
+    if peer.ok:
+        peer.notes += (
+            ", TLS interception (--ca-*-file), upstream verified with --ca-file <bench CA>"
+        )
+
+
 def start_haproxy(peer: Peer, workdir: Path, origins: Origins) -> None:
     exe = which("haproxy")
     if not exe:
@@ -734,18 +896,47 @@ backend origin
     peer.notes = "mode tcp, option splice-auto, nbthread 1; the client speaks TLS to it, no CONNECT"
 
 
+def _wait_listening(peer: Peer, deadline: float) -> bool:
+    for port in {peer.connect_port, peer.plain_port} - {0}:
+        if not wait_port(port, deadline):
+            peer.check_alive()
+            tails = "\n".join(p.log_tail() for p in peer.procs)
+            peer.fail(f"not listening on port {port} after 30 s:\n{tails}")
+            return False
+    return True
+
+
+def _curl_until_200(
+    peer: Peer, cmd: list[str], deadline: float, write_out: str = "%{http_code}"
+) -> str | None:
+    """Retry one curl until it answers 200 or the deadline passes; its -w output
+    (first line: the status), or None once the peer has been failed."""
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            p = run(
+                cmd[:1] + ["-s", "-o", "/dev/null", "-w", write_out, "--max-time", "5"] + cmd[1:],
+                timeout=10,
+            )
+            status = (p.stdout.splitlines() or [""])[0].strip()
+            last = f"exit {p.returncode}, HTTP {status} {p.stderr.strip()}"
+            if status == "200":
+                return p.stdout
+        except subprocess.TimeoutExpired:
+            last = "curl timed out"
+        time.sleep(0.3)
+    tails = "\n".join(p.log_tail() for p in peer.procs)
+    peer.fail(f"probe `{' '.join(cmd)}` failed ({last}):\n{tails}")
+    return None
+
+
 def probe(peer: Peer, origins: Origins) -> None:
     """Wait for the peer to listen, then push one request through each path it serves."""
     if not peer.ok:
         return
     deadline = time.monotonic() + 30
-    ports = {peer.connect_port, peer.plain_port} - {0}
-    for port in ports:
-        if not wait_port(port, deadline):
-            peer.check_alive()
-            tails = "\n".join(p.log_tail() for p in peer.procs)
-            peer.fail(f"not listening on port {port} after 30 s:\n{tails}")
-            return
+    if not _wait_listening(peer, deadline):
+        return
     checks = []
     if peer.name == "haproxy":
         checks.append(["curl", "-k", f"https://{LOOPBACK}:{peer.connect_port}/100b"])
@@ -755,25 +946,35 @@ def probe(peer: Peer, origins: Origins) -> None:
         )
         checks.append(["curl", "-x", f"http://{LOOPBACK}:{peer.plain_port}", origins.plain_small])
     for cmd in checks:
-        last = ""
-        while time.monotonic() < deadline:
-            try:
-                p = run(
-                    cmd[:1]
-                    + ["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"]
-                    + cmd[1:],
-                    timeout=10,
-                )
-                last = f"exit {p.returncode}, HTTP {p.stdout.strip()} {p.stderr.strip()}"
-                if p.stdout.strip() == "200":
-                    break
-            except subprocess.TimeoutExpired:
-                last = "curl timed out"
-            time.sleep(0.3)
-        else:
-            tails = "\n".join(p.log_tail() for p in peer.procs)
-            peer.fail(f"probe `{' '.join(cmd)}` failed ({last}):\n{tails}")
+        if _curl_until_200(peer, cmd, deadline) is None:
             return
+
+
+def leaf_issuer(certs: str) -> str:
+    """The Issuer of the first certificate in curl's %{certs} output."""
+    m = re.search(r"^Issuer:\s*(.+)$", certs, re.M)
+    return m.group(1).strip() if m else "?"
+
+
+def probe_intercept(peer: Peer, origins: Origins) -> None:
+    """Check that an intercepting instance really intercepts: a client that trusts
+    only the proxy's CA gets the object from https://localhost:PORT, and the leaf
+    it sees was issued by that CA.  A tunnel passed through would show the
+    origin's leaf, issued by the bench CA, and fail verification."""
+    if not peer.ok:
+        return
+    deadline = time.monotonic() + 30
+    if not _wait_listening(peer, deadline):
+        return
+    cmd = ["curl", "--cacert", str(peer.ca_file), "-x", f"http://{LOOPBACK}:{peer.connect_port}"]
+    out = _curl_until_200(peer, cmd + [origins.intercept_small], deadline, "%{http_code}\n%{certs}")
+    if out is None:
+        return
+    issuer = leaf_issuer(out)
+    if BENCH_CA_CN in issuer:
+        peer.fail(f"does not intercept: the client saw the origin's own leaf (issuer {issuer})")
+        return
+    peer.notes += f"; leaf seen by the client issued by {issuer}"
 
 
 def start_peers(names: list[str], workdir: Path, origins: Origins, args) -> dict[str, Peer]:
@@ -785,28 +986,54 @@ def start_peers(names: list[str], workdir: Path, origins: Origins, args) -> dict
             peer.version = "no proxy"
             peer.notes = "hey/curl straight to the nginx origin"
             continue
-        log(f"starting {name}")
-        try:
-            if name == "elbasy":
-                start_elbasy(peer, workdir, args.elbasy_python)
-            elif name in ELBASY_VARIANTS:
-                start_elbasy(peer, workdir, args.elbasy_python, ELBASY_VARIANTS[name])
-            elif name == "squid":
-                start_squid(peer, workdir)
-            elif name == "tinyproxy":
-                start_tinyproxy(peer, workdir)
-            elif name == "proxy.py":
-                start_proxypy(peer, workdir)
-            elif name == "mitmproxy":
-                start_mitmproxy(peer, workdir)
-            elif name == "haproxy":
-                start_haproxy(peer, workdir, origins)
-            probe(peer, origins)
-        except Exception as e:  # a peer that cannot start must not sink the run
-            peer.fail(f"could not start: {e!r}")
-        if peer.ok:
-            log(f"{name} ready ({peer.version})")
+        if any(name in CELL_TARGETS[c] for c in args.cells if c not in INTERCEPT_CELLS):
+            start_peer(peer, workdir, origins, args)
+        if name in INTERCEPTORS and set(args.cells) & set(INTERCEPT_CELLS):
+            peer.intercept = Peer(name, role="intercept")
+            start_intercepting(peer.intercept, workdir, origins, args)
+            peer.version = peer.version or peer.intercept.version
     return peers
+
+
+def start_intercepting(peer: Peer, workdir: Path, origins: Origins, args) -> None:
+    log(f"starting {peer.label}")
+    try:
+        if peer.name == "elbasy":
+            start_elbasy_intercept(peer, workdir, args.elbasy_python, origins)
+        elif peer.name == "mitmproxy":
+            start_mitmproxy_intercept(peer, workdir, origins)
+        elif peer.name == "proxy.py":
+            start_proxypy_intercept(peer, workdir, origins)
+        probe_intercept(peer, origins)
+    except Exception as e:  # out of the interception cells only
+        peer.fail(f"could not start: {e!r}")
+    if peer.ok:
+        log(f"{peer.label} ready ({peer.version})")
+
+
+def start_peer(peer: Peer, workdir: Path, origins: Origins, args) -> None:
+    name = peer.name
+    log(f"starting {name}")
+    try:
+        if name == "elbasy":
+            start_elbasy(peer, workdir, args.elbasy_python)
+        elif name in ELBASY_VARIANTS:
+            start_elbasy(peer, workdir, args.elbasy_python, ELBASY_VARIANTS[name])
+        elif name == "squid":
+            start_squid(peer, workdir)
+        elif name == "tinyproxy":
+            start_tinyproxy(peer, workdir)
+        elif name == "proxy.py":
+            start_proxypy(peer, workdir)
+        elif name == "mitmproxy":
+            start_mitmproxy(peer, workdir)
+        elif name == "haproxy":
+            start_haproxy(peer, workdir, origins)
+        probe(peer, origins)
+    except Exception as e:  # a peer that cannot start must not sink the run
+        peer.fail(f"could not start: {e!r}")
+    if peer.ok:
+        log(f"{name} ready ({peer.version})")
 
 
 # --------------------------------------------------------------------------
@@ -845,9 +1072,13 @@ def parse_hey(out: str) -> dict:
 
 def hey_cell(cell: str, target: Peer, origins: Origins, args) -> dict:
     cmd = ["hey", "-z", f"{args.duration}s", "-c", str(args.concurrency), "-t", "10"]
-    if cell == "connect-new":
+    if cell in ("connect-new", "intercept-new"):
         cmd.append("-disable-keepalive")
-    if target.name == "haproxy":
+    if cell in INTERCEPT_CELLS:
+        url = origins.intercept_small
+        if target.name != "direct":
+            cmd += ["-x", f"http://{LOOPBACK}:{target.connect_port}"]
+    elif target.name == "haproxy":
         url = f"https://{LOOPBACK}:{target.connect_port}/100b"
     elif cell == "plain":
         url = origins.plain_small
@@ -858,13 +1089,34 @@ def hey_cell(cell: str, target: Peer, origins: Origins, args) -> dict:
         if target.name != "direct":
             cmd += ["-x", f"http://{LOOPBACK}:{target.connect_port}"]
     cmd.append(url)
+    return run_hey(cmd, timeout=args.duration + 40)
+
+
+def latency_cell(target: Peer, origins: Origins, args) -> dict:
+    """One client, one keep-alive connection, a fixed count of requests: p50 and
+    p99 per request (ms; hey reports 0.1 ms steps).  The value is the p50."""
+    cmd = ["hey", "-n", str(args.latency_requests), "-c", "1", "-t", "10"]
+    if target.name != "direct":
+        cmd += ["-x", f"http://{LOOPBACK}:{target.connect_port}"]
+    cmd.append(origins.intercept_small)
+    res = run_hey(cmd, timeout=args.latency_timeout)
+    lat = res.get("latency", {})
+    if "p50" in lat and "p99" in lat and res.get("ok"):
+        res["value"] = lat["p50"] * 1000
+        res["p99_ms"] = lat["p99"] * 1000
+    else:
+        res.update(value=0.0, p99_ms=None, errors=max(res.get("errors", 0), 1))
+    return res
+
+
+def run_hey(cmd: list[str], timeout: float) -> dict:
     try:
-        p = run(cmd, timeout=args.duration + 40)
+        p = run(cmd, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {
             "value": 0.0,
             "errors": 1,
-            "error_samples": ["hey did not finish in time"],
+            "error_samples": [f"hey did not finish in {timeout:g} s"],
             "cmd": cmd,
         }
     res = parse_hey(p.stdout)
@@ -1051,7 +1303,7 @@ def idle_cell(target: Peer, origins: Origins, args) -> dict:
 
 
 def fmt_value(cell: str, v: float) -> str:
-    if cell == "bulk":
+    if cell in ("bulk", "latency"):
         return f"{v:.2f}"
     if cell == "idle":
         return f"{v:.1f}"
@@ -1073,6 +1325,7 @@ def summarize(runs: list[dict]) -> dict | None:
         "n": len(vals),
         "errors": sum(r.get("errors", 0) for r in runs),
         "cpu_per_unit": _median_or_none([_cpu_per_unit(r) for r in runs]),
+        "p99_ms_median": _median_or_none([r.get("p99_ms") for r in runs]),
         "p50_ms": [
             round(r["latency"]["p50"] * 1000, 2)
             for r in runs
@@ -1094,6 +1347,18 @@ def _cpu_per_unit(r: dict) -> float | None:
 def _median_or_none(vals: list) -> float | None:
     vals = [v for v in vals if v is not None]
     return statistics.median(vals) if vals else None
+
+
+def latency_text(s: dict, direct: dict | None) -> str:
+    """p50 / p99 medians; for a proxy, the milliseconds it adds to going direct."""
+    p99 = s["p99_ms_median"]
+    txt = f"{s['median']:.2f} / {'?' if p99 is None else f'{p99:.2f}'}"
+    if s is not direct and direct is not None and p99 is not None:
+        d99 = direct["p99_ms_median"] or 0.0
+        txt += f" (+{s['median'] - direct['median']:.2f} / +{p99 - d99:.2f})"
+    if s["errors"]:
+        txt += f" **{s['errors']} err**"
+    return txt
 
 
 def cell_text(cell: str, s: dict | None, ref: dict | None, is_elbasy: bool) -> str:
@@ -1122,12 +1387,16 @@ TARGET_LINES = [
     ("new tunnels/s ≥ 1.0× HAProxy relay", "connect-new", ["haproxy"], 1.0, "ratio"),
     ("plain HTTP forward ≥ 1.5× squid", "plain", ["squid"], 1.5, "ratio"),
     ("≤ 2 KiB per idle tunnel", "idle", [], 2.0, "max"),
+    ("TLS interception keep-alive ≥ 10× mitmproxy", "intercept", ["mitmproxy"], 10.0, "ratio"),
+    ("TLS interception, new conn/req ≥ 5× mitmproxy", "intercept-new", ["mitmproxy"], 5.0, "ratio"),
 ]
 
 
 def target_rows(summary: dict) -> list[list[str]]:
     rows = []
     for label, cell, refs, need, kind in TARGET_LINES:
+        if cell not in summary:
+            continue  # cell not run
         el = summary.get(cell, {}).get("elbasy")
         if el is None:
             rows.append([label, "not measured", "", "", "", "n/a"])
@@ -1171,6 +1440,27 @@ def target_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
+INTERCEPT_RATIOS = [
+    ("elbasy", "mitmproxy"),
+    ("elbasy", "proxy.py"),
+    ("elbasy", "direct"),
+    ("mitmproxy", "direct"),
+    ("proxy.py", "direct"),
+]
+
+
+def intercept_ratio_rows(summary: dict, cells: list[str]) -> list[list[str]]:
+    rows = []
+    for a, b in INTERCEPT_RATIOS:
+        row = [f"{a} / {b}"]
+        for cell in cells:
+            sa, sb = summary[cell].get(a), summary[cell].get(b)
+            ok = sa is not None and sb is not None and sb["median"] > 0
+            row.append(f"{sa['median'] / sb['median']:.3g}" if ok else "—")
+        rows.append(row)
+    return rows
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -1209,11 +1499,14 @@ def machine_info(peers: dict[str, Peer]) -> list[str]:
         f"- load tools: hey {_dpkg_version('hey')}, {curl_version}, "
         f"{first_line(['openssl', 'version'])}",
         f"- origin: {first_line([which('nginx') or 'nginx', '-v'])} "
-        "(1 worker, TLS with a P-256 self-signed cert)",
+        f"(1 worker, TLS with a P-256 cert for {TLS_HOST}/{LOOPBACK} signed by a bench CA)",
     ]
-    for name, p in peers.items():
-        state = f"**out: {p.failed}**" if p.failed else p.notes
-        lines.append(f"- {name}: {p.version or '?'} — {state}")
+    for peer in peers.values():
+        for p in (peer, peer.intercept):
+            if p is None or (p is peer and not p.procs and not p.failed and p.intercept):
+                continue  # only its intercepting instance ran
+            state = f"**out: {p.failed}**" if p.failed else p.notes
+            lines.append(f"- {p.label}: {p.version or '?'} — {state}")
     return lines
 
 
@@ -1253,6 +1546,25 @@ def _dpkg_version(pkg: str) -> str:
         return "?"
 
 
+def settings_lines(args, cells: list[str]) -> list[str]:
+    """How the cells that ran were measured, for the line above the table."""
+    out = [f"median [min–max] over {args.repeats} repeat(s), peers rotated each repeat;"]
+    if set(cells) - {"bulk", "idle", "latency"}:
+        out.append(f"hey -c {args.concurrency} -z {args.duration:g}s;")
+    if "bulk" in cells:
+        out.append(f"bulk = {human_size(args.bulk_size)} via curl;")
+    if "idle" in cells:
+        tls = " (one TLS handshake through each)" if args.idle_tls else ""
+        out.append(f"idle = RSS growth of the process tree / {args.idle_tunnels} tunnels{tls};")
+    if "latency" in cells:
+        out.append(
+            f"latency = hey -c 1 -n {args.latency_requests} (keep-alive), medians of p50 / p99 "
+            "in ms, (+ms added to direct);"
+        )
+    out.append("×R = elbasy median / that peer's median (>1: elbasy faster).")
+    return out
+
+
 def render(
     results: dict, peers: dict[str, Peer], cells: list[str], args, started: str
 ) -> tuple[str, dict]:
@@ -1277,19 +1589,18 @@ def render(
                 row.append("n/a")
                 continue
             s = summary[cell].get(name)
-            row.append(cell_text(cell, s, summary[cell].get("elbasy"), name == "elbasy"))
+            target = peers[name].for_cell(cell)
+            if s is None and target.failed:
+                row.append("(out)")
+            elif cell == "latency" and s is not None:
+                row.append(latency_text(s, summary[cell].get("direct")))
+            else:
+                row.append(cell_text(cell, s, summary[cell].get("elbasy"), name == "elbasy"))
         rows.append(row)
     out = []
     out.append(f"## elbasy load benchmark, {started}")
     out.append("")
-    out.append(
-        f"median [min–max] over {args.repeats} repeat(s), peers rotated each repeat; "
-        f"hey -c {args.concurrency} -z {args.duration:g}s; "
-        f"bulk = {human_size(args.bulk_size)} via curl; "
-        f"idle = RSS growth of the process tree / {args.idle_tunnels} tunnels"
-        f"{' (one TLS handshake through each)' if args.idle_tls else ''}. "
-        f"×R = elbasy median / that peer's median (>1: elbasy faster)."
-    )
+    out.append(" ".join(settings_lines(args, cells)))
     out.append("")
     out.append(md_table(["peer"] + [CELL_TITLES[c] for c in cells], rows))
     out.append("")
@@ -1301,7 +1612,18 @@ def render(
         )
     )
     out.append("")
-    hey_cells = [c for c in cells if c in ("plain", "connect", "connect-new")]
+    ratio_cells = [c for c in ("intercept", "intercept-new") if c in cells]
+    if ratio_cells:
+        out.append("### TLS interception ratios (medians from this run)")
+        out.append("")
+        out.append(
+            md_table(
+                ["ratio"] + [CELL_TITLES[c].split(" (")[0] for c in ratio_cells],
+                intercept_ratio_rows(summary, ratio_cells),
+            )
+        )
+        out.append("")
+    hey_cells = [c for c in cells if c not in ("bulk", "idle", "latency")]
     if hey_cells:
         out.append("### hey p50 latency per repeat (ms): a second mode shows up here")
         out.append("")
@@ -1402,7 +1724,23 @@ def parse_args(argv: list[str] | None = None):
         help="do a TLS handshake with the origin through each idle tunnel before idling",
     )
     ap.add_argument(
-        "--only", default=",".join(CELLS), help=f"cells, comma-separated: {','.join(CELLS)}"
+        "--only",
+        "--cells",
+        dest="only",
+        default=",".join(CELLS),
+        help=f"cells, comma-separated: {','.join(CELLS)}",
+    )
+    ap.add_argument(
+        "--latency-requests",
+        type=int,
+        default=None,
+        help="hey -n for the latency cell, one client (default 1000)",
+    )
+    ap.add_argument(
+        "--latency-timeout",
+        type=float,
+        default=120,
+        help="seconds before a latency run is cut off and counted as an error (default 120)",
     )
     ap.add_argument(
         "--peers",
@@ -1433,8 +1771,20 @@ def parse_args(argv: list[str] | None = None):
         "--pause", type=float, default=0.5, help="seconds of quiet between cells (default 0.5)"
     )
     args = ap.parse_args(argv)
-    quick = {"repeats": 1, "duration": 2.0, "bulk_size": 256 << 20, "idle_tunnels": 500}
-    full = {"repeats": 5, "duration": 5.0, "bulk_size": 1 << 30, "idle_tunnels": 5000}
+    quick = {
+        "repeats": 1,
+        "duration": 2.0,
+        "bulk_size": 256 << 20,
+        "idle_tunnels": 500,
+        "latency_requests": 200,
+    }
+    full = {
+        "repeats": 5,
+        "duration": 5.0,
+        "bulk_size": 1 << 30,
+        "idle_tunnels": 5000,
+        "latency_requests": 1000,
+    }
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -1446,8 +1796,8 @@ def parse_args(argv: list[str] | None = None):
     for t in args.targets:
         if t not in ALL_TARGETS:
             ap.error(f"unknown peer {t!r}; choose from {','.join(ALL_TARGETS)}")
-    if args.repeats < 1 or args.idle_tunnels < 1 or args.concurrency < 1:
-        ap.error("--repeats, --idle-tunnels and --concurrency must be positive")
+    if min(args.repeats, args.idle_tunnels, args.concurrency, args.latency_requests) < 1:
+        ap.error("--repeats, --idle-tunnels, --concurrency and --latency-requests must be positive")
     args.cells = [c for c in CELLS if c in args.cells]
     args.targets = [t for t in ALL_TARGETS if t in args.targets]
     return args
@@ -1481,40 +1831,55 @@ def measure(args, workdir: Path, peers: dict[str, Peer], results: dict) -> None:
         log(f"warm-up: {args.warmup:g}s of hey per peer and cell (not counted)")
         warm = argparse.Namespace(**vars(args))
         warm.duration = args.warmup
-        for cell in load_cells:
-            if cell == "bulk":
-                continue
+        # the latency cell rides the keep-alive interception path: warm that
+        warm_cells = {"intercept" if c == "latency" else c for c in load_cells} - {"bulk"}
+        for cell in [c for c in CELLS if c in warm_cells]:
             for name in CELL_TARGETS[cell]:
-                if name in peers and (name == "direct" or peers[name].check_alive()):
-                    hey_cell(cell, peers[name], origins, warm)
+                if name not in peers:
+                    continue
+                target = peers[name].for_cell(cell)
+                if name == "direct" or target.check_alive():
+                    hey_cell(cell, target, origins, warm)
     for rep in range(args.repeats):
         for ci, cell in enumerate(load_cells):
             names = [n for n in CELL_TARGETS[cell] if n in peers]
             k = (rep + ci) % len(names) if names else 0
             order = names[k:] + names[:k]  # rotate: no peer always goes first
             for name in order:
-                peer = peers[name]
-                if name != "direct" and not peer.check_alive():
+                target = peers[name].for_cell(cell)
+                if name != "direct" and not target.check_alive():
                     continue
-                cpu0 = peer.cpu_s()
-                r = (
-                    bulk_cell(peer, origins, args)
-                    if cell == "bulk"
-                    else hey_cell(cell, peer, origins, args)
-                )
+                cpu0 = target.cpu_s()
+                r = run_cell(cell, target, origins, args)
                 r["repeat"] = rep
                 if name != "direct":
-                    r["proxy_cpu_s"] = round(peer.cpu_s() - cpu0, 3)
+                    r["proxy_cpu_s"] = round(target.cpu_s() - cpu0, 3)
                 results[cell].setdefault(name, []).append(r)
-                unit = "GB/s" if cell == "bulk" else "req/s"
                 extra = f", {r['errors']} errors" if r.get("errors") else ""
                 log(
-                    f"repeat {rep + 1}/{args.repeats} {cell:11s} {name:10s} "
-                    f"{r['value']:10.2f} {unit}{extra}"
+                    f"repeat {rep + 1}/{args.repeats} {cell:13s} {name:10s} "
+                    f"{run_text(cell, r)}{extra}"
                 )
                 if name != "direct":
-                    peer.check_alive()
+                    target.check_alive()
                 time.sleep(args.pause)
+
+
+def run_cell(cell: str, target: Peer, origins: Origins, args) -> dict:
+    if cell == "bulk":
+        return bulk_cell(target, origins, args)
+    if cell == "latency":
+        return latency_cell(target, origins, args)
+    return hey_cell(cell, target, origins, args)
+
+
+def run_text(cell: str, r: dict) -> str:
+    if cell == "bulk":
+        return f"{r['value']:10.2f} GB/s"
+    if cell == "latency":
+        p99 = r.get("p99_ms")
+        return f"p50 {r['value']:.2f} ms, p99 {'?' if p99 is None else f'{p99:.2f}'} ms"
+    return f"{r['value']:10.2f} req/s"
 
 
 def report(
@@ -1547,13 +1912,16 @@ def report(
                 "bulk_size",
                 "idle_tunnels",
                 "idle_tls",
+                "latency_requests",
                 "cells",
                 "targets",
             )
         },
         "peers": {
-            n: {"version": p.version, "failed": p.failed, "notes": p.notes}
-            for n, p in peers.items()
+            p.label: {"version": p.version, "failed": p.failed, "notes": p.notes}
+            for peer in peers.values()
+            for p in (peer, peer.intercept)
+            if p is not None
         },
         "summary": summary,
         "results": results,
