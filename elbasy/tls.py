@@ -181,7 +181,9 @@ def error_for(ssl: int) -> TLSError:
         return TLSConfigError(reason, reason=reason, code=code)
     if verify != lib.X509_V_OK:
         return CertificateVerifyError(
-            text, reason=text.removeprefix("certificate verify failed: "), code=code,
+            text,
+            reason=text.removeprefix("certificate verify failed: "),
+            code=code,
             verify_result=verify,
         )
     cls = _class_for(code)
@@ -288,7 +290,7 @@ class ServerTLS:
             reason = f"no certificate for {name!r}: {e}"
             log.warning("TLS: %s", reason)
             self.last_failure = TLSConfigError(reason)
-            lib.elb_ssl_set_note(ssl, reason.encode("utf-8", "replace")[:_TEXT_CAP - 1])
+            lib.elb_ssl_set_note(ssl, reason.encode("utf-8", "replace")[: _TEXT_CAP - 1])
             return ffi.NULL
         try:
             renew_at = int(leaf.renew_at().timestamp())

@@ -163,27 +163,6 @@ int elb_sni_remove(SSL_CTX *server, const char *name);
 void elb_sni_clear(SSL_CTX *server);
 void elb_sni_set_now(SSL_CTX *server, int64_t now);
 int elb_sni_stats(SSL_CTX *server, uint64_t *out);
-/* A note on the SSL (freed with it): why the SNI handler failed, for error_for. */
-int elb_ssl_set_note(SSL *ssl, const char *text)
-{
-    if (elb_ssl_note_idx < 0)
-        return 0;
-    char *copy = strdup(text);
-    if (copy == NULL)
-        return 0;
-    free(SSL_get_ex_data(ssl, elb_ssl_note_idx));
-    if (!SSL_set_ex_data(ssl, elb_ssl_note_idx, copy)) {
-        free(copy);
-        return 0;
-    }
-    return 1;
-}
-
-const char *elb_ssl_note(SSL *ssl)
-{
-    return elb_ssl_note_idx < 0 ? NULL : SSL_get_ex_data(ssl, elb_ssl_note_idx);
-}
-
 uintptr_t elb_server_ssl(SSL_CTX *ctx, int fd, const char *fallback_name,
                          const char *early, size_t early_len);
 const char *elb_ssl_name(SSL *ssl);
@@ -401,7 +380,8 @@ static int elb_init(void)
         elb_server_idx = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, elb_free_server);
     if (elb_client_idx < 0)
         elb_client_idx = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, elb_free_client);
-    return elb_ssl_name_idx >= 0 && elb_ssl_note_idx >= 0 && elb_server_idx >= 0 && elb_client_idx >= 0;
+    return elb_ssl_name_idx >= 0 && elb_ssl_note_idx >= 0
+           && elb_server_idx >= 0 && elb_client_idx >= 0;
 }
 
 static elb_server *elb_server_of(SSL_CTX *ctx)
@@ -664,6 +644,27 @@ static int elb_set_name(SSL *ssl, const char *name)
 const char *elb_ssl_name(SSL *ssl)
 {
     return elb_ssl_name_idx < 0 ? NULL : SSL_get_ex_data(ssl, elb_ssl_name_idx);
+}
+
+/* A note on the SSL (freed with it): why the SNI handler failed, for error_for. */
+int elb_ssl_set_note(SSL *ssl, const char *text)
+{
+    if (elb_ssl_note_idx < 0)
+        return 0;
+    char *copy = strdup(text);
+    if (copy == NULL)
+        return 0;
+    free(SSL_get_ex_data(ssl, elb_ssl_note_idx));
+    if (!SSL_set_ex_data(ssl, elb_ssl_note_idx, copy)) {
+        free(copy);
+        return 0;
+    }
+    return 1;
+}
+
+const char *elb_ssl_note(SSL *ssl)
+{
+    return elb_ssl_note_idx < 0 ? NULL : SSL_get_ex_data(ssl, elb_ssl_note_idx);
 }
 
 uintptr_t elb_server_ssl(SSL_CTX *ctx, int fd, const char *fallback_name,
