@@ -331,7 +331,10 @@ class ServerTLS:
         """
         if not self._finalizer.alive:
             raise TLSConfigError("the TLS server context is closed")
-        ssl = lib.elb_server_ssl(self._ctx, fd, _ascii(fallback_name), early, len(early))
+        name = fallback_name.lower().rstrip(".")
+        if name.startswith("[") and name.endswith("]"):
+            name = name[1:-1]  # an IPv6 literal: the leaf's SAN is the bare address
+        ssl = lib.elb_server_ssl(self._ctx, fd, _ascii(name), early, len(early))
         if ssl == 0:
             raise _config_error("cannot create a server TLS connection")
         return int(ssl)

@@ -524,6 +524,7 @@ SSL_CTX *elb_server_ctx_new(size_t table_size)
     }
     /* session tickets stay on (the default); this ctx's keys encrypt them */
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
+    SSL_CTX_set_num_tickets(ctx, 1);  /* TLS 1.3: one ticket per handshake (OpenSSL sends 2) */
     SSL_CTX_sess_set_cache_size(ctx, 4096);
     SSL_CTX_set_tlsext_servername_callback(ctx, elb_servername_cb);
     return ctx;
@@ -790,6 +791,7 @@ uintptr_t elb_client_ssl(SSL_CTX *ctx, int fd, const char *host)
     } else {
         if (SSL_set_tlsext_host_name(ssl, bare) != 1 || SSL_set1_host(ssl, bare) != 1)
             goto fail;
+        SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
     }
     elb_client *st = elb_client_of(ctx);
     elb_entry *e = st == NULL ? NULL : elb_map_get(&st->sessions, bare);

@@ -40,7 +40,7 @@ from elbasy.tls import (
 )
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
-INTERCEPT = ["*.myshopify.com", "api.etsy.com", "127.0.0.1"]
+INTERCEPT = ["*.myshopify.com", "api.etsy.com", "127.0.0.1", "::1"]
 TIMEOUT = 10
 
 
@@ -137,6 +137,7 @@ def stdlib_client(
     ctx: ssl.SSLContext,
     server_hostname: str | None,
     session: ssl.SSLSession | None = None,
+    want_session: bool = False,
 ) -> Peer:
     """Handshake as a client, read one message (so TLS 1.3 tickets arrive), then close."""
 
@@ -147,7 +148,8 @@ def stdlib_client(
                 "data": data,
                 "alpn": tls.selected_alpn_protocol(),
                 "reused": tls.session_reused,
-                "session": tls.session,
+                # the stdlib leaks the copy SSLSocket.session makes: only when needed
+                "session": tls.session if want_session else None,
                 "cert": tls.getpeercert(),
                 "version": tls.version(),
             }
@@ -164,11 +166,12 @@ def serve_one(
     sni: str | None,
     fallback: str = "api.etsy.com",
     session: ssl.SSLSession | None = None,
+    want_session: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One full connection: the stdlib client against a ServerTLS SSL. (ours, theirs)."""
     ours, theirs = socket_pair()
     with ours, theirs:
-        peer = stdlib_client(theirs, ctx, sni, session)
+        peer = stdlib_client(theirs, ctx, sni, session, want_session)
         s = server.new_ssl(ours.fileno(), fallback)
         try:
             handshake(s)
@@ -258,6 +261,18 @@ def test_without_sni_the_connect_host_picks_the_leaf(
     assert server.stats()["sni_misses"] == 2
 
 
+def test_bracketed_ipv6_connect_host_is_served_from_the_table(
+    server: ServerTLS, authority: CertificateAuthority
+) -> None:
+    ctx = client_context(authority)
+    ctx.check_hostname = False
+    for _ in range(2):
+        _, theirs = serve_one(server, ctx, None, fallback="[::1]")
+        assert san_of(theirs["cert"]) == ["0:0:0:0:0:0:0:1"]
+    assert server.stats()["sni_hits"] == 1
+    assert server.stats()["sni_misses"] == 1
+
+
 def test_ip_literal_leaf_verifies_for_an_ip_client(
     server: ServerTLS, authority: CertificateAuthority
 ) -> None:
@@ -297,7 +312,7 @@ def test_server_session_resumption(
 ) -> None:
     ctx = client_context(authority)
     ctx.maximum_version = version
-    mine, theirs = serve_one(server, ctx, "shop1.myshopify.com")
+    mine, theirs = serve_one(server, ctx, "shop1.myshopify.com", want_session=True)
     assert not mine["reused"] and not theirs["reused"]
     session = theirs["session"]
     assert session is not None
