@@ -1,8 +1,12 @@
 """Build elbasy's compiled parts: the Cython epoll loop in ext/ becomes
-elbasy._loop, and the header-line reader elbasy._heads.
+elbasy._loop, the header-line reader elbasy._heads, and the cffi OpenSSL
+binding in ext/tls_build.py becomes elbasy._tls (the SSL_CTX and SSL* objects
+of TLS interception, which the loop then drives).
 
-The cffi OpenSSL binding (elbasy._tls) joins here with the interception work:
-add its builder to `cffi_modules` below.
+elbasy._loop and elbasy._tls link the same libssl/libcrypto (-lssl -lcrypto;
+needs the OpenSSL headers, e.g. Debian's libssl-dev): an SSL* made by one is
+used by the other, so they must share one OpenSSL copy. Never mix either with
+the stdlib ssl module's objects.
 """
 
 import os
@@ -32,6 +36,7 @@ extensions = [
 ]
 
 setup(
+    cffi_modules=["ext/tls_build.py:ffibuilder"],
     ext_modules=cythonize(
         extensions,
         language_level=3,
