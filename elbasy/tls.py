@@ -339,6 +339,10 @@ class ServerTLS:
             raise _config_error("cannot create a server TLS connection")
         return int(ssl)
 
+    def failure(self, ssl: int) -> TLSError:
+        """Why a client's handshake on ``ssl`` failed (see :func:`error_for`)."""
+        return error_for(ssl)
+
     def set_time(self, now: dt.datetime | None) -> None:
         """Judge leaves' freshness in C at ``now`` (None: the wall clock, the default)."""
         lib.elb_sni_set_now(self._ctx, 0 if now is None else max(1, int(now.timestamp())))

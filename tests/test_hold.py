@@ -1,4 +1,4 @@
-""""Forward at T": a policy holds requests on the loop's timer while other traffic flows.
+"""Forward at T: a policy holds requests on the loop's timer while other traffic flows.
 
 The loop runs in this process (a real listener, real sockets) with a policy
 that asks for a departure time through a query parameter, the way the
@@ -86,9 +86,7 @@ def shop(test_ca: origins.TestCA, tmp_path: Path) -> Iterator[origins.HTTPOrigin
 
 
 @pytest.fixture
-def running(
-    shop: origins.HTTPOrigin, test_ca: origins.TestCA, tmp_path: Path
-) -> Iterator[Running]:
+def running(shop: origins.HTTPOrigin, test_ca: origins.TestCA, tmp_path: Path) -> Iterator[Running]:
     config = build_config(
         listen="127.0.0.1:0",
         intercept=[GLOB],

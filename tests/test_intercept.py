@@ -464,7 +464,7 @@ def test_upstream_with_a_bad_certificate_gives_502(
         before = p.fd_count()
         out = curl("--cacert", str(m.ca), "-x", m.url, "-i", f"https://{SHOP}/hello")
         assert out.returncode == 0, out.stderr
-        assert out.stdout.startswith(b"HTTP/1.1 502"), out.stdout
+        assert answer(out.stdout).startswith(b"HTTP/1.1 502"), out.stdout
         assert b"hostname mismatch" in out.stdout, out.stdout
         # the same origin but its CA not trusted by elbasy
         p2 = proxy(
@@ -483,7 +483,7 @@ def test_upstream_with_a_bad_certificate_gives_502(
             "-i",
             "https://localhost/hello",
         )
-        assert out.stdout.startswith(b"HTTP/1.1 502"), out.stdout
+        assert answer(out.stdout).startswith(b"HTTP/1.1 502"), out.stdout
         assert b"unable to get local issuer certificate" in out.stdout, out.stdout
         h = p.healthz()
         assert h["tls"]["upstream_handshake_failures"] == 1
@@ -517,6 +517,12 @@ def test_a_ca_that_does_not_cover_a_new_intercept_glob_stops_startup(
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def answer(curl_i: bytes) -> bytes:
+    """The origin's (or elbasy's) response in ``curl -i`` output, after the CONNECT's "200"."""
+    assert curl_i.startswith(b"HTTP/1.1 200 Connection established\r\n\r\n"), curl_i
+    return curl_i.split(b"\r\n\r\n", 1)[1]
 
 
 def wait_for(p: Proxy, ok: Callable[[dict], bool], timeout: float = 5.0) -> dict:
