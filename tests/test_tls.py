@@ -323,6 +323,30 @@ def test_server_session_resumption(
     assert mine["version"] == {"TLSv1_3": "TLSv1.3", "TLSv1_2": "TLSv1.2"}[version.name]
 
 
+def test_hello_retry_request_keeps_the_chosen_leaf(
+    server: ServerTLS, authority: CertificateAuthority
+) -> None:
+    """The client's key share is for X25519, the server takes only P-256: a HelloRetryRequest,
+    and a second ClientHello that reaches the servername callback on a switched SSL."""
+    ctx = client_context(authority)
+    for name in ("shop1.myshopify.com", "shop2.myshopify.com"):  # a miss, then a hit
+        ours, theirs = socket_pair()
+        with ours, theirs:
+            peer = stdlib_client(theirs, ctx, name)
+            s = server.new_ssl(ours.fileno(), "api.etsy.com")
+            try:
+                assert lib.SSL_set1_groups_list(ffi.cast("SSL *", s), b"P-256") == 1
+                handshake(s)
+                ssl_write(s, b"hello")
+                info = peer.outcome()
+            finally:
+                close_ssl(s)
+        assert info["data"] == b"hello"
+        assert san_of(info["cert"]) == ["*.myshopify.com"]
+    assert server.stats()["sni_hits"] == 1
+    assert server.stats()["sni_misses"] == 1
+
+
 def test_tls_below_1_2_is_refused(server: ServerTLS, authority: CertificateAuthority) -> None:
     ctx = client_context(authority)
     ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
