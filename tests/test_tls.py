@@ -433,6 +433,33 @@ def test_name_the_ca_cannot_serve_fails_the_handshake_with_the_reason(
     assert lib.ERR_peek_error() == 0  # the queue is left clean
 
 
+def test_an_exception_in_the_miss_handler_never_reaches_c(
+    authority: CertificateAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_clock() -> dt.datetime:
+        raise RuntimeError("the clock is broken")
+
+    server = ServerTLS(authority, broken_clock)
+    ours, theirs = socket_pair()
+    try:
+        with ours, theirs, caplog.at_level(logging.WARNING, logger="elbasy"):
+            peer = stdlib_client(theirs, client_context(authority), "shop1.myshopify.com")
+            s = server.new_ssl(ours.fileno(), "shop1.myshopify.com")
+            try:
+                with pytest.raises(TLSConfigError, match="the clock is broken"):
+                    handshake(s)
+            finally:
+                free_ssl(s)
+            with pytest.raises(ssl.SSLError):
+                peer.outcome()
+        assert "the clock is broken" in caplog.text
+        assert isinstance(server.last_failure, TLSConfigError)
+    finally:
+        server.close()
+    with pytest.raises(ValueError):
+        ServerTLS(authority, broken_clock, table_size=0)
+
+
 @pytest.mark.parametrize(
     ("garbage", "reason"),
     [
