@@ -124,6 +124,7 @@ BIO *SSL_get_rbio(const SSL *ssl);
 BIO *SSL_get_wbio(const SSL *ssl);
 void SSL_set0_rbio(SSL *ssl, BIO *rbio);
 void SSL_set0_wbio(SSL *ssl, BIO *wbio);
+int SSL_set1_groups_list(SSL *ssl, char *list);
 int SSL_get_fd(const SSL *ssl);
 
 /* BIOs: the loop swaps a drained memory rbio for a socket one */
@@ -328,6 +329,7 @@ static void elb_release_session(void *p) { SSL_SESSION_free((SSL_SESSION *)p); }
 
 typedef struct {
     elb_map table;
+    SSL_CTX *owner;  /* the default ctx whose ex_data holds this (not a reference) */
     uint64_t hits, misses;
     int64_t now;  /* 0: the wall clock */
 } elb_server;
@@ -468,8 +470,10 @@ static SSL_CTX *elb_sni_lookup(elb_server *st, const char *name)
 
 static int elb_servername_cb(SSL *ssl, int *al, void *arg)
 {
-    (void)arg;
-    elb_server *st = elb_server_of(SSL_get_SSL_CTX(ssl));
+    elb_server *st = arg;
+    if (st != NULL && SSL_get_SSL_CTX(ssl) != st->owner)
+        return SSL_TLSEXT_ERR_OK;  /* a second ClientHello (after a HelloRetryRequest): the
+                                      leaf was chosen on the first one */
     const char *raw = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
     if (raw == NULL)
         raw = SSL_get_ex_data(ssl, elb_ssl_name_idx);
@@ -526,7 +530,11 @@ SSL_CTX *elb_server_ctx_new(size_t table_size)
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
     SSL_CTX_set_num_tickets(ctx, 1);  /* TLS 1.3: one ticket per handshake (OpenSSL sends 2) */
     SSL_CTX_sess_set_cache_size(ctx, 4096);
+    st->owner = ctx;
+    /* the callback and its argument are found through the session ctx even after
+       SSL_set_SSL_CTX has switched the SSL to a leaf */
     SSL_CTX_set_tlsext_servername_callback(ctx, elb_servername_cb);
+    SSL_CTX_set_tlsext_servername_arg(ctx, st);
     return ctx;
 }
 

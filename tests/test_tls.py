@@ -323,6 +323,30 @@ def test_server_session_resumption(
     assert mine["version"] == {"TLSv1_3": "TLSv1.3", "TLSv1_2": "TLSv1.2"}[version.name]
 
 
+def test_hello_retry_request_keeps_the_chosen_leaf(
+    server: ServerTLS, authority: CertificateAuthority
+) -> None:
+    """The client's key share is for X25519, the server takes only P-256: a HelloRetryRequest,
+    and a second ClientHello that reaches the servername callback on a switched SSL."""
+    ctx = client_context(authority)
+    for name in ("shop1.myshopify.com", "shop2.myshopify.com"):  # a miss, then a hit
+        ours, theirs = socket_pair()
+        with ours, theirs:
+            peer = stdlib_client(theirs, ctx, name)
+            s = server.new_ssl(ours.fileno(), "api.etsy.com")
+            try:
+                assert lib.SSL_set1_groups_list(ffi.cast("SSL *", s), b"P-256") == 1
+                handshake(s)
+                ssl_write(s, b"hello")
+                info = peer.outcome()
+            finally:
+                close_ssl(s)
+        assert info["data"] == b"hello"
+        assert san_of(info["cert"]) == ["*.myshopify.com"]
+    assert server.stats()["sni_hits"] == 1
+    assert server.stats()["sni_misses"] == 1
+
+
 def test_tls_below_1_2_is_refused(server: ServerTLS, authority: CertificateAuthority) -> None:
     ctx = client_context(authority)
     ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
@@ -407,6 +431,33 @@ def test_name_the_ca_cannot_serve_fails_the_handshake_with_the_reason(
     assert "evil.example.org" in caplog.text
     assert server.stats()["contexts"] == 0
     assert lib.ERR_peek_error() == 0  # the queue is left clean
+
+
+def test_an_exception_in_the_miss_handler_never_reaches_c(
+    authority: CertificateAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_clock() -> dt.datetime:
+        raise RuntimeError("the clock is broken")
+
+    server = ServerTLS(authority, broken_clock)
+    ours, theirs = socket_pair()
+    try:
+        with ours, theirs, caplog.at_level(logging.WARNING, logger="elbasy"):
+            peer = stdlib_client(theirs, client_context(authority), "shop1.myshopify.com")
+            s = server.new_ssl(ours.fileno(), "shop1.myshopify.com")
+            try:
+                with pytest.raises(TLSConfigError, match="the clock is broken"):
+                    handshake(s)
+            finally:
+                free_ssl(s)
+            with pytest.raises(ssl.SSLError):
+                peer.outcome()
+        assert "the clock is broken" in caplog.text
+        assert isinstance(server.last_failure, TLSConfigError)
+    finally:
+        server.close()
+    with pytest.raises(ValueError):
+        ServerTLS(authority, broken_clock, table_size=0)
 
 
 @pytest.mark.parametrize(
