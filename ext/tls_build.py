@@ -475,7 +475,9 @@ static int elb_servername_cb(SSL *ssl, int *al, void *arg)
         return SSL_TLSEXT_ERR_OK;  /* a second ClientHello (after a HelloRetryRequest): the
                                       leaf was chosen on the first one */
     const char *raw = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
-    if (raw == NULL)
+    /* No SNI, or one no host name can be: some clients (Go's, through a proxy)
+       send "host:port". The CONNECT host stands in for either. */
+    if (raw == NULL || strchr(raw, ':') != NULL)
         raw = SSL_get_ex_data(ssl, elb_ssl_name_idx);
     char name[ELB_NAME_MAX + 3];
     if (st == NULL || raw == NULL) {

@@ -205,7 +205,7 @@ def test_httpx(mitm: Mitm) -> None:
 @pytest.mark.skipif(shutil.which("hey") is None, reason="hey is installed by .ci/run")
 def test_hey_go_client(mitm: Mitm, shop: origins.HTTPOrigin) -> None:
     out = subprocess.run(
-        ["hey", "-n", "300", "-c", "10", "-x", mitm.url, f"https://{SHOP}/hello"],
+        ["hey", "-n", "300", "-c", "10", "-x", mitm.url, f"https://{SHOP}:443/hello"],
         capture_output=True,
         timeout=60,
         text=True,
