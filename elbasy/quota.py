@@ -1,0 +1,457 @@
+"""Quota: reservations on each account's clocks, confirmed at departure.
+
+The arithmetic of DESIGN §3, as plain Python over a clock passed in (seconds
+on one time base; tests inject it). One call is one atomic step over every
+limit of an account, so a shared-memory or Redis store can implement the same
+:class:`QuotaStore` interface with one CAS or one Lua script.
+
+Each (account, limit) keeps two views:
+
+* the **reservation clock** — where the next request would stand in line,
+  counting every request already given a departure time, sent or not;
+* the **sent clock** — what has actually left, merged (pessimistically and
+  monotonically) with what the server says it has counted, so traffic
+  elbasy never saw is accounted for.
+
+A request reserves a departure on the first, waits on the loop's timer, and
+at departure is confirmed against the second; if the server's view moved in
+the meantime it waits again, keeping its turn. Three kinds of limit:
+
+``bucket``  GCRA: a leaky (or token) bucket of ``capacity`` restored at
+            ``rate`` per second is one number, the theoretical arrival time
+            ``tat``; the level at time t is ``(tat - t) * rate``.
+``window``  fixed windows aligned to the epoch (Etsy's second): a count per
+            window. A request never departs in the last ``guard`` seconds of
+            a window, where the server could count it in the next one.
+``rolling`` a window of ``sub_buckets`` fixed sub-windows (Etsy's day of
+            twelve two-hour blocks): a count per sub-window.
+
+Safety: a bucket keeps ``headroom`` units free (one by default, more when
+``jitter`` seconds of its rate are more) and runs at ``1 - margin`` of its rate, so
+that network jitter between elbasy's departure and the server's arrival
+clock never tips it over. Windows keep ``margin`` of their capacity free
+(rounded down, at least nothing) and use the guard above.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit
+
+#: how many rounds a multi-limit reservation may take to agree on one time
+_ROUNDS = 32
+#: a reservation this close to a time counts as at it (float noise)
+_EPS = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Safety:
+    """How far below the server's limits elbasy aims (see the module docstring)."""
+
+    margin: float = 0.02  # fraction of a bucket's rate (and a window's capacity) left unused
+    headroom: float = 1.0  # units a bucket always keeps free
+    jitter: float = 0.05  # seconds of network jitter a bucket's headroom absorbs
+    guard: float = 0.02  # seconds at the end of a fixed window no request departs in
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.margin < 1:
+            raise ValueError("margin must be in [0, 1)")
+        if self.headroom < 0 or self.jitter < 0 or self.guard < 0:
+            raise ValueError("headroom, jitter and guard must be >= 0")
+
+
+@dataclass(slots=True)
+class Reservation:
+    """A request's place in line on every limit of its account."""
+
+    account: str
+    limits: tuple[Limit, ...]
+    cost: float
+    depart: float  # when it may leave (the caller's clock)
+    made: float  # when it was made
+    # per limit: the slot it holds (bucket: tat after it; window/rolling: the index)
+    slots: list[float] = field(default_factory=list)
+    sent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Shed:
+    """No departure within the wait allowed: try again after ``retry_after`` seconds."""
+
+    retry_after: float
+    limit: str  # the limit that is furthest out
+
+
+@dataclass(frozen=True, slots=True)
+class ServerView:
+    """What the server said about one limit in one response (None: not said)."""
+
+    limit: str
+    used: float | None = None
+    remaining: float | None = None
+    capacity: float | None = None
+    reset_after: float | None = None
+
+
+class QuotaStore(Protocol):
+    """Where accounts' clocks live: one process, shared memory, or Redis."""
+
+    def reserve(
+        self,
+        account: str,
+        limits: Sequence[Limit],
+        cost: float,
+        now: float,
+        max_wait: float,
+    ) -> Reservation | Shed: ...
+
+    def confirm(self, r: Reservation, now: float) -> float | None: ...
+
+    def observe(
+        self, account: str, limits: Sequence[Limit], views: Sequence[ServerView], now: float
+    ) -> None: ...
+
+    def throttled(
+        self, account: str, limits: Sequence[Limit], now: float, retry_after: float | None
+    ) -> float: ...
+
+    def give_back(self, r: Reservation, now: float) -> bool: ...
+
+    def settle(self, r: Reservation, actual_cost: float, now: float) -> None: ...
+
+
+# --------------------------------------------------------------------------- per-limit state
+
+
+class _State:
+    """The clocks of one (account, limit)."""
+
+    __slots__ = ("tat", "sent", "interval", "blocked", "reserved", "departed", "extra")
+
+    def __init__(self) -> None:
+        self.tat = 0.0  # bucket: reservation clock
+        self.sent = 0.0  # bucket: sent clock (with the server's view)
+        self.interval = 0.0  # bucket: seconds per unit the clocks were kept in
+        self.blocked = 0.0  # nothing departs before this (after a 429)
+        # window/rolling, per slot index: units booked (sent or not), units that
+        # left, and units the server counted beyond ours (outside traffic)
+        self.reserved: dict[int, float] = {}
+        self.departed: dict[int, float] = {}
+        self.extra: dict[int, float] = {}
+
+    def booked(self) -> dict[int, float]:
+        """Per slot: what a new reservation must fit beside (booked + outside)."""
+        return _add(self.reserved, self.extra)
+
+    def seen(self) -> dict[int, float]:
+        """Per slot: what the server has counted or will (sent + outside)."""
+        return _add(self.departed, self.extra)
+
+
+def _add(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
+    if not b:
+        return a
+    out = dict(a)
+    for j, v in b.items():
+        out[j] = out.get(j, 0.0) + v
+    return out
+
+
+def _take(counts: dict[int, float], i: int, units: float) -> None:
+    left = counts.get(i, 0.0) - units
+    if left > _EPS:
+        counts[i] = left
+    else:
+        counts.pop(i, None)
+
+
+def _period(limit: Limit) -> float:
+    """Length of one counting slot: the window, or one rolling sub-window."""
+    return limit.window / (limit.sub_buckets if limit.kind == ROLLING else 1)
+
+
+class LocalStore:
+    """Every account's clocks in this process's memory (one worker)."""
+
+    def __init__(self, safety: Safety | None = None) -> None:
+        self.safety = safety or Safety()
+        self._states: dict[tuple[str, str], _State] = {}
+        self.returned = 0  # reservations given back whole
+        self.written_off = 0  # reservations whose slot stayed spent
+
+    # ------------------------------------------------------------------ arithmetic
+
+    def _state(self, account: str, limit: Limit, now: float) -> _State:
+        key = (account, limit.name)
+        st = self._states.get(key)
+        if st is None:
+            st = self._states[key] = _State()
+        if limit.kind == BUCKET:
+            interval = self._interval(limit)
+            if st.interval != interval:
+                # a plan learned (or changed): the bucket keeps its level in units
+                if st.interval:
+                    scale = interval / st.interval
+                    st.tat = now + max(0.0, st.tat - now) * scale
+                    st.sent = now + max(0.0, st.sent - now) * scale
+                st.interval = interval
+        return st
+
+    def _interval(self, limit: Limit) -> float:
+        """Seconds one unit occupies a bucket, at the rate elbasy aims for."""
+        return 1.0 / (limit.rate * (1.0 - self.safety.margin))
+
+    def _room(self, limit: Limit) -> float:
+        """Units of a bucket elbasy lets itself fill."""
+        headroom = max(self.safety.headroom, math.ceil(limit.rate * self.safety.jitter - _EPS))
+        return max(1.0, limit.capacity - headroom)
+
+    def _quota(self, limit: Limit) -> float:
+        """Units per window (or rolling window) elbasy lets itself use."""
+        return max(1.0, math.floor(limit.capacity * (1.0 - self.safety.margin) + _EPS))
+
+    def _bucket_earliest(self, limit: Limit, clock: float, cost: float, t: float) -> float:
+        """Earliest time >= t a bucket whose clock reads ``clock`` takes ``cost`` units."""
+        interval = self._interval(limit)
+        cost = min(cost, self._room(limit))
+        return max(t, clock + (cost - self._room(limit)) * interval)
+
+    def _window_earliest(
+        self, limit: Limit, cost: float, t: float, counts: dict[int, float]
+    ) -> float:
+        """Earliest time >= t when ``cost`` more units fit (window or rolling).
+
+        For a rolling limit the units must fit in every rolling window that
+        will hold their slot, so bookings further ahead count too.
+        """
+        period = _period(limit)
+        room = self._quota(limit) - min(cost, self._quota(limit))
+        span = limit.sub_buckets if limit.kind == ROLLING else 1
+        guard = self.safety.guard if limit.kind == WINDOW and self.safety.guard < period else 0.0
+        last = max(counts, default=0)
+        for _ in range(100_000):
+            i = math.floor(t / period + _EPS)
+            if guard and t > (i + 1) * period - guard:
+                t = (i + 1) * period
+                continue
+            ends = range(i, max(i, min(last, i + span - 1)) + 1)
+            if all(
+                sum(counts.get(j, 0.0) for j in range(k - span + 1, k + 1)) <= room + _EPS
+                for k in ends
+            ):
+                return t
+            t = (i + 1) * period
+        raise RuntimeError(f"limit {limit.name}: no room found")  # pragma: no cover
+
+    def _earliest(
+        self, account: str, limits: Sequence[Limit], cost: float, now: float
+    ) -> tuple[float, str]:
+        """The earliest time every limit takes ``cost``: (time, limit that set it)."""
+        t = now
+        which = limits[0].name if limits else ""
+        for _ in range(_ROUNDS):
+            moved = False
+            for limit in limits:
+                st = self._state(account, limit, now)
+                start = max(t, st.blocked)
+                if limit.kind == BUCKET:
+                    e = self._bucket_earliest(limit, st.tat, cost, start)
+                else:
+                    e = self._window_earliest(limit, cost, start, st.booked())
+                if e > t + _EPS:
+                    t, which, moved = e, limit.name, True
+            if not moved:
+                return t, which
+        return t, which  # pragma: no cover - limits that never agree
+
+    # ------------------------------------------------------------------ the interface
+
+    def reserve(
+        self,
+        account: str,
+        limits: Sequence[Limit],
+        cost: float,
+        now: float,
+        max_wait: float,
+    ) -> Reservation | Shed:
+        """Give a request of ``cost`` its departure on every limit, or none at all."""
+        depart, which = self._earliest(account, limits, cost, now)
+        if depart - now > max_wait + _EPS:
+            return Shed(depart - now, which)
+        r = Reservation(account, tuple(limits), cost, depart, now)
+        for limit in limits:
+            st = self._state(account, limit, now)
+            if limit.kind == BUCKET:
+                st.tat = max(st.tat, depart) + min(cost, self._room(limit)) * self._interval(limit)
+                r.slots.append(st.tat)
+            else:
+                i = math.floor(depart / _period(limit) + _EPS)
+                st.reserved[i] = st.reserved.get(i, 0.0) + cost
+                r.slots.append(float(i))
+                self._forget_old(st, limit, now)
+        return r
+
+    def confirm(self, r: Reservation, now: float) -> float | None:
+        """At departure: None to send now, or the later time the server's view asks for.
+
+        Checked against the sent clock; a request that must wait again keeps
+        its reservation and is asked again at the returned time.
+        """
+        t = now
+        for limit in r.limits:
+            st = self._state(r.account, limit, now)
+            t = max(t, st.blocked)
+            if limit.kind == BUCKET:
+                t = max(t, self._bucket_earliest(limit, st.sent, r.cost, now))
+            else:
+                t = max(t, self._window_earliest(limit, r.cost, now, st.seen()))
+        if t > now + _EPS:
+            return t
+        for k, limit in enumerate(r.limits):
+            st = self._state(r.account, limit, now)
+            if limit.kind == BUCKET:
+                st.sent = max(st.sent, now) + min(r.cost, self._room(limit)) * self._interval(limit)
+                st.tat = max(st.tat, st.sent)
+            else:
+                i = math.floor(now / _period(limit) + _EPS)
+                st.departed[i] = st.departed.get(i, 0.0) + r.cost
+                booked = int(r.slots[k])
+                if booked != i:
+                    # it leaves in another slot than booked (a late timer, a
+                    # second wait): the booking moves along
+                    _take(st.reserved, booked, r.cost)
+                    st.reserved[i] = st.reserved.get(i, 0.0) + r.cost
+                    r.slots[k] = float(i)
+        r.sent = True
+        return None
+
+    def observe(
+        self,
+        account: str,
+        limits: Sequence[Limit],
+        views: Sequence[ServerView],
+        now: float,
+    ) -> None:
+        """Merge what the server reports (after a response arrived at ``now``).
+
+        Pessimistic and monotone: a clock only moves forward, so traffic
+        elbasy did not send (another app, a script) counts from here on.
+        """
+        by_name = {limit.name: limit for limit in limits}
+        for view in views:
+            limit = by_name.get(view.limit)
+            if limit is None:
+                continue
+            capacity = view.capacity if view.capacity else limit.capacity
+            used = view.used
+            if used is None and view.remaining is not None:
+                used = capacity - view.remaining
+            st = self._state(account, limit, now)
+            if used is not None:
+                used = max(0.0, used)
+                if limit.kind == BUCKET:
+                    # the level the server reports, as this bucket's clock
+                    clock = now + used * self._interval(limit)
+                    if clock > st.sent:
+                        st.sent = clock
+                    if st.sent > st.tat:
+                        st.tat = st.sent
+                else:
+                    # outside traffic: what the server counted beyond what left from here
+                    i = math.floor(now / _period(limit) + _EPS)
+                    span = range(i - (limit.sub_buckets if limit.kind == ROLLING else 1) + 1, i + 1)
+                    seen = st.seen()
+                    ours = sum(seen.get(j, 0.0) for j in span)
+                    if used > ours + _EPS:
+                        st.extra[i] = st.extra.get(i, 0.0) + (used - ours)
+            if view.remaining is not None and view.remaining <= 0 and view.reset_after:
+                st.blocked = max(st.blocked, now + view.reset_after)
+
+    def throttled(
+        self,
+        account: str,
+        limits: Sequence[Limit],
+        now: float,
+        retry_after: float | None,
+    ) -> float:
+        """The server refused (429 or a body marker): hold the account past its word.
+
+        ``Retry-After`` is taken as approximate: every limit is treated as
+        full now, and nothing departs before ``retry_after`` has passed.
+        Returns the earliest time a request may depart again.
+        """
+        until = now + (retry_after if retry_after and retry_after > 0 else 0.0)
+        for limit in limits:
+            st = self._state(account, limit, now)
+            st.blocked = max(st.blocked, until)
+            if limit.kind == BUCKET:
+                full = now + limit.capacity * self._interval(limit)
+                st.sent = max(st.sent, full)
+                st.tat = max(st.tat, st.sent)
+            elif limit.kind == WINDOW:
+                i = math.floor(now / _period(limit) + _EPS)
+                seen = st.seen().get(i, 0.0)
+                if seen < limit.capacity:
+                    st.extra[i] = st.extra.get(i, 0.0) + (limit.capacity - seen)
+        return until
+
+    def give_back(self, r: Reservation, now: float) -> bool:
+        """A request that never left: return its slots if nothing depends on them.
+
+        A bucket's slot comes back only if no later reservation was stacked on
+        it (else it is written off: the line behind it keeps its times, and
+        the bucket is never double-spent). Window slots always come back.
+        """
+        if r.sent:
+            return False
+        whole = True
+        for k, limit in enumerate(r.limits):
+            st = self._state(r.account, limit, now)
+            if limit.kind == BUCKET:
+                if abs(st.tat - r.slots[k]) < _EPS:
+                    st.tat -= min(r.cost, self._room(limit)) * self._interval(limit)
+                else:
+                    whole = False
+            else:
+                _take(st.reserved, int(r.slots[k]), r.cost)
+        if whole:
+            self.returned += 1
+        else:
+            self.written_off += 1
+        return whole
+
+    def settle(self, r: Reservation, actual_cost: float, now: float) -> None:
+        """A request cost less than reserved (GraphQL's refund): hand the difference back.
+
+        Only the sent clock moves (the server refunded it); a later server view
+        merges over it as usual.
+        """
+        refund = r.cost - actual_cost
+        if refund <= 0:
+            return
+        for limit in r.limits:
+            if limit.kind != BUCKET:
+                continue
+            st = self._state(r.account, limit, now)
+            st.sent = max(now, st.sent - refund * self._interval(limit))
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _forget_old(self, st: _State, limit: Limit, now: float) -> None:
+        """Drop window counts that can no longer matter (bounded memory)."""
+        if len(st.reserved) + len(st.departed) + len(st.extra) < 64:
+            return
+        period = _period(limit)
+        span = limit.sub_buckets if limit.kind == ROLLING else 1
+        oldest = math.floor(now / period + _EPS) - span + 1
+        for counts in (st.reserved, st.departed, st.extra):
+            for j in [j for j in counts if j < oldest]:
+                del counts[j]
+
+    def accounts(self) -> int:
+        """How many (account, limit) states are kept."""
+        return len(self._states)
