@@ -51,6 +51,9 @@ class Forward(NamedTuple):
     ``depart``: hold the request until this time (seconds on the monotonic
     clock, ``time.monotonic``); 0 or a past time means now. When it comes the
     loop asks the policy's ``departing`` once more before sending.
+    ``peek``: first read up to this many bytes of the request body and hand
+    them to the policy's ``on_body``, whose answer (a departure time, or a
+    Reply) replaces ``depart``.
     """
 
     host: str
@@ -62,6 +65,7 @@ class Forward(NamedTuple):
     ticket: Any
     tls: bool = False
     depart: float = 0.0
+    peek: int = 0  # show the policy this many request body bytes first (its ``on_body``)
 
 
 class ResponsePlan(NamedTuple):
@@ -74,3 +78,5 @@ class ResponsePlan(NamedTuple):
     interim: bool  # a 1xx: relay it and keep reading for the final response
     keep_client: bool
     reuse_upstream: bool
+    capture: int = 0  # show the policy up to this many body bytes at the end (``on_response_body``)
+    retry_at: float = 0.0  # not relayed: send the request again at this time (monotonic seconds)

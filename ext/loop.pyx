@@ -156,6 +156,7 @@ DEF S_CLOSED = 7
 DEF S_TLS_ACCEPT = 8     # intercepted: TLS handshake with the client
 DEF S_TLS_CONNECT = 9    # TLS handshake with the upstream
 DEF S_WAIT = 10          # a request held until its departure time
+DEF S_BODY = 11          # reading a request body the policy asked to see first
 
 # body framings (mirrors elbasy.verdicts)
 DEF BODY_NONE = 0
@@ -337,6 +338,9 @@ cdef class Conn(Slot):
     cdef bint client_shut       # our FIN to the client went out (lingering close)
     cdef bint client_paused     # client input waits until the response is through
     cdef int status
+    cdef Py_ssize_t peek        # request body bytes the policy sees before departure
+    cdef Py_ssize_t capture     # response body bytes the policy sees at the end (0: none)
+    cdef Buf captured           # the response body so far, up to `capture` bytes
     cdef uint64_t bytes_up
     cdef uint64_t bytes_down
     # TLS
@@ -430,6 +434,7 @@ cdef class Loop:
     cdef uint64_t c_held
     cdef uint64_t c_waiting
     cdef uint64_t c_abandoned
+    cdef uint64_t c_throttle_retries
 
     def __cinit__(self):
         self.epfd = -1
@@ -590,7 +595,11 @@ cdef class Loop:
                 "upstream_handshakes": self.c_tls_upstream,
                 "upstream_handshake_failures": self.c_tls_upstream_failures,
             },
-            "held": {"total": self.c_held, "waiting": self.c_waiting},
+            "held": {
+                "total": self.c_held,
+                "waiting": self.c_waiting,
+                "retried_after_refusal": self.c_throttle_retries,
+            },
         }
 
     # ---- epoll registration ----------------------------------------------------------
@@ -861,6 +870,8 @@ cdef class Loop:
                 self.upstream_tls_step(c)
         elif st == S_TLS_ACCEPT:
             self.client_tls_step(c)
+        elif st == S_BODY:
+            self.peek_step(c)
         elif st == S_FORWARD:
             self.forward_event(c, fd, ev)
         elif st == S_LINGER:
@@ -893,7 +904,7 @@ cdef class Loop:
             self.close_conn(c, False)
         elif st == S_WAIT:
             self.departure(c)
-        elif st == S_TLS_ACCEPT:
+        elif st == S_TLS_ACCEPT or st == S_BODY:
             self.c_head_timeouts += 1
             self.close_conn(c, False)
         elif st == S_TLS_CONNECT:
@@ -1006,6 +1017,9 @@ cdef class Loop:
             c.ticket = (<object>v).ticket
             c.goal = GOAL_FORWARD
             c.retried = False
+            if (<object>v).peek > 0 and (<object>v).body != BODY_NONE:
+                self.begin_peek(c, (<object>v).peek)
+                return
             depart = seconds_ns((<object>v).depart)
             if depart > self.now:
                 self.hold(c, depart)
@@ -1020,6 +1034,55 @@ cdef class Loop:
             self.begin_intercept(c, v)
         else:
             self.policy_error(c, TypeError(f"unexpected verdict {v!r}"))
+
+    # ---- request bodies the policy sees first (a GraphQL query's cost) ---------------
+
+    cdef void begin_peek(self, Conn c, Py_ssize_t limit):
+        """Read the request body (up to `limit` bytes) before the policy sets a departure.
+
+        Only a Content-Length body that fits is read whole; a chunked or
+        larger one shows the policy its first `limit` bytes. The bytes stay in
+        cin and are forwarded from there as usual.
+        """
+        cdef object v = c.verdict
+        if v.body == BODY_LENGTH and <Py_ssize_t>v.length < limit:
+            limit = <Py_ssize_t>v.length
+        c.peek = limit
+        c.state = S_BODY
+        self.arm(c, self.now + self.head_ns)
+        self.peek_step(c)
+
+    cdef void peek_step(self, Conn c):
+        cdef ssize_t n
+        cdef object again
+        cdef int64_t depart
+        while buf_len(&c.cin) < c.peek:
+            buf_reserve(&c.cin, IO_CHUNK)
+            n = elb_io_recv(c.fd, c.cssl, c.cin.data + c.cin.end, IO_CHUNK, &c.c_rw)
+            if n > 0:
+                c.cin.end += n
+                continue
+            if n < 0 and (errno == EAGAIN or errno == EINTR):
+                self.set_mask(c.fd, &c.cmask, EPOLLIN | (EPOLLOUT if c.c_rw else 0))
+                return
+            self.c_client_aborts += 1
+            self.close_conn(c, False)
+            return
+        c.state = S_RESOLVE  # not reading any more; on its way (or held)
+        try:
+            again = self.policy.on_body(
+                c.ticket, PyBytes_FromStringAndSize(c.cin.data + c.cin.start, c.peek))
+        except Exception as exc:
+            self.policy_error(c, exc)
+            return
+        if type(again) is Reply:
+            self.send_final(c, (<object>again).data)
+            return
+        depart = seconds_ns(again) if again else 0
+        if depart > self.now:
+            self.hold(c, depart)
+        else:
+            self.send_forward(c)
 
     # ---- held requests: "forward at T" -------------------------------------------------
 
@@ -1898,6 +1961,9 @@ cdef class Loop:
                     data = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
                 self.send_final(c, data)
                 return -1
+            if plan.retry_at > 0 and not plan.interim:
+                self.retry_later(c, plan.retry_at)
+                return -1
             head = plan.head
             c.bytes_down += PyBytes_GET_SIZE(head)
             self.c_bytes_down += PyBytes_GET_SIZE(head)
@@ -1914,6 +1980,7 @@ cdef class Loop:
             c.resp_chunks.remaining = 0
             c.keep_client = plan.keep_client
             c.reuse_upstream = plan.reuse_upstream
+            c.capture = plan.capture
             if c.resp_framing == BODY_NONE or (
                     c.resp_framing == BODY_LENGTH and c.resp_remaining == 0):
                 c.resp_done = True
@@ -1941,6 +2008,9 @@ cdef class Loop:
             take = avail
         if c.resp_done and take < avail:
             c.reuse_upstream = False
+        if c.capture > buf_len(&c.captured):
+            buf_append(&c.captured, c.uin.data + c.uin.start,
+                       min(take, c.capture - buf_len(&c.captured)))
         c.bytes_down += take
         self.c_bytes_down += take
         if buf_len(&c.cout):
@@ -1980,8 +2050,29 @@ cdef class Loop:
         else:
             self.close_conn(c, False)
 
+    cdef void retry_later(self, Conn c, double at):
+        """The server refused a request the policy may send again: hold it until `at`.
+
+        The refusal is not read further, so its upstream connection goes.
+        """
+        self.c_throttle_retries += 1
+        self.drop_upstream(c, True)
+        c.uin.start = 0
+        c.uin.end = 0
+        buf_free(&c.uout)
+        self.hold(c, seconds_ns(at))
+
     cdef void finish_exchange(self, Conn c):
         cdef int64_t took = self.now - c.exchange_started
+        if c.capture:
+            try:
+                self.policy.on_response_body(
+                    c.ticket, PyBytes_FromStringAndSize(c.captured.data + c.captured.start,
+                                                        buf_len(&c.captured)))
+            except Exception:
+                self.c_policy_errors += 1
+            buf_free(&c.captured)
+            c.capture = 0
         try:
             self.policy.finished(c.ticket, c.status, c.bytes_up, c.bytes_down, took)
         except Exception:
@@ -2046,6 +2137,7 @@ cdef class Loop:
         buf_free(&c.uout)
         buf_free(&c.up.pend)
         buf_free(&c.down.pend)
+        buf_free(&c.captured)
         c.deadline = 0
         c.ticket = None
         c.verdict = None

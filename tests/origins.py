@@ -476,12 +476,14 @@ class HTTPOrigin(_Server):
       /sha256               consume request body, reply "<hex> <length>"
       /hop                  200 with hop-by-hop headers in the response
       /status?code=         reply with that status and a short body
+      /refuse-once?key=     the first request per key: 429 with Retry-After 0.2; then 200 "ok"
     Anything else: 404.
     """
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[Request] = []
         self.raw: dict[int, bytearray] = {}
+        self.refused: set[str] = set()
         super().__init__(tls)
 
     @property
@@ -624,6 +626,15 @@ class HTTPOrigin(_Server):
                 "OK",
                 head_only,
             )
+        elif path == "/refuse-once":
+            key = q.get("key", "")
+            with self.lock:
+                first = key not in self.refused
+                self.refused.add(key)
+            if first:
+                self._send(sock, 429, b"slow down", "Retry-After: 0.2\r\n", "Too Many", head_only)
+            else:
+                self._send(sock, 200, b"ok", "", "OK", head_only)
         elif path == "/status":
             code = int(q.get("code", "200"))
             self._send(sock, code, f"status {code}".encode(), "", "Status", head_only)

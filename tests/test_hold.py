@@ -7,6 +7,7 @@ quota policy will ask for the departure its reservation gives.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import ssl
 import threading
@@ -22,7 +23,7 @@ import pytest
 from elbasy.cli import build_config
 from elbasy.policy import Exchange, Proxy
 from elbasy.server import Worker
-from elbasy.verdicts import Forward, Intercept, Reply
+from elbasy.verdicts import Forward, Intercept, Reply, ResponsePlan
 
 SHOP = "shop1.myshopify.com"
 GLOB = "*.myshopify.com"
@@ -36,6 +37,9 @@ class Holding(Proxy):
         self.departures: list[float] = []
         self.abandoned_targets: list[str] = []
         self.again: dict[int, float] = {}
+        self.bodies: list[bytes] = []
+        self.response_bodies: list[bytes] = []
+        self.retries: list[str] = []
 
     def _hold(self, v: Reply | Forward) -> Reply | Forward:
         if not isinstance(v, Forward):
@@ -48,10 +52,10 @@ class Holding(Proxy):
         return v._replace(depart=time.monotonic() + float(query["hold"]))
 
     def on_request(self, head: bytes, client: str) -> Any:
-        return self._hold(super().on_request(head, client))
+        return self._peek(self._hold(super().on_request(head, client)))
 
     def on_intercepted(self, head: bytes, client: str, site: Intercept) -> Reply | Forward:
-        return self._hold(super().on_intercepted(head, client, site))
+        return self._peek(self._hold(super().on_intercepted(head, client, site)))
 
     def departing(self, ex: Exchange) -> float | None:
         self.departures.append(time.monotonic())
@@ -61,6 +65,32 @@ class Holding(Proxy):
     def abandoned(self, ex: Exchange) -> None:
         self.abandoned_targets.append(ex.target)
         super().abandoned(ex)
+
+    # a body-priced request (?peek=N): the body says how long to hold it
+    def _peek(self, v: Reply | Forward) -> Reply | Forward:
+        if isinstance(v, Forward) and "peek=" in v.ticket.target:
+            return v._replace(peek=int(v.ticket.target.rsplit("peek=", 1)[1]))
+        return v
+
+    def on_body(self, ex: Exchange, body: bytes) -> float | Reply:
+        self.bodies.append(body)
+        if body.startswith(b"refuse"):
+            return Reply(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 4\r\n\r\nnope", True)
+        hold = float(body[5 : body.index(b";")]) if body.startswith(b"hold=") else 0.0
+        return time.monotonic() + hold
+
+    # responses: ?capture=N shows the body; a 429 for ?retry is sent again
+    def on_response(self, ex: Exchange, head: bytes) -> ResponsePlan:
+        plan = super().on_response(ex, head)
+        if "retry" in ex.target and plan.status == 429:
+            self.retries.append(ex.target)
+            return plan._replace(retry_at=time.monotonic() + 0.3)
+        if "capture=" in ex.target:
+            return plan._replace(capture=int(ex.target.rsplit("capture=", 1)[1]))
+        return plan
+
+    def on_response_body(self, ex: Exchange, body: bytes) -> None:
+        self.response_bodies.append(body)
 
 
 class Running:
@@ -144,7 +174,7 @@ def test_held_request_departs_at_its_time_while_others_flow(
     assert 0.8 <= done["held"] < 1.6, done
     assert quick < 0.6, quick  # ten exchanges passed the held one
     stats = running.stats()
-    assert stats["held"] == {"total": 1, "waiting": 0}
+    assert stats["held"] == {"total": 1, "waiting": 0, "retried_after_refusal": 0}
     assert len(running.policy.departures) == 1
 
 
@@ -185,9 +215,70 @@ def test_client_leaving_while_held_returns_the_request(
     while running.stats()["held"]["waiting"] != 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     stats = running.stats()
-    assert stats["held"] == {"total": 1, "waiting": 0}
+    assert stats["held"] == {"total": 1, "waiting": 0, "retried_after_refusal": 0}
     assert stats["counters"]["abandoned_while_held"] == 1
     assert running.policy.abandoned_targets == [f"https://{SHOP}/hello?hold=5"]
     assert running.policy.departures == []  # never departed
     assert running.policy.counters["abandoned_while_held"] == 1
     assert len(shop.requests_for("/hello")) == 1  # only the first ever reached the origin
+
+
+def test_body_seen_before_departure(running: Running, tmp_path: Path) -> None:
+    """A policy that prices a request by its body sees it first; it is forwarded whole."""
+    with tls_session(running, tmp_path / "data") as s:
+        body = b"hold=0.4;" + b"x" * 5000
+        t0 = time.monotonic()
+        s.sendall(
+            f"POST /sha256?peek=65536 HTTP/1.1\r\nHost: {SHOP}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        r = origins.read_response(origins.Reader(s))
+        took = time.monotonic() - t0
+        assert r.body.decode() == f"{hashlib.sha256(body).hexdigest()} {len(body)}"
+        assert 0.4 <= took < 1.2, took
+        # a body larger than the peek: the policy sees its first bytes only
+        big = b"hold=0;" + b"y" * 100_000
+        s.sendall(
+            f"POST /sha256?peek=1000 HTTP/1.1\r\nHost: {SHOP}\r\n"
+            f"Content-Length: {len(big)}\r\n\r\n".encode()
+            + big
+        )
+        r = origins.read_response(origins.Reader(s))
+        assert r.body.decode() == f"{hashlib.sha256(big).hexdigest()} {len(big)}"
+        # the policy may answer instead, having seen the body
+        s.sendall(
+            f"POST /echo?peek=100 HTTP/1.1\r\nHost: {SHOP}\r\nContent-Length: 6\r\n\r\n"
+            "refuse".encode()
+        )
+        r = origins.read_response(origins.Reader(s))
+        assert (r.status, r.body) == (400, b"nope")
+    assert running.policy.bodies[0] == body
+    assert running.policy.bodies[1] == big[:1000]
+
+
+def test_response_body_shown_to_the_policy(running: Running, tmp_path: Path) -> None:
+    with tls_session(running, tmp_path / "data") as s:
+        r = get(s, "/chunked?n=3&capture=1000")
+        assert r.body == b"chunk-0;chunk-1;chunk-2;"
+        r = get(s, "/download?n=50000&capture=100")
+        assert len(r.body) == 50000
+    shown = running.policy.response_bodies
+    assert len(shown) == 2
+    assert b"chunk-0;" in shown[0] and shown[0].endswith(b"0\r\n\r\n")  # raw, chunked
+    assert shown[1] == r.body[:100]
+
+
+def test_refused_request_sent_again_without_the_client_seeing_it(
+    running: Running, shop: origins.HTTPOrigin, tmp_path: Path
+) -> None:
+    with tls_session(running, tmp_path / "data") as s:
+        t0 = time.monotonic()
+        r = get(s, "/refuse-once?key=a&retry=1")
+        took = time.monotonic() - t0
+        assert (r.status, r.body) == (200, b"ok")
+        assert 0.3 <= took < 1.2, took
+        assert get(s, "/hello").status == 200  # the connection goes on
+    assert len(shop.requests_for("/refuse-once")) == 2
+    assert running.policy.retries == [f"https://{SHOP}/refuse-once?key=a&retry=1"]
+    assert running.stats()["held"]["retried_after_refusal"] == 1
