@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -21,9 +22,11 @@ import httptools
 from elbasy import __version__
 from elbasy.errors import RemoteProtocolError
 from elbasy.logs import log_access
+from elbasy.pacing import OWN_HEADERS, BadMaxWait, Paced, Pacer, Verdict
 from elbasy.protocol.headers import drop_header_lines, named_in_connection, serialize
 from elbasy.protocol.http1 import (
     RequestHead,
+    ResponseHead,
     parse_request_head,
     parse_response_head,
     request_framing,
@@ -76,20 +79,28 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 class Exchange:
     """One request (or one tunnel) as the access log will tell it."""
 
-    __slots__ = ("client", "method", "target", "keep_alive")
+    __slots__ = ("client", "method", "target", "keep_alive", "paced")
 
     def __init__(self, client: str, method: str, target: str, keep_alive: bool = False) -> None:
         self.client = client
         self.method = method
         self.target = target
         self.keep_alive = keep_alive
+        self.paced: Paced | None = None  # a request to a covered API: its pacing state
 
 
-def response(status: int, body: bytes, content_type: bytes, close: bool) -> bytes:
+def response(
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    close: bool,
+    extra: tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
     head = [
         (b"Content-Type", content_type),
         (b"Content-Length", str(len(body)).encode()),
         (b"Server", b"elbasy/" + __version__.encode()),
+        *extra,
     ]
     if close:
         head.append((b"Connection", b"close"))
@@ -105,8 +116,14 @@ def error_response(status: int, reason: str) -> bytes:
 class Proxy:
     """The per-request decisions of one worker."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any]], intercept: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], dict[str, Any]],
+        intercept: Sequence[str] = (),
+        pacer: Pacer | None = None,
+    ) -> None:
         self._stats = stats
+        self.pacer = pacer
         # host globs whose CONNECTs are intercepted (TLS terminated here)
         self.intercept = tuple(g.lower() for g in intercept)
         self._intercepted: dict[str, bool] = {}
@@ -174,9 +191,52 @@ class Proxy:
                 path = self._origin_form(path)
             found = _HOST_LINE.search(req.raw)
             authority = found[1].rstrip(b" \t") if found else origin[8:].encode("ascii")
-            return self._upstream(req, path, authority, site.host, site.port, ex, tls=True)
+            if self.pacer is None:
+                return self._upstream(req, path, authority, site.host, site.port, ex, tls=True)
+            return self._paced(req, path, authority, site, ex)
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
+
+    def _paced(
+        self, req: RequestHead, path: bytes, authority: bytes, site: Intercept, ex: Exchange
+    ) -> Reply | Forward:
+        """A request to an intercepted host: paced on its quota account if a rule covers it."""
+        assert self.pacer is not None
+        headers = req.headers()
+        match = self.pacer.match(site.host, req.method, path.decode("ascii"), headers)
+        drop = OWN_HEADERS + (match.strip_headers if match is not None else ())
+        fwd = self._upstream(req, path, authority, site.host, site.port, ex, True, drop)
+        if match is None:
+            return fwd
+        try:
+            paced = self.pacer.start(match, req.method, headers)
+        except BadMaxWait as exc:
+            raise RemoteProtocolError(str(exc)) from None
+        ex.paced = paced
+        if match.body_needed and fwd.body != BODY_NONE:
+            return fwd._replace(peek=match.body_needed)
+        v = self.pacer.admit(paced)
+        if v.shed_after:
+            return self._shed(ex, v)
+        return fwd._replace(depart=v.depart)
+
+    def _shed(self, ex: Exchange, v: Verdict) -> Reply:
+        """elbasy's own 429: the request would wait longer than allowed; nothing was sent."""
+        retry = max(1, math.ceil(v.shed_after))
+        body = (
+            f"elbasy: the {v.limit} quota of this account has no room within the max wait; "
+            f"retry after {retry} s\n"
+        ).encode()
+        close = not ex.keep_alive
+        data = response(
+            429,
+            body,
+            b"text/plain",
+            close,
+            ((b"Retry-After", str(retry).encode()), (b"X-Elbasy-Shed", b"1")),
+        )
+        log_access(ex.client, ex.method, ex.target, 429, 0, len(data), 0.0)
+        return Reply(data, close)
 
     @staticmethod
     def _origin_form(target: bytes) -> bytes:
@@ -224,8 +284,12 @@ class Proxy:
         port: int,
         ex: Exchange,
         tls: bool,
+        drop: tuple[bytes, ...] = (),
     ) -> Forward:
-        """The request as it leaves: origin-form, hop-by-hop stripped, Host and Via set."""
+        """The request as it leaves: origin-form, hop-by-hop stripped, Host and Via set.
+
+        ``drop``: more header names (lower-case) that must not leave (elbasy's own).
+        """
         if self._via in req.raw:
             raise RemoteProtocolError("request loop: it has already passed through here", 508)
         body, length = request_framing(req)
@@ -233,8 +297,8 @@ class Proxy:
         line = req.method.encode("ascii") + b" " + path + b" " + version
         rest = req.stripped
         named = named_in_connection(req.framing.connection)
-        if named:
-            rest = drop_header_lines(rest, named)
+        if named or drop:
+            rest = drop_header_lines(rest, named | frozenset(drop))
         head = line + b"\r\nHost: " + authority + b"\r\nVia: 1.1 " + self._via
         head += rest[rest.index(b"\r\n") :]
         retryable = req.method in IDEMPOTENT and body == BODY_NONE
@@ -292,6 +356,41 @@ class Proxy:
         resp = parse_response_head(head)
         if 100 <= resp.status < 200 and resp.status != 101:
             return ResponsePlan(head, resp.status, BODY_NONE, 0, True, True, True)
+        plan = self._plan(ex, resp)
+        paced = ex.paced
+        if paced is None or self.pacer is None:
+            return plan
+        headers = resp.headers()
+        paced.response = (resp.status, headers)
+        again = self.pacer.answered(paced, resp.status, headers, None)
+        if again:
+            return plan._replace(retry_at=again)
+        wait = b"X-Elbasy-Wait: %.3f\r\n\r\n" % paced.waited()
+        return plan._replace(head=plan.head[:-2] + wait, capture=self.pacer.wants_body(paced))
+
+    def on_body(self, ex: Exchange, body: bytes) -> float | Reply:
+        """The request body a paced request's price depends on (GraphQL): admit it now."""
+        assert ex.paced is not None and self.pacer is not None
+        v = self.pacer.priced(ex.paced, body)
+        if v.shed_after:
+            return self._shed(ex, v)
+        return v.depart
+
+    def departing(self, ex: Exchange) -> float | None:
+        """A held request's departure time came: None to send it, or a later time."""
+        if ex.paced is None or self.pacer is None:
+            return None
+        return self.pacer.departing(ex.paced)
+
+    def on_response_body(self, ex: Exchange, body: bytes) -> None:
+        """The body of a paced response whose rule reads bodies (GraphQL cost)."""
+        paced = ex.paced
+        if paced is None or self.pacer is None or paced.response is None:
+            return
+        status, headers = paced.response
+        self.pacer.answered(paced, status, headers, body)
+
+    def _plan(self, ex: Exchange, resp: ResponseHead) -> ResponsePlan:
         body, length = response_framing(resp, ex.method)
         keep_client = ex.keep_alive and body != BODY_CLOSE and resp.status != 101
         f = resp.framing
@@ -317,13 +416,11 @@ class Proxy:
         log.warning("%s %s from %s: %s", ex.method, ex.target, ex.client, reason)
         return error_response(status, reason)
 
-    def departing(self, ex: Exchange) -> float | None:
-        """A held request's departure time came: None to send it, or a later time."""
-        return None
-
     def abandoned(self, ex: Exchange) -> None:
         """The client of a held request left before its departure."""
         self.counters["abandoned_while_held"] += 1
+        if ex.paced is not None and self.pacer is not None:
+            self.pacer.abandoned(ex.paced)
         log_access(ex.client, ex.method, ex.target, CLIENT_CLOSED, 0, 0, 0.0)
 
     def tls_failed(self, ex: Exchange, error: Exception) -> None:

@@ -1,0 +1,241 @@
+"""Pacing: when each request to a covered API may leave, and what its answer teaches.
+
+The :class:`Pacer` sits between the proxy policy (``elbasy.policy``) and the
+two engines it drives: the rules (which API, which quota account, which
+limits, what a response says) and the quota store (reservations on each
+account's clocks). Per request, in order:
+
+1. ``admit``     the rule match and the reservation: a departure time, or an
+                 immediate 429 from elbasy when it is beyond the max wait;
+2. ``priced``    for GraphQL, the query's cost once its body has been read;
+3. ``departing`` at the departure: confirmed against what was actually sent
+                 (and what the server said since), or a later time;
+4. ``answered``  the response head: the server's view merged, a 429 (or a
+                 THROTTLED body) pushes the account past Retry-After and may
+                 send an idempotent request again;
+5. ``abandoned`` the client left while queued: the reservation goes back.
+
+Times: the quota works on the wall clock (windows are aligned to the epoch,
+as the APIs count them); the loop's timers run on the monotonic clock. Both
+clocks are read here, through the callables handed in, and converted at
+this one seam.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from elbasy.quota import QuotaStore, Reservation, ServerView, Shed
+
+log = logging.getLogger("elbasy.pacing")
+
+#: the request header that lowers (or raises) the max wait for one request
+MAX_WAIT_HEADER = b"x-elbasy-max-wait"
+#: request headers elbasy reads and never sends on
+OWN_HEADERS = (MAX_WAIT_HEADER,)
+#: how long a paced request may wait at most, whatever it asks
+MAX_WAIT_CEILING = 3600.0
+#: response bytes a rule that reads bodies (GraphQL cost) gets to see
+BODY_FEEDBACK_BYTES = 256 * 1024
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class BadMaxWait(ValueError):
+    """The client's X-Elbasy-Max-Wait is not a number of seconds."""
+
+
+@dataclass(slots=True)
+class Paced:
+    """One request's pacing state, kept on its ticket."""
+
+    match: Any  # elbasy.rules.Match
+    method: str
+    max_wait: float
+    arrived: float  # monotonic
+    reservation: Reservation | None = None
+    sent_at: float = 0.0  # monotonic; 0 until it left
+    retried: bool = False
+    response: tuple[int, list[tuple[bytes, bytes]]] | None = None  # status, headers
+
+    def waited(self) -> float:
+        return max(0.0, self.sent_at - self.arrived) if self.sent_at else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the proxy should do with a paced request now."""
+
+    depart: float = 0.0  # monotonic; 0: at once
+    shed_after: float = 0.0  # > 0: answer 429 with this Retry-After instead
+    limit: str = ""  # the limit that shed it
+
+
+class Pacer:
+    """Rules and quota for one worker. Plain Python; the clocks are handed in."""
+
+    def __init__(
+        self,
+        rules: Any,  # elbasy.rules.RuleSet
+        store: QuotaStore,
+        *,
+        wall: Callable[[], float],
+        mono: Callable[[], float],
+        max_wait: float = 30.0,
+        retry_idempotent: bool = False,
+    ) -> None:
+        self.rules = rules
+        self.store = store
+        self.max_wait = max_wait
+        self.retry_idempotent = retry_idempotent
+        self.wall = wall
+        self.mono = mono
+        self.counters: Counter[str] = Counter(
+            dict.fromkeys(
+                ("paced", "shed", "server_throttled", "retried", "returned", "written_off"), 0
+            )
+        )
+
+    # ------------------------------------------------------------------ clocks
+
+    def _to_mono(self, wall_time: float) -> float:
+        return self.mono() + (wall_time - self.wall())
+
+    # ------------------------------------------------------------------ 1. admit
+
+    def match(self, host: str, method: str, target: str, headers: list[tuple[bytes, bytes]]) -> Any:
+        """The rule match of a request, or None when no rule covers it."""
+        return self.rules.match(host, method, target, headers)
+
+    def start(self, match: Any, method: str, headers: list[tuple[bytes, bytes]]) -> Paced:
+        """A paced request arrives: its state, with the max wait it asked for."""
+        max_wait = self.max_wait
+        for name, value in headers:
+            if name.lower() == MAX_WAIT_HEADER:
+                try:
+                    max_wait = float(value)
+                except ValueError:
+                    raise BadMaxWait(
+                        f"X-Elbasy-Max-Wait must be a number of seconds, got {value!r}"
+                    ) from None
+                if not (max_wait >= 0 and math.isfinite(max_wait)):
+                    raise BadMaxWait(f"X-Elbasy-Max-Wait must be >= 0, got {value!r}")
+                max_wait = min(max_wait, MAX_WAIT_CEILING)
+        self.counters["paced"] += 1
+        return Paced(match, method, max_wait, self.mono())
+
+    def admit(self, paced: Paced) -> Verdict:
+        """Reserve the request's place on its account: when it may leave, or shed it."""
+        m = paced.match
+        wall_now = self.wall()
+        r = self.store.reserve(m.account, m.limits, m.cost, wall_now, paced.max_wait)
+        if isinstance(r, Shed):
+            self.counters["shed"] += 1
+            log.info(
+                "shed a request for %s: %s has no room for %.1f s (max wait %.1f s)",
+                m.label,
+                r.limit,
+                r.retry_after,
+                paced.max_wait,
+            )
+            return Verdict(shed_after=r.retry_after, limit=r.limit)
+        paced.reservation = r
+        if r.depart <= wall_now:
+            later = self.departing(paced)
+            return Verdict(depart=later or 0.0)
+        return Verdict(depart=self._to_mono(r.depart))
+
+    def priced(self, paced: Paced, body: bytes) -> Verdict:
+        """The request body is here (GraphQL): price it by its query, then admit it."""
+        paced.match = self.rules.cost_for(paced.match, body)
+        return self.admit(paced)
+
+    # ------------------------------------------------------------------ 3. departure
+
+    def departing(self, paced: Paced) -> float | None:
+        """At the departure time: None to send now, or a later (monotonic) time."""
+        r = paced.reservation
+        if r is None:
+            return None
+        later = self.store.confirm(r, self.wall())
+        if later is not None:
+            return self._to_mono(later)
+        paced.sent_at = self.mono()
+        return None
+
+    # ------------------------------------------------------------------ 4. the answer
+
+    def answered(
+        self,
+        paced: Paced,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | None,
+    ) -> float:
+        """Learn from a response; return a monotonic time to send it again, or 0.
+
+        Called with the head (``body`` None) and, for rules that read bodies,
+        once more with the body at the end.
+        """
+        m = paced.match
+        report = self.rules.read_response(m, status, headers, body)
+        self.rules.learn(m, report)
+        wall_now = self.wall()
+        views = [
+            ServerView(v.limit, v.used, v.remaining, v.capacity, v.reset_after)
+            for v in report.views
+        ]
+        if views:
+            self.store.observe(m.account, m.limits, views, wall_now)
+        r = paced.reservation
+        if r is not None and report.actual_cost is not None:
+            self.store.settle(r, report.actual_cost, wall_now)
+        if not report.throttled:
+            return 0.0
+        self.counters["server_throttled"] += 1
+        until = self.store.throttled(
+            m.account, m.limits, wall_now, None if report.resource_throttle else report.retry_after
+        )
+        log.warning(
+            "%s refused a request for %s (%s%s); holding the account until %.1f s from now",
+            m.rule.id,
+            m.label,
+            status,
+            f", Retry-After {report.retry_after:g}" if report.retry_after is not None else "",
+            until - wall_now,
+        )
+        if (
+            self.retry_idempotent
+            and not paced.retried
+            and body is None
+            and paced.method in IDEMPOTENT
+            and m.retry_safe
+        ):
+            again = self.store.reserve(m.account, m.limits, m.cost, wall_now, MAX_WAIT_CEILING)
+            if isinstance(again, Reservation):
+                paced.retried = True
+                paced.reservation = again
+                self.counters["retried"] += 1
+                return self._to_mono(max(again.depart, until))
+        return 0.0
+
+    def wants_body(self, paced: Paced) -> int:
+        """Bytes of the response body the rule reads (GraphQL cost), or 0."""
+        return BODY_FEEDBACK_BYTES if paced.match.body_needed else 0
+
+    # ------------------------------------------------------------------ 5. leaving
+
+    def abandoned(self, paced: Paced) -> None:
+        """The client went away before its request left: give the reservation back."""
+        r = paced.reservation
+        if r is None or paced.sent_at:
+            return
+        if self.store.give_back(r, self.wall()):
+            self.counters["returned"] += 1
+        else:
+            self.counters["written_off"] += 1
