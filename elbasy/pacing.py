@@ -133,7 +133,7 @@ class Pacer:
         """Reserve the request's place on its account: when it may leave, or shed it."""
         m = paced.match
         wall_now = self.wall()
-        r = self.store.reserve(m.account, m.limits, m.cost, wall_now, paced.max_wait)
+        r = self.store.reserve(m.keys, m.limits, m.cost, wall_now, paced.max_wait)
         if isinstance(r, Shed):
             self.counters["shed"] += 1
             log.info(
@@ -191,7 +191,7 @@ class Pacer:
             for v in report.views
         ]
         if views:
-            self.store.observe(m.account, m.limits, views, wall_now)
+            self.store.observe(m.keys, m.limits, views, wall_now)
         r = paced.reservation
         if r is not None and report.actual_cost is not None:
             self.store.settle(r, report.actual_cost, wall_now)
@@ -199,7 +199,7 @@ class Pacer:
             return 0.0
         self.counters["server_throttled"] += 1
         until = self.store.throttled(
-            m.account, m.limits, wall_now, None if report.resource_throttle else report.retry_after
+            m.keys, m.limits, wall_now, None if report.resource_throttle else report.retry_after
         )
         log.warning(
             "%s refused a request for %s (%s%s); holding the account until %.1f s from now",
@@ -216,7 +216,7 @@ class Pacer:
             and paced.method in IDEMPOTENT
             and m.retry_safe
         ):
-            again = self.store.reserve(m.account, m.limits, m.cost, wall_now, MAX_WAIT_CEILING)
+            again = self.store.reserve(m.keys, m.limits, m.cost, wall_now, MAX_WAIT_CEILING)
             if isinstance(again, Reservation):
                 paced.retried = True
                 paced.reservation = again

@@ -5,7 +5,8 @@ on one time base; tests inject it). One call is one atomic step over every
 limit of an account, so a shared-memory or Redis store can implement the same
 :class:`QuotaStore` interface with one CAS or one Lua script.
 
-Each (account, limit) keeps two views:
+Each bucket (one limit of one account, named by its key: the rule, the limit
+and the account parts in the limit's scope) keeps two views:
 
 * the **reservation clock** — where the next request would stand in line,
   counting every request already given a departure time, sent or not;
@@ -68,7 +69,7 @@ class Safety:
 class Reservation:
     """A request's place in line on every limit of its account."""
 
-    account: str
+    keys: tuple[str, ...]  # the bucket key of each limit
     limits: tuple[Limit, ...]
     cost: float
     depart: float  # when it may leave (the caller's clock)
@@ -102,7 +103,7 @@ class QuotaStore(Protocol):
 
     def reserve(
         self,
-        account: str,
+        keys: Sequence[str],
         limits: Sequence[Limit],
         cost: float,
         now: float,
@@ -112,11 +113,11 @@ class QuotaStore(Protocol):
     def confirm(self, r: Reservation, now: float) -> float | None: ...
 
     def observe(
-        self, account: str, limits: Sequence[Limit], views: Sequence[ServerView], now: float
+        self, keys: Sequence[str], limits: Sequence[Limit], views: Sequence[ServerView], now: float
     ) -> None: ...
 
     def throttled(
-        self, account: str, limits: Sequence[Limit], now: float, retry_after: float | None
+        self, keys: Sequence[str], limits: Sequence[Limit], now: float, retry_after: float | None
     ) -> float: ...
 
     def give_back(self, r: Reservation, now: float) -> bool: ...
@@ -185,8 +186,8 @@ class LocalStore:
 
     # ------------------------------------------------------------------ arithmetic
 
-    def _state(self, account: str, limit: Limit, now: float) -> _State:
-        key = (account, limit.name)
+    def _state(self, bucket: str, limit: Limit, now: float) -> _State:
+        key = (bucket, limit.name)
         st = self._states.get(key)
         if st is None:
             st = self._states[key] = _State()
@@ -248,15 +249,15 @@ class LocalStore:
         raise RuntimeError(f"limit {limit.name}: no room found")  # pragma: no cover
 
     def _earliest(
-        self, account: str, limits: Sequence[Limit], cost: float, now: float
+        self, keys: Sequence[str], limits: Sequence[Limit], cost: float, now: float
     ) -> tuple[float, str]:
         """The earliest time every limit takes ``cost``: (time, limit that set it)."""
         t = now
         which = limits[0].name if limits else ""
         for _ in range(_ROUNDS):
             moved = False
-            for limit in limits:
-                st = self._state(account, limit, now)
+            for key, limit in zip(keys, limits, strict=True):
+                st = self._state(key, limit, now)
                 start = max(t, st.blocked)
                 if limit.kind == BUCKET:
                     e = self._bucket_earliest(limit, st.tat, cost, start)
@@ -272,19 +273,19 @@ class LocalStore:
 
     def reserve(
         self,
-        account: str,
+        keys: Sequence[str],
         limits: Sequence[Limit],
         cost: float,
         now: float,
         max_wait: float,
     ) -> Reservation | Shed:
         """Give a request of ``cost`` its departure on every limit, or none at all."""
-        depart, which = self._earliest(account, limits, cost, now)
+        depart, which = self._earliest(keys, limits, cost, now)
         if depart - now > max_wait + _EPS:
             return Shed(depart - now, which)
-        r = Reservation(account, tuple(limits), cost, depart, now)
-        for limit in limits:
-            st = self._state(account, limit, now)
+        r = Reservation(tuple(keys), tuple(limits), cost, depart, now)
+        for key, limit in zip(keys, limits, strict=True):
+            st = self._state(key, limit, now)
             if limit.kind == BUCKET:
                 st.tat = max(st.tat, depart) + min(cost, self._room(limit)) * self._interval(limit)
                 r.slots.append(st.tat)
@@ -302,8 +303,8 @@ class LocalStore:
         its reservation and is asked again at the returned time.
         """
         t = now
-        for limit in r.limits:
-            st = self._state(r.account, limit, now)
+        for key, limit in zip(r.keys, r.limits, strict=True):
+            st = self._state(key, limit, now)
             t = max(t, st.blocked)
             if limit.kind == BUCKET:
                 t = max(t, self._bucket_earliest(limit, st.sent, r.cost, now))
@@ -312,7 +313,7 @@ class LocalStore:
         if t > now + _EPS:
             return t
         for k, limit in enumerate(r.limits):
-            st = self._state(r.account, limit, now)
+            st = self._state(r.keys[k], limit, now)
             if limit.kind == BUCKET:
                 st.sent = max(st.sent, now) + min(r.cost, self._room(limit)) * self._interval(limit)
                 st.tat = max(st.tat, st.sent)
@@ -331,7 +332,7 @@ class LocalStore:
 
     def observe(
         self,
-        account: str,
+        keys: Sequence[str],
         limits: Sequence[Limit],
         views: Sequence[ServerView],
         now: float,
@@ -341,16 +342,17 @@ class LocalStore:
         Pessimistic and monotone: a clock only moves forward, so traffic
         elbasy did not send (another app, a script) counts from here on.
         """
-        by_name = {limit.name: limit for limit in limits}
+        by_name = {limit.name: (key, limit) for key, limit in zip(keys, limits, strict=True)}
         for view in views:
-            limit = by_name.get(view.limit)
-            if limit is None:
+            found = by_name.get(view.limit)
+            if found is None:
                 continue
+            key, limit = found
             capacity = view.capacity if view.capacity else limit.capacity
             used = view.used
             if used is None and view.remaining is not None:
                 used = capacity - view.remaining
-            st = self._state(account, limit, now)
+            st = self._state(key, limit, now)
             if used is not None:
                 used = max(0.0, used)
                 if limit.kind == BUCKET:
@@ -373,7 +375,7 @@ class LocalStore:
 
     def throttled(
         self,
-        account: str,
+        keys: Sequence[str],
         limits: Sequence[Limit],
         now: float,
         retry_after: float | None,
@@ -385,8 +387,8 @@ class LocalStore:
         Returns the earliest time a request may depart again.
         """
         until = now + (retry_after if retry_after and retry_after > 0 else 0.0)
-        for limit in limits:
-            st = self._state(account, limit, now)
+        for key, limit in zip(keys, limits, strict=True):
+            st = self._state(key, limit, now)
             st.blocked = max(st.blocked, until)
             if limit.kind == BUCKET:
                 full = now + limit.capacity * self._interval(limit)
@@ -410,7 +412,7 @@ class LocalStore:
             return False
         whole = True
         for k, limit in enumerate(r.limits):
-            st = self._state(r.account, limit, now)
+            st = self._state(r.keys[k], limit, now)
             if limit.kind == BUCKET:
                 if abs(st.tat - r.slots[k]) < _EPS:
                     st.tat -= min(r.cost, self._room(limit)) * self._interval(limit)
@@ -433,10 +435,10 @@ class LocalStore:
         refund = r.cost - actual_cost
         if refund <= 0:
             return
-        for limit in r.limits:
+        for key, limit in zip(r.keys, r.limits, strict=True):
             if limit.kind != BUCKET:
                 continue
-            st = self._state(r.account, limit, now)
+            st = self._state(key, limit, now)
             st.sent = max(now, st.sent - refund * self._interval(limit))
 
     # ------------------------------------------------------------------ housekeeping
@@ -452,6 +454,6 @@ class LocalStore:
             for j in [j for j in counts if j < oldest]:
                 del counts[j]
 
-    def accounts(self) -> int:
-        """How many (account, limit) states are kept."""
+    def buckets(self) -> int:
+        """How many (bucket key, limit) states are kept."""
         return len(self._states)

@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ PROXY_ENV_VARS = (
 )
 STARTUP_RE = re.compile(r"^elbasy (\S+) listening on ([0-9.]+|\[[0-9a-fA-F:]+\]):(\d+)\s*$")
 REPO = Path(__file__).resolve().parent.parent
+_DATA_HOME = tempfile.mkdtemp(prefix="elbasy-test-data-")
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +52,8 @@ def _clean_env() -> dict[str, str]:
         if k not in PROXY_ENV_VARS and not k.startswith("ELBASY_")
     }
     env["PYTHONUNBUFFERED"] = "1"
+    # elbasy makes its CA in the data dir on first run: never the user's own
+    env["XDG_DATA_HOME"] = _DATA_HOME
     return env
 
 

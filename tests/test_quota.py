@@ -47,7 +47,7 @@ class ShopifyMock:
 
 def test_forty_at_once_then_one_per_half_second() -> None:
     store = LocalStore(EXACT)
-    departs = [go(store, store.reserve("a", [SHOPIFY], 1, 0.0, 60)).depart for _ in range(43)]
+    departs = [go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)).depart for _ in range(43)]
     assert departs[:40] == [0.0] * 40  # the bucket's 40 marbles, at once
     assert departs[40:] == pytest.approx([0.5, 1.0, 1.5])  # then its leak rate
 
@@ -58,7 +58,7 @@ def test_departures_never_overfill_the_mocks_bucket() -> None:
     now, departs = 0.0, []
     for _ in range(500):
         now += rnd.expovariate(4.0)  # demand twice the rate
-        r = store.reserve("a", [SHOPIFY], 1, now, 1e9)
+        r = store.reserve(["a"], [SHOPIFY], 1, now, 1e9)
         departs.append(go(store, r).depart)
     assert departs == sorted(departs)  # FIFO
     assert all(mock.arrive(t) for t in departs)  # zero 429s
@@ -68,10 +68,10 @@ def test_departures_never_overfill_the_mocks_bucket() -> None:
 
 def test_safety_keeps_headroom_and_runs_below_the_rate() -> None:
     store = LocalStore(Safety(margin=0.02, headroom=1, jitter=0.05))
-    departs = [go(store, store.reserve("a", [SHOPIFY], 1, 0.0, 600)).depart for _ in range(60)]
+    departs = [go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 600)).depart for _ in range(60)]
     assert departs[:39] == [0.0] * 39  # one marble kept free
     assert departs[39] == pytest.approx(1 / (2 * 0.98))
-    plus = [go(store, store.reserve("p", [PLUS], 1, 0.0, 600)).depart for _ in range(400)]
+    plus = [go(store, store.reserve(["p"], [PLUS], 1, 0.0, 600)).depart for _ in range(400)]
     # 20/s with 50 ms of jitter: one marble is enough
     assert plus.count(0.0) == 399
 
@@ -79,33 +79,33 @@ def test_safety_keeps_headroom_and_runs_below_the_rate() -> None:
 def test_plan_learned_mid_way_changes_the_interval() -> None:
     store = LocalStore(EXACT)
     for _ in range(40):
-        go(store, store.reserve("a", [SHOPIFY], 1, 0.0, 60))
-    r = store.reserve("a", [PLUS], 1, 0.0, 60)  # the header said /400
+        go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
+    r = store.reserve(["a"], [PLUS], 1, 0.0, 60)  # the header said /400
     assert isinstance(r, Reservation) and r.depart == 0.0
 
 
 def test_server_view_pushes_the_sent_clock_and_confirm_waits_again() -> None:
     """Outside traffic reported by the server makes a queued request wait at departure."""
     store = LocalStore(EXACT)
-    r = store.reserve("a", [SHOPIFY], 1, 0.0, 60)
+    r = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)
     assert isinstance(r, Reservation) and r.depart == 0.0
     # before it leaves, a response says the bucket is full (another app filled it)
-    store.observe("a", [SHOPIFY], [ServerView("shopify-rest", used=40, capacity=40)], 0.0)
+    store.observe(["a"], [SHOPIFY], [ServerView("shopify-rest", used=40, capacity=40)], 0.0)
     again = store.confirm(r, 0.0)
     assert again == pytest.approx(0.5)  # one marble leaks in half a second
     assert store.confirm(r, again) is None
     # new arrivals queue behind what the server reported
-    r2 = store.reserve("a", [SHOPIFY], 1, 0.5, 60)
+    r2 = store.reserve(["a"], [SHOPIFY], 1, 0.5, 60)
     assert isinstance(r2, Reservation) and r2.depart == pytest.approx(1.0)
 
 
 def test_server_view_is_merged_pessimistically() -> None:
     store = LocalStore(EXACT)
     for _ in range(30):
-        go(store, store.reserve("a", [SHOPIFY], 1, 0.0, 60))
+        go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
     # a stale, lower report does not make room
-    store.observe("a", [SHOPIFY], [ServerView("shopify-rest", used=10)], 0.0)
-    departs = [go(store, store.reserve("a", [SHOPIFY], 1, 0.0, 60)).depart for _ in range(11)]
+    store.observe(["a"], [SHOPIFY], [ServerView("shopify-rest", used=10)], 0.0)
+    departs = [go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)).depart for _ in range(11)]
     assert departs[:10] == [0.0] * 10 and departs[10] == pytest.approx(0.5)
 
 
@@ -113,20 +113,20 @@ def test_docs_example_level_39_then_ten_seconds() -> None:
     """39/40, ten seconds later 19/40: the next request goes at once (and reads 20/40)."""
     store, mock = LocalStore(EXACT), ShopifyMock(40, 2)
     for _ in range(39):
-        assert mock.arrive(go(store, store.reserve("a", [SHOPIFY], 1, 0.0, 60)).depart)
-    r = go(store, store.reserve("a", [SHOPIFY], 1, 10.0, 60))
+        assert mock.arrive(go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)).depart)
+    r = go(store, store.reserve(["a"], [SHOPIFY], 1, 10.0, 60))
     assert r.depart == 10.0 and mock.arrive(10.0)
     assert mock.level == pytest.approx(20)
     # from level 20 at t=10 exactly 20 more fit at once, then the leak rate
-    departs = [go(store, store.reserve("a", [SHOPIFY], 1, 10.0, 60)).depart for _ in range(21)]
+    departs = [go(store, store.reserve(["a"], [SHOPIFY], 1, 10.0, 60)).depart for _ in range(21)]
     assert departs[:20] == [10.0] * 20 and departs[20] == pytest.approx(10.5)
 
 
 def test_throttled_holds_past_retry_after_and_marks_the_bucket_full() -> None:
     store = LocalStore(EXACT)
-    until = store.throttled("a", [SHOPIFY], 5.0, 2.0)
+    until = store.throttled(["a"], [SHOPIFY], 5.0, 2.0)
     assert until == 7.0
-    r = store.reserve("a", [SHOPIFY], 1, 5.0, 60)
+    r = store.reserve(["a"], [SHOPIFY], 1, 5.0, 60)
     assert isinstance(r, Reservation)
     # full at 5.0: a marble is free at 5.5, but Retry-After says not before 7.0
     assert r.depart == pytest.approx(7.0)
@@ -135,25 +135,25 @@ def test_throttled_holds_past_retry_after_and_marks_the_bucket_full() -> None:
 def test_max_wait_sheds_with_an_honest_retry_after() -> None:
     store = LocalStore(EXACT)
     for _ in range(40):
-        go(store, store.reserve("a", [SHOPIFY], 1, 0.0, 60))
-    shed = store.reserve("a", [SHOPIFY], 1, 0.0, 0.25)
+        go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
+    shed = store.reserve(["a"], [SHOPIFY], 1, 0.0, 0.25)
     assert isinstance(shed, Shed)
     assert shed.retry_after == pytest.approx(0.5) and shed.limit == "shopify-rest"
     # a shed request took nothing: the next one still departs at 0.5
-    r = store.reserve("a", [SHOPIFY], 1, 0.0, 60)
+    r = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)
     assert isinstance(r, Reservation) and r.depart == pytest.approx(0.5)
 
 
 def test_give_back_only_when_nothing_depends_on_it() -> None:
     store = LocalStore(EXACT)
     for _ in range(40):
-        go(store, store.reserve("a", [SHOPIFY], 1, 0.0, 60))
-    r1 = store.reserve("a", [SHOPIFY], 1, 0.0, 60)  # departs 0.5
-    r2 = store.reserve("a", [SHOPIFY], 1, 0.0, 60)  # departs 1.0, stacked on r1
+        go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
+    r1 = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)  # departs 0.5
+    r2 = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)  # departs 1.0, stacked on r1
     assert isinstance(r1, Reservation) and isinstance(r2, Reservation)
     assert store.give_back(r1, 0.1) is False  # r2 stands behind it: written off
     assert store.give_back(r2, 0.1) is True  # the last in line: returned
-    r3 = store.reserve("a", [SHOPIFY], 1, 0.1, 60)
+    r3 = store.reserve(["a"], [SHOPIFY], 1, 0.1, 60)
     assert isinstance(r3, Reservation) and r3.depart == pytest.approx(1.0)
     assert (store.returned, store.written_off) == (1, 1)
 
@@ -161,9 +161,9 @@ def test_give_back_only_when_nothing_depends_on_it() -> None:
 def test_graphql_refund_settles_the_sent_clock() -> None:
     gql = Limit("shopify-gql", BUCKET, capacity=1000, rate=50, unit="points")
     store = LocalStore(EXACT)
-    r = go(store, store.reserve("a", [gql], 800, 0.0, 60))
+    r = go(store, store.reserve(["a"], [gql], 800, 0.0, 60))
     store.settle(r, 200, 0.0)  # the query cost 200, not 800
-    r2 = store.reserve("a", [gql], 800, 0.0, 60)
+    r2 = store.reserve(["a"], [gql], 800, 0.0, 60)
     assert isinstance(r2, Reservation)
     # reserved on the reservation clock at 800: 600 more wait until 800 - 200... leak
     assert r2.depart == pytest.approx((800 + 800 - 1000) / 50)
@@ -177,9 +177,10 @@ def test_etsy_vectors_qps_then_qpd() -> None:
     """api-limits.md 4.2, vectors 1-4 (qps=10, qpd=30, 12 sub-buckets of 2 h)."""
     store = LocalStore(EXACT)
     limits = [ETSY_QPS, ETSY_QPD]
+    keys = ["k", "k"]
 
     def departs(n: int, now: float) -> list[float]:
-        return [go(store, store.reserve("k", limits, 1, now, 1e6)).depart for _ in range(n)]
+        return [go(store, store.reserve(keys, limits, 1, now, 1e6)).depart for _ in range(n)]
 
     # 1. eleven at 100.2: ten now, the eleventh at the next second
     assert departs(11, 100.2) == [100.2] * 10 + [101.0]
@@ -188,34 +189,34 @@ def test_etsy_vectors_qps_then_qpd() -> None:
     # 3. at 102.0 ten more: the day's 30 are used
     assert departs(10, 102.0) == [102.0] * 10
     # the next one waits for bucket 0 (100.2-102.x) to leave the window: 12 x 7200 s
-    r = store.reserve("k", limits, 1, 103.0, 1e6)
+    r = store.reserve(keys, limits, 1, 103.0, 1e6)
     assert isinstance(r, Reservation) and r.depart == 86400.0
-    shed = store.reserve("k", limits, 1, 103.0, 30)
+    shed = store.reserve(keys, limits, 1, 103.0, 30)
     assert isinstance(shed, Shed) and shed.limit == "etsy-qpd"
     assert shed.retry_after == pytest.approx(86400.0 - 103.0)
 
 
 def test_window_guard_keeps_departures_off_the_boundary() -> None:
     store = LocalStore(Safety(margin=0.0, headroom=0, jitter=0, guard=0.02))
-    r = store.reserve("k", [ETSY_QPS], 1, 100.99, 60)
+    r = store.reserve(["k"], [ETSY_QPS], 1, 100.99, 60)
     assert isinstance(r, Reservation) and r.depart == 101.0
 
 
 def test_window_server_view_counts_outside_traffic() -> None:
     store = LocalStore(EXACT)
-    go(store, store.reserve("k", [ETSY_QPS], 1, 5.1, 60))
+    go(store, store.reserve(["k"], [ETSY_QPS], 1, 5.1, 60))
     # the server says 3 remain this second: 6 came from elsewhere
-    store.observe("k", [ETSY_QPS], [ServerView("etsy-qps", remaining=3, capacity=10)], 5.2)
-    departs = [go(store, store.reserve("k", [ETSY_QPS], 1, 5.2, 60)).depart for _ in range(4)]
+    store.observe(["k"], [ETSY_QPS], [ServerView("etsy-qps", remaining=3, capacity=10)], 5.2)
+    departs = [go(store, store.reserve(["k"], [ETSY_QPS], 1, 5.2, 60)).depart for _ in range(4)]
     assert departs == [5.2, 5.2, 5.2, 6.0]
 
 
 def test_rolling_give_back_frees_the_day() -> None:
     store = LocalStore(EXACT)
-    rs = [store.reserve("k", [ETSY_QPD], 1, 0.0, 1e6) for _ in range(30)]
+    rs = [store.reserve(["k"], [ETSY_QPD], 1, 0.0, 1e6) for _ in range(30)]
     assert all(isinstance(r, Reservation) and r.depart == 0.0 for r in rs)
     assert store.give_back(rs[-1], 0.0) is True  # type: ignore[arg-type]
-    r = store.reserve("k", [ETSY_QPD], 1, 0.0, 1e6)
+    r = store.reserve(["k"], [ETSY_QPD], 1, 0.0, 1e6)
     assert isinstance(r, Reservation) and r.depart == 0.0
 
 
@@ -223,18 +224,18 @@ def test_all_or_none_across_limits() -> None:
     """A request blocked by one limit takes nothing from the others."""
     store = LocalStore(EXACT)
     for _ in range(30):
-        go(store, store.reserve("k", [ETSY_QPD], 1, 0.0, 1e6))
-    shed = store.reserve("k", [ETSY_QPS, ETSY_QPD], 1, 0.0, 10)
+        go(store, store.reserve(["k"], [ETSY_QPD], 1, 0.0, 1e6))
+    shed = store.reserve(["k", "k"], [ETSY_QPS, ETSY_QPD], 1, 0.0, 10)
     assert isinstance(shed, Shed)
-    r = store.reserve("k", [ETSY_QPS], 1, 0.0, 10)
+    r = store.reserve(["k"], [ETSY_QPS], 1, 0.0, 10)
     assert isinstance(r, Reservation) and r.depart == 0.0  # the second's 10 are untouched
 
 
 def test_accounts_are_independent() -> None:
     store = LocalStore(EXACT)
     for _ in range(40):
-        go(store, store.reserve("shop1|app", [SHOPIFY], 1, 0.0, 60))
-    r = store.reserve("shop2|app", [SHOPIFY], 1, 0.0, 60)
+        go(store, store.reserve(["shop1|app"], [SHOPIFY], 1, 0.0, 60))
+    r = store.reserve(["shop2|app"], [SHOPIFY], 1, 0.0, 60)
     assert isinstance(r, Reservation) and r.depart == 0.0
 
 
