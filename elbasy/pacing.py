@@ -97,7 +97,16 @@ class Pacer:
         self.mono = mono
         self.counters: Counter[str] = Counter(
             dict.fromkeys(
-                ("paced", "shed", "server_throttled", "retried", "returned", "written_off"), 0
+                (
+                    "paced",
+                    "shed",
+                    "server_throttled",
+                    "resource_throttled",
+                    "retried",
+                    "returned",
+                    "written_off",
+                ),
+                0,
             )
         )
 
@@ -197,10 +206,14 @@ class Pacer:
             self.store.settle(r, report.actual_cost, wall_now)
         if not report.throttled:
             return 0.0
+        if report.resource_throttle:
+            # a limit on one resource (Shopify's new variants a day), not the
+            # account's bucket: the client hears it; pacing cannot help
+            self.counters["resource_throttled"] += 1
+            log.warning("%s: a resource limit refused a request for %s", m.rule.id, m.label)
+            return 0.0
         self.counters["server_throttled"] += 1
-        until = self.store.throttled(
-            m.keys, m.limits, wall_now, None if report.resource_throttle else report.retry_after
-        )
+        until = self.store.throttled(m.keys, m.limits, wall_now, report.retry_after)
         log.warning(
             "%s refused a request for %s (%s%s); holding the account until %.1f s from now",
             m.rule.id,
