@@ -645,3 +645,32 @@ def test_tls_context_for_names(tmp_path: Path) -> None:
     finally:
         c.close()
         mock.close()
+
+
+def test_http10_expect_continue_and_head() -> None:
+    mock = start_etsy()
+    try:
+        s = socket.create_connection(("127.0.0.1", mock.port), timeout=5)
+        s.sendall(b"GET /v3/application/x HTTP/1.0\r\nx-api-key: k\r\n\r\n")
+        reader = origins.Reader(s)
+        resp = origins.read_response(reader)
+        assert resp.status == 200 and resp.headers.get("Connection") == "close"
+        assert reader.read_to_eof() == b""
+        s.close()
+        s = socket.create_connection(("127.0.0.1", mock.port), timeout=5)
+        s.sendall(
+            b"POST /v3/application/y HTTP/1.1\r\nx-api-key: k\r\nContent-Length: 3\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        reader = origins.Reader(s)
+        assert reader.read_head() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"abc")
+        assert origins.read_response(reader).status == 200
+        s.sendall(b"HEAD /v3/application/z HTTP/1.1\r\nx-api-key: k\r\n\r\n")
+        resp = origins.read_response(reader, method="HEAD")
+        assert resp.status == 200 and resp.body == b""
+        assert int(resp.headers.get("Content-Length") or 0) > 0
+        s.close()
+        assert mock.stats()["totals"]["accepted"] == 3
+    finally:
+        mock.close()
