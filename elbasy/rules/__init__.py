@@ -13,7 +13,7 @@ Plain Python: no sockets, and no clock except the one handed in.
 from __future__ import annotations
 
 from elbasy.rules.ruleset import BUILTIN_IDS, Match, Report, RuleSet, View
-from elbasy.rules.schema import HINT_HEADER, Rule, RuleError, parse_rule
+from elbasy.rules.schema import HINT_HEADER, Rule, RuleError, parse_rule, rule_to_toml
 
 __all__ = [
     "BUILTIN_IDS",
@@ -25,4 +25,5 @@ __all__ = [
     "RuleSet",
     "View",
     "parse_rule",
+    "rule_to_toml",
 ]

@@ -12,10 +12,11 @@ GraphQL query costs.
 
 from __future__ import annotations
 
+import functools
 import time
 import tomllib
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -255,15 +256,7 @@ class RuleSet:
 
     @classmethod
     def _builtin_rules(cls) -> list[Rule]:
-        rules = []
-        for rule_id in BUILTIN_IDS:
-            name, text = cls.builtin_rule_data(rule_id)
-            try:
-                data = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as e:  # a packaging bug, not the user's
-                raise RuleError(f"{name}: not valid TOML: {e}") from None
-            rules.append(parse_rule(data, f"builtin:{name}"))
-        return rules
+        return list(_builtin_rules())
 
     @classmethod
     def builtin(cls) -> RuleSet:
@@ -272,7 +265,11 @@ class RuleSet:
 
     @classmethod
     def load(
-        cls, enabled: Sequence[str] | None = None, extra: Sequence[Mapping[str, Any]] = ()
+        cls,
+        enabled: Sequence[str] | None = None,
+        extra: Sequence[Mapping[str, Any]] = (),
+        *,
+        origin: str = "config",
     ) -> RuleSet:
         """Built-in rules plus user rules (``extra``: rule tables, e.g. a config file's).
 
@@ -281,11 +278,11 @@ class RuleSet:
         id (None: all); an unknown id raises :class:`RuleError` naming it.
         """
         rules = cls._builtin_rules()
-        users = [parse_rule(data, "config") for data in extra]
+        users = [parse_rule(data, origin) for data in extra]
         ids = [r.id for r in users]
         twice = sorted({i for i in ids if ids.count(i) > 1})
         if twice:
-            raise RuleError(f"config: rule {twice[0]!r} is given twice")
+            raise RuleError(f"{origin}: rule {twice[0]!r} is given twice")
         replaced = {r.id: r for r in users}
         rules = [replaced.pop(r.id, r) for r in rules]
         rules = [r for r in users if r.id in replaced] + rules
@@ -305,7 +302,8 @@ class RuleSet:
     def check_file(path: str | Path) -> list[Rule]:
         """Check a TOML file of rules (``[[rule]]`` tables, or one rule at the top level).
 
-        Raises :class:`RuleError` naming the file, the rule and the field.
+        Raises :class:`RuleError` naming the file, the rule and the field, one
+        line per bad rule.
         """
         path = Path(path)
         try:
@@ -323,16 +321,24 @@ class RuleSet:
             tables = [data]
         else:
             raise RuleError(f"{path}: no rules: expected [[rule]] tables or one rule with an id")
-        rules = [parse_rule(t, path.name) for t in tables]
-        ids = [r.id for r in rules]
-        for rule_id in ids:
-            if ids.count(rule_id) > 1:
-                raise RuleError(f"{path.name}: rule {rule_id!r} is given twice")
+        rules: list[Rule] = []
+        errors: list[str] = []
+        for table in tables:
+            try:
+                rule = parse_rule(table, path.name)
+            except RuleError as e:
+                errors.append(str(e))
+                continue
+            if any(r.id == rule.id for r in rules):
+                errors.append(f"{path.name}: rule {rule.id!r} is given twice")
+            rules.append(rule)
+        if errors:
+            raise RuleError("\n".join(errors))
         return rules
 
     # ------------------------------------------------------------------ queries
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Rule]:
         return iter(self._rules)
 
     def __len__(self) -> int:
@@ -610,6 +616,20 @@ class RuleSet:
     def tier_of(self, account: str) -> str | None:
         """The plan learned for ``account``, if any."""
         return self._tiers.get(account)
+
+
+@functools.cache
+def _builtin_rules() -> tuple[Rule, ...]:
+    """The built-in rules, parsed once (rules are immutable)."""
+    rules = []
+    for rule_id in BUILTIN_IDS:
+        name, text = RuleSet.builtin_rule_data(rule_id)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:  # a packaging bug, not the user's
+            raise RuleError(f"{name}: not valid TOML: {e}") from None
+        rules.append(parse_rule(data, f"builtin:{name}"))
+    return tuple(rules)
 
 
 def _first_number(doc: Any, path: tuple[str, ...]) -> float | None:
