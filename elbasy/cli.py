@@ -14,7 +14,7 @@ these options; without a subcommand it runs the proxy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -31,6 +31,7 @@ from elbasy.config import (
     parse_listen,
     to_toml,
 )
+from elbasy.rules_cli import rules as rules_group
 
 __all__ = ["build_config", "main"]
 
@@ -55,16 +56,21 @@ def build_config(
     data_dir: str | None = None,
     upstream_ca: str | None = None,
     unconstrained_ca: bool = False,
+    rules: str | Iterable[str] | None = None,
+    rule: Sequence[Mapping[str, Any]] = (),
 ) -> Config:
     """A :class:`Config` from settings spelled as ``elbasy``'s options.
+
+    ``rules`` is ``--rules``: ids separated by commas (or a list of them);
+    None enables every rule. ``rule`` holds the config file's ``[[rule]]`` tables.
 
     Raises :class:`ConfigError` whose ``field`` is the option's name.
     """
     host, port = parse_listen(listen)
-    rules: list[ConnectTo] = []
+    connect_rules: list[ConnectTo] = []
     for spec in connect_to:
         try:
-            rules.append(ConnectTo.parse(spec))
+            connect_rules.append(ConnectTo.parse(spec))
         except ConfigError as e:
             raise ConfigError(e.reason, "connect_to") from None
     return Config(
@@ -79,12 +85,22 @@ def build_config(
         response_timeout=response_timeout,
         max_head_bytes=max_head_bytes,
         splice=splice,
-        connect_to=tuple(rules),
+        connect_to=tuple(connect_rules),
         intercept=tuple(intercept),
         data_dir=str(data_dir) if data_dir is not None else None,
         upstream_ca=upstream_ca,
         unconstrained_ca=unconstrained_ca,
+        rules=_rule_ids(rules),
+        rule=tuple(rule),
     )
+
+
+def _rule_ids(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    """``--rules a,b`` (or a config file's ``["a", "b"]``) as ids; None: every rule."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(i.strip() for item in items for i in item.split(",") if i.strip())
 
 
 class ConfigProblem(click.ClickException):
@@ -123,7 +139,23 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
         settings = load_toml(value)
     except ConfigError as e:
         raise ConfigProblem(str(e)) from None
+    # user rules are no option: checked here, against the file's name, and kept aside
+    tables = settings.pop("rule", [])
+    if tables:
+        from elbasy.rules import RuleError, parse_rule
+
+        for table in tables:
+            try:
+                parse_rule(table, f"config file {value!r}")
+            except RuleError as e:
+                raise ConfigProblem(str(e)) from None
+    ctx.meta[_USER_RULES] = tables
+    if isinstance(settings.get("rules"), list):
+        settings["rules"] = ",".join(settings["rules"])
     ctx.default_map = {**settings, **(ctx.default_map or {})}
+
+
+_USER_RULES = "elbasy.user_rules"
 
 
 def _env(name: str) -> str:
@@ -260,6 +292,15 @@ def _seconds(name: str, default: float, help: str) -> Callable[[_F], _F]:
     envvar=_env("unconstrained_ca"),
     help="On first run, make a CA without name constraints (it can issue for ANY host).",
 )
+@click.option(
+    "--rules",
+    "rules",
+    default=None,
+    envvar=_env("rules"),
+    metavar="ID,ID",
+    show_default=False,
+    help="Enable only these API rules (see `elbasy rules list`). [default: every rule]",
+)
 @click.pass_context
 def main(ctx: click.Context, /, **options: Any) -> None:
     """elbasy: an egress HTTP(S) proxy that keeps API clients under their rate limits.
@@ -269,7 +310,7 @@ def main(ctx: click.Context, /, **options: Any) -> None:
     --config file. Precedence: command line, environment, config file, defaults.
     """
     try:
-        config = build_config(**options)
+        config = build_config(**options, rule=ctx.meta.get(_USER_RULES, ()))
     except ConfigError as e:
         raise _problem(ctx, e) from None
     ctx.obj = config
@@ -296,3 +337,4 @@ def show_config(config: Config) -> None:
 
 
 main.add_command(ca)
+main.add_command(rules_group)

@@ -28,7 +28,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from elbasy.rules import RuleSet
 
 __all__ = [
     "CONFIG_KEYS",
@@ -78,6 +81,9 @@ CONFIG_KEYS: Mapping[str, str] = {
     "data_dir": "string",
     "upstream_ca": "string",
     "unconstrained_ca": "boolean",
+    # rules: which API rules are enabled, and the user's own ([[rule]] tables)
+    "rules": "array of strings",
+    "rule": "array of tables",
 }
 
 _HOSTNAME_CHARS = frozenset(string.ascii_letters + string.digits + "-._")
@@ -327,6 +333,11 @@ class Config:
     upstream_ca: str | None = None
     #: a first-run CA without name constraints (intercepting arbitrary hosts)
     unconstrained_ca: bool = False
+    # --- rules (elbasy.rules) ---
+    #: ids of the enabled API rules; None: every rule (built-in and user)
+    rules: tuple[str, ...] | None = None
+    #: user rules (the config file's [[rule]] tables), same schema as the built-ins
+    rule: tuple[Mapping[str, Any], ...] = field(default=())
 
     def __post_init__(self) -> None:
         def fix(name: str, value: object) -> None:
@@ -381,6 +392,35 @@ class Config:
             raise ConfigError(
                 f"must be true or false, got {self.unconstrained_ca!r}", "unconstrained_ca"
             )
+        self._check_rules(fix)
+
+    def _check_rules(self, fix: Any) -> None:
+        from elbasy.rules import RuleError, parse_rule
+
+        if self.rules is not None:
+            ids = tuple(self.rules)
+            if not all(isinstance(i, str) and i for i in ids):
+                raise ConfigError(f"must be rule ids, got {self.rules!r}", "rules")
+            fix("rules", ids)
+        tables = tuple(self.rule)
+        for table in tables:
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"must hold rule tables, got {table!r}", "rule")
+            try:
+                parse_rule(table, "config")
+            except RuleError as e:
+                raise ConfigError(str(e), "rule") from None
+        fix("rule", tables)
+        try:
+            self.ruleset()
+        except RuleError as e:
+            raise ConfigError(str(e), "rules" if str(e).startswith("unknown") else "rule") from None
+
+    def ruleset(self) -> RuleSet:
+        """The enabled rules: built-ins, overridden or joined by the user's, picked by ``rules``."""
+        from elbasy.rules import RuleSet
+
+        return RuleSet.load(self.rules, self.rule)
 
     @property
     def listen(self) -> str:
@@ -406,6 +446,9 @@ def _check_toml_value(path: Path, key: str, value: object) -> object:
         return value
     if kind == "boolean" and isinstance(value, bool):
         return value
+    if kind == "array of tables":
+        if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            return value
     if kind == "array of strings":
         if isinstance(value, str):
             return [value]
@@ -469,6 +512,11 @@ def to_toml(config: Config) -> str:
         "upstream_ca": config.upstream_ca,
         "unconstrained_ca": config.unconstrained_ca,
     }
-    return "".join(
+    # rules: enabled ids here, user rules as [[rule]] tables after every plain key
+    values["rules"] = list(config.rules) if config.rules is not None else None
+    text = "".join(
         f"{key} = {_toml_value(value)}\n" for key, value in values.items() if value is not None
     )
+    from elbasy.rules import rule_to_toml
+
+    return text + "".join("\n" + rule_to_toml(table, "rule") for table in config.rule)

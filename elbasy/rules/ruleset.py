@@ -1,0 +1,639 @@
+"""The enabled rules and what they say about one request and one response.
+
+:meth:`RuleSet.match` runs once per intercepted request, so it is cheap: the
+regexes are compiled when the rules load and the rules that can apply to a
+host are cached. It never reads a body; :meth:`RuleSet.cost_for` does, for the
+GraphQL rules that ask for one (``Match.body_needed``). After the response,
+:meth:`RuleSet.read_response` turns it into a :class:`Report` (what the server
+says is used and left, whether it throttled, how long to wait) and
+:meth:`RuleSet.learn` keeps what outlives the request: the account's plan and
+GraphQL query costs.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import tomllib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeGuard
+
+from elbasy.limits import Limit
+from elbasy.rules.schema import (
+    Feedback,
+    Marker,
+    Part,
+    Reader,
+    Rule,
+    RuleError,
+    parse_rule,
+)
+from elbasy.rules.wire import (
+    Headers,
+    decode_body,
+    first_header,
+    graphql_shape,
+    hash_secret,
+    json_document,
+    json_values,
+    parse_http_date,
+    parse_number,
+)
+
+__all__ = ["BUILTIN_IDS", "Match", "Report", "RuleSet", "View"]
+
+#: The built-in rules, one data file each in ``elbasy/rules/data``.
+BUILTIN_IDS: tuple[str, ...] = (
+    "shopify-admin-graphql",
+    "shopify-admin-rest",
+    "etsy-v3",
+    "amazon-sp-api",
+    "bigcommerce",
+    "github-rest",
+)
+
+#: Accounts whose learned plan is remembered, and GraphQL query shapes.
+MAX_TIERS = 100_000
+MAX_COSTS = 10_000
+_MAX_HOSTS = 4096
+_HINT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:@-")
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """What a rule says about one request. Immutable and cheap to copy.
+
+    ``keys[i]`` is the bucket key of ``limits[i]``: the rule, the limit and
+    the account parts in the limit's scope (plus the operation when scoped on
+    it). ``account`` is the whole account; neither holds a raw token.
+    """
+
+    rule: Rule
+    account: str
+    label: str
+    operation: str | None
+    tier: str
+    limits: tuple[Limit, ...]
+    keys: tuple[str, ...]
+    cost: float
+    body_needed: int
+    strip_headers: tuple[bytes, ...]
+    max_single: float | None
+    retry_safe: bool
+    cost_key: str | None = None
+    mutation: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What the server says about one limit; None where it says nothing."""
+
+    limit: str
+    used: float | None = None
+    remaining: float | None = None
+    capacity: float | None = None
+    rate: float | None = None
+    reset_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What one response says about the quota."""
+
+    throttled: bool = False
+    resource_throttle: bool = False
+    retry_after: float | None = None
+    views: tuple[View, ...] = ()
+    tier: str | None = None
+    requested_cost: float | None = None
+    actual_cost: float | None = None
+
+    def view(self, limit: str) -> View | None:
+        return next((v for v in self.views if v.limit == limit), None)
+
+
+@dataclass(slots=True)
+class _Response:
+    """One response, decoded lazily, as the readers see it."""
+
+    status: int
+    headers: Headers
+    raw: bytes | None
+    now: float | None
+    _doc: Any = None
+    _text: str | None = None
+    _decoded: bool = False
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def header(self, name: bytes) -> bytes | None:
+        return first_header(self.headers, name)
+
+    def _decode(self) -> None:
+        if self._decoded:
+            return
+        self._decoded = True
+        if not self.raw:
+            return
+        body, tail = decode_body(self.raw, self.headers)
+        self._text = body.decode("utf-8", "replace") + (
+            tail.decode("utf-8", "replace") if tail else ""
+        )
+        self._doc = json_document(body, tail)
+
+    @property
+    def doc(self) -> Any:
+        self._decode()
+        return self._doc
+
+    @property
+    def text(self) -> str:
+        self._decode()
+        return self._text or ""
+
+    def wall(self) -> float:
+        """The server's clock (its Date header), else the caller's, else ours."""
+        date = parse_http_date(self.header(b"date"))
+        if date is not None:
+            return date
+        return self.now if self.now is not None else time.time()
+
+
+def _marks(marker: Marker, resp: _Response) -> bool:
+    if marker.body is not None:
+        return marker.body.search(resp.text) is not None
+    if marker.header is not None:
+        value = resp.header(marker.header)
+        return value is not None and value.decode("latin-1").strip() == marker.equals
+    assert marker.json is not None
+    return any(_plain(v) == marker.equals for v in json_values(resp.doc, marker.json))
+
+
+def _plain(value: Any) -> str:
+    """A JSON scalar as text: 100.0 and 100 both read "100"."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _raw(reader: Reader, resp: _Response) -> str | None:
+    if reader.only_if is not None and not _marks(reader.only_if, resp):
+        return None
+    text: str | None = None
+    if reader.header is not None:
+        value = resp.header(reader.header)
+        text = value.decode("latin-1").strip() if value is not None else None
+    elif reader.json is not None:
+        values = [v for v in json_values(resp.doc, reader.json) if v is not None]
+        text = _plain(values[0]) if values and not isinstance(values[0], dict | list) else None
+    if text is not None and reader.pattern is not None:
+        m = reader.pattern.search(text)
+        text = m.group(1) if m else None
+    return text
+
+
+def _read(reader: Reader, resp: _Response) -> float | None:
+    if reader.compute == "graphql_wait":
+        return _graphql_wait(resp)
+    text = _raw(reader, resp)
+    value = parse_number(text)
+    if reader.unit == "ms":
+        return value / 1000.0 if value is not None else None
+    if reader.unit == "epoch":
+        return max(0.0, value - resp.wall()) if value is not None else None
+    if reader.unit == "s" and value is None and text:
+        when = parse_http_date(text)  # Retry-After: <HTTP-date>
+        return max(0.0, when - resp.wall()) if when is not None else None
+    return value
+
+
+def _graphql_wait(resp: _Response) -> float | None:
+    """(requestedQueryCost − currentlyAvailable) / restoreRate, from a throttled body."""
+    costs = json_values(resp.doc, ("extensions", "cost"))
+    cost = costs[0] if costs and isinstance(costs[0], dict) else None
+    if cost is None:
+        return None
+    status = cost.get("throttleStatus")
+    requested = cost.get("requestedQueryCost")
+    if not isinstance(status, dict):
+        return None
+    available, rate = status.get("currentlyAvailable"), status.get("restoreRate")
+    if not (_is_number(requested) and _is_number(available) and _is_number(rate)) or rate <= 0:
+        return None
+    return max(0.0, (float(requested) - float(available)) / float(rate))
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class RuleSet:
+    """The enabled rules, in match order, and what was learned from responses."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        seen: set[str] = set()
+        for rule in rules:
+            if rule.id in seen:
+                raise RuleError(f"rule {rule.id!r} is given twice")
+            seen.add(rule.id)
+        self._rules: tuple[Rule, ...] = tuple(rules)
+        self._by_id = {rule.id: rule for rule in self._rules}
+        self._hosts: dict[str, tuple[Rule, ...]] = {}
+        self._tiers: OrderedDict[str, str] = OrderedDict()
+        self._costs: OrderedDict[str, float] = OrderedDict()
+
+    # ------------------------------------------------------------------ loading
+
+    @staticmethod
+    def builtin_rule_data(rule_id: str) -> tuple[str, str]:
+        """(file name, TOML text) of a built-in rule."""
+        name = f"{rule_id}.toml"
+        text = resources.files("elbasy.rules").joinpath("data", name).read_text("utf-8")
+        return name, text
+
+    @classmethod
+    def _builtin_rules(cls) -> list[Rule]:
+        return list(_builtin_rules())
+
+    @classmethod
+    def builtin(cls) -> RuleSet:
+        """Every built-in rule."""
+        return cls(cls._builtin_rules())
+
+    @classmethod
+    def load(
+        cls,
+        enabled: Sequence[str] | None = None,
+        extra: Sequence[Mapping[str, Any]] = (),
+        *,
+        origin: str = "config",
+    ) -> RuleSet:
+        """Built-in rules plus user rules (``extra``: rule tables, e.g. a config file's).
+
+        A user rule with a built-in's id replaces it in place; new ones come
+        first, so they win over the built-in globs. ``enabled`` picks rules by
+        id (None: all); an unknown id raises :class:`RuleError` naming it.
+        """
+        rules = cls._builtin_rules()
+        users = [parse_rule(data, origin) for data in extra]
+        ids = [r.id for r in users]
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise RuleError(f"{origin}: rule {twice[0]!r} is given twice")
+        replaced = {r.id: r for r in users}
+        rules = [replaced.pop(r.id, r) for r in rules]
+        rules = [r for r in users if r.id in replaced] + rules
+        if enabled is not None:
+            known = {r.id for r in rules}
+            unknown = [i for i in enabled if i not in known]
+            if unknown:
+                raise RuleError(
+                    f"unknown rule {', '.join(repr(i) for i in unknown)} "
+                    f"(known: {', '.join(sorted(known))})"
+                )
+            wanted = set(enabled)
+            rules = [r for r in rules if r.id in wanted]
+        return cls(rules)
+
+    @staticmethod
+    def check_file(path: str | Path) -> list[Rule]:
+        """Check a TOML file of rules (``[[rule]]`` tables, or one rule at the top level).
+
+        Raises :class:`RuleError` naming the file, the rule and the field, one
+        line per bad rule.
+        """
+        path = Path(path)
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise RuleError(f"{path}: cannot read: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise RuleError(f"{path}: not valid TOML: {e}") from None
+        if "rule" in data:
+            if set(data) != {"rule"} or not isinstance(data["rule"], list):
+                raise RuleError(f"{path}: expected only [[rule]] tables")
+            tables = data["rule"]
+        elif "id" in data:
+            tables = [data]
+        else:
+            raise RuleError(f"{path}: no rules: expected [[rule]] tables or one rule with an id")
+        rules: list[Rule] = []
+        errors: list[str] = []
+        for table in tables:
+            try:
+                rule = parse_rule(table, path.name)
+            except RuleError as e:
+                errors.append(str(e))
+                continue
+            if any(r.id == rule.id for r in rules):
+                errors.append(f"{path.name}: rule {rule.id!r} is given twice")
+            rules.append(rule)
+        if errors:
+            raise RuleError("\n".join(errors))
+        return rules
+
+    # ------------------------------------------------------------------ queries
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self._rules)
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    def ids(self) -> list[str]:
+        return [r.id for r in self._rules]
+
+    def get(self, rule_id: str) -> Rule:
+        try:
+            return self._by_id[rule_id]
+        except KeyError:
+            raise RuleError(f"unknown rule {rule_id!r}") from None
+
+    def intercept_globs(self) -> list[str]:
+        """The host globs of the enabled rules, each once, in rule order."""
+        out: list[str] = []
+        for rule in self._rules:
+            out += [h for h in rule.hosts if h not in out]
+        return out
+
+    # ------------------------------------------------------------------ match
+
+    def _candidates(self, host: str) -> tuple[Rule, ...]:
+        found = self._hosts.get(host)
+        if found is None:
+            found = tuple(r for r in self._rules if any(p.match(host) for p in r.host_patterns))
+            if len(self._hosts) >= _MAX_HOSTS:
+                self._hosts.clear()
+            self._hosts[host] = found
+        return found
+
+    def match(self, host: str, method: str, target: str, headers: Headers) -> Match | None:
+        """The first enabled rule covering this request, with its account and limits."""
+        name = host.lower()
+        if name.startswith("["):
+            name = name.split("]", 1)[0] + "]"
+        else:
+            name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+        name = name.rstrip(".")
+        rules = self._candidates(name)
+        if not rules:
+            return None
+        path = target
+        if "://" in path[:8]:
+            slash = path.find("/", path.find("://") + 3)
+            path = path[slash:] if slash != -1 else "/"
+        path = path.split("?", 1)[0].split("#", 1)[0] or "/"
+        method = method.upper()
+        for rule in rules:
+            if rule.methods is not None and method not in rule.methods:
+                continue
+            if rule.path is not None and rule.path.search(path) is None:
+                continue
+            if any(x.search(path) for x in rule.exclude_paths):
+                continue
+            return self._match(rule, name, method, path, headers)
+        return None
+
+    def _part(self, part: Part, host: str, path: str, headers: Headers) -> tuple[str, bool] | None:
+        """(value, hashed) of one key part, or None when the request does not carry it."""
+        source: Part | None = part
+        while source is not None:
+            text: str | None
+            if source.source == "static":
+                text = source.value
+            elif source.source == "host":
+                text = host
+            elif source.source == "path":
+                text = path
+            else:
+                assert source.header is not None
+                raw = first_header(headers, source.header)
+                text = raw.decode("latin-1").strip() if raw else None
+            if text and source.pattern is not None:
+                m = source.pattern.search(text)
+                text = (m.group("v") if "v" in m.groupdict() else m.group(1)) if m else None
+            if text:
+                if source.hash:
+                    return hash_secret(text), True
+                if source.source == "hint" and not (len(text) <= 64 and set(text) <= _HINT_CHARS):
+                    return hash_secret(text), True
+                return text, False
+            source = source.fallback
+        return (part.default, False) if part.default else None
+
+    def _match(self, rule: Rule, host: str, method: str, path: str, headers: Headers) -> Match:
+        values: dict[str, str] = {}
+        shown: list[str] = []
+        for part in rule.parts:
+            got = self._part(part, host, path, headers)
+            value, hashed = got if got is not None else ("-", False)
+            values[part.name] = value
+            shown.append(f"{part.name}={'#' if hashed else ''}{value}")
+        account = "|".join([rule.id, *values.values()])
+        operation = None
+        for op in rule.operations:
+            if op.methods is not None and method not in op.methods:
+                continue
+            if op.path is not None and op.path.search(path) is None:
+                continue
+            operation = op.id
+            break
+        tier = self._tiers.get(account)
+        if tier is None:
+            tier = rule.default_tier
+            for part_name, value, by_tier in rule.tier_by_part:
+                if values.get(part_name) == value:
+                    tier = by_tier
+                    break
+        limits: list[Limit] = []
+        keys: list[str] = []
+        for spec in rule.limits:
+            if not spec.applies(operation):
+                continue
+            limits.append(spec.by_tier[tier if tier in spec.by_tier else rule.default_tier])
+            scoped = [values[s] if s != "operation" else (operation or "-") for s in spec.scope]
+            keys.append("|".join([rule.id, spec.name, *scoped]))
+        label = " ".join([rule.id, *shown] + ([f"op={operation}"] if operation else []))
+        cost = rule.cost
+        return Match(
+            rule=rule,
+            account=account,
+            label=label,
+            operation=operation,
+            tier=tier,
+            limits=tuple(limits),
+            keys=tuple(keys),
+            cost=cost.default if cost.kind == "graphql" else cost.value,
+            body_needed=cost.body_bytes,
+            strip_headers=rule.strip_headers,
+            max_single=cost.max_single,
+            retry_safe=method in rule.throttle.retry_methods,
+        )
+
+    # ------------------------------------------------------------------ cost
+
+    def cost_for(self, match: Match, body: bytes) -> Match:
+        """``match`` with the cost of this request body: a GraphQL query's learned
+        ``requestedQueryCost`` by shape, else the rule's default estimate."""
+        if match.rule.cost.kind != "graphql":
+            return match
+        shape = graphql_shape(body[: match.body_needed] if match.body_needed else body)
+        if shape is None:
+            return match
+        key, mutation = shape
+        cost_key = f"{match.rule.id}|{key}"
+        cost = self._costs.get(cost_key)
+        if cost is not None:
+            self._costs.move_to_end(cost_key)
+        else:
+            cost = match.rule.cost.default
+        if match.max_single is not None:
+            cost = min(cost, match.max_single)
+        # a throttled query was not executed; a throttled mutation neither, but
+        # a mutation cut off by a resource throttle may have been: leave those alone
+        retry_safe = match.retry_safe and not mutation
+        return replace(
+            match, cost=cost, cost_key=cost_key, mutation=mutation, retry_safe=retry_safe
+        )
+
+    # ------------------------------------------------------------------ responses
+
+    def read_response(
+        self,
+        match: Match,
+        status: int,
+        headers: Headers,
+        body: bytes | None,
+        *,
+        now: float | None = None,
+    ) -> Report:
+        """What the response says about the quota.
+
+        ``body`` is the raw response body as received (chunked and gzip or
+        deflate coded bodies are decoded here, within bounds), or None.
+        ``now`` (epoch seconds) turns epoch resets into delays when the
+        response has no Date header.
+        """
+        rule = match.rule
+        resp = _Response(status, headers, body if rule.needs_body else None, now)
+        views = tuple(v for f in rule.feedback for v in self._views(f, match, resp))
+        th = rule.throttle
+        marked = any(_marks(m, resp) for m in th.markers)
+        by_marker = marked and (not th.marker_statuses or status in th.marker_statuses)
+        throttled = status in th.statuses or by_marker
+        resource = False
+        if throttled:
+            if th.resource_without_marker and th.markers and not marked:
+                resource = True
+            if th.resource_below_capacity is not None:
+                view = next((v for v in views if v.limit == th.resource_below_capacity), None)
+                if view is not None and view.capacity is not None:
+                    used = view.used
+                    if used is None and view.remaining is not None:
+                        used = view.capacity - view.remaining
+                    resource = used is not None and used < view.capacity
+        retry_after = None
+        if throttled:
+            for reader in th.retry_after:
+                retry_after = _read(reader, resp)
+                if retry_after is not None:
+                    break
+            if retry_after is None:
+                retry_after = th.default_retry_after
+        tier = None
+        for detect in rule.tier_detect:
+            text = _raw(detect.reader, resp)
+            if text is not None:
+                number = parse_number(text)
+                key = _plain(number) if number is not None else text
+                tier = detect.map.get(key)
+                if tier is not None:
+                    break
+        requested = actual = None
+        if rule.cost.requested is not None:
+            requested = _first_number(resp.doc, rule.cost.requested)
+        if rule.cost.actual is not None:
+            actual = _first_number(resp.doc, rule.cost.actual)
+        return Report(
+            throttled=throttled,
+            resource_throttle=resource,
+            retry_after=retry_after,
+            views=views,
+            tier=tier,
+            requested_cost=requested,
+            actual_cost=actual,
+        )
+
+    def _views(self, feedback: Feedback, match: Match, resp: _Response) -> list[View]:
+        values = {name: _read(reader, resp) for name, reader in feedback.readers.items()}
+        if all(v is None for v in values.values()):
+            return []
+        if feedback.limit == "*":
+            names = [limit.name for limit in match.limits]
+        elif feedback.limit is not None:
+            names = [feedback.limit]
+        else:
+            assert feedback.limit_header is not None
+            raw = resp.header(feedback.limit_header)
+            target = feedback.limit_map.get(raw.decode("latin-1").strip()) if raw else None
+            names = [target] if target else []
+        return [
+            View(
+                limit=name,
+                used=values.get("used"),
+                remaining=values.get("remaining"),
+                capacity=values.get("capacity"),
+                rate=values.get("rate"),
+                reset_after=values.get("reset_after"),
+            )
+            for name in names
+        ]
+
+    # ------------------------------------------------------------------ learning
+
+    def learn(self, match: Match, report: Report) -> None:
+        """Remember the account's plan and the query's cost for later matches."""
+        rule = match.rule
+        if report.tier is not None and report.tier in rule.tier_names:
+            self._tiers[match.account] = report.tier
+            self._tiers.move_to_end(match.account)
+            while len(self._tiers) > MAX_TIERS:
+                self._tiers.popitem(last=False)
+        if match.cost_key is not None:
+            cost = report.requested_cost
+            if cost is None and report.actual_cost is not None:
+                cost = report.actual_cost
+            if cost is not None and cost >= 0:
+                self._costs[match.cost_key] = cost
+                self._costs.move_to_end(match.cost_key)
+                while len(self._costs) > MAX_COSTS:
+                    self._costs.popitem(last=False)
+
+    def tier_of(self, account: str) -> str | None:
+        """The plan learned for ``account``, if any."""
+        return self._tiers.get(account)
+
+
+@functools.cache
+def _builtin_rules() -> tuple[Rule, ...]:
+    """The built-in rules, parsed once (rules are immutable)."""
+    rules = []
+    for rule_id in BUILTIN_IDS:
+        name, text = RuleSet.builtin_rule_data(rule_id)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:  # a packaging bug, not the user's
+            raise RuleError(f"{name}: not valid TOML: {e}") from None
+        rules.append(parse_rule(data, f"builtin:{name}"))
+    return tuple(rules)
+
+
+def _first_number(doc: Any, path: tuple[str, ...]) -> float | None:
+    for value in json_values(doc, path):
+        if _is_number(value):
+            return float(value)
+    return None
