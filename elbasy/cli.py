@@ -58,6 +58,9 @@ def build_config(
     unconstrained_ca: bool = False,
     rules: str | Iterable[str] | None = None,
     rule: Sequence[Mapping[str, Any]] = (),
+    max_wait: float = _DEFAULTS.max_wait,
+    retry_idempotent: bool = _DEFAULTS.retry_idempotent,
+    quota_margin: float = _DEFAULTS.quota_margin,
 ) -> Config:
     """A :class:`Config` from settings spelled as ``elbasy``'s options.
 
@@ -92,6 +95,9 @@ def build_config(
         unconstrained_ca=unconstrained_ca,
         rules=_rule_ids(rules),
         rule=tuple(rule),
+        max_wait=max_wait,
+        retry_idempotent=retry_idempotent,
+        quota_margin=quota_margin,
     )
 
 
@@ -300,6 +306,29 @@ def _seconds(name: str, default: float, help: str) -> Callable[[_F], _F]:
     metavar="ID,ID",
     show_default=False,
     help="Enable only these API rules (see `elbasy rules list`). [default: every rule]",
+)
+@_seconds(
+    "max_wait",
+    _DEFAULTS.max_wait,
+    "Longest a request waits for its quota; beyond it elbasy answers 429 with Retry-After "
+    "(per request: X-Elbasy-Max-Wait).",
+)
+@click.option(
+    "--retry-idempotent/--no-retry-idempotent",
+    "retry_idempotent",
+    default=_DEFAULTS.retry_idempotent,
+    envvar=_env("retry_idempotent"),
+    help="Send an idempotent request the API refused with 429 once more after the wait, "
+    "so the client never sees the 429.",
+)
+@click.option(
+    "--quota-margin",
+    "quota_margin",
+    type=float,
+    default=_DEFAULTS.quota_margin,
+    envvar=_env("quota_margin"),
+    metavar="FRACTION",
+    help="Part of each limit's rate left unused against network jitter.",
 )
 @click.pass_context
 def main(ctx: click.Context, /, **options: Any) -> None:

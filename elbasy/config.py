@@ -84,6 +84,10 @@ CONFIG_KEYS: Mapping[str, str] = {
     # rules: which API rules are enabled, and the user's own ([[rule]] tables)
     "rules": "array of strings",
     "rule": "array of tables",
+    # pacing (elbasy.pacing, elbasy.quota)
+    "max_wait": "number",
+    "retry_idempotent": "boolean",
+    "quota_margin": "number",
 }
 
 _HOSTNAME_CHARS = frozenset(string.ascii_letters + string.digits + "-._")
@@ -338,6 +342,13 @@ class Config:
     rules: tuple[str, ...] | None = None
     #: user rules (the config file's [[rule]] tables), same schema as the built-ins
     rule: tuple[Mapping[str, Any], ...] = field(default=())
+    # --- pacing ---
+    #: the longest a request waits for its quota; beyond it elbasy answers 429 at once
+    max_wait: float = 30.0
+    #: send an idempotent request refused by the API (429) once more, after the wait
+    retry_idempotent: bool = False
+    #: fraction of each limit's rate (and window's quota) left unused for safety
+    quota_margin: float = 0.01
 
     def __post_init__(self) -> None:
         def fix(name: str, value: object) -> None:
@@ -392,7 +403,26 @@ class Config:
             raise ConfigError(
                 f"must be true or false, got {self.unconstrained_ca!r}", "unconstrained_ca"
             )
+        self._check_pacing(fix)
         self._check_rules(fix)
+
+    def _check_pacing(self, fix: Any) -> None:
+        if not (_is_int(self.max_wait) or isinstance(self.max_wait, float)) or not (
+            0 <= self.max_wait <= 3600
+        ):
+            raise ConfigError(f"must be 0 to 3600 seconds, got {self.max_wait!r}", "max_wait")
+        fix("max_wait", float(self.max_wait))
+        if not isinstance(self.retry_idempotent, bool):
+            raise ConfigError(
+                f"must be true or false, got {self.retry_idempotent!r}", "retry_idempotent"
+            )
+        if not (_is_int(self.quota_margin) or isinstance(self.quota_margin, float)) or not (
+            0 <= self.quota_margin < 0.5
+        ):
+            raise ConfigError(
+                f"must be a fraction from 0 to 0.5, got {self.quota_margin!r}", "quota_margin"
+            )
+        fix("quota_margin", float(self.quota_margin))
 
     def _check_rules(self, fix: Any) -> None:
         from elbasy.rules import RuleError, parse_rule
@@ -514,6 +544,9 @@ def to_toml(config: Config) -> str:
     }
     # rules: enabled ids here, user rules as [[rule]] tables after every plain key
     values["rules"] = list(config.rules) if config.rules is not None else None
+    values["max_wait"] = config.max_wait
+    values["retry_idempotent"] = config.retry_idempotent
+    values["quota_margin"] = config.quota_margin
     text = "".join(
         f"{key} = {_toml_value(value)}\n" for key, value in values.items() if value is not None
     )

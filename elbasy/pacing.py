@@ -27,9 +27,10 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from elbasy.limits import BUCKET, Limit
 from elbasy.quota import QuotaStore, Reservation, ServerView, Shed
 
 log = logging.getLogger("elbasy.pacing")
@@ -95,6 +96,8 @@ class Pacer:
         self.retry_idempotent = retry_idempotent
         self.wall = wall
         self.mono = mono
+        # limits whose numbers a server reported (Etsy's day, GraphQL's bucket), per key
+        self._learned: dict[tuple[str, str], tuple[float, float | None]] = {}
         self.counters: Counter[str] = Counter(
             dict.fromkeys(
                 (
@@ -138,11 +141,38 @@ class Pacer:
         self.counters["paced"] += 1
         return Paced(match, method, max_wait, self.mono())
 
+    def limits(self, match: Any) -> tuple[Limit, ...]:
+        """The match's limits, with the numbers its server reported in their place."""
+        if not self._learned:
+            return tuple(match.limits)
+        out = []
+        for key, limit in zip(match.keys, match.limits, strict=True):
+            told = self._learned.get((key, limit.name))
+            if told is not None:
+                capacity, rate = told
+                limit = replace(limit, capacity=capacity, rate=rate or limit.rate)
+            out.append(limit)
+        return tuple(out)
+
+    def _learn(self, match: Any, views: list[ServerView], rates: dict[str, float]) -> None:
+        """Keep a limit's capacity (and a bucket's rate) as the server states them."""
+        for key, limit in zip(match.keys, match.limits, strict=True):
+            view = next((v for v in views if v.limit == limit.name), None)
+            if view is None or not view.capacity:
+                continue
+            rate = rates.get(limit.name) if limit.kind == BUCKET else None
+            told = (view.capacity, rate)
+            if self._learned.get((key, limit.name)) == told:
+                continue
+            if len(self._learned) >= 100_000:
+                self._learned.clear()
+            self._learned[(key, limit.name)] = told
+
     def admit(self, paced: Paced) -> Verdict:
         """Reserve the request's place on its account: when it may leave, or shed it."""
         m = paced.match
         wall_now = self.wall()
-        r = self.store.reserve(m.keys, m.limits, m.cost, wall_now, paced.max_wait)
+        r = self.store.reserve(m.keys, self.limits(m), m.cost, wall_now, paced.max_wait)
         if isinstance(r, Shed):
             self.counters["shed"] += 1
             log.info(
@@ -200,7 +230,8 @@ class Pacer:
             for v in report.views
         ]
         if views:
-            self.store.observe(m.keys, m.limits, views, wall_now)
+            self._learn(m, views, {v.limit: v.rate for v in report.views if v.rate})
+            self.store.observe(m.keys, self.limits(m), views, wall_now)
         r = paced.reservation
         if r is not None and report.actual_cost is not None:
             self.store.settle(r, report.actual_cost, wall_now)
@@ -213,7 +244,7 @@ class Pacer:
             log.warning("%s: a resource limit refused a request for %s", m.rule.id, m.label)
             return 0.0
         self.counters["server_throttled"] += 1
-        until = self.store.throttled(m.keys, m.limits, wall_now, report.retry_after)
+        until = self.store.throttled(m.keys, self.limits(m), wall_now, report.retry_after)
         log.warning(
             "%s refused a request for %s (%s%s); holding the account until %.1f s from now",
             m.rule.id,
@@ -229,7 +260,7 @@ class Pacer:
             and paced.method in IDEMPOTENT
             and m.retry_safe
         ):
-            again = self.store.reserve(m.keys, m.limits, m.cost, wall_now, MAX_WAIT_CEILING)
+            again = self.store.reserve(m.keys, self.limits(m), m.cost, wall_now, MAX_WAIT_CEILING)
             if isinstance(again, Reservation):
                 paced.retried = True
                 paced.reservation = again

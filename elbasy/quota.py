@@ -30,8 +30,7 @@ the meantime it waits again, keeping its turn. Three kinds of limit:
 Safety: a bucket keeps ``headroom`` units free (one by default, more when
 ``jitter`` seconds of its rate are more) and runs at ``1 - margin`` of its rate, so
 that network jitter between elbasy's departure and the server's arrival
-clock never tips it over. Windows keep ``margin`` of their capacity free
-(rounded down, at least nothing) and use the guard above.
+clock never tips it over. Windows count exactly and use the guard above.
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ _EPS = 1e-9
 class Safety:
     """How far below the server's limits elbasy aims (see the module docstring)."""
 
-    margin: float = 0.02  # fraction of a bucket's rate (and a window's capacity) left unused
+    margin: float = 0.01  # fraction of a bucket's rate left unused
     headroom: float = 1.0  # units a bucket always keeps free
     jitter: float = 0.05  # seconds of network jitter a bucket's headroom absorbs
     guard: float = 0.02  # seconds at the end of a fixed window no request departs in
@@ -212,8 +211,12 @@ class LocalStore:
         return max(1.0, limit.capacity - headroom)
 
     def _quota(self, limit: Limit) -> float:
-        """Units per window (or rolling window) elbasy lets itself use."""
-        return max(1.0, math.floor(limit.capacity * (1.0 - self.safety.margin) + _EPS))
+        """Units per window (or rolling window) elbasy lets itself use: all of them.
+
+        Window counts are exact (no rate to drift against), and the guard at a
+        window's end keeps departures and the server's count in one window.
+        """
+        return limit.capacity
 
     def _bucket_earliest(self, limit: Limit, clock: float, cost: float, t: float) -> float:
         """Earliest time >= t a bucket whose clock reads ``clock`` takes ``cost`` units."""

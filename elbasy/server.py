@@ -21,8 +21,11 @@ from elbasy import __version__
 from elbasy._loop import Loop
 from elbasy.config import SPLICE_MODES, Config
 from elbasy.logs import startup_banner
+from elbasy.pacing import Pacer
 from elbasy.policy import Proxy
+from elbasy.quota import LocalStore, Safety
 from elbasy.resolver import Resolver
+from elbasy.rules import RuleSet
 
 log = logging.getLogger("elbasy")
 
@@ -61,7 +64,12 @@ class StartupError(Exception):
     """elbasy cannot start as configured; the message says why and what to do."""
 
 
-def interception(config: Config) -> tuple[Any, Any, str]:
+def intercepted_hosts(config: Config, rules: RuleSet) -> tuple[str, ...]:
+    """--intercept globs, then the hosts of every enabled rule (each once, in order)."""
+    return tuple(dict.fromkeys([*config.intercept, *(g.lower() for g in rules.intercept_globs())]))
+
+
+def interception(config: Config, intercept: tuple[str, ...]) -> tuple[Any, Any, str]:
     """The TLS halves for --intercept: (server side, upstream side, CA file).
 
     Loads the CA from the data dir, or makes it on the first run, and
@@ -78,11 +86,11 @@ def interception(config: Config) -> tuple[Any, Any, str]:
     where = Path(config.data_dir) if config.data_dir else default_data_dir()
     try:
         authority = CertificateAuthority.load_or_create(
-            where, config.intercept, now=now(), unconstrained=config.unconstrained_ca
+            where, intercept, now=now(), unconstrained=config.unconstrained_ca
         )
     except CAError as e:
         raise StartupError(str(e)) from None
-    problem = authority.needs_new_ca(config.intercept, now())
+    problem = authority.needs_new_ca(intercept, now())
     if problem is not None:
         raise StartupError(problem)
     if authority.unconstrained:
@@ -115,9 +123,21 @@ class Worker:
         self.client_tls: Any = None
         self.ca_file: str | None = None
         try:
-            if config.intercept:
-                self.server_tls, self.client_tls, self.ca_file = interception(config)
-            self.policy = policy_type(self._stats, config.intercept)
+            rules = config.ruleset()
+            self.intercept = intercepted_hosts(config, rules)
+            self.pacer = Pacer(
+                rules,
+                LocalStore(Safety(margin=config.quota_margin)),
+                wall=time.time,
+                mono=time.monotonic,
+                max_wait=config.max_wait,
+                retry_idempotent=config.retry_idempotent,
+            )
+            if self.intercept:
+                self.server_tls, self.client_tls, self.ca_file = interception(
+                    config, self.intercept
+                )
+            self.policy = policy_type(self._stats, self.intercept, self.pacer)
             self.loop = Loop(
                 self.policy,
                 self.resolver,
@@ -142,6 +162,9 @@ class Worker:
         stats: dict[str, Any] = loop.stats() if loop is not None else {}
         if self.server_tls is not None:
             stats.setdefault("tls", {}).update(self.server_tls.stats())
+        pacer = getattr(self, "pacer", None)
+        if pacer is not None:
+            stats["pacing"] = dict(pacer.counters)
         return stats
 
     @property
@@ -182,10 +205,10 @@ def run(config: Config) -> None:
     host, port = worker.address
     startup_banner(__version__, host, port)
     log.info("fd limit %d", limit)
-    if config.intercept:
+    if worker.intercept:
         log.info(
             "intercepting %s with the CA in %s (clients must trust it: elbasy ca trust-help)",
-            ", ".join(config.intercept),
+            ", ".join(worker.intercept),
             worker.ca_file,
         )
     try:

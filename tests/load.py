@@ -74,8 +74,14 @@ def run(
     seconds: float,
     max_requests: int = 100_000,
     timeout: float = 60.0,
-) -> dict[str, Outcome]:
-    """Run every client until ``seconds`` have passed; the outcomes by account."""
+    at: tuple[float, Callable[[], None]] | None = None,
+) -> tuple[dict[str, Outcome], float]:
+    """Run every client until ``seconds`` have passed.
+
+    Returns the outcomes by account, and the monotonic time the first
+    requests were sent (every client connected before it). ``at``: (seconds,
+    callable) to run that long after the start, e.g. a mid-run snapshot.
+    """
     outcomes: dict[str, Outcome] = {c.account: Outcome() for c in clients}
     lock = threading.Lock()
     ctx = ssl.create_default_context(cafile=ca_file)
@@ -118,9 +124,7 @@ def run(
                         if status == 429:
                             if headers.get(b"x-elbasy-shed") == b"1":
                                 out.shed += 1
-                                out.retry_afters.append(
-                                    headers.get(b"retry-after", b"").decode()
-                                )
+                                out.retry_afters.append(headers.get(b"retry-after", b"").decode())
                             elif out.first_answer and sent > out.first_answer:
                                 out.late_refusals += 1
                         if not out.first_answer:
@@ -138,7 +142,11 @@ def run(
     # every client is connected (or failed) before the clock starts
     deadline[0] = float("inf")
     start.wait()
-    deadline[0] = time.monotonic() + seconds
+    started = time.monotonic()
+    deadline[0] = started + seconds
+    if at is not None:
+        time.sleep(max(0.0, started + at[0] - time.monotonic()))
+        at[1]()
     for t in threads:
         t.join(seconds + timeout)
-    return outcomes
+    return outcomes, started
