@@ -127,6 +127,8 @@ def _problem(ctx: click.Context, error: ConfigError) -> ConfigProblem:
         return ConfigProblem(str(error))
     source = ctx.get_parameter_source(param.name or "")
     where = _SOURCES.get(source, "") if source is not None else ""
+    if name == "rules" and source == ParameterSource.DEFAULT and _FILE_RULE_IDS in ctx.meta:
+        where = _SOURCES[ParameterSource.DEFAULT_MAP]
     where = where.replace("${envvar}", str(param.envvar))
     return ConfigProblem(f"invalid value for {param.opts[0]}{where}: {error.reason}")
 
@@ -150,12 +152,15 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
             except RuleError as e:
                 raise ConfigProblem(str(e)) from None
     ctx.meta[_USER_RULES] = tables
-    if isinstance(settings.get("rules"), list):
-        settings["rules"] = ",".join(settings["rules"])
+    # "rules" cannot sit in default_map: click reads a key named like a
+    # subcommand (`elbasy rules`) as that subcommand's defaults
+    if "rules" in settings:
+        ctx.meta[_FILE_RULE_IDS] = settings.pop("rules")
     ctx.default_map = {**settings, **(ctx.default_map or {})}
 
 
 _USER_RULES = "elbasy.user_rules"
+_FILE_RULE_IDS = "elbasy.file_rule_ids"
 
 
 def _env(name: str) -> str:
@@ -309,6 +314,11 @@ def main(ctx: click.Context, /, **options: Any) -> None:
     ELBASY_LISTEN; ELBASY_CONNECT_TO takes space-separated rules) or in the
     --config file. Precedence: command line, environment, config file, defaults.
     """
+    if _FILE_RULE_IDS in ctx.meta and ctx.get_parameter_source("rules") in (
+        ParameterSource.DEFAULT,
+        None,
+    ):
+        options["rules"] = ctx.meta[_FILE_RULE_IDS]
     try:
         config = build_config(**options, rule=ctx.meta.get(_USER_RULES, ()))
     except ConfigError as e:
