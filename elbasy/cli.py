@@ -4,7 +4,9 @@
 environment (``ELBASY_<NAME>``, e.g. ``ELBASY_LISTEN``; ``ELBASY_CONNECT_TO``
 holds space-separated rules) and from a TOML file given with ``--config``
 whose keys are the long option names (``listen = "127.0.0.1:9000"``,
-``connect_to = ["api.example.com:443:127.0.0.1:8443"]``). The command line
+``connect_to = ["api.example.com:443:127.0.0.1:8443"]``; ``rules = ["etsy-v3"]``
+enables a subset of the API rules, and ``[[rule]]`` tables add or replace
+rules, see :mod:`elbasy.rules`). The command line
 wins over the environment, which wins over the file, which wins over the
 defaults.
 
