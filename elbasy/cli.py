@@ -4,7 +4,9 @@
 environment (``ELBASY_<NAME>``, e.g. ``ELBASY_LISTEN``; ``ELBASY_CONNECT_TO``
 holds space-separated rules) and from a TOML file given with ``--config``
 whose keys are the long option names (``listen = "127.0.0.1:9000"``,
-``connect_to = ["api.example.com:443:127.0.0.1:8443"]``). The command line
+``connect_to = ["api.example.com:443:127.0.0.1:8443"]``; ``rules = ["etsy-v3"]``
+enables a subset of the API rules, and ``[[rule]]`` tables add or replace
+rules, see :mod:`elbasy.rules`). The command line
 wins over the environment, which wins over the file, which wins over the
 defaults.
 
@@ -133,6 +135,8 @@ def _problem(ctx: click.Context, error: ConfigError) -> ConfigProblem:
         return ConfigProblem(str(error))
     source = ctx.get_parameter_source(param.name or "")
     where = _SOURCES.get(source, "") if source is not None else ""
+    if name == "rules" and source == ParameterSource.DEFAULT and _FILE_RULE_IDS in ctx.meta:
+        where = _SOURCES[ParameterSource.DEFAULT_MAP]
     where = where.replace("${envvar}", str(param.envvar))
     return ConfigProblem(f"invalid value for {param.opts[0]}{where}: {error.reason}")
 
@@ -156,12 +160,15 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
             except RuleError as e:
                 raise ConfigProblem(str(e)) from None
     ctx.meta[_USER_RULES] = tables
-    if isinstance(settings.get("rules"), list):
-        settings["rules"] = ",".join(settings["rules"])
+    # "rules" cannot sit in default_map: click reads a key named like a
+    # subcommand (`elbasy rules`) as that subcommand's defaults
+    if "rules" in settings:
+        ctx.meta[_FILE_RULE_IDS] = settings.pop("rules")
     ctx.default_map = {**settings, **(ctx.default_map or {})}
 
 
 _USER_RULES = "elbasy.user_rules"
+_FILE_RULE_IDS = "elbasy.file_rule_ids"
 
 
 def _env(name: str) -> str:
@@ -338,6 +345,11 @@ def main(ctx: click.Context, /, **options: Any) -> None:
     ELBASY_LISTEN; ELBASY_CONNECT_TO takes space-separated rules) or in the
     --config file. Precedence: command line, environment, config file, defaults.
     """
+    if _FILE_RULE_IDS in ctx.meta and ctx.get_parameter_source("rules") in (
+        ParameterSource.DEFAULT,
+        None,
+    ):
+        options["rules"] = ctx.meta[_FILE_RULE_IDS]
     try:
         config = build_config(**options, rule=ctx.meta.get(_USER_RULES, ()))
     except ConfigError as e:

@@ -33,6 +33,7 @@ OPTIONS = [
     "--response-timeout",
     "--max-head-bytes",
     "--connect-to",
+    "--rules",
     "--config",
     "--version",
     "--help",
@@ -181,6 +182,7 @@ def test_every_option_from_the_command_line() -> None:
             "--data-dir=/tmp/elbasy-data",
             "--upstream-ca=/tmp/extra.pem",
             "--unconstrained-ca",
+            "--rules=etsy-v3, github-rest",
         ]
     )
     assert got == {
@@ -199,6 +201,7 @@ def test_every_option_from_the_command_line() -> None:
         "data_dir": "/tmp/elbasy-data",
         "upstream_ca": "/tmp/extra.pem",
         "unconstrained_ca": True,
+        "rules": ["etsy-v3", "github-rest"],
     }
 
 
@@ -219,6 +222,7 @@ def test_every_option_from_the_environment() -> None:
         "ELBASY_DATA_DIR": "/tmp/elbasy-data",
         "ELBASY_UPSTREAM_CA": "/tmp/extra.pem",
         "ELBASY_UNCONSTRAINED_CA": "1",
+        "ELBASY_RULES": "bigcommerce",
     }
     assert settings([], env) == {
         "listen": "[::1]:9001",
@@ -236,6 +240,7 @@ def test_every_option_from_the_environment() -> None:
         "data_dir": "/tmp/elbasy-data",
         "upstream_ca": "/tmp/extra.pem",
         "unconstrained_ca": True,
+        "rules": ["bigcommerce"],
     }
 
 
@@ -248,6 +253,7 @@ log-level = "debug"
 idle_timeout = 30
 max-head-bytes = 8192
 connect_to = ["a:443:127.0.0.1:8443", "::b:"]
+rules = ["etsy-v3", "shopify-admin-rest"]
 """,
     )
     assert settings(["--config", str(path)]) == {
@@ -257,7 +263,12 @@ connect_to = ["a:443:127.0.0.1:8443", "::b:"]
         "idle_timeout": 30.0,
         "max_head_bytes": 8192,
         "connect_to": ["a:443:127.0.0.1:8443", "::b:"],
+        "rules": ["etsy-v3", "shopify-admin-rest"],
     }
+    # the command line and the environment win over the file's rules too
+    assert settings(["--config", str(path), "--rules", "github-rest"])["rules"] == ["github-rest"]
+    got = settings(["--config", str(path)], {"ELBASY_RULES": "bigcommerce"})
+    assert got["rules"] == ["bigcommerce"]
     # ELBASY_CONFIG names the file too
     assert settings([], {"ELBASY_CONFIG": str(path)})["listen"] == "127.0.0.1:9000"
 
@@ -318,6 +329,19 @@ def test_bad_value_from_the_command_line() -> None:
     assert line.startswith(
         "Error: invalid value for --max-head-bytes: must be an integer from 1024"
     )
+
+
+def test_bad_rules() -> None:
+    line = one_line_error(invoke(["--rules", "etsy-v3,nope"]))
+    assert line.startswith("Error: invalid value for --rules: unknown rule 'nope' (known: ")
+    line = one_line_error(invoke([], {"ELBASY_RULES": "nope"}))
+    assert line.startswith("Error: invalid value for --rules (from ELBASY_RULES): unknown rule")
+
+
+def test_bad_rules_in_the_config_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'rules = ["nope"]\n')
+    line = one_line_error(invoke(["--config", str(path)]))
+    assert line.startswith("Error: invalid value for --rules (from the config file): unknown")
 
 
 def test_bad_listen() -> None:

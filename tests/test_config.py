@@ -382,6 +382,8 @@ def test_config_keys_are_the_option_names() -> None:
         "data_dir",
         "upstream_ca",
         "unconstrained_ca",
+        "rules",
+        "rule",
     }
 
 
@@ -403,3 +405,63 @@ def test_to_toml_round_trips(tmp_path: Path) -> None:
     assert loaded["max_head_bytes"] == 2048
     assert parse_listen(loaded["listen"]) == ("::1", 0)
     assert tuple(ConnectTo.parse(s) for s in loaded["connect_to"]) == config.connect_to
+
+
+# --------------------------------------------------------------------------- rules
+
+MY_RULE = {
+    "id": "my-api",
+    "docs": ["https://example.com/limits"],
+    "match": {"hosts": ["api.example.com"], "path": "^/v1/"},
+    "account": {"parts": [{"name": "key", "from": "header", "header": "X-Key", "hash": True}]},
+    "limits": [{"name": "per-second", "kind": "bucket", "capacity": 10, "rate": 0.5}],
+}
+
+
+def test_config_rules_default_to_every_rule() -> None:
+    from elbasy.rules import BUILTIN_IDS
+
+    assert Config().rules is None
+    assert Config().ruleset().ids() == list(BUILTIN_IDS)
+    assert Config(rule=(MY_RULE,)).ruleset().ids() == ["my-api", *BUILTIN_IDS]
+
+
+def test_config_rules_subset_and_errors() -> None:
+    config = Config(rules=["etsy-v3", "my-api"], rule=[MY_RULE])
+    assert config.rules == ("etsy-v3", "my-api") and config.rule == (MY_RULE,)
+    assert config.ruleset().ids() == ["my-api", "etsy-v3"]
+    with pytest.raises(ConfigError) as info:
+        Config(rules=("etsy-v3", "nope"))
+    assert info.value.field == "rules" and "unknown rule 'nope'" in str(info.value)
+    bad = {**MY_RULE, "limits": [{"name": "x", "kind": "bucket", "capacity": 10, "rate": 0}]}
+    with pytest.raises(ConfigError) as info:
+        Config(rule=(bad,))
+    assert info.value.field == "rule"
+    assert "rule 'my-api': limits[0].rate: must be a number > 0" in str(info.value)
+
+
+def test_load_toml_rules_and_rule_tables(tmp_path: Path) -> None:
+    text = """
+rules = "etsy-v3"
+
+[[rule]]
+id = "my-api"
+match = { hosts = ["api.example.com"] }
+limits = [{ name = "a", kind = "window", capacity = 5, window = 1 }]
+"""
+    loaded = load_toml(write(tmp_path, text))
+    assert loaded["rules"] == ["etsy-v3"]
+    assert loaded["rule"][0]["id"] == "my-api"
+    with pytest.raises(ConfigError, match="key 'rule': expected array of tables"):
+        load_toml(write(tmp_path, 'rule = "x"\n'))
+
+
+def test_to_toml_round_trips_rules(tmp_path: Path) -> None:
+    config = Config(rules=("my-api",), rule=(MY_RULE,))
+    text = to_toml(config)
+    assert 'rules = ["my-api"]\n' in text
+    assert "\n[[rule]]\n" in text
+    loaded = load_toml(write(tmp_path, text))
+    assert loaded["rules"] == ["my-api"]
+    assert loaded["rule"] == [MY_RULE]
+    assert "rules" not in to_toml(Config()) and "[[rule]]" not in to_toml(Config())

@@ -60,6 +60,7 @@ BUILTIN_IDS: tuple[str, ...] = (
 MAX_TIERS = 100_000
 MAX_COSTS = 10_000
 _MAX_HOSTS = 4096
+_MAX_MATCHES = 65536
 _HINT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:@-")
 
 
@@ -244,6 +245,8 @@ class RuleSet:
         self._hosts: dict[str, tuple[Rule, ...]] = {}
         self._tiers: OrderedDict[str, str] = OrderedDict()
         self._costs: OrderedDict[str, float] = OrderedDict()
+        # (account, operation, learned tier, method) -> Match: Matches are immutable
+        self._matches: dict[tuple[str, str | None, str | None, str], Match] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -426,14 +429,14 @@ class RuleSet:
         return (part.default, False) if part.default else None
 
     def _match(self, rule: Rule, host: str, method: str, path: str, headers: Headers) -> Match:
-        values: dict[str, str] = {}
-        shown: list[str] = []
+        values: list[str] = []
+        hashed: list[bool] = []
         for part in rule.parts:
             got = self._part(part, host, path, headers)
-            value, hashed = got if got is not None else ("-", False)
-            values[part.name] = value
-            shown.append(f"{part.name}={'#' if hashed else ''}{value}")
-        account = "|".join([rule.id, *values.values()])
+            value, was_hashed = got if got is not None else ("-", False)
+            values.append(value)
+            hashed.append(was_hashed)
+        account = "|".join([rule.id, *values])
         operation = None
         for op in rule.operations:
             if op.methods is not None and method not in op.methods:
@@ -443,10 +446,15 @@ class RuleSet:
             operation = op.id
             break
         tier = self._tiers.get(account)
+        cache_key = (account, operation, tier, method)
+        found = self._matches.get(cache_key)
+        if found is not None:
+            return found
+        named = dict(zip((p.name for p in rule.parts), values, strict=True))
         if tier is None:
             tier = rule.default_tier
             for part_name, value, by_tier in rule.tier_by_part:
-                if values.get(part_name) == value:
+                if named.get(part_name) == value:
                     tier = by_tier
                     break
         limits: list[Limit] = []
@@ -455,11 +463,15 @@ class RuleSet:
             if not spec.applies(operation):
                 continue
             limits.append(spec.by_tier[tier if tier in spec.by_tier else rule.default_tier])
-            scoped = [values[s] if s != "operation" else (operation or "-") for s in spec.scope]
+            scoped = [named[s] if s != "operation" else (operation or "-") for s in spec.scope]
             keys.append("|".join([rule.id, spec.name, *scoped]))
+        shown = [
+            f"{p.name}={'#' if h else ''}{v}"
+            for p, v, h in zip(rule.parts, values, hashed, strict=True)
+        ]
         label = " ".join([rule.id, *shown] + ([f"op={operation}"] if operation else []))
         cost = rule.cost
-        return Match(
+        match = Match(
             rule=rule,
             account=account,
             label=label,
@@ -473,6 +485,10 @@ class RuleSet:
             max_single=cost.max_single,
             retry_safe=method in rule.throttle.retry_methods,
         )
+        if len(self._matches) >= _MAX_MATCHES:
+            self._matches.clear()
+        self._matches[cache_key] = match
+        return match
 
     # ------------------------------------------------------------------ cost
 
