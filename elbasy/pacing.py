@@ -225,13 +225,19 @@ class Pacer:
         report = self.rules.read_response(m, status, headers, body)
         self.rules.learn(m, report)
         wall_now = self.wall()
+        # The server counted the request when it arrived, a network hop after it
+        # left here, not when its answer came back (after the processing time):
+        # its numbers describe the bucket at our departure. Read at the answer's
+        # arrival instead, every answer would push the clock a round trip ahead
+        # and the account would run a round trip per request slow.
+        seen_at = wall_now - (self.mono() - paced.sent_at) if paced.sent_at else wall_now
         views = [
             ServerView(v.limit, v.used, v.remaining, v.capacity, v.reset_after)
             for v in report.views
         ]
         if views:
             self._learn(m, views, {v.limit: v.rate for v in report.views if v.rate})
-            self.store.observe(m.keys, self.limits(m), views, wall_now)
+            self.store.observe(m.keys, self.limits(m), views, seen_at)
         r = paced.reservation
         if r is not None and report.actual_cost is not None:
             self.store.settle(r, report.actual_cost, wall_now)

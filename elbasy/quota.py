@@ -27,8 +27,9 @@ the meantime it waits again, keeping its turn. Three kinds of limit:
 ``rolling`` a window of ``sub_buckets`` fixed sub-windows (Etsy's day of
             twelve two-hour blocks): a count per sub-window.
 
-Safety: a bucket keeps ``headroom`` units free (one by default, more when
-``jitter`` seconds of its rate are more) and runs at ``1 - margin`` of its rate, so
+Safety: a bucket keeps ``headroom`` units free (two by default, more when
+``jitter`` seconds of its rate are more: one absorbs the server's rounding,
+the other outside traffic that arrives between two of its answers) and runs at ``1 - margin`` of its rate, so
 that network jitter between elbasy's departure and the server's arrival
 clock never tips it over. Windows count exactly and use the guard above.
 """
@@ -53,7 +54,7 @@ class Safety:
     """How far below the server's limits elbasy aims (see the module docstring)."""
 
     margin: float = 0.01  # fraction of a bucket's rate left unused
-    headroom: float = 1.0  # units a bucket always keeps free
+    headroom: float = 2.0  # units a bucket always keeps free
     jitter: float = 0.05  # seconds of network jitter a bucket's headroom absorbs
     guard: float = 0.02  # seconds at the end of a fixed window no request departs in
 
@@ -359,8 +360,14 @@ class LocalStore:
             if used is not None:
                 used = max(0.0, used)
                 if limit.kind == BUCKET:
-                    # the level the server reports, as this bucket's clock
-                    clock = now + used * self._interval(limit)
+                    # The level the server reports, as this bucket's clock. A
+                    # server counts whole requests, its continuous level rounded
+                    # up (Shopify shows 1/40 after the first call), so the level
+                    # is over one less than it says; the unit of headroom kept
+                    # free covers exactly that, and nothing is lost to rounding
+                    # each time outside traffic makes the view move the clock.
+                    level = max(0.0, used - min(1.0, self.safety.headroom))
+                    clock = now + level * self._interval(limit)
                     if clock > st.sent:
                         st.sent = clock
                     if st.sent > st.tat:

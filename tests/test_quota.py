@@ -6,6 +6,7 @@ setting at zero must give exactly the departures the mock server accepts.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -246,3 +247,18 @@ def test_limits_validate() -> None:
         Limit("x", WINDOW, capacity=10)
     with pytest.raises(ValueError, match="margin"):
         Safety(margin=1.0)
+
+
+def test_a_rounded_up_count_costs_nothing_and_overfills_nothing() -> None:
+    """Shopify's count is its continuous level rounded up: one unit of headroom absorbs it."""
+    store, mock = LocalStore(Safety(margin=0.0, headroom=1, jitter=0)), ShopifyMock(40, 2)
+    # another app put 10.3 marbles' worth in; a response shows ceil(level) = 11 after ours
+    mock.level = 10.3
+    r = go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
+    assert mock.arrive(0.0)
+    store.observe(["a"], [SHOPIFY], [ServerView("shopify-rest", used=math.ceil(mock.level))], 0.0)
+    departs = [go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)).depart for _ in range(40)]
+    assert all(mock.arrive(t) for t in departs)  # never a 429
+    # and the bucket was used to the last whole marble the headroom allows
+    assert departs.count(0.0) == 28
+    assert r.sent

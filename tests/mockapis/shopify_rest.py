@@ -48,6 +48,7 @@ from .server import Clock, Reply, Request, dumps
 REST_PLANS: dict[str, tuple[float, float]] = {"standard": (40.0, 2.0), "plus": (400.0, 20.0)}
 EPS = 1e-9
 LIMIT_HEADER = "X-Shopify-Shop-Api-Call-Limit"
+ACCEPT_TIMES = 4000  # accepted requests per key whose times are kept (the tests' rate measure)
 
 DEFAULTS: dict[str, Any] = {
     "plan": "standard",
@@ -182,6 +183,9 @@ class ShopifyKey:
         "out_t0",
         "out_n",
         "accepted",
+        "first_accept",
+        "last_accept",
+        "accept_times",
         "throttled",
         "resource_throttled",
         "peak_level",
@@ -214,6 +218,9 @@ class ShopifyKey:
         self.out_t0 = now
         self.out_n = 1
         self.accepted = 0
+        self.first_accept: float | None = None  # when the first request got a 200
+        self.last_accept: float | None = None
+        self.accept_times: list[float] = []  # when each of the first ACCEPT_TIMES got a 200
         self.throttled = 0
         self.resource_throttled = 0
         self.peak_level = 0.0
@@ -290,6 +297,9 @@ class ShopifyKey:
                 "used": min(int(c), max(0, math.ceil(self.level - EPS))),
                 "t_last": self.t_last,
                 "accepted": self.accepted,
+                "first_accept": self.first_accept,
+                "last_accept": self.last_accept,
+                "accept_times": list(self.accept_times),
                 "throttled": self.throttled,
                 "bucket_throttled": self.throttled - self.resource_throttled,
                 "resource_throttled": self.resource_throttled,
@@ -517,6 +527,11 @@ class ShopifyAPI:
                     return 429, [limit, _JSON], cfg.resource_body
                 k.day_count += 1
             k.accepted += 1
+            if k.first_accept is None:
+                k.first_accept = now
+            k.last_accept = now
+            if len(k.accept_times) < ACCEPT_TIMES:
+                k.accept_times.append(now)
         body = b'{"ok":true,"method":%s,"path":%s}' % (
             dumps(req.method),
             dumps(req.path),
