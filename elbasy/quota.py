@@ -29,9 +29,8 @@ the meantime it waits again, keeping its turn. Three kinds of limit:
 
 Safety: a bucket keeps ``headroom`` units free (two by default, more when
 ``jitter`` seconds of its rate are more: one absorbs the server's rounding,
-the other outside traffic that arrives between two of its answers) and runs at ``1 - margin`` of its rate, so
-that network jitter between elbasy's departure and the server's arrival
-clock never tips it over. Windows count exactly and use the guard above.
+the other outside traffic that arrives between two of its answers) and runs
+at ``1 - margin`` of its rate. Windows count exactly and use the guard above.
 """
 
 from __future__ import annotations
