@@ -438,8 +438,9 @@ class LocalStore:
     def settle(self, r: Reservation, actual_cost: float, now: float) -> None:
         """A request cost less than reserved (GraphQL's refund): hand the difference back.
 
-        Only the sent clock moves (the server refunded it); a later server view
-        merges over it as usual.
+        Both clocks move back by the refund (never before now): the server
+        has the points again, and requests queued behind keep their times (a
+        later arrival may now leave sooner, which is what the refund is for).
         """
         refund = r.cost - actual_cost
         if refund <= 0:
@@ -448,7 +449,9 @@ class LocalStore:
             if limit.kind != BUCKET:
                 continue
             st = self._state(key, limit, now)
-            st.sent = max(now, st.sent - refund * self._interval(limit))
+            back = refund * self._interval(limit)
+            st.sent = max(now, st.sent - back)
+            st.tat = max(st.sent, st.tat - back)
 
     # ------------------------------------------------------------------ housekeeping
 

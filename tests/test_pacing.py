@@ -402,3 +402,52 @@ def test_healthz_reports_pacing(
     assert h["pacing"]["paced"] == 3
     assert json.dumps(h).find("tok") == -1  # no token anywhere in the counters
     assert math.isfinite(h["uptime_seconds"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shopify GraphQL: cost points, learned per query shape
+
+
+GRAPHQL_SIZES = (10, 50, 100, 200, 300)  # the mock's cost: 1 + first: N
+
+
+def graphql_request(shop: str, token: str) -> Callable[[int], bytes]:
+    def make(i: int) -> bytes:
+        n = GRAPHQL_SIZES[i % len(GRAPHQL_SIZES)]
+        body = json.dumps({"query": f"{{ products(first: {n}) {{ edges {{ node {{ id }} }} }} }}"})
+        return (
+            f"POST /admin/api/2024-10/graphql.json HTTP/1.1\r\nHost: {shop}.myshopify.com\r\n"
+            f"X-Shopify-Access-Token: {token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}"
+        ).encode()
+
+    return make
+
+
+def test_shopify_graphql_varied_costs(
+    proxy: Callable[..., Proxy],
+    api_ca: tuple[origins.TestCA, Path],
+    shopify: RemoteMock,
+    tmp_path: Path,
+) -> None:
+    """Zero THROTTLED, and the points the queries really cost use >= 90 % of the restore rate."""
+    shopify.configure(graphql_plan="standard", actual_fraction=0.6)  # 2000 points, 100/s
+    p, ca = elbasy_for(proxy, api_ca, tmp_path, {"*.myshopify.com": shopify.port})
+    clients = [
+        load.Client("gql.myshopify.com", graphql_request("gql", "tok"), f"client{j}")
+        for j in range(4)
+    ]
+    seconds = 20.0
+    outcomes, _ = load.run(p.port, ca, clients, seconds)
+    key = shopify.key_stats("gql", "tok")["graphql"]
+    assert key["throttled"] == 0, key
+    for out in outcomes.values():
+        assert not out.errors, out.errors[:3]
+        assert set(out.statuses) == {200}, out.statuses
+    used = key["points_spent"]  # what the queries actually cost, after refunds
+    # the bucket starts full (2000) and restores 100 points a second
+    first, last = key["first_accept"], key["last_accept"]
+    ratio = used / (2000 + 100 * (last - first))
+    print(f"GraphQL: {used} points in {last - first:.1f} s: {ratio:.3f} of what the API allows")
+    assert ratio >= 0.9, ratio
+    assert p.healthz()["pacing"]["server_throttled"] == 0

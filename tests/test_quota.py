@@ -159,16 +159,19 @@ def test_give_back_only_when_nothing_depends_on_it() -> None:
     assert (store.returned, store.written_off) == (1, 1)
 
 
-def test_graphql_refund_settles_the_sent_clock() -> None:
+def test_graphql_refund_gives_the_points_back() -> None:
     gql = Limit("shopify-gql", BUCKET, capacity=1000, rate=50, unit="points")
     store = LocalStore(EXACT)
     r = go(store, store.reserve(["a"], [gql], 800, 0.0, 60))
-    store.settle(r, 200, 0.0)  # the query cost 200, not 800
-    r2 = store.reserve(["a"], [gql], 800, 0.0, 60)
-    assert isinstance(r2, Reservation)
-    # reserved on the reservation clock at 800: 600 more wait until 800 - 200... leak
-    assert r2.depart == pytest.approx((800 + 800 - 1000) / 50)
-    assert store.confirm(r2, r2.depart) is None  # the refund made room on the sent clock
+    r2 = store.reserve(["a"], [gql], 800, 0.0, 60)  # queued: 600 must leak first
+    assert isinstance(r2, Reservation) and r2.depart == pytest.approx(12.0)
+    store.settle(r, 200, 1.0)  # the first query cost 200, not 800
+    # the queued one keeps its time; a newcomer fits in what the refund freed
+    r3 = store.reserve(["a"], [gql], 100, 1.0, 60)
+    assert isinstance(r3, Reservation)
+    # at 1 s the bucket holds 200 + 800 queued - 50 leaked = 950: 100 more fit at 2 s
+    assert r3.depart == pytest.approx(2.0)
+    assert store.confirm(r2, r2.depart) is None
 
 
 # --------------------------------------------------------------------------- Etsy's windows

@@ -172,6 +172,9 @@ def handle(k: ShopifyKey, query: str, now: float) -> Reply:
     k.g_avail = a
     k.g_accepted += 1
     k.g_points += actual
+    if k.g_first is None:
+        k.g_first = now
+    k.g_last = now
     body = {
         "data": {"mock": {"requestedQueryCost": cost}},
         "extensions": {

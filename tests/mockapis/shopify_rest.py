@@ -186,6 +186,8 @@ class ShopifyKey:
         "first_accept",
         "last_accept",
         "accept_times",
+        "g_first",
+        "g_last",
         "throttled",
         "resource_throttled",
         "peak_level",
@@ -234,6 +236,8 @@ class ShopifyKey:
         self.g_out_t0 = now
         self.g_out_n = 1
         self.g_accepted = 0
+        self.g_first: float | None = None  # when the first query got through
+        self.g_last: float | None = None
         self.g_throttled = 0
         self.g_max_cost = 0
         self.g_points = 0
@@ -317,6 +321,8 @@ class ShopifyKey:
                 "throttled": self.g_throttled,
                 "max_cost_exceeded": self.g_max_cost,
                 "points_spent": self.g_points,
+                "first_accept": self.g_first,
+                "last_accept": self.g_last,
                 "peak_used": self.g_peak_used,
                 "outside_accepted": self.g_out_accepted,
                 "outside_throttled": self.g_out_throttled,
