@@ -61,6 +61,7 @@ class Paced:
     arrived: float  # monotonic
     reservation: Reservation | None = None
     sent_at: float = 0.0  # monotonic; 0 until it left
+    due: float = 0.0  # monotonic: the departure it was last given (0: at once)
     retried: bool = False
     response: tuple[int, list[tuple[bytes, bytes]]] | None = None  # status, headers
 
@@ -98,6 +99,8 @@ class Pacer:
         self.mono = mono
         # limits whose numbers a server reported (Etsy's day, GraphQL's bucket), per key
         self._learned: dict[tuple[str, str], tuple[float, float | None]] = {}
+        self._lateness = [0.0] * 10_000  # the most recent departures' lateness, seconds
+        self._late_n = 0
         self.counters: Counter[str] = Counter(
             dict.fromkeys(
                 (
@@ -187,7 +190,8 @@ class Pacer:
         if r.depart <= wall_now:
             later = self.departing(paced)
             return Verdict(depart=later or 0.0)
-        return Verdict(depart=self._to_mono(r.depart))
+        paced.due = self._to_mono(r.depart)
+        return Verdict(depart=paced.due)
 
     def priced(self, paced: Paced, body: bytes) -> Verdict:
         """The request body is here (GraphQL): price it by its query, then admit it."""
@@ -203,9 +207,26 @@ class Pacer:
             return None
         later = self.store.confirm(r, self.wall())
         if later is not None:
-            return self._to_mono(later)
+            paced.due = self._to_mono(later)
+            return paced.due
         paced.sent_at = self.mono()
+        if paced.due:
+            # how late the loop's timer let it go: the scheduler's own precision
+            self._lateness[self._late_n % len(self._lateness)] = paced.sent_at - paced.due
+            self._late_n += 1
         return None
+
+    def lateness(self) -> dict[str, float]:
+        """Held requests' departure after their scheduled time: p50 and p99 in ms (recent)."""
+        n = min(self._late_n, len(self._lateness))
+        if not n:
+            return {"departures_timed": 0}
+        late = sorted(self._lateness[:n])
+        return {
+            "departures_timed": self._late_n,
+            "late_ms_p50": round(late[n // 2] * 1000, 3),
+            "late_ms_p99": round(late[min(n - 1, (n * 99) // 100)] * 1000, 3),
+        }
 
     # ------------------------------------------------------------------ 4. the answer
 

@@ -193,19 +193,26 @@ class Proxy:
             authority = found[1].rstrip(b" \t") if found else origin[8:].encode("ascii")
             if self.pacer is None:
                 return self._upstream(req, path, authority, site.host, site.port, ex, tls=True)
-            return self._paced(req, path, authority, site, ex)
+            return self._paced(req, path, authority, site.host, site.port, True, ex)
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
 
     def _paced(
-        self, req: RequestHead, path: bytes, authority: bytes, site: Intercept, ex: Exchange
+        self,
+        req: RequestHead,
+        path: bytes,
+        authority: bytes,
+        host: str,
+        port: int,
+        tls: bool,
+        ex: Exchange,
     ) -> Reply | Forward:
-        """A request to an intercepted host: paced on its quota account if a rule covers it."""
+        """A request on its way to host:port: paced on its quota account if a rule covers it."""
         assert self.pacer is not None
         headers = req.headers()
-        match = self.pacer.match(site.host, req.method, path.decode("ascii"), headers)
+        match = self.pacer.match(host, req.method, path.decode("ascii"), headers)
         drop = OWN_HEADERS + (match.strip_headers if match is not None else ())
-        fwd = self._upstream(req, path, authority, site.host, site.port, ex, True, drop)
+        fwd = self._upstream(req, path, authority, host, port, ex, tls, drop)
         if match is None:
             return fwd
         try:
@@ -257,7 +264,7 @@ class Proxy:
         log.info("refused %s from %s: %s", ex.target, ex.client, exc)
         return Reply(error_response(status, str(exc)), True)
 
-    def _forward(self, req: RequestHead, ex: Exchange) -> Forward:
+    def _forward(self, req: RequestHead, ex: Exchange) -> Reply | Forward:
         try:
             url = httptools.parse_url(req.target.encode("ascii"))
         except httptools.HttpParserInvalidURLError:
@@ -273,6 +280,9 @@ class Proxy:
         path = url.path or b"/"
         if url.query:
             path += b"?" + url.query
+        if self.pacer is not None:
+            # plain http:// to an API a rule covers is paced just the same
+            return self._paced(req, path, authority, host, port, False, ex)
         return self._upstream(req, path, authority, host, port, ex, tls=False)
 
     def _upstream(

@@ -164,7 +164,7 @@ class Worker:
             stats.setdefault("tls", {}).update(self.server_tls.stats())
         pacer = getattr(self, "pacer", None)
         if pacer is not None:
-            stats["pacing"] = dict(pacer.counters)
+            stats["pacing"] = {**pacer.counters, **pacer.lateness()}
         return stats
 
     @property
