@@ -153,6 +153,9 @@ DEFAULTS = {
     "connect_to": [],
     "intercept": [],
     "unconstrained_ca": False,
+    "max_wait": 30.0,
+    "retry_idempotent": False,
+    "quota_margin": 0.01,
 }
 
 
@@ -183,6 +186,9 @@ def test_every_option_from_the_command_line() -> None:
             "--upstream-ca=/tmp/extra.pem",
             "--unconstrained-ca",
             "--rules=etsy-v3, github-rest",
+            "--max-wait=12.5",
+            "--retry-idempotent",
+            "--quota-margin=0.05",
         ]
     )
     assert got == {
@@ -202,6 +208,9 @@ def test_every_option_from_the_command_line() -> None:
         "upstream_ca": "/tmp/extra.pem",
         "unconstrained_ca": True,
         "rules": ["etsy-v3", "github-rest"],
+        "max_wait": 12.5,
+        "retry_idempotent": True,
+        "quota_margin": 0.05,
     }
 
 
@@ -222,6 +231,9 @@ def test_every_option_from_the_environment() -> None:
         "ELBASY_DATA_DIR": "/tmp/elbasy-data",
         "ELBASY_UPSTREAM_CA": "/tmp/extra.pem",
         "ELBASY_UNCONSTRAINED_CA": "1",
+        "ELBASY_MAX_WAIT": "7",
+        "ELBASY_RETRY_IDEMPOTENT": "1",
+        "ELBASY_QUOTA_MARGIN": "0.02",
         "ELBASY_RULES": "bigcommerce",
     }
     assert settings([], env) == {
@@ -241,6 +253,9 @@ def test_every_option_from_the_environment() -> None:
         "upstream_ca": "/tmp/extra.pem",
         "unconstrained_ca": True,
         "rules": ["bigcommerce"],
+        "max_wait": 7.0,
+        "retry_idempotent": True,
+        "quota_margin": 0.02,
     }
 
 

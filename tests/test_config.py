@@ -384,6 +384,9 @@ def test_config_keys_are_the_option_names() -> None:
         "unconstrained_ca",
         "rules",
         "rule",
+        "max_wait",
+        "retry_idempotent",
+        "quota_margin",
     }
 
 
