@@ -847,6 +847,10 @@ cdef class Loop:
                     return
                 self.c_upstream_aborts += 1
                 self.upstream_lost(c)
+            elif st == S_TLS_ACCEPT:
+                # a reset instead of the rest of the handshake (a client that
+                # rejected our certificate, often): the handshake failed
+                self.client_tls_failed(c, "the client reset the connection during the handshake")
             else:
                 self.c_client_aborts += 1
                 self.close_conn(c, False)
@@ -1188,12 +1192,7 @@ cdef class Loop:
             self.set_mask(c.fd, &c.cmask, want)
             return
         if rc < 0:
-            self.c_tls_accept_failures += 1
-            try:
-                self.policy.tls_failed(c.ticket, self.server_tls.failure(<uintptr_t>c.cssl))
-            except Exception:
-                self.c_policy_errors += 1
-            self.close_conn(c, False)
+            self.client_tls_failed(c, None)
             return
         self.c_tls_accepted += 1
         c.verdict = None
@@ -1201,6 +1200,17 @@ cdef class Loop:
         c.state = S_HEAD
         self.arm(c, self.now + self.head_ns)
         self.read_head(c)  # the first request usually follows the handshake at once
+
+    cdef void client_tls_failed(self, Conn c, object reason):
+        """The client's handshake failed: counted, told to the policy, closed."""
+        self.c_tls_accept_failures += 1
+        try:
+            if reason is None:
+                reason = self.server_tls.failure(<uintptr_t>c.cssl)
+            self.policy.tls_failed(c.ticket, reason)
+        except Exception:
+            self.c_policy_errors += 1
+        self.close_conn(c, False)
 
     # ---- interception: TLS with the upstream --------------------------------------------
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -202,7 +201,6 @@ def test_httpx(mitm: Mitm) -> None:
         assert r.content == b"x" * 70_000
 
 
-@pytest.mark.skipif(shutil.which("hey") is None, reason="hey is installed by .ci/run")
 def test_hey_go_client(mitm: Mitm, shop: origins.HTTPOrigin) -> None:
     out = subprocess.run(
         ["hey", "-n", "300", "-c", "10", "-x", mitm.url, f"https://{SHOP}:443/hello"],
