@@ -70,6 +70,7 @@ COUNTERS = (
 )
 _REFUSAL_COUNTER = {400: "bad_requests", 431: "heads_too_large"}
 _HOST_LINE = re.compile(rb"\r\nhost:[ \t]*([^\r]*)", re.IGNORECASE)
+_EXPECT_LINE = re.compile(rb"\r\nexpect:[ \t]*100-continue[ \t]*\r\n", re.IGNORECASE)
 # nginx's convention for "the client closed the request before an answer"
 CLIENT_CLOSED = 499
 
@@ -221,6 +222,11 @@ class Proxy:
             raise RemoteProtocolError(str(exc)) from None
         ex.paced = paced
         if match.body_needed and fwd.body != BODY_NONE:
+            if _EXPECT_LINE.search(fwd.head):
+                # elbasy reads the body before the request leaves, so it says
+                # "100 Continue" itself; the upstream gets the body with the head
+                head = drop_header_lines(fwd.head, (b"expect",))
+                return fwd._replace(head=head, peek=match.body_needed, expect=True)
             return fwd._replace(peek=match.body_needed)
         v = self.pacer.admit(paced)
         if v.shed_after:

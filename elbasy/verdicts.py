@@ -66,6 +66,7 @@ class Forward(NamedTuple):
     tls: bool = False
     depart: float = 0.0
     peek: int = 0  # show the policy this many request body bytes first (its ``on_body``)
+    expect: bool = False  # with peek: the client waits for "100 Continue" before its body
 
 
 class ResponsePlan(NamedTuple):

@@ -1022,6 +1022,11 @@ cdef class Loop:
             c.goal = GOAL_FORWARD
             c.retried = False
             if (<object>v).peek > 0 and (<object>v).body != BODY_NONE:
+                if (<object>v).expect and self.queue_client(
+                        c, b"HTTP/1.1 100 Continue\r\n\r\n", 25) < 0:
+                    self.c_client_aborts += 1
+                    self.close_conn(c, False)
+                    return
                 self.begin_peek(c, (<object>v).peek)
                 return
             depart = seconds_ns((<object>v).depart)
@@ -1060,6 +1065,8 @@ cdef class Loop:
         cdef ssize_t n
         cdef object again
         cdef int64_t depart
+        if buf_len(&c.cout) and self.flush_client(c) < 0:
+            return  # (a "100 Continue" still on its way)
         while buf_len(&c.cin) < c.peek:
             buf_reserve(&c.cin, IO_CHUNK)
             n = elb_io_recv(c.fd, c.cssl, c.cin.data + c.cin.end, IO_CHUNK, &c.c_rw)
@@ -1067,7 +1074,8 @@ cdef class Loop:
                 c.cin.end += n
                 continue
             if n < 0 and (errno == EAGAIN or errno == EINTR):
-                self.set_mask(c.fd, &c.cmask, EPOLLIN | (EPOLLOUT if c.c_rw else 0))
+                self.set_mask(c.fd, &c.cmask,
+                              EPOLLIN | (EPOLLOUT if c.c_rw or buf_len(&c.cout) else 0))
                 return
             self.c_client_aborts += 1
             self.close_conn(c, False)

@@ -451,3 +451,46 @@ def test_shopify_graphql_varied_costs(
     print(f"GraphQL: {used} points in {last - first:.1f} s: {ratio:.3f} of what the API allows")
     assert ratio >= 0.9, ratio
     assert p.healthz()["pacing"]["server_throttled"] == 0
+
+
+def test_graphql_with_expect_100_continue(
+    proxy: Callable[..., Proxy],
+    api_ca: tuple[origins.TestCA, Path],
+    shopify: RemoteMock,
+    tmp_path: Path,
+) -> None:
+    """elbasy reads a GraphQL body before the request leaves, so it answers "100 Continue"."""
+    import subprocess
+
+    p, ca = elbasy_for(proxy, api_ca, tmp_path, {"*.myshopify.com": shopify.port})
+    query = "{ products(first: 5) { edges { node { id title } } } }" + " " * 3000
+    started = time.monotonic()
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            ca,
+            "-x",
+            p.url,
+            "-H",
+            "X-Shopify-Access-Token: tok",
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Expect: 100-continue",
+            "--expect100-timeout",
+            "5",
+            "--data-binary",
+            json.dumps({"query": query}),
+            "https://expect.myshopify.com/admin/api/2024-10/graphql.json",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    took = time.monotonic() - started
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["extensions"]["cost"]["requestedQueryCost"] == 6
+    assert took < 3.0, took  # curl did not sit out its 5 s wait for "100 Continue"
