@@ -75,11 +75,31 @@ def test_intercept_globs(rules: RuleSet) -> None:
     assert rules.intercept_globs() == [
         "*.myshopify.com",
         "openapi.etsy.com",
-        "sellingpartnerapi-*.amazon.com",
-        "sandbox.sellingpartnerapi-*.amazon.com",
+        "sellingpartnerapi-na.amazon.com",
+        "sellingpartnerapi-eu.amazon.com",
+        "sellingpartnerapi-fe.amazon.com",
+        "sandbox.sellingpartnerapi-na.amazon.com",
+        "sandbox.sellingpartnerapi-eu.amazon.com",
+        "sandbox.sellingpartnerapi-fe.amazon.com",
         "api.bigcommerce.com",
         "api.github.com",
     ]
+
+
+def test_built_in_hosts_keep_the_ca_narrow(tmp_path: Path) -> None:
+    """Every built-in host glob is a subtree: the first-run CA permits those hosts only."""
+    import datetime as dt
+
+    from elbasy.ca import CertificateAuthority
+
+    ca = CertificateAuthority.create(
+        tmp_path, RuleSet.builtin().intercept_globs(), now=dt.datetime.now(dt.UTC)
+    )
+    assert ca.constraints is not None
+    assert not ca.constraints.permits("www.amazon.com")
+    assert not ca.constraints.permits("example.com")
+    assert ca.constraints.permits("shop1.myshopify.com")
+    assert ca.constraints.permits("sellingpartnerapi-eu.amazon.com")
 
 
 def test_unknown_host_and_uncovered_paths(rules: RuleSet) -> None:
