@@ -643,6 +643,14 @@ def main(argv: list[str] | None = None) -> int:
             table,
             "",
             *([f"**Fewer requests than asked:** {limited}.", ""] if limited else []),
+            "Memory per queued request: (VmRSS with every request held − VmRSS after the "
+            "warm-up) / held.waiting, elbasy's one process: its connection object and buffers, "
+            "the policy's Python objects (request head, exchange, pacing state, reservation, "
+            "verdict), its timer entry. Kernel memory (socket buffers, the socket and file "
+            "objects, epoll entries) is not in RSS. Lateness: how long after its scheduled "
+            "time a held request left (the loop's timer, epoll's millisecond timeout "
+            "included), over the last 10,000 departures.",
+            "",
             *machine_lines(),
             f"- load average at start {results['load_start']}, at end {results['load_end']}",
             f"- elbasy {version}: `{shlex.join(cmd)}`",
