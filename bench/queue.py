@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.requests < 1 or args.accounts < 1 or args.rate <= 0:
         ap.error("--requests, --accounts and --rate must be > 0")
-    command = "python3 bench/queue.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python3", "bench/queue.py", *(sys.argv[1:] if argv is None else argv)])
     nofile = raise_nofile(args.requests + 1024)
     started = time.strftime("%Y-%m-%d-%H%M%S")
     interval = 1.0 / (args.rate * 0.99)  # elbasy's default quota margin: 1 %
