@@ -210,6 +210,8 @@ class Proxy:
     ) -> Reply | Forward:
         """A request on its way to host:port: paced on its quota account if a rule covers it."""
         assert self.pacer is not None
+        if not self.pacer.rules.covers(host):
+            return self._upstream(req, path, authority, host, port, ex, tls, OWN_HEADERS)
         headers = req.headers()
         match = self.pacer.match(host, req.method, path.decode("ascii"), headers)
         drop = OWN_HEADERS + (match.strip_headers if match is not None else ())

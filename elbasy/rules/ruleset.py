@@ -374,6 +374,10 @@ class RuleSet:
             self._hosts[host] = found
         return found
 
+    def covers(self, host: str) -> bool:
+        """Whether any enabled rule is about ``host`` (cheap: one cached lookup)."""
+        return bool(self._candidates(host.lower()))
+
     def match(self, host: str, method: str, target: str, headers: Headers) -> Match | None:
         """The first enabled rule covering this request, with its account and limits."""
         name = host.lower()
