@@ -28,10 +28,10 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 from elbasy.limits import BUCKET, Limit
 from elbasy.quota import QuotaStore, Reservation, ServerView, Shed
+from elbasy.rules import Match, RuleSet
 
 log = logging.getLogger("elbasy.pacing")
 
@@ -55,7 +55,7 @@ class BadMaxWait(ValueError):
 class Paced:
     """One request's pacing state, kept on its ticket."""
 
-    match: Any  # elbasy.rules.Match
+    match: Match
     method: str
     max_wait: float
     arrived: float  # monotonic
@@ -83,7 +83,7 @@ class Pacer:
 
     def __init__(
         self,
-        rules: Any,  # elbasy.rules.RuleSet
+        rules: RuleSet,
         store: QuotaStore,
         *,
         wall: Callable[[], float],
@@ -123,11 +123,13 @@ class Pacer:
 
     # ------------------------------------------------------------------ 1. admit
 
-    def match(self, host: str, method: str, target: str, headers: list[tuple[bytes, bytes]]) -> Any:
+    def match(
+        self, host: str, method: str, target: str, headers: list[tuple[bytes, bytes]]
+    ) -> Match | None:
         """The rule match of a request, or None when no rule covers it."""
         return self.rules.match(host, method, target, headers)
 
-    def start(self, match: Any, method: str, headers: list[tuple[bytes, bytes]]) -> Paced:
+    def start(self, match: Match, method: str, headers: list[tuple[bytes, bytes]]) -> Paced:
         """A paced request arrives: its state, with the max wait it asked for."""
         max_wait = self.max_wait
         for name, value in headers:
@@ -144,7 +146,7 @@ class Pacer:
         self.counters["paced"] += 1
         return Paced(match, method, max_wait, self.mono())
 
-    def limits(self, match: Any) -> tuple[Limit, ...]:
+    def limits(self, match: Match) -> tuple[Limit, ...]:
         """The match's limits, with the numbers its server reported in their place."""
         if not self._learned:
             return tuple(match.limits)
@@ -157,7 +159,7 @@ class Pacer:
             out.append(limit)
         return tuple(out)
 
-    def _learn(self, match: Any, views: list[ServerView], rates: dict[str, float]) -> None:
+    def _learn(self, match: Match, views: list[ServerView], rates: dict[str, float]) -> None:
         """Keep a limit's capacity (and a bucket's rate) as the server states them."""
         for key, limit in zip(match.keys, match.limits, strict=True):
             view = next((v for v in views if v.limit == limit.name), None)
