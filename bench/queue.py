@@ -41,13 +41,15 @@ import re
 import resource
 import select
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import Proc, rss_kib, tree_cpu_s  # noqa: E402 - the peer benchmark's helpers
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -153,65 +155,6 @@ def raise_nofile(n: int = NOFILE, quiet: bool = False) -> int:
 
 def _child_nofile() -> None:
     raise_nofile(quiet=True)
-
-
-class Proc:
-    def __init__(self, name: str, cmd: list[str], workdir: Path) -> None:
-        self.name = name
-        self.logpath = workdir / f"{name}.log"
-        self._logf = open(self.logpath, "wb")  # noqa: SIM115
-        self.popen = subprocess.Popen(
-            cmd,
-            stdout=self._logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=workdir,
-            start_new_session=True,
-            preexec_fn=_child_nofile,
-        )
-        self.pid = self.popen.pid
-
-    def wait_line(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        pat = re.compile(pattern)
-        while time.monotonic() < deadline and self.popen.poll() is None:
-            m = pat.search(self.logpath.read_text(errors="replace"))
-            if m:
-                return m
-            time.sleep(0.1)
-        raise SystemExit(f"{self.name} did not start:\n{self.tail()}")
-
-    def tail(self, n: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.logpath.read_text(errors="replace").splitlines()[-n:])
-        return ""
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.pid, signal.SIGKILL)
-                self.popen.wait(timeout=5)
-        self._logf.close()
-
-
-def rss_kib(pid: int) -> int:
-    """Resident memory of one process (VmRSS: anonymous, file and shared pages)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def healthz(port: int) -> dict:
@@ -442,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         try:
             origin = Proc(
-                "origin", [sys.executable, str(Path(__file__).resolve()), "--origin"], work
+                "origin",
+                [sys.executable, str(Path(__file__).resolve()), "--origin"],
+                work,
+                preexec_fn=_child_nofile,
             )
             procs.append(origin)
             oport = int(origin.wait_line(r"origin listening on (\d+)", 20).group(1))
@@ -467,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"the bench rule does not check:\n{chk.stdout}{chk.stderr}")
             cmd = [args.elbasy_python, "-m", "elbasy", "--config", str(config)]
             cmd += ["--listen", f"{LOOPBACK}:0", "--max-wait", "600", "--log-level", "warning"]
-            elbasy = Proc("elbasy", cmd, work)
+            elbasy = Proc("elbasy", cmd, work, preexec_fn=_child_nofile)
             procs.append(elbasy)
             m = elbasy.wait_line(r"elbasy (\S+) listening on [0-9.]+:(\d+)", 30)
             version, port = m.group(1), int(m.group(2))
@@ -499,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"warm-up: expected {args.accounts} 429s, got {clients.statuses}")
             time.sleep(1.0)
             base_rss = rss_kib(elbasy.pid)
-            base_cpu = cpu_s(elbasy.pid)
+            base_cpu = tree_cpu_s(elbasy.pid)
             h0 = healthz(port)
             log(f"baseline RSS {base_rss} KiB; T0 in {t0 - time.time():.1f} s")
 
@@ -528,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             queued_rss = rss_kib(elbasy.pid)
             hq = healthz(port)
-            queued_cpu = cpu_s(elbasy.pid)
+            queued_cpu = tree_cpu_s(elbasy.pid)
             waiting = hq["held"]["waiting"]
             if waiting < state["peak"]:  # departures began: memory at the peak instead
                 waiting, queued_rss = state["peak"], state["peak_rss"]
@@ -543,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             while time.time() < t0 - 0.5:
                 clients.poll(0.1)
             hold_s = time.monotonic() - hold_start
-            drain_cpu0 = cpu_s(elbasy.pid)
+            drain_cpu0 = tree_cpu_s(elbasy.pid)
             log(f"holding {waiting} for {hold_s:.1f} s took {drain_cpu0 - hold_cpu0:.2f} s CPU")
 
             # 3. drain: every account at its rate from T0
@@ -560,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             drain_budget = max(0.0, t0 - time.time()) + per_account * interval + 60
             run_clients(clients, [], time.monotonic() + drain_budget, 1, tick=tick)
             end = healthz(port)
-            end_cpu = cpu_s(elbasy.pid)
+            end_cpu = tree_cpu_s(elbasy.pid)
             end_rss = rss_kib(elbasy.pid)
             drained = time.time() - t0
             log(f"drained {clients.answered} answers {clients.statuses} {drained:.1f} s after T0")
@@ -568,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for p in reversed(procs):
                 p.stop()
-            logs = {p.name: p.tail(10) for p in procs}
+            logs = {p.name: p.log_tail(10) for p in procs}
 
     pacing = end["pacing"]
     worst = max((p.get("late_ms_p99", 0.0) for p in polls), default=0.0)

@@ -324,7 +324,14 @@ def which(exe: str) -> str | None:
 class Proc:
     """A child in its own session, so that stopping it takes its helpers too."""
 
-    def __init__(self, name: str, cmd: list[str], workdir: Path, env: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        workdir: Path,
+        env: dict | None = None,
+        preexec_fn=None,
+    ):
         self.name = name
         self.cmd = cmd
         self.logpath = workdir / f"{name}.log"
@@ -337,8 +344,20 @@ class Proc:
             cwd=workdir,
             env=env,
             start_new_session=True,
+            preexec_fn=preexec_fn,
         )
         self.pid = self.popen.pid
+
+    def wait_line(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first match of ``pattern`` in the child's log, waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        pat = re.compile(pattern)
+        while time.monotonic() < deadline and self.popen.poll() is None:
+            m = pat.search(self.logpath.read_text(errors="replace"))
+            if m:
+                return m
+            time.sleep(0.1)
+        raise SystemExit(f"{self.name} did not start:\n{self.log_tail()}")
 
     def alive(self) -> bool:
         return self.popen.poll() is None
