@@ -36,6 +36,12 @@ def _describe_limit(limit: Limit) -> str:
     return f"{limit.name} {numbers}{unit}"
 
 
+def _hosts(hosts: tuple[str, ...] | list[str]) -> str:
+    """The first two hosts, and how many more (`elbasy rules show` lists them all)."""
+    shown = ",".join(hosts[:2])
+    return shown + (f" (+{len(hosts) - 2})" if len(hosts) > 2 else "")
+
+
 def _summary(rule: Rule) -> str:
     tier = rule.default_tier
     limits = [_describe_limit(spec.by_tier[tier or ""]) for spec in rule.limits]
@@ -59,7 +65,7 @@ def rules() -> None:
 def list_rules(config: Config) -> None:
     """One line per enabled rule: id, provider, hosts, limits (default tier)."""
     ruleset = config.ruleset()
-    rows = [(r.id, r.provider, ",".join(r.hosts), _summary(r)) for r in ruleset]
+    rows = [(r.id, r.provider, _hosts(r.hosts), _summary(r)) for r in ruleset]
     if not rows:
         click.echo("no rules enabled")
         return
