@@ -386,6 +386,21 @@ class Request:
         return urllib.parse.urlsplit(self.target).path
 
 
+def stop_serving(listener: socket.socket, live: list[socket.socket]) -> None:
+    """Stop a test server: no more accepts, and every open connection shut both ways
+    (its handler thread then sees the end and returns)."""
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    listener.close()
+    for c in live:
+        try:
+            c.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class _Server:
     """Threaded accept loop on 127.0.0.1:0; one thread per connection."""
 
@@ -446,18 +461,9 @@ class _Server:
 
     def close(self) -> None:
         self._stopped = True
-        try:
-            self.lsock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.lsock.close()
         with self.lock:
             live = list(self.live)
-        for c in live:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        stop_serving(self.lsock, live)
 
 
 class HTTPOrigin(_Server):

@@ -200,19 +200,12 @@ class MockServer:
         return self.clock.advance(seconds)
 
     def close(self) -> None:
+        from origins import stop_serving
+
         self._stopped = True
-        try:
-            self.lsock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.lsock.close()
         with self._lock:
             live = list(self._live)
-        for c in live:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        stop_serving(self.lsock, live)
         self._thread.join(2)
 
     def __enter__(self) -> MockServer:
