@@ -1,5 +1,6 @@
 """Build elbasy's compiled parts: the Cython epoll loop in ext/ becomes
-elbasy._loop, the header-line reader elbasy._heads, and the cffi OpenSSL
+elbasy._loop, the header-line reader elbasy._heads, elbasy._timers (the loop's
+timer heap as a Python object, for tests and bench/), and the cffi OpenSSL
 binding in ext/tls_build.py becomes elbasy._tls (the SSL_CTX and SSL* objects
 of TLS interception, which the loop then drives).
 
@@ -21,12 +22,19 @@ extensions = [
         "elbasy._loop",
         sources=["ext/loop.pyx"],
         include_dirs=["ext"],
-        depends=["ext/elbasy_io.h", "ext/elbasy_tls.h"],
+        depends=["ext/elbasy_io.h", "ext/elbasy_tls.h", "ext/elbasy_timers.h"],
         # the same libssl as elbasy._tls: the loop reads and writes the SSL*
         # objects that binding creates
         libraries=["ssl", "crypto"],
         define_macros=[("ELBASY_DEBUG", "1" if debug else "0"), ("_GNU_SOURCE", "1")],
         extra_compile_args=["-O2", "-fno-strict-aliasing"] + (["-g", "-O0"] if debug else []),
+    ),
+    Extension(
+        "elbasy._timers",
+        sources=["ext/timers.pyx"],
+        include_dirs=["ext"],
+        depends=["ext/elbasy_timers.h"],
+        extra_compile_args=["-O2"] + (["-g", "-O0"] if debug else []),
     ),
     Extension(
         "elbasy._heads",

@@ -10,9 +10,9 @@ what to do. Bodies and tunnel bytes never enter Python.
 
 Reading order follows a connection: accept -> head -> verdict -> (resolve ->
 connect) -> tunnel or forward exchange -> keep-alive or close. Deadlines live
-in one binary min-heap of (when, fd, serial) entries checked lazily: an idle
-deadline moves forward with a plain store, and the heap entry is re-pushed
-only when it fires early.
+in one min-heap of (when, fd, serial) entries (elbasy_timers.h) checked
+lazily: an idle deadline moves forward with a plain store, and the heap
+entry is pushed again only when it fires early.
 """
 
 cimport cython
@@ -270,12 +270,20 @@ cdef inline bint dir_pending(Dir *d) noexcept nogil:
     return d.in_pipe > 0 or buf_len(&d.pend) > 0
 
 
-# ---- timer heap -----------------------------------------------------------------
+# ---- timers: one min-heap of (when, fd, serial), in elbasy_timers.h ------------
 
-cdef struct TimerEntry:
-    int64_t when
-    int fd
-    uint64_t serial
+cdef extern from "elbasy_timers.h" nogil:
+    ctypedef struct elb_timer:
+        int64_t when
+        int fd
+        uint64_t serial
+    ctypedef struct elb_timers:
+        size_t len
+    int elb_timers_init(elb_timers *t, size_t cap)
+    void elb_timers_free(elb_timers *t)
+    int64_t elb_timers_first(const elb_timers *t)
+    int elb_timers_push(elb_timers *t, int64_t when, int fd, uint64_t serial)
+    elb_timer elb_timers_pop(elb_timers *t)
 
 
 # ---- the objects fds map to ---------------------------------------------------
@@ -384,12 +392,10 @@ cdef class Loop:
     cdef int64_t next_sweep
     cdef epoll_event *events
     cdef char *iobuf
-    cdef TimerEntry *heap
+    cdef elb_timers timers
     cdef int *retired
     cdef Py_ssize_t nretired
     cdef Py_ssize_t retired_cap
-    cdef Py_ssize_t heap_len
-    cdef Py_ssize_t heap_cap
     cdef int pipes[PIPE_POOL_MAX][2]
     cdef int npipes
     # deadlines, ns
@@ -444,7 +450,6 @@ cdef class Loop:
         self.wakeup_fd = -1
         self.events = NULL
         self.iobuf = NULL
-        self.heap = NULL
         self.retired = NULL
 
     def __init__(self, policy, resolver, int listen_fd, int wakeup_fd=-1, *,
@@ -467,12 +472,10 @@ cdef class Loop:
         self.splice_mode = splice
         self.events = <epoll_event *>malloc(sizeof(epoll_event) * MAX_EVENTS)
         self.iobuf = <char *>malloc(IO_CHUNK)
-        self.heap_cap = 1024
-        self.heap = <TimerEntry *>malloc(sizeof(TimerEntry) * self.heap_cap)
         self.retired_cap = 256
         self.retired = <int *>malloc(sizeof(int) * self.retired_cap)
-        if (self.events == NULL or self.iobuf == NULL or self.heap == NULL
-                or self.retired == NULL):
+        if (self.events == NULL or self.iobuf == NULL or self.retired == NULL
+                or elb_timers_init(&self.timers, 1024) < 0):
             raise MemoryError()
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
@@ -502,7 +505,7 @@ cdef class Loop:
         self.close_retired()
         free(self.events)
         free(self.iobuf)
-        free(self.heap)
+        elb_timers_free(&self.timers)
         free(self.retired)
 
     # ---- public, from Python -----------------------------------------------------
@@ -584,7 +587,7 @@ cdef class Loop:
                 "retries": self.c_retries,
                 "policy_errors": self.c_policy_errors,
                 "pipes_created": self.c_pipes_created,
-                "timers": self.heap_len,
+                "timers": self.timers.len,
                 "abandoned_while_held": self.c_abandoned,
             },
             "tls": {
@@ -663,72 +666,32 @@ cdef class Loop:
 
     # ---- deadlines ------------------------------------------------------------------
 
-    cdef void heap_push(self, int64_t when, int fd, uint64_t serial):
-        cdef Py_ssize_t i, parent
-        cdef TimerEntry *h
-        cdef TimerEntry item
-        if self.heap_len == self.heap_cap:
-            h = <TimerEntry *>realloc(self.heap, sizeof(TimerEntry) * self.heap_cap * 2)
-            if h == NULL:
-                raise MemoryError()
-            self.heap = h
-            self.heap_cap *= 2
-        item.when = when
-        item.fd = fd
-        item.serial = serial
-        i = self.heap_len
-        self.heap_len += 1
-        while i > 0:
-            parent = (i - 1) >> 1
-            if self.heap[parent].when <= when:
-                break
-            self.heap[i] = self.heap[parent]
-            i = parent
-        self.heap[i] = item
-
-    cdef TimerEntry heap_pop(self) noexcept:
-        cdef TimerEntry top = self.heap[0]
-        cdef TimerEntry last
-        cdef Py_ssize_t i = 0, child, n
-        self.heap_len -= 1
-        n = self.heap_len
-        if n > 0:
-            last = self.heap[n]
-            while True:
-                child = 2 * i + 1
-                if child >= n:
-                    break
-                if child + 1 < n and self.heap[child + 1].when < self.heap[child].when:
-                    child += 1
-                if self.heap[child].when >= last.when:
-                    break
-                self.heap[i] = self.heap[child]
-                i = child
-            self.heap[i] = last
-        return top
+    cdef void timer_push(self, int64_t when, int fd, uint64_t serial):
+        if elb_timers_push(&self.timers, when, fd, serial) < 0:
+            raise MemoryError()
 
     cdef void arm(self, Slot s, int64_t when):
         """Set the slot's deadline; push a heap entry only if it is sooner."""
         s.deadline = when
         if s.next_check == 0 or when < s.next_check:
-            self.heap_push(when, s.fd, s.serial)
+            self.timer_push(when, s.fd, s.serial)
             s.next_check = when
 
     cdef int next_timeout_ms(self) noexcept:
         cdef int64_t wait
-        if self.heap_len == 0:
+        if self.timers.len == 0:
             return 1000
-        wait = self.heap[0].when - elb_now_ns()
+        wait = elb_timers_first(&self.timers) - elb_now_ns()
         if wait <= 0:
             return 0
         return <int>(wait // 1000000) + 1
 
     cdef void run_timers(self):
-        cdef TimerEntry t
+        cdef elb_timer t
         cdef object obj
         cdef Slot s
-        while self.heap_len > 0 and self.heap[0].when <= self.now:
-            t = self.heap_pop()
+        while elb_timers_first(&self.timers) <= self.now:
+            t = elb_timers_pop(&self.timers)
             if t.fd >= len(self.fdmap):
                 continue
             obj = self.fdmap[t.fd]
@@ -741,7 +704,7 @@ cdef class Loop:
             if s.deadline == 0:
                 continue
             if s.deadline > self.now:
-                self.heap_push(s.deadline, s.fd, s.serial)
+                self.timer_push(s.deadline, s.fd, s.serial)
                 s.next_check = s.deadline
                 continue
             s.deadline = 0
