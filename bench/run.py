@@ -10,6 +10,9 @@ in alternating order over several repeats:
   connect        hey, keep-alive, HTTPS through a CONNECT tunnel
   connect-new    hey -disable-keepalive: a new tunnel (and TLS handshake) per request
   bulk           curl, one large object over HTTPS through a CONNECT tunnel
+  bulk-plain     the same object over plain HTTP through a CONNECT tunnel (curl
+                 -p): no TLS at either end, so the relay, not the endpoints'
+                 ciphers, is what the cell is bound by
   idle           process memory per idle CONNECT tunnel (RSS of the process tree)
   intercept      hey, keep-alive, HTTPS through a proxy that terminates TLS with its
                  own CA and forwards on its own TLS connection to the origin
@@ -82,23 +85,27 @@ INTERCEPT_CELLS = ["intercept", "intercept-new", "latency"]
 TLS_HOST = "localhost"
 BENCH_CA_CN = "elbasy bench origin CA"
 
-CELLS = ["plain", "connect", "connect-new", "bulk", "idle"] + INTERCEPT_CELLS
+BULK_CELLS = ["bulk", "bulk-plain"]
+CELLS = ["plain", "connect", "connect-new", *BULK_CELLS, "idle"] + INTERCEPT_CELLS
 CELL_TITLES = {
     "plain": "plain HTTP keep-alive (req/s)",
     "connect": "CONNECT keep-alive (req/s)",
     "connect-new": "CONNECT new tunnel/req (req/s)",
     "bulk": "CONNECT bulk (GB/s)",
+    "bulk-plain": "CONNECT bulk, plain origin (GB/s)",
     "idle": "idle tunnel (KiB each)",
     "intercept": "TLS interception keep-alive (req/s)",
     "intercept-new": "TLS interception new conn/req (req/s)",
     "latency": "interception latency p50 / p99 (+added) (ms)",
 }
-# Which targets each cell applies to.  HAProxy relays the TLS origin only.
+# Which targets each cell applies to.  HAProxy relays the TLS origin (and,
+# for bulk-plain, the plain one); it forwards no absolute-form HTTP.
 CELL_TARGETS = {
     "plain": ["direct"] + PROXIES,
     "connect": ALL_TARGETS,
     "connect-new": ALL_TARGETS,
     "bulk": ALL_TARGETS,
+    "bulk-plain": ALL_TARGETS,
     "idle": ["haproxy"] + PROXIES,
     "intercept": ["direct"] + INTERCEPTORS,
     "intercept-new": ["direct"] + INTERCEPTORS,
@@ -449,6 +456,10 @@ class Origins:
     def tls_bulk(self) -> str:
         return f"https://{LOOPBACK}:{self.tls_port}{self.bulk_path}"
 
+    @property
+    def plain_bulk(self) -> str:
+        return f"http://{LOOPBACK}:{self.plain_port}{self.bulk_path}"
+
 
 def openssl(*args: str) -> None:
     p = run(["openssl", *args], timeout=60)
@@ -580,7 +591,8 @@ class Peer:
     name: str
     procs: list[Proc] = field(default_factory=list)
     connect_port: int = 0  # CONNECT (and for haproxy: the TLS relay port)
-    plain_port: int = 0  # absolute-form plain HTTP
+    plain_port: int = 0  # absolute-form plain HTTP (for haproxy: the plain origin's relay)
+    bulk_port: int = 0  # haproxy only: the TLS relay that always splices, for bulk
     mem_proc: Proc | None = None  # whose process tree holds the idle tunnels
     failed: str = ""  # why the peer is out, if it is
     version: str = ""
@@ -887,7 +899,7 @@ def start_haproxy(peer: Peer, workdir: Path, origins: Origins) -> None:
         return
     d = workdir / "haproxy"
     d.mkdir()
-    port = free_port()
+    port, bulk_port, plain_port = free_port(), free_port(), free_port()
     # HAProxy refuses to start when maxconn needs more fds than the hard limit
     # (about 2 per connection plus a reserve).
     maxconn = max(1000, min(20000, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 5000) // 2))
@@ -898,21 +910,46 @@ global
     maxconn {maxconn}
 defaults
     mode tcp
-    option splice-auto
     timeout connect 5s
     timeout client 600s
     timeout server 600s
+# small messages: HAProxy splices only when it expects it to pay
 frontend relay
     bind {LOOPBACK}:{port}
+    option splice-auto
     default_backend origin
 backend origin
+    option splice-auto
     server tls {LOOPBACK}:{origins.tls_port}
+# bulk: always splice, HAProxy's fastest relay for a large object (about twice
+# splice-auto's rate on the plain origin here)
+frontend relay_bulk
+    bind {LOOPBACK}:{bulk_port}
+    option splice-request
+    option splice-response
+    default_backend origin_bulk
+backend origin_bulk
+    option splice-request
+    option splice-response
+    server tls {LOOPBACK}:{origins.tls_port}
+frontend relay_plain
+    bind {LOOPBACK}:{plain_port}
+    option splice-request
+    option splice-response
+    default_backend origin_plain
+backend origin_plain
+    option splice-request
+    option splice-response
+    server plain {LOOPBACK}:{origins.plain_port}
 """)
     proc = start("haproxy", [exe, "-db", "-f", str(conf)], workdir)
     peer.procs, peer.mem_proc = [proc], proc
-    peer.connect_port = port
+    peer.connect_port, peer.bulk_port, peer.plain_port = port, bulk_port, plain_port
     peer.version = first_line([exe, "-v"])
-    peer.notes = "mode tcp, option splice-auto, nbthread 1; the client speaks TLS to it, no CONNECT"
+    peer.notes = (
+        "mode tcp, nbthread 1, option splice-auto (bulk cells: splice-request and "
+        "splice-response, always splicing); the client speaks TLS to it, no CONNECT"
+    )
 
 
 def _wait_listening(peer: Peer, deadline: float) -> bool:
@@ -1148,7 +1185,9 @@ def run_hey(cmd: list[str], timeout: float) -> dict:
     return res
 
 
-def bulk_cell(target: Peer, origins: Origins, args) -> dict:
+def bulk_cell(target: Peer, origins: Origins, args, tls: bool = True) -> dict:
+    """One bulk download through ``target`` (``tls``: from the HTTPS origin,
+    else from the plain one through a CONNECT tunnel all the same)."""
     cmd = [
         "curl",
         "-s",
@@ -1162,11 +1201,14 @@ def bulk_cell(target: Peer, origins: Origins, args) -> dict:
         "%{http_code} %{size_download} %{speed_download} %{time_total}",
     ]
     if target.name == "haproxy":
-        url = f"https://{LOOPBACK}:{target.connect_port}{origins.bulk_path}"
+        url = f"https://{LOOPBACK}:{target.bulk_port}{origins.bulk_path}"
+        if not tls:
+            url = f"http://{LOOPBACK}:{target.plain_port}{origins.bulk_path}"
     else:
-        url = origins.tls_bulk
+        url = origins.tls_bulk if tls else origins.plain_bulk
         if target.name != "direct":
-            cmd += ["-x", f"http://{LOOPBACK}:{target.connect_port}"]
+            # -p: a CONNECT tunnel for the http:// URL too, not absolute-form forwarding
+            cmd += ["-x", f"http://{LOOPBACK}:{target.connect_port}"] + ([] if tls else ["-p"])
     cmd.append(url)
     try:
         p = run(cmd, timeout=args.bulk_timeout + 20)
@@ -1322,7 +1364,7 @@ def idle_cell(target: Peer, origins: Origins, args) -> dict:
 
 
 def fmt_value(cell: str, v: float) -> str:
-    if cell in ("bulk", "latency"):
+    if cell in BULK_CELLS or cell == "latency":
         return f"{v:.2f}"
     if cell == "idle":
         return f"{v:.1f}"
@@ -1403,6 +1445,7 @@ TARGET_LINES = [
         "ratio",
     ),
     ("tunnel bulk ≥ 1.0× HAProxy relay", "bulk", ["haproxy"], 1.0, "ratio"),
+    ("tunnel bulk, plain origin ≥ 1.0× HAProxy relay", "bulk-plain", ["haproxy"], 1.0, "ratio"),
     ("new tunnels/s ≥ 1.0× HAProxy relay", "connect-new", ["haproxy"], 1.0, "ratio"),
     ("plain HTTP forward ≥ 1.5× squid", "plain", ["squid"], 1.5, "ratio"),
     ("≤ 2 KiB per idle tunnel", "idle", [], 2.0, "max"),
@@ -1567,10 +1610,13 @@ def _dpkg_version(pkg: str) -> str:
 
 def settings_lines(args, cells: list[str]) -> list[str]:
     """How the cells that ran were measured, for the line above the table."""
-    out = [f"median [min–max] over {args.repeats} repeat(s), peers rotated each repeat;"]
-    if set(cells) - {"bulk", "idle", "latency"}:
+    reps = f"{args.repeats} repeat(s)"
+    if set(cells) & set(BULK_CELLS) and args.bulk_repeats != args.repeats:
+        reps += f" ({args.bulk_repeats} for bulk)"
+    out = [f"median [min–max] over {reps}, peers rotated each repeat;"]
+    if set(cells) - {*BULK_CELLS, "idle", "latency"}:
         out.append(f"hey -c {args.concurrency} -z {args.duration:g}s;")
-    if "bulk" in cells:
+    if set(cells) & set(BULK_CELLS):
         out.append(f"bulk = {human_size(args.bulk_size)} via curl;")
     if "idle" in cells:
         tls = " (one TLS handshake through each)" if args.idle_tls else ""
@@ -1642,7 +1688,7 @@ def render(
             )
         )
         out.append("")
-    hey_cells = [c for c in cells if c not in ("bulk", "idle", "latency")]
+    hey_cells = [c for c in cells if c not in (*BULK_CELLS, "idle", "latency")]
     if hey_cells:
         out.append("### hey p50 latency per repeat (ms): a second mode shows up here")
         out.append("")
@@ -1674,7 +1720,7 @@ def render(
             for cell in cpu_cells:
                 s = summary[cell].get(name)
                 v = s["cpu_per_unit"] if s else None
-                row.append("—" if v is None else (f"{v:.2f}" if cell == "bulk" else f"{v:.0f}"))
+                row.append("—" if v is None else (f"{v:.2f}" if cell in BULK_CELLS else f"{v:.0f}"))
             crows.append(row)
         out.append(md_table(["peer"] + [CELL_TITLES[c].split(" (")[0] for c in cpu_cells], crows))
         out.append("")
@@ -1718,6 +1764,12 @@ def parse_args(argv: list[str] | None = None):
         help="smoke test: 1 repeat, 2s cells, 256MiB bulk, 500 idle tunnels (explicit flags win)",
     )
     ap.add_argument("--repeats", type=int, default=None, help="repeats per cell (default 5)")
+    ap.add_argument(
+        "--bulk-repeats",
+        type=int,
+        default=None,
+        help="repeats of the bulk cells, a few seconds each (default 9)",
+    )
     ap.add_argument(
         "--duration", type=parse_duration, default=None, help="hey -z per cell (default 5s)"
     )
@@ -1792,6 +1844,7 @@ def parse_args(argv: list[str] | None = None):
     args = ap.parse_args(argv)
     quick = {
         "repeats": 1,
+        "bulk_repeats": 1,
         "duration": 2.0,
         "bulk_size": 256 << 20,
         "idle_tunnels": 500,
@@ -1799,6 +1852,7 @@ def parse_args(argv: list[str] | None = None):
     }
     full = {
         "repeats": 5,
+        "bulk_repeats": 9,
         "duration": 5.0,
         "bulk_size": 1 << 30,
         "idle_tunnels": 5000,
@@ -1815,8 +1869,20 @@ def parse_args(argv: list[str] | None = None):
     for t in args.targets:
         if t not in ALL_TARGETS:
             ap.error(f"unknown peer {t!r}; choose from {','.join(ALL_TARGETS)}")
-    if min(args.repeats, args.idle_tunnels, args.concurrency, args.latency_requests) < 1:
-        ap.error("--repeats, --idle-tunnels, --concurrency and --latency-requests must be positive")
+    if (
+        min(
+            args.repeats,
+            args.bulk_repeats,
+            args.idle_tunnels,
+            args.concurrency,
+            args.latency_requests,
+        )
+        < 1
+    ):
+        ap.error(
+            "--repeats, --bulk-repeats, --idle-tunnels, --concurrency and --latency-requests "
+            "must be positive"
+        )
     args.cells = [c for c in CELLS if c in args.cells]
     args.targets = [t for t in ALL_TARGETS if t in args.targets]
     return args
@@ -1851,7 +1917,7 @@ def measure(args, workdir: Path, peers: dict[str, Peer], results: dict) -> None:
         warm = argparse.Namespace(**vars(args))
         warm.duration = args.warmup
         # the latency cell rides the keep-alive interception path: warm that
-        warm_cells = {"intercept" if c == "latency" else c for c in load_cells} - {"bulk"}
+        warm_cells = {"intercept" if c == "latency" else c for c in load_cells} - set(BULK_CELLS)
         for cell in [c for c in CELLS if c in warm_cells]:
             for name in CELL_TARGETS[cell]:
                 if name not in peers:
@@ -1859,8 +1925,10 @@ def measure(args, workdir: Path, peers: dict[str, Peer], results: dict) -> None:
                 target = peers[name].for_cell(cell)
                 if name == "direct" or target.check_alive():
                     hey_cell(cell, target, origins, warm)
-    for rep in range(args.repeats):
+    for rep in range(max(args.repeats, args.bulk_repeats)):
         for ci, cell in enumerate(load_cells):
+            if rep >= (args.bulk_repeats if cell in BULK_CELLS else args.repeats):
+                continue
             names = [n for n in CELL_TARGETS[cell] if n in peers]
             k = (rep + ci) % len(names) if names else 0
             order = names[k:] + names[:k]  # rotate: no peer always goes first
@@ -1875,25 +1943,22 @@ def measure(args, workdir: Path, peers: dict[str, Peer], results: dict) -> None:
                     r["proxy_cpu_s"] = round(target.cpu_s() - cpu0, 3)
                 results[cell].setdefault(name, []).append(r)
                 extra = f", {r['errors']} errors" if r.get("errors") else ""
-                log(
-                    f"repeat {rep + 1}/{args.repeats} {cell:13s} {name:10s} "
-                    f"{run_text(cell, r)}{extra}"
-                )
+                log(f"repeat {rep + 1} {cell:13s} {name:10s} {run_text(cell, r)}{extra}")
                 if name != "direct":
                     target.check_alive()
                 time.sleep(args.pause)
 
 
 def run_cell(cell: str, target: Peer, origins: Origins, args) -> dict:
-    if cell == "bulk":
-        return bulk_cell(target, origins, args)
+    if cell in BULK_CELLS:
+        return bulk_cell(target, origins, args, tls=cell == "bulk")
     if cell == "latency":
         return latency_cell(target, origins, args)
     return hey_cell(cell, target, origins, args)
 
 
 def run_text(cell: str, r: dict) -> str:
-    if cell == "bulk":
+    if cell in BULK_CELLS:
         return f"{r['value']:10.2f} GB/s"
     if cell == "latency":
         p99 = r.get("p99_ms")
@@ -1926,6 +1991,7 @@ def report(
             k: getattr(args, k)
             for k in (
                 "repeats",
+                "bulk_repeats",
                 "duration",
                 "concurrency",
                 "bulk_size",
