@@ -22,7 +22,12 @@ extensions = [
         "elbasy._loop",
         sources=["ext/loop.pyx"],
         include_dirs=["ext"],
-        depends=["ext/elbasy_io.h", "ext/elbasy_tls.h", "ext/elbasy_timers.h"],
+        depends=[
+            "ext/elbasy_io.h",
+            "ext/elbasy_tls.h",
+            "ext/elbasy_timers.h",
+            "ext/elbasy_timers.pxd",
+        ],
         # the same libssl as elbasy._tls: the loop reads and writes the SSL*
         # objects that binding creates
         libraries=["ssl", "crypto"],
@@ -33,7 +38,7 @@ extensions = [
         "elbasy._timers",
         sources=["ext/timers.pyx"],
         include_dirs=["ext"],
-        depends=["ext/elbasy_timers.h"],
+        depends=["ext/elbasy_timers.h", "ext/elbasy_timers.pxd"],
         extra_compile_args=["-O2"] + (["-g", "-O0"] if debug else []),
     ),
     Extension(

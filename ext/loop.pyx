@@ -22,6 +22,12 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
+# the timer heap: one min-heap of (when, fd, serial), in elbasy_timers.h
+from elbasy_timers cimport (
+    elb_timer, elb_timers, elb_timers_first, elb_timers_free, elb_timers_init, elb_timers_pop,
+    elb_timers_push,
+)
+
 import os
 
 from elbasy.verdicts import Forward, Intercept, Reply, Tunnel
@@ -268,22 +274,6 @@ cdef struct Dir:
 
 cdef inline bint dir_pending(Dir *d) noexcept nogil:
     return d.in_pipe > 0 or buf_len(&d.pend) > 0
-
-
-# ---- timers: one min-heap of (when, fd, serial), in elbasy_timers.h ------------
-
-cdef extern from "elbasy_timers.h" nogil:
-    ctypedef struct elb_timer:
-        int64_t when
-        int fd
-        uint64_t serial
-    ctypedef struct elb_timers:
-        size_t len
-    int elb_timers_init(elb_timers *t, size_t cap)
-    void elb_timers_free(elb_timers *t)
-    int64_t elb_timers_first(const elb_timers *t)
-    int elb_timers_push(elb_timers *t, int64_t when, int fd, uint64_t serial)
-    elb_timer elb_timers_pop(elb_timers *t)
 
 
 # ---- the objects fds map to ---------------------------------------------------
