@@ -49,8 +49,9 @@ class Forward(NamedTuple):
 
     ``tls``: the upstream speaks TLS (verified, SNI and ALPN http/1.1).
     ``depart``: hold the request until this time (seconds on the monotonic
-    clock, ``time.monotonic``); 0 or a past time means now. When it comes the
-    loop asks the policy's ``departing`` once more before sending.
+    clock, ``time.monotonic``); 0 means now. When it comes the loop asks the
+    policy's ``departing`` once more before sending, a past time included
+    (then at the loop's next turn): a departure is never sent unconfirmed.
     ``peek``: first read up to this many bytes of the request body and hand
     them to the policy's ``on_body``, whose answer (a departure time, or a
     Reply) replaces ``depart``.

@@ -982,8 +982,8 @@ cdef class Loop:
                     return
                 self.begin_peek(c, (<object>v).peek)
                 return
-            depart = seconds_ns((<object>v).depart)
-            if depart > self.now:
+            depart = self.departure_ns((<object>v).depart)
+            if depart:
                 self.hold(c, depart)
             else:
                 self.send_forward(c)
@@ -1043,13 +1043,28 @@ cdef class Loop:
         if type(again) is Reply:
             self.send_final(c, (<object>again).data)
             return
-        depart = seconds_ns(again) if again else 0
-        if depart > self.now:
+        depart = self.departure_ns(again)
+        if depart:
             self.hold(c, depart)
         else:
             self.send_forward(c)
 
     # ---- held requests: "forward at T" -------------------------------------------------
+
+    cdef int64_t departure_ns(self, object when) except -1:
+        """The loop time to hold a request until, or 0 to send it now.
+
+        A departure the policy gave is always kept, even one already past
+        by the time the loop reads it (its clocks are read a moment after
+        the loop's): the policy confirms every departure it set in
+        ``departing``, so such a request waits for the next turn of the loop,
+        not for nothing.
+        """
+        cdef int64_t t
+        if not when:
+            return 0
+        t = seconds_ns(when)
+        return t if t > self.now else self.now + 1
 
     cdef void hold(self, Conn c, int64_t depart):
         """Keep a request until its departure time, on the timer heap.
@@ -1083,11 +1098,10 @@ cdef class Loop:
             c.state = S_RESOLVE  # no longer held
             self.policy_error(c, exc)
             return
-        if again is not None:
-            when = seconds_ns(again)
-            if when > self.now:
-                self.arm(c, when)
-                return
+        when = self.departure_ns(again)
+        if when:
+            self.arm(c, when)
+            return
         self.c_waiting -= 1
         c.state = S_RESOLVE  # no longer held; on its way
         self.send_forward(c)

@@ -189,6 +189,20 @@ def test_departure_confirmed_later_waits_again(running: Running, tmp_path: Path)
     assert len(running.policy.departures) == 2  # asked at 0.3 s, moved, asked again
 
 
+def test_departure_already_past_is_still_confirmed(running: Running, tmp_path: Path) -> None:
+    """A departure time the loop reads after it passed (the policy's clocks are read a
+    moment after the loop's) is still confirmed with ``departing`` before it leaves:
+    the policy counts what it sent there."""
+    with tls_session(running, tmp_path / "data") as s:
+        get(s, "/hello")
+        assert get(s, "/hello?hold=-1").status == 200
+        assert len(running.policy.departures) == 1
+        # moved at departure to a time that is already past: asked once more
+        assert get(s, "/hello?hold=-1&again=-1").status == 200
+        assert len(running.policy.departures) == 3
+    assert running.stats()["held"]["total"] == 2
+
+
 def test_plain_http_forward_is_held_too(running: Running) -> None:
     origin = origins.HTTPOrigin()
     try:
