@@ -2,27 +2,35 @@
 """elbasy with many requests queued: memory per queued request, departure lateness.
 
 Standard-library Python. Starts a tiny origin (asyncio, in a process of its
-own) and elbasy with a user rule for the made-up host ``api.bench.test``
-(one bucket per account, read from ``X-Bench-Account``), then:
+own) and K elbasy processes with a user rule for the made-up host
+``api.bench.test`` (one bucket per account, read from ``X-Bench-Account``).
+The accounts are partitioned: account a belongs to elbasy process a % K only,
+so each is paced by one process, and each elbasy process has a client process
+of its own. Then:
 
 1. warm-up: one request per account, which the origin answers 429 with a
    Retry-After that ends at a common start time T0 (staggered by account
    over one interval of the bucket). elbasy holds every account until then,
    so nothing the clients send next can leave before T0, and the buckets,
    rule caches and pools exist before the baseline;
-2. baseline: elbasy's RSS (``VmRSS`` of its one process) after the warm-up;
+2. baseline: every elbasy process's RSS (``VmRSS``) once all are warm;
 3. queue: N client connections (one request each, ``--accounts`` accounts
-   round robin), from source addresses 127.0.0.2..127.0.0.9, until
-   ``/healthz`` shows ``held.waiting == N`` (or T0 comes): RSS again;
+   round robin, each to the process of its account), from source addresses
+   127.0.0.2..127.0.0.9, until every process's ``/healthz`` shows its share
+   in ``held.waiting`` (or T0 comes): RSS again;
 4. drain: from T0 every account sends at its bucket's rate; each client
    closes on its answer. ``pacing.late_ms_p50/p99`` (how long after its
-   scheduled time each held request left) is read from ``/healthz`` every
-   two seconds and at the end.
+   scheduled time each held request left) is read from each process's
+   ``/healthz`` every two seconds and at the end.
 
-Run as root (RLIMIT_NOFILE is raised past the hard limit for both ends)::
+Why K processes: each queued request is one fd in elbasy and one in the
+client, and a process holds at most RLIMIT_NOFILE fds. K is by default the
+fewest processes whose shares fit under the limit (1 where it can be raised,
+which needs CAP_SYS_RESOURCE; 6 for 100,000 requests at a hard limit of 20000)::
 
-    sudo python3 bench/queue.py                    # 100,000 requests, 10,000 accounts
-    sudo python3 bench/queue.py --requests 20000 --accounts 2000
+    python3 bench/queue.py                         # 100,000 requests, 10,000 accounts
+    python3 bench/queue.py --requests 20000 --accounts 2000
+    python3 bench/queue.py --processes 1 --requests 2000 --accounts 200
 
 Results: a markdown table on stdout, saved with the raw data as
 ``bench/results/<date>-queue.{json,md}``.
@@ -35,17 +43,25 @@ import asyncio
 import contextlib
 import errno
 import json
+import multiprocessing
 import os
 import platform
 import re
 import resource
 import select
 import shlex
+import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -281,8 +297,8 @@ def run_clients(
     deadline: float,
     max_connecting: int,
     max_pending: int = 1 << 30,
-    until=None,
-    tick=None,
+    until: Callable[[int], bool] | None = None,
+    tick: Callable[[], None] | None = None,
 ) -> None:
     """Open a connection per request (bounded in-flight connects), poll until done or deadline."""
     i = 0
@@ -301,6 +317,222 @@ def run_clients(
             return
         if i == len(requests) and not clients.pending():
             return
+
+
+# --------------------------------------------------------------------------
+# the processes: account a in elbasy process a % K, each with a client process
+
+
+def shares(requests: int, accounts: int, processes: int) -> list[int]:
+    """Requests held by each process: request i is for account i % accounts."""
+    each, extra = divmod(requests, accounts)
+    return [
+        sum(each + (a < extra) for a in range(i, accounts, processes)) for i in range(processes)
+    ]
+
+
+def processes_needed(requests: int, accounts: int, room: int) -> int:
+    """The fewest processes whose shares of the requests each fit in ``room`` fds."""
+    k = 1
+    while k < accounts and max(shares(requests, accounts, k)) > room:
+        k += 1
+    return k
+
+
+def most_that_fit(requests: int, accounts: int, processes: int, room: int) -> int:
+    """The largest number of requests, at most ``requests``, whose shares fit in ``room``."""
+    lo, hi = 0, requests
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if max(shares(mid, accounts, processes)) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def add_counts(counts: Iterable[dict]) -> dict:
+    return dict(sorted(sum((Counter(c) for c in counts), Counter()).items()))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every client process is told: the run's shape and the common T0."""
+
+    requests: int
+    accounts: int
+    processes: int
+    per_account: int  # requests per account, at most
+    t0: float  # wall clock
+    interval: float  # seconds between an account's departures
+    max_connecting: int
+
+
+def client_process(conn: Connection, plan: Plan, index: int, port: int, pid: int) -> None:
+    """The clients of elbasy process ``index`` (its accounts only): warm-up, queue, drain.
+
+    Sends the parent a report at the end of each phase, and waits for its
+    word before queueing, so that every elbasy's baseline comes before any queue.
+    """
+    # 1. warm-up: every account held until its share of T0
+    clients = Clients(port)
+    warm = [
+        request(
+            a,
+            "/warmup",
+            f"{UNTIL_HEADER}: {plan.t0 + (a / plan.accounts) * plan.interval:.3f}\r\n"
+            "Connection: close\r\n",
+        )
+        for a in range(index, plan.accounts, plan.processes)
+    ]
+    w0 = time.monotonic()
+    # few at a time: elbasy keeps the upstream connections they opened in its pool
+    run_clients(clients, warm, time.monotonic() + 120, 16, max_pending=16)
+    conn.send(
+        {
+            "answered": clients.answered,
+            "statuses": clients.statuses,
+            "errors": clients.errors,
+            "seconds": time.monotonic() - w0,
+        }
+    )
+    if not conn.poll(300):
+        raise SystemExit(f"clients {index}: no word to queue from the parent")
+    conn.recv()
+
+    # 2. the queue: a connection per request of its accounts, one request each
+    reqs = [
+        request(i % plan.accounts, "/x")
+        for i in range(plan.requests)
+        if i % plan.accounts % plan.processes == index
+    ]
+    clients = Clients(port)
+    state: dict = {"peak": 0, "peak_rss": 0, "polled": 0.0, "full": None}
+    q0 = time.monotonic()
+
+    def watch(opened: int) -> bool:
+        now = time.monotonic()
+        if now - state["polled"] < 0.5 and opened < len(reqs):
+            return False
+        state["polled"] = now
+        waiting = healthz(port)["held"]["waiting"]
+        if waiting > state["peak"]:
+            state["peak"] = waiting
+            state["peak_rss"] = rss_kib(pid)
+        if waiting >= len(reqs):
+            state["full"] = now - q0
+            return True
+        return time.time() >= plan.t0
+
+    deadline = time.monotonic() + max(0.0, plan.t0 - time.time()) + 60
+    run_clients(clients, reqs, deadline, plan.max_connecting, until=watch)
+    conn.send(
+        {
+            "full": state["full"],
+            "peak": state["peak"],
+            "peak_rss": state["peak_rss"],
+            "seconds": time.monotonic() - q0,
+            "errors": dict(clients.errors),
+        }
+    )
+
+    # holding them until T0 (the parent measures what that costs elbasy)
+    while time.time() < plan.t0 - 0.5:
+        clients.poll(0.1)
+
+    # 3. drain: every account at its rate from T0
+    polls: list[dict] = []
+    last = {"t": 0.0}
+
+    def tick() -> None:
+        now = time.monotonic()
+        if now - last["t"] >= 2.0:
+            last["t"] = now
+            p = healthz(port)["pacing"]
+            polls.append({"t": round(time.time() - plan.t0, 1), **p})
+
+    budget = max(0.0, plan.t0 - time.time()) + plan.per_account * plan.interval + 60
+    run_clients(clients, [], time.monotonic() + budget, 1, tick=tick)
+    conn.send(
+        {
+            "answered": clients.answered,
+            "statuses": clients.statuses,
+            "errors": clients.errors,
+            "polls": polls,
+            "drained": time.time() - plan.t0,
+        }
+    )
+
+
+@dataclass
+class Instance:
+    """One elbasy process (the accounts a with a % K == index) and its client process."""
+
+    index: int
+    proc: Proc
+    port: int
+    accounts: int
+    share: int  # the requests it is to hold
+    conn: Connection | None = None
+    client: BaseProcess | None = None
+    reports: dict[str, dict] = field(default_factory=dict)  # its client process's, by phase
+    rss: dict[str, int] = field(default_factory=dict)  # VmRSS KiB, by phase
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU s of its tree, by phase
+    health: dict[str, dict] = field(default_factory=dict)  # /healthz, by phase
+    waiting: int = 0  # held.waiting when queued (at the peak, if departures had begun)
+
+    def start_client(self, plan: Plan) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.conn, child_end = ctx.Pipe()
+        self.client = ctx.Process(
+            target=client_process,
+            args=(child_end, plan, self.index, self.port, self.proc.pid),
+            name=f"clients-{self.index}",
+            daemon=True,
+        )
+        self.client.start()
+        child_end.close()  # so that the client process's exit reads as EOF here
+
+    def report(self, phase: str, timeout: float) -> dict:
+        """Wait for the client process's report at the end of ``phase``."""
+        assert self.conn is not None and self.client is not None
+        if not self.conn.poll(timeout):
+            raise SystemExit(f"clients {self.index}: no report of the {phase} in {timeout:.0f} s")
+        try:
+            self.reports[phase] = self.conn.recv()
+        except EOFError:
+            self.client.join(5)
+            raise SystemExit(
+                f"clients {self.index}: exited in the {phase} (code {self.client.exitcode})"
+            ) from None
+        return self.reports[phase]
+
+    def measure(self, phase: str, health: bool = True) -> None:
+        self.rss[phase] = rss_kib(self.proc.pid)
+        self.cpu[phase] = tree_cpu_s(self.proc.pid)
+        if health:
+            self.health[phase] = healthz(self.port)
+
+    def stop_client(self) -> None:
+        if self.client is not None and self.client.pid is not None:
+            if self.client.is_alive():
+                self.client.kill()
+            self.client.join(5)
+
+    def kib_per_queued(self) -> float:
+        return (self.rss["queued"] - self.rss["baseline"]) / self.waiting if self.waiting else 0.0
+
+    def lateness(self) -> dict:
+        return self.health["end"]["pacing"]
+
+
+def lateness_summary(pacings: list[dict]) -> tuple[float | str, float | str]:
+    """The median of the processes' p50s and the max of their p99s ('-' with no departures)."""
+    timed = [p for p in pacings if "late_ms_p50" in p]
+    if not timed:
+        return "-", "-"
+    p50 = round(statistics.median(p["late_ms_p50"] for p in timed), 3)
+    return p50, max(p["late_ms_p99"] for p in timed)
 
 
 # --------------------------------------------------------------------------
@@ -335,6 +567,10 @@ def loadavg() -> str:
     return "?"
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so that the processes started are stopped too
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=100_000, help="queued requests (N)")
@@ -349,6 +585,14 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds from the end of the warm-up to T0, the first departure "
         "[default: 10 + requests / 2000]",
     )
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="elbasy processes K, each with its own client process; account a belongs to "
+        "process a %% K [default: the fewest whose share of the requests fits under "
+        "RLIMIT_NOFILE]",
+    )
     ap.add_argument("--max-connecting", type=int, default=256, help="connects in flight at most")
     ap.add_argument("--elbasy-python", default=sys.executable)
     ap.add_argument("--json", type=Path, default=None, help="raw results (default bench/results/)")
@@ -359,31 +603,56 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.requests < 1 or args.accounts < 1 or args.rate <= 0:
         ap.error("--requests, --accounts and --rate must be > 0")
+    if args.processes is not None and not 1 <= args.processes <= args.accounts:
+        ap.error("--processes must be between 1 and --accounts")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     command = shlex.join(["python3", "bench/queue.py", *(sys.argv[1:] if argv is None else argv)])
     nofile = raise_nofile(args.requests + 1024)
     started = time.strftime("%Y-%m-%d-%H%M%S")
     interval = 1.0 / (args.rate * 0.99)  # elbasy's default quota margin: 1 %
     # elbasy holds one fd per queued request (its client connection), the
-    # clients one each: both processes need N plus a few (listener, epoll,
-    # upstream connections, /healthz)
+    # clients one each: every elbasy process and its client process need
+    # their share of N plus a few (listener, epoll, upstream connections, /healthz)
+    room = nofile - FD_SPARE
     asked = args.requests
+    needed = processes_needed(asked, args.accounts, room)
+    k = args.processes = args.processes or needed
     limited = ""
-    if args.requests > nofile - FD_SPARE:
-        args.requests = nofile - FD_SPARE
+    args.requests = most_that_fit(asked, args.accounts, k, room)
+    if args.requests < asked:
         limited = (
             f"RLIMIT_NOFILE: hard limit {nofile} and no CAP_SYS_RESOURCE to raise it, "
             f"so at most {args.requests:,} of the {asked:,} requests asked for"
+            + (f" in {k} processes" if k > 1 else "")
         )
         log(f"LIMITED: {limited}")
+    split = ""
+    if k > 1:
+        why = (
+            f"because one process holds at most RLIMIT_NOFILE fds (hard limit {nofile} here"
+            + (", without CAP_SYS_RESOURCE to raise it" if nofile < asked + 1024 else "")
+            + ") and a queued request is an fd in elbasy and one in its client"
+            if needed > 1
+            else "as asked (--processes; one would have held them all here)"
+        )
+        split = (
+            f"Split over {k} elbasy processes, each with a client process of its own, {why}; "
+            f"the accounts are partitioned (account a in process a mod {k}), so each is paced "
+            "by one process."
+        )
+        log(split)
     per_account = -(-args.requests // args.accounts)
     hold = args.hold if args.hold is not None else 10 + args.requests / 2000
     procs: list[Proc] = []
+    instances: list[Instance] = []
     results: dict = {"command": command, "started": started, "args": vars(args) | {"json": None}}
     results.update(requests_asked=asked, nofile=nofile, limited_by=limited or None)
     results["args"]["hold"] = hold
     with tempfile.TemporaryDirectory(prefix="elbasy-queue-") as tmp:
         work = Path(tmp)
         try:
+            # one origin for all: it sees the warm-up and, in the drain, elbasy's
+            # upstream connections (at most 256 idle per process, plus those in use)
             origin = Proc(
                 "origin",
                 [sys.executable, str(Path(__file__).resolve()), "--origin"],
@@ -392,17 +661,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             procs.append(origin)
             oport = int(origin.wait_line(r"origin listening on (\d+)", 20).group(1))
-            config = work / "elbasy.toml"
-            config.write_text(
-                f'connect_to = ["{HOST}:80:{LOOPBACK}:{oport}"]\n'
-                "max_wait = 600\n"
-                'log_level = "warning"\n'
-                f'data_dir = "{work / "elbasy-data"}"\n\n'
-                + RULE.format(host=HOST, header=ACCOUNT_HEADER, rate=args.rate)
-            )
-            (work / "rule.toml").write_text(
-                RULE.format(host=HOST, header=ACCOUNT_HEADER, rate=args.rate)
-            )
+            rule = RULE.format(host=HOST, header=ACCOUNT_HEADER, rate=args.rate)
+            (work / "rule.toml").write_text(rule)
             chk = subprocess.run(
                 [args.elbasy_python, "-m", "elbasy", "rules", "check", str(work / "rule.toml")],
                 capture_output=True,
@@ -411,177 +671,222 @@ def main(argv: list[str] | None = None) -> int:
             )
             if chk.returncode != 0:
                 raise SystemExit(f"the bench rule does not check:\n{chk.stdout}{chk.stderr}")
-            cmd = [args.elbasy_python, "-m", "elbasy", "--config", str(config)]
-            cmd += ["--listen", f"{LOOPBACK}:0", "--max-wait", "600", "--log-level", "warning"]
-            elbasy = Proc("elbasy", cmd, work, preexec_fn=_child_nofile)
-            procs.append(elbasy)
-            m = elbasy.wait_line(r"elbasy (\S+) listening on [0-9.]+:(\d+)", 30)
-            version, port = m.group(1), int(m.group(2))
-            log(f"elbasy {version} on {port} (pid {elbasy.pid}), origin on {oport}")
-            results["elbasy"] = {"version": version, "pid": elbasy.pid, "cmd": cmd}
+            cmds = []
+            for i in range(k):
+                config = work / f"elbasy-{i}.toml"
+                config.write_text(
+                    f'connect_to = ["{HOST}:80:{LOOPBACK}:{oport}"]\n'
+                    "max_wait = 600\n"
+                    'log_level = "warning"\n'
+                    f'data_dir = "{work / f"elbasy-{i}-data"}"\n\n' + rule
+                )
+                cmd = [args.elbasy_python, "-m", "elbasy", "--config", str(config)]
+                cmd += ["--listen", f"{LOOPBACK}:0", "--max-wait", "600", "--log-level", "warning"]
+                cmds.append(cmd)
+                procs.append(Proc(f"elbasy-{i}", cmd, work, preexec_fn=_child_nofile))
+            share = shares(args.requests, args.accounts, k)
+            for i, proc in enumerate(procs[1:]):
+                m = proc.wait_line(r"elbasy (\S+) listening on [0-9.]+:(\d+)", 30)
+                version, port = m.group(1), int(m.group(2))
+                mine = len(range(i, args.accounts, k))
+                instances.append(Instance(i, proc, port, mine, share[i]))
+                log(f"elbasy {version} on {port} (pid {proc.pid}), {mine:,} accounts")
+            log(f"origin on {oport}")
+            results["elbasy"] = {"version": version, "processes": k}
             results["load_start"] = loadavg()
 
             # 1. warm-up: every account held until its share of T0
             t0 = time.time() + 5 + args.accounts / 1000 + hold
-            clients = Clients(port)
-            warm = [
-                request(
-                    a,
-                    "/warmup",
-                    f"{UNTIL_HEADER}: {t0 + (a / args.accounts) * interval:.3f}\r\n"
-                    "Connection: close\r\n",
-                )
-                for a in range(args.accounts)
-            ]
-            w0 = time.monotonic()
-            # few at a time: elbasy keeps the upstream connections they opened in its pool
-            run_clients(clients, warm, time.monotonic() + 120, 16, max_pending=16)
-            log(
-                f"warm-up: {clients.answered} answers {clients.statuses} in "
-                f"{time.monotonic() - w0:.1f} s, errors {clients.errors or 'none'}"
+            plan = Plan(
+                args.requests, args.accounts, k, per_account, t0, interval, args.max_connecting
             )
-            results["warmup"] = {"statuses": clients.statuses, "errors": clients.errors}
-            if clients.statuses.get(429, 0) != args.accounts:
-                raise SystemExit(f"warm-up: expected {args.accounts} 429s, got {clients.statuses}")
+            w0 = time.monotonic()
+            for inst in instances:
+                inst.start_client(plan)
+            warmups = [inst.report("warm-up", 180) for inst in instances]
+            warm_statuses = add_counts(w["statuses"] for w in warmups)
+            warm_errors = add_counts(w["errors"] for w in warmups)
+            log(
+                f"warm-up: {sum(w['answered'] for w in warmups)} answers {warm_statuses} in "
+                f"{time.monotonic() - w0:.1f} s, errors {warm_errors or 'none'}"
+            )
+            results["warmup"] = {"statuses": warm_statuses, "errors": warm_errors}
+            if warm_statuses.get(429, 0) != args.accounts:
+                raise SystemExit(f"warm-up: expected {args.accounts} 429s, got {warm_statuses}")
             time.sleep(1.0)
-            base_rss = rss_kib(elbasy.pid)
-            base_cpu = tree_cpu_s(elbasy.pid)
-            h0 = healthz(port)
+            for inst in instances:
+                inst.measure("baseline")
+            base_rss = sum(inst.rss["baseline"] for inst in instances)
             log(f"baseline RSS {base_rss} KiB; T0 in {t0 - time.time():.1f} s")
 
-            # 2. the queue: N connections, one request each
-            reqs = [request(i % args.accounts, "/x") for i in range(args.requests)]
-            clients = Clients(port)
-            state: dict = {"peak": 0, "polled": 0.0, "full": None}
+            # 2. the queue: N connections, one request each, every process at once
             q0 = time.monotonic()
-
-            def watch(opened: int) -> bool:
-                now = time.monotonic()
-                if now - state["polled"] < 0.5 and opened < len(reqs):
-                    return False
-                state["polled"] = now
-                waiting = healthz(port)["held"]["waiting"]
-                if waiting > state["peak"]:
-                    state["peak"] = waiting
-                    state["peak_rss"] = rss_kib(elbasy.pid)
-                if waiting >= args.requests:
-                    state["full"] = now - q0
-                    return True
-                return time.time() >= t0
-
-            run_clients(
-                clients, reqs, time.monotonic() + hold + 60, args.max_connecting, until=watch
-            )
-            queued_rss = rss_kib(elbasy.pid)
-            hq = healthz(port)
-            queued_cpu = tree_cpu_s(elbasy.pid)
-            waiting = hq["held"]["waiting"]
-            if waiting < state["peak"]:  # departures began: memory at the peak instead
-                waiting, queued_rss = state["peak"], state["peak_rss"]
+            for inst in instances:
+                assert inst.conn is not None
+                inst.conn.send("queue")
+            for inst in instances:
+                inst.report("queue", max(0.0, t0 - time.time()) + 90)
+            for inst in instances:
+                inst.measure("queued")
+                inst.waiting = inst.health["queued"]["held"]["waiting"]
+                peak = inst.reports["queue"]
+                if inst.waiting < peak["peak"]:  # departures began: memory at the peak instead
+                    inst.waiting, inst.rss["queued"] = peak["peak"], peak["peak_rss"]
+            waiting = sum(inst.waiting for inst in instances)
+            queued_rss = sum(inst.rss["queued"] for inst in instances)
+            full = [inst.reports["queue"]["full"] for inst in instances]
+            connect_s = max(full) if all(full) else None
+            client_errors = add_counts(inst.reports["queue"]["errors"] for inst in instances)
             log(
                 f"queued: held.waiting {waiting} of {args.requests} "
-                f"({'all' if state['full'] else 'not all'}, {time.monotonic() - q0:.1f} s), "
-                f"RSS {queued_rss} KiB, client errors {clients.errors or 'none'}"
+                f"({'all' if connect_s else 'not all'}, {time.monotonic() - q0:.1f} s), "
+                f"RSS {queued_rss} KiB, client errors {client_errors or 'none'}"
             )
 
             # holding them: what N idle queued requests cost until T0
-            hold_start, hold_cpu0 = time.monotonic(), queued_cpu
-            while time.time() < t0 - 0.5:
-                clients.poll(0.1)
+            hold_start = time.monotonic()
+            time.sleep(max(0.0, t0 - 0.5 - time.time()))
             hold_s = time.monotonic() - hold_start
-            drain_cpu0 = tree_cpu_s(elbasy.pid)
-            log(f"holding {waiting} for {hold_s:.1f} s took {drain_cpu0 - hold_cpu0:.2f} s CPU")
+            for inst in instances:
+                inst.measure("drain", health=False)
+            cpu_h = sum(inst.cpu["drain"] - inst.cpu["queued"] for inst in instances)
+            log(f"holding {waiting} for {hold_s:.1f} s took {cpu_h:.2f} s CPU")
 
             # 3. drain: every account at its rate from T0
-            polls: list[dict] = []
-            last = {"t": 0.0}
-
-            def tick() -> None:
-                now = time.monotonic()
-                if now - last["t"] >= 2.0:
-                    last["t"] = now
-                    p = healthz(port)["pacing"]
-                    polls.append({"t": round(time.time() - t0, 1), **p})
-
-            drain_budget = max(0.0, t0 - time.time()) + per_account * interval + 60
-            run_clients(clients, [], time.monotonic() + drain_budget, 1, tick=tick)
-            end = healthz(port)
-            end_cpu = tree_cpu_s(elbasy.pid)
-            end_rss = rss_kib(elbasy.pid)
-            drained = time.time() - t0
-            log(f"drained {clients.answered} answers {clients.statuses} {drained:.1f} s after T0")
+            for inst in instances:
+                inst.report("drain", max(0.0, t0 - time.time()) + per_account * interval + 90)
+                inst.measure("end")
+            answers = add_counts(inst.reports["drain"]["statuses"] for inst in instances)
+            drained = max(inst.reports["drain"]["drained"] for inst in instances)
+            log(f"drained {sum(answers.values())} answers {answers} {drained:.1f} s after T0")
             results["load_end"] = loadavg()
         finally:
+            for inst in instances:
+                inst.stop_client()
             for p in reversed(procs):
                 p.stop()
             logs = {p.name: p.log_tail(10) for p in procs}
 
-    pacing = end["pacing"]
+    def total(phase: str) -> tuple[int, float]:
+        return (
+            sum(inst.rss[phase] for inst in instances),
+            sum(inst.cpu[phase] for inst in instances),
+        )
+
+    (base_rss, base_cpu), (queued_rss, queued_cpu) = total("baseline"), total("queued")
+    (_, drain_cpu0), (end_rss, end_cpu) = total("drain"), total("end")
+    p50, p99 = lateness_summary([inst.lateness() for inst in instances])
+    polls = [p for inst in instances for p in inst.reports["drain"]["polls"]]
     worst = max((p.get("late_ms_p99", 0.0) for p in polls), default=0.0)
     per_req = (queued_rss - base_rss) / waiting if waiting else 0.0
-    connect_s = state["full"]
-    departed = pacing.get("departures_timed", 0)
+    departed = sum(inst.lateness().get("departures_timed", 0) for inst in instances)
+    client_errors = add_counts(inst.reports["drain"]["errors"] for inst in instances)
     cpu_q, cpu_d = queued_cpu - base_cpu, end_cpu - drain_cpu0
-    cpu_h = drain_cpu0 - hold_cpu0
     results.update(
         baseline_rss_kib=base_rss,
         queued_rss_kib=queued_rss,
         end_rss_kib=end_rss,
         queued=waiting,
-        queued_all=bool(state["full"]),
-        queue_seconds=state["full"],
+        queued_all=bool(connect_s),
+        queue_seconds=connect_s,
         kib_per_queued=per_req,
-        cpu_connect_s=queued_cpu - base_cpu,
+        late_ms_p50_median=p50,
+        late_ms_p99_max=p99,
+        late_ms_p99_worst_poll=worst,
+        cpu_connect_s=cpu_q,
         cpu_hold_s=cpu_h,
         hold_seconds=hold_s,
         cpu_drain_s=cpu_d,
         cpu_total_s=end_cpu,
-        answers=clients.statuses,
-        client_errors=clients.errors,
+        answers=answers,
+        client_errors=client_errors,
         drain_seconds=drained,
-        healthz_before=h0,
-        healthz_queued=hq,
-        healthz_end=end,
-        lateness_polls=polls,
+        instances=[
+            {
+                "index": inst.index,
+                "pid": inst.proc.pid,
+                "port": inst.port,
+                "cmd": cmds[inst.index],
+                "accounts": inst.accounts,
+                "share": inst.share,
+                "queued": inst.waiting,
+                "kib_per_queued": inst.kib_per_queued(),
+                "rss_kib": inst.rss,
+                "cpu_s": inst.cpu,
+                "client": inst.reports,
+                "healthz": inst.health,
+            }
+            for inst in instances
+        ],
         logs=logs,
     )
+    # with K processes: sums over them, and lateness from each one's /healthz
+    of = f", sum of {k}" if k > 1 else ""
+    late = (
+        f"median of the {k} p50s / max of the {k} p99s, each over its last ≤10,000"
+        if k > 1
+        else "last ≤10,000"
+    )
     rows = [
-        ["requests queued (held.waiting)", f"{waiting:,} of {args.requests:,}"],
+        [f"requests queued (held.waiting{of})", f"{waiting:,} of {args.requests:,}"],
         ["accounts × requests each", f"{args.accounts:,} × {per_account}"],
+        *(
+            [["elbasy processes (account a in process a mod K)", f"{k}, a client process each"]]
+            if k > 1
+            else []
+        ),
         [
             "bucket per account",
             f"capacity 1, rate {args.rate:g}/s (elbasy aims at {1 / interval:.3f}/s)",
         ],
         ["time to queue them all", f"{connect_s:.1f} s" if connect_s else "not all queued"],
-        ["elbasy RSS baseline → queued", f"{base_rss / 1024:.1f} → {queued_rss / 1024:.1f} MiB"],
+        [
+            f"elbasy RSS baseline → queued{of}",
+            f"{base_rss / 1024:.1f} → {queued_rss / 1024:.1f} MiB",
+        ],
         ["**memory per queued request**", f"**{per_req:.2f} KiB** (target ≤ 4 KiB)"],
-        ["departures timed (pacing)", f"{departed:,}"],
+        [f"departures timed (pacing{of})", f"{departed:,}"],
+        [f"**departure lateness p50 / p99** ({late})", f"**{p50} / {p99} ms**"],
         [
-            "**departure lateness p50 / p99** (last ≤10,000)",
-            f"**{pacing.get('late_ms_p50', '-')} / {pacing.get('late_ms_p99', '-')} ms**",
+            "worst p99 seen during the drain (2 s polls"
+            + (f" of each of the {k})" if k > 1 else ")"),
+            f"{worst} ms",
         ],
-        ["worst p99 seen during the drain (2 s polls)", f"{worst} ms"],
-        [
-            "answers to the clients",
-            ", ".join(f"{k}: {v:,}" for k, v in sorted(clients.statuses.items())),
-        ],
+        ["answers to the clients", ", ".join(f"{s}: {n:,}" for s, n in answers.items())],
         ["drain: T0 → last answer", f"{drained:.1f} s (schedule: {per_account * interval:.1f} s)"],
         [
-            "elbasy CPU: queueing them",
+            f"elbasy CPU{of}: queueing them",
             f"{cpu_q:.1f} s ({1e6 * cpu_q / max(1, waiting):.0f} µs per request)",
         ],
         [
-            "elbasy CPU: holding them (queue full → T0)",
+            f"elbasy CPU{of}: holding them (queue full → T0)",
             f"{cpu_h:.2f} s in {hold_s:.1f} s",
         ],
         [
-            "elbasy CPU: the drain (T0 → end)",
+            f"elbasy CPU{of}: the drain (T0 → end)",
             f"{cpu_d:.1f} s ({1e6 * cpu_d / max(1, departed):.0f} µs per departure)",
         ],
-        ["elbasy CPU, whole run", f"{end_cpu:.1f} s"],
-        ["client errors", ", ".join(f"{k}: {v}" for k, v in clients.errors.items()) or "none"],
+        [f"elbasy CPU, whole run{of}", f"{end_cpu:.1f} s"],
+        ["client errors", ", ".join(f"{e}: {n}" for e, n in client_errors.items()) or "none"],
     ]
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    if k > 1:
+        table += (
+            "\n\n| elbasy process | accounts | queued (held.waiting) | RSS baseline → queued "
+            "| per queued request | lateness p50 / p99 | departures timed |\n"
+            "|---|---|---|---|---|---|---|\n"
+        )
+        table += "\n".join(
+            f"| {inst.index} | {inst.accounts:,} | {inst.waiting:,} of {inst.share:,} "
+            f"| {inst.rss['baseline'] / 1024:.1f} → {inst.rss['queued'] / 1024:.1f} MiB "
+            f"| {inst.kib_per_queued():.2f} KiB "
+            f"| {inst.lateness().get('late_ms_p50', '-')} / "
+            f"{inst.lateness().get('late_ms_p99', '-')} ms "
+            f"| {inst.lateness().get('departures_timed', 0):,} |"
+            for inst in instances
+        )
+    whose = f"summed over the {k} elbasy processes" if k > 1 else "elbasy's one process"
+    first = f", {k} processes, each its own config, data dir and port; the first" if k > 1 else ""
     text = "\n".join(
         [
             f"# elbasy queue benchmark, {started}",
@@ -590,16 +895,17 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *([f"**Fewer requests than asked:** {limited}.", ""] if limited else []),
             "Memory per queued request: (VmRSS with every request held − VmRSS after the "
-            "warm-up) / held.waiting, elbasy's one process: its connection object and buffers, "
+            f"warm-up) / held.waiting, {whose}: its connection object and buffers, "
             "the policy's Python objects (request head, exchange, pacing state, reservation, "
             "verdict), its timer entry. Kernel memory (socket buffers, the socket and file "
             "objects, epoll entries) is not in RSS. Lateness: how long after its scheduled "
             "time a held request left (the loop's timer, epoll's millisecond timeout "
             "included), over the last 10,000 departures.",
+            *(["", split] if split else []),
             "",
             *machine_lines(),
             f"- load average at start {results['load_start']}, at end {results['load_end']}",
-            f"- elbasy {version}: `{shlex.join(cmd)}`",
+            f"- elbasy {version}{first}: `{shlex.join(cmds[0])}`",
             f"- command: `{command}`",
         ]
     )
