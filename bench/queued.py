@@ -28,9 +28,9 @@ client, and a process holds at most RLIMIT_NOFILE fds. K is by default the
 fewest processes whose shares fit under the limit (1 where it can be raised,
 which needs CAP_SYS_RESOURCE; 6 for 100,000 requests at a hard limit of 20000)::
 
-    python3 bench/queue.py                         # 100,000 requests, 10,000 accounts
-    python3 bench/queue.py --requests 20000 --accounts 2000
-    python3 bench/queue.py --processes 1 --requests 2000 --accounts 200
+    python3 bench/queued.py                         # 100,000 requests, 10,000 accounts
+    python3 bench/queued.py --requests 20000 --accounts 2000
+    python3 bench/queued.py --processes 1 --requests 2000 --accounts 200
 
 Results: a markdown table on stdout, saved with the raw data as
 ``bench/results/<date>-queue.{json,md}``.
@@ -85,7 +85,7 @@ RULE = """\
 [[rule]]
 id = "bench-queue"
 provider = "elbasy bench"
-description = "bench/queue.py: a made-up API, one slow bucket per account"
+description = "bench/queued.py: a made-up API, one slow bucket per account"
 version = 1
 
 [rule.match]
@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.processes is not None and not 1 <= args.processes <= args.accounts:
         ap.error("--processes must be between 1 and --accounts")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    command = shlex.join(["python3", "bench/queue.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python3", "bench/queued.py", *(sys.argv[1:] if argv is None else argv)])
     nofile = raise_nofile(args.requests + 1024)
     started = time.strftime("%Y-%m-%d-%H%M%S")
     interval = 1.0 / (args.rate * 0.99)  # elbasy's default quota margin: 1 %
