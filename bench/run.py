@@ -892,6 +892,15 @@ def start_proxypy_intercept(peer: Peer, workdir: Path, origins: Origins) -> None
         )
 
 
+def _haproxy_relay(name: str, port: int, origin_port: int, options: list[str]) -> str:
+    """One HAProxy frontend and backend relaying a loopback port to an origin port."""
+    opts = "".join(f"    option {o}\n" for o in options)
+    return (
+        f"frontend {name}\n    bind {LOOPBACK}:{port}\n{opts}    default_backend {name}_origin\n"
+        f"backend {name}_origin\n{opts}    server origin {LOOPBACK}:{origin_port}\n"
+    )
+
+
 def start_haproxy(peer: Peer, workdir: Path, origins: Origins) -> None:
     exe = which("haproxy")
     if not exe:
@@ -904,7 +913,17 @@ def start_haproxy(peer: Peer, workdir: Path, origins: Origins) -> None:
     # (about 2 per connection plus a reserve).
     maxconn = max(1000, min(20000, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 5000) // 2))
     conf = d / "haproxy.cfg"
-    conf.write_text(f"""
+    # small messages: HAProxy splices only when it expects it to pay; bulk:
+    # always splice, its fastest relay for a large object (about twice
+    # splice-auto's rate on the plain origin here)
+    auto, always = ["splice-auto"], ["splice-request", "splice-response"]
+    relays = [
+        ("relay", port, origins.tls_port, auto),
+        ("relay_bulk", bulk_port, origins.tls_port, always),
+        ("relay_plain", plain_port, origins.plain_port, always),
+    ]
+    conf.write_text(
+        f"""
 global
     nbthread 1
     maxconn {maxconn}
@@ -913,35 +932,9 @@ defaults
     timeout connect 5s
     timeout client 600s
     timeout server 600s
-# small messages: HAProxy splices only when it expects it to pay
-frontend relay
-    bind {LOOPBACK}:{port}
-    option splice-auto
-    default_backend origin
-backend origin
-    option splice-auto
-    server tls {LOOPBACK}:{origins.tls_port}
-# bulk: always splice, HAProxy's fastest relay for a large object (about twice
-# splice-auto's rate on the plain origin here)
-frontend relay_bulk
-    bind {LOOPBACK}:{bulk_port}
-    option splice-request
-    option splice-response
-    default_backend origin_bulk
-backend origin_bulk
-    option splice-request
-    option splice-response
-    server tls {LOOPBACK}:{origins.tls_port}
-frontend relay_plain
-    bind {LOOPBACK}:{plain_port}
-    option splice-request
-    option splice-response
-    default_backend origin_plain
-backend origin_plain
-    option splice-request
-    option splice-response
-    server plain {LOOPBACK}:{origins.plain_port}
-""")
+"""
+        + "".join(_haproxy_relay(*r) for r in relays)
+    )
     proc = start("haproxy", [exe, "-db", "-f", str(conf)], workdir)
     peer.procs, peer.mem_proc = [proc], proc
     peer.connect_port, peer.bulk_port, peer.plain_port = port, bulk_port, plain_port
