@@ -74,6 +74,8 @@ _EXPECT_LINE = re.compile(rb"\r\nexpect:[ \t]*100-continue[ \t]*\r\n", re.IGNORE
 # nginx's convention for "the client closed the request before an answer"
 CLIENT_CLOSED = 499
 
+#: distinct CONNECT heads whose decision is kept (all are dropped when full)
+CONNECT_HEADS_KEPT = 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
@@ -128,6 +130,10 @@ class Proxy:
         # host globs whose CONNECTs are intercepted (TLS terminated here)
         self.intercept = tuple(g.lower() for g in intercept)
         self._intercepted: dict[str, bool] = {}
+        # CONNECT heads already checked, to their (host, port, target, intercept):
+        # a worker pool sends the same few heads over and over, and the same bytes
+        # always get the same answer, so llhttp reads each one once
+        self._connects: dict[bytes, tuple[str, int, str, bool]] = {}
         self._authorities: dict[tuple[bytes, int | None], tuple[str, int, bytes]] = {}
         # names this process in Via (RFC 9110 §7.6.3), so a request that comes
         # back (a client or --connect-to pointing elbasy at itself) is refused
@@ -139,6 +145,11 @@ class Proxy:
     # ---- request heads -----------------------------------------------------------
 
     def on_request(self, head: bytes, client: str) -> Reply | Tunnel | Intercept | Forward:
+        known = self._connects.get(head)
+        if known is not None:
+            host, port, target, intercept = known
+            ex = Exchange(client, "CONNECT", target)
+            return Intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
         try:
             req = parse_request_head(head)
         except RemoteProtocolError as exc:
@@ -149,9 +160,11 @@ class Proxy:
         try:
             if req.method == "CONNECT":
                 host, port = parse_authority(req.target)
-                if self.intercepts(host):
-                    return Intercept(host, port, ex)
-                return Tunnel(host, port, ex)
+                intercept = self.intercepts(host)
+                if len(self._connects) >= CONNECT_HEADS_KEPT:
+                    self._connects.clear()
+                self._connects[head] = (host, port, req.target, intercept)
+                return Intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
             if req.target.startswith("/"):
                 return self._own_page(req, ex)
             return self._forward(req, ex)

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import json
 
-from elbasy.policy import Exchange, Proxy
-from elbasy.verdicts import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Forward, Reply, Tunnel
+from elbasy.policy import CONNECT_HEADS_KEPT, Exchange, Proxy
+from elbasy.verdicts import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    Forward,
+    Intercept,
+    Reply,
+    Tunnel,
+)
 
 
 def proxy() -> Proxy:
@@ -16,6 +24,30 @@ def test_connect_becomes_a_tunnel() -> None:
     v = proxy().on_request(b"CONNECT a.example:443 HTTP/1.1\r\n\r\n", "127.0.0.1:1")
     assert isinstance(v, Tunnel)
     assert (v.host, v.port) == ("a.example", 443)
+
+
+def test_a_repeated_connect_head_gets_the_same_answer_for_each_client() -> None:
+    """A worker pool sends the same CONNECT head over and over: the decision is kept,
+    the exchange (who asked) is each tunnel's own."""
+    p = Proxy(lambda: {}, intercept=["*.myshopify.com"])
+    head = b"CONNECT shop1.myshopify.com:443 HTTP/1.1\r\nHost: shop1.myshopify.com:443\r\n\r\n"
+    first, second = p.on_request(head, "127.0.0.1:1"), p.on_request(head, "127.0.0.1:2")
+    assert isinstance(first, Intercept) and isinstance(second, Intercept)
+    assert (second.host, second.port) == (first.host, first.port) == ("shop1.myshopify.com", 443)
+    assert [v.ticket.client for v in (first, second)] == ["127.0.0.1:1", "127.0.0.1:2"]
+    assert second.ticket is not first.ticket
+    assert (second.ticket.method, second.ticket.target) == ("CONNECT", "shop1.myshopify.com:443")
+    tunnel = b"CONNECT a.example:8443 HTTP/1.1\r\n\r\n"
+    assert [type(p.on_request(tunnel, "c")) for _ in range(2)] == [Tunnel, Tunnel]
+    # a bad head is refused every time, and never kept
+    bad = b"CONNECT a.example HTTP/1.1\r\n\r\n"
+    for _ in range(2):
+        refused = p.on_request(bad, "c")
+        assert isinstance(refused, Reply) and refused.data.startswith(b"HTTP/1.1 400")
+    # bounded: distinct heads past the limit start the memory over
+    for i in range(CONNECT_HEADS_KEPT + 10):
+        p.on_request(f"CONNECT h{i}.example:443 HTTP/1.1\r\n\r\n".encode(), "c")
+    assert len(p._connects) <= CONNECT_HEADS_KEPT
 
 
 def test_absolute_form_is_rewritten_to_origin_form() -> None:
