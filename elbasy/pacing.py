@@ -258,12 +258,17 @@ class Pacer:
             ServerView(v.limit, v.used, v.remaining, v.capacity, v.reset_after)
             for v in report.views
         ]
-        if views:
-            self._learn(m, views, {v.limit: v.rate for v in report.views if v.rate})
-            self.store.observe(m.keys, self.limits(m), views, seen_at)
+        # The refund first, then the server's view: the view already holds this
+        # request's refund, so taking the view first and refunding after would
+        # give the same points back twice whenever the view is the more
+        # pessimistic clock (outside traffic), and miss outside traffic when
+        # it is not.
         r = paced.reservation
         if r is not None and report.actual_cost is not None:
             self.store.settle(r, report.actual_cost, wall_now)
+        if views:
+            self._learn(m, views, {v.limit: v.rate for v in report.views if v.rate})
+            self.store.observe(m.keys, self.limits(m), views, seen_at)
         if not report.throttled:
             return 0.0
         if report.resource_throttle:

@@ -265,3 +265,57 @@ def test_a_rounded_up_count_costs_nothing_and_overfills_nothing() -> None:
     # and the bucket was used to the last whole marble the headroom allows
     assert departs.count(0.0) == 28
     assert r.sent
+
+
+# --------------------------------------------------------------------------- the pacer's order
+
+
+def test_graphql_refund_already_in_the_servers_view_is_not_given_back_twice() -> None:
+    """Shopify refunds (requested - actual) before it reports currentlyAvailable, so the
+    view holds the refund: the pacer gives it back once, and outside traffic in the view
+    still counts."""
+    import json
+
+    from elbasy.pacing import Pacer
+    from elbasy.rules import RuleSet
+
+    now = {"t": 1_800_000_000.0}
+    pacer = Pacer(
+        RuleSet.builtin(), LocalStore(EXACT), wall=lambda: now["t"], mono=lambda: now["t"]
+    )
+    headers = [(b"X-Shopify-Access-Token", b"tok")]
+    body = b'{"query": "{ products(first: 250) { edges { node { id } } } }"}'
+
+    def answer(requested: int, actual: int, available: int) -> bytes:
+        status = {"maximumAvailable": 2000.0, "currentlyAvailable": available, "restoreRate": 100.0}
+        cost = {
+            "requestedQueryCost": requested,
+            "actualQueryCost": actual,
+            "throttleStatus": status,
+        }
+        return json.dumps({"data": {}, "extensions": {"cost": cost}}).encode()
+
+    def query(requested: int, actual: int, available: int) -> None:
+        m = pacer.match("acme.myshopify.com", "POST", "/admin/api/2024-10/graphql.json", headers)
+        assert m is not None
+        paced = pacer.start(m, "POST", headers)
+        v = pacer.priced(paced, body)
+        assert v.depart == 0.0 and not v.shed_after  # left at once
+        pacer.answered(paced, 200, [], answer(requested, actual, available))
+
+    query(251, 101, 1849)  # learns the shape's cost (251) and the standard plan
+    # the second costs 251 reserved, 101 actual; the server saw 600 points of other
+    # traffic too: 2000 - 150 - 150 - 600 = 1100 left, the refund of 150 included
+    query(251, 101, 1100)
+    # 1100 available: a third query of 251 leaves now, and a fourth of 251 ...
+    m = pacer.match("acme.myshopify.com", "POST", "/admin/api/2024-10/graphql.json", headers)
+    assert m is not None
+    departs = []
+    for _ in range(5):
+        paced = pacer.start(m, "POST", headers)
+        departs.append(pacer.priced(paced, body).depart)
+    # 1100 points hold four queries of 251 (1004) beside the 2 points of headroom;
+    # the fifth waits for 251 - 96 = 155 points at 100/s (99/s with the margin):
+    # had the refund been given twice it would have fit at once
+    assert departs[:4] == [0.0] * 4
+    assert departs[4] - now["t"] == pytest.approx((251 + 2 - (1100 - 4 * 251)) / 99, abs=0.05)
