@@ -145,7 +145,7 @@ class Proxy:
     # ---- request heads -----------------------------------------------------------
 
     def on_request(self, head: bytes, client: str) -> Reply | Tunnel | Intercept | Forward:
-        known = self._connects.get(head)
+        known = self._connects.get(head) if head.startswith(b"CONNECT ") else None
         if known is not None:
             host, port, target, intercept = known
             ex = Exchange(client, "CONNECT", target)

@@ -6,13 +6,16 @@ setting at zero must give exactly the departures the mock server accepts.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
 import pytest
 
 from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit
+from elbasy.pacing import Pacer
 from elbasy.quota import LocalStore, Reservation, Safety, ServerView, Shed
+from elbasy.rules import RuleSet
 
 EXACT = Safety(margin=0.0, headroom=0.0, jitter=0.0, guard=0.0)
 SHOPIFY = Limit("shopify-rest", BUCKET, capacity=40, rate=2)
@@ -274,11 +277,6 @@ def test_graphql_refund_already_in_the_servers_view_is_not_given_back_twice() ->
     """Shopify refunds (requested - actual) before it reports currentlyAvailable, so the
     view holds the refund: the pacer gives it back once, and outside traffic in the view
     still counts."""
-    import json
-
-    from elbasy.pacing import Pacer
-    from elbasy.rules import RuleSet
-
     now = {"t": 1_800_000_000.0}
     pacer = Pacer(
         RuleSet.builtin(), LocalStore(EXACT), wall=lambda: now["t"], mono=lambda: now["t"]
