@@ -13,11 +13,32 @@ connect) -> tunnel or forward exchange -> keep-alive or close. Deadlines live
 in one min-heap of (when, fd, serial) entries (elbasy_timers.h) checked
 lazily: an idle deadline moves forward with a plain store, and the heap
 entry is pushed again only when it fires early.
+
+Return convention of the connection steps. Every method that does I/O for
+a connection, or calls one that does, returns an ``int`` step result and
+is declared ``except STEP_RAISED``:
+
+* ``STEP_DONE`` (1): the work it was asked for is done; the caller goes on;
+* ``STEP_WAIT`` (0): a socket would block; epoll (or a timer) calls again;
+* ``STEP_ENDED`` (-1): the connection was finished inside the step (closed,
+  or answered and lingering, or handed to a retry): the caller returns at
+  once and touches it no more. The step that sees a failure is the one that
+  ends the connection, so no caller can forget to close it;
+* ``STEP_RAISED`` (-99) is never returned on purpose: it is the value
+  Cython uses for "a Python exception is in flight" (a MemoryError). Such
+  an exception stops at the connection boundary (``guarded_event``,
+  ``guarded_expiry``), which closes that one connection and counts it.
+
+An ``except`` value is never a value a function returns on purpose: a -1
+that means "the send failed" under ``except -1`` skips every caller's error
+branch (the reset-before-reply fd leak of 0.1). The raw helpers below the
+steps (``buf_send``, ``pump``, ``drain_pipe``) report what failed and leave
+the decision to their caller; they never close anything.
 """
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.errno cimport EAGAIN, EINTR, EMFILE, ENFILE, errno
+from libc.errno cimport EAGAIN, EBADF, EINTR, EINVAL, EMFILE, ENFILE, ENOSYS, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
@@ -182,6 +203,21 @@ DEF SPLICE_ALWAYS = 1
 DEF SPLICE_NEVER = 2
 
 
+# ---- step results (see "Return convention" above) -------------------------------
+
+cdef enum:
+    STEP_WAIT = 0
+    STEP_DONE = 1
+    STEP_ENDED = -1
+    STEP_RAISED = -99
+
+# what pump() and drain_pipe() report (they close nothing themselves)
+cdef enum:
+    PUMP_OK = 0            # progress, or a clean wait
+    PUMP_SRC_FAILED = -1   # reading the source failed (reset, error)
+    PUMP_DST_FAILED = -2   # writing the destination failed
+
+
 # ---- byte buffers -----------------------------------------------------------
 
 cdef struct Buf:
@@ -196,7 +232,10 @@ cdef inline Py_ssize_t buf_len(Buf *b) noexcept nogil:
 
 
 cdef int buf_reserve(Buf *b, Py_ssize_t room) except -1:
-    """Make room for `room` more bytes after b.end, compacting first."""
+    """Make room for `room` more bytes after b.end, compacting first.
+
+    Returns 0; -1 only with MemoryError raised (never on purpose).
+    """
     cdef Py_ssize_t used = b.end - b.start
     cdef Py_ssize_t cap
     cdef char *p
@@ -221,6 +260,7 @@ cdef int buf_reserve(Buf *b, Py_ssize_t room) except -1:
 
 
 cdef int buf_append(Buf *b, const char *src, Py_ssize_t n) except -1:
+    """Copy n bytes to the end of b. Returns 0; -1 only with MemoryError raised."""
     buf_reserve(b, n)
     memcpy(b.data + b.end, src, n)
     b.end += n
@@ -243,8 +283,10 @@ cdef int buf_send(int fd, SSL *ssl, Buf *b, uint64_t *counter) noexcept nogil:
         sent = elb_io_send(fd, ssl, b.data + b.start, buf_len(b))
         if sent < 0:
             if errno == EINTR:
-                continue
-            return 0 if errno == EAGAIN else -1
+                continue  # a signal came first: nothing was sent, send again
+            if errno == EAGAIN:
+                return 0  # the socket buffer is full (or TLS wants the other way)
+            return -1  # EPIPE, ECONNRESET, EPROTO (TLS): the peer is gone
         buf_consumed(b, sent)
         if counter != NULL:
             counter[0] += sent
@@ -269,11 +311,37 @@ cdef struct Dir:
     bint spliced           # bulk flow: bytes go through the pipe
     bint eof               # source sent FIN
     bint shut              # FIN passed on to the destination
+    bint no_splice         # splice(2) refused this flow: it copies to the end
     Buf pend               # copy mode: bytes the destination did not take yet
 
 
 cdef inline bint dir_pending(Dir *d) noexcept nogil:
     return d.in_pipe > 0 or buf_len(&d.pend) > 0
+
+
+# ---- live objects ----------------------------------------------------------------
+
+# Every Conn and every SSL* the loop owns is counted from creation to release
+# (kernel pipes are counted by the loop that makes them). /healthz shows the
+# numbers under "live", and the fd tests check they come back to where they
+# were: an object still counted after its connection ended is a leak.
+cdef Py_ssize_t live_conns = 0
+cdef Py_ssize_t live_ssl = 0
+
+
+cdef inline void ssl_adopt() noexcept:
+    """The loop takes over an SSL* the binding made: it frees it from now on."""
+    global live_ssl
+    live_ssl += 1
+
+
+cdef inline void ssl_release(SSL **ssl) noexcept:
+    """Free an SSL* the loop owns (once: the pointer is cleared)."""
+    global live_ssl
+    if ssl[0] != NULL:
+        SSL_free(ssl[0])
+        ssl[0] = NULL
+        live_ssl -= 1
 
 
 # ---- the objects fds map to ---------------------------------------------------
@@ -349,11 +417,28 @@ cdef class Conn(Slot):
     cdef int c_rw               # a TLS read on the client needs it writable
     cdef int u_rw               # a TLS read on the upstream needs it writable
 
+    def __cinit__(self):
+        global live_conns
+        live_conns += 1
+
+    def __dealloc__(self):
+        # close_conn has freed all of this already; a Conn dropped some other
+        # way (a loop torn down mid-run) gives its memory back here
+        global live_conns
+        live_conns -= 1
+        ssl_release(&self.cssl)
+        ssl_release(&self.ussl)
+        buf_free(&self.cin)
+        buf_free(&self.cout)
+        buf_free(&self.uin)
+        buf_free(&self.uout)
+        buf_free(&self.up.pend)
+        buf_free(&self.down.pend)
+        buf_free(&self.captured)
+
 
 cdef inline void pooled_free_tls(Pooled p) noexcept:
-    if p.ssl != NULL:
-        SSL_free(p.ssl)
-        p.ssl = NULL
+    ssl_release(&p.ssl)
 
 
 cdef inline int64_t seconds_ns(double s):
@@ -421,6 +506,9 @@ cdef class Loop:
     cdef uint64_t c_retries
     cdef uint64_t c_policy_errors
     cdef uint64_t c_pipes_created
+    cdef uint64_t c_pipes_closed
+    cdef uint64_t c_splice_fallbacks
+    cdef uint64_t c_internal_errors
     cdef uint64_t c_intercepts_open
     cdef uint64_t c_intercepts_total
     cdef uint64_t c_tls_accepted
@@ -492,6 +580,7 @@ cdef class Loop:
         for i in range(self.npipes):
             close(self.pipes[i][0])
             close(self.pipes[i][1])
+            self.c_pipes_closed += 1
         self.close_retired()
         free(self.events)
         free(self.iobuf)
@@ -534,9 +623,10 @@ cdef class Loop:
                     if obj is None:
                         continue
                     if type(obj) is Conn:
-                        self.conn_event(<Conn>obj, fd, ev)
+                        self.guarded_event(<Conn>obj, fd, ev)
                     else:
                         self.pool_drop(<Pooled>obj)
+            obj = None  # a connection closed in this batch is freed now, not next turn
             self.run_timers()
             if self.now >= self.next_sweep:
                 self.sweep_pool()
@@ -577,6 +667,8 @@ cdef class Loop:
                 "retries": self.c_retries,
                 "policy_errors": self.c_policy_errors,
                 "pipes_created": self.c_pipes_created,
+                "splice_fallbacks": self.c_splice_fallbacks,
+                "internal_errors": self.c_internal_errors,
                 "timers": self.timers.len,
                 "abandoned_while_held": self.c_abandoned,
             },
@@ -587,6 +679,15 @@ cdef class Loop:
                 "client_handshake_failures": self.c_tls_accept_failures,
                 "upstream_handshakes": self.c_tls_upstream,
                 "upstream_handshake_failures": self.c_tls_upstream_failures,
+            },
+            "live": {
+                # objects this process owns right now (the /healthz request's
+                # own connection included): each returns to its baseline when
+                # the connections that used it have ended
+                "conns": live_conns,
+                "ssl": live_ssl,
+                "pipes": self.c_pipes_created - self.c_pipes_closed,
+                "pipes_pooled": self.npipes,
             },
             "held": {
                 "total": self.c_held,
@@ -607,7 +708,12 @@ cdef class Loop:
         return 0
 
     cdef inline void set_mask(self, int fd, int *current, int want) noexcept:
-        """Ask epoll for `want` on fd; one syscall only when it changes."""
+        """Ask epoll for `want` on fd; one syscall only when it changes.
+
+        A failing epoll_ctl is not checked: EEXIST/ENOENT cannot happen (the
+        mask tracks registration), and ENOMEM/ENOSPC (max_user_watches) leave
+        the fd unwatched until its deadline closes it; every state has one.
+        """
         cdef epoll_event e
         if current[0] == want:
             return
@@ -699,7 +805,7 @@ cdef class Loop:
                 continue
             s.deadline = 0
             if type(s) is Conn:
-                self.conn_expired(<Conn>s)
+                self.guarded_expiry(<Conn>s)
             else:
                 self.pool_drop(<Pooled>s)
 
@@ -716,13 +822,17 @@ cdef class Loop:
             if fd < 0:
                 err = errno
                 if err == EAGAIN or err == EINTR:
-                    return
+                    return  # the queue is empty (or a signal): epoll says when there is more
                 if err == ECONNABORTED:
-                    continue
+                    continue  # that client reset while queued: take the next one
                 if err == EMFILE or err == ENFILE:
+                    # out of fds (ours or the system's): shed one client so the
+                    # listener does not stay readable forever
                     self.c_accept_emfile += 1
                     self.shed_one_client()
                     return
+                # ENOBUFS/ENOMEM (kernel memory), EPERM (a firewall rule),
+                # EPROTO: counted; the next wake-up tries again
                 self.c_accept_errors += 1
                 return
             # TCP_NODELAY comes from the listener: accepted sockets inherit it
@@ -745,7 +855,7 @@ cdef class Loop:
             self.arm(c, self.now + self.head_ns)
             # The listener defers accept until the client has sent something,
             # so the head is usually already here: read before polling.
-            self.read_head(c)
+            self.guarded_event(c, fd, EPOLLIN)
 
     cdef void shed_one_client(self):
         """Out of fds: close the spare, accept and drop one client, re-take it."""
@@ -772,6 +882,32 @@ cdef class Loop:
 
     # ---- events on a connection ------------------------------------------------------
 
+    cdef void guarded_event(self, Conn c, int fd, uint32_t ev):
+        """conn_event, with a Python exception stopped at this one connection."""
+        try:
+            self.conn_event(c, fd, ev)
+        except Exception as exc:
+            self.conn_crashed(c, exc)
+
+    cdef void guarded_expiry(self, Conn c):
+        """conn_expired, with a Python exception stopped at this one connection."""
+        try:
+            self.conn_expired(c)
+        except Exception as exc:
+            self.conn_crashed(c, exc)
+
+    cdef void conn_crashed(self, Conn c, object exc):
+        """A Python exception escaped a step (out of memory, a bug): this
+        connection ends with a reset, since what it was owed is unknown; the
+        loop and every other connection go on."""
+        self.c_internal_errors += 1
+        try:
+            self.policy.internal_error(c.ticket, exc)  # logs it; its page is not sent
+        except Exception:
+            pass
+        self.drop_upstream(c, True)
+        self.close_conn(c, True)
+
     cdef void conn_event(self, Conn c, int fd, uint32_t ev):
         cdef int st = c.state
         if st == S_TUNNEL:
@@ -790,7 +926,7 @@ cdef class Loop:
             if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 self.c_abandoned += 1
                 self.close_conn(c, False)
-            elif self.flush_client(c) >= 0:
+            elif self.flush_client(c) != STEP_ENDED:
                 self.wait_mask(c)
             return
         if ev & EPOLLERR:
@@ -805,12 +941,11 @@ cdef class Loop:
                 # rejected our certificate, often): the handshake failed
                 self.client_tls_failed(c, "the client reset the connection during the handshake")
             else:
-                self.c_client_aborts += 1
-                self.close_conn(c, False)
+                self.client_lost(c)
             return
         if st == S_HEAD:
             if ev & EPOLLOUT:
-                if self.flush_client(c) < 0:
+                if self.flush_client(c) == STEP_ENDED:
                     return
             if ev & (EPOLLIN | EPOLLHUP) or buf_len(&c.cin):
                 self.read_head(c)
@@ -819,8 +954,7 @@ cdef class Loop:
         elif st == S_CONNECT or st == S_TLS_CONNECT:
             if fd != c.ufd:
                 if ev & EPOLLHUP:
-                    self.c_client_aborts += 1
-                    self.close_conn(c, False)
+                    self.client_lost(c)  # it left while we connect for it
             elif st == S_CONNECT:
                 self.connect_ready(c)
             else:
@@ -835,8 +969,7 @@ cdef class Loop:
             self.linger_event(c, ev)
         elif ev & EPOLLHUP:
             # resolving: the client went away meanwhile
-            self.c_client_aborts += 1
-            self.close_conn(c, False)
+            self.client_lost(c)
 
     cdef void conn_expired(self, Conn c):
         cdef int st = c.state
@@ -934,12 +1067,12 @@ cdef class Loop:
                     self.close_conn(c, False)
                 return
             if errno == EINTR:
-                continue
+                continue  # a signal first: read again
             if errno == EAGAIN:
-                self.update_head_mask(c)
+                self.update_head_mask(c)  # the rest of the head is on its way
                 return
-            self.c_client_aborts += 1
-            self.close_conn(c, False)
+            # ECONNRESET (it reset mid-head), EPROTO (TLS garbage, an alert)
+            self.client_lost(c)
             return
 
     cdef void head_too_large(self, Conn c):
@@ -976,9 +1109,7 @@ cdef class Loop:
             c.retried = False
             if (<object>v).peek > 0 and (<object>v).body != BODY_NONE:
                 if (<object>v).expect and self.queue_client(
-                        c, b"HTTP/1.1 100 Continue\r\n\r\n", 25) < 0:
-                    self.c_client_aborts += 1
-                    self.close_conn(c, False)
+                        c, b"HTTP/1.1 100 Continue\r\n\r\n", 25) == STEP_ENDED:
                     return
                 self.begin_peek(c, (<object>v).peek)
                 return
@@ -1018,7 +1149,7 @@ cdef class Loop:
         cdef ssize_t n
         cdef object again
         cdef int64_t depart
-        if buf_len(&c.cout) and self.flush_client(c) < 0:
+        if buf_len(&c.cout) and self.flush_client(c) == STEP_ENDED:
             return  # (a "100 Continue" still on its way)
         while buf_len(&c.cin) < c.peek:
             buf_reserve(&c.cin, IO_CHUNK)
@@ -1027,11 +1158,12 @@ cdef class Loop:
                 c.cin.end += n
                 continue
             if n < 0 and (errno == EAGAIN or errno == EINTR):
+                # the rest of the body is on its way (or a signal came first)
                 self.set_mask(c.fd, &c.cmask,
                               EPOLLIN | (EPOLLOUT if c.c_rw or buf_len(&c.cout) else 0))
                 return
-            self.c_client_aborts += 1
-            self.close_conn(c, False)
+            # 0: its FIN before the body it announced; < 0: ECONNRESET, EPROTO
+            self.client_lost(c)
             return
         c.state = S_RESOLVE  # not reading any more; on its way (or held)
         try:
@@ -1052,7 +1184,8 @@ cdef class Loop:
     # ---- held requests: "forward at T" -------------------------------------------------
 
     cdef int64_t departure_ns(self, object when) except -1:
-        """The loop time to hold a request until, or 0 to send it now.
+        """The loop time to hold a request until, or 0 to send it now
+        (never -1: that is Cython's mark of an exception in flight).
 
         A departure the policy gave is always kept, even one already past
         by the time the loop reads it (its clocks are read a moment after
@@ -1133,30 +1266,29 @@ cdef class Loop:
         except Exception as exc:
             self.policy_error(c, exc)
             return
-        # the "200" leaves in plain text, before c.cssl is set
-        if self.queue_client(c, PyBytes_AS_STRING(ok), PyBytes_GET_SIZE(ok)) < 0:
-            SSL_free(<SSL *>ptr)
-            self.c_client_aborts += 1
-            self.close_conn(c, False)
-            return
         c.cssl = <SSL *>ptr
+        ssl_adopt()
         c.early_tls = PyBytes_GET_SIZE(early) > 0
         buf_free(&c.cin)
         c.site = v
         c.state = S_TLS_ACCEPT
         self.c_intercepts_open += 1
         self.c_intercepts_total += 1
+        # The "200" leaves in plain text before any TLS byte: parked in cout,
+        # it goes out first in client_tls_step, which sends cout without TLS.
+        # A client already gone is seen there, with the SSL* owned by c (and
+        # freed with it) and the intercept counted as opened and aborted.
+        buf_append(&c.cout, PyBytes_AS_STRING(ok), PyBytes_GET_SIZE(ok))
         self.arm(c, self.now + self.head_ns)
         self.client_tls_step(c)
 
     cdef void client_tls_step(self, Conn c):
         cdef int rc, want = EPOLLIN
         if buf_len(&c.cout):
-            # the rest of the "200" (plain text) goes before any TLS byte
+            # the "200" (plain text) goes before any TLS byte
             rc = buf_send(c.fd, NULL, &c.cout, NULL)
             if rc < 0:
-                self.c_client_aborts += 1
-                self.close_conn(c, False)
+                self.client_lost(c)  # gone before the "200": an abort, SSL* freed
                 return
             if rc == 0:
                 self.set_mask(c.fd, &c.cmask, EPOLLOUT)
@@ -1164,7 +1296,10 @@ cdef class Loop:
         while True:
             rc = elb_tls_handshake(c.cssl, &want)
             if rc == 0 and c.early_tls:
-                if elb_tls_settle(c.cssl, c.fd) != 0:
+                # the early ClientHello is used up: read from the socket now
+                # (-1: no memory for the socket BIO, the handshake fails)
+                rc = elb_tls_settle(c.cssl, c.fd)
+                if rc > 0:
                     c.early_tls = False
                     continue
             break
@@ -1205,6 +1340,7 @@ cdef class Loop:
             self.fail(c, 502, f"cannot start TLS with {v.host}: {exc}")
             return
         c.ussl = <SSL *>ptr
+        ssl_adopt()
         c.state = S_TLS_CONNECT
         self.arm(c, self.now + self.connect_ns)
         self.upstream_tls_step(c)
@@ -1240,33 +1376,49 @@ cdef class Loop:
 
     # ---- replies from elbasy itself ------------------------------------------------------
 
-    cdef int queue_client(self, Conn c, const char *data, Py_ssize_t n) except -1:
-        """Send to the client now; park what its socket does not take."""
+    cdef int queue_client(self, Conn c, const char *data, Py_ssize_t n) except STEP_RAISED:
+        """Send to the client now and park what its socket does not take.
+
+        STEP_DONE: sent or parked (flush_client sends the rest). STEP_ENDED:
+        the client is gone (reset, or closed and then reset our bytes), and
+        the connection has been closed here, its upstream included.
+        """
         cdef ssize_t sent = 0
         if buf_len(&c.cout) == 0:
             sent = elb_io_send(c.fd, c.cssl, data, n)
             if sent < 0:
                 if errno != EAGAIN and errno != EINTR:
-                    return -1
-                sent = 0
+                    # EPIPE, ECONNRESET, EPROTO (TLS): nobody will read it
+                    self.client_lost(c)
+                    return STEP_ENDED
+                sent = 0  # EAGAIN: the socket is full; EINTR: nothing went out
         if sent < n:
             buf_append(&c.cout, data + sent, n - sent)
-        return 0
+        return STEP_DONE
 
-    cdef int flush_client(self, Conn c) except -2:
-        """Write parked bytes to the client: 1 drained, 0 still parked, -1 closed."""
+    cdef int flush_client(self, Conn c) except STEP_RAISED:
+        """Write parked bytes to the client: STEP_DONE drained, STEP_WAIT some
+        still parked (EPOLLOUT is the caller's to ask for), STEP_ENDED the
+        client is gone and the connection was closed here."""
         cdef int rc = buf_send(c.fd, c.cssl, &c.cout, NULL)
         if rc < 0:
-            self.c_client_aborts += 1
-            self.close_conn(c, False)
-        return rc
+            self.client_lost(c)
+            return STEP_ENDED
+        return STEP_DONE if rc else STEP_WAIT
+
+    cdef void client_lost(self, Conn c):
+        """The client's socket failed (a reset, or writes to a closed peer):
+        count it and end the connection; an upstream mid-exchange is reset,
+        since it can never be reused."""
+        self.c_client_aborts += 1
+        self.drop_upstream(c, True)
+        self.close_conn(c, False)
 
     cdef void reply(self, Conn c, bytes data, bint close_after):
         if close_after:
             self.send_final(c, data)
             return
-        if self.queue_client(c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) < 0:
-            self.close_conn(c, False)
+        if self.queue_client(c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) == STEP_ENDED:
             return
         self.back_to_head(c, False)
 
@@ -1278,8 +1430,7 @@ cdef class Loop:
         send, shut our side, read and discard for a moment, then close.
         """
         self.drop_upstream(c, False)
-        if self.queue_client(c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) < 0:
-            self.close_conn(c, False)
+        if self.queue_client(c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) == STEP_ENDED:
             return
         self.linger(c)
 
@@ -1296,11 +1447,11 @@ cdef class Loop:
         cdef Py_ssize_t owed = buf_len(&c.cout)
         if owed:
             rc = self.flush_client(c)
-            if rc < 0:
+            if rc == STEP_ENDED:
                 return
             if buf_len(&c.cout) < owed:
                 c.deadline = self.now + LINGER_NS  # a slow reader that reads is no staller
-            if rc == 0:
+            if rc == STEP_WAIT:
                 self.set_mask(c.fd, &c.cmask, EPOLLOUT)
                 return
         if not c.client_shut:
@@ -1311,10 +1462,12 @@ cdef class Loop:
         for _i in range(16):
             n = recv(c.fd, self.iobuf, IO_CHUNK, 0)
             if n > 0:
-                continue
+                continue  # what the client still sends is read and dropped
             if n < 0 and (errno == EAGAIN or errno == EINTR):
                 self.set_mask(c.fd, &c.cmask, EPOLLIN)
-                return
+                return  # nothing more yet: wait for its FIN within the linger deadline
+            # 0: its FIN, our answer is through; < 0: ECONNRESET and the like,
+            # nothing more to deliver either way
             self.close_conn(c, False)
             return
         # still more input: read it on the next wake-up, within the deadline
@@ -1356,10 +1509,12 @@ cdef class Loop:
         c.addrs = None
         c.addr_i = 0
         c.last_err = 0
-        if c.cmask > 0:
-            # stop reading the client (pipelined bytes wait in the kernel);
-            # a client never registered stays unregistered: one syscall less
-            self.set_mask(c.fd, &c.cmask, 0)
+        # Stop reading the client (pipelined bytes wait in the kernel), but
+        # keep it in epoll with no interest: a reset (EPOLLERR, EPOLLHUP) is
+        # still reported, so a client that leaves while DNS or the connect
+        # takes its time is closed at once, not when the answer is ready. A
+        # half-close (FIN) raises nothing: that client still gets its answer.
+        self.set_mask(c.fd, &c.cmask, 0)
         self.arm(c, self.now + self.connect_ns)
         try:
             res = self.resolver.lookup(host, port, (c.fd, c.serial))
@@ -1382,7 +1537,10 @@ cdef class Loop:
             c = <Conn>obj
             if c.serial != serial or c.state != S_RESOLVE:
                 continue
-            self.resolved(c, res)
+            try:
+                self.resolved(c, res)
+            except Exception as exc:
+                self.conn_crashed(c, exc)
 
     cdef void resolved(self, Conn c, object res):
         if isinstance(res, str):
@@ -1445,9 +1603,7 @@ cdef class Loop:
             self.begin_forward(c)
 
     cdef void drop_upstream(self, Conn c, bint reset):
-        if c.ussl != NULL:
-            SSL_free(c.ussl)
-            c.ussl = NULL
+        ssl_release(&c.ussl)
         c.u_rw = 0
         if c.ufd >= 0:
             self.fdmap[c.ufd] = None
@@ -1464,6 +1620,7 @@ cdef class Loop:
         cdef bytes ok = b"HTTP/1.1 200 Connection established\r\n\r\n"
         cdef Py_ssize_t early = buf_len(&c.cin)
         cdef ssize_t sent
+        cdef int rc
         c.state = S_TUNNEL
         self.c_tunnels_open += 1
         self.c_tunnels_total += 1
@@ -1478,6 +1635,8 @@ cdef class Loop:
         else:
             sent = send(c.fd, PyBytes_AS_STRING(ok), PyBytes_GET_SIZE(ok), MSG_NOSIGNAL)
             if sent < 0:
+                # EAGAIN, or a client already gone (EPIPE, ECONNRESET): the
+                # "200" is parked, and the pump below finds out which
                 sent = 0
         if sent < PyBytes_GET_SIZE(ok):
             buf_append(&c.down.pend, PyBytes_AS_STRING(ok) + sent, PyBytes_GET_SIZE(ok) - sent)
@@ -1491,12 +1650,14 @@ cdef class Loop:
             self.go_splice(&c.down)
         self.arm(c, self.now + self.idle_ns)
         if early:
-            if self.pump(c, &c.up, c.fd, c.ufd) < 0:
-                self.tunnel_abort(c, c.ufd)
+            rc = self.pump(c, &c.up, c.fd, c.ufd)
+            if rc < 0:
+                self.tunnel_abort(c, c.fd if rc == PUMP_SRC_FAILED else c.ufd)
                 return
         if buf_len(&c.down.pend):
-            if self.pump(c, &c.down, c.ufd, c.fd) < 0:
-                self.tunnel_abort(c, c.fd)
+            rc = self.pump(c, &c.down, c.ufd, c.fd)
+            if rc < 0:
+                self.tunnel_abort(c, c.ufd if rc == PUMP_SRC_FAILED else c.fd)
                 return
         self.tunnel_masks(c)
 
@@ -1508,17 +1669,17 @@ cdef class Loop:
         cdef uint64_t before = self.c_copied + self.c_spliced + c.bytes_up + c.bytes_down
         cdef epoll_event unused
         if ev & EPOLLERR:
-            self.tunnel_abort(c, fd)
+            self.tunnel_abort(c, fd)  # a reset (or another socket error) on fd
             return
         if ev & (EPOLLIN | EPOLLHUP):
             rc = self.pump(c, reading, fd, other)
             if rc < 0:
-                self.tunnel_abort(c, fd if rc == -1 else other)
+                self.tunnel_abort(c, fd if rc == PUMP_SRC_FAILED else other)
                 return
         if ev & (EPOLLOUT | EPOLLHUP):
             rc = self.pump(c, writing, other, fd)
             if rc < 0:
-                self.tunnel_abort(c, other if rc == -1 else fd)
+                self.tunnel_abort(c, other if rc == PUMP_SRC_FAILED else fd)
                 return
         if c.up.shut and c.down.shut:
             self.close_conn(c, False)
@@ -1566,13 +1727,14 @@ cdef class Loop:
                 c.fd = -1
         self.close_conn(c, False)
 
-    cdef int pump(self, Conn c, Dir *d, int src, int dst) except -3:
-        """Move what src has to dst.
+    cdef int pump(self, Conn c, Dir *d, int src, int dst) except STEP_RAISED:
+        """Move what src has to dst: PUMP_OK (progress, or a clean wait),
+        PUMP_SRC_FAILED or PUMP_DST_FAILED. It closes nothing; the caller
+        aborts the tunnel with the side that failed as the culprit.
 
-        Returns 0 on progress or a clean wait, -1 if src failed, -2 if dst
-        failed. A flow starts in copy mode (recv/send through the loop's
-        buffer: cheapest for small messages, one syscall each way) and moves
-        to splice through a kernel pipe as soon as one read fills the buffer,
+        A flow starts in copy mode (recv/send through the loop's buffer:
+        cheapest for small messages, one syscall each way) and moves to
+        splice through a kernel pipe as soon as one read fills the buffer,
         the sign of a bulk flow. Backpressure: nothing is read while the
         destination still has bytes of ours to take.
         """
@@ -1582,12 +1744,12 @@ cdef class Loop:
         # 1. bytes already on their way
         rc = buf_send(dst, NULL, &d.pend, &self.c_copied)
         if rc <= 0:
-            return -2 if rc < 0 else 0
+            return PUMP_DST_FAILED if rc < 0 else PUMP_OK
         if d.pend.cap:
             buf_free(&d.pend)  # an idle tunnel keeps no buffer
         rc = self.drain_pipe(d, dst)
-        if rc <= 0:
-            return rc
+        if rc != 1:
+            return rc  # PUMP_OK: dst is full; or PUMP_DST_FAILED
         # 2. read more, as long as the destination keeps up
         for _rounds in range(PUMP_ROUNDS):
             if d.eof:
@@ -1599,12 +1761,16 @@ cdef class Loop:
                 n = recv(src, self.iobuf, IO_CHUNK, 0)
             if n < 0:
                 if errno == EINTR:
-                    continue
+                    continue  # a signal first: nothing moved, read again
                 if errno == EAGAIN:
-                    break
-                return -1
+                    break  # src is empty (or, spliced, the pipe is full)
+                if d.spliced and (errno == EINVAL or errno == ENOSYS or errno == EBADF):
+                    # this kernel or socket type cannot splice: copy instead
+                    self.stop_splicing(d)
+                    continue
+                return PUMP_SRC_FAILED  # ECONNRESET, ETIMEDOUT, EHOSTUNREACH...
             if n == 0:
-                d.eof = True
+                d.eof = True  # src sent its FIN
                 break
             if up:
                 c.bytes_up += n
@@ -1615,48 +1781,79 @@ cdef class Loop:
             if d.spliced:
                 d.in_pipe = n
                 rc = self.drain_pipe(d, dst)
-                if rc <= 0:
+                if rc != 1:
                     return rc
                 continue
             k = send(dst, self.iobuf, n, MSG_NOSIGNAL)
             if k < 0:
                 if errno != EAGAIN and errno != EINTR:
-                    return -2
-                k = 0
+                    return PUMP_DST_FAILED  # EPIPE, ECONNRESET: dst is gone
+                k = 0  # dst is full (or a signal): the bytes are parked below
             self.c_copied += k
-            if n == IO_CHUNK and self.splice_mode == SPLICE_AUTO:
+            if n == IO_CHUNK and self.splice_mode == SPLICE_AUTO and not d.no_splice:
                 self.go_splice(d)
             if k < n:
                 buf_append(&d.pend, self.iobuf + k, n - k)
-                return 0
+                return PUMP_OK
             if n < IO_CHUNK:
                 # a short read emptied the socket: another recv would
                 # only say EAGAIN; the level-triggered poll will call again
-                return 0
+                return PUMP_OK
         # 3. the source is done and everything reached dst: pass the FIN on
         if d.eof and not d.shut and not dir_pending(d):
             # the FIN travels on; when the other way is already finished the
             # tunnel closes right after, and close() sends it for free
             if not (c.down.shut if up else c.up.shut):
-                shutdown(dst, SHUT_WR)
+                shutdown(dst, SHUT_WR)  # errors ignored: a dead dst shows on its next event
             d.shut = True
             self.release_pipe(d)
-        return 0
+        return PUMP_OK
 
-    cdef int drain_pipe(self, Dir *d, int dst) except -3:
-        """Move what the pipe holds to dst: 1 emptied, 0 dst is full, -2 dst failed."""
+    cdef int drain_pipe(self, Dir *d, int dst) except STEP_RAISED:
+        """Move what the pipe holds to dst: 1 emptied, PUMP_OK (0) dst is
+        full, PUMP_DST_FAILED dst failed."""
         cdef ssize_t k
         while d.in_pipe > 0:
             k = splice(d.pipe_r, NULL, dst, NULL, d.in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if k < 0:
                 if errno == EINTR:
-                    continue
+                    continue  # a signal first: nothing moved
                 if errno == EAGAIN:
-                    return 0
-                return -2
+                    return PUMP_OK  # dst's socket buffer is full
+                if errno == EINVAL or errno == ENOSYS or errno == EBADF:
+                    # dst cannot take spliced pages: its bytes leave by copy
+                    self.stop_splicing(d)
+                    return 1 if buf_len(&d.pend) == 0 else self.flush_pend(d, dst)
+                return PUMP_DST_FAILED  # EPIPE, ECONNRESET: dst is gone
             d.in_pipe -= k
             self.c_spliced += k
         return 1
+
+    cdef int flush_pend(self, Dir *d, int dst) except STEP_RAISED:
+        """Send d.pend to dst: 1 all sent, PUMP_OK dst is full, PUMP_DST_FAILED."""
+        cdef int rc = buf_send(dst, NULL, &d.pend, &self.c_copied)
+        if rc < 0:
+            return PUMP_DST_FAILED
+        return 1 if rc else PUMP_OK
+
+    cdef void stop_splicing(self, Dir *d):
+        """splice(2) refused this flow (EINVAL, ENOSYS, EBADF: an old kernel,
+        a socket type without splice support): the bytes already in the pipe
+        move to the copy buffer, and the flow copies from now on."""
+        cdef ssize_t k
+        self.c_splice_fallbacks += 1
+        d.no_splice = True
+        while d.in_pipe > 0:
+            buf_reserve(&d.pend, d.in_pipe)
+            k = read(d.pipe_r, d.pend.data + d.pend.end, d.in_pipe)
+            if k <= 0:
+                if k < 0 and errno == EINTR:
+                    continue
+                break  # cannot happen for a pipe we filled; give up on those bytes
+            d.pend.end += k
+            d.in_pipe -= k
+        d.in_pipe = 0
+        self.release_pipe(d)
 
     cdef void go_splice(self, Dir *d):
         cdef int p[2]
@@ -1668,7 +1865,8 @@ cdef class Loop:
             d.pipe_w = self.pipes[self.npipes][1]
         else:
             if pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0:
-                return  # out of fds: this flow stays in copy mode
+                return  # EMFILE/ENFILE: out of fds, this flow stays in copy mode
+            # EPERM past fs.pipe-user-pages-soft: ignored, the pipe keeps its size
             fcntl(p[1], F_SETPIPE_SZ, <int>PIPE_SIZE)
             d.pipe_r = p[0]
             d.pipe_w = p[1]
@@ -1676,6 +1874,7 @@ cdef class Loop:
         d.spliced = True
 
     cdef void release_pipe(self, Dir *d):
+        """Give a flow's pipe back to the pool (or close it if bytes remain in it)."""
         if d.pipe_r < 0:
             return
         if d.in_pipe == 0 and self.npipes < PIPE_POOL_MAX:
@@ -1685,6 +1884,7 @@ cdef class Loop:
         else:
             close(d.pipe_r)
             close(d.pipe_w)
+            self.c_pipes_closed += 1
         d.pipe_r = -1
         d.pipe_w = -1
         d.in_pipe = 0
@@ -1783,19 +1983,20 @@ cdef class Loop:
         self.c_bytes_up += PyBytes_GET_SIZE(head)
         buf_append(&c.uout, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
         self.arm(c, self.now + self.response_ns)
-        if self.request_body_step(c) < 0:
+        if self.request_body_step(c) == STEP_ENDED:
             return
-        if self.flush_upstream(c) < 0:
+        if self.flush_upstream(c) == STEP_ENDED:
             return
         self.forward_masks(c)
 
-    cdef int request_body_step(self, Conn c) except -2:
-        """Move the request body bytes we hold from cin to uout, by framing."""
+    cdef int request_body_step(self, Conn c) except STEP_RAISED:
+        """Move the request body bytes we hold from cin to uout, by framing:
+        STEP_DONE, or STEP_ENDED after a malformed chunked body (answered 400)."""
         cdef Py_ssize_t avail = buf_len(&c.cin)
         cdef Py_ssize_t take
         cdef long got
         if c.req_done or avail == 0:
-            return 0
+            return STEP_DONE
         if c.req_framing == BODY_LENGTH:
             take = avail if <uint64_t>avail < c.req_remaining else <Py_ssize_t>c.req_remaining
             c.req_remaining -= take
@@ -1805,7 +2006,7 @@ cdef class Loop:
             got = elb_chunked_scan(&c.req_chunks, c.cin.data + c.cin.start, avail)
             if got < 0:
                 self.bad_request_body(c)
-                return -1
+                return STEP_ENDED
             take = got
             if c.req_chunks.state == CH_DONE:
                 c.req_done = True
@@ -1813,7 +2014,7 @@ cdef class Loop:
         buf_consumed(&c.cin, take)
         c.bytes_up += take
         self.c_bytes_up += take
-        return 0
+        return STEP_DONE
 
     cdef void bad_request_body(self, Conn c):
         cdef bytes data
@@ -1828,12 +2029,16 @@ cdef class Loop:
         else:
             self.send_final(c, data)
 
-    cdef int flush_upstream(self, Conn c) except -2:
+    cdef int flush_upstream(self, Conn c) except STEP_RAISED:
+        """Write the request bytes we hold to the upstream: STEP_DONE drained,
+        STEP_WAIT some left (forward_masks asks for EPOLLOUT), STEP_ENDED the
+        upstream failed and upstream_lost has answered, retried or closed."""
         cdef int rc = buf_send(c.ufd, c.ussl, &c.uout, NULL)
         if rc < 0:
             self.c_upstream_aborts += 1
             self.upstream_lost(c)
-        return rc
+            return STEP_ENDED
+        return STEP_DONE if rc else STEP_WAIT
 
     cdef void forward_masks(self, Conn c):
         """epoll interest during an exchange, chosen so that the common case
@@ -1858,7 +2063,7 @@ cdef class Loop:
         cdef ssize_t n
         if fd == c.fd:
             if ev & EPOLLOUT:
-                if self.flush_client(c) < 0:
+                if self.flush_client(c) == STEP_ENDED:
                     return
             if ev & (EPOLLIN | EPOLLHUP) and c.req_done:
                 # bytes (a pipelined request) or the end, before our answer:
@@ -1868,22 +2073,22 @@ cdef class Loop:
                 buf_reserve(&c.cin, IO_CHUNK)
                 n = elb_io_recv(c.fd, c.cssl, c.cin.data + c.cin.end, IO_CHUNK, &c.c_rw)
                 if n == 0 or (n < 0 and errno != EAGAIN and errno != EINTR):
-                    self.c_client_aborts += 1
-                    self.drop_upstream(c, True)
-                    self.close_conn(c, False)
+                    # 0: its FIN in the middle of its own request body;
+                    # ECONNRESET, EPROTO (TLS): it is gone. EAGAIN: nothing yet.
+                    self.client_lost(c)
                     return
                 if n > 0:
                     c.cin.end += n
-                    if self.request_body_step(c) < 0:
+                    if self.request_body_step(c) == STEP_ENDED:
                         return
-                    if self.flush_upstream(c) < 0:
+                    if self.flush_upstream(c) == STEP_ENDED:
                         return
         else:
             if ev & EPOLLOUT:
-                if self.flush_upstream(c) < 0:
+                if self.flush_upstream(c) == STEP_ENDED:
                     return
             if ev & (EPOLLIN | EPOLLHUP | EPOLLRDHUP):
-                if self.read_response(c) < 0:
+                if self.read_response(c) == STEP_ENDED:
                     return
         if c.state != S_FORWARD:
             return
@@ -1893,7 +2098,10 @@ cdef class Loop:
         c.deadline = self.now + self.response_ns
         self.forward_masks(c)
 
-    cdef int read_response(self, Conn c) except -2:
+    cdef int read_response(self, Conn c) except STEP_RAISED:
+        """Read what the upstream sent and relay it: STEP_DONE (or a wait:
+        epoll calls again) or STEP_ENDED when the connection was answered,
+        retried or closed inside."""
         cdef ssize_t n
         cdef int _rounds
         for _rounds in range(PUMP_ROUNDS):
@@ -1901,32 +2109,38 @@ cdef class Loop:
             n = elb_io_recv(c.ufd, c.ussl, c.uin.data + c.uin.end, IO_CHUNK, &c.u_rw)
             if n < 0:
                 if errno == EINTR:
-                    continue
+                    continue  # a signal first: read again
                 if errno == EAGAIN:
-                    return 0
+                    return STEP_WAIT  # nothing more yet (or TLS wants to write: u_rw)
+                # ECONNRESET, ETIMEDOUT, EPROTO (a TLS alert or garbage)
                 self.c_upstream_aborts += 1
                 self.upstream_lost(c)
-                return -1
+                return STEP_ENDED
             if n == 0:
                 if c.resp_head_done and c.resp_framing == BODY_CLOSE:
-                    c.resp_done = True
+                    c.resp_done = True  # a body delimited by the close: complete
                     c.reuse_upstream = False
-                    return 0
+                    return STEP_DONE
+                # a FIN before the response was whole
                 self.c_upstream_aborts += 1
                 self.upstream_lost(c)
-                return -1
+                return STEP_ENDED
             c.uin.end += n
-            if self.response_step(c) < 0:
-                return -1
+            if self.response_step(c) == STEP_ENDED:
+                return STEP_ENDED
             if c.resp_done or buf_len(&c.cout) or (n < IO_CHUNK and c.ussl == NULL):
                 # (a TLS read returns one record at most: read on until EAGAIN)
-                return 0
-        return 0
+                return STEP_DONE
+        return STEP_DONE
 
-    cdef int response_step(self, Conn c) except -2:
-        """Handle what uin holds: heads (interim and final), then body bytes."""
+    cdef int response_step(self, Conn c) except STEP_RAISED:
+        """Handle what uin holds: heads (interim and final), then body bytes.
+
+        STEP_DONE, STEP_WAIT (the client's socket is full), or STEP_ENDED.
+        """
         cdef long end
         cdef Py_ssize_t avail, take
+        cdef Py_ssize_t parked = 0  # bytes of a final head parked in this call, not yet sent
         cdef long got
         cdef bytes head
         cdef object plan
@@ -1937,8 +2151,8 @@ cdef class Loop:
                 if avail > self.max_head:
                     self.drop_upstream(c, True)
                     self.fail(c, 502, "the upstream's response head is too large")
-                    return -1
-                return 0
+                    return STEP_ENDED
+                return STEP_WAIT  # the rest of the head is still on its way
             head = PyBytes_FromStringAndSize(c.uin.data + c.uin.start, end)
             buf_consumed(&c.uin, end)
             try:
@@ -1950,10 +2164,10 @@ cdef class Loop:
                 except Exception:
                     data = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
                 self.send_final(c, data)
-                return -1
+                return STEP_ENDED
             if plan.retry_at > 0 and not plan.interim:
                 self.retry_later(c, plan.retry_at)
-                return -1
+                return STEP_ENDED
             head = plan.head
             c.bytes_down += PyBytes_GET_SIZE(head)
             self.c_bytes_down += PyBytes_GET_SIZE(head)
@@ -1962,6 +2176,7 @@ cdef class Loop:
             buf_append(&c.cout, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
             if plan.interim:
                 continue
+            parked = PyBytes_GET_SIZE(head)
             c.resp_head_done = True
             c.status = plan.status
             c.resp_framing = plan.body
@@ -1978,7 +2193,7 @@ cdef class Loop:
         if c.resp_done or avail == 0:
             if c.resp_done and avail:
                 c.reuse_upstream = False  # bytes past the response: not trusted
-            return -1 if self.flush_client(c) < 0 else 0
+            return self.flush_client(c)
         if c.resp_framing == BODY_LENGTH:
             take = avail if <uint64_t>avail < c.resp_remaining else <Py_ssize_t>c.resp_remaining
             c.resp_remaining -= take
@@ -1989,8 +2204,14 @@ cdef class Loop:
             if got < 0:
                 self.c_upstream_aborts += 1
                 self.drop_upstream(c, True)
-                self.close_conn(c, False)
-                return -1
+                if parked and buf_len(&c.cout) >= parked:
+                    # nothing of this response has reached the client yet: the
+                    # head parked above is taken back and the client hears why
+                    c.cout.end -= parked
+                    self.fail(c, 502, "the upstream sent a malformed chunked body")
+                else:
+                    self.close_conn(c, False)  # mid-body: a close is all that is left
+                return STEP_ENDED
             take = got
             if c.resp_chunks.state == CH_DONE:
                 c.resp_done = True
@@ -2007,15 +2228,12 @@ cdef class Loop:
             buf_append(&c.cout, c.uin.data + c.uin.start, take)
             c.uin.start = 0
             c.uin.end = 0
-            return -1 if self.flush_client(c) < 0 else 0
-        if self.queue_client(c, c.uin.data + c.uin.start, take) < 0:
-            self.c_client_aborts += 1
-            self.drop_upstream(c, True)
-            self.close_conn(c, False)
-            return -1
+            return self.flush_client(c)
+        if self.queue_client(c, c.uin.data + c.uin.start, take) == STEP_ENDED:
+            return STEP_ENDED
         c.uin.start = 0
         c.uin.end = 0
-        return 0
+        return STEP_DONE
 
     cdef void upstream_lost(self, Conn c):
         """The upstream closed or failed mid-exchange."""
@@ -2107,9 +2325,7 @@ cdef class Loop:
         if c.site is not None:
             self.c_intercepts_open -= 1
             c.site = None
-        if c.cssl != NULL:
-            SSL_free(c.cssl)
-            c.cssl = NULL
+        ssl_release(&c.cssl)
         c.state = S_CLOSED
         if c.fd >= 0:
             self.fdmap[c.fd] = None

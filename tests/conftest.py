@@ -60,9 +60,11 @@ def _clean_env() -> dict[str, str]:
 class Proxy:
     """A running `python -m elbasy` subprocess."""
 
-    def __init__(self, args: list[str], nofile: int | None = None) -> None:
+    def __init__(
+        self, args: list[str], nofile: int | None = None, env: dict[str, str] | None = None
+    ) -> None:
         """Start elbasy; with `nofile`, under that RLIMIT_NOFILE (soft and hard,
-        since elbasy lifts its soft limit to the hard one)."""
+        since elbasy lifts its soft limit to the hard one); `env` adds variables."""
         self.args = args
 
         def limit() -> None:
@@ -74,7 +76,7 @@ class Proxy:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=_clean_env(),
+            env={**_clean_env(), **(env or {})},
             cwd=str(REPO),
             preexec_fn=limit if nofile is not None else None,
         )
@@ -185,8 +187,8 @@ class Proxy:
 def _start_factory() -> tuple[Callable[..., Proxy], list[Proxy]]:
     started: list[Proxy] = []
 
-    def start(*args: str) -> Proxy:
-        p = Proxy([str(a) for a in args])
+    def start(*args: str, env: dict[str, str] | None = None) -> Proxy:
+        p = Proxy([str(a) for a in args], env=env)
         started.append(p)
         return p
 

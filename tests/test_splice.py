@@ -198,3 +198,65 @@ def test_half_close_in_every_mode(proxy, raw_origin, mode, size):
         assert h["bytes_spliced"] == 0, h  # auto, nothing filled a read
     else:
         assert h["bytes_spliced"] >= size - 2 * MiB, h  # auto, the upload turned bulk
+
+
+# ---------------------------------------------------------------------------------------------
+# a kernel (or socket type) that refuses splice(2): the tunnel copies instead of failing
+
+_REFUSING_SPLICE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* splice(2) as a kernel without it would answer, for the calls the test names:
+ * ELBASY_TEST_SPLICE=all refuses every call; =drain refuses only pipe -> socket,
+ * after bytes are already in the pipe. */
+ssize_t splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out, size_t len,
+               unsigned int flags)
+{
+    const char *mode = getenv("ELBASY_TEST_SPLICE");
+    struct stat st;
+    int from_pipe = fstat(fd_in, &st) == 0 && S_ISFIFO(st.st_mode);
+    if (mode && (strcmp(mode, "all") == 0 || (strcmp(mode, "drain") == 0 && from_pipe))) {
+        errno = EINVAL;
+        return -1;
+    }
+    return syscall(SYS_splice, fd_in, off_in, fd_out, off_out, len, flags);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def refusing_splice(tmp_path_factory) -> str:
+    """A shared object that makes splice(2) fail with EINVAL, loaded with LD_PRELOAD."""
+    import subprocess
+
+    where = tmp_path_factory.mktemp("splice-shim")
+    src = where / "refuse_splice.c"
+    src.write_text(_REFUSING_SPLICE)
+    lib = where / "refuse_splice.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(lib), str(src)], check=True)
+    return str(lib)
+
+
+@pytest.mark.parametrize("which", ["all", "drain"])
+def test_splice_refused_falls_back_to_copying(proxy, raw_origin, refusing_splice, which):
+    """EINVAL from splice(2), before or after bytes entered the pipe: the download arrives
+    whole, by copy, and the fallback is counted."""
+    n = 24 * MiB
+    origin = raw_origin(_download_handler(n))
+    env = {"LD_PRELOAD": refusing_splice, "ELBASY_TEST_SPLICE": which}
+    p = proxy("--splice", "always", env=env)
+    _download(p, origin, n)
+    h = p.healthz()
+    assert h["counters"]["splice_fallbacks"] >= 1, h["counters"]
+    assert h["counters"]["client_aborts"] == 0 and h["counters"]["upstream_aborts"] == 0
+    if which == "all":
+        assert h["bytes_spliced"] == 0, h
+    assert h["bytes_copied"] >= n, h
+    assert h["live"]["pipes"] == h["live"]["pipes_pooled"], h["live"]
