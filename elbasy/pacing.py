@@ -5,15 +5,25 @@ two engines it drives: the rules (which API, which quota account, which
 limits, what a response says) and the quota store (reservations on each
 account's clocks). Per request, in order:
 
-1. ``admit``     the rule match and the reservation: a departure time, or an
-                 immediate 429 from elbasy when it is beyond the max wait;
+1. ``admit``     the rule match and a place in its account's line: a
+                 departure time, or an immediate 429 from elbasy when its
+                 estimate is beyond the max wait;
 2. ``priced``    for GraphQL, the query's cost once its body has been read;
 3. ``departing`` at the departure: confirmed against what was actually sent
                  (and what the server said since), or a later time;
 4. ``answered``  the response head: the server's view merged, a 429 (or a
                  THROTTLED body) pushes the account past Retry-After and may
                  send an idempotent request again;
-5. ``abandoned`` the client left while queued: the reservation goes back.
+5. ``abandoned`` the client left while queued: its place goes back.
+
+The line. The requests waiting on one account (one tuple of bucket keys)
+stand in arrival order, and only the first one has a real departure: the
+moment the store says the bucket holds its cost. When it leaves (sent, or
+its client gone) the next one becomes first and is woken through
+:attr:`Pacer.wake`, at once if the bucket already holds it; when an answer
+refunds points, the first one is woken earlier. Nobody overtakes, and a
+change costs O(1), not a pass over the line. The others wait on a fallback
+timer (:data:`NOT_FIRST_WAIT`) that only matters if a wake-up were lost.
 
 Times: the quota works on the wall clock (windows are aligned to the epoch,
 as the APIs count them); the loop's timers run on the monotonic clock. Both
@@ -25,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -45,6 +55,16 @@ MAX_WAIT_CEILING = 3600.0
 BODY_FEEDBACK_BYTES = 256 * 1024
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+#: how long a request that is not first in its line waits before it asks again
+#: (it is woken as soon as it is first; this is the net under that)
+NOT_FIRST_WAIT = MAX_WAIT_CEILING
+
+#: the pacer's hook to move a held request: ``wake(waiter, monotonic time)``
+Wake = Callable[[object, float], None]
+
+
+def _no_wake(waiter: object, when: float) -> None:
+    """Until a loop is wired in (tests of the pacer alone): nothing to wake."""
 
 
 class BadMaxWait(ValueError):
@@ -64,6 +84,11 @@ class Paced:
     due: float = 0.0  # monotonic: the departure it was last given (0: at once)
     retried: bool = False
     response: tuple[int, list[tuple[bytes, bytes]]] | None = None  # status, headers
+    # its line: the account's keys while it waits in one, and what wake() is
+    # called with (the loop's handle of the held request)
+    line: tuple[str, ...] | None = None
+    waiter: object = None
+    gone: bool = False  # left its line from the middle; dropped when it reaches the front
 
     def waited(self) -> float:
         return max(0.0, self.sent_at - self.arrived) if self.sent_at else 0.0
@@ -99,6 +124,10 @@ class Pacer:
         self.mono = mono
         # limits whose numbers a server reported (Etsy's day, GraphQL's bucket), per key
         self._learned: dict[tuple[str, str], tuple[float, float | None]] = {}
+        # the requests waiting on each account, first in line at the left
+        self._lines: dict[tuple[str, ...], deque[Paced]] = {}
+        #: moves a held request to a new departure; the loop wires its own in
+        self.wake: Wake = _no_wake
         self._lateness = [0.0] * 10_000  # the most recent departures' lateness, seconds
         self._late_n = 0
         self.counters: Counter[str] = Counter(
@@ -110,7 +139,7 @@ class Pacer:
                     "resource_throttled",
                     "retried",
                     "returned",
-                    "written_off",
+                    "woken_early",
                 ),
                 0,
             )
@@ -173,8 +202,11 @@ class Pacer:
                 self._learned.clear()
             self._learned[(key, limit.name)] = told
 
-    def admit(self, paced: Paced) -> Verdict:
-        """Reserve the request's place on its account: when it may leave, or shed it."""
+    def admit(self, paced: Paced, waiter: object = None) -> Verdict:
+        """Give the request its place in its account's line: when it may leave, or shed it.
+
+        ``waiter`` is what :attr:`wake` is called with when its departure moves.
+        """
         m = paced.match
         wall_now = self.wall()
         r = self.store.reserve(m.keys, self.limits(m), m.cost, wall_now, paced.max_wait)
@@ -189,34 +221,104 @@ class Pacer:
             )
             return Verdict(shed_after=r.retry_after, limit=r.limit)
         paced.reservation = r
-        if r.depart <= wall_now:
-            later = self.departing(paced)
-            return Verdict(depart=later or 0.0)
-        paced.due = self._to_mono(r.depart)
+        paced.waiter = waiter
+        line = self._lines.get(m.keys)
+        if line:
+            # others wait already: it goes behind them, woken when it is first
+            line.append(paced)
+            paced.line = m.keys
+            return Verdict(depart=self.mono() + NOT_FIRST_WAIT)
+        later = self.store.confirm(r, wall_now)
+        if later is None:
+            self._sent(paced)
+            return Verdict()
+        self._lines[m.keys] = deque((paced,))
+        paced.line = m.keys
+        paced.due = self._to_mono(later)
         return Verdict(depart=paced.due)
 
-    def priced(self, paced: Paced, body: bytes) -> Verdict:
+    def priced(self, paced: Paced, body: bytes, waiter: object = None) -> Verdict:
         """The request body is here (GraphQL): price it by its query, then admit it."""
         paced.match = self.rules.cost_for(paced.match, body)
-        return self.admit(paced)
+        return self.admit(paced, waiter)
 
     # ------------------------------------------------------------------ 3. departure
 
     def departing(self, paced: Paced) -> float | None:
         """At the departure time: None to send now, or a later (monotonic) time."""
         r = paced.reservation
-        if r is None:
+        if r is None or r.sent:
             return None
+        line = self._lines.get(paced.line) if paced.line is not None else None
+        if line and line[0] is not paced:
+            # not first yet (the net under a lost wake-up): nudge the first, wait on
+            self._wake_first(line)
+            return self.mono() + NOT_FIRST_WAIT
         later = self.store.confirm(r, self.wall())
         if later is not None:
             paced.due = self._to_mono(later)
             return paced.due
+        self._sent(paced)
+        return None
+
+    def _sent(self, paced: Paced) -> None:
+        """It leaves now: out of its line, and the next one is woken."""
         paced.sent_at = self.mono()
         if paced.due:
             # how late the loop's timer let it go: the scheduler's own precision
             self._lateness[self._late_n % len(self._lateness)] = paced.sent_at - paced.due
             self._late_n += 1
-        return None
+        self._leave_line(paced)
+
+    # ------------------------------------------------------------------ the line
+
+    def _leave_line(self, paced: Paced) -> None:
+        """Take a request out of its line (sent, or its client left)."""
+        key = paced.line
+        paced.line = None
+        paced.waiter = None
+        if key is None:
+            return
+        line = self._lines.get(key)
+        if not line:
+            return
+        if line[0] is paced:
+            line.popleft()
+            self._wake_first(line, key)
+        else:
+            paced.gone = True  # dropped when it reaches the front: O(1) now
+
+    def _wake_first(self, line: deque[Paced], key: tuple[str, ...] | None = None) -> None:
+        """Whoever is first in ``line`` now leaves as soon as the bucket holds it."""
+        while line and line[0].gone:
+            line.popleft()
+        if not line:
+            if key is not None:
+                del self._lines[key]
+            return
+        first = line[0]
+        r = first.reservation
+        assert r is not None
+        wall_now = self.wall()
+        t = self.store.earliest(r, wall_now)
+        first.due = self._to_mono(t) if t > wall_now else self.mono()
+        self.wake(first.waiter, first.due)
+
+    def _line_moved(self, keys: tuple[str, ...]) -> None:
+        """A refund (or more room) on ``keys``: the first in line goes sooner if it can."""
+        line = self._lines.get(keys)
+        if not line or line[0].gone:
+            return
+        first = line[0]
+        r = first.reservation
+        assert r is not None
+        wall_now = self.wall()
+        t = self.store.earliest(r, wall_now)
+        due = self._to_mono(t) if t > wall_now else self.mono()
+        if due < first.due - 1e-6:
+            first.due = due
+            self.counters["woken_early"] += 1
+            self.wake(first.waiter, due)
 
     def lateness(self) -> dict[str, float]:
         """Held requests' departure after their scheduled time: p50 and p99 in ms (recent)."""
@@ -264,12 +366,16 @@ class Pacer:
         # pessimistic clock (outside traffic), and miss outside traffic when
         # it is not.
         r = paced.reservation
+        refunded = False
         if r is not None and report.actual_cost is not None:
             self.store.settle(r, report.actual_cost, wall_now)
+            refunded = report.actual_cost < r.cost
         if views:
             self._learn(m, views, {v.limit: v.rate for v in report.views if v.rate})
             self.store.observe(m.keys, self.limits(m), views, seen_at)
         if not report.throttled:
+            if refunded:
+                self._line_moved(m.keys)
             return 0.0
         if report.resource_throttle:
             # a limit on one resource (Shopify's new variants a day), not the
@@ -299,7 +405,13 @@ class Pacer:
                 paced.retried = True
                 paced.reservation = again
                 self.counters["retried"] += 1
-                return self._to_mono(max(again.depart, until))
+                # it came before everyone waiting now: it goes first again
+                line = self._lines.setdefault(m.keys, deque())
+                line.appendleft(paced)
+                paced.line = m.keys
+                paced.gone = False
+                paced.due = self._to_mono(max(self.store.earliest(again, wall_now), until))
+                return paced.due
         return 0.0
 
     def wants_body(self, paced: Paced) -> int:
@@ -309,11 +421,15 @@ class Pacer:
     # ------------------------------------------------------------------ 5. leaving
 
     def abandoned(self, paced: Paced) -> None:
-        """The client went away before its request left: give the reservation back."""
+        """The client went away before its request left: its place goes back,
+        and the line behind it moves up (the first one woken if it was first)."""
         r = paced.reservation
-        if r is None or paced.sent_at:
+        if r is None or r.sent:
             return
         if self.store.give_back(r, self.wall()):
             self.counters["returned"] += 1
-        else:
-            self.counters["written_off"] += 1
+        self._leave_line(paced)
+
+    def waiting(self) -> int:
+        """Requests in lines right now (first ones included)."""
+        return sum(len(line) for line in self._lines.values())

@@ -243,7 +243,7 @@ class Proxy:
                 head = drop_header_lines(fwd.head, (b"expect",))
                 return fwd._replace(head=head, peek=match.body_needed, expect=True)
             return fwd._replace(peek=match.body_needed)
-        v = self.pacer.admit(paced)
+        v = self.pacer.admit(paced, ex)
         if v.shed_after:
             return self._shed(ex, v)
         return fwd._replace(depart=v.depart)
@@ -402,7 +402,7 @@ class Proxy:
     def on_body(self, ex: Exchange, body: bytes) -> float | Reply:
         """The request body a paced request's price depends on (GraphQL): admit it now."""
         assert ex.paced is not None and self.pacer is not None
-        v = self.pacer.priced(ex.paced, body)
+        v = self.pacer.priced(ex.paced, body, ex)
         if v.shed_after:
             return self._shed(ex, v)
         return v.depart
@@ -473,6 +473,9 @@ class Proxy:
 
     def internal_error(self, ex: Exchange | None, exc: BaseException) -> bytes:
         log.error("internal error on %s", ex.target if ex else "-", exc_info=exc)
+        if ex is not None and ex.paced is not None and self.pacer is not None:
+            # the request will not leave: its place in line goes back
+            self.pacer.abandoned(ex.paced)
         return error_response(500, "elbasy hit an internal error; see its log")
 
 

@@ -8,19 +8,26 @@ limit of an account, so a shared-memory or Redis store can implement the same
 Each bucket (one limit of one account, named by its key: the rule, the limit
 and the account parts in the limit's scope) keeps two views:
 
-* the **reservation clock** — where the next request would stand in line,
-  counting every request already given a departure time, sent or not;
 * the **sent clock** — what has actually left, merged (pessimistically and
   monotonically) with what the server says it has counted, so traffic
-  elbasy never saw is accounted for.
+  elbasy never saw is accounted for;
+* the **queue** — the units of every request given a place in line and not
+  sent yet. A newcomer stands behind all of them (the reservation clock is
+  the sent clock plus the queue); one that leaves the line, sent or given
+  back, takes exactly its units out.
 
-A request reserves a departure on the first, waits on the loop's timer, and
-at departure is confirmed against the second; if the server's view moved in
-the meantime it waits again, keeping its turn. Three kinds of limit:
+A request takes a place in line (its estimate stands behind everything
+queued: what the max wait is checked against), waits for its turn, and at
+departure is confirmed against the sent clock; if the server's view moved
+in the meantime it waits again, keeping its turn. The order of each line
+is the pacer's (``elbasy.pacing``): only its head asks :meth:`LocalStore.earliest`,
+so the line moves as soon as the bucket holds the head's cost, whatever
+was planned at arrival; a refund or a place given back moves it at once.
+Three kinds of limit:
 
 ``bucket``  GCRA: a leaky (or token) bucket of ``capacity`` restored at
             ``rate`` per second is one number, the theoretical arrival time
-            ``tat``; the level at time t is ``(tat - t) * rate``.
+            (the sent clock); the level at time t is ``(sent - t) * rate``.
 ``window``  fixed windows aligned to the epoch (Etsy's second): a count per
             window. A request never departs in the last ``guard`` seconds of
             a window, where the server could count it in the next one.
@@ -70,12 +77,18 @@ class Reservation:
 
     keys: tuple[str, ...]  # the bucket key of each limit
     limits: tuple[Limit, ...]
-    cost: float
-    depart: float  # when it may leave (the caller's clock)
+    costs: tuple[float, ...]  # per limit: the units it takes there
+    depart: float  # when it would leave behind everything queued (the caller's clock)
     made: float  # when it was made
-    # per limit: the slot it holds (bucket: tat after it; window/rolling: the index)
+    # per limit: bucket: the units it queued; window/rolling: the slot index it booked
     slots: list[float] = field(default_factory=list)
     sent: bool = False
+    returned: bool = False  # its place was given back (the client left)
+
+    @property
+    def cost(self) -> float:
+        """What it takes on its first limit (on every limit, for most rules)."""
+        return self.costs[0] if self.costs else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +117,12 @@ class QuotaStore(Protocol):
         self,
         keys: Sequence[str],
         limits: Sequence[Limit],
-        cost: float,
+        cost: float | Sequence[float],
         now: float,
         max_wait: float,
     ) -> Reservation | Shed: ...
+
+    def earliest(self, r: Reservation, now: float) -> float: ...
 
     def confirm(self, r: Reservation, now: float) -> float | None: ...
 
@@ -130,10 +145,10 @@ class QuotaStore(Protocol):
 class _State:
     """The clocks of one (account, limit)."""
 
-    __slots__ = ("tat", "sent", "interval", "blocked", "reserved", "departed", "extra")
+    __slots__ = ("queued", "sent", "interval", "blocked", "reserved", "departed", "extra")
 
     def __init__(self) -> None:
-        self.tat = 0.0  # bucket: reservation clock
+        self.queued = 0.0  # bucket: units in line, not sent yet
         self.sent = 0.0  # bucket: sent clock (with the server's view)
         self.interval = 0.0  # bucket: seconds per unit the clocks were kept in
         self.blocked = 0.0  # nothing departs before this (after a 429)
@@ -174,14 +189,23 @@ def _period(limit: Limit) -> float:
     return limit.window / (limit.sub_buckets if limit.kind == ROLLING else 1)
 
 
+def _per_limit(cost: float | Sequence[float], limits: Sequence[Limit]) -> tuple[float, ...]:
+    """One cost for every limit, or one per limit (checked)."""
+    if isinstance(cost, int | float):
+        return (float(cost),) * len(limits)
+    costs = tuple(float(c) for c in cost)
+    if len(costs) != len(limits):
+        raise ValueError(f"{len(costs)} costs for {len(limits)} limits")
+    return costs
+
+
 class LocalStore:
     """Every account's clocks in this process's memory (one worker)."""
 
     def __init__(self, safety: Safety | None = None) -> None:
         self.safety = safety or Safety()
         self._states: dict[tuple[str, str], _State] = {}
-        self.returned = 0  # reservations given back whole
-        self.written_off = 0  # reservations whose slot stayed spent
+        self.returned = 0  # places in line given back (their clients left)
 
     # ------------------------------------------------------------------ arithmetic
 
@@ -196,7 +220,6 @@ class LocalStore:
                 # a plan learned (or changed): the bucket keeps its level in units
                 if st.interval:
                     scale = interval / st.interval
-                    st.tat = now + max(0.0, st.tat - now) * scale
                     st.sent = now + max(0.0, st.sent - now) * scale
                 st.interval = interval
         return st
@@ -251,21 +274,36 @@ class LocalStore:
             t = (i + 1) * period
         raise RuntimeError(f"limit {limit.name}: no room found")  # pragma: no cover
 
+    def _in_line(self, st: _State, now: float) -> float:
+        """A bucket's reservation clock: the sent clock with the queue behind it."""
+        return max(st.sent, now) + st.queued * st.interval
+
     def _earliest(
-        self, keys: Sequence[str], limits: Sequence[Limit], cost: float, now: float
+        self,
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        costs: Sequence[float],
+        now: float,
+        behind_queue: bool,
     ) -> tuple[float, str]:
-        """The earliest time every limit takes ``cost``: (time, limit that set it)."""
+        """The earliest time every limit takes its cost: (time, limit that set it).
+
+        ``behind_queue``: after everything already in line (a newcomer's
+        estimate), else on what has been sent alone (the head of a line).
+        """
         t = now
         which = limits[0].name if limits else ""
         for _ in range(_ROUNDS):
             moved = False
-            for key, limit in zip(keys, limits, strict=True):
+            for key, limit, cost in zip(keys, limits, costs, strict=True):
                 st = self._state(key, limit, now)
                 start = max(t, st.blocked)
                 if limit.kind == BUCKET:
-                    e = self._bucket_earliest(limit, st.tat, cost, start)
+                    clock = self._in_line(st, now) if behind_queue else st.sent
+                    e = self._bucket_earliest(limit, clock, cost, start)
                 else:
-                    e = self._window_earliest(limit, cost, start, st.booked())
+                    counts = st.booked() if behind_queue else st.seen()
+                    e = self._window_earliest(limit, cost, start, counts)
                 if e > t + _EPS:
                     t, which, moved = e, limit.name, True
             if not moved:
@@ -278,57 +316,69 @@ class LocalStore:
         self,
         keys: Sequence[str],
         limits: Sequence[Limit],
-        cost: float,
+        cost: float | Sequence[float],
         now: float,
         max_wait: float,
     ) -> Reservation | Shed:
-        """Give a request of ``cost`` its departure on every limit, or none at all."""
-        depart, which = self._earliest(keys, limits, cost, now)
+        """Give a request its place in line on every limit, or none at all.
+
+        ``cost``: the units it takes, on every limit or one per limit. Its
+        ``depart`` is when it would leave behind everything queued, the
+        estimate the max wait is checked against; when it really may leave
+        is :meth:`earliest` once it heads its line, made so by :meth:`confirm`.
+        """
+        costs = _per_limit(cost, limits)
+        depart, which = self._earliest(keys, limits, costs, now, behind_queue=True)
         if depart - now > max_wait + _EPS:
             return Shed(depart - now, which)
-        r = Reservation(tuple(keys), tuple(limits), cost, depart, now)
-        for key, limit in zip(keys, limits, strict=True):
+        r = Reservation(tuple(keys), tuple(limits), costs, depart, now)
+        for key, limit, c in zip(keys, limits, costs, strict=True):
             st = self._state(key, limit, now)
             if limit.kind == BUCKET:
-                st.tat = max(st.tat, depart) + min(cost, self._room(limit)) * self._interval(limit)
-                r.slots.append(st.tat)
+                units = min(c, self._room(limit))
+                st.queued += units
+                r.slots.append(units)
             else:
                 i = math.floor(depart / _period(limit) + _EPS)
-                st.reserved[i] = st.reserved.get(i, 0.0) + cost
+                st.reserved[i] = st.reserved.get(i, 0.0) + c
                 r.slots.append(float(i))
                 self._forget_old(st, limit, now)
         return r
+
+    def earliest(self, r: Reservation, now: float) -> float:
+        """When a request heading its line may leave: as soon as what has been
+        sent (and what the server reported) leaves room for it; ``now`` at once."""
+        if r.sent:
+            return now
+        return self._earliest(r.keys, r.limits, r.costs, now, behind_queue=False)[0]
 
     def confirm(self, r: Reservation, now: float) -> float | None:
         """At departure: None to send now, or the later time the server's view asks for.
 
         Checked against the sent clock; a request that must wait again keeps
-        its reservation and is asked again at the returned time.
+        its place and is asked again at the returned time.
         """
-        t = now
-        for key, limit in zip(r.keys, r.limits, strict=True):
-            st = self._state(key, limit, now)
-            t = max(t, st.blocked)
-            if limit.kind == BUCKET:
-                t = max(t, self._bucket_earliest(limit, st.sent, r.cost, now))
-            else:
-                t = max(t, self._window_earliest(limit, r.cost, now, st.seen()))
+        if r.sent:
+            return None
+        t = self.earliest(r, now)
         if t > now + _EPS:
             return t
         for k, limit in enumerate(r.limits):
             st = self._state(r.keys[k], limit, now)
+            c = r.costs[k]
             if limit.kind == BUCKET:
-                st.sent = max(st.sent, now) + min(r.cost, self._room(limit)) * self._interval(limit)
-                st.tat = max(st.tat, st.sent)
+                units = r.slots[k]
+                st.queued = max(0.0, st.queued - units)
+                st.sent = max(st.sent, now) + units * self._interval(limit)
             else:
                 i = math.floor(now / _period(limit) + _EPS)
-                st.departed[i] = st.departed.get(i, 0.0) + r.cost
+                st.departed[i] = st.departed.get(i, 0.0) + c
                 booked = int(r.slots[k])
                 if booked != i:
-                    # it leaves in another slot than booked (a late timer, a
-                    # second wait): the booking moves along
-                    _take(st.reserved, booked, r.cost)
-                    st.reserved[i] = st.reserved.get(i, 0.0) + r.cost
+                    # it leaves in another slot than booked (a line that moved,
+                    # a second wait): the booking moves along
+                    _take(st.reserved, booked, c)
+                    st.reserved[i] = st.reserved.get(i, 0.0) + c
                     r.slots[k] = float(i)
         r.sent = True
         return None
@@ -369,8 +419,6 @@ class LocalStore:
                     clock = now + level * self._interval(limit)
                     if clock > st.sent:
                         st.sent = clock
-                    if st.sent > st.tat:
-                        st.tat = st.sent
                 else:
                     # outside traffic: what the server counted beyond what left from here
                     i = math.floor(now / _period(limit) + _EPS)
@@ -402,7 +450,6 @@ class LocalStore:
             if limit.kind == BUCKET:
                 full = now + limit.capacity * self._interval(limit)
                 st.sent = max(st.sent, full)
-                st.tat = max(st.tat, st.sent)
             elif limit.kind == WINDOW:
                 i = math.floor(now / _period(limit) + _EPS)
                 seen = st.seen().get(i, 0.0)
@@ -411,47 +458,42 @@ class LocalStore:
         return until
 
     def give_back(self, r: Reservation, now: float) -> bool:
-        """A request that never left: return its slots if nothing depends on them.
+        """A request that never left: its place in line is returned whole.
 
-        A bucket's slot comes back only if no later reservation was stacked on
-        it (else it is written off: the line behind it keeps its times, and
-        the bucket is never double-spent). Window slots always come back.
+        Its units leave the queue (and its window slot), so everything behind
+        it and every newcomer stand where they would had it never come. False
+        if there was nothing to give back (it was sent, or given back).
         """
-        if r.sent:
+        if r.sent or r.returned:
             return False
-        whole = True
         for k, limit in enumerate(r.limits):
             st = self._state(r.keys[k], limit, now)
             if limit.kind == BUCKET:
-                if abs(st.tat - r.slots[k]) < _EPS:
-                    st.tat -= min(r.cost, self._room(limit)) * self._interval(limit)
-                else:
-                    whole = False
+                st.queued = max(0.0, st.queued - r.slots[k])
             else:
-                _take(st.reserved, int(r.slots[k]), r.cost)
-        if whole:
-            self.returned += 1
-        else:
-            self.written_off += 1
-        return whole
+                _take(st.reserved, int(r.slots[k]), r.costs[k])
+        r.returned = True
+        self.returned += 1
+        return True
 
     def settle(self, r: Reservation, actual_cost: float, now: float) -> None:
         """A request cost less than reserved (GraphQL's refund): hand the difference back.
 
-        Both clocks move back by the refund (never before now): the server
-        has the points again, and requests queued behind keep their times (a
-        later arrival may now leave sooner, which is what the refund is for).
+        The sent clock moves back by the refund (never before now): the server
+        has the points again, and the head of the line can use them at once.
+        Only the bucket limits that count the request's cost are refunded, not
+        those that count requests (a cost of its own on that limit).
         """
-        refund = r.cost - actual_cost
-        if refund <= 0:
+        if not r.sent:
             return
-        for key, limit in zip(r.keys, r.limits, strict=True):
-            if limit.kind != BUCKET:
+        for k, limit in enumerate(r.limits):
+            if limit.kind != BUCKET or r.costs[k] != r.cost:
                 continue
-            st = self._state(key, limit, now)
-            back = refund * self._interval(limit)
-            st.sent = max(now, st.sent - back)
-            st.tat = max(st.sent, st.tat - back)
+            refund = r.slots[k] - min(max(actual_cost, 0.0), r.slots[k])
+            if refund <= 0:
+                continue
+            st = self._state(r.keys[k], limit, now)
+            st.sent = max(now, st.sent - refund * self._interval(limit))
 
     # ------------------------------------------------------------------ housekeeping
 

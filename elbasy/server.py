@@ -153,6 +153,8 @@ class Worker:
                 server_tls=self.server_tls,
                 client_tls=self.client_tls,
             )
+            # the pacer moves held requests (a line that moved) through the loop
+            self.pacer.wake = self.loop.wake
         except BaseException:
             self.close()
             raise

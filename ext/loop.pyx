@@ -461,6 +461,7 @@ cdef class Loop:
     cdef object client_tls      # makes verified upstream SSL*s
     cdef list fdmap
     cdef dict pool
+    cdef dict held              # ticket -> Conn, for every request held in S_WAIT
     cdef uint64_t next_serial
     cdef int64_t now
     cdef int64_t started_ns
@@ -541,6 +542,7 @@ cdef class Loop:
         self.client_tls = client_tls
         self.fdmap = []
         self.pool = {}
+        self.held = {}
         self.head_ns = seconds_ns(head_timeout)
         self.connect_ns = seconds_ns(connect_timeout)
         self.idle_ns = seconds_ns(idle_timeout)
@@ -634,6 +636,23 @@ cdef class Loop:
             self.close_retired()
         self.shutdown_all()
         self.close_retired()
+
+    def wake(self, ticket, double when):
+        """Move a held request's departure to ``when`` (monotonic seconds).
+
+        The policy calls it when a line moves (a refund, a client ahead that
+        left, the one ahead that departed). A ticket no longer held (sent,
+        closed) is ignored. It only re-arms a timer: the request leaves from
+        the timer, never from inside the policy call that woke it.
+        """
+        cdef object obj = self.held.get(ticket)
+        cdef Conn c
+        if obj is None:
+            return
+        c = <Conn>obj
+        if c.state != S_WAIT:
+            return
+        self.arm(c, self.departure_ns(when))
 
     def stats(self):
         """Counters for /healthz; cheap enough to call per status request."""
@@ -1214,8 +1233,16 @@ cdef class Loop:
             buf_free(&c.cin)
         self.c_held += 1
         self.c_waiting += 1
+        if c.ticket is not None:
+            self.held[c.ticket] = c
         self.arm(c, depart)
         self.wait_mask(c)
+
+    cdef void unhold(self, Conn c):
+        """A held request leaves S_WAIT (departs, or its connection ends)."""
+        self.c_waiting -= 1
+        if c.ticket is not None:
+            self.held.pop(c.ticket, None)
 
     cdef void wait_mask(self, Conn c):
         self.set_mask(c.fd, &c.cmask, EPOLLRDHUP | (EPOLLOUT if buf_len(&c.cout) else 0))
@@ -1227,7 +1254,7 @@ cdef class Loop:
         try:
             again = self.policy.departing(c.ticket)
         except Exception as exc:
-            self.c_waiting -= 1
+            self.unhold(c)
             c.state = S_RESOLVE  # no longer held
             self.policy_error(c, exc)
             return
@@ -1235,7 +1262,7 @@ cdef class Loop:
         if when:
             self.arm(c, when)
             return
-        self.c_waiting -= 1
+        self.unhold(c)
         c.state = S_RESOLVE  # no longer held; on its way
         self.send_forward(c)
 
@@ -2317,7 +2344,7 @@ cdef class Loop:
             except Exception:
                 self.c_policy_errors += 1
         elif c.state == S_WAIT:
-            self.c_waiting -= 1
+            self.unhold(c)
             try:
                 self.policy.abandoned(c.ticket)
             except Exception:

@@ -148,18 +148,41 @@ def test_max_wait_sheds_with_an_honest_retry_after() -> None:
     assert isinstance(r, Reservation) and r.depart == pytest.approx(0.5)
 
 
-def test_give_back_only_when_nothing_depends_on_it() -> None:
+def test_a_place_given_back_moves_everyone_behind_it() -> None:
+    """Whoever leaves the line, first, middle or last, is as if it had never come."""
     store = LocalStore(EXACT)
     for _ in range(40):
         go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
-    r1 = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)  # departs 0.5
-    r2 = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)  # departs 1.0, stacked on r1
+    r1 = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)  # would leave at 0.5
+    r2 = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)  # at 1.0, behind r1
+    r3 = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)  # at 1.5
     assert isinstance(r1, Reservation) and isinstance(r2, Reservation)
-    assert store.give_back(r1, 0.1) is False  # r2 stands behind it: written off
-    assert store.give_back(r2, 0.1) is True  # the last in line: returned
-    r3 = store.reserve(["a"], [SHOPIFY], 1, 0.1, 60)
-    assert isinstance(r3, Reservation) and r3.depart == pytest.approx(1.0)
-    assert (store.returned, store.written_off) == (1, 1)
+    assert isinstance(r3, Reservation) and r3.depart == pytest.approx(1.5)
+    assert store.give_back(r1, 0.1) is True  # first in line, and others stand behind it
+    assert store.give_back(r1, 0.1) is False  # only once
+    # r2 is first now: it leaves when the bucket holds one marble, at 0.5
+    assert store.earliest(r2, 0.1) == pytest.approx(0.5)
+    assert store.give_back(r3, 0.1) is True  # the last one
+    r4 = store.reserve(["a"], [SHOPIFY], 1, 0.1, 60)
+    # one still waits (r2): the newcomer's estimate is 1.0, as if r1 and r3 never came
+    assert isinstance(r4, Reservation) and r4.depart == pytest.approx(1.0)
+    assert store.confirm(r2, 0.5) is None
+    assert store.earliest(r4, 0.5) == pytest.approx(1.0)
+    assert store.returned == 2
+
+
+def test_thirty_places_given_back_cost_the_next_request_nothing() -> None:
+    """30 held requests whose clients leave: the next departs as if they never came."""
+    store = LocalStore(EXACT)
+    for _ in range(40):
+        go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
+    held = [store.reserve(["a"], [SHOPIFY], 1, 0.0, 60) for _ in range(30)]
+    for r in held:
+        assert isinstance(r, Reservation)
+        assert store.give_back(r, 0.2)
+    r = store.reserve(["a"], [SHOPIFY], 1, 0.2, 60)
+    assert isinstance(r, Reservation) and r.depart == pytest.approx(0.5)
+    assert store.earliest(r, 0.2) == pytest.approx(0.5)
 
 
 def test_graphql_refund_gives_the_points_back() -> None:
@@ -169,12 +192,38 @@ def test_graphql_refund_gives_the_points_back() -> None:
     r2 = store.reserve(["a"], [gql], 800, 0.0, 60)  # queued: 600 must leak first
     assert isinstance(r2, Reservation) and r2.depart == pytest.approx(12.0)
     store.settle(r, 200, 1.0)  # the first query cost 200, not 800
-    # the queued one keeps its time; a newcomer fits in what the refund freed
+    # the refund reaches the line: at 1 s the bucket holds 200 - 50 = 150, so the
+    # 800 waiting fit now, not at 12 s
+    assert store.earliest(r2, 1.0) == pytest.approx(1.0)
+    # a newcomer stands behind r2: 150 + 800 queued at 1 s, 100 more fit at 2 s
     r3 = store.reserve(["a"], [gql], 100, 1.0, 60)
-    assert isinstance(r3, Reservation)
-    # at 1 s the bucket holds 200 + 800 queued - 50 leaked = 950: 100 more fit at 2 s
-    assert r3.depart == pytest.approx(2.0)
-    assert store.confirm(r2, r2.depart) is None
+    assert isinstance(r3, Reservation) and r3.depart == pytest.approx(2.0)
+    assert store.confirm(r2, 1.0) is None
+    assert store.earliest(r3, 1.0) == pytest.approx(2.0)
+
+
+def test_a_refund_before_the_request_left_changes_nothing() -> None:
+    gql = Limit("shopify-gql", BUCKET, capacity=1000, rate=50, unit="points")
+    store = LocalStore(EXACT)
+    go(store, store.reserve(["a"], [gql], 800, 0.0, 60))
+    r = store.reserve(["a"], [gql], 800, 0.0, 60)
+    assert isinstance(r, Reservation)
+    store.settle(r, 0, 1.0)  # not sent: nothing of it is in the bucket
+    assert store.earliest(r, 1.0) == pytest.approx(12.0)
+
+
+def test_per_limit_costs() -> None:
+    """A limit that counts requests takes its own cost; a refund leaves it alone."""
+    points = Limit("points", BUCKET, capacity=100, rate=10, unit="points")
+    calls = Limit("calls", BUCKET, capacity=3, rate=1)
+    store = LocalStore(EXACT)
+    for _ in range(3):
+        r = go(store, store.reserve(["a", "b"], [points, calls], [20, 1], 0.0, 60))
+    store.settle(r, 5, 0.0)  # 15 points back, the call stays counted
+    nxt = store.reserve(["a", "b"], [points, calls], [20, 1], 0.0, 60)
+    assert isinstance(nxt, Reservation) and nxt.depart == pytest.approx(1.0)  # calls bound it
+    with pytest.raises(ValueError):
+        store.reserve(["a", "b"], [points, calls], [20], 0.0, 60)
 
 
 # --------------------------------------------------------------------------- Etsy's windows

@@ -1,0 +1,163 @@
+"""The line of each account, driven without sockets on a fake clock.
+
+Only the first request waiting on an account has a real departure; when
+it leaves (sent, or its client gone) the next is woken through the pacer's
+``wake`` hook, and a refund wakes the first one earlier. These tests play
+the loop's part: they call ``departing`` when a woken request's time comes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from elbasy.pacing import NOT_FIRST_WAIT, Paced, Pacer
+from elbasy.quota import LocalStore, Safety
+from elbasy.rules import RuleSet
+
+EXACT = Safety(margin=0.0, headroom=0.0, jitter=0.0, guard=0.0)
+REST = "/admin/api/2024-10/products.json"
+GQL = "/admin/api/2024-10/graphql.json"
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Harness:
+    """A pacer on one clock (wall and monotonic alike), recording every wake-up."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.pacer = Pacer(RuleSet.builtin(), LocalStore(EXACT), wall=self.clock, mono=self.clock)
+        self.woken: list[tuple[str, float]] = []
+        self.pacer.wake = lambda waiter, when: self.woken.append((str(waiter), when - T0))
+
+    def rest(self, name: str, token: str = "tok") -> tuple[Paced, float]:
+        headers = [(b"X-Shopify-Access-Token", token.encode())]
+        m = self.pacer.match("acme.myshopify.com", "GET", REST, headers)
+        assert m is not None
+        paced = self.pacer.start(m, "GET", headers)
+        v = self.pacer.admit(paced, name)
+        assert not v.shed_after
+        return paced, (v.depart - T0 if v.depart else 0.0)
+
+    def at(self, seconds: float) -> None:
+        self.clock.t = T0 + seconds
+
+
+def fill(h: Harness, n: int = 40) -> None:
+    for i in range(n):
+        _, depart = h.rest(f"fill{i}")
+        assert depart == 0.0
+
+
+def test_only_the_first_waits_on_a_real_departure() -> None:
+    h = Harness()
+    fill(h)
+    first, d1 = h.rest("a")
+    _, d2 = h.rest("b")
+    _, d3 = h.rest("c")
+    assert d1 == pytest.approx(0.5)  # one marble leaks in half a second
+    assert d2 == d3 == pytest.approx(NOT_FIRST_WAIT)  # behind it: woken when first
+    assert h.pacer.waiting() == 3
+    h.at(0.5)
+    assert h.pacer.departing(first) is None  # a leaves, and b is woken for its turn
+    assert h.woken == [("b", pytest.approx(1.0))]
+
+
+def test_the_line_moves_in_arrival_order_and_nobody_overtakes() -> None:
+    h = Harness()
+    fill(h)
+    line = [h.rest(name)[0] for name in "abcde"]
+    sent = []
+    t = 0.5
+    for paced, name in zip(line, "abcde", strict=True):
+        h.at(t)
+        # anyone not first who asks (a fallback timer) is told to wait on
+        for other in line[line.index(paced) + 1 :]:
+            assert h.pacer.departing(other) == pytest.approx(T0 + t + NOT_FIRST_WAIT)
+        assert h.pacer.departing(paced) is None
+        sent.append((name, t))
+        t += 0.5
+    assert [name for name, _ in sent] == list("abcde")
+    assert h.pacer.waiting() == 0
+
+
+def test_first_client_leaving_wakes_the_next_at_the_same_time() -> None:
+    h = Harness()
+    fill(h)
+    a, _ = h.rest("a")
+    h.rest("b")
+    h.at(0.2)
+    h.pacer.abandoned(a)
+    # b takes a's place: it leaves when a would have
+    assert h.woken == [("b", pytest.approx(0.5))]
+
+
+def test_a_client_leaving_from_the_middle_wakes_nobody_and_is_skipped() -> None:
+    h = Harness()
+    fill(h)
+    a, _ = h.rest("a")
+    b, _ = h.rest("b")
+    c, _ = h.rest("c")
+    h.at(0.1)
+    h.pacer.abandoned(b)
+    assert h.woken == []
+    h.at(0.5)
+    assert h.pacer.departing(a) is None
+    # b's marble went back with it: c leaves at 1.0, where b would have
+    assert h.woken == [("c", pytest.approx(1.0))]
+    assert h.pacer.waiting() == 1
+    assert h.pacer.counters["returned"] == 1
+
+
+def test_thirty_clients_leaving_cost_the_next_request_nothing() -> None:
+    h = Harness()
+    fill(h)
+    held = [h.rest(f"held{i}")[0] for i in range(30)]
+    h.at(0.3)
+    for paced in held:
+        h.pacer.abandoned(paced)
+    assert h.pacer.waiting() == 0
+    _, depart = h.rest("next")
+    assert depart == pytest.approx(0.5)  # as if the thirty had never come
+
+
+def _graphql_answer(requested: int, actual: int, available: float) -> bytes:
+    status = {"maximumAvailable": 2000.0, "currentlyAvailable": available, "restoreRate": 100.0}
+    cost = {"requestedQueryCost": requested, "actualQueryCost": actual, "throttleStatus": status}
+    return json.dumps({"data": {}, "extensions": {"cost": cost}}).encode()
+
+
+def test_a_refund_wakes_the_first_in_line_earlier() -> None:
+    h = Harness()
+    headers = [(b"X-Shopify-Access-Token", b"tok")]
+    body = json.dumps({"query": "{ products(first: 250) { edges { node { id } } } }"}).encode()
+
+    def query(name: str) -> tuple[Paced, float]:
+        m = h.pacer.match("acme.myshopify.com", "POST", GQL, headers)
+        assert m is not None
+        paced = h.pacer.start(m, "POST", headers)
+        v = h.pacer.priced(paced, body, name)
+        return paced, (v.depart - T0 if v.depart else 0.0)
+
+    first, _ = query("learn")
+    h.pacer.answered(first, 200, [], _graphql_answer(752, 752, 2000 - 752))
+    # the shape costs 752 requested: two fit in the bucket (with the first one's 752)
+    sent = [query(f"q{i}") for i in range(2)]
+    assert [d for _, d in sent] == [0.0, pytest.approx(752 * 3 / 100 - 2000 / 100)]
+    waiting, due = sent[1]
+    assert due > 0
+    # the first two come back having cost 52 each: 1,400 points back
+    h.at(0.1)
+    h.pacer.answered(sent[0][0], 200, [], _graphql_answer(752, 52, 2000 - 752 - 52 + 10))
+    assert h.woken and h.woken[-1][0] == "q1"
+    assert h.woken[-1][1] < due
+    assert h.pacer.counters["woken_early"] == 1
