@@ -44,7 +44,15 @@ def _hosts(hosts: tuple[str, ...] | list[str]) -> str:
 
 def _summary(rule: Rule) -> str:
     tier = rule.default_tier
-    limits = [_describe_limit(spec.by_tier[tier or ""]) for spec in rule.limits]
+    limits = [
+        _describe_limit(spec.by_tier[tier or ""])
+        + (
+            f" (a request {spec.request_cost:g}, a mutation {spec.mutation_cost:g})"
+            if spec.counts == "requests"
+            else ""
+        )
+        for spec in rule.limits
+    ]
     text = "; ".join(limits) or "no limits"
     if rule.tier_names:
         text += f" [{tier}; tiers: {', '.join(rule.tier_names)}]"

@@ -1,5 +1,5 @@
 """elbasy.rules: the built-in rules against realistic requests and responses,
-GraphQL cost learning, tier learning, rule checking, config and CLI."""
+GraphQL pricing and cost learning, tier learning, rule checking, config and CLI."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from click.testing import CliRunner, Result
 from elbasy.cli import main
 from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit
 from elbasy.rules import BUILTIN_IDS, Match, Report, RuleError, RuleSet, View
-from elbasy.rules.wire import decode_body, graphql_shape, hash_secret
+from elbasy.rules.graphql_cost import clear_cache
+from elbasy.rules.wire import decode_body, hash_secret
 
 H = list[tuple[bytes, bytes]]
 
@@ -37,6 +38,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def rules() -> RuleSet:
+    clear_cache()
     return RuleSet.builtin()
 
 
@@ -108,7 +110,8 @@ def test_unknown_host_and_uncovered_paths(rules: RuleSet) -> None:
     assert rules.match("acme.myshopify.com", "GET", "/products/shoe", []) is None
     assert rules.match("openapi.etsy.com", "GET", "/v2/listings", []) is None
     assert rules.match("api.bigcommerce.com", "GET", "/stores/abc/v1/x", []) is None
-    assert rules.match("api.github.com", "POST", "/graphql", []) is None  # its own limits
+    # GraphQL is its own rule, for POST only
+    assert rules.match("api.github.com", "GET", "/graphql", []) is None
 
 
 # --------------------------------------------------------------------------- Shopify
@@ -232,7 +235,8 @@ def gql_body(
 def test_graphql_cost_learning_by_shape(rules: RuleSet) -> None:
     m = shopify(rules, "/admin/api/2024-10/graphql.json", "POST")
     first = rules.cost_for(m, GQL_QUERY.encode())
-    assert first.cost == 50 and first.cost_key is not None
+    # unseen: priced from its text, 2 + 10 x (node 1 + id, title 0) = 12
+    assert first.cost == 12 and first.cost_key is not None
     assert first.retry_safe and not first.mutation
     report = rules.read_response(first, 200, [], gql_body(22, 12, 1978))
     assert not report.throttled
@@ -245,9 +249,9 @@ def test_graphql_cost_learning_by_shape(rules: RuleSet) -> None:
     # the same query with other whitespace, commas and comments: the learned cost
     second = rules.cost_for(m, GQL_SAME_SHAPE.encode())
     assert second.cost_key == first.cost_key and second.cost == 22
-    # another page size is another shape
+    # another page size is another shape, priced anew: 2 + 250 x 1
     other = rules.cost_for(m, GQL_QUERY.replace("first: 10", "first: 250").encode())
-    assert other.cost_key != first.cost_key and other.cost == 50
+    assert other.cost_key != first.cost_key and other.cost == 252
     # a later response reconciles the shape's cost
     rules.learn(second, rules.read_response(second, 200, [], gql_body(31, 20, 1950)))
     assert rules.cost_for(m, GQL_QUERY.encode()).cost == 31
@@ -255,18 +259,90 @@ def test_graphql_cost_learning_by_shape(rules: RuleSet) -> None:
 
 def test_graphql_cost_capped_and_mutations(rules: RuleSet) -> None:
     m = shopify(rules, "/admin/api/2024-10/graphql.json", "POST")
-    big = rules.cost_for(m, b'{"query": "{ orders(first: 250) { edges { node { id } } } }"}')
-    rules.learn(big, rules.read_response(big, 200, [], gql_body(5000, None, 2000)))
-    assert (
-        rules.cost_for(m, b'{"query": "{ orders(first: 250) { edges { node { id } } } }"}').cost
-        == 1000
-    )
+    orders = b'{"query": "{ orders(first: 250) { edges { node { id } } } }"}'
+    big = rules.cost_for(m, orders)
+    assert big.cost == 252  # 2 + 250 x 1
+    # the server says it is dearer than the single-query cap: it refuses such a
+    # query before running it and without touching the bucket, so it is not paced
+    report = rules.read_response(big, 200, [], gql_body(5000, None, 2000))
+    assert report.actual_cost == 0  # answered, nothing run: the reservation comes back
+    rules.learn(big, report)
+    assert rules.cost_for(m, orders).cost == 0
+    # at the cap exactly, it runs: the cap is reserved
+    rules.learn(big, rules.read_response(big, 200, [], gql_body(1000, 900, 1000)))
+    assert rules.cost_for(m, orders).cost == 1000
     mutation = rules.cost_for(m, b'{"query": "mutation { productDelete(input: {id: 1}) { id } }"}')
     assert mutation.mutation and not mutation.retry_safe
+    assert mutation.cost == 10  # one root mutation field, 10; id is a scalar
     # no query, or not JSON: the match as it was
     assert rules.cost_for(m, b"not json") is m
+    assert rules.cost_for(m, b'{"query": "{ shop { name "}') is m
+    assert m.cost == 50  # the rule's default stands for those
     rest = shopify(rules, "/admin/api/2024-10/products.json")
     assert rules.cost_for(rest, GQL_QUERY.encode()) is rest
+
+
+PRODUCTS_AND_VARIANTS = (
+    b'{"query": "{ products(first: 80) { edges { node { id '
+    b'variants(first: 8) { edges { node { id } } } } } } }"}'
+)
+
+
+def test_graphql_unseen_shape_is_priced_from_its_text(rules: RuleSet) -> None:
+    m = shopify(rules, "/admin/api/2024-10/graphql.json", "POST")
+    # the flat default (50) let this one through to a THROTTLED; the text says
+    # 2 + 80 x (node 1 + variants (2 + 8 x node 1)) = 882
+    priced = rules.cost_for(m, PRODUCTS_AND_VARIANTS)
+    assert priced.cost == 882 and priced.costs == (882,)
+    # after the first answer, the server's own price for the shape wins
+    rules.learn(priced, rules.read_response(priced, 200, [], gql_body(802, 300, 1700)))
+    again = rules.cost_for(m, PRODUCTS_AND_VARIANTS)
+    assert again.cost == 802 and again.cost_key == priced.cost_key
+    # above the single-query cap, an estimate reserves the cap:
+    # 2 + 250 x (node 1 + variants (2 + 10 x node 1)) = 3252
+    dear = rules.cost_for(
+        m,
+        b'{"query": "{ products(first: 250) { edges { node { '
+        b'variants(first: 10) { edges { node { id } } } } } } }"}',
+    )
+    assert dear.cost == 1000
+
+
+def test_graphql_actual_cost_null(rules: RuleSet) -> None:
+    m = rules.cost_for(
+        shopify(rules, "/admin/api/2024-10/graphql.json", "POST"), PRODUCTS_AND_VARIANTS
+    )
+    refused = json.dumps(
+        {
+            "errors": [
+                {
+                    "message": "Query cost is 1502, which exceeds the single query max cost limit",
+                    "extensions": {"code": "MAX_COST_EXCEEDED", "cost": 1502, "maxCost": 1000},
+                }
+            ],
+            "extensions": {"cost": {"requestedQueryCost": 1502, "actualQueryCost": None}},
+        }
+    ).encode()
+    report = rules.read_response(m, 200, [], refused)
+    assert not report.throttled
+    assert report.requested_cost == 1502 and report.actual_cost == 0
+    # throttled, actualQueryCost is null too, but the bucket is what refused it:
+    # no refund here, the throttle handling has the account
+    throttled = rules.read_response(
+        m,
+        200,
+        [],
+        json.dumps(
+            {
+                "errors": [{"message": "Throttled", "extensions": {"code": "THROTTLED"}}],
+                "extensions": {"cost": {"requestedQueryCost": 882, "actualQueryCost": None}},
+            }
+        ).encode(),
+    )
+    assert throttled.throttled and throttled.actual_cost is None
+    # no cost in the answer at all (an error page): nothing known, nothing refunded
+    assert rules.read_response(m, 502, [], b"<html>bad gateway</html>").actual_cost is None
+    assert rules.read_response(m, 200, [], None).actual_cost is None
 
 
 def test_graphql_throttled_with_200(rules: RuleSet) -> None:
@@ -587,18 +663,166 @@ def test_github_403_rate_limit_vs_permission(rules: RuleSet) -> None:
     assert rules.read_response(m, 429, [(b"retry-after", b"5")], b"").retry_after == 5
 
 
+# --------------------------------------------------------------------------- GitHub GraphQL
+
+# the worked example of GitHub's "Predicting the point value of a query"
+GH_DOC_QUERY = """query {
+  viewer {
+    login
+    repositories(first: 100) {
+      edges { node { id
+        issues(first: 50) {
+          edges { node { id
+            labels(first: 60) { edges { node { id name } } }
+          } }
+        }
+      } }
+    }
+  }
+}"""
+
+
+def gh_graphql(rules: RuleSet, query: str | None = None, token: str = GH_TOKEN) -> Match:
+    headers = [(b"Authorization", f"bearer {token}".encode())]
+    m = rules.match("api.github.com", "POST", "/graphql", headers)
+    assert m is not None
+    if query is not None:
+        m = rules.cost_for(m, json.dumps({"query": query}).encode())
+    return m
+
+
+def test_github_graphql_match_and_costs(rules: RuleSet) -> None:
+    m = gh_graphql(rules)
+    assert m.rule.id == "github-graphql"
+    assert m.limits == (
+        Limit("gh-graphql", WINDOW, 5000, window=3600, unit="points"),
+        Limit("gh-graphql-minute", ROLLING, 2000, window=60, sub_buckets=6, unit="points"),
+    )
+    principal = hash_secret(GH_TOKEN)
+    assert m.account == f"github-graphql|{principal}"
+    assert m.keys == (
+        f"github-graphql|gh-graphql|{principal}",
+        f"github-graphql|gh-graphql-minute|{principal}",
+    )
+    assert_token_free(m, GH_TOKEN)
+    assert m.body_needed == 65536 and m.max_single is None and m.retry_safe
+    # REST and GraphQL keep to their own paths, and their own buckets
+    rest = github(rules, "/repos/octo/hello/issues", "POST")
+    assert rest.rule.id == "github-rest" and not set(rest.keys) & set(m.keys)
+    abs_form = rules.match("api.github.com", "POST", "https://api.github.com/graphql?x=1", [])
+    assert abs_form is not None and abs_form.rule.id == "github-graphql"
+    # 1 + 100 + 100 x 50 = 5,101 requests; / 100, rounded: 51 points. The
+    # secondary limit counts the request: 1 point without a mutation
+    priced = gh_graphql(rules, GH_DOC_QUERY)
+    assert priced.cost == 51 and priced.costs == (51, 1) and not priced.mutation
+    # a mutation: primary at least 1 point, the secondary limit 5
+    mutation = gh_graphql(
+        rules, 'mutation { addStar(input: {starrableId: "R_1"}) { clientMutationId } }'
+    )
+    assert mutation.mutation and mutation.costs == (1, 5) and not mutation.retry_safe
+    # a body that does not parse: the rule's default (1), the request still counts 1
+    broken = rules.cost_for(m, b'{"query": "{ viewer { login "}')
+    assert broken is m and m.costs == (1, 1)
+    # a rule whose limits all count points: the match's cost for each
+    assert rest.costs == (1, 1, 1)
+
+
+def test_github_graphql_learns_rate_limit_cost(rules: RuleSet) -> None:
+    query = "{ viewer { login } rateLimit { cost remaining } }"
+    m = gh_graphql(rules, query)
+    assert m.cost == 1  # no connection: the minimum
+    body = b'{"data": {"viewer": {"login": "octo"}, "rateLimit": {"cost": 3, "remaining": 4990}}}'
+    report = rules.read_response(m, 200, [], body)
+    assert report.requested_cost == 3 and report.actual_cost is None
+    rules.learn(m, report)
+    assert gh_graphql(rules, query).costs == (3, 1)
+    # a query that does not ask keeps its estimate
+    assert gh_graphql(rules, "{ viewer { login } }").cost == 1
+
+
+def test_github_graphql_feedback(rules: RuleSet) -> None:
+    m = gh_graphql(rules, GH_DOC_QUERY)
+    headers = [
+        (b"Date", GH_DATE),
+        (b"x-ratelimit-limit", b"10000"),
+        (b"x-ratelimit-remaining", b"9949"),
+        (b"x-ratelimit-used", b"51"),
+        (b"x-ratelimit-reset", b"1767227400"),
+        (b"x-ratelimit-resource", b"graphql"),
+    ]
+    ok = rules.read_response(m, 200, headers, b'{"data": {}}')
+    assert not ok.throttled
+    # routed to the hourly limit only: the secondary one has no headers
+    assert ok.views == (
+        View("gh-graphql", used=51, remaining=9949, capacity=10000, reset_after=1800),
+    )
+    assert ok.tier == "enterprise"
+    rules.learn(m, ok)
+    assert gh_graphql(rules).limits[0] == Limit(
+        "gh-graphql", WINDOW, 10000, window=3600, unit="points"
+    )
+    # another resource's numbers say nothing about this rule's limits or plan
+    core = [(b"x-ratelimit-limit", b"5000"), (b"x-ratelimit-resource", b"core")]
+    other = rules.read_response(m, 200, core, b"{}")
+    assert other.views == () and other.tier is None
+
+
+def test_github_graphql_throttles(rules: RuleSet) -> None:
+    m = gh_graphql(rules, GH_DOC_QUERY)
+    spent = [
+        (b"Date", GH_DATE),
+        (b"x-ratelimit-remaining", b"0"),
+        (b"x-ratelimit-reset", b"1767225720"),
+        (b"x-ratelimit-resource", b"graphql"),
+    ]
+    # the primary limit: 200, an error, remaining 0; wait for the reset
+    primary = rules.read_response(
+        m,
+        200,
+        spent,
+        b'{"errors": [{"type": "RATE_LIMITED", '
+        b'"message": "API rate limit exceeded for user ID 1."}]}',
+    )
+    assert primary.throttled and primary.retry_after == 120
+    newer = rules.read_response(
+        m,
+        200,
+        spent,
+        b'{"errors": [{"type": "RATE_LIMIT", "code": "graphql_rate_limit", '
+        b'"message": "API rate limit already exceeded for user ID 1."}]}',
+    )
+    assert newer.throttled and newer.retry_after == 120
+    # the last point of the hour: 200 and remaining 0 too, but data and no error
+    last = rules.read_response(m, 200, spent, b'{"data": {"viewer": {"login": "rate limit"}}}')
+    assert not last.throttled
+    # an ordinary error in a 200 is no throttle either
+    wrong = rules.read_response(
+        m, 200, [], b'{"errors": [{"type": "NOT_FOUND", "message": "Could not resolve"}]}'
+    )
+    assert not wrong.throttled
+    # secondary: 200 or 403 with its message; Retry-After, else a minute
+    secondary = rules.read_response(
+        m,
+        403,
+        [(b"retry-after", b"30"), (b"x-ratelimit-remaining", b"4000")],
+        b'{"message": "You have exceeded a secondary rate limit."}',
+    )
+    assert secondary.throttled and secondary.retry_after == 30
+    in_200 = rules.read_response(
+        m, 200, [], b'{"errors": [{"message": "You have exceeded a secondary rate limit."}]}'
+    )
+    assert in_200.throttled and in_200.retry_after == 60
+    permission = rules.read_response(
+        m,
+        403,
+        [(b"x-ratelimit-remaining", b"4999")],
+        b'{"message": "Resource not accessible by integration"}',
+    )
+    assert not permission.throttled
+    assert rules.read_response(m, 429, [(b"retry-after", b"5")], b"").retry_after == 5
+
+
 # --------------------------------------------------------------------------- wire
-
-
-def test_graphql_shape() -> None:
-    a = graphql_shape(b'{"query": "{ shop { name } }"}')
-    b = graphql_shape(b'{"query": "{shop{name}}", "variables": {"id": "gid://1"}}')
-    c = graphql_shape(b'{"query": "{shop{name}}", "variables": {"n": 5}}')
-    d = graphql_shape(b'{"query": "{ shop { name(x: \\"a  b\\") } }"}')
-    e = graphql_shape(b'{"query": "{ shop { name(x: \\"a b\\") } }"}')
-    assert a is not None and a == b and a != c and d != e
-    assert graphql_shape(b'{"variables": {}}') is None
-    assert graphql_shape(b"[1]") is None
 
 
 def test_decode_body_deflate_raw_and_unknown() -> None:
@@ -668,6 +892,80 @@ def test_check_file_errors_name_the_field(
     tmp_path: Path, change: tuple[str, str], message: str
 ) -> None:
     text = MY_API.replace(*change).replace("{rate}", "5")
+    with pytest.raises(RuleError) as info:
+        RuleSet.check_file(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+GQL_API = """
+[[rule]]
+id = "my-gql"
+docs = ["https://example.com/limits"]
+match = { hosts = ["gql.example.com"], path = "^/graphql$" }
+[[rule.limits]]
+name = "points"
+kind = "bucket"
+capacity = 1000
+rate = 50
+source = "https://example.com/limits"
+[[rule.limits]]
+name = "calls"
+kind = "window"
+capacity = 100
+window = 60
+counts = "requests"
+mutation_cost = 3
+source = "https://example.com/limits"
+[rule.cost]
+kind = "graphql"
+estimator = "shopify"
+[[rule.feedback]]
+limit = "points"
+remaining = { json = "cost.left" }
+[rule.throttle]
+markers = [{ json = "errors[*].message", pattern = "(?i)slow down", statuses = [200] }]
+"""
+
+
+def test_check_file_estimator_counts_and_marker_patterns(tmp_path: Path) -> None:
+    (rule,) = RuleSet.check_file(write(tmp_path, GQL_API))
+    assert rule.cost.estimator == "shopify"
+    points, calls = rule.limits
+    assert (points.counts, calls.counts) == ("points", "requests")
+    assert (calls.request_cost, calls.mutation_cost) == (1, 3)
+    rules = RuleSet([rule])
+    m = rules.match("gql.example.com", "POST", "/graphql", [])
+    assert m is not None
+    query = rules.cost_for(m, b'{"query": "{ shop { name } }"}')
+    assert query.costs == (1, 1)  # shop: an object, 1; name: a scalar
+    mutation = rules.cost_for(m, b'{"query": "mutation { a { id } b { id } }"}')
+    assert mutation.costs == (20, 3)  # two root mutation fields, 10 each
+    slow = rules.read_response(m, 200, [], b'{"errors": [{"message": "Slow down!"}]}')
+    assert slow.throttled
+    assert not rules.read_response(m, 500, [], b'{"errors": [{"message": "Slow down!"}]}').throttled
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('estimator = "shopify"', 'estimator = "hubspot"'), "cost.estimator: must be one of"),
+        (('kind = "graphql"', 'kind = "constant"'), "cost.estimator: only a cost of kind"),
+        (('counts = "requests"', 'counts = "calls"'), "limits[1].counts: must be points or"),
+        (('counts = "requests"\n', ""), "limits[1].mutation_cost: only a limit with counts"),
+        (("mutation_cost = 3", "mutation_cost = -1"), "limits[1].mutation_cost: must be a number"),
+        (('pattern = "(?i)slow down"', 'pattern = "("'), "markers[0].pattern: not a valid regex"),
+        (
+            ('pattern = "(?i)slow down"', 'pattern = "x", equals = "y"'),
+            "markers[0]: a header or json marker needs exactly one of equals, pattern",
+        ),
+        (("statuses = [200]", "statuses = [2000]"), "markers[0].statuses: must be a list"),
+    ],
+)
+def test_check_file_cost_and_counting_errors(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    text = GQL_API.replace(*change)
+    assert text != GQL_API
     with pytest.raises(RuleError) as info:
         RuleSet.check_file(write(tmp_path, text))
     assert message in str(info.value)

@@ -3,7 +3,9 @@
 :meth:`RuleSet.match` runs once per intercepted request, so it is cheap: the
 regexes are compiled when the rules load and the rules that can apply to a
 host are cached. It never reads a body; :meth:`RuleSet.cost_for` does, for the
-GraphQL rules that ask for one (``Match.body_needed``). After the response,
+GraphQL rules that ask for one (``Match.body_needed``), and prices the query
+from its text (:mod:`elbasy.rules.graphql_cost`) until the server has said
+what that query shape costs. After the response,
 :meth:`RuleSet.read_response` turns it into a :class:`Report` (what the server
 says is used and left, whether it throttled, how long to wait) and
 :meth:`RuleSet.learn` keeps what outlives the request: the account's plan and
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from elbasy.limits import Limit
+from elbasy.rules.graphql_cost import estimate
 from elbasy.rules.schema import (
     Feedback,
     Marker,
@@ -36,7 +39,6 @@ from elbasy.rules.wire import (
     Headers,
     decode_body,
     first_header,
-    graphql_shape,
     hash_secret,
     json_document,
     json_values,
@@ -54,6 +56,7 @@ BUILTIN_IDS: tuple[str, ...] = (
     "amazon-sp-api",
     "bigcommerce",
     "github-rest",
+    "github-graphql",
 )
 
 #: Accounts whose learned plan is remembered, and GraphQL query shapes.
@@ -70,7 +73,8 @@ class Match:
 
     ``keys[i]`` is the bucket key of ``limits[i]``: the rule, the limit and
     the account parts in the limit's scope (plus the operation when scoped on
-    it). ``account`` is the whole account; neither holds a raw token.
+    it), and ``costs[i]`` what this request counts against it. ``account``
+    is the whole account; neither holds a raw token.
     """
 
     rule: Rule
@@ -87,6 +91,23 @@ class Match:
     retry_safe: bool
     cost_key: str | None = None
     mutation: bool = False
+    # per limit: None when it counts ``cost``, else (request cost, mutation cost)
+    counting: tuple[tuple[float, float] | None, ...] = ()
+
+    @property
+    def costs(self) -> tuple[float, ...]:
+        """What this request counts against each of ``limits``, in their order.
+
+        ``cost`` (the request's points: 1 for most REST rules, the priced
+        query for GraphQL) for a limit that counts points; for one that
+        counts requests (GitHub's secondary GraphQL limit), the limit's
+        request cost, or its mutation cost for a GraphQL mutation.
+        """
+        if not self.counting:
+            return (self.cost,) * len(self.limits)
+        return tuple(
+            self.cost if c is None else (c[1] if self.mutation else c[0]) for c in self.counting
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,13 +185,25 @@ class _Response:
 
 
 def _marks(marker: Marker, resp: _Response) -> bool:
+    if marker.statuses is not None and resp.status not in marker.statuses:
+        return False
     if marker.body is not None:
         return marker.body.search(resp.text) is not None
     if marker.header is not None:
         value = resp.header(marker.header)
-        return value is not None and value.decode("latin-1").strip() == marker.equals
+        return value is not None and _holds(marker, value.decode("latin-1").strip())
     assert marker.json is not None
-    return any(_plain(v) == marker.equals for v in json_values(resp.doc, marker.json))
+    return any(
+        _holds(marker, _plain(v))
+        for v in json_values(resp.doc, marker.json)
+        if not isinstance(v, dict | list)
+    )
+
+
+def _holds(marker: Marker, text: str) -> bool:
+    if marker.pattern is not None:
+        return marker.pattern.search(text) is not None
+    return text == marker.equals
 
 
 def _plain(value: Any) -> str:
@@ -463,10 +496,14 @@ class RuleSet:
                     break
         limits: list[Limit] = []
         keys: list[str] = []
+        counting: list[tuple[float, float] | None] = []
         for spec in rule.limits:
             if not spec.applies(operation):
                 continue
             limits.append(spec.by_tier[tier if tier in spec.by_tier else rule.default_tier])
+            counting.append(
+                None if spec.counts == "points" else (spec.request_cost, spec.mutation_cost)
+            )
             scoped = [named[s] if s != "operation" else (operation or "-") for s in spec.scope]
             keys.append("|".join([rule.id, spec.name, *scoped]))
         shown = [
@@ -488,6 +525,7 @@ class RuleSet:
             strip_headers=rule.strip_headers,
             max_single=cost.max_single,
             retry_safe=method in rule.throttle.retry_methods,
+            counting=tuple(counting),
         )
         if len(self._matches) >= _MAX_MATCHES:
             self._matches.clear()
@@ -497,22 +535,35 @@ class RuleSet:
     # ------------------------------------------------------------------ cost
 
     def cost_for(self, match: Match, body: bytes) -> Match:
-        """``match`` with the cost of this request body: a GraphQL query's learned
-        ``requestedQueryCost`` by shape, else the rule's default estimate."""
-        if match.rule.cost.kind != "graphql":
+        """``match`` with the cost of this request body.
+
+        A GraphQL query shape the server has priced costs what it said
+        (``requestedQueryCost``, learned by :meth:`learn`); an unseen one
+        what the rule's estimator makes of its text, at most the rule's
+        ``max_single``; a body that does not parse, the rule's ``default``.
+        A shape the server priced above ``max_single`` costs nothing: the
+        server refuses it before running it, without touching the bucket.
+        """
+        rule_cost = match.rule.cost
+        if rule_cost.kind != "graphql":
             return match
-        shape = graphql_shape(body[: match.body_needed] if match.body_needed else body)
-        if shape is None:
+        priced = estimate(
+            body[: match.body_needed] if match.body_needed else body, rule_cost.estimator
+        )
+        if priced is None:
             return match
-        key, mutation = shape
-        cost_key = f"{match.rule.id}|{key}"
+        mutation = priced.is_mutation
+        cost_key = f"{match.rule.id}|{priced.shape}"
+        cap = match.max_single
         cost = self._costs.get(cost_key)
         if cost is not None:
             self._costs.move_to_end(cost_key)
+            if cap is not None and cost > cap:
+                cost = 0.0
         else:
-            cost = match.rule.cost.default
-        if match.max_single is not None:
-            cost = min(cost, match.max_single)
+            cost = priced.cost if priced.cost is not None else rule_cost.default
+            if cap is not None:
+                cost = min(cost, cap)
         # a throttled query was not executed; a throttled mutation neither, but
         # a mutation cut off by a resource throttle may have been: leave those alone
         retry_safe = match.retry_safe and not mutation
@@ -542,8 +593,13 @@ class RuleSet:
         resp = _Response(status, headers, body if rule.needs_body else None, now)
         views = tuple(v for f in rule.feedback for v in self._views(f, match, resp))
         th = rule.throttle
-        marked = any(_marks(m, resp) for m in th.markers)
-        by_marker = marked and (not th.marker_statuses or status in th.marker_statuses)
+        marks = [m for m in th.markers if _marks(m, resp)]
+        marked = bool(marks)
+        # a marker with statuses of its own was checked against them already
+        by_marker = any(
+            m.statuses is not None or not th.marker_statuses or status in th.marker_statuses
+            for m in marks
+        )
         throttled = status in th.statuses or by_marker
         resource = False
         if throttled:
@@ -578,6 +634,10 @@ class RuleSet:
             requested = _first_number(resp.doc, rule.cost.requested)
         if rule.cost.actual is not None:
             actual = _first_number(resp.doc, rule.cost.actual)
+            if actual is None and not throttled and _all_null(resp.doc, rule.cost.actual):
+                # answered, but nothing ran (MAX_COST_EXCEEDED, a validation
+                # error): nothing was spent, the whole reservation comes back
+                actual = 0.0
         return Report(
             throttled=throttled,
             resource_throttle=resource,
@@ -625,8 +685,10 @@ class RuleSet:
                 self._tiers.popitem(last=False)
         if match.cost_key is not None:
             cost = report.requested_cost
-            if cost is None and report.actual_cost is not None:
-                cost = report.actual_cost
+            if rule.cost.requested is None:
+                # a rule that reads the spent cost only; never an answer of
+                # nothing spent (a refused query, its actual 0) standing for the price
+                cost = report.actual_cost if report.actual_cost else None
             if cost is not None and cost >= 0:
                 self._costs[match.cost_key] = cost
                 self._costs.move_to_end(match.cost_key)
@@ -650,6 +712,12 @@ def _builtin_rules() -> tuple[Rule, ...]:
             raise RuleError(f"{name}: not valid TOML: {e}") from None
         rules.append(parse_rule(data, f"builtin:{name}"))
     return tuple(rules)
+
+
+def _all_null(doc: Any, path: tuple[str, ...]) -> bool:
+    """Whether ``path`` is in ``doc`` and null wherever it is."""
+    values = json_values(doc, path)
+    return bool(values) and all(v is None for v in values)
 
 
 def _first_number(doc: Any, path: tuple[str, ...]) -> float | None:

@@ -23,9 +23,14 @@ One rule describes one API. Its tables (the built-in data files in
     ``capacity``, ``rate``, ``window``, ``sub_buckets``, ``source``,
     ``scope`` (account parts, and ``operation``, the limit's bucket is keyed
     on; default: every part), ``operations`` / ``except_operations``,
-    ``[limits.tiers.NAME]`` (numbers and ``source`` per tier)
-``[cost]``: ``kind`` (``constant`` or ``graphql``), ``value``, ``default``,
-    ``max_single``, ``body_bytes``, ``requested``, ``actual`` (JSON paths)
+    ``[limits.tiers.NAME]`` (numbers and ``source`` per tier), ``counts``
+    (``points``: the request's cost, the default; ``requests``: each request
+    counts ``request_cost``, a GraphQL mutation ``mutation_cost``)
+``[cost]``: ``kind`` (``constant`` or ``graphql``), ``value``, ``default``
+    (a GraphQL body that does not parse), ``estimator`` (``shopify`` or
+    ``github``: price an unseen query from its text; without one, unseen
+    queries cost ``default``), ``max_single``, ``body_bytes``,
+    ``requested``, ``actual`` (JSON paths)
 ``[[feedback]]``: ``limit`` (a name, or ``*`` for every limit of the
     request) or ``limit_header`` + ``limit_map``; then readers for ``used``,
     ``remaining``, ``capacity``, ``rate``, ``reset_after``
@@ -40,8 +45,10 @@ A *reader* is a table: ``header`` or ``json`` (a path like
 ``extensions.cost.throttleStatus.restoreRate``) or ``compute =
 "graphql_wait"``; optional ``pattern`` (regex, first group) and ``unit``
 (``s``, ``ms``, ``epoch``; ``s`` also reads an HTTP-date), and ``only_if``
-(a marker). A *marker* is ``header`` or ``json`` with ``equals``, or
-``body`` (a regex searched in the body).
+(a marker). A *marker* is ``header`` or ``json`` with ``equals`` (the
+whole value) or ``pattern`` (a regex searched in it), or ``body`` (a regex
+searched in the body); ``statuses`` limits a marker to those statuses (in
+place of the throttle's ``marker_statuses``).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from fnmatch import translate
 from typing import Any, NoReturn
 
 from elbasy.limits import Limit
+from elbasy.rules.graphql_cost import CALCULATORS
 from elbasy.rules.wire import JSONPath, parse_json_path
 
 __all__ = [
@@ -102,12 +110,15 @@ def _fail(where: str, reason: str) -> NoReturn:
 
 @dataclass(frozen=True, slots=True)
 class Marker:
-    """A sign in a response: a header or JSON value equal to ``equals``, or a body regex."""
+    """A sign in a response: a header or JSON value equal to ``equals`` or
+    matching ``pattern``, or a body regex; on ``statuses`` only, when given."""
 
     header: bytes | None = None
     json: JSONPath | None = None
     body: re.Pattern[str] | None = None
     equals: str | None = None
+    pattern: re.Pattern[str] | None = None
+    statuses: frozenset[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +169,9 @@ class LimitSpec:
     scope: tuple[str, ...]  # part names, maybe "operation"
     operations: frozenset[str] | None  # None: every request
     except_operations: frozenset[str]
+    counts: str = "points"  # or "requests"
+    request_cost: float = 1.0  # counts = "requests": what one request counts
+    mutation_cost: float = 1.0  # ... and one GraphQL mutation
 
     def applies(self, operation: str | None) -> bool:
         if operation is not None and operation in self.except_operations:
@@ -169,7 +183,8 @@ class LimitSpec:
 class Cost:
     kind: str = "constant"  # or "graphql"
     value: float = 1.0
-    default: float = 50.0  # GraphQL estimate for an unknown query shape
+    default: float = 50.0  # a GraphQL body that does not parse, or no estimator
+    estimator: str | None = None  # "shopify" or "github" (elbasy.rules.graphql_cost)
     max_single: float | None = None
     body_bytes: int = 0
     requested: JSONPath | None = None
@@ -327,18 +342,23 @@ def _json_path(data: Mapping[str, Any], key: str, where: str) -> JSONPath | None
 
 
 def _marker(data: Any, where: str) -> Marker:
-    t = _table(data, where, ("header", "json", "body", "equals"))
+    t = _table(data, where, ("header", "json", "body", "equals", "pattern", "statuses"))
     marker = Marker(
         header=_header(t, "header", where),
         json=_json_path(t, "json", where),
         body=_regex(t, "body", where),
         equals=_opt_str(t, "equals", where) if "equals" in t else None,
+        pattern=_regex(t, "pattern", where),
+        statuses=_statuses(t, "statuses", where, set()) if "statuses" in t else None,
     )
     sources = [marker.header, marker.json, marker.body]
     if sum(s is not None for s in sources) != 1:
         _fail(where, "needs exactly one of header, json, body")
-    if marker.body is None and marker.equals is None:
-        _fail(where, "a header or json marker needs equals")
+    tests = (marker.equals is not None) + (marker.pattern is not None)
+    if marker.body is None and tests != 1:
+        _fail(where, "a header or json marker needs exactly one of equals, pattern")
+    if marker.body is not None and tests:
+        _fail(where, "a body marker is its regex: no equals or pattern")
     return marker
 
 
@@ -418,7 +438,8 @@ def _limit(
     data: Any, where: str, tiers: Sequence[str], parts: Sequence[str], ops: Sequence[str]
 ) -> LimitSpec:
     keys = ("name", "kind", "unit", "scope", "operations", "except_operations", "source", "note")
-    t = _table(data, where, keys + _LIMIT_NUMBERS + ("tiers",))
+    counting = ("counts", "request_cost", "mutation_cost")
+    t = _table(data, where, keys + counting + _LIMIT_NUMBERS + ("tiers",))
     name = _str(t, "name", where)
     kind = _str(t, "kind", where)
     if kind not in ("bucket", "window", "rolling"):
@@ -433,6 +454,17 @@ def _limit(
     for op in sorted((operations or frozenset()) | excepted):
         if op not in ops:
             _fail(_at(where, "operations"), f"unknown operation {op!r}")
+    counts = _str(t, "counts", where, "points")
+    if counts not in ("points", "requests"):
+        _fail(_at(where, "counts"), f"must be points or requests; got {counts!r}")
+    if counts == "points":
+        for key in ("request_cost", "mutation_cost"):
+            if key in t:
+                _fail(_at(where, key), 'only a limit with counts = "requests" has one')
+    request_cost = _number(t, "request_cost", where, positive=False)
+    request_cost = 1.0 if request_cost is None else request_cost
+    mutation_cost = _number(t, "mutation_cost", where, positive=False)
+    mutation_cost = request_cost if mutation_cost is None else mutation_cost
     base = {k: _number(t, k, where) for k in _LIMIT_NUMBERS if k in t}
     per_tier = _table(t.get("tiers", {}), _at(where, "tiers"), tiers)
     by_tier: dict[str, Limit] = {}
@@ -471,6 +503,9 @@ def _limit(
         scope=scope,
         operations=operations,
         except_operations=excepted,
+        counts=counts,
+        request_cost=request_cost,
+        mutation_cost=mutation_cost,
     )
 
 
@@ -542,11 +577,18 @@ def _throttle(data: Any, where: str, limits: Sequence[str]) -> Throttle:
 
 
 def _cost(data: Any, where: str) -> Cost:
-    keys = ("kind", "value", "default", "max_single", "body_bytes", "requested", "actual")
-    t = _table(data, where, keys + ("source", "note"))
+    keys = ("kind", "value", "default", "estimator", "max_single", "body_bytes")
+    t = _table(data, where, keys + ("requested", "actual", "source", "note"))
     kind = _str(t, "kind", where, "constant")
     if kind not in ("constant", "graphql"):
         _fail(_at(where, "kind"), f"must be constant or graphql; got {kind!r}")
+    estimator = _opt_str(t, "estimator", where)
+    if estimator is not None and kind != "graphql":
+        _fail(_at(where, "estimator"), 'only a cost of kind = "graphql" has one')
+    if estimator is not None and estimator not in CALCULATORS:
+        _fail(
+            _at(where, "estimator"), f"must be one of {', '.join(CALCULATORS)}; got {estimator!r}"
+        )
     body_bytes = t.get("body_bytes", 65536 if kind == "graphql" else 0)
     if not isinstance(body_bytes, int) or isinstance(body_bytes, bool) or body_bytes < 0:
         _fail(_at(where, "body_bytes"), "must be an integer >= 0")
@@ -554,6 +596,7 @@ def _cost(data: Any, where: str) -> Cost:
         kind=kind,
         value=_number(t, "value", where, positive=False) or (1.0 if "value" not in t else 0.0),
         default=_number(t, "default", where) or 50.0,
+        estimator=estimator,
         max_single=_number(t, "max_single", where),
         body_bytes=body_bytes if kind == "graphql" else 0,
         requested=_json_path(t, "requested", where),

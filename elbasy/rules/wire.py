@@ -1,6 +1,7 @@
 """Small pure helpers the rules need on the wire: hashing secrets, reading
 headers, decoding a response body (chunked, gzip, deflate) within bounds,
-walking JSON paths and keying GraphQL queries by shape.
+and walking JSON paths. (GraphQL queries are keyed and priced by
+:mod:`elbasy.rules.graphql_cost`.)
 
 No sockets and no clock: everything here is bytes in, values out.
 """
@@ -12,14 +13,13 @@ import hashlib
 import json
 import re
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
     "JSONPath",
     "decode_body",
     "first_header",
-    "graphql_shape",
     "hash_secret",
     "json_document",
     "json_values",
@@ -227,55 +227,3 @@ def json_values(doc: Any, path: JSONPath) -> list[Any]:
         if not current:
             break
     return current
-
-
-# --------------------------------------------------------------------------- GraphQL
-
-_GQL_TOKEN = re.compile(
-    r'"""(?:[^"\\]|\\.|"(?!""))*"""'  # block string, kept
-    r'|"(?:[^"\\\n]|\\.)*"'  # string, kept
-    r"|#[^\n\r]*"  # comment, dropped
-    r"|\.\.\."
-    r"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?"  # number, kept
-    r"|[_A-Za-z][_0-9A-Za-z]*"
-    r"|[!$&()\[\]{}:=@|]",
-    re.S,
-)
-
-
-def _query_tokens(query: str) -> Iterable[str]:
-    for m in _GQL_TOKEN.finditer(query):
-        token = m.group()
-        if not token.startswith("#"):
-            yield token
-
-
-def graphql_shape(body: bytes) -> tuple[str, bool] | None:
-    """``(shape key, is_mutation)`` of a GraphQL request body, or None if it has no query.
-
-    The key hashes the query's tokens (so whitespace, commas and comments do
-    not matter; literal numbers and strings do) together with the numeric
-    variables, which size connections (``first: $n``) and so the cost.
-    """
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(payload, dict):
-        return None
-    query = payload.get("query")
-    if not isinstance(query, str) or not query.strip():
-        return None
-    tokens = list(_query_tokens(query))
-    text = " ".join(tokens)
-    variables = payload.get("variables")
-    if isinstance(variables, dict):
-        numbers = sorted(
-            (str(k), v)
-            for k, v in variables.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        )
-        if numbers:
-            text += " " + json.dumps(numbers)
-    mutation = bool(tokens) and tokens[0] == "mutation"
-    return hashlib.sha256(text.encode("utf-8")).digest()[:8].hex(), mutation
