@@ -89,6 +89,7 @@ class Paced:
     line: tuple[str, ...] | None = None
     waiter: object = None
     gone: bool = False  # left its line from the middle; dropped when it reaches the front
+    actual: float | None = None  # what the server said it cost (GraphQL), once answered
 
     def waited(self) -> float:
         return max(0.0, self.sent_at - self.arrived) if self.sent_at else 0.0
@@ -209,7 +210,9 @@ class Pacer:
         """
         m = paced.match
         wall_now = self.wall()
-        r = self.store.reserve(m.keys, self.limits(m), m.cost, wall_now, paced.max_wait)
+        if not any(m.costs):
+            return Verdict()  # not paced (a query the server refuses unrun): never waits
+        r = self.store.reserve(m.keys, self.limits(m), m.costs, wall_now, paced.max_wait)
         if isinstance(r, Shed):
             self.counters["shed"] += 1
             log.info(
@@ -367,9 +370,16 @@ class Pacer:
         # it is not.
         r = paced.reservation
         refunded = False
+        if report.actual_cost is not None:
+            paced.actual = report.actual_cost
         if r is not None and report.actual_cost is not None:
-            self.store.settle(r, report.actual_cost, wall_now)
-            refunded = report.actual_cost < r.cost
+            actual = report.actual_cost
+            actuals = tuple(
+                actual if not m.counting or m.counting[k] is None else c
+                for k, c in enumerate(r.costs)
+            )
+            self.store.settle(r, actuals, wall_now)
+            refunded = any(a < c for a, c in zip(actuals, r.costs, strict=True))
         if views:
             self._learn(m, views, {v.limit: v.rate for v in report.views if v.rate})
             self.store.observe(m.keys, self.limits(m), views, seen_at)
@@ -400,7 +410,7 @@ class Pacer:
             and paced.method in IDEMPOTENT
             and m.retry_safe
         ):
-            again = self.store.reserve(m.keys, self.limits(m), m.cost, wall_now, MAX_WAIT_CEILING)
+            again = self.store.reserve(m.keys, self.limits(m), m.costs, wall_now, MAX_WAIT_CEILING)
             if isinstance(again, Reservation):
                 paced.retried = True
                 paced.reservation = again

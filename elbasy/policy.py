@@ -438,7 +438,9 @@ class Proxy:
     # ---- endings ------------------------------------------------------------------
 
     def finished(self, ex: Exchange, status: int, up: int, down: int, took_ns: int) -> None:
-        log_access(ex.client, ex.method, ex.target, status, up, down, took_ns / 1e6)
+        log_access(
+            ex.client, ex.method, ex.target, status, up, down, took_ns / 1e6, self._paced_log(ex)
+        )
 
     def failed(self, ex: Exchange, status: int, reason: str) -> bytes:
         self.counters["upstream_errors"] += 1
@@ -452,7 +454,18 @@ class Proxy:
         self.counters["abandoned_while_held"] += 1
         if ex.paced is not None and self.pacer is not None:
             self.pacer.abandoned(ex.paced)
-        log_access(ex.client, ex.method, ex.target, CLIENT_CLOSED, 0, 0, 0.0)
+        log_access(ex.client, ex.method, ex.target, CLIENT_CLOSED, 0, 0, 0.0, self._paced_log(ex))
+
+    def _paced_log(self, ex: Exchange) -> tuple[str, str, float, float | None, float] | None:
+        """What the access log says of a paced request: rule, account, costs, its wait."""
+        p = ex.paced
+        if p is None or self.pacer is None:
+            return None
+        r = p.reservation
+        cost = r.cost if r is not None else p.match.cost
+        # held and gone before it left: how long it had waited by then
+        waited = p.waited() if p.sent_at else max(0.0, self.pacer.mono() - p.arrived)
+        return (p.match.rule.id, p.match.account, cost, p.actual, waited * 1000)
 
     def tls_failed(self, ex: Exchange, error: Exception) -> None:
         """The TLS handshake with an intercepted client failed (untrusted CA, garbage...)."""

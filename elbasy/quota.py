@@ -136,7 +136,7 @@ class QuotaStore(Protocol):
 
     def give_back(self, r: Reservation, now: float) -> bool: ...
 
-    def settle(self, r: Reservation, actual_cost: float, now: float) -> None: ...
+    def settle(self, r: Reservation, actual: float | Sequence[float], now: float) -> None: ...
 
 
 # --------------------------------------------------------------------------- per-limit state
@@ -476,20 +476,21 @@ class LocalStore:
         self.returned += 1
         return True
 
-    def settle(self, r: Reservation, actual_cost: float, now: float) -> None:
+    def settle(self, r: Reservation, actual: float | Sequence[float], now: float) -> None:
         """A request cost less than reserved (GraphQL's refund): hand the difference back.
 
-        The sent clock moves back by the refund (never before now): the server
-        has the points again, and the head of the line can use them at once.
-        Only the bucket limits that count the request's cost are refunded, not
-        those that count requests (a cost of its own on that limit).
+        ``actual``: what it really cost, on every limit or one per limit (a
+        limit that counts requests is given its own cost: nothing back). The
+        sent clock moves back by the refund (never before now): the server has
+        the points again, and the first in line can use them at once.
         """
         if not r.sent:
             return
+        actuals = _per_limit(actual, r.limits)
         for k, limit in enumerate(r.limits):
-            if limit.kind != BUCKET or r.costs[k] != r.cost:
+            if limit.kind != BUCKET:
                 continue
-            refund = r.slots[k] - min(max(actual_cost, 0.0), r.slots[k])
+            refund = r.slots[k] - min(max(actuals[k], 0.0), r.slots[k])
             if refund <= 0:
                 continue
             st = self._state(r.keys[k], limit, now)

@@ -76,6 +76,41 @@ def test_access_json(capsys: pytest.CaptureFixture[str]) -> None:
     }
 
 
+def test_access_paced_request_names_its_rule_account_costs_and_wait(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    paced = (
+        "shopify-admin-graphql",
+        "shopify-admin-graphql|acme|1f2e3d4c5b6a7988",
+        882,
+        52.0,
+        503.81,
+    )
+    configure("info", "text")
+    log_access("c", "POST", "https://acme.myshopify.com/g", 200, 80, 900, 510.0, paced)
+    line = capsys.readouterr().err.strip()
+    assert line.endswith(
+        " 200 up=80 down=900 ms=510.0 rule=shopify-admin-graphql"
+        " account=shopify-admin-graphql|acme|1f2e3d4c5b6a7988 cost=882 actual=52.0 wait_ms=503.8"
+    ), line
+    configure("info", "json")
+    log_access("c", "POST", "https://acme.myshopify.com/g", 200, 80, 900, 510.0, paced)
+    obj = json_line(capsys)
+    assert set(obj) == ACCESS_KEYS | {"level", "logger", "rule", "account", "cost"} | {
+        "actual_cost",
+        "wait_ms",
+    }
+    assert (obj["rule"], obj["cost"], obj["actual_cost"], obj["wait_ms"]) == (
+        "shopify-admin-graphql",
+        882,
+        52.0,
+        503.81,
+    )
+    # not answered yet (a client that left while held): no actual cost
+    log_access("c", "POST", "/g", 499, 0, 0, 0.0, paced[:3] + (None, 12.5))
+    assert json_line(capsys)["actual_cost"] is None
+
+
 def test_access_json_has_exactly_the_contract_keys(capsys: pytest.CaptureFixture[str]) -> None:
     configure("debug", "json")
     log_access("c", "CONNECT", "h:1", 502, 0, 0, 0.0)
