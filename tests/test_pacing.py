@@ -408,13 +408,28 @@ def test_healthz_reports_pacing(
 # Shopify GraphQL: cost points, learned per query shape
 
 
-GRAPHQL_SIZES = (10, 50, 100, 200, 300)  # the mock's cost: 1 + first: N
+# Five query shapes, priced by the mock as Shopify documents it, on the mock's default
+# catalog (250 products of 3 variants, 50 orders of 3 line items, 40 customers):
+GRAPHQL_QUERIES = (
+    # requested 2 + 10 x 1 = 12; all 10 come back: actual 12
+    "{ products(first: 10) { edges { node { id title } } } }",
+    # 2 + 20 x (1 + 2 + 10) = 262; 3 variants each: 2 + 20 x 6 = 122
+    "{ products(first: 20) { edges { node { id variants(first: 10) {"
+    " edges { node { id price } } } } } } }",
+    # 2 + 25 x (1 + 2 + 5) = 202; 3 line items each: 2 + 25 x 6 = 152
+    "{ orders(first: 25) { edges { node { id name lineItems(first: 5) {"
+    " edges { node { title quantity } } } } } } }",
+    # 2 + 50 = 52; 25 drafts: 27
+    '{ products(first: 50, query: "status:draft") { edges { node { id title } } } }',
+    # 2 + 30 x (1 + 2 + 5) = 242; 30 customers with 40 orders among them: 2 + 90 + 40 = 132
+    "{ customers(first: 30) { edges { node { id displayName orders(first: 5) {"
+    " edges { node { id } } } } } } }",
+)
 
 
 def graphql_request(shop: str, token: str) -> Callable[[int], bytes]:
     def make(i: int) -> bytes:
-        n = GRAPHQL_SIZES[i % len(GRAPHQL_SIZES)]
-        body = json.dumps({"query": f"{{ products(first: {n}) {{ edges {{ node {{ id }} }} }} }}"})
+        body = json.dumps({"query": GRAPHQL_QUERIES[i % len(GRAPHQL_QUERIES)]})
         return (
             f"POST /admin/api/2024-10/graphql.json HTTP/1.1\r\nHost: {shop}.myshopify.com\r\n"
             f"X-Shopify-Access-Token: {token}\r\nContent-Type: application/json\r\n"
@@ -431,7 +446,7 @@ def test_shopify_graphql_varied_costs(
     tmp_path: Path,
 ) -> None:
     """Zero THROTTLED, and the points the queries really cost use >= 90 % of the restore rate."""
-    shopify.configure(graphql_plan="standard", actual_fraction=0.6)  # 2000 points, 100/s
+    shopify.configure(graphql_plan="standard")  # 2000 points, 100/s; actual ~58 % of requested
     p, ca = elbasy_for(proxy, api_ca, tmp_path, {"*.myshopify.com": shopify.port})
     clients = [
         load.Client("gql.myshopify.com", graphql_request("gql", "tok"), f"client{j}")
@@ -492,5 +507,5 @@ def test_graphql_with_expect_100_continue(
     )
     took = time.monotonic() - started
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["extensions"]["cost"]["requestedQueryCost"] == 6
+    assert json.loads(out.stdout)["extensions"]["cost"]["requestedQueryCost"] == 7  # 2 + 5 x 1
     assert took < 3.0, took  # curl did not sit out its 5 s wait for "100 Continue"

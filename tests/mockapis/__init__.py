@@ -1,7 +1,7 @@
 """Mock third-party APIs for elbasy's throttling tests and bench (api-limits.md part 4).
 
-They stand for the real Shopify Admin (REST + GraphQL) and Etsy Open API v3 rate limiters,
-with configurable plans and scaled-up rates so tests finish fast::
+They stand for the real Shopify Admin (REST + GraphQL), Etsy Open API v3 and GitHub GraphQL
+rate limiters, with configurable plans and scaled-up rates so tests finish fast::
 
     from mockapis import ManualClock, start_shopify, start_etsy, tls_context_for
 
@@ -14,6 +14,10 @@ with configurable plans and scaled-up rates so tests finish fast::
     shop.advance(10.0)                                  # only with a ManualClock
     shop.close()
 
+    gh = start_github(clock=ManualClock(1000.0), limit=5000)
+    ...  # POST gh.url + "/graphql" with Authorization: bearer <token>
+    gh.key_stats("<token>")["remaining"]
+
 The same control is available over HTTP on the mock itself: ``POST /__mock/config``,
 ``POST /__mock/clock/advance``, ``GET /__mock/state``, ``POST /__mock/reset``.
 """
@@ -25,17 +29,20 @@ from pathlib import Path
 from typing import Any
 
 from .etsy import EtsyAPI
+from .github_graphql import GitHubAPI
 from .server import Clock, ManualClock, MockServer, install_sni_recorder, wall_clock
 from .shopify_graphql import query_cost
 from .shopify_rest import ShopifyAPI
 
 __all__ = [
     "EtsyMock",
+    "GitHubMock",
     "ManualClock",
     "MockServer",
     "ShopifyMock",
     "query_cost",
     "start_etsy",
+    "start_github",
     "start_shopify",
     "tls_context_for",
 ]
@@ -73,6 +80,21 @@ class EtsyMock(MockServer):
         return self.app.key_stats(key)
 
 
+class GitHubMock(MockServer):
+    """GitHub GraphQL (state per token)."""
+
+    app: GitHubAPI
+
+    def __init__(self, tls_ctx: ssl.SSLContext | None = None, clock: Clock | None = None) -> None:
+        super().__init__(GitHubAPI(clock or wall_clock), clock or wall_clock, tls_ctx)
+
+    def configure(self, token: str | None = None, **settings: Any) -> None:  # type: ignore[override]
+        self.app.configure(token=token, **settings)
+
+    def key_stats(self, token: str) -> dict[str, Any]:
+        return self.app.key_stats(token)
+
+
 def start_shopify(
     tls_ctx: ssl.SSLContext | None = None, clock: Clock | None = None, **settings: Any
 ) -> ShopifyMock:
@@ -93,10 +115,20 @@ def start_etsy(
     return mock
 
 
+def start_github(
+    tls_ctx: ssl.SSLContext | None = None, clock: Clock | None = None, **settings: Any
+) -> GitHubMock:
+    """A running GitHub GraphQL mock on 127.0.0.1:<port>; ``settings`` become the defaults."""
+    mock = GitHubMock(tls_ctx, clock)
+    if settings:
+        mock.configure(**settings)
+    return mock
+
+
 def tls_context_for(
     ca: Any,
     directory: Path,
-    names: tuple[str, ...] = ("*.myshopify.com", "openapi.etsy.com"),
+    names: tuple[str, ...] = ("*.myshopify.com", "openapi.etsy.com", "api.github.com"),
     ips: tuple[str, ...] = ("127.0.0.1",),
 ) -> ssl.SSLContext:
     """A server context with a leaf for ``names`` signed by the test CA (``origins.make_ca``)."""

@@ -24,11 +24,14 @@ retry_after_mode            ``literal`` (``Retry-After: 2.0``) | ``exact`` (ceil
 outside_traffic_rps         outside marbles per second on the same key (not scaled)
 resource_throttle_paths     fnmatch patterns on the path after ``/admin/api/{version}/``
 daily_cap                   requests per calendar day allowed on those paths (None: none)
-graphql_plan                ``standard`` 2000/100 | ``plus`` 20000/1000 | ``legacy`` 1000/50
-                            | ``custom``; default: ``plan`` when it names a GraphQL plan
+graphql_plan                ``standard`` 2000/100 | ``advanced`` 4000/200 | ``plus`` 20000/1000
+                            | ``legacy`` 1000/50 | ``custom``; default: ``plan`` when it names
+                            a GraphQL plan, else standard
 graphql_capacity            override maximumAvailable (required with ``custom``)
 graphql_restore_rate        override restoreRate (required with ``custom``)
-actual_fraction             actualQueryCost = ceil(requested * fraction); default 1.0
+catalog                     the shop's data, which sizes actual costs: a dict overriding
+                            ``shopify_graphql.CATALOG_DEFAULTS`` (products, variants, images,
+                            metafields, orders, line_items, customers, addresses)
 graphql_outside_rps         outside GraphQL traffic in points per second
 graphql_outside_cost        the cost of one outside query (default 10)
 graphql_throttle_status     HTTP status of a THROTTLED answer: 200 (default) or 429
@@ -42,6 +45,7 @@ import math
 import threading
 from typing import Any
 
+from . import graphql_engine as ge
 from . import shopify_graphql as gql
 from .server import Clock, Reply, Request, dumps
 
@@ -63,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "graphql_plan": None,
     "graphql_capacity": None,
     "graphql_restore_rate": None,
-    "actual_fraction": 1.0,
+    "catalog": None,
     "graphql_outside_rps": 0.0,
     "graphql_outside_cost": 10.0,
     "graphql_throttle_status": 200,
@@ -93,7 +97,7 @@ class Resolved:
         "resource_body",
         "g_capacity",
         "g_rate",
-        "g_fraction",
+        "catalog",
         "g_out_rps",
         "g_out_cost",
         "g_throttle_status",
@@ -157,9 +161,9 @@ class Resolved:
             raise ValueError("graphql capacity and restore rate must be > 0")
         self.g_capacity = gc
         self.g_rate = gr * scale
-        self.g_fraction = float(s["actual_fraction"])
-        if not 0 <= self.g_fraction <= 1:
-            raise ValueError("actual_fraction is in [0, 1]")
+        if s["catalog"] is not None and not isinstance(s["catalog"], dict):
+            raise ValueError("catalog is a dict of counts")
+        self.catalog = gql.catalog_counts(s["catalog"])
         self.g_out_rps = float(s["graphql_outside_rps"] or 0.0)
         self.g_out_cost = float(s["graphql_outside_cost"])
         if self.g_out_cost <= 0:
@@ -204,7 +208,12 @@ class ShopifyKey:
         "g_accepted",
         "g_throttled",
         "g_max_cost",
+        "g_invalid",
+        "g_mutations",
         "g_points",
+        "g_requested",
+        "g_trace",
+        "g_throttle_trace",
         "g_peak_used",
         "g_out_accepted",
         "g_out_throttled",
@@ -240,7 +249,12 @@ class ShopifyKey:
         self.g_last: float | None = None
         self.g_throttled = 0
         self.g_max_cost = 0
-        self.g_points = 0
+        self.g_invalid = 0
+        self.g_mutations = 0
+        self.g_points = 0  # actual cost of the accepted queries (after refunds)
+        self.g_requested = 0  # their requested cost
+        self.g_trace: list[tuple[float, int, int, int]] = []
+        self.g_throttle_trace: list[tuple[float, int, int]] = []
         self.g_peak_used = 0.0
         self.g_out_accepted = 0
         self.g_out_throttled = 0
@@ -320,12 +334,21 @@ class ShopifyKey:
                 "accepted": self.g_accepted,
                 "throttled": self.g_throttled,
                 "max_cost_exceeded": self.g_max_cost,
+                "invalid": self.g_invalid,
+                "mutations": self.g_mutations,
                 "points_spent": self.g_points,
+                "points_requested": self.g_requested,
+                "points_refunded": self.g_requested - self.g_points,
                 "first_accept": self.g_first,
                 "last_accept": self.g_last,
                 "peak_used": self.g_peak_used,
                 "outside_accepted": self.g_out_accepted,
                 "outside_throttled": self.g_out_throttled,
+                # (time, requestedQueryCost, actualQueryCost, currentlyAvailable after) of
+                # the first TRACE_LEN accepted queries
+                "trace": [list(t) for t in self.g_trace],
+                # (time, requestedQueryCost, currentlyAvailable) of the first THROTTLED ones
+                "throttle_trace": [list(t) for t in self.g_throttle_trace],
             },
         }
 
@@ -356,6 +379,7 @@ class ShopifyAPI:
         self._shop_cfg: dict[str, dict[str, Any]] = {}
         self._key_cfg: dict[tuple[str, str], dict[str, Any]] = {}
         self._keys: dict[tuple[str, str], ShopifyKey] = {}
+        self._catalogs: dict[tuple[str, tuple[tuple[str, int], ...]], gql.Catalog] = {}
         self.unauthorized = 0
         self.not_found = 0
 
@@ -442,6 +466,7 @@ class ShopifyAPI:
             "graphql_accepted": 0,
             "graphql_throttled": 0,
             "graphql_max_cost_exceeded": 0,
+            "graphql_invalid": 0,
             "outside_accepted": 0,
             "outside_throttled": 0,
             "unauthorized": self.unauthorized,
@@ -462,6 +487,7 @@ class ShopifyAPI:
             t["graphql_accepted"] += g["accepted"]
             t["graphql_throttled"] += g["throttled"]
             t["graphql_max_cost_exceeded"] += g["max_cost_exceeded"]
+            t["graphql_invalid"] += g["invalid"]
             t["outside_accepted"] += r["outside_accepted"] + g["outside_accepted"]
             t["outside_throttled"] += r["outside_throttled"] + g["outside_throttled"]
         t["accepted"] = t["rest_accepted"] + t["graphql_accepted"]
@@ -485,16 +511,29 @@ class ShopifyAPI:
         shop = shop_of(req)
         k = self.key(shop, token)
         if rest == "graphql.json" and req.method == "POST":
-            query = gql.parse_query(req.body, req.headers.get("content-type", ""))
-            if query is None:
+            try:
+                query, variables, name = ge.read_body(req.body, req.headers.get("content-type", ""))
+            except ValueError:
                 return (
                     400,
                     [_JSON],
                     dumps({"errors": {"query": "Required parameter missing or invalid"}}),
                 )
-            with k.lock:
-                return gql.handle(k, query, self.clock())
+            debug = req.headers.get("shopify-graphql-cost-debug", "").strip() == "1"
+            catalog = self.catalog(shop, k.cfg.catalog)
+            return gql.handle(k, catalog, query, variables, name, debug, self.clock())
         return self._rest(k, rest[: -len(".json")], req)
+
+    def catalog(self, shop: str, counts: tuple[tuple[str, int], ...]) -> gql.Catalog:
+        """The shop's data for these counts, made once."""
+        got = self._catalogs.get((shop, counts))
+        if got is None:
+            with self._lock:
+                got = self._catalogs.get((shop, counts))
+                if got is None:
+                    got = gql.Catalog(shop, dict(counts))
+                    self._catalogs[(shop, counts)] = got
+        return got
 
     def _rest(self, k: ShopifyKey, resource: str, req: Request) -> Reply:
         now = self.clock()
