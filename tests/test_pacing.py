@@ -468,6 +468,114 @@ def test_shopify_graphql_varied_costs(
     assert p.healthz()["pacing"]["server_throttled"] == 0
 
 
+# The acceptance load: shapes whose actual cost is 22 % to 100 % of the requested one (the
+# mock's default catalog), two of them first sent only after 10 s, when every bucket is
+# already low. Requested costs, as the mock prices them (and elbasy's estimate agrees):
+ACCEPTANCE_SHAPES = (
+    # 2 + 50 = 52; 50 of 250 products: actual 52 (100 %)
+    ("{ products(first: 50) { edges { node { id title } } } }", None),
+    # 2 + 10 x (1 + 2 + 10) = 132; 3 variants each: 2 + 10 x 6 = 62 (47 %)
+    (
+        "{ products(first: 10) { edges { node { id variants(first: 10) {"
+        " edges { node { id price } } } } } } }",
+        None,
+    ),
+    # 2 + 5 x (1 + 2 + 25) = 142; 3 line items each: 2 + 5 x 6 = 32 (23 %)
+    (
+        "{ orders(first: 5) { edges { node { id lineItems(first: 25) {"
+        " edges { node { id } } } } } } }",
+        None,
+    ),
+    # 2 + 60 = 62; 40 customers: 42 (68 %)
+    ("{ customers(first: 60) { edges { node { id email } } } }", None),
+    # shop 1 + products 2 + 20 = 23 (100 %)
+    ("{ shop { name } products(first: 20) { nodes { id title } } }", None),
+)
+LATE_SHAPES = (
+    # 2 + 8 x (1 + 12 + 12) = 202; 2 images and 2 metafields each: 2 + 8 x 9 = 74 (37 %)
+    (
+        "{ products(first: 8) { edges { node { id images(first: 10) { edges { node { url } } }"
+        " metafields(first: 10) { edges { node { key } } } } } } }",
+        None,
+    ),
+    # a variable sizes it: 2 + 10 x (1 + 1 + 17) = 192; 3 line items: 2 + 10 x 7 = 72 (38 %)
+    (
+        "query Orders($n: Int!) { orders(first: $n) { edges { node { id customer { id }"
+        " lineItems(first: 15) { edges { node { id title } } } } } } }",
+        {"n": 10},
+    ),
+)
+LATE_AFTER = 10.0
+
+
+def acceptance_request(
+    shop: str, token: str, offset: int, start: list[float]
+) -> Callable[[int], bytes]:
+    def make(i: int) -> bytes:
+        shapes = ACCEPTANCE_SHAPES
+        if start[0] and time.monotonic() - start[0] >= LATE_AFTER:
+            shapes = ACCEPTANCE_SHAPES + LATE_SHAPES
+        query, variables = shapes[(i + offset) % len(shapes)]
+        payload: dict[str, object] = {"query": query}
+        if variables is not None:
+            payload["variables"] = variables
+        body = json.dumps(payload)
+        return (
+            f"POST /admin/api/2024-10/graphql.json HTTP/1.1\r\nHost: {shop}.myshopify.com\r\n"
+            f"X-Shopify-Access-Token: {token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}"
+        ).encode()
+
+    return make
+
+
+@pytest.mark.load
+def test_graphql_acceptance_zero_throttled_at_the_allowed_rate(
+    proxy: Callable[..., Proxy],
+    api_ca: tuple[origins.TestCA, Path],
+    shopify: RemoteMock,
+    tmp_path: Path,
+) -> None:
+    """30 s, four Standard shops and a Plus one, 5 and 10 clients: no THROTTLED, and every
+    account spends >= 95 % of what its bucket and restore rate allow over the run."""
+    plans = {"gs0": "standard", "gs1": "standard", "gs2": "standard", "gs3": "standard"}
+    plans["gp0"] = "plus"
+    for shop, plan in plans.items():
+        shopify.configure(shop=shop, graphql_plan=plan)
+    p, ca = elbasy_for(proxy, api_ca, tmp_path, {"*.myshopify.com": shopify.port})
+    start = [0.0]
+    clients = []
+    for shop, plan in plans.items():
+        for j in range(10 if plan == "plus" else 5):
+            make = acceptance_request(shop, "tok", j, start)
+            clients.append(load.Client(f"{shop}.myshopify.com", make, f"{shop}#{j}"))
+
+    def mark_start() -> None:  # the late shapes count from the moment the clients start
+        start[0] = time.monotonic()
+
+    outcomes, _ = load.run(p.port, ca, clients, RUN, at=(0.0, mark_start))
+    for name, out in outcomes.items():
+        assert not out.errors, (name, out.errors[:3])
+        assert set(out.statuses) == {200}, (name, out.statuses)
+    report = []
+    for shop, plan in plans.items():
+        key = shopify.key_stats(shop, "tok")["graphql"]
+        capacity, rate = key["maximum_available"], key["restore_rate"]
+        first, last = key["first_accept"], key["last_accept"]
+        ratio = key["points_spent"] / (capacity + rate * (last - first))
+        ratios = sorted({round(actual / requested, 2) for _, requested, actual, _ in key["trace"]})
+        report.append((shop, plan, key["throttled"], round(ratio, 3), ratios[0], ratios[-1]))
+    print("GraphQL acceptance (shop, plan, throttled, used, min and max actual/requested):")
+    for row in report:
+        print("  ", row)
+    for _shop, _plan, throttled, ratio, low, high in report:
+        assert throttled == 0, report
+        assert ratio >= 0.95, report
+        assert low <= 0.25 and high == 1.0, report  # the shapes covered the range
+    # the late shapes were priced from their text before the server ever saw them
+    assert p.healthz()["pacing"]["server_throttled"] == 0
+
+
 def test_graphql_with_expect_100_continue(
     proxy: Callable[..., Proxy],
     api_ca: tuple[origins.TestCA, Path],
