@@ -171,6 +171,10 @@ def test_no_fd_leak_after_10k_failing_connections(proxy, raw_origin, refused_por
     )
     assert h["connections"]["open"] == base_open, (h["connections"], summary)
     assert h["connections"]["tunnels_open"] == 0, h["connections"]
+    # every Conn object is an open connection, no SSL* is left, no pipe is in use
+    assert h["live"]["conns"] == h["connections"]["open"], h["live"]
+    assert h["live"]["ssl"] == 0, h["live"]
+    assert h["live"]["pipes"] == h["live"]["pipes_pooled"], h["live"]
     # connections that never send a byte may never be accepted (TCP_DEFER_ACCEPT)
     assert h["connections"]["accepted"] >= total - plan.count("silent_close")
     for kind, status in EXPECTED.items():
