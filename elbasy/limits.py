@@ -45,3 +45,19 @@ class Limit:
             raise ValueError(f"limit {self.name}: a window needs a length > 0")
         if self.kind == ROLLING and self.sub_buckets < 1:
             raise ValueError(f"limit {self.name}: sub_buckets must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerView:
+    """What a server said about one limit in one response; None where it said nothing.
+
+    The rules read it from a response (``elbasy.rules``); the quota store
+    merges it into the account's clocks (``elbasy.quota``).
+    """
+
+    limit: str  # the limit's name in its rule
+    used: float | None = None
+    remaining: float | None = None
+    capacity: float | None = None
+    rate: float | None = None  # a bucket's restore rate, when the server states it
+    reset_after: float | None = None  # seconds until the window resets

@@ -39,8 +39,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from elbasy.limits import BUCKET, Limit
-from elbasy.quota import QuotaStore, Reservation, ServerView, Shed
+from elbasy.limits import BUCKET, Limit, ServerView
+from elbasy.protocol.http1 import IDEMPOTENT_METHODS
+from elbasy.quota import LocalStore, QuotaStore, Reservation, Shed
 from elbasy.rules import Match, RuleSet
 
 log = logging.getLogger("elbasy.pacing")
@@ -54,13 +55,16 @@ MAX_WAIT_CEILING = 3600.0
 #: response bytes a rule that reads bodies (GraphQL cost) gets to see
 BODY_FEEDBACK_BYTES = 256 * 1024
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: how long a request that is not first in its line waits before it asks again
 #: (it is woken as soon as it is first; this is the net under that)
 NOT_FIRST_WAIT = MAX_WAIT_CEILING
 
 #: the pacer's hook to move a held request: ``wake(waiter, monotonic time)``
 Wake = Callable[[object, float], None]
+
+
+def _no_clock() -> float:
+    return 0.0
 
 
 def _no_wake(waiter: object, when: float) -> None:
@@ -145,6 +149,12 @@ class Pacer:
                 0,
             )
         )
+
+    @classmethod
+    def unpaced(cls) -> Pacer:
+        """A pacer whose rules cover no host: every request goes at once, unpaced.
+        Its clocks are never read."""
+        return cls(RuleSet([]), LocalStore(), wall=_no_clock, mono=_no_clock)
 
     # ------------------------------------------------------------------ clocks
 
@@ -359,10 +369,7 @@ class Pacer:
         # arrival instead, every answer would push the clock a round trip ahead
         # and the account would run a round trip per request slow.
         seen_at = wall_now - (self.mono() - paced.sent_at) if paced.sent_at else wall_now
-        views = [
-            ServerView(v.limit, v.used, v.remaining, v.capacity, v.reset_after)
-            for v in report.views
-        ]
+        views = list(report.views)
         # The refund first, then the server's view: the view already holds this
         # request's refund, so taking the view first and refunding after would
         # give the same points back twice whenever the view is the more
@@ -381,7 +388,7 @@ class Pacer:
             self.store.settle(r, actuals, wall_now)
             refunded = any(a < c for a, c in zip(actuals, r.costs, strict=True))
         if views:
-            self._learn(m, views, {v.limit: v.rate for v in report.views if v.rate})
+            self._learn(m, views, {v.limit: v.rate for v in views if v.rate})
             self.store.observe(m.keys, self.limits(m), views, seen_at)
         if not report.throttled:
             if refunded:
@@ -407,7 +414,7 @@ class Pacer:
             self.retry_idempotent
             and not paced.retried
             and body is None
-            and paced.method in IDEMPOTENT
+            and paced.method in IDEMPOTENT_METHODS
             and m.retry_safe
         ):
             again = self.store.reserve(m.keys, self.limits(m), m.costs, wall_now, MAX_WAIT_CEILING)

@@ -1,6 +1,6 @@
 """What elbasy does with each request and response head.
 
-The loop calls a `Proxy` once per request head and once per response head;
+The loop calls the :class:`Policy` once per request head and once per response head;
 it answers with the verdicts in `elbasy.verdicts`. Everything here is plain
 Python over bytes: no fds, and the clock only as the callable it is handed.
 """
@@ -25,6 +25,7 @@ from elbasy.logs import log_access
 from elbasy.pacing import OWN_HEADERS, BadMaxWait, Paced, Pacer, Verdict
 from elbasy.protocol.headers import drop_header_lines, named_in_connection, serialize
 from elbasy.protocol.http1 import (
+    IDEMPOTENT_METHODS,
     RequestHead,
     ResponseHead,
     parse_request_head,
@@ -76,7 +77,6 @@ CLIENT_CLOSED = 499
 
 #: distinct CONNECT heads whose decision is kept (all are dropped when full)
 CONNECT_HEADS_KEPT = 1024
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class Exchange:
@@ -116,7 +116,7 @@ def error_response(status: int, reason: str) -> bytes:
     return response(status, reason.encode("utf-8", "replace") + b"\n", b"text/plain", True)
 
 
-class Proxy:
+class Policy:
     """The per-request decisions of one worker."""
 
     def __init__(
@@ -126,7 +126,8 @@ class Proxy:
         pacer: Pacer | None = None,
     ) -> None:
         self._stats = stats
-        self.pacer = pacer
+        # without one (tests of routing alone): a pacer whose rules cover nothing
+        self.pacer = pacer if pacer is not None else Pacer.unpaced()
         # host globs whose CONNECTs are intercepted (TLS terminated here)
         self.intercept = tuple(g.lower() for g in intercept)
         self._intercepted: dict[str, bool] = {}
@@ -205,8 +206,6 @@ class Proxy:
                 path = self._origin_form(path)
             found = _HOST_LINE.search(req.raw)
             authority = found[1].rstrip(b" \t") if found else origin[8:].encode("ascii")
-            if self.pacer is None:
-                return self._upstream(req, path, authority, site.host, site.port, ex, tls=True)
             return self._paced(req, path, authority, site.host, site.port, True, ex)
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
@@ -222,7 +221,6 @@ class Proxy:
         ex: Exchange,
     ) -> Reply | Forward:
         """A request on its way to host:port: paced on its quota account if a rule covers it."""
-        assert self.pacer is not None
         if not self.pacer.rules.covers(host):
             return self._upstream(req, path, authority, host, port, ex, tls, OWN_HEADERS)
         headers = req.headers()
@@ -301,10 +299,8 @@ class Proxy:
         path = url.path or b"/"
         if url.query:
             path += b"?" + url.query
-        if self.pacer is not None:
-            # plain http:// to an API a rule covers is paced just the same
-            return self._paced(req, path, authority, host, port, False, ex)
-        return self._upstream(req, path, authority, host, port, ex, tls=False)
+        # plain http:// to an API a rule covers is paced just the same
+        return self._paced(req, path, authority, host, port, False, ex)
 
     def _upstream(
         self,
@@ -332,7 +328,7 @@ class Proxy:
             rest = drop_header_lines(rest, named | frozenset(drop))
         head = line + b"\r\nHost: " + authority + b"\r\nVia: 1.1 " + self._via
         head += rest[rest.index(b"\r\n") :]
-        retryable = req.method in IDEMPOTENT and body == BODY_NONE
+        retryable = req.method in IDEMPOTENT_METHODS and body == BODY_NONE
         return Forward(host, port, head, body, length, retryable, ex, tls)
 
     def _authority(self, raw: bytes, port: int | None) -> tuple[str, int, bytes]:
@@ -389,7 +385,7 @@ class Proxy:
             return ResponsePlan(head, resp.status, BODY_NONE, 0, True, True, True)
         plan = self._plan(ex, resp)
         paced = ex.paced
-        if paced is None or self.pacer is None:
+        if paced is None:
             return plan
         headers = resp.headers()
         paced.response = (resp.status, headers)
@@ -401,7 +397,7 @@ class Proxy:
 
     def on_body(self, ex: Exchange, body: bytes) -> float | Reply:
         """The request body a paced request's price depends on (GraphQL): admit it now."""
-        assert ex.paced is not None and self.pacer is not None
+        assert ex.paced is not None
         v = self.pacer.priced(ex.paced, body, ex)
         if v.shed_after:
             return self._shed(ex, v)
@@ -409,14 +405,14 @@ class Proxy:
 
     def departing(self, ex: Exchange) -> float | None:
         """A held request's departure time came: None to send it, or a later time."""
-        if ex.paced is None or self.pacer is None:
+        if ex.paced is None:
             return None
         return self.pacer.departing(ex.paced)
 
     def on_response_body(self, ex: Exchange, body: bytes) -> None:
         """The body of a paced response whose rule reads bodies (GraphQL cost)."""
         paced = ex.paced
-        if paced is None or self.pacer is None or paced.response is None:
+        if paced is None or paced.response is None:
             return
         status, headers = paced.response
         self.pacer.answered(paced, status, headers, body)
@@ -452,14 +448,14 @@ class Proxy:
     def abandoned(self, ex: Exchange) -> None:
         """The client of a held request left before its departure."""
         self.counters["abandoned_while_held"] += 1
-        if ex.paced is not None and self.pacer is not None:
+        if ex.paced is not None:
             self.pacer.abandoned(ex.paced)
         log_access(ex.client, ex.method, ex.target, CLIENT_CLOSED, 0, 0, 0.0, self._paced_log(ex))
 
     def _paced_log(self, ex: Exchange) -> tuple[str, str, float, float | None, float] | None:
         """What the access log says of a paced request: rule, account, costs, its wait."""
         p = ex.paced
-        if p is None or self.pacer is None:
+        if p is None:
             return None
         r = p.reservation
         cost = r.cost if r is not None else p.match.cost
@@ -486,7 +482,7 @@ class Proxy:
 
     def internal_error(self, ex: Exchange | None, exc: BaseException) -> bytes:
         log.error("internal error on %s", ex.target if ex else "-", exc_info=exc)
-        if ex is not None and ex.paced is not None and self.pacer is not None:
+        if ex is not None and ex.paced is not None:
             # the request will not leave: its place in line goes back
             self.pacer.abandoned(ex.paced)
         return error_response(500, "elbasy hit an internal error; see its log")

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit
+from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit, ServerView
 
 #: how many rounds a multi-limit reservation may take to agree on one time
 _ROUNDS = 32
@@ -97,17 +97,6 @@ class Shed:
 
     retry_after: float
     limit: str  # the limit that is furthest out
-
-
-@dataclass(frozen=True, slots=True)
-class ServerView:
-    """What the server said about one limit in one response (None: not said)."""
-
-    limit: str
-    used: float | None = None
-    remaining: float | None = None
-    capacity: float | None = None
-    reset_after: float | None = None
 
 
 class QuotaStore(Protocol):

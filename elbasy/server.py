@@ -22,7 +22,7 @@ from elbasy._loop import Loop
 from elbasy.config import SPLICE_MODES, Config
 from elbasy.logs import startup_banner
 from elbasy.pacing import Pacer
-from elbasy.policy import Proxy
+from elbasy.policy import Policy
 from elbasy.quota import LocalStore, Safety
 from elbasy.resolver import Resolver
 from elbasy.rules import RuleSet
@@ -108,10 +108,10 @@ class Worker:
     """One loop with its listener, resolver and policy; ``serve()`` runs it.
 
     ``policy_type`` builds the policy (a test may pass a subclass of
-    :class:`Proxy`). ``stop()`` may be called from any thread.
+    :class:`Policy`). ``stop()`` may be called from any thread.
     """
 
-    def __init__(self, config: Config, policy_type: type[Proxy] = Proxy) -> None:
+    def __init__(self, config: Config, policy_type: type[Policy] = Policy) -> None:
         self.config = config
         self.sock = listen(config.listen_host, config.listen_port)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]

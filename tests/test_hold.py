@@ -21,7 +21,7 @@ import origins
 import pytest
 
 from elbasy.cli import build_config
-from elbasy.policy import Exchange, Proxy
+from elbasy.policy import Exchange, Policy
 from elbasy.server import Worker
 from elbasy.verdicts import Forward, Intercept, Reply, ResponsePlan
 
@@ -29,7 +29,7 @@ SHOP = "shop1.myshopify.com"
 GLOB = "*.myshopify.com"
 
 
-class Holding(Proxy):
+class Holding(Policy):
     """Holds a request for ``?hold=S`` seconds; ``&again=S`` moves it once more at departure."""
 
     def __init__(self, *args: Any) -> None:

@@ -1,10 +1,10 @@
-"""The Proxy policy over bytes alone: verdicts for request and response heads."""
+"""The policy over bytes alone: verdicts for request and response heads."""
 
 from __future__ import annotations
 
 import json
 
-from elbasy.policy import CONNECT_HEADS_KEPT, Exchange, Proxy
+from elbasy.policy import CONNECT_HEADS_KEPT, Exchange, Policy
 from elbasy.verdicts import (
     BODY_CHUNKED,
     BODY_LENGTH,
@@ -16,8 +16,8 @@ from elbasy.verdicts import (
 )
 
 
-def proxy() -> Proxy:
-    return Proxy(lambda: {"connections": {"open": 3}, "bytes_spliced": 7, "counters": {}})
+def proxy() -> Policy:
+    return Policy(lambda: {"connections": {"open": 3}, "bytes_spliced": 7, "counters": {}})
 
 
 def test_connect_becomes_a_tunnel() -> None:
@@ -29,7 +29,7 @@ def test_connect_becomes_a_tunnel() -> None:
 def test_a_repeated_connect_head_gets_the_same_answer_for_each_client() -> None:
     """A worker pool sends the same CONNECT head over and over: the decision is kept,
     the exchange (who asked) is each tunnel's own."""
-    p = Proxy(lambda: {}, intercept=["*.myshopify.com"])
+    p = Policy(lambda: {}, intercept=["*.myshopify.com"])
     head = b"CONNECT shop1.myshopify.com:443 HTTP/1.1\r\nHost: shop1.myshopify.com:443\r\n\r\n"
     first, second = p.on_request(head, "127.0.0.1:1"), p.on_request(head, "127.0.0.1:2")
     assert isinstance(first, Intercept) and isinstance(second, Intercept)

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from elbasy.cli import main
-from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit
-from elbasy.rules import BUILTIN_IDS, Match, Report, RuleError, RuleSet, View
+from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit, ServerView
+from elbasy.rules import BUILTIN_IDS, Match, Report, RuleError, RuleSet
 from elbasy.rules.graphql_cost import clear_cache
 from elbasy.rules.wire import decode_body, hash_secret
 
@@ -170,7 +170,7 @@ def test_shopify_graphql_match(rules: RuleSet) -> None:
 def test_shopify_rest_learns_plus_from_the_header(rules: RuleSet) -> None:
     m = shopify(rules, "/admin/api/2024-10/products.json")
     report = rules.read_response(m, 200, [(b"X-Shopify-Shop-Api-Call-Limit", b"12/400")], b"[]")
-    assert report == Report(views=(View("shopify-rest", used=12, capacity=400),), tier="plus")
+    assert report == Report(views=(ServerView("shopify-rest", used=12, capacity=400),), tier="plus")
     rules.learn(m, report)
     again = shopify(rules, "/admin/api/2024-10/products.json")
     assert again.tier == "plus"
@@ -189,7 +189,7 @@ def test_shopify_rest_429(rules: RuleSet) -> None:
     )
     assert report.throttled and not report.resource_throttle
     assert report.retry_after == 2.0
-    assert report.view("shopify-rest") == View("shopify-rest", used=40, capacity=40)
+    assert report.view("shopify-rest") == ServerView("shopify-rest", used=40, capacity=40)
     assert report.tier == "standard"
 
 
@@ -241,7 +241,7 @@ def test_graphql_cost_learning_by_shape(rules: RuleSet) -> None:
     report = rules.read_response(first, 200, [], gql_body(22, 12, 1978))
     assert not report.throttled
     assert report.requested_cost == 22 and report.actual_cost == 12
-    assert report.view("shopify-graphql-cost") == View(
+    assert report.view("shopify-graphql-cost") == ServerView(
         "shopify-graphql-cost", remaining=1978, capacity=2000, rate=100
     )
     assert report.tier == "standard"
@@ -377,7 +377,7 @@ def test_graphql_throttled_with_200(rules: RuleSet) -> None:
     assert report.throttled and not report.resource_throttle
     assert report.retry_after == pytest.approx(7.0)  # (752 - 52) / 100
     assert report.requested_cost == 752 and report.actual_cost is None
-    assert report.view("shopify-graphql-cost") == View(
+    assert report.view("shopify-graphql-cost") == ServerView(
         "shopify-graphql-cost", remaining=52, capacity=2000, rate=100
     )
     rules.learn(m, report)
@@ -471,8 +471,8 @@ def test_etsy_reports(rules: RuleSet) -> None:
     )
     assert not ok.throttled
     assert ok.views == (
-        View("etsy-qps", remaining=149, capacity=150),
-        View("etsy-qpd", remaining=99870, capacity=100000),
+        ServerView("etsy-qps", remaining=149, capacity=150),
+        ServerView("etsy-qpd", remaining=99870, capacity=100000),
     )
     throttled = rules.read_response(m, 429, [(b"retry-after", b"7")], b'{"error":"Too many"}')
     assert throttled.throttled and throttled.retry_after == 7 and throttled.views == ()
@@ -527,7 +527,7 @@ def test_sp_api_caller_hint(rules: RuleSet) -> None:
 def test_sp_api_reports(rules: RuleSet) -> None:
     m = amazon(rules, "/orders/v0/orders/1")
     ok = rules.read_response(m, 200, [(b"x-amzn-RateLimit-Limit", b"0.5")], b"{}")
-    assert ok.views == (View("sp-getOrder", rate=0.5),) and not ok.throttled
+    assert ok.views == (ServerView("sp-getOrder", rate=0.5),) and not ok.throttled
     body = b'{"errors":[{"code":"QuotaExceeded","message":"You exceeded your quota"}]}'
     throttled = rules.read_response(m, 429, [], body)
     assert throttled.throttled and throttled.retry_after == 1.0
@@ -555,7 +555,7 @@ def test_bigcommerce(rules: RuleSet) -> None:
         (b"X-Rate-Limit-Time-Window-Ms", b"30000"),
     ]
     ok = rules.read_response(m, 200, headers, b"{}")
-    assert ok.views == (View("bc-window", remaining=447, capacity=450, reset_after=20.649),)
+    assert ok.views == (ServerView("bc-window", remaining=447, capacity=450, reset_after=20.649),)
     assert ok.tier == "pro"
     rules.learn(m, ok)
     again = rules.match("api.bigcommerce.com", "GET", "/stores/abc123/v2/orders", [])
@@ -616,13 +616,15 @@ def test_github_reports(rules: RuleSet) -> None:
         (b"x-ratelimit-resource", b"core"),
     ]
     ok = rules.read_response(m, 200, headers, b"[]")
-    assert ok.views == (View("gh-core", used=10, remaining=4990, capacity=5000, reset_after=1800),)
+    assert ok.views == (
+        ServerView("gh-core", used=10, remaining=4990, capacity=5000, reset_after=1800),
+    )
     assert ok.tier == "standard" and not ok.throttled
     # search responses report into the search limit and say nothing about the plan
     search = github(rules, "/search/issues?q=x")
     headers_s = [(b"x-ratelimit-limit", b"30"), (b"x-ratelimit-resource", b"search")]
     report = rules.read_response(search, 200, headers_s, b"{}", now=0)
-    assert report.views == (View("gh-search", capacity=30),) and report.tier is None
+    assert report.views == (ServerView("gh-search", capacity=30),) and report.tier is None
 
 
 def test_github_403_rate_limit_vs_permission(rules: RuleSet) -> None:
@@ -754,7 +756,7 @@ def test_github_graphql_feedback(rules: RuleSet) -> None:
     assert not ok.throttled
     # routed to the hourly limit only: the secondary one has no headers
     assert ok.views == (
-        View("gh-graphql", used=51, remaining=9949, capacity=10000, reset_after=1800),
+        ServerView("gh-graphql", used=51, remaining=9949, capacity=10000, reset_after=1800),
     )
     assert ok.tier == "enterprise"
     rules.learn(m, ok)

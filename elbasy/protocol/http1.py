@@ -18,6 +18,11 @@ from elbasy.errors import RemoteProtocolError
 from elbasy.protocol.headers import Headers
 from elbasy.verdicts import BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE
 
+#: Methods whose effect is the same sent once or twice (RFC 9110 9.2.2): the
+#: only ones elbasy ever sends again (a pooled connection that was closed as it
+#: was reused; a 429 with --retry-idempotent)
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
 
 class Framing(NamedTuple):
     """What the headers say about the message body and the connection."""

@@ -12,7 +12,7 @@ Plain Python: no sockets, and no clock except the one handed in.
 
 from __future__ import annotations
 
-from elbasy.rules.ruleset import BUILTIN_IDS, Match, Report, RuleSet, View
+from elbasy.rules.ruleset import BUILTIN_IDS, Match, Report, RuleSet
 from elbasy.rules.schema import HINT_HEADER, Rule, RuleError, parse_rule, rule_to_toml
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "Rule",
     "RuleError",
     "RuleSet",
-    "View",
     "parse_rule",
     "rule_to_toml",
 ]

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from elbasy.limits import Limit
+from elbasy.limits import Limit, ServerView
 from elbasy.rules.graphql_cost import estimate
 from elbasy.rules.schema import (
     Feedback,
@@ -46,7 +46,7 @@ from elbasy.rules.wire import (
     parse_number,
 )
 
-__all__ = ["BUILTIN_IDS", "Match", "Report", "RuleSet", "View"]
+__all__ = ["BUILTIN_IDS", "Match", "Report", "RuleSet", "ServerView"]
 
 #: The built-in rules, one data file each in ``elbasy/rules/data``.
 BUILTIN_IDS: tuple[str, ...] = (
@@ -111,30 +111,18 @@ class Match:
 
 
 @dataclass(frozen=True, slots=True)
-class View:
-    """What the server says about one limit; None where it says nothing."""
-
-    limit: str
-    used: float | None = None
-    remaining: float | None = None
-    capacity: float | None = None
-    rate: float | None = None
-    reset_after: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Report:
     """What one response says about the quota."""
 
     throttled: bool = False
     resource_throttle: bool = False
     retry_after: float | None = None
-    views: tuple[View, ...] = ()
+    views: tuple[ServerView, ...] = ()
     tier: str | None = None
     requested_cost: float | None = None
     actual_cost: float | None = None
 
-    def view(self, limit: str) -> View | None:
+    def view(self, limit: str) -> ServerView | None:
         return next((v for v in self.views if v.limit == limit), None)
 
 
@@ -648,7 +636,7 @@ class RuleSet:
             actual_cost=actual,
         )
 
-    def _views(self, feedback: Feedback, match: Match, resp: _Response) -> list[View]:
+    def _views(self, feedback: Feedback, match: Match, resp: _Response) -> list[ServerView]:
         values = {name: _read(reader, resp) for name, reader in feedback.readers.items()}
         if all(v is None for v in values.values()):
             return []
@@ -662,7 +650,7 @@ class RuleSet:
             target = feedback.limit_map.get(raw.decode("latin-1").strip()) if raw else None
             names = [target] if target else []
         return [
-            View(
+            ServerView(
                 limit=name,
                 used=values.get("used"),
                 remaining=values.get("remaining"),
