@@ -179,6 +179,7 @@ class Plan:
         "schema",
         "fragments",
         "variables",
+        "variable_values",
         "operation",
         "definition",
         "root",
@@ -191,11 +192,14 @@ class Plan:
         schema: GraphQLSchema,
         prepared: Prepared,
         operation: OperationDefinitionNode,
-        variables: dict[str, Any],
+        variables: Any,
     ) -> None:
         self.schema = schema
         self.fragments = prepared.fragments
-        self.variables = variables
+        # graphql-core 3.2 coerces variables to a dict; 3.3 to a VariableValues
+        # tuple holding that dict as ``coerced``, which get_argument_values wants
+        self.variable_values = variables
+        self.variables: dict[str, Any] = getattr(variables, "coerced", variables)
         self.operation: str = operation.operation.value  # "query" | "mutation" | "subscription"
         self.definition = operation
         root = {
@@ -319,7 +323,7 @@ class PField:
             self.kind = LEAF
         self.is_list = is_list_type(get_nullable_type(fdef.type))  # type: ignore[arg-type]
         try:
-            self.args: dict[str, Any] = get_argument_values(fdef, nodes[0], plan.variables)
+            self.args: dict[str, Any] = get_argument_values(fdef, nodes[0], plan.variable_values)
         except GraphQLError as e:
             raise GraphQLFailure([format_error(e)]) from None
         self.conn = (
