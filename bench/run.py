@@ -27,7 +27,7 @@ the same rotation as reference points; the interception cells have direct
 only, and go to https://localhost:PORT, whose certificate is signed by a
 bench CA that the intercepting proxies are told to trust.  The script prints
 one markdown table with medians, ranges and elbasy/peer ratios, then the
-targets from DESIGN §8 with PASS/MISS, the machine and the command line.
+targets from docs/design.md §8 with PASS/MISS, the machine and the command line.
 
 Python standard library only; the load generators are hey and curl.  Every
 traffic source is bounded in time (hey -z, curl --max-time, deadlines in the
@@ -1662,7 +1662,7 @@ def render(
     out.append("")
     out.append(md_table(["peer"] + [CELL_TITLES[c] for c in cells], rows))
     out.append("")
-    out.append("### Targets (DESIGN §8, medians from this run)")
+    out.append("### Targets (docs/design.md §8, medians from this run)")
     out.append("")
     out.append(
         md_table(

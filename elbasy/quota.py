@@ -1,6 +1,6 @@
 """Quota: reservations on each account's clocks, confirmed at departure.
 
-The arithmetic of DESIGN §3, as plain Python over a clock passed in (seconds
+The arithmetic of docs/design.md §3, as plain Python over a clock passed in (seconds
 on one time base; tests inject it). One call is one atomic step over every
 limit of an account, so a shared-memory or Redis store can implement the same
 :class:`QuotaStore` interface with one CAS or one Lua script.

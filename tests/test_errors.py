@@ -1,4 +1,4 @@
-"""DESIGN §7: what each kind of bad input or upstream fault gets."""
+"""docs/design.md §7: what each kind of bad input or upstream fault gets."""
 
 from __future__ import annotations
 

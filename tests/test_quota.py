@@ -1,6 +1,6 @@
 """The quota arithmetic with an injected clock: no sockets, no sleeps.
 
-Where api-limits.md part 4 has worked vectors, the store with every safety
+Where docs/api-limits.md part 4 has worked vectors, the store with every safety
 setting at zero must give exactly the departures the mock server accepts.
 """
 
@@ -230,7 +230,7 @@ def test_per_limit_costs() -> None:
 
 
 def test_etsy_vectors_qps_then_qpd() -> None:
-    """api-limits.md 4.2, vectors 1-4 (qps=10, qpd=30, 12 sub-buckets of 2 h)."""
+    """docs/api-limits.md 4.2, vectors 1-4 (qps=10, qpd=30, 12 sub-buckets of 2 h)."""
     store = LocalStore(EXACT)
     limits = [ETSY_QPS, ETSY_QPD]
     keys = ["k", "k"]

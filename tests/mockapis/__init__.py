@@ -1,4 +1,4 @@
-"""Mock third-party APIs for elbasy's throttling tests and bench (api-limits.md part 4).
+"""Mock third-party APIs for elbasy's throttling tests and bench (docs/api-limits.md part 4).
 
 They stand for the real Shopify Admin (REST + GraphQL), Etsy Open API v3 and GitHub GraphQL
 rate limiters, with configurable plans and scaled-up rates so tests finish fast::

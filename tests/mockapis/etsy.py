@@ -1,4 +1,4 @@
-"""Mock Etsy Open API v3 (api-limits.md part 4.2).
+"""Mock Etsy Open API v3 (docs/api-limits.md part 4.2).
 
 Route: ``ANY /v3/application/{anything}`` (host ``openapi.etsy.com``; the Host is not checked).
 Key: the ``x-api-key`` header up to the first ``:``; missing -> ``401 {"error":"Missing API key"}``,

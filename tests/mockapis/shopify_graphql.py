@@ -56,7 +56,7 @@ which also runs outside traffic):
 
 * requested > 1000: HTTP 200 with a ``MAX_COST_EXCEEDED`` error; the bucket is untouched;
 * currentlyAvailable < requested: HTTP 200 (or 429 with ``graphql_throttle_status=429``)
-  with the THROTTLED body of api-limits.md part 1.2, ``actualQueryCost: null``, nothing
+  with the THROTTLED body of docs/api-limits.md part 1.2, ``actualQueryCost: null``, nothing
   taken (a query of exactly ``currentlyAvailable`` points runs);
 * otherwise take ``requested``, execute, refund ``requested - actual``, and answer 200.
 
