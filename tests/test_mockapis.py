@@ -1,4 +1,4 @@
-"""The mock third-party APIs follow docs/api-limits.md part 4 and the vendors' docs, over real HTTP."""
+"""The mock third-party APIs follow docs/api-limits.md part 4 and the vendors' docs, over HTTP."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mock Shopify Admin REST (docs/api-limits.md part 4.1), plus the per-key store shared with GraphQL.
+"""Mock Shopify Admin REST (docs/api-limits.md 4.1), plus the per-key store shared with GraphQL.
 
 Routes: ``ANY /admin/api/{version}/{anything}.json`` (REST) and
 ``POST /admin/api/{version}/graphql.json`` (GraphQL, see ``shopify_graphql``).
