@@ -310,12 +310,16 @@ class Pacer:
                 del self._lines[key]
             return
         first = line[0]
+        first.due = self._earliest(first)
+        self.wake(first.waiter, first.due)
+
+    def _earliest(self, first: Paced) -> float:
+        """When the first in its line may leave (monotonic): the store's word, or now."""
         r = first.reservation
         assert r is not None
         wall_now = self.wall()
         t = self.store.earliest(r, wall_now)
-        first.due = self._to_mono(t) if t > wall_now else self.mono()
-        self.wake(first.waiter, first.due)
+        return self._to_mono(t) if t > wall_now else self.mono()
 
     def _line_moved(self, keys: tuple[str, ...]) -> None:
         """A refund (or more room) on ``keys``: the first in line goes sooner if it can."""
@@ -323,11 +327,7 @@ class Pacer:
         if not line or line[0].gone:
             return
         first = line[0]
-        r = first.reservation
-        assert r is not None
-        wall_now = self.wall()
-        t = self.store.earliest(r, wall_now)
-        due = self._to_mono(t) if t > wall_now else self.mono()
+        due = self._earliest(first)
         if due < first.due - 1e-6:
             first.due = due
             self.counters["woken_early"] += 1

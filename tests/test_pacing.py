@@ -427,14 +427,19 @@ GRAPHQL_QUERIES = (
 )
 
 
+def graphql_post(shop: str, token: str, payload: dict[str, object]) -> bytes:
+    """One whole GraphQL request to ``shop``'s Admin API."""
+    body = json.dumps(payload)
+    return (
+        f"POST /admin/api/2024-10/graphql.json HTTP/1.1\r\nHost: {shop}.myshopify.com\r\n"
+        f"X-Shopify-Access-Token: {token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+
+
 def graphql_request(shop: str, token: str) -> Callable[[int], bytes]:
     def make(i: int) -> bytes:
-        body = json.dumps({"query": GRAPHQL_QUERIES[i % len(GRAPHQL_QUERIES)]})
-        return (
-            f"POST /admin/api/2024-10/graphql.json HTTP/1.1\r\nHost: {shop}.myshopify.com\r\n"
-            f"X-Shopify-Access-Token: {token}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n{body}"
-        ).encode()
+        return graphql_post(shop, token, {"query": GRAPHQL_QUERIES[i % len(GRAPHQL_QUERIES)]})
 
     return make
 
@@ -519,12 +524,7 @@ def acceptance_request(
         payload: dict[str, object] = {"query": query}
         if variables is not None:
             payload["variables"] = variables
-        body = json.dumps(payload)
-        return (
-            f"POST /admin/api/2024-10/graphql.json HTTP/1.1\r\nHost: {shop}.myshopify.com\r\n"
-            f"X-Shopify-Access-Token: {token}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n{body}"
-        ).encode()
+        return graphql_post(shop, token, payload)
 
     return make
 
