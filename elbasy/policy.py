@@ -7,34 +7,28 @@ Python over bytes: no fds, and the clock only as the callable it is handed.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
-import httptools
-
-from elbasy import __version__
 from elbasy.errors import RemoteProtocolError
 from elbasy.logs import log_access
+from elbasy.outbound import Outbound
 from elbasy.pacing import OWN_HEADERS, BadMaxWait, Paced, Pacer, Verdict
-from elbasy.protocol.headers import drop_header_lines, named_in_connection, serialize
+from elbasy.pages import error_response, own_page, shed_response
+from elbasy.protocol.headers import drop_header_lines, named_in_connection
 from elbasy.protocol.http1 import (
-    IDEMPOTENT_METHODS,
     RequestHead,
     ResponseHead,
     parse_request_head,
     parse_response_head,
-    request_framing,
     response_framing,
     upstream_keeps_alive,
 )
-from elbasy.protocol.targets import check_host, check_port, parse_authority
+from elbasy.protocol.targets import parse_authority
 from elbasy.verdicts import (
     BODY_CLOSE,
     BODY_NONE,
@@ -46,21 +40,6 @@ from elbasy.verdicts import (
 )
 
 log = logging.getLogger("elbasy.proxy")
-
-REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-    508: "Loop Detected",
-}
 
 COUNTERS = (
     "bad_requests",
@@ -92,30 +71,6 @@ class Exchange:
         self.paced: Paced | None = None  # a request to a covered API: its pacing state
 
 
-def response(
-    status: int,
-    body: bytes,
-    content_type: bytes,
-    close: bool,
-    extra: tuple[tuple[bytes, bytes], ...] = (),
-) -> bytes:
-    head = [
-        (b"Content-Type", content_type),
-        (b"Content-Length", str(len(body)).encode()),
-        (b"Server", b"elbasy/" + __version__.encode()),
-        *extra,
-    ]
-    if close:
-        head.append((b"Connection", b"close"))
-    line = b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Error").encode())
-    return serialize(line, head) + body
-
-
-def error_response(status: int, reason: str) -> bytes:
-    """elbasy's own error: a one-line plain-text reason, then close."""
-    return response(status, reason.encode("utf-8", "replace") + b"\n", b"text/plain", True)
-
-
 class Policy:
     """The per-request decisions of one worker."""
 
@@ -135,11 +90,7 @@ class Policy:
         # a worker pool sends the same few heads over and over, and the same bytes
         # always get the same answer, so llhttp reads each one once
         self._connects: dict[bytes, tuple[str, int, str, bool]] = {}
-        self._authorities: dict[tuple[bytes, int | None], tuple[str, int, bytes]] = {}
-        # names this process in Via (RFC 9110 §7.6.3), so a request that comes
-        # back (a client or --connect-to pointing elbasy at itself) is refused
-        # instead of looping until the fds run out
-        self._via = b"elbasy-" + os.urandom(4).hex().encode()
+        self.outbound = Outbound()
         # every counter is present from the start, so dashboards see zeros
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
 
@@ -167,8 +118,14 @@ class Policy:
                 self._connects[head] = (host, port, req.target, intercept)
                 return Intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
             if req.target.startswith("/"):
-                return self._own_page(req, ex)
-            return self._forward(req, ex)
+                status, data, close = own_page(
+                    req.method, req.target, req.keep_alive, self._stats, self.counters
+                )
+                log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)
+                return Reply(data, close)
+            # plain http:// to an API a rule covers is paced just the same
+            host, port, authority, path = self.outbound.absolute(req.target)
+            return self._paced(req, path, authority, host, port, False, ex)
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
 
@@ -203,7 +160,7 @@ class Policy:
                 )
             path = req.target.encode("ascii")
             if not (path.startswith(b"/") or path == b"*"):
-                path = self._origin_form(path)
+                path = self.outbound.origin_form(path)
             found = _HOST_LINE.search(req.raw)
             authority = found[1].rstrip(b" \t") if found else origin[8:].encode("ascii")
             return self._paced(req, path, authority, site.host, site.port, True, ex)
@@ -222,11 +179,11 @@ class Policy:
     ) -> Reply | Forward:
         """A request on its way to host:port: paced on its quota account if a rule covers it."""
         if not self.pacer.rules.covers(host):
-            return self._upstream(req, path, authority, host, port, ex, tls, OWN_HEADERS)
+            return self.outbound.forward(req, path, authority, host, port, ex, tls, OWN_HEADERS)
         headers = req.headers()
         match = self.pacer.match(host, req.method, path.decode("ascii"), headers)
         drop = OWN_HEADERS + (match.strip_headers if match is not None else ())
-        fwd = self._upstream(req, path, authority, host, port, ex, tls, drop)
+        fwd = self.outbound.forward(req, path, authority, host, port, ex, tls, drop)
         if match is None:
             return fwd
         try:
@@ -248,33 +205,10 @@ class Policy:
 
     def _shed(self, ex: Exchange, v: Verdict) -> Reply:
         """elbasy's own 429: the request would wait longer than allowed; nothing was sent."""
-        retry = max(1, math.ceil(v.shed_after))
-        body = (
-            f"elbasy: the {v.limit} quota of this account has no room within the max wait; "
-            f"retry after {retry} s\n"
-        ).encode()
         close = not ex.keep_alive
-        data = response(
-            429,
-            body,
-            b"text/plain",
-            close,
-            ((b"Retry-After", str(retry).encode()), (b"X-Elbasy-Shed", b"1")),
-        )
+        data = shed_response(v.limit, v.shed_after, close)
         log_access(ex.client, ex.method, ex.target, 429, 0, len(data), 0.0)
         return Reply(data, close)
-
-    @staticmethod
-    def _origin_form(target: bytes) -> bytes:
-        """The path and query of an absolute-form target (a client may send one to a server)."""
-        try:
-            url = httptools.parse_url(target)
-        except httptools.HttpParserInvalidURLError:
-            raise RemoteProtocolError(f"bad request target {target!r}") from None
-        if not url.schema:
-            raise RemoteProtocolError(f"bad request target {target!r}")
-        path = url.path or b"/"
-        return path + b"?" + url.query if url.query else path
 
     def _refuse(self, ex: Exchange, exc: RemoteProtocolError) -> Reply:
         status = exc.status_hint
@@ -282,100 +216,6 @@ class Policy:
         log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
         log.info("refused %s from %s: %s", ex.target, ex.client, exc)
         return Reply(error_response(status, str(exc)), True)
-
-    def _forward(self, req: RequestHead, ex: Exchange) -> Reply | Forward:
-        try:
-            url = httptools.parse_url(req.target.encode("ascii"))
-        except httptools.HttpParserInvalidURLError:
-            raise RemoteProtocolError(f"bad request target {req.target!r}") from None
-        scheme = (url.schema or b"").lower()
-        if scheme == b"https":
-            raise RemoteProtocolError("https:// URLs go through CONNECT, not absolute-form")
-        if scheme != b"http" or not url.host:
-            raise RemoteProtocolError(f"bad request target {req.target!r}")
-        if url.userinfo:
-            raise RemoteProtocolError("credentials in the request URL are refused")
-        host, port, authority = self._authority(url.host, url.port)
-        path = url.path or b"/"
-        if url.query:
-            path += b"?" + url.query
-        # plain http:// to an API a rule covers is paced just the same
-        return self._paced(req, path, authority, host, port, False, ex)
-
-    def _upstream(
-        self,
-        req: RequestHead,
-        path: bytes,
-        authority: bytes,
-        host: str,
-        port: int,
-        ex: Exchange,
-        tls: bool,
-        drop: tuple[bytes, ...] = (),
-    ) -> Forward:
-        """The request as it leaves: origin-form, hop-by-hop stripped, Host and Via set.
-
-        ``drop``: more header names (lower-case) that must not leave (elbasy's own).
-        """
-        if self._via in req.raw:
-            raise RemoteProtocolError("request loop: it has already passed through here", 508)
-        body, length = request_framing(req)
-        version = b"HTTP/1.0" if req.version == "1.0" else b"HTTP/1.1"
-        line = req.method.encode("ascii") + b" " + path + b" " + version
-        rest = req.stripped
-        named = named_in_connection(req.framing.connection)
-        if named or drop:
-            rest = drop_header_lines(rest, named | frozenset(drop))
-        head = line + b"\r\nHost: " + authority + b"\r\nVia: 1.1 " + self._via
-        head += rest[rest.index(b"\r\n") :]
-        retryable = req.method in IDEMPOTENT_METHODS and body == BODY_NONE
-        return Forward(host, port, head, body, length, retryable, ex, tls)
-
-    def _authority(self, raw: bytes, port: int | None) -> tuple[str, int, bytes]:
-        """(host, port, Host header value) of a URL's authority, checked once per authority."""
-        key = (raw, port)
-        known = self._authorities.get(key)
-        if known is not None:
-            return known
-        text = raw.decode("ascii")
-        host = check_host(f"[{text}]" if ":" in text else text)
-        number = port or 80
-        check_port(str(number))
-        value = raw if ":" not in text else b"[" + raw + b"]"
-        if port:
-            value += b":%d" % port
-        if len(self._authorities) >= 4096:
-            self._authorities.clear()
-        known = self._authorities[key] = (host, number, value)
-        return known
-
-    def _own_page(self, req: RequestHead, ex: Exchange) -> Reply:
-        """Origin-form: a request to elbasy itself, not through it."""
-        path = req.target.split("?", 1)[0]
-        close = not req.keep_alive
-        if req.method not in ("GET", "HEAD"):
-            status, data = 405, error_response(405, "elbasy's own pages answer GET only")
-            close = True
-        elif path == "/healthz":
-            status = 200
-            data = response(200, self._healthz(), b"application/json", close)
-        elif path == "/":
-            status, data = 200, response(200, _INDEX, b"text/html; charset=utf-8", close)
-        else:
-            status, data = 404, response(404, b"not found\n", b"text/plain", close)
-        if req.method == "HEAD":
-            data = data[: data.index(b"\r\n\r\n") + 4]
-        log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)
-        return Reply(data, close)
-
-    def _healthz(self) -> bytes:
-        stats = self._stats()
-        stats["version"] = __version__
-        stats["pid"] = os.getpid()
-        counters = stats.setdefault("counters", {})
-        for name, value in self.counters.items():
-            counters[name] = value
-        return json.dumps(stats, sort_keys=True).encode() + b"\n"
 
     # ---- response heads ---------------------------------------------------------
 
@@ -486,19 +326,3 @@ class Policy:
             # the request will not leave: its place in line goes back
             self.pacer.abandoned(ex.paced)
         return error_response(500, "elbasy hit an internal error; see its log")
-
-
-_INDEX = b"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>elbasy</title></head>
-<body>
-<h1>elbasy</h1>
-<p>This is elbasy, an egress proxy for calling rate-limited APIs. It is not a
-web server: point your HTTP client at it as a proxy instead.</p>
-<pre>
-export HTTPS_PROXY=http://HOST:PORT
-export HTTP_PROXY=http://HOST:PORT
-curl -x http://HOST:PORT https://example.com/
-</pre>
-<p>Health and counters: <a href="/healthz">/healthz</a> (JSON).</p>
-</body></html>
-"""

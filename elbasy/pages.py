@@ -1,0 +1,127 @@
+"""What elbasy answers itself: its error replies and its own pages.
+
+Every byte elbasy writes to a client on its own account is formatted here:
+the one-line error replies (a bad head, an upstream that cannot be reached,
+a request shed for its quota), ``GET /`` and ``GET /healthz``. The policy
+decides which one; this module only spells it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from elbasy import __version__
+from elbasy.protocol.headers import serialize
+
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    508: "Loop Detected",
+}
+
+
+def response(
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    close: bool,
+    extra: tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
+    """A whole response from elbasy itself: head (with ``Server``) and body."""
+    head = [
+        (b"Content-Type", content_type),
+        (b"Content-Length", str(len(body)).encode()),
+        (b"Server", b"elbasy/" + __version__.encode()),
+        *extra,
+    ]
+    if close:
+        head.append((b"Connection", b"close"))
+    line = b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Error").encode())
+    return serialize(line, head) + body
+
+
+def error_response(status: int, reason: str) -> bytes:
+    """elbasy's own error: a one-line plain-text reason, then close."""
+    return response(status, reason.encode("utf-8", "replace") + b"\n", b"text/plain", True)
+
+
+def shed_response(limit: str, retry_after: float, close: bool) -> bytes:
+    """elbasy's own 429: the request would wait longer than allowed; nothing was sent."""
+    retry = max(1, math.ceil(retry_after))
+    body = (
+        f"elbasy: the {limit} quota of this account has no room within the max wait; "
+        f"retry after {retry} s\n"
+    ).encode()
+    return response(
+        429,
+        body,
+        b"text/plain",
+        close,
+        ((b"Retry-After", str(retry).encode()), (b"X-Elbasy-Shed", b"1")),
+    )
+
+
+def own_page(
+    method: str,
+    target: str,
+    keep_alive: bool,
+    stats: Callable[[], dict[str, Any]],
+    counters: Mapping[str, int],
+) -> tuple[int, bytes, bool]:
+    """A request to elbasy itself (origin-form): (status, the whole answer, close after)."""
+    path = target.split("?", 1)[0]
+    close = not keep_alive
+    if method not in ("GET", "HEAD"):
+        status, data = 405, error_response(405, "elbasy's own pages answer GET only")
+        close = True
+    elif path == "/healthz":
+        status = 200
+        data = response(200, healthz(stats, counters), b"application/json", close)
+    elif path == "/":
+        status, data = 200, response(200, INDEX, b"text/html; charset=utf-8", close)
+    else:
+        status, data = 404, response(404, b"not found\n", b"text/plain", close)
+    if method == "HEAD":
+        data = data[: data.index(b"\r\n\r\n") + 4]
+    return status, data, close
+
+
+def healthz(stats: Callable[[], dict[str, Any]], counters: Mapping[str, int]) -> bytes:
+    """``/healthz``: the loop's counters and the policy's, as one JSON object."""
+    out = stats()
+    out["version"] = __version__
+    out["pid"] = os.getpid()
+    merged = out.setdefault("counters", {})
+    for name, value in counters.items():
+        merged[name] = value
+    return json.dumps(out, sort_keys=True).encode() + b"\n"
+
+
+INDEX = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>elbasy</title></head>
+<body>
+<h1>elbasy</h1>
+<p>This is elbasy, an egress proxy for calling rate-limited APIs. It is not a
+web server: point your HTTP client at it as a proxy instead.</p>
+<pre>
+export HTTPS_PROXY=http://HOST:PORT
+export HTTP_PROXY=http://HOST:PORT
+curl -x http://HOST:PORT https://example.com/
+</pre>
+<p>Health and counters: <a href="/healthz">/healthz</a> (JSON).</p>
+</body></html>
+"""
