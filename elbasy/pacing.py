@@ -129,6 +129,8 @@ class Pacer:
         self.mono = mono
         # limits whose numbers a server reported (Etsy's day, GraphQL's bucket), per key
         self._learned: dict[tuple[str, str], tuple[float, float | None]] = {}
+        # per account keys: (the rule's limits, the same with what the server told)
+        self._told_limits: dict[tuple[str, ...], tuple[tuple[Limit, ...], tuple[Limit, ...]]] = {}
         # the requests waiting on each account, first in line at the left
         self._lines: dict[tuple[str, ...], deque[Paced]] = {}
         #: moves a held request to a new departure; the loop wires its own in
@@ -187,9 +189,16 @@ class Pacer:
         return Paced(match, method, max_wait, self.mono())
 
     def limits(self, match: Match) -> tuple[Limit, ...]:
-        """The match's limits, with the numbers its server reported in their place."""
+        """The match's limits, with the numbers its server reported in their place.
+
+        The same tuple for every request of an account until the server says
+        something new: a queued request keeps it, and there may be 100,000.
+        """
         if not self._learned:
-            return tuple(match.limits)
+            return match.limits
+        known = self._told_limits.get(match.keys)
+        if known is not None and known[0] is match.limits:
+            return known[1]
         out = []
         for key, limit in zip(match.keys, match.limits, strict=True):
             told = self._learned.get((key, limit.name))
@@ -197,7 +206,11 @@ class Pacer:
                 capacity, rate = told
                 limit = replace(limit, capacity=capacity, rate=rate or limit.rate)
             out.append(limit)
-        return tuple(out)
+        limits = tuple(out)
+        if len(self._told_limits) >= 100_000:
+            self._told_limits.clear()
+        self._told_limits[match.keys] = (match.limits, limits)
+        return limits
 
     def _learn(self, match: Match, views: list[ServerView], rates: dict[str, float]) -> None:
         """Keep a limit's capacity (and a bucket's rate) as the server states them."""
@@ -212,6 +225,7 @@ class Pacer:
             if len(self._learned) >= 100_000:
                 self._learned.clear()
             self._learned[(key, limit.name)] = told
+            self._told_limits.clear()  # rare (a plan learned or changed): start over
 
     def admit(self, paced: Paced, waiter: object = None) -> Verdict:
         """Give the request its place in its account's line: when it may leave, or shed it.

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit, ServerView
@@ -81,7 +81,9 @@ class Reservation:
     depart: float  # when it would leave behind everything queued (the caller's clock)
     made: float  # when it was made
     # per limit: bucket: the units it queued; window/rolling: the slot index it booked
-    slots: list[float] = field(default_factory=list)
+    # (a tuple: a queued request is kept by the hundred thousand, and rebuilt
+    # only when a window booking moves)
+    slots: tuple[float, ...] = ()
     sent: bool = False
     returned: bool = False  # its place was given back (the client left)
 
@@ -178,14 +180,25 @@ def _period(limit: Limit) -> float:
     return limit.window / (limit.sub_buckets if limit.kind == ROLLING else 1)
 
 
+#: the per-limit cost tuples made so far: a queued request keeps one, and most
+#: share a handful of values (1 for every REST request), so they are made once
+_COSTS: dict[tuple[float, ...], tuple[float, ...]] = {}
+
+
 def _per_limit(cost: float | Sequence[float], limits: Sequence[Limit]) -> tuple[float, ...]:
-    """One cost for every limit, or one per limit (checked)."""
+    """One cost for every limit, or one per limit (checked); the same tuple each time."""
     if isinstance(cost, int | float):
-        return (float(cost),) * len(limits)
-    costs = tuple(float(c) for c in cost)
-    if len(costs) != len(limits):
-        raise ValueError(f"{len(costs)} costs for {len(limits)} limits")
-    return costs
+        costs: tuple[float, ...] = (float(cost),) * len(limits)
+    else:
+        costs = tuple(float(c) for c in cost)
+        if len(costs) != len(limits):
+            raise ValueError(f"{len(costs)} costs for {len(limits)} limits")
+    known = _COSTS.get(costs)
+    if known is None:
+        if len(_COSTS) >= 4096:
+            _COSTS.clear()
+        known = _COSTS[costs] = costs
+    return known
 
 
 class LocalStore:
@@ -320,19 +333,19 @@ class LocalStore:
         depart, which = self._earliest(keys, limits, costs, now, behind_queue=True)
         if depart - now > max_wait + _EPS:
             return Shed(depart - now, which)
-        r = Reservation(tuple(keys), tuple(limits), costs, depart, now)
+        slots: list[float] = []
         for key, limit, c in zip(keys, limits, costs, strict=True):
             st = self._state(key, limit, now)
             if limit.kind == BUCKET:
                 units = min(c, self._room(limit))
                 st.queued += units
-                r.slots.append(units)
+                slots.append(units)
             else:
                 i = math.floor(depart / _period(limit) + _EPS)
                 st.reserved[i] = st.reserved.get(i, 0.0) + c
-                r.slots.append(float(i))
+                slots.append(float(i))
                 self._forget_old(st, limit, now)
-        return r
+        return Reservation(tuple(keys), tuple(limits), costs, depart, now, tuple(slots))
 
     def earliest(self, r: Reservation, now: float) -> float:
         """When a request heading its line may leave: as soon as what has been
@@ -368,7 +381,7 @@ class LocalStore:
                     # a second wait): the booking moves along
                     _take(st.reserved, booked, c)
                     st.reserved[i] = st.reserved.get(i, 0.0) + c
-                    r.slots[k] = float(i)
+                    r.slots = r.slots[:k] + (float(i),) + r.slots[k + 1 :]
         r.sent = True
         return None
 
