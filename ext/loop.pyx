@@ -293,6 +293,22 @@ cdef int buf_send(int fd, SSL *ssl, Buf *b, uint64_t *counter) noexcept nogil:
     return 1
 
 
+cdef void buf_shrink(Buf *b) noexcept nogil:
+    """Give back what b has beyond the bytes it holds (kept as they are if realloc fails)."""
+    cdef Py_ssize_t used = b.end - b.start
+    cdef char *p
+    if used == 0 or b.cap - used < 512:
+        return
+    if b.start > 0:
+        memmove(b.data, b.data + b.start, used)
+        b.start = 0
+        b.end = used
+    p = <char *>realloc(b.data, used)
+    if p != NULL:
+        b.data = p
+        b.cap = used
+
+
 cdef inline void buf_free(Buf *b) noexcept nogil:
     if b.data != NULL:
         free(b.data)
@@ -1229,8 +1245,13 @@ cdef class Loop:
         if not buf_len(&c.cin):
             # the head is consumed and nothing is read until departure: the
             # read buffer (16 KiB, its first page resident) is most of what a
-            # queued request would cost (bench/queue.py: 6.1 -> 1.7 KiB each)
+            # queued request would cost (bench/queued.py: 6.1 -> 1.7 KiB each)
             buf_free(&c.cin)
+        else:
+            # a body read before departure (a GraphQL query, priced from its
+            # text) waits in a buffer sized for reading (64 KiB): only its
+            # bytes are kept while it is held
+            buf_shrink(&c.cin)
         self.c_held += 1
         self.c_waiting += 1
         if c.ticket is not None:
