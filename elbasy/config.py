@@ -4,6 +4,14 @@ Plain data and parsing only. The single piece of I/O here is reading a TOML
 config file (:func:`load_toml`); merging command line, environment and file is
 the CLI's job (``elbasy.cli``), which builds a :class:`Config` at the end.
 
+Every setting is declared once, here: as a field of :class:`Config` (its kind,
+default, help and the component it is for, see :mod:`elbasy.settings`), or,
+for ``--config`` and ``--listen``, as a row just above it. :data:`SETTINGS`
+holds them all, in the order ``elbasy --help`` and ``show-config`` list them;
+``CONFIG_KEYS``, :func:`load_toml`, :func:`to_toml`, :func:`build_config`, the
+CLI's options and the Loop's, Pacer's and Safety's keyword arguments
+(:meth:`Config.loop_settings`...) are derived from it.
+
 Connect-to rules follow curl's ``--connect-to HOST:PORT:CONNECT-TO-HOST:CONNECT-TO-PORT``:
 
 * an empty ``HOST`` or ``PORT`` matches any host or port;
@@ -20,15 +28,35 @@ The first matching rule wins (:func:`route`).
 from __future__ import annotations
 
 import ipaddress
-import json
-import math
 import string
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from elbasy.settings import (
+    Choice,
+    ConfigError,
+    ConfigFile,
+    Directory,
+    File,
+    Flag,
+    Fraction,
+    Integer,
+    Kind,
+    Seconds,
+    Setting,
+    Target,
+    Text,
+    field_kinds,
+    field_settings,
+    is_int,
+    is_number,
+    part_of,
+    setting,
+)
 
 if TYPE_CHECKING:
     from elbasy.rules import RuleSet
@@ -37,16 +65,19 @@ __all__ = [
     "CONFIG_KEYS",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "SETTINGS",
     "SPLICE_MODES",
     "MAX_HEAD_BYTES_MAX",
     "MAX_HEAD_BYTES_MIN",
     "Config",
     "ConfigError",
     "ConnectTo",
+    "build_config",
     "format_hostport",
     "load_toml",
     "parse_listen",
     "route",
+    "setting_named",
     "to_toml",
 ]
 
@@ -59,48 +90,8 @@ SPLICE_MODES: tuple[str, ...] = ("auto", "always", "never")
 MAX_HEAD_BYTES_MIN = 1024
 MAX_HEAD_BYTES_MAX = 16 * 1024 * 1024
 
-_TIMEOUT_FIELDS = (
-    "head_timeout",
-    "connect_timeout",
-    "idle_timeout",
-    "keepalive_timeout",
-    "response_timeout",
-)
-
-#: Keys a config file may hold (after turning dashes into underscores), with
-#: the TOML types each accepts. They are the long option names of ``elbasy``.
-CONFIG_KEYS: Mapping[str, str] = {
-    "listen": "string",
-    "log_level": "string",
-    "log_format": "string",
-    **{name: "number" for name in _TIMEOUT_FIELDS},
-    "max_head_bytes": "integer",
-    "splice": "string",
-    "connect_to": "array of strings",
-    "intercept": "array of strings",
-    "data_dir": "string",
-    "upstream_ca": "string",
-    "unconstrained_ca": "boolean",
-    # rules: which API rules are enabled, and the user's own ([[rule]] tables)
-    "rules": "array of strings",
-    "rule": "array of tables",
-    # pacing (elbasy.pacing, elbasy.quota)
-    "max_wait": "number",
-    "retry_idempotent": "boolean",
-    "quota_margin": "number",
-}
-
 _HOSTNAME_CHARS = frozenset(string.ascii_letters + string.digits + "-._")
 _GLOB_CHARS = _HOSTNAME_CHARS | frozenset("*?[]!")
-
-
-class ConfigError(ValueError):
-    """A setting is invalid. ``field`` names the setting when there is one."""
-
-    def __init__(self, reason: str, field: str | None = None) -> None:
-        self.reason = reason
-        self.field = field
-        super().__init__(f"{field}: {reason}" if field else reason)
 
 
 def format_hostport(host: str, port: int) -> str:
@@ -310,137 +301,261 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+# --------------------------------------------------------------------------- kinds of elbasy's own
+
+
+@dataclass(frozen=True, slots=True)
+class Listen(Kind):
+    """``--listen HOST:PORT`` (:func:`parse_listen`), held as two fields: host and port."""
+
+    def parse(self, setting: Setting, value: Any) -> dict[str, object]:
+        return dict(zip(setting.field_names, parse_listen(value), strict=True))
+
+    def dump(self, setting: Setting, config: Any) -> object:
+        host, port = (getattr(config, name) for name in setting.field_names)
+        return format_hostport(host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRules(Kind):
+    """``--connect-to`` rules, written as :meth:`ConnectTo.parse` reads them, held parsed."""
+
+    toml: ClassVar[str] = "array of strings"
+    multiple: ClassVar[bool] = True
+
+    def check(self, value: Any) -> tuple[ConnectTo, ...]:
+        rules = tuple(value)
+        for rule in rules:
+            if not isinstance(rule, ConnectTo):
+                raise ConfigError(f"must hold ConnectTo rules, got {rule!r}")
+        return rules
+
+    def parse(self, setting: Setting, value: Any) -> dict[str, object]:
+        return {setting.name: tuple(ConnectTo.parse(spec) for spec in value)}
+
+    def dump(self, setting: Setting, config: Any) -> object:
+        return [str(rule) for rule in getattr(config, setting.name)]
+
+
+@dataclass(frozen=True, slots=True)
+class HostGlobs(Kind):
+    """Host globs (``*.myshopify.com``) or IPv6 literals, kept lower case."""
+
+    toml: ClassVar[str] = "array of strings"
+    multiple: ClassVar[bool] = True
+
+    def check(self, value: Any) -> tuple[str, ...]:
+        globs = tuple(value)
+        for glob in globs:
+            if not isinstance(glob, str) or not glob or any(c not in _GLOB_CHARS for c in glob):
+                if not (isinstance(glob, str) and ":" in glob):  # IPv6 literals
+                    raise ConfigError(f"{glob!r} is not a host glob")
+        return tuple(g.lower() for g in globs)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleIds(Kind):
+    """Ids of API rules: ``--rules a,b`` or a config file's list; None: every rule."""
+
+    toml: ClassVar[str] = "array of strings"
+
+    def check(self, value: Any) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        ids = tuple(value)
+        if not all(isinstance(i, str) and i for i in ids):
+            raise ConfigError(f"must be rule ids, got {value!r}")
+        return ids
+
+    def parse(self, setting: Setting, value: Any) -> dict[str, object]:
+        if value is None:
+            return {setting.name: None}
+        items = [value] if isinstance(value, str) else list(value)
+        ids = tuple(i.strip() for item in items for i in item.split(",") if i.strip())
+        return {setting.name: ids}
+
+    def dump(self, setting: Setting, config: Any) -> object:
+        ids = getattr(config, setting.name)
+        return list(ids) if ids is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTables(Kind):
+    """User rules, as the config file's ``[[rule]]`` tables (the built-ins' schema)."""
+
+    toml: ClassVar[str] = "array of tables"
+
+    def check(self, value: Any) -> tuple[Mapping[str, Any], ...]:
+        from elbasy.rules import RuleError, parse_rule
+
+        tables = tuple(value)
+        for table in tables:
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"must hold rule tables, got {table!r}")
+            try:
+                parse_rule(table, "config")
+            except RuleError as e:
+                raise ConfigError(str(e)) from None
+        return tables
+
+    def parse(self, setting: Setting, value: Any) -> dict[str, object]:
+        return {setting.name: tuple(value)}
+
+    def from_file(self, value: Any, where: str) -> object:
+        from elbasy.rules import RuleError, parse_rule
+
+        for table in value:
+            try:
+                parse_rule(table, where)
+            except RuleError as e:
+                raise ConfigError(str(e)) from None
+        return value
+
+    def toml_text(self, name: str, value: Any) -> str:
+        from elbasy.rules import rule_to_toml
+
+        return "".join("\n" + rule_to_toml(table, name) for table in value)
+
+
 # --------------------------------------------------------------------------- Config
+
+#: ``--config FILE``: read before the other options; its keys are their names
+CONFIG_FILE = Setting(
+    "config",
+    ConfigFile(),
+    "TOML file whose keys are these options' long names (listen, connect_to, ...).",
+    toml=False,
+    fields=(),
+)
+#: ``--listen HOST:PORT``: Config holds it as ``listen_host`` and ``listen_port``
+LISTEN = Setting(
+    "listen",
+    Listen(),
+    "Address to accept clients on; port 0 picks a free port, ':PORT' means all interfaces.",
+    metavar="HOST:PORT",
+    fields=("listen_host", "listen_port"),
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """Everything one elbasy process needs to run, validated on construction."""
+    """Everything one elbasy process needs to run, validated on construction.
 
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 8080
-    log_level: str = "info"
-    log_format: str = "text"
-    head_timeout: float = 10.0
-    connect_timeout: float = 10.0
-    idle_timeout: float = 300.0
-    keepalive_timeout: float = 60.0
-    response_timeout: float = 60.0
-    max_head_bytes: int = 65536
-    splice: str = "auto"
-    connect_to: tuple[ConnectTo, ...] = field(default=())
-    #: host globs whose CONNECTs are intercepted (TLS terminated by elbasy)
-    intercept: tuple[str, ...] = field(default=())
-    #: where the CA lives; None: $XDG_DATA_HOME/elbasy
-    data_dir: str | None = None
-    #: extra CA bundle (PEM) trusted for upstream TLS, beside the system store
-    upstream_ca: str | None = None
-    #: a first-run CA without name constraints (intercepting arbitrary hosts)
-    unconstrained_ca: bool = False
+    Each field declares its setting (:func:`~elbasy.settings.setting`): the
+    kind that checks it, its default, the option's help, and the component
+    (``to``) that takes it. The field's name is the setting's name.
+    """
+
+    listen_host: str = part_of("listen", Text(), "127.0.0.1")
+    listen_port: int = part_of("listen", Integer(0, 65535), 8080)
+    log_level: str = setting(Choice(LOG_LEVELS), "info", "Log messages of this level and above.")
+    log_format: str = setting(
+        Choice(LOG_FORMATS), "text", "Log lines as plain text, or as one JSON object each."
+    )
+    # --- the loop's deadlines and limits ---
+    head_timeout: float = setting(
+        Seconds(), 10.0, "Close clients whose request head is late.", to="loop"
+    )
+    connect_timeout: float = setting(Seconds(), 10.0, "Give up dialing upstream (504).", to="loop")
+    idle_timeout: float = setting(
+        Seconds(), 300.0, "Close CONNECT tunnels idle this long.", to="loop"
+    )
+    keepalive_timeout: float = setting(
+        Seconds(),
+        60.0,
+        "Close idle keep-alive client and pooled upstream connections.",
+        to="loop",
+    )
+    response_timeout: float = setting(
+        Seconds(), 60.0, "Wait this long for an upstream response head (504).", to="loop"
+    )
+    max_head_bytes: int = setting(
+        Integer(MAX_HEAD_BYTES_MIN, MAX_HEAD_BYTES_MAX, "16 MiB"),
+        65536,
+        "Largest request head accepted (431 beyond).",
+        to="loop",
+    )
+    splice: str = setting(
+        Choice(SPLICE_MODES, index=True),  # the loop takes the mode's index
+        "auto",
+        "How tunnels move bytes: auto copies small messages and splices bulk flows.",
+        to="loop",
+    )
+    # --- where connections go, which are intercepted ---
+    connect_to: tuple[ConnectTo, ...] = setting(
+        ConnectRules(),
+        (),
+        "Dial ADDR:PORT for HOST:PORT (curl syntax; HOST is a glob; empty fields mean "
+        "any/keep; IPv6 in brackets). Repeatable; the first match wins.",
+        metavar="HOST:PORT:ADDR:PORT",
+    )
+    intercept: tuple[str, ...] = setting(
+        HostGlobs(),
+        (),
+        "Terminate TLS for CONNECTs to hosts matching GLOB (e.g. '*.myshopify.com') and "
+        "relay each request; repeatable. Other hosts get a spliced tunnel.",
+        metavar="GLOB",
+    )
+    data_dir: str | None = setting(
+        Directory(),
+        None,
+        "Where the CA lives (made on first run).",
+        default_text="$XDG_DATA_HOME/elbasy",
+    )
+    upstream_ca: str | None = setting(
+        File(), None, "Also trust these CA certificates (PEM) when verifying upstream TLS."
+    )
+    unconstrained_ca: bool = setting(
+        Flag(),
+        False,
+        "On first run, make a CA without name constraints (it can issue for ANY host).",
+    )
     # --- rules (elbasy.rules) ---
-    #: ids of the enabled API rules; None: every rule (built-in and user)
-    rules: tuple[str, ...] | None = None
-    #: user rules (the config file's [[rule]] tables), same schema as the built-ins
-    rule: tuple[Mapping[str, Any], ...] = field(default=())
-    # --- pacing ---
-    #: the longest a request waits for its quota; beyond it elbasy answers 429 at once
-    max_wait: float = 30.0
-    #: send an idempotent request refused by the API (429) once more, after the wait
-    retry_idempotent: bool = False
-    #: fraction of each limit's rate (and window's quota) left unused for safety
-    quota_margin: float = 0.01
+    rules: tuple[str, ...] | None = setting(
+        RuleIds(),
+        None,
+        "Enable only these API rules (see `elbasy rules list`).",
+        metavar="ID,ID",
+        default_text="every rule",
+    )
+    rule: tuple[Mapping[str, Any], ...] = setting(
+        RuleTables(),
+        (),
+        "User rules (the config file's [[rule]] tables), same schema as the built-ins.",
+        option=False,
+    )
+    # --- pacing (elbasy.pacing, elbasy.quota) ---
+    max_wait: float = setting(
+        Seconds(0, 3600),
+        30.0,
+        "Longest a request waits for its quota; beyond it elbasy answers 429 with Retry-After "
+        "(per request: X-Elbasy-Max-Wait).",
+        to="pacer",
+    )
+    retry_idempotent: bool = setting(
+        Flag(negatable=True),
+        False,
+        "Send an idempotent request the API refused with 429 once more after the wait, "
+        "so the client never sees the 429.",
+        to="pacer",
+    )
+    quota_margin: float = setting(
+        Fraction(0.5),
+        0.01,
+        "Part of each limit's rate left unused against network jitter.",
+        to="safety",
+        arg="margin",
+    )
 
     def __post_init__(self) -> None:
-        def fix(name: str, value: object) -> None:
-            object.__setattr__(self, name, value)
-
-        if not isinstance(self.listen_host, str) or not self.listen_host:
-            raise ConfigError(
-                f"must be a non-empty string, got {self.listen_host!r}", "listen_host"
-            )
-        if not _is_int(self.listen_port) or not 0 <= self.listen_port <= 65535:
-            raise ConfigError(f"must be 0 to 65535, got {self.listen_port!r}", "listen_port")
-        for name, allowed in (
-            ("log_level", LOG_LEVELS),
-            ("log_format", LOG_FORMATS),
-            ("splice", SPLICE_MODES),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, str) or value.lower() not in allowed:
-                raise ConfigError(f"must be one of {', '.join(allowed)}; got {value!r}", name)
-            fix(name, value.lower())
-        for name in _TIMEOUT_FIELDS:
-            value = getattr(self, name)
-            if not (_is_int(value) or isinstance(value, float)):
-                raise ConfigError(f"must be a number of seconds, got {value!r}", name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"must be a finite number of seconds > 0, got {value!r}", name)
-            fix(name, float(value))
-        if not _is_int(self.max_head_bytes) or not (
-            MAX_HEAD_BYTES_MIN <= self.max_head_bytes <= MAX_HEAD_BYTES_MAX
-        ):
-            raise ConfigError(
-                f"must be an integer from {MAX_HEAD_BYTES_MIN} to {MAX_HEAD_BYTES_MAX} "
-                f"(16 MiB), got {self.max_head_bytes!r}",
-                "max_head_bytes",
-            )
-        rules = tuple(self.connect_to)
-        for rule in rules:
-            if not isinstance(rule, ConnectTo):
-                raise ConfigError(f"must hold ConnectTo rules, got {rule!r}", "connect_to")
-        fix("connect_to", rules)
-        globs = tuple(self.intercept)
-        for glob in globs:
-            if not isinstance(glob, str) or not glob or any(c not in _GLOB_CHARS for c in glob):
-                if not (isinstance(glob, str) and ":" in glob):  # IPv6 literals
-                    raise ConfigError(f"{glob!r} is not a host glob", "intercept")
-        fix("intercept", tuple(g.lower() for g in globs))
-        for name in ("data_dir", "upstream_ca"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(f"must be a path, got {value!r}", name)
-        if not isinstance(self.unconstrained_ca, bool):
-            raise ConfigError(
-                f"must be true or false, got {self.unconstrained_ca!r}", "unconstrained_ca"
-            )
-        self._check_pacing(fix)
-        self._check_rules(fix)
-
-    def _check_pacing(self, fix: Any) -> None:
-        if not (_is_int(self.max_wait) or isinstance(self.max_wait, float)) or not (
-            0 <= self.max_wait <= 3600
-        ):
-            raise ConfigError(f"must be 0 to 3600 seconds, got {self.max_wait!r}", "max_wait")
-        fix("max_wait", float(self.max_wait))
-        if not isinstance(self.retry_idempotent, bool):
-            raise ConfigError(
-                f"must be true or false, got {self.retry_idempotent!r}", "retry_idempotent"
-            )
-        if not (_is_int(self.quota_margin) or isinstance(self.quota_margin, float)) or not (
-            0 <= self.quota_margin < 0.5
-        ):
-            raise ConfigError(
-                f"must be a fraction from 0 to 0.5, got {self.quota_margin!r}", "quota_margin"
-            )
-        fix("quota_margin", float(self.quota_margin))
-
-    def _check_rules(self, fix: Any) -> None:
-        from elbasy.rules import RuleError, parse_rule
-
-        if self.rules is not None:
-            ids = tuple(self.rules)
-            if not all(isinstance(i, str) and i for i in ids):
-                raise ConfigError(f"must be rule ids, got {self.rules!r}", "rules")
-            fix("rules", ids)
-        tables = tuple(self.rule)
-        for table in tables:
-            if not isinstance(table, Mapping):
-                raise ConfigError(f"must hold rule tables, got {table!r}", "rule")
+        for name, kind, _ in _FIELD_KINDS:
             try:
-                parse_rule(table, "config")
-            except RuleError as e:
-                raise ConfigError(str(e), "rule") from None
-        fix("rule", tables)
+                value = kind.check(getattr(self, name))
+            except ConfigError as e:
+                raise ConfigError(e.reason, name) from None
+            object.__setattr__(self, name, value)
+        from elbasy.rules import RuleError
+
         try:
             self.ruleset()
         except RuleError as e:
@@ -457,12 +572,82 @@ class Config:
         """The listen address as ``--listen`` spells it."""
         return format_hostport(self.listen_host, self.listen_port)
 
+    def settings_for(self, target: Target) -> dict[str, Any]:
+        """The keyword arguments ``target`` takes from these settings (those declared ``to`` it)."""
+        return {s.keyword: s.kind.native(getattr(self, s.name)) for s in SETTINGS if s.to == target}
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    def loop_settings(self) -> dict[str, Any]:
+        """The Loop's keyword arguments: its deadlines, head limit and splice mode."""
+        return self.settings_for("loop")
+
+    def pacer_settings(self) -> dict[str, Any]:
+        """The Pacer's keyword arguments (``max_wait``, ``retry_idempotent``)."""
+        return self.settings_for("pacer")
+
+    def safety_settings(self) -> dict[str, Any]:
+        """The quota Safety's keyword arguments (``margin``)."""
+        return self.settings_for("safety")
+
+
+#: Every setting, in the order of ``elbasy --help`` and ``show-config``.
+SETTINGS: tuple[Setting, ...] = (CONFIG_FILE, LISTEN, *field_settings(Config))
+#: Each Config field with the kind that checks it and the setting that sets it.
+_FIELD_KINDS = field_kinds(Config)
+_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+_OWNER: Mapping[str, str] = {name: owner for name, _, owner in _FIELD_KINDS}
+
+
+def _check_table() -> None:
+    """The declarations fit together: one setting per name and per field, targets on one field."""
+    if len(_BY_NAME) != len(SETTINGS):
+        raise TypeError("two settings share a name")
+    claimed = [name for s in SETTINGS for name in s.field_names]
+    if sorted(claimed) != sorted(_OWNER) or any(
+        _OWNER[name] != s.name for s in SETTINGS for name in s.field_names
+    ):
+        raise TypeError(f"settings and Config fields disagree: {claimed} vs {list(_OWNER)}")
+    for s in SETTINGS:
+        if s.to is not None and s.field_names != (s.name,):
+            raise TypeError(f"setting {s.name!r} goes to the {s.to} but is not one field")
+
+
+_check_table()
+
+
+def setting_named(name: str | None) -> Setting | None:
+    """The setting called ``name``, or the one that sets the Config field ``name``."""
+    if name is None:
+        return None
+    return _BY_NAME.get(_OWNER.get(name, name))
+
+
+def build_config(**options: Any) -> Config:
+    """A :class:`Config` from settings spelled as ``elbasy``'s options, by their Python names.
+
+    ``listen="[::1]:0"``; ``connect_to`` and ``intercept`` are lists of strings;
+    ``rules`` is ``--rules``: ids separated by commas (or a list of them), None
+    enables every rule; ``rule`` holds the config file's ``[[rule]]`` tables.
+    Settings not given keep their defaults.
+
+    Raises :class:`ConfigError` whose ``field`` is the option's name.
+    """
+    fields: dict[str, Any] = {}
+    for name, value in options.items():
+        s = _BY_NAME.get(name)
+        if s is None or not s.field_names:
+            raise TypeError(f"build_config() got an unexpected keyword argument {name!r}")
+        try:
+            fields.update(s.kind.parse(s, value))
+        except ConfigError as e:
+            raise ConfigError(e.reason, name) from None
+    return Config(**fields)
 
 
 # --------------------------------------------------------------------------- TOML
+
+#: Keys a config file may hold (after turning dashes into underscores), with
+#: the TOML types each accepts. They are the long option names of ``elbasy``.
+CONFIG_KEYS: Mapping[str, str] = {s.name: s.kind.toml for s in SETTINGS if s.toml}
 
 
 def _check_toml_value(path: Path, key: str, value: object) -> object:
@@ -470,9 +655,9 @@ def _check_toml_value(path: Path, key: str, value: object) -> object:
     where = f"config file {str(path)!r}, key {key!r}"
     if kind == "string" and isinstance(value, str):
         return value
-    if kind == "number" and (_is_int(value) or isinstance(value, float)):
+    if kind == "number" and is_number(value):
         return value
-    if kind == "integer" and _is_int(value):
+    if kind == "integer" and is_int(value):
         return value
     if kind == "boolean" and isinstance(value, bool):
         return value
@@ -517,39 +702,19 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
 def to_toml(config: Config) -> str:
-    """``config`` as a config file that :func:`load_toml` reads back to the same settings."""
-    values: dict[str, object] = {
-        "listen": config.listen,
-        "log_level": config.log_level,
-        "log_format": config.log_format,
-        **{name: getattr(config, name) for name in _TIMEOUT_FIELDS},
-        "max_head_bytes": config.max_head_bytes,
-        "splice": config.splice,
-        "connect_to": [str(rule) for rule in config.connect_to],
-        "intercept": list(config.intercept),
-        "data_dir": config.data_dir,
-        "upstream_ca": config.upstream_ca,
-        "unconstrained_ca": config.unconstrained_ca,
-    }
-    # rules: enabled ids here, user rules as [[rule]] tables after every plain key
-    values["rules"] = list(config.rules) if config.rules is not None else None
-    values["max_wait"] = config.max_wait
-    values["retry_idempotent"] = config.retry_idempotent
-    values["quota_margin"] = config.quota_margin
-    text = "".join(
-        f"{key} = {_toml_value(value)}\n" for key, value in values.items() if value is not None
-    )
-    from elbasy.rules import rule_to_toml
+    """``config`` as a config file that :func:`load_toml` reads back to the same settings.
 
-    return text + "".join("\n" + rule_to_toml(table, "rule") for table in config.rule)
+    Every setting that has a value, in :data:`SETTINGS` order; arrays of tables
+    (the user's ``[[rule]]``\\ s) after every plain key, as TOML requires.
+    """
+    plain: list[str] = []
+    tables: list[str] = []
+    for s in SETTINGS:
+        if not s.toml:
+            continue
+        value = s.kind.dump(s, config)
+        if value is not None:
+            text = s.kind.toml_text(s.name, value)
+            (tables if s.kind.toml == "array of tables" else plain).append(text)
+    return "".join(plain) + "".join(tables)

@@ -19,7 +19,7 @@ from typing import Any
 
 from elbasy import __version__
 from elbasy._loop import Loop
-from elbasy.config import SPLICE_MODES, Config
+from elbasy.config import Config
 from elbasy.logs import startup_banner
 from elbasy.pacing import Pacer
 from elbasy.policy import Policy
@@ -127,11 +127,10 @@ class Worker:
             self.intercept = intercepted_hosts(config, rules)
             self.pacer = Pacer(
                 rules,
-                LocalStore(Safety(margin=config.quota_margin)),
+                LocalStore(Safety(**config.safety_settings())),
                 wall=time.time,
                 mono=time.monotonic,
-                max_wait=config.max_wait,
-                retry_idempotent=config.retry_idempotent,
+                **config.pacer_settings(),
             )
             if self.intercept:
                 self.server_tls, self.client_tls, self.ca_file = interception(
@@ -143,13 +142,7 @@ class Worker:
                 self.resolver,
                 self.sock.fileno(),
                 self._wake_r.fileno(),
-                head_timeout=config.head_timeout,
-                connect_timeout=config.connect_timeout,
-                idle_timeout=config.idle_timeout,
-                keepalive_timeout=config.keepalive_timeout,
-                response_timeout=config.response_timeout,
-                max_head_bytes=config.max_head_bytes,
-                splice=SPLICE_MODES.index(config.splice),
+                **config.loop_settings(),
                 server_tls=self.server_tls,
                 client_tls=self.client_tls,
             )
