@@ -32,8 +32,20 @@ which needs CAP_SYS_RESOURCE; 6 for 100,000 requests at a hard limit of 20000)::
     python3 bench/queued.py --requests 20000 --accounts 2000
     python3 bench/queued.py --processes 1 --requests 2000 --accounts 200
 
+``--graphql``: the same with GraphQL queries (``POST /graphql``) under a
+cost-based rule (``[cost] kind = "graphql"``, Shopify's estimator, a bucket of
+``--capacity`` points restored at ``--rate`` points/s per account, the bucket
+read back from ``extensions.cost.throttleStatus``). The origin keeps the same
+bucket per account as Shopify documents it: a query's requested cost must be
+available before it runs (else a THROTTLED body with HTTP 200, counted), and
+requested − actual comes back after it ran, so elbasy's refunds move each
+account's line; the origin's per-account trace gives the points spent
+against what the bucket allowed::
+
+    python3 bench/queued.py --graphql              # 100,000 queries, 10,000 accounts
+
 Results: a markdown table on stdout, saved with the raw data as
-``bench/results/<date>-queue.{json,md}``.
+``bench/results/<date>-queue.{json,md}`` (``-queue-graphql`` with ``--graphql``).
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -59,7 +72,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -74,6 +87,8 @@ LOOPBACK = "127.0.0.1"
 HOST = "api.bench.test"
 ACCOUNT_HEADER = "X-Bench-Account"
 UNTIL_HEADER = "X-Bench-Until"
+GRAPHQL_PATH = "/graphql"
+STATS_PATH = "/bench-stats"  # the origin's own counts (asked directly, not through elbasy)
 SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
 NOFILE = 262_144
 FD_SPARE = 200  # fds kept for elbasy's listener, epoll, upstream connections, /healthz
@@ -110,6 +125,86 @@ retry_after = [{{ header = "Retry-After", unit = "s" }}]
 """
 
 
+GRAPHQL_RULE = """\
+[[rule]]
+id = "bench-graphql"
+provider = "elbasy bench"
+description = "bench/queued.py --graphql: a made-up GraphQL API, a bucket of points per account"
+version = 1
+
+[rule.match]
+hosts = ["{host}"]
+path = '^{path}$'
+methods = ["POST"]
+
+[[rule.account.parts]]
+name = "account"
+from = "header"
+header = "{header}"
+
+[[rule.limits]]
+name = "bench-points"
+kind = "bucket"
+unit = "points"
+capacity = {capacity!r}
+rate = {rate!r}
+
+[rule.cost]
+kind = "graphql"
+estimator = "shopify"
+default = 50
+max_single = 1000
+requested = "extensions.cost.requestedQueryCost"
+actual = "extensions.cost.actualQueryCost"
+
+[[rule.feedback]]
+limit = "bench-points"
+remaining = {{ json = "extensions.cost.throttleStatus.currentlyAvailable" }}
+capacity = {{ json = "extensions.cost.throttleStatus.maximumAvailable" }}
+rate = {{ json = "extensions.cost.throttleStatus.restoreRate" }}
+
+[rule.throttle]
+statuses = [429]
+markers = [{{ json = "errors[*].extensions.code", equals = "THROTTLED" }}]
+retry_after = [
+  {{ header = "Retry-After", unit = "s" }},
+  {{ compute = "graphql_wait" }},
+]
+default_retry_after = 1.0
+"""
+
+# The queries the clients send, with the requested cost the documented calculation
+# (https://shopify.dev/docs/api/usage/limits) gives, worked by hand: a scalar field 0,
+# an object 1 plus its selection, a connection 2 plus first x (its node: 1 plus its
+# selection), root fields added up. E.g. { products(first: 10) { edges { node { id } } } }
+# is 2 + 10 x 1 = 12. The costs here are multiples of 5, so that the actual cost, a
+# fixed ACTUAL_PERCENT of the requested one, is a whole number as Shopify reports it.
+SHAPES: tuple[tuple[str, int], ...] = (
+    # 2 + 8 x (1 + 0) = 10
+    ("{ products(first: 8) { edges { node { id } } } }", 10),
+    # 2 + 18 x (1 + 0 + 0) = 20
+    ("{ products(first: 18) { edges { node { id title } } } }", 20),
+    # shop 1 + 0; customers 2 + 27 x 1 = 29 (nodes lists the items as edges.node does): 30
+    ("{ shop { name } customers(first: 27) { nodes { id email } } }", 30),
+    # 2 + 4 x (1 + lineItems: 2 + 9 x 1) = 2 + 4 x 12 = 50
+    (
+        "{ orders(first: 4) { edges { node { id lineItems(first: 9)"
+        " { edges { node { id } } } } } } }",
+        50,
+    ),
+)
+ACTUAL_PERCENT = 40  # of the requested cost: what the origin says each query really cost
+
+
+def actual_cost(requested: int) -> int:
+    return requested * ACTUAL_PERCENT // 100
+
+
+def shape_of(account: int, position: int) -> int:
+    """Which of SHAPES the ``position``-th request of ``account`` sends (a mix per account)."""
+    return (account + position) % len(SHAPES)
+
+
 def log(msg: str) -> None:
     print(f"[queue {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -139,9 +234,118 @@ async def _origin_client(reader: asyncio.StreamReader, writer: asyncio.StreamWri
         writer.close()
 
 
-def serve_origin() -> None:
+class GraphQLOrigin:
+    """A GraphQL API with a bucket of points per account, as Shopify documents its own.
+
+    ``currentlyAvailable`` points per account, at most ``capacity``, restored
+    continuously at ``rate`` per second (full when an account is first seen).
+    A query's requested cost (SHAPES) must be available when it arrives: if
+    it is not, nothing is taken and the answer is the THROTTLED body with
+    HTTP 200 (counted). Otherwise the requested cost is taken, the query
+    "runs", and requested − actual is given back before the answer, whose
+    ``extensions.cost`` says requested, actual and the bucket after the
+    refund (``currentlyAvailable`` floored to an integer, as Shopify shows it).
+    """
+
+    def __init__(self, capacity: float, rate: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.costs = dict(SHAPES)
+        self.buckets: dict[str, list[float]] = {}  # account -> [available, as of (wall)]
+        # account -> [[wall time, requested, actual, available before], ...] per accepted query
+        self.trace: dict[str, list[list[float]]] = {}
+        self.counts: Counter[str] = Counter()
+
+    def status(self, bucket: list[float]) -> dict:
+        return {
+            "maximumAvailable": float(self.capacity),
+            "currentlyAvailable": int(math.floor(bucket[0] + 1e-9)),
+            "restoreRate": float(self.rate),
+        }
+
+    def query(self, account: str, body: bytes) -> bytes:
+        try:
+            requested = self.costs.get(json.loads(body).get("query"))
+        except (ValueError, AttributeError, TypeError):  # not JSON, not an object
+            requested = None
+        if requested is None:
+            self.counts["unknown_query"] += 1
+            return b'{"errors":[{"message":"bench origin: not one of the bench queries"}]}'
+        now = time.time()
+        bucket = self.buckets.get(account)
+        if bucket is None:
+            bucket = self.buckets[account] = [float(self.capacity), now]
+        bucket[0] = min(self.capacity, bucket[0] + self.rate * max(0.0, now - bucket[1]))
+        bucket[1] = now
+        if bucket[0] + 1e-9 < requested:
+            self.counts["throttled"] += 1
+            errors = [
+                {
+                    "message": "Throttled",
+                    "extensions": {
+                        "code": "THROTTLED",
+                        "documentation": "https://shopify.dev/api/usage/rate-limits",
+                    },
+                }
+            ]
+            cost = {"requestedQueryCost": requested, "actualQueryCost": None}
+            cost["throttleStatus"] = self.status(bucket)
+            return json.dumps({"errors": errors, "extensions": {"cost": cost}}).encode()
+        before = bucket[0]
+        actual = actual_cost(requested)
+        bucket[0] -= actual  # requested taken, requested - actual given back after the run
+        self.counts["accepted"] += 1
+        self.trace.setdefault(account, []).append([round(now, 4), requested, actual, before])
+        cost = {"requestedQueryCost": requested, "actualQueryCost": actual}
+        cost["throttleStatus"] = self.status(bucket)
+        return json.dumps({"data": {}, "extensions": {"cost": cost}}).encode()
+
+    def stats(self) -> bytes:
+        return json.dumps(
+            {
+                "capacity": self.capacity,
+                "rate": self.rate,
+                "counts": dict(self.counts),
+                "trace": self.trace,
+            }
+        ).encode()
+
+    async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                body = await reader.readexactly(int(m.group(1))) if m else b""
+                status = b"200 OK"
+                extra = b""
+                if head.startswith(b"GET " + STATS_PATH.encode()):
+                    data = self.stats()
+                elif until := re.search(rb"(?im)^x-bench-until:\s*([0-9.]+)", head):
+                    # the warm-up: held until T0 by a 429, the bucket untouched
+                    self.counts["warmup_429"] += 1
+                    wait = max(0.0, float(until.group(1)) - time.time())
+                    status, extra = b"429 Too Many Requests", b"Retry-After: %.3f\r\n" % wait
+                    data = b'{"errors":[{"message":"bench warm-up: wait for T0"}]}'
+                else:
+                    who = re.search(rb"(?im)^x-bench-account:\s*(\S+)", head)
+                    data = self.query(who.group(1).decode() if who else "-", body)
+                writer.write(
+                    b"HTTP/1.1 %s\r\nContent-Type: application/json\r\n%s"
+                    b"Content-Length: %d\r\n\r\n%s" % (status, extra, len(data), data)
+                )
+                if re.search(rb"(?im)^connection:\s*close", head):
+                    break
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def serve_origin(graphql: GraphQLOrigin | None = None) -> None:
+    handler = graphql.client if graphql is not None else _origin_client
+
     async def main() -> None:
-        server = await asyncio.start_server(_origin_client, LOOPBACK, 0, backlog=4096)
+        server = await asyncio.start_server(handler, LOOPBACK, 0, backlog=4096)
         print(f"origin listening on {server.sockets[0].getsockname()[1]}", flush=True)
         await server.serve_forever()
 
@@ -173,13 +377,14 @@ def _child_nofile() -> None:
     raise_nofile(quiet=True)
 
 
-def healthz(port: int) -> dict:
-    with socket.create_connection((LOOPBACK, port), timeout=10) as s:
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: elbasy\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+def healthz(port: int, path: str = "/healthz") -> dict:
+    """GET ``path`` from 127.0.0.1:port (elbasy's /healthz, or the origin's own counts)."""
+    with socket.create_connection((LOOPBACK, port), timeout=30) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: elbasy\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := s.recv(1 << 20):
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks).split(b"\r\n\r\n", 1)[1])
 
 
 # --------------------------------------------------------------------------
@@ -197,6 +402,7 @@ class Clients:
         self.opened = 0
         self.answered = 0
         self.statuses: dict[int, int] = {}
+        self.throttled = 0  # answers with a THROTTLED body (GraphQL: HTTP 200)
         self.errors: dict[str, int] = {}
 
     def _error(self, what: str) -> None:
@@ -267,6 +473,7 @@ class Clients:
             if c[2]:
                 status = int(c[2][9:12])
                 self.statuses[status] = self.statuses.get(status, 0) + 1
+                self.throttled += b'"THROTTLED"' in c[2]
                 self.answered += 1
             else:
                 self._error("closed without an answer")
@@ -288,6 +495,15 @@ def request(account: int, path: str, extra: str = "") -> bytes:
     return (
         f"GET http://{HOST}{path} HTTP/1.1\r\nHost: {HOST}\r\n"
         f"{ACCOUNT_HEADER}: a{account:06d}\r\n{extra}\r\n"
+    ).encode()
+
+
+def graphql_request(account: int, shape: int, extra: str = "") -> bytes:
+    body = json.dumps({"query": SHAPES[shape][0]})
+    return (
+        f"POST http://{HOST}{GRAPHQL_PATH} HTTP/1.1\r\nHost: {HOST}\r\n"
+        f"{ACCOUNT_HEADER}: a{account:06d}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n{body}"
     ).encode()
 
 
@@ -364,8 +580,16 @@ class Plan:
     processes: int
     per_account: int  # requests per account, at most
     t0: float  # wall clock
-    interval: float  # seconds between an account's departures
+    interval: float  # seconds between an account's departures (REST)
     max_connecting: int
+    graphql: bool = False
+    spread: float = 0.0  # account a starts at t0 + (a / accounts) * spread
+    schedule: float = 0.0  # seconds from t0 to the last departure, as elbasy aims
+
+
+def until_for(plan: Plan, account: int) -> float:
+    """When account ``account``'s warm-up hold ends: its share of T0."""
+    return plan.t0 + (account / plan.accounts) * plan.spread
 
 
 def client_process(conn: Connection, plan: Plan, index: int, port: int, pid: int) -> None:
@@ -377,13 +601,13 @@ def client_process(conn: Connection, plan: Plan, index: int, port: int, pid: int
     # 1. warm-up: every account held until its share of T0
     clients = Clients(port)
     warm = [
-        request(
-            a,
-            "/warmup",
-            f"{UNTIL_HEADER}: {plan.t0 + (a / plan.accounts) * plan.interval:.3f}\r\n"
-            "Connection: close\r\n",
+        (
+            graphql_request(a, shape_of(a, 0), extra)
+            if plan.graphql
+            else request(a, "/warmup", extra)
         )
         for a in range(index, plan.accounts, plan.processes)
+        for extra in [f"{UNTIL_HEADER}: {until_for(plan, a):.3f}\r\nConnection: close\r\n"]
     ]
     w0 = time.monotonic()
     # few at a time: elbasy keeps the upstream connections they opened in its pool
@@ -392,6 +616,7 @@ def client_process(conn: Connection, plan: Plan, index: int, port: int, pid: int
         {
             "answered": clients.answered,
             "statuses": clients.statuses,
+            "throttled": clients.throttled,
             "errors": clients.errors,
             "seconds": time.monotonic() - w0,
         }
@@ -402,7 +627,9 @@ def client_process(conn: Connection, plan: Plan, index: int, port: int, pid: int
 
     # 2. the queue: a connection per request of its accounts, one request each
     reqs = [
-        request(i % plan.accounts, "/x")
+        graphql_request(i % plan.accounts, shape_of(i % plan.accounts, i // plan.accounts))
+        if plan.graphql
+        else request(i % plan.accounts, "/x")
         for i in range(plan.requests)
         if i % plan.accounts % plan.processes == index
     ]
@@ -451,12 +678,14 @@ def client_process(conn: Connection, plan: Plan, index: int, port: int, pid: int
             p = healthz(port)["pacing"]
             polls.append({"t": round(time.time() - plan.t0, 1), **p})
 
-    budget = max(0.0, plan.t0 - time.time()) + plan.per_account * plan.interval + 60
+    budget = max(0.0, plan.t0 - time.time()) + plan.schedule + 60
     run_clients(clients, [], time.monotonic() + budget, 1, tick=tick)
     conn.send(
         {
             "answered": clients.answered,
             "statuses": clients.statuses,
+            "throttled": clients.throttled,
+            "unanswered": clients.pending(),
             "errors": clients.errors,
             "polls": polls,
             "drained": time.time() - plan.t0,
@@ -536,6 +765,134 @@ def lateness_summary(pacings: list[dict]) -> tuple[float | str, float | str]:
 
 
 # --------------------------------------------------------------------------
+# GraphQL: one account's line against its bucket of points
+
+
+def line_departures(costs: Iterable[int], start: float, room: float, rate: float) -> list[float]:
+    """When each query of one account's line leaves, in order, if each leaves the
+    moment a bucket restored at ``rate`` points/s has its requested cost free within
+    ``room`` points, and requested − actual comes back at once (nothing in use at
+    ``start``)."""
+    t, level, out = start, 0.0, []
+    for q in costs:
+        need = room - min(q, room)  # the level the bucket must be down to
+        if level > need:
+            wait = (level - need) / rate
+            t += wait
+            level = need
+        out.append(t)
+        level += actual_cost(q)
+    return out
+
+
+def graphql_schedule(plan: Plan, capacity: float, rate: float) -> float:
+    """Seconds from T0 to the last departure, as elbasy aims (quota.Safety's defaults:
+    1 % of the rate and max(2, rate x 0.05) points of the bucket left unused)."""
+    room = max(1.0, capacity - max(2.0, math.ceil(rate * 0.05 - 1e-9)))
+    last = 0.0
+    each, extra = divmod(plan.requests, plan.accounts)
+    for a in range(plan.accounts):
+        n = each + (a < extra)
+        if n:
+            costs = [SHAPES[shape_of(a, j)][1] for j in range(n)]
+            start = until_for(plan, a) - plan.t0
+            last = max(last, line_departures(costs, start, room, rate * 0.99)[-1])
+    return last
+
+
+def points_report(stats: dict, t0: float) -> dict:
+    """What the origin's per-account trace says: points spent against what the bucket
+    allowed between each account's first and last accepted query, beside the same for
+    the best any pacer could do with the same queries in the same order (each sent the
+    moment the origin's bucket holds it); the points left in the bucket beyond a query's
+    cost when it arrived after a wait; the fullest each bucket got."""
+    capacity, rate = stats["capacity"], stats["rate"]
+    ratios, best, spent, allowed, slack, peak, lag = [], [], [], [], [], [], []
+    tightest: list[tuple[float, str, list]] = []  # the least left free after a query
+    for account, trace in stats["trace"].items():
+        trace.sort()
+        for i, e in enumerate(trace):
+            tightest.append((e[3] - e[1], account, trace[max(0, i - 3) : i + 1]))
+        tightest = sorted(tightest, key=lambda x: x[0])[:5]
+        first, last = trace[0][0], trace[-1][0]
+        points = sum(e[2] for e in trace)
+        ideal = line_departures([int(e[1]) for e in trace], first, capacity, rate)[-1]
+        spent.append(points)
+        allowed.append(capacity + rate * (last - first))
+        ratios.append(points / allowed[-1])
+        best.append(points / (capacity + rate * (ideal - first)))
+        lag.append(last - ideal)
+        peak.append(max(capacity - (e[3] - e[1]) for e in trace))
+        slack += [
+            b[3] - b[1] for a, b in zip(trace, trace[1:], strict=False) if b[0] - a[0] >= 0.05
+        ]
+    if not ratios:
+        return {}
+
+    def q(values: list[float], f: float) -> float:
+        values = sorted(values)
+        return values[min(len(values) - 1, int(f * len(values)))]
+
+    return {
+        "accounts": len(ratios),
+        "accepted": sum(len(t) for t in stats["trace"].values()),
+        "first_accept_after_t0_s": min(t[0][0] for t in stats["trace"].values()) - t0,
+        "last_accept_after_t0_s": max(t[-1][0] for t in stats["trace"].values()) - t0,
+        "spent_median": statistics.median(spent),
+        "allowed_median": statistics.median(allowed),
+        "used_of_allowed_median": statistics.median(ratios),
+        "used_of_allowed_min": min(ratios),
+        "used_of_allowed_max": max(ratios),
+        "ideal_used_of_allowed_median": statistics.median(best),
+        "ideal_used_of_allowed_min": min(best),
+        "last_accept_behind_ideal_s_median": statistics.median(lag),
+        "last_accept_behind_ideal_s_p99": q(lag, 0.99),
+        "last_accept_behind_ideal_s_max": max(lag),
+        "slack_after_wait_n": len(slack),
+        "slack_after_wait_min": min(slack, default=None),
+        "slack_after_wait_median": statistics.median(slack) if slack else None,
+        "slack_after_wait_p99": q(slack, 0.99) if slack else None,
+        "peak_used_max": max(peak),
+        "peak_used_median": statistics.median(peak),
+        # [free after it, account, [[t - t0, requested, actual, available before], ...]]
+        "tightest": [
+            [round(free, 3), who, [[round(e[0] - t0, 4), *e[1:3], round(e[3], 3)] for e in near]]
+            for free, who, near in tightest
+        ],
+    }
+
+
+def estimator_check(python: str) -> tuple[dict, str | None]:
+    """Where the elbasy that runs comes from, and its estimate of each of SHAPES
+    (a disagreement with the hand-worked costs is reported: the origin's are the truth)."""
+    code = (
+        "import json, sys, elbasy, elbasy._loop\n"
+        "from elbasy.rules.graphql_cost import estimate\n"
+        "shapes = json.load(sys.stdin)\n"
+        "print(json.dumps({'elbasy': elbasy.__file__, 'loop': elbasy._loop.__file__,\n"
+        "  'costs': [estimate(json.dumps({'query': q}).encode(), 'shopify').cost\n"
+        "            for q, _ in shapes]}))\n"
+    )
+    out = subprocess.run(
+        [python, "-c", code],
+        input=json.dumps(SHAPES),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tempfile.gettempdir(),
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"elbasy does not import with {python}:\n{out.stderr}")
+    found = json.loads(out.stdout)
+    wrong = [
+        f"{q!r}: by hand {c}, elbasy {e}"
+        for (q, c), e in zip(SHAPES, found["costs"], strict=True)
+        if e != c
+    ]
+    return found, "; ".join(wrong) or None
+
+
+# --------------------------------------------------------------------------
 # the run
 
 
@@ -576,7 +933,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=100_000, help="queued requests (N)")
     ap.add_argument("--accounts", type=int, default=10_000, help="quota accounts")
     ap.add_argument(
-        "--rate", type=float, default=0.2, help="bucket rate per account, requests/s (capacity 1)"
+        "--rate",
+        type=float,
+        default=None,
+        help="bucket rate per account: requests/s (capacity 1) [0.2], with --graphql points/s [2]",
+    )
+    ap.add_argument(
+        "--graphql",
+        action="store_true",
+        help="GraphQL queries under a cost-based rule; the origin keeps a bucket of points "
+        "per account and refunds requested - actual",
+    )
+    ap.add_argument(
+        "--capacity",
+        type=float,
+        default=60.0,
+        help="with --graphql: the bucket of points per account [60]",
     )
     ap.add_argument(
         "--hold",
@@ -598,11 +970,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="raw results (default bench/results/)")
     ap.add_argument("--origin", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.rate is None:
+        args.rate = 2.0 if args.graphql else 0.2
     if args.origin:
-        serve_origin()
+        serve_origin(GraphQLOrigin(args.capacity, args.rate) if args.graphql else None)
         return 0
     if args.requests < 1 or args.accounts < 1 or args.rate <= 0:
         ap.error("--requests, --accounts and --rate must be > 0")
+    if args.graphql and args.capacity < max(c for _, c in SHAPES) + 2:
+        ap.error(f"--capacity must hold the dearest query and 2 points: >= {SHAPES[-1][1] + 2}")
     if args.processes is not None and not 1 <= args.processes <= args.accounts:
         ap.error("--processes must be between 1 and --accounts")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -648,20 +1024,42 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"command": command, "started": started, "args": vars(args) | {"json": None}}
     results.update(requests_asked=asked, nofile=nofile, limited_by=limited or None)
     results["args"]["hold"] = hold
+    mode = "GraphQL queries" if args.graphql else "requests"
+    # which elbasy runs (PYTHONPATH, a checkout built in place) and, for GraphQL, whether
+    # its estimate of each query agrees with the cost worked by hand (the origin's)
+    found, disagree = estimator_check(args.elbasy_python)
+    log(f"elbasy from {found['elbasy']}, its loop {found['loop']}")
+    results["elbasy_from"] = {"package": found["elbasy"], "loop": found["loop"]}
+    if args.graphql:
+        results["shapes"] = [
+            {"query": q, "requested": c, "actual": actual_cost(c), "elbasy_estimate": e}
+            for (q, c), e in zip(SHAPES, found["costs"], strict=True)
+        ]
+        if disagree:
+            log(f"elbasy's estimate differs from the documented cost: {disagree}")
+        if args.capacity / args.rate > hold:
+            log("the bucket takes longer to fill than the hold: the warm-up's 429 may still count")
     with tempfile.TemporaryDirectory(prefix="elbasy-queue-") as tmp:
         work = Path(tmp)
         try:
             # one origin for all: it sees the warm-up and, in the drain, elbasy's
             # upstream connections (at most 256 idle per process, plus those in use)
-            origin = Proc(
-                "origin",
-                [sys.executable, str(Path(__file__).resolve()), "--origin"],
-                work,
-                preexec_fn=_child_nofile,
-            )
+            ocmd = [sys.executable, str(Path(__file__).resolve()), "--origin"]
+            if args.graphql:
+                ocmd += ["--graphql", "--capacity", repr(args.capacity), "--rate", repr(args.rate)]
+            origin = Proc("origin", ocmd, work, preexec_fn=_child_nofile)
             procs.append(origin)
             oport = int(origin.wait_line(r"origin listening on (\d+)", 20).group(1))
-            rule = RULE.format(host=HOST, header=ACCOUNT_HEADER, rate=args.rate)
+            if args.graphql:
+                rule = GRAPHQL_RULE.format(
+                    host=HOST,
+                    path=GRAPHQL_PATH,
+                    header=ACCOUNT_HEADER,
+                    capacity=args.capacity,
+                    rate=args.rate,
+                )
+            else:
+                rule = RULE.format(host=HOST, header=ACCOUNT_HEADER, rate=args.rate)
             (work / "rule.toml").write_text(rule)
             chk = subprocess.run(
                 [args.elbasy_python, "-m", "elbasy", "rules", "check", str(work / "rule.toml")],
@@ -698,8 +1096,25 @@ def main(argv: list[str] | None = None) -> int:
             # 1. warm-up: every account held until its share of T0
             t0 = time.time() + 5 + args.accounts / 1000 + hold
             plan = Plan(
-                args.requests, args.accounts, k, per_account, t0, interval, args.max_connecting
+                args.requests,
+                args.accounts,
+                k,
+                per_account,
+                t0,
+                interval,
+                args.max_connecting,
+                graphql=args.graphql,
+                spread=args.capacity / args.rate if args.graphql else interval,
             )
+            # accounts start spread over the time their bucket takes to fill (one
+            # interval of a capacity-1 bucket), so the first departures are not all at T0
+            schedule = (
+                graphql_schedule(plan, args.capacity, args.rate)
+                if args.graphql
+                else per_account * interval
+            )
+            plan = replace(plan, schedule=schedule)
+            results["schedule_s"] = schedule
             w0 = time.monotonic()
             for inst in instances:
                 inst.start_client(plan)
@@ -748,18 +1163,23 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(max(0.0, t0 - 0.5 - time.time()))
             hold_s = time.monotonic() - hold_start
             for inst in instances:
-                inst.measure("drain", health=False)
+                inst.measure("drain", health=args.graphql)
             cpu_h = sum(inst.cpu["drain"] - inst.cpu["queued"] for inst in instances)
             log(f"holding {waiting} for {hold_s:.1f} s took {cpu_h:.2f} s CPU")
 
             # 3. drain: every account at its rate from T0
             for inst in instances:
-                inst.report("drain", max(0.0, t0 - time.time()) + per_account * interval + 90)
+                inst.report("drain", max(0.0, t0 - time.time()) + schedule + 90)
                 inst.measure("end")
             answers = add_counts(inst.reports["drain"]["statuses"] for inst in instances)
             drained = max(inst.reports["drain"]["drained"] for inst in instances)
             log(f"drained {sum(answers.values())} answers {answers} {drained:.1f} s after T0")
             results["load_end"] = loadavg()
+            if args.graphql:
+                ostats = healthz(oport, STATS_PATH)
+                results["origin"] = {"counts": ostats["counts"]}
+                results["points"] = points_report(ostats, t0)
+                log(f"origin: {ostats['counts']}; points {results['points']}")
         finally:
             for inst in instances:
                 inst.stop_client()
@@ -782,7 +1202,14 @@ def main(argv: list[str] | None = None) -> int:
     departed = sum(inst.lateness().get("departures_timed", 0) for inst in instances)
     client_errors = add_counts(inst.reports["drain"]["errors"] for inst in instances)
     cpu_q, cpu_d = queued_cpu - base_cpu, end_cpu - drain_cpu0
+    counters = ("woken_early", "server_throttled", "shed", "retried", "returned")
+    pacing = {c: sum(inst.lateness().get(c, 0) for inst in instances) for c in counters}
+    unanswered = sum(inst.reports["drain"]["unanswered"] for inst in instances)
+    throttled_seen = sum(inst.reports["drain"]["throttled"] for inst in instances)
     results.update(
+        pacing_counters=pacing,
+        unanswered=unanswered,
+        clients_saw_throttled=throttled_seen,
         baseline_rss_kib=base_rss,
         queued_rss_kib=queued_rss,
         end_rss_kib=end_rss,
@@ -827,18 +1254,40 @@ def main(argv: list[str] | None = None) -> int:
         if k > 1
         else "last ≤10,000"
     )
+    if args.graphql:
+        headroom = max(2, math.ceil(args.rate * 0.05 - 1e-9))
+        bucket = [
+            [
+                "bucket per account (elbasy's rule and the origin)",
+                f"{args.capacity:g} points, restored at {args.rate:g}/s (elbasy aims at "
+                f"{0.99 * args.rate:.3f}/s and keeps {headroom} free); accounts start "
+                f"spread over {plan.spread:.0f} s",
+            ],
+            [
+                "queries (a mix per account)",
+                f"{len(SHAPES)} shapes, requested "
+                + " / ".join(str(c) for _, c in SHAPES)
+                + " (worked by hand; elbasy's estimate "
+                + (f"differs: {disagree}" if disagree else "agrees")
+                + f"), actual {ACTUAL_PERCENT} %",
+            ],
+        ]
+    else:
+        bucket = [
+            [
+                "bucket per account",
+                f"capacity 1, rate {args.rate:g}/s (elbasy aims at {1 / interval:.3f}/s)",
+            ]
+        ]
     rows = [
-        [f"requests queued (held.waiting{of})", f"{waiting:,} of {args.requests:,}"],
+        [f"{mode} queued (held.waiting{of})", f"{waiting:,} of {args.requests:,}"],
         ["accounts × requests each", f"{args.accounts:,} × {per_account}"],
         *(
             [["elbasy processes (account a in process a mod K)", f"{k}, a client process each"]]
             if k > 1
             else []
         ),
-        [
-            "bucket per account",
-            f"capacity 1, rate {args.rate:g}/s (elbasy aims at {1 / interval:.3f}/s)",
-        ],
+        *bucket,
         ["time to queue them all", f"{connect_s:.1f} s" if connect_s else "not all queued"],
         [
             f"elbasy RSS baseline → queued{of}",
@@ -853,7 +1302,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{worst} ms",
         ],
         ["answers to the clients", ", ".join(f"{s}: {n:,}" for s, n in answers.items())],
-        ["drain: T0 → last answer", f"{drained:.1f} s (schedule: {per_account * interval:.1f} s)"],
+        ["left unanswered at the end of the drain", f"{unanswered:,}"],
+        ["drain: T0 → last answer", f"{drained:.1f} s (schedule: {schedule:.1f} s)"],
         [
             f"elbasy CPU{of}: queueing them",
             f"{cpu_q:.1f} s ({1e6 * cpu_q / max(1, waiting):.0f} µs per request)",
@@ -869,6 +1319,66 @@ def main(argv: list[str] | None = None) -> int:
         [f"elbasy CPU, whole run{of}", f"{end_cpu:.1f} s"],
         ["client errors", ", ".join(f"{e}: {n}" for e, n in client_errors.items()) or "none"],
     ]
+    if args.graphql:
+        pts, oc = results.get("points", {}), results.get("origin", {}).get("counts", {})
+        rows += [
+            [
+                f"**woken early by a refund** (pacing.woken_early{of})",
+                f"**{pacing['woken_early']:,}**",
+            ],
+            [
+                "**THROTTLED at the origin** (answers with a THROTTLED body the clients saw)",
+                f"**{oc.get('throttled', 0):,}** ({throttled_seen:,})",
+            ],
+            [
+                f"elbasy's pacing.server_throttled{of} (the warm-up's 429s count here)",
+                f"{pacing['server_throttled']:,} (warm-up 429s: {oc.get('warmup_429', 0):,})",
+            ],
+            [
+                "queries the origin ran (unknown queries)",
+                f"{oc.get('accepted', 0):,} ({oc.get('unknown_query', 0):,})",
+            ],
+        ]
+        if pts:
+            rows += [
+                [
+                    "**points spent / allowed per account**: Σ actual ÷ (capacity + rate × "
+                    "(last − first accepted query)), median [min–max]",
+                    f"**{100 * pts['used_of_allowed_median']:.1f} %** "
+                    f"[{100 * pts['used_of_allowed_min']:.1f}–"
+                    f"{100 * pts['used_of_allowed_max']:.1f} %] "
+                    f"({pts['spent_median']:g} of {pts['allowed_median']:.1f} points)",
+                ],
+                [
+                    "the same for an ideal pacer (each query sent the moment the origin's "
+                    "bucket holds it), median [min]",
+                    f"{100 * pts['ideal_used_of_allowed_median']:.1f} % "
+                    f"[{100 * pts['ideal_used_of_allowed_min']:.1f} %]",
+                ],
+                [
+                    "each account's last query, behind the ideal pacer's: median / p99 / max",
+                    f"{pts['last_accept_behind_ideal_s_median']:.2f} / "
+                    f"{pts['last_accept_behind_ideal_s_p99']:.2f} / "
+                    f"{pts['last_accept_behind_ideal_s_max']:.2f} s",
+                ],
+                [
+                    "points free beyond its cost when a query arrived after a wait "
+                    "(≥ 50 ms after the account's previous): median [min–p99]",
+                    f"{pts['slack_after_wait_median']:.2f} "
+                    f"[{pts['slack_after_wait_min']:.2f}–{pts['slack_after_wait_p99']:.2f}] "
+                    f"over {pts['slack_after_wait_n']:,} queries"
+                    if pts["slack_after_wait_n"]
+                    else "none waited",
+                ],
+                [
+                    "fullest bucket (points in use at most, of the capacity): max / median",
+                    f"{pts['peak_used_max']:.1f} / {pts['peak_used_median']:.1f}",
+                ],
+                [
+                    "origin's first / last accepted query after T0",
+                    f"{pts['first_accept_after_t0_s']:.2f} / {pts['last_accept_after_t0_s']:.1f} s",
+                ],
+            ]
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     if k > 1:
         table += (
@@ -889,7 +1399,7 @@ def main(argv: list[str] | None = None) -> int:
     first = f", {k} processes, each its own config, data dir and port; the first" if k > 1 else ""
     text = "\n".join(
         [
-            f"# elbasy queue benchmark, {started}",
+            f"# elbasy queue benchmark{', GraphQL' if args.graphql else ''}, {started}",
             "",
             table,
             "",
@@ -901,16 +1411,35 @@ def main(argv: list[str] | None = None) -> int:
             "objects, epoll entries) is not in RSS. Lateness: how long after its scheduled "
             "time a held request left (the loop's timer, epoll's millisecond timeout "
             "included), over the last 10,000 departures.",
+            *(
+                [
+                    "",
+                    "GraphQL: each query's body is read before it is priced and held, and "
+                    "stays in its connection's read buffer until it leaves. The origin keeps "
+                    "the bucket per account as Shopify documents it (requested must be "
+                    "available before the query runs, requested − actual comes back after "
+                    "it) and answers each query with extensions.cost (requestedQueryCost, "
+                    "actualQueryCost, throttleStatus); elbasy reads the refund and the "
+                    "server's view from that body. Points allowed: what the bucket let "
+                    "through between an account's first and last accepted query (its "
+                    "capacity, full at the first, plus rate × the time between); the ideal "
+                    "pacer's figure is the most any pacer could spend of it with the same "
+                    "queries in the same order.",
+                ]
+                if args.graphql
+                else []
+            ),
             *(["", split] if split else []),
             "",
             *machine_lines(),
             f"- load average at start {results['load_start']}, at end {results['load_end']}",
             f"- elbasy {version}{first}: `{shlex.join(cmds[0])}`",
+            f"- elbasy from `{found['elbasy']}`, its loop `{found['loop']}`",
             f"- command: `{command}`",
         ]
     )
     print(text)
-    out = args.json or RESULTS_DIR / f"{started}-queue.json"
+    out = args.json or RESULTS_DIR / f"{started}-queue{'-graphql' if args.graphql else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(text + "\n")
