@@ -408,6 +408,11 @@ class Pacer:
             if refunded:
                 self._line_moved(m.keys)
             return 0.0
+        if body is None and paced.match.body_needed:
+            # the rule reads this answer's body too, and only the body tells a
+            # refusal of the account's bucket from one of a resource (Shopify's
+            # THROTTLED against a 429 without it): one refusal, decided then
+            return 0.0
         if report.resource_throttle:
             # a limit on one resource (Shopify's new variants a day), not the
             # account's bucket: the client hears it; pacing cannot help

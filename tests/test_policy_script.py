@@ -224,3 +224,20 @@ def test_a_request_beyond_the_max_wait_is_shed_and_costs_nothing() -> None:
     assert loop.replies[-1].startswith(b"HTTP/1.1 429") and b"X-Elbasy-Shed: 1" in loop.replies[-1]
     nxt = loop.request(rest())
     assert nxt is not None and loop.held[id(nxt)].due - loop.t == pytest.approx(0.5)
+
+
+def test_a_graphql_429_read_at_its_head_and_its_body_is_one_refusal() -> None:
+    loop = Loop()
+    head, body = graphql("{ shop { name } }")
+    ex = loop.request(head, body)
+    assert ex is not None and loop.sent == [ex]
+    refusal = json.dumps(
+        {"errors": [{"message": "Throttled", "extensions": {"code": "THROTTLED"}}]}
+    )
+    loop.answer(
+        ex,
+        f"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\n"
+        f"Content-Length: {len(refusal)}\r\n\r\n".encode(),
+        refusal.encode(),
+    )
+    assert loop.pacer.counters["server_throttled"] == 1
