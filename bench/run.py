@@ -23,9 +23,13 @@ in alternating order over several repeats:
 
 "direct" (no proxy) and "haproxy" (the client talks TLS to HAProxy, which
 relays bytes to the origin: a user-space hop without CONNECT) are measured in
-the same rotation as reference points; the interception cells have direct
-only, and go to https://localhost:PORT, whose certificate is signed by a
-bench CA that the intercepting proxies are told to trust.  The script prints
+the same rotation as reference points.  The interception cells go to
+https://localhost:PORT, whose certificate is signed by a bench CA that the
+intercepting proxies are told to trust; their reference points are direct
+and "nginx-relay": nginx as a TLS-terminating reverse proxy (a leaf for
+localhost from a CA of the bench's, proxy_pass https:// to the same origin
+over verified, pooled keep-alive connections, one worker), which the client
+reaches with the same request but without a CONNECT.  The script prints
 one markdown table with medians, ranges and elbasy/peer ratios, then the
 targets from docs/design.md §8 with PASS/MISS, the machine and the command line.
 
@@ -71,11 +75,17 @@ PIP_PEERS = {
 }
 
 PROXIES = ["elbasy", "squid", "tinyproxy", "proxy.py", "mitmproxy"]
-BASELINES = ["direct", "haproxy"]
+# nginx terminating the client's TLS and re-encrypting to the origin: a
+# reverse proxy (no CONNECT, no pacing decision), the C ceiling for an
+# intercepting hop.  Interception cells only.
+RELAYS = ["nginx-relay"]
+BASELINES = ["direct", "haproxy", *RELAYS]
 # elbasy with its tunnel byte path forced one way, to measure the per-flow
 # choice "auto" makes (not in the default run; ask with --peers)
 ELBASY_VARIANTS = {"elbasy-copy": "never", "elbasy-splice": "always"}
-ALL_TARGETS = ["direct", "haproxy"] + PROXIES + list(ELBASY_VARIANTS)
+# the targets of the CONNECT cells
+TUNNEL_TARGETS = ["direct", "haproxy"] + PROXIES + list(ELBASY_VARIANTS)
+ALL_TARGETS = ["direct", "haproxy", *RELAYS] + PROXIES + list(ELBASY_VARIANTS)
 
 # Peers that terminate TLS themselves, each from a second, intercepting
 # instance (the first one passes CONNECT tunnels through untouched).
@@ -99,17 +109,18 @@ CELL_TITLES = {
     "latency": "interception latency p50 / p99 (+added) (ms)",
 }
 # Which targets each cell applies to.  HAProxy relays the TLS origin (and,
-# for bulk-plain, the plain one); it forwards no absolute-form HTTP.
+# for bulk-plain, the plain one); it forwards no absolute-form HTTP.  The
+# nginx relay is reached like an origin, in the interception cells only.
 CELL_TARGETS = {
     "plain": ["direct"] + PROXIES,
-    "connect": ALL_TARGETS,
-    "connect-new": ALL_TARGETS,
-    "bulk": ALL_TARGETS,
-    "bulk-plain": ALL_TARGETS,
+    "connect": TUNNEL_TARGETS,
+    "connect-new": TUNNEL_TARGETS,
+    "bulk": TUNNEL_TARGETS,
+    "bulk-plain": TUNNEL_TARGETS,
     "idle": ["haproxy"] + PROXIES,
-    "intercept": ["direct"] + INTERCEPTORS,
-    "intercept-new": ["direct"] + INTERCEPTORS,
-    "latency": ["direct"] + INTERCEPTORS,
+    "intercept": ["direct", *RELAYS] + INTERCEPTORS,
+    "intercept-new": ["direct", *RELAYS] + INTERCEPTORS,
+    "latency": ["direct", *RELAYS] + INTERCEPTORS,
 }
 
 
@@ -489,8 +500,15 @@ def make_cert(workdir: Path) -> tuple[Path, Path, Path]:
     (not self-signed, so that intercepting proxies can be told to trust the CA).
     Returns (origin key, origin certificate, CA certificate)."""
     ca_key, ca_crt = make_ca(workdir, "bench-ca", BENCH_CA_CN)
-    key, csr, crt = workdir / "origin.key", workdir / "origin.csr", workdir / "origin.crt"
-    ext = workdir / "origin.ext"
+    key, crt = make_leaf(workdir, "origin", ca_key, ca_crt)
+    return key, crt, ca_crt
+
+
+def make_leaf(workdir: Path, name: str, ca_key: Path, ca_crt: Path) -> tuple[Path, Path]:
+    """A P-256 server certificate for localhost and 127.0.0.1 signed by the CA:
+    (key, certificate), PEM, in workdir/name.key and name.crt."""
+    key, csr, crt = workdir / f"{name}.key", workdir / f"{name}.csr", workdir / f"{name}.crt"
+    ext = workdir / f"{name}.ext"
     ext.write_text(
         f"subjectAltName=DNS:{TLS_HOST},IP:{LOOPBACK}\n"
         "basicConstraints=critical,CA:FALSE\n"
@@ -505,10 +523,10 @@ def make_cert(workdir: Path) -> tuple[Path, Path, Path]:
     )  # fmt: skip
     openssl(
         "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
-        "-set_serial", str(int(time.time())), "-days", "30", "-extfile", str(ext),
+        "-set_serial", str(time.time_ns()), "-days", "30", "-extfile", str(ext),
         "-out", str(crt),
     )  # fmt: skip
-    return key, crt, ca_crt
+    return key, crt
 
 
 def ipv6_loopback(port: int) -> bool:
@@ -612,7 +630,7 @@ class Peer:
     def for_cell(self, cell: str) -> Peer:
         """The instance that serves a cell: interception has its own, and is out
         (with its reason) when that instance did not come up."""
-        if cell not in INTERCEPT_CELLS or self.name == "direct":
+        if cell not in INTERCEPT_CELLS or self.name == "direct" or self.name in RELAYS:
             return self
         if self.intercept is None:
             self.intercept = Peer(self.name, role="intercept", failed="not started")
@@ -945,6 +963,92 @@ defaults
     )
 
 
+RELAY_CA_CN = "elbasy bench relay CA"
+# idle upstream connections nginx keeps per worker: elbasy's pool holds up to 256
+RELAY_KEEPALIVE = 256
+
+
+def start_nginx_relay(peer: Peer, workdir: Path, origins: Origins) -> None:
+    """nginx terminating TLS for localhost with a leaf from a CA of the bench's
+    own, and forwarding each request on a verified, pooled TLS connection to
+    the origin: what an intercepting proxy does once it has the request, without
+    the CONNECT before it and without a pacing decision.  One worker."""
+    exe = which("nginx")
+    if not exe:
+        peer.fail("nginx not installed")
+        return
+    d = workdir / "nginx-relay"
+    d.mkdir()
+    ca_key, ca_crt = make_ca(d, "ca", RELAY_CA_CN)
+    key, leaf = make_leaf(d, "leaf", ca_key, ca_crt)
+    # leaf and CA, the chain elbasy sends with its leaves
+    chain = d / "chain.pem"
+    chain.write_text(leaf.read_text() + ca_crt.read_text())
+    port = free_port()
+    listen6 = f"listen [::1]:{port} ssl backlog=4096;" if ipv6_loopback(port) else ""
+    conf = d / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+master_process on;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log error;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    tcp_nodelay on;
+    keepalive_timeout 600s;
+    keepalive_requests 100000000;
+    client_header_timeout 600s;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream bench_origin {{
+        server {LOOPBACK}:{origins.tls_port};
+        keepalive {RELAY_KEEPALIVE};
+        keepalive_requests 100000000;
+        keepalive_timeout 600s;
+    }}
+    server {{
+        listen {LOOPBACK}:{port} ssl backlog=4096;
+        {listen6}
+        ssl_certificate {chain};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_conf_command NumTickets 1;
+        location / {{
+            proxy_pass https://bench_origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_ssl_protocols TLSv1.2 TLSv1.3;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {origins.ca_file};
+            proxy_ssl_server_name on;
+            proxy_ssl_name {TLS_HOST};
+            proxy_ssl_session_reuse on;
+        }}
+    }}
+}}
+""")
+    proc = start(peer.name, [exe, "-c", str(conf), "-p", str(d)], workdir)
+    peer.procs, peer.mem_proc = [proc], proc
+    peer.connect_port = port
+    peer.ca_file = ca_crt
+    peer.version = first_line([exe, "-v"]).removeprefix("nginx version: ")
+    peer.notes = (
+        "reverse proxy, no CONNECT: worker_processes 1, TLS 1.2–1.3 with a P-256 leaf "
+        f"(+ CA) for {TLS_HOST}, ssl_conf_command NumTickets 1 (elbasy's setting); "
+        f"proxy_pass https:// to upstream {{ keepalive {RELAY_KEEPALIVE}; }}, "
+        'proxy_http_version 1.1, Connection "", Host $http_host, proxy_ssl_verify on '
+        f"(bench CA), proxy_ssl_server_name on, proxy_ssl_name {TLS_HOST}; access_log off"
+    )
+
+
 def _wait_listening(peer: Peer, deadline: float) -> bool:
     for port in {peer.connect_port, peer.plain_port} - {0}:
         if not wait_port(port, deadline):
@@ -981,6 +1085,9 @@ def _curl_until_200(
 
 def probe(peer: Peer, origins: Origins) -> None:
     """Wait for the peer to listen, then push one request through each path it serves."""
+    if peer.name in RELAYS:
+        probe_intercept(peer, origins)
+        return
     if not peer.ok:
         return
     deadline = time.monotonic() + 30
@@ -1009,13 +1116,18 @@ def probe_intercept(peer: Peer, origins: Origins) -> None:
     """Check that an intercepting instance really intercepts: a client that trusts
     only the proxy's CA gets the object from https://localhost:PORT, and the leaf
     it sees was issued by that CA.  A tunnel passed through would show the
-    origin's leaf, issued by the bench CA, and fail verification."""
+    origin's leaf, issued by the bench CA, and fail verification.  The nginx
+    relay gets the same URL, its connection sent to the relay's port."""
     if not peer.ok:
         return
     deadline = time.monotonic() + 30
     if not _wait_listening(peer, deadline):
         return
-    cmd = ["curl", "--cacert", str(peer.ca_file), "-x", f"http://{LOOPBACK}:{peer.connect_port}"]
+    if peer.name in RELAYS:
+        route = ["--connect-to", f"{TLS_HOST}:{origins.tls_port}:{LOOPBACK}:{peer.connect_port}"]
+    else:
+        route = ["-x", f"http://{LOOPBACK}:{peer.connect_port}"]
+    cmd = ["curl", "--cacert", str(peer.ca_file), *route]
     out = _curl_until_200(peer, cmd + [origins.intercept_small], deadline, "%{http_code}\n%{certs}")
     if out is None:
         return
@@ -1028,16 +1140,22 @@ def probe_intercept(peer: Peer, origins: Origins) -> None:
 
 def start_peers(names: list[str], workdir: Path, origins: Origins, args) -> dict[str, Peer]:
     peers: dict[str, Peer] = {}
+    intercepting = bool(set(args.cells) & set(INTERCEPT_CELLS))
     for name in names:
+        if name in RELAYS and not intercepting:
+            continue  # a reference point of the interception cells only
         peer = Peer(name)
         peers[name] = peer
         if name == "direct":
             peer.version = "no proxy"
             peer.notes = "hey/curl straight to the nginx origin"
             continue
+        if name in RELAYS:
+            start_peer(peer, workdir, origins, args)
+            continue
         if any(name in CELL_TARGETS[c] for c in args.cells if c not in INTERCEPT_CELLS):
             start_peer(peer, workdir, origins, args)
-        if name in INTERCEPTORS and set(args.cells) & set(INTERCEPT_CELLS):
+        if name in INTERCEPTORS and intercepting:
             peer.intercept = Peer(name, role="intercept")
             start_intercepting(peer.intercept, workdir, origins, args)
             peer.version = peer.version or peer.intercept.version
@@ -1078,6 +1196,8 @@ def start_peer(peer: Peer, workdir: Path, origins: Origins, args) -> None:
             start_mitmproxy(peer, workdir)
         elif name == "haproxy":
             start_haproxy(peer, workdir, origins)
+        elif name == "nginx-relay":
+            start_nginx_relay(peer, workdir, origins)
         probe(peer, origins)
     except Exception as e:  # a peer that cannot start must not sink the run
         peer.fail(f"could not start: {e!r}")
@@ -1119,15 +1239,29 @@ def parse_hey(out: str) -> dict:
     return res
 
 
+def intercept_route(target: Peer, origins: Origins) -> list[str]:
+    """hey's arguments for an interception cell, the URL last.  Every target gets
+    the same request, `GET /100b` with `Host: localhost:ORIGIN`: through the
+    proxy's CONNECT, straight to the origin, or (the nginx relay) to the relay's
+    TLS port with the origin's Host (hey's SNI is localhost either way)."""
+    if target.name in RELAYS:
+        return [
+            "-host",
+            f"{TLS_HOST}:{origins.tls_port}",
+            f"https://{TLS_HOST}:{target.connect_port}/100b",
+        ]
+    if target.name == "direct":
+        return [origins.intercept_small]
+    return ["-x", f"http://{LOOPBACK}:{target.connect_port}", origins.intercept_small]
+
+
 def hey_cell(cell: str, target: Peer, origins: Origins, args) -> dict:
     cmd = ["hey", "-z", f"{args.duration}s", "-c", str(args.concurrency), "-t", "10"]
     if cell in ("connect-new", "intercept-new"):
         cmd.append("-disable-keepalive")
     if cell in INTERCEPT_CELLS:
-        url = origins.intercept_small
-        if target.name != "direct":
-            cmd += ["-x", f"http://{LOOPBACK}:{target.connect_port}"]
-    elif target.name == "haproxy":
+        return run_hey(cmd + intercept_route(target, origins), timeout=args.duration + 40)
+    if target.name == "haproxy":
         url = f"https://{LOOPBACK}:{target.connect_port}/100b"
     elif cell == "plain":
         url = origins.plain_small
@@ -1145,10 +1279,7 @@ def latency_cell(target: Peer, origins: Origins, args) -> dict:
     """One client, one keep-alive connection, a fixed count of requests: p50 and
     p99 per request (ms; hey reports 0.1 ms steps).  The value is the p50."""
     cmd = ["hey", "-n", str(args.latency_requests), "-c", "1", "-t", "10"]
-    if target.name != "direct":
-        cmd += ["-x", f"http://{LOOPBACK}:{target.connect_port}"]
-    cmd.append(origins.intercept_small)
-    res = run_hey(cmd, timeout=args.latency_timeout)
+    res = run_hey(cmd + intercept_route(target, origins), timeout=args.latency_timeout)
     lat = res.get("latency", {})
     if "p50" in lat and "p99" in lat and res.get("ok"):
         res["value"] = lat["p50"] * 1000
@@ -1444,7 +1575,29 @@ TARGET_LINES = [
     ("≤ 2 KiB per idle tunnel", "idle", [], 2.0, "max"),
     ("TLS interception keep-alive ≥ 10× mitmproxy", "intercept", ["mitmproxy"], 10.0, "ratio"),
     ("TLS interception, new conn/req ≥ 5× mitmproxy", "intercept-new", ["mitmproxy"], 5.0, "ratio"),
+    # the bench's own (not in docs/design.md §8): the C ceiling for the hop
+    (
+        "TLS interception keep-alive ≥ 1.0× nginx relay at ≤ 1.1× its CPU",
+        "intercept",
+        ["nginx-relay"],
+        1.0,
+        "ratio-cpu",
+    ),
+    (
+        "TLS interception, new conn/req ≥ 1.0× nginx relay at ≤ 1.1× its CPU",
+        "intercept-new",
+        ["nginx-relay"],
+        1.0,
+        "ratio-cpu",
+    ),
 ]
+# "ratio-cpu" lines: elbasy's CPU per request at most this many times the reference's
+CPU_RATIO_MAX = 1.1
+
+
+def _cpu_text(s: dict) -> str:
+    v = s.get("cpu_per_unit")
+    return "? µs/req" if v is None else f"{v:.0f} µs/req"
 
 
 def target_rows(summary: dict) -> list[list[str]]:
@@ -1455,6 +1608,9 @@ def target_rows(summary: dict) -> list[list[str]]:
         el = summary.get(cell, {}).get("elbasy")
         if el is None:
             rows.append([label, "not measured", "", "", "", "n/a"])
+            continue
+        if kind == "ratio-cpu":
+            rows.append(_ratio_cpu_row(label, cell, el, summary[cell].get(refs[0]), refs[0], need))
             continue
         if kind == "max":
             ok = el["median"] <= need
@@ -1495,13 +1651,40 @@ def target_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
+def _ratio_cpu_row(
+    label: str, cell: str, el: dict, ref: dict | None, rname: str, need: float
+) -> list[str]:
+    """Throughput at least ``need`` × the reference's, and CPU per request at most
+    CPU_RATIO_MAX × its: both medians from this run."""
+    needed = f"≥ {need}, CPU ≤ {CPU_RATIO_MAX}"
+    el_txt = f"{fmt_value(cell, el['median'])}, {_cpu_text(el)}"
+    if ref is None or ref["median"] <= 0:
+        return [label, el_txt, "reference not measured", "", needed, "n/a"]
+    ratio = el["median"] / ref["median"]
+    el_cpu, ref_cpu = el.get("cpu_per_unit"), ref.get("cpu_per_unit")
+    cpu_ratio = el_cpu / ref_cpu if el_cpu is not None and ref_cpu else None
+    ref_txt = f"{rname} {fmt_value(cell, ref['median'])}, {_cpu_text(ref)}"
+    ratio_txt = f"{ratio:.2f}, CPU {'?' if cpu_ratio is None else f'{cpu_ratio:.2f}'}"
+    if cpu_ratio is None:
+        result = "n/a (CPU not measured)"
+    else:
+        result = "PASS" if ratio >= need and cpu_ratio <= CPU_RATIO_MAX else "MISS"
+    if el["errors"]:
+        result = "MISS (elbasy errors)"
+    return [label, el_txt, ref_txt, ratio_txt, needed, result]
+
+
 INTERCEPT_RATIOS = [
+    ("elbasy", "nginx-relay"),
     ("elbasy", "mitmproxy"),
     ("elbasy", "proxy.py"),
     ("elbasy", "direct"),
+    ("nginx-relay", "direct"),
     ("mitmproxy", "direct"),
     ("proxy.py", "direct"),
 ]
+# CPU per request, the proxies' own (direct has none)
+INTERCEPT_CPU_RATIOS = [("elbasy", "nginx-relay"), ("elbasy", "mitmproxy")]
 
 
 def intercept_ratio_rows(summary: dict, cells: list[str]) -> list[list[str]]:
@@ -1512,6 +1695,14 @@ def intercept_ratio_rows(summary: dict, cells: list[str]) -> list[list[str]]:
             sa, sb = summary[cell].get(a), summary[cell].get(b)
             ok = sa is not None and sb is not None and sb["median"] > 0
             row.append(f"{sa['median'] / sb['median']:.3g}" if ok else "—")
+        rows.append(row)
+    for a, b in INTERCEPT_CPU_RATIOS:
+        row = [f"CPU per request, {a} / {b}"]
+        for cell in cells:
+            sa, sb = summary[cell].get(a), summary[cell].get(b)
+            ca = sa.get("cpu_per_unit") if sa else None
+            cb = sb.get("cpu_per_unit") if sb else None
+            row.append(f"{ca / cb:.3g}" if ca is not None and cb else "—")
         rows.append(row)
     return rows
 
@@ -1638,7 +1829,11 @@ def render(
     for name in ALL_TARGETS:
         if name not in peers:
             continue
-        label = {"direct": "direct (no proxy)", "haproxy": "HAProxy TCP relay"}.get(name, name)
+        label = {
+            "direct": "direct (no proxy)",
+            "haproxy": "HAProxy TCP relay",
+            "nginx-relay": "nginx TLS relay (no CONNECT)",
+        }.get(name, name)
         if peers[name].failed:
             label += " (out)"
         row = [label]
@@ -1662,7 +1857,10 @@ def render(
     out.append("")
     out.append(md_table(["peer"] + [CELL_TITLES[c] for c in cells], rows))
     out.append("")
-    out.append("### Targets (docs/design.md §8, medians from this run)")
+    out.append(
+        "### Targets (docs/design.md §8, and the bench's own against the nginx relay; "
+        "medians from this run)"
+    )
     out.append("")
     out.append(
         md_table(
