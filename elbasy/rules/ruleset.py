@@ -266,6 +266,7 @@ class RuleSet:
         self._hosts: dict[str, tuple[Rule, ...]] = {}
         self._tiers: OrderedDict[str, str] = OrderedDict()
         self._costs: OrderedDict[str, float] = OrderedDict()
+        self._priced: dict[tuple[int, str, float], tuple[Match, Match]] = {}
         # (account, operation, learned tier, method) -> Match: Matches are immutable
         self._matches: dict[tuple[str, str | None, str | None, str], Match] = {}
 
@@ -555,9 +556,19 @@ class RuleSet:
         # a throttled query was not executed; a throttled mutation neither, but
         # a mutation cut off by a resource throttle may have been: leave those alone
         retry_safe = match.retry_safe and not mutation
-        return replace(
+        # one priced Match per (account's match, shape, cost): a queued query keeps
+        # its Match, and an account's queries repeat a few shapes
+        memo = (id(match), cost_key, cost)
+        known = self._priced.get(memo)
+        if known is not None and known[0] is match:
+            return known[1]
+        priced_match = replace(
             match, cost=cost, cost_key=cost_key, mutation=mutation, retry_safe=retry_safe
         )
+        if len(self._priced) >= _MAX_MATCHES:
+            self._priced.clear()
+        self._priced[memo] = (match, priced_match)
+        return priced_match
 
     # ------------------------------------------------------------------ responses
 
