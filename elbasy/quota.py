@@ -79,7 +79,6 @@ class Reservation:
     limits: tuple[Limit, ...]
     costs: tuple[float, ...]  # per limit: the units it takes there
     depart: float  # when it would leave behind everything queued (the caller's clock)
-    made: float  # when it was made
     # per limit: bucket: the units it queued; window/rolling: the slot index it booked
     # (a tuple: a queued request is kept by the hundred thousand, and rebuilt
     # only when a window booking moves)
@@ -345,7 +344,7 @@ class LocalStore:
                 st.reserved[i] = st.reserved.get(i, 0.0) + c
                 slots.append(float(i))
                 self._forget_old(st, limit, now)
-        return Reservation(tuple(keys), tuple(limits), costs, depart, now, tuple(slots))
+        return Reservation(tuple(keys), tuple(limits), costs, depart, tuple(slots))
 
     def earliest(self, r: Reservation, now: float) -> float:
         """When a request heading its line may leave: as soon as what has been
