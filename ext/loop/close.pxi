@@ -1,0 +1,75 @@
+# The end of a connection: S_CLOSED.
+#
+# close_conn is the one place a connection ends: it tells the policy what it
+# is owed (finished, abandoned), releases the SSL*s, pipes and buffers,
+# retires both fds and takes the connection off the books. It is idempotent.
+
+
+cdef void close_conn(Loop loop, Conn c, bint reset):
+    cdef int64_t took
+    if c.state == S_CLOSED:
+        return
+    if c.state == S_TUNNEL:
+        loop.c_tunnels_open -= 1
+        took = loop.now - c.exchange_started
+        try:
+            loop.policy.finished(c.ticket, 200, c.bytes_up, c.bytes_down, took)
+        except Exception:
+            loop.c_policy_errors += 1
+    elif c.state == S_FORWARD and c.ticket is not None:
+        took = loop.now - c.exchange_started
+        try:
+            loop.policy.finished(c.ticket, c.exchange.status, c.bytes_up, c.bytes_down, took)
+        except Exception:
+            loop.c_policy_errors += 1
+    elif c.state == S_WAIT:
+        unhold(loop, c)
+        try:
+            loop.policy.abandoned(c.ticket)
+        except Exception:
+            loop.c_policy_errors += 1
+    if c.site is not None:
+        loop.c_intercepts_open -= 1
+        c.site = None
+    ssl_release(&c.tls.cssl)
+    c.state = S_CLOSED
+    if c.fd >= 0:
+        loop.fdmap[c.fd] = None
+        if reset:
+            retire_fd(loop, c.fd, True)
+        else:
+            retire_fd(loop, c.fd, False)
+        c.fd = -1
+    drop_upstream(loop, c, reset)
+    release_pipe(loop, &c.tunnel.up)
+    release_pipe(loop, &c.tunnel.down)
+    buf_free(&c.cin)
+    buf_free(&c.cout)
+    buf_free(&c.exchange.uin)
+    buf_free(&c.exchange.uout)
+    buf_free(&c.tunnel.up.pend)
+    buf_free(&c.tunnel.down.pend)
+    buf_free(&c.exchange.captured)
+    c.deadline = 0
+    c.ticket = None
+    c.verdict = None
+    c.addrs = None
+    loop.c_open -= 1
+
+
+cdef void drain_wakeup(Loop loop):
+    cdef char scratch[64]
+    while read(loop.wakeup_fd, scratch, sizeof(scratch)) > 0:
+        pass
+
+
+cdef void shutdown_all(Loop loop):
+    cdef object obj
+    for obj in list(loop.fdmap):
+        if obj is None:
+            continue
+        if type(obj) is Conn:
+            close_conn(loop, <Conn>obj, False)
+        else:
+            pool_drop(loop, <Pooled>obj)
+    loop.pool.clear()
