@@ -34,18 +34,11 @@ cdef void accept_batch(Loop loop):
             loop.c_accept_errors += 1
             return
         # TCP_NODELAY comes from the listener: accepted sockets inherit it
-        c = Conn.__new__(Conn)
+        c = Conn.__new__(Conn)  # no upstream, no pipes yet (Conn.__cinit__)
         c.fd = fd
-        c.ufd = -1
-        c.cmask = -1
-        c.umask = -1
         c.serial = new_serial(loop)
         c.started = loop.now
         c.peer = ss
-        c.tunnel.up.pipe_r = -1
-        c.tunnel.up.pipe_w = -1
-        c.tunnel.down.pipe_r = -1
-        c.tunnel.down.pipe_w = -1
         map_fd(loop, fd, c)
         loop.c_accepted += 1
         loop.c_open += 1
@@ -180,8 +173,8 @@ cdef void dispatch_head(Loop loop, Conn c, long end):
         c.goal = GOAL_FORWARD
         c.exchange.retried = False
         if (<object>v).peek > 0 and (<object>v).body != BODY_NONE:
-            if (<object>v).expect and loop.queue_client(
-                    c, b"HTTP/1.1 100 Continue\r\n\r\n", 25) == STEP_ENDED:
+            if (<object>v).expect and queue_client(
+                    loop, c, b"HTTP/1.1 100 Continue\r\n\r\n", 25) == STEP_ENDED:
                 return
             begin_peek(loop, c, (<object>v).peek)
             return

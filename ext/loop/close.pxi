@@ -35,21 +35,13 @@ cdef void close_conn(Loop loop, Conn c, bint reset):
     c.state = S_CLOSED
     if c.fd >= 0:
         loop.fdmap[c.fd] = None
-        if reset:
-            retire_fd(loop, c.fd, True)
-        else:
-            retire_fd(loop, c.fd, False)
+        retire_fd(loop, c.fd, reset)
         c.fd = -1
     drop_upstream(loop, c, reset)
-    release_pipe(loop, &c.tunnel.up)
-    release_pipe(loop, &c.tunnel.down)
+    tunnel_release(loop, &c.tunnel)
+    exchange_free(&c.exchange)
     buf_free(&c.cin)
     buf_free(&c.cout)
-    buf_free(&c.exchange.uin)
-    buf_free(&c.exchange.uout)
-    buf_free(&c.tunnel.up.pend)
-    buf_free(&c.tunnel.down.pend)
-    buf_free(&c.exchange.captured)
     c.deadline = 0
     c.ticket = None
     c.verdict = None

@@ -136,12 +136,7 @@ cdef void conn_expired(Loop loop, Conn c):
         drop_upstream(loop, c, False)
         fail(loop, c, 504, "timed out in the TLS handshake with the upstream")
     elif st == S_FORWARD:
-        loop.c_response_timeouts += 1
-        if not c.exchange.resp_head_done:
-            drop_upstream(loop, c, False)
-            fail(loop, c, 504, "the upstream did not answer in time")
-        else:
-            close_conn(loop, c, False)
+        forward_expired(loop, c)
     elif st == S_LINGER:
         close_conn(loop, c, False)  # the client did not take its answer in time
     elif st == S_BODY_READ or st == S_DEPARTING:

@@ -7,11 +7,21 @@
 # the response side (response.pxi).
 
 
-cdef void begin_forward(Loop loop, Conn c):
+cdef inline void exchange_free(ExchangeState *ex) noexcept nogil:
+    """Give back an exchange's buffers (the connection ends)."""
+    buf_free(&ex.uin)
+    buf_free(&ex.uout)
+    buf_free(&ex.captured)
+
+
+cdef void begin_forward(Loop loop, Conn c, bint reused):
+    """Send the request over c.ufd: fresh from connect (or TLS), or `reused`
+    from the pool (which makes a failure before any answer retryable)."""
     cdef ExchangeState *ex = &c.exchange
     cdef object v = c.verdict
     cdef bytes head = v.head
     c.state = S_FORWARD
+    ex.reused = reused
     ex.req_framing = v.body
     ex.req_remaining = v.length
     ex.req_chunks.state = 0

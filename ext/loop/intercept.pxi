@@ -125,5 +125,4 @@ cdef void upstream_tls_step(Loop loop, Conn c):
         fail(loop, c, 502, f"TLS with {(<object>c.verdict).host} failed: {reason}")
         return
     loop.c_tls_upstream += 1
-    c.exchange.reused = False
-    begin_forward(loop, c)
+    begin_forward(loop, c, False)

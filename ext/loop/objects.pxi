@@ -55,6 +55,10 @@ cdef class Conn(Slot):
     def __cinit__(self):
         global live_conns
         live_conns += 1
+        self.ufd = -1
+        self.cmask = -1
+        self.umask = -1
+        tunnel_init(&self.tunnel)
 
     def __dealloc__(self):
         # close_conn has freed all of this already; a Conn dropped some other
@@ -65,9 +69,7 @@ cdef class Conn(Slot):
         ssl_release(&self.tls.ussl)
         buf_free(&self.cin)
         buf_free(&self.cout)
-        buf_free(&self.exchange.uin)
-        buf_free(&self.exchange.uout)
-        buf_free(&self.exchange.captured)
+        exchange_free(&self.exchange)
         buf_free(&self.tunnel.up.pend)
         buf_free(&self.tunnel.down.pend)
 

@@ -148,6 +148,16 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
     return STEP_DONE
 
 
+cdef void forward_expired(Loop loop, Conn c):
+    """The response deadline came: a 504 before the response head, else a close."""
+    loop.c_response_timeouts += 1
+    if not c.exchange.resp_head_done:
+        drop_upstream(loop, c, False)
+        fail(loop, c, 504, "the upstream did not answer in time")
+    else:
+        close_conn(loop, c, False)  # mid-body: a close is all that is left
+
+
 cdef void upstream_lost(Loop loop, Conn c):
     """The upstream closed or failed mid-exchange."""
     cdef ExchangeState *ex = &c.exchange

@@ -8,6 +8,22 @@
 # until one read fills it, then splices (splice.pxi).
 
 
+cdef inline void tunnel_init(TunnelState *t) noexcept nogil:
+    """A new connection's tunnel: no pipe in either direction."""
+    t.up.pipe_r = -1
+    t.up.pipe_w = -1
+    t.down.pipe_r = -1
+    t.down.pipe_w = -1
+
+
+cdef void tunnel_release(Loop loop, TunnelState *t):
+    """The connection ends: pipes back to the pool (or closed), buffers freed."""
+    release_pipe(loop, &t.up)
+    release_pipe(loop, &t.down)
+    buf_free(&t.up.pend)
+    buf_free(&t.down.pend)
+
+
 cdef inline bint dir_pending(Dir *d) noexcept nogil:
     """Bytes of this direction still on their way (in the pipe or parked)."""
     return d.in_pipe > 0 or buf_len(&d.pend) > 0

@@ -109,8 +109,7 @@ cdef void connected(Loop loop, Conn c):
     elif (<object>c.verdict).tls:
         begin_upstream_tls(loop, c)
     else:
-        c.exchange.reused = False
-        begin_forward(loop, c)
+        begin_forward(loop, c, False)
 
 
 cdef void drop_upstream(Loop loop, Conn c, bint reset):
