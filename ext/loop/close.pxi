@@ -3,6 +3,7 @@
 # close_conn is the one place a connection ends: it tells the policy what it
 # is owed (finished, abandoned), releases the SSL*s, pipes and buffers,
 # retires both fds and takes the connection off the books. It is idempotent.
+# shutdown_all ends every connection and pooled upstream when run() stops.
 
 
 cdef void close_conn(Loop loop, Conn c, bint reset):
@@ -47,12 +48,6 @@ cdef void close_conn(Loop loop, Conn c, bint reset):
     c.verdict = None
     c.addrs = None
     loop.c_open -= 1
-
-
-cdef void drain_wakeup(Loop loop):
-    cdef char scratch[64]
-    while read(loop.wakeup_fd, scratch, sizeof(scratch)) > 0:
-        pass
 
 
 cdef void shutdown_all(Loop loop):

@@ -13,6 +13,8 @@ cdef int add_fd(Loop loop, int fd, uint32_t mask) except -1:
     e.data.u64 = 0
     e.data.fd = fd
     if epoll_ctl(loop.epfd, EPOLL_CTL_ADD, fd, &e) < 0:
+        # only at start-up (the listener, the resolver's and the wake-up fd):
+        # ENOMEM or ENOSPC there is fatal
         raise OSError(errno, os.strerror(errno))
     return 0
 
@@ -72,3 +74,11 @@ cdef void close_retired(Loop loop) noexcept:
     for i in range(loop.nretired):
         close(loop.retired[i])
     loop.nretired = 0
+
+
+cdef void drain_wakeup(Loop loop):
+    """Empty the signal wake-up fd (its bytes carry nothing): read until it
+    says EAGAIN (or anything but data: the next signal writes again)."""
+    cdef char scratch[64]
+    while read(loop.wakeup_fd, scratch, sizeof(scratch)) > 0:
+        pass

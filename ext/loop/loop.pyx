@@ -307,9 +307,9 @@ cdef class Loop:
                 n = epoll_wait(self.epfd, self.events, MAX_EVENTS, timeout)
             if n < 0:
                 if errno == EINTR:
-                    PyErr_CheckSignals()
+                    PyErr_CheckSignals()  # a signal: its handler may have stopped us
                     continue
-                raise OSError(errno, os.strerror(errno))
+                raise OSError(errno, os.strerror(errno))  # EBADF, EINVAL: a bug, not load
             self.now = elb_now_ns()
             for i in range(n):
                 fd = self.events[i].data.fd

@@ -48,7 +48,7 @@ cdef void stop_splicing(Loop loop, Dir *d):
         k = read(d.pipe_r, d.pend.data + d.pend.end, d.in_pipe)
         if k <= 0:
             if k < 0 and errno == EINTR:
-                continue
+                continue  # a signal first: nothing was read, read again
             break  # cannot happen for a pipe we filled; give up on those bytes
         d.pend.end += k
         d.in_pipe -= k

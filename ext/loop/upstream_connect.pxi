@@ -79,8 +79,11 @@ cdef void try_connect(Loop loop, Conn c):
             return
         c.last_err = err
         if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+            # out of fds or kernel memory: every other address would fail too
             fail(loop, c, 503, "elbasy is out of sockets; try again shortly")
             return
+        # ECONNREFUSED, ENETUNREACH, EINVAL (an address that does not parse)
+        # and the like: this address failed, the next one may not
     loop.c_connect_failures += 1
     fail(loop, c, 502, connect_reason(loop, c))
 
@@ -95,6 +98,8 @@ cdef str connect_reason(Loop loop, Conn c):
 cdef void connect_ready(Loop loop, Conn c):
     cdef int err = elb_socket_error(c.ufd)
     if err != 0:
+        # the connect failed (ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH...):
+        # remembered for the 502's reason, and the next address is tried
         c.last_err = err
         drop_upstream(loop, c, False)
         try_connect(loop, c)

@@ -19,6 +19,8 @@ cdef bint take_pooled(Loop loop, Conn c, str host, int port, bint tls):
         # ago may not be yet: a one-byte peek makes sure nothing waits on
         # it, so no byte from before is read as this request's answer.
         n = recv(p.fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT)
+        # EAGAIN: nothing waits, the connection is live. A byte (n > 0), its
+        # FIN (0) or an error (ECONNRESET...) all mean it cannot be reused.
         if n < 0 and errno == EAGAIN:
             c.ufd = p.fd
             c.umask = p.mask
