@@ -111,7 +111,7 @@ cdef void forward_masks(Loop loop, Conn c):
     """
     cdef ExchangeState *ex = &c.exchange
     cdef int cw = 0, uw = 0
-    if not ex.client_paused and (ex.req_done or buf_len(&ex.uout) == 0):
+    if not c.client_paused and (ex.req_done or buf_len(&ex.uout) == 0):
         cw |= EPOLLIN
     if buf_len(&c.cout) or c.tls.c_rw:
         cw |= EPOLLOUT
@@ -133,7 +133,7 @@ cdef void forward_event(Loop loop, Conn c, int fd, uint32_t ev):
         if ev & (EPOLLIN | EPOLLHUP) and ex.req_done:
             # bytes (a pipelined request) or the end, before our answer:
             # leave them in the kernel until the response is through
-            ex.client_paused = True
+            c.client_paused = True
         elif ev & (EPOLLIN | EPOLLHUP):
             buf_reserve(&c.cin, IO_CHUNK)
             n = elb_io_recv(c.fd, c.tls.cssl, c.cin.data + c.cin.end, IO_CHUNK, &c.tls.c_rw)

@@ -11,10 +11,11 @@ what to do. Bodies and tunnel bytes never enter Python.
 Where things are (ext/loop/, one C translation unit: the rooms are
 ``include``d below, so every call between them is a direct C call):
 
-* ``elbasy._loop.pxd``: every object and field (Conn, Pooled, Loop, and
-  the per-phase state embedded in Conn: TunnelState, ExchangeState,
-  TlsState); ``ext/includes/``: the C the loop calls (system, io, tls,
-  timers) and its constants (consts.pxi);
+* ``elbasy/_loop.pxd`` (the module's own .pxd, at its full name's path):
+  every object and field (Conn, Pooled, Loop, and the per-phase state
+  embedded in Conn: TunnelState, ExchangeState, TlsState);
+  ``ext/includes/``: the C the loop calls (system, io, tls, timers) and
+  its constants (consts.pxi);
 * the rooms, in the order a connection goes through them: buffers,
   objects, epoll, deadlines, dispatch (events and expiries by state),
   accept_head, hold, intercept, upstream_connect, tunnel, splice,

@@ -137,7 +137,7 @@ cdef void back_to_head(Loop loop, Conn c, bint resume):
     it the caller is read_head itself, whose loop goes on.
     """
     c.state = S_HEAD
-    c.exchange.client_paused = False
+    c.client_paused = False
     c.verdict = None
     c.ticket = None
     c.goal = GOAL_NONE

@@ -66,7 +66,6 @@ cdef struct ExchangeState:
     bint reuse_upstream    # the upstream may go back to the pool
     bint reused            # the upstream came from the pool
     bint retried           # sent once more on a fresh connection already
-    bint client_paused     # client input waits until the response is through
 
 
 cdef struct TlsState:
@@ -116,6 +115,7 @@ cdef class Conn(Slot):
     cdef int addr_i             # upstream connect: the next address to try
     cdef int last_err           # upstream connect: the last address's errno
     cdef bint client_shut       # our FIN to the client went out (lingering close)
+    cdef bint client_paused     # client input waits until this response is through
     cdef int64_t started
     cdef int64_t exchange_started
     cdef uint64_t bytes_up      # this request's or tunnel's bytes, for `finished`
