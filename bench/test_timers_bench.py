@@ -5,7 +5,7 @@ Not part of the test suite; run it as::
     python -m pytest bench/test_timers_bench.py --benchmark-only -q -p no:cacheprovider
 
 The loop keeps every deadline (head read, connect, idle tunnel, keep-alive,
-response, a held request's departure) in one heap (ext/elbasy_timers.h).
+response, a held request's departure) in one heap (ext/c/elbasy_timers.h).
 Each benchmark call is ``ROUNDS`` hold operations in C at a fixed heap size:
 take the earliest entry, push the next deadline of that connection, due
 0–60 s later. Nanoseconds per timer is the mean / ROUNDS. The heap is filled

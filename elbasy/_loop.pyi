@@ -1,6 +1,11 @@
-"""Type stub for the Cython data plane (ext/loop.pyx)."""
+"""Type stub for the Cython data plane (ext/loop/: loop.pyx and the rooms it includes)."""
 
 from typing import Any
+
+# the loop's constants as compiled (ext/includes/consts.pxi)
+STATES: dict[str, int]
+BODY_FRAMINGS: dict[str, int]
+SPLICE_MODES: dict[str, int]
 
 class Loop:
     def __init__(

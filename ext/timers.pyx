@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""The loop's timer heap (elbasy_timers.h) as a Python object.
+"""The loop's timer heap (ext/c/elbasy_timers.h) as a Python object.
 
 The loop calls the C functions directly; this module hands the same code to
 the tests (ordering against a reference) and to bench/test_timers_bench.py
@@ -10,7 +10,7 @@ reach.
 
 from libc.stdint cimport int64_t, uint64_t
 
-from elbasy_timers cimport (
+from timers cimport (
     elb_timer, elb_timers, elb_timers_first, elb_timers_free, elb_timers_init, elb_timers_pop,
     elb_timers_push,
 )
@@ -63,12 +63,12 @@ cdef class TimerHeap:
         `when` taken."""
         cdef uint64_t state = seed if seed else 1
         cdef elb_timer e
-        cdef Py_ssize_t i
+        cdef Py_ssize_t _round
         e.when = 0
         if self.t.len == 0 or spread <= 0:
             raise ValueError("hold needs a non-empty heap and spread > 0")
         with nogil:
-            for i in range(rounds):
+            for _round in range(rounds):
                 e = elb_timers_pop(&self.t)
                 elb_timers_push(&self.t, e.when + <int64_t>(xorshift(&state) % <uint64_t>spread),
                                 e.fd, e.serial)

@@ -22,5 +22,14 @@ def test_mypy() -> None:
     run(sys.executable, "-m", "mypy")
 
 
+#: every Cython file of ext/: the modules, the loop's rooms and declarations, the includes
+CYTHON_SOURCES = sorted(
+    str(p.relative_to(ROOT))
+    for pattern in ("*.pyx", "loop/*.pyx", "loop/*.pxi", "loop/elbasy/*.pxd", "includes/*.px?")
+    for p in (ROOT / "ext").glob(pattern)
+)
+
+
 def test_cython_lint() -> None:
-    run(sys.executable, "-m", "cython_lint.cython_lint", "ext/loop.pyx", "ext/heads.pyx")
+    assert "ext/loop/loop.pyx" in CYTHON_SOURCES and "ext/includes/consts.pxi" in CYTHON_SOURCES
+    run(sys.executable, "-m", "cython_lint.cython_lint", *CYTHON_SOURCES)

@@ -1,4 +1,4 @@
-"""The loop's timer heap (ext/elbasy_timers.h, through elbasy._timers).
+"""The loop's timer heap (ext/c/elbasy_timers.h, through elbasy._timers).
 
 The loop's deadlines all go through this heap; its order is checked here
 against the standard library's heapq on random work, without sockets.

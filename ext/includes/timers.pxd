@@ -1,4 +1,5 @@
-# The timer heap's C interface (elbasy_timers.h), for ext/loop.pyx and ext/timers.pyx.
+# The timer heap's C interface (ext/c/elbasy_timers.h), for the loop (ext/loop/)
+# and ext/timers.pyx.
 
 from libc.stdint cimport int64_t, uint64_t
 

@@ -1,0 +1,22 @@
+# elbasy's socket helpers and HTTP framing scanners (ext/c/elbasy_io.h):
+# non-blocking, never raising, failures reported as errno values.
+
+from libc.stdint cimport int64_t, uint64_t
+
+from system cimport sockaddr_storage
+
+
+cdef extern from "elbasy_io.h" nogil:
+    ctypedef struct elb_chunked:
+        int state
+        uint64_t remaining
+    enum:
+        CH_DONE
+    int64_t elb_now_ns()
+    void elb_nodelay(int fd)
+    void elb_set_reset(int fd)
+    int elb_connect(int family, const char *ip, int port, int *out_fd, int *connected)
+    int elb_socket_error(int fd)
+    int elb_format_peer(const sockaddr_storage *ss, char *out, size_t cap)
+    long elb_head_end(const char *buf, size_t length, size_t start)
+    long elb_chunked_scan(elb_chunked *st, const char *buf, size_t length)

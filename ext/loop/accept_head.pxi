@@ -1,0 +1,194 @@
+# Accept and the request head: S_HEAD.
+#
+# accept_batch makes a Conn per client (the listener defers accept until the
+# client has sent something, so the head is usually already here and is read
+# at once). read_head reads and dispatches heads while the connection waits
+# for one; dispatch_head asks the policy once per head and carries out its
+# verdict: a Reply (replies.pxi), a Forward (now, held, or its body shown to
+# the policy first: hold.pxi), a Tunnel (upstream_connect.pxi) or an
+# Intercept (intercept.pxi).
+
+
+cdef void accept_batch(Loop loop):
+    cdef int _i, fd, err
+    cdef sockaddr_storage ss
+    cdef socklen_t slen
+    cdef Conn c
+    for _i in range(ACCEPT_BATCH):
+        slen = sizeof(ss)
+        fd = accept4(loop.listen_fd, <sockaddr *>&ss, &slen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd < 0:
+            err = errno
+            if err == EAGAIN or err == EINTR:
+                return  # the queue is empty (or a signal): epoll says when there is more
+            if err == ECONNABORTED:
+                continue  # that client reset while queued: take the next one
+            if err == EMFILE or err == ENFILE:
+                # out of fds (ours or the system's): shed one client so the
+                # listener does not stay readable forever
+                loop.c_accept_emfile += 1
+                shed_one_client(loop)
+                return
+            # ENOBUFS/ENOMEM (kernel memory), EPERM (a firewall rule),
+            # EPROTO: counted; the next wake-up tries again
+            loop.c_accept_errors += 1
+            return
+        # TCP_NODELAY comes from the listener: accepted sockets inherit it
+        c = Conn.__new__(Conn)  # no upstream, no pipes yet (Conn.__cinit__)
+        c.fd = fd
+        c.serial = new_serial(loop)
+        c.started = loop.now
+        c.peer = ss
+        map_fd(loop, fd, c)
+        loop.c_accepted += 1
+        loop.c_open += 1
+        c.state = S_HEAD
+        arm(loop, c, loop.now + loop.head_ns)
+        # The listener defers accept until the client has sent something,
+        # so the head is usually already here: read before polling.
+        guarded_event(loop, c, fd, EPOLLIN)
+
+
+cdef void shed_one_client(Loop loop):
+    """Out of fds: close the spare, accept and drop one client, re-take it."""
+    cdef int fd
+    if loop.spare_fd >= 0:
+        close(loop.spare_fd)
+        loop.spare_fd = -1
+    fd = accept4(loop.listen_fd, NULL, NULL, SOCK_CLOEXEC)
+    if fd >= 0:
+        close(fd)
+    loop.spare_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+
+
+cdef inline uint64_t new_serial(Loop loop) noexcept:
+    loop.next_serial += 1
+    return loop.next_serial
+
+
+cdef object peer_of(Loop loop, Conn c):
+    cdef char text[80]
+    cdef int n
+    if c.peer_text is None:
+        n = elb_format_peer(&c.peer, text, sizeof(text))
+        c.peer_text = text[:n].decode("ascii")
+    return c.peer_text
+
+
+cdef void update_head_mask(Loop loop, Conn c):
+    cdef int want = 0
+    if buf_len(&c.cout) <= OUT_HIGH:
+        want = EPOLLIN
+    if buf_len(&c.cout) or c.tls.c_rw:
+        want |= EPOLLOUT
+    set_mask(loop, c.fd, &c.cmask, want)
+
+
+cdef void read_head(Loop loop, Conn c):
+    """Read and dispatch request heads while the connection waits for one.
+
+    A loop, not a recursion: a client may pipeline any number of
+    requests that elbasy answers itself, and each answer comes back here.
+    Answers the client does not read pile up in cout; past OUT_HIGH no
+    more heads are read or dispatched until it drains.
+    """
+    cdef ssize_t n
+    cdef long end
+    cdef Py_ssize_t have, scanned = 0, limit = loop.max_head + 1
+    while True:
+        if buf_len(&c.cout) > OUT_HIGH:
+            update_head_mask(loop, c)
+            return
+        have = buf_len(&c.cin)
+        if have:
+            end = elb_head_end(c.cin.data + c.cin.start, have, scanned)
+            if end > loop.max_head or (end < 0 and have > loop.max_head):
+                head_too_large(loop, c)
+                return
+            if end > 0:
+                dispatch_head(loop, c, end)
+                if c.state != S_HEAD:
+                    return
+                scanned = 0
+                continue
+            scanned = have
+        buf_reserve(&c.cin, limit - have if limit - have < 16384 else 16384)
+        n = elb_io_recv(c.fd, c.tls.cssl, c.cin.data + c.cin.end, c.cin.cap - c.cin.end,
+                        &c.tls.c_rw)
+        if n > 0:
+            if have == 0 and c.requests > 0:
+                # a keep-alive client began its next request
+                arm(loop, c, loop.now + loop.head_ns)
+            c.cin.end += n
+            continue
+        if n == 0:
+            # the client is done (keep-alive close, or gave up mid-head);
+            # what we still owe it is delivered before the close
+            if buf_len(&c.cout):
+                linger(loop, c)
+            else:
+                close_conn(loop, c, False)
+            return
+        if errno == EINTR:
+            continue  # a signal first: read again
+        if errno == EAGAIN:
+            update_head_mask(loop, c)  # the rest of the head is on its way
+            return
+        # ECONNRESET (it reset mid-head), EPROTO (TLS garbage, an alert)
+        client_lost(loop, c)
+        return
+
+
+cdef void head_too_large(Loop loop, Conn c):
+    cdef bytes data
+    try:
+        data = loop.policy.head_too_large(peer_of(loop, c))
+    except Exception:
+        data = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\r\n"
+    send_final(loop, c, data)
+
+
+cdef void dispatch_head(Loop loop, Conn c, long end):
+    """A whole head is here: ask the policy once what to do with it."""
+    cdef bytes head = PyBytes_FromStringAndSize(c.cin.data + c.cin.start, end)
+    cdef object v
+    cdef int64_t depart
+    buf_consumed(&c.cin, end)
+    c.requests += 1
+    loop.c_requests += 1
+    c.exchange_started = loop.now
+    try:
+        if c.site is None:
+            v = loop.policy.on_request(head, peer_of(loop, c))
+        else:
+            v = loop.policy.on_intercepted(head, peer_of(loop, c), c.site)
+    except Exception as exc:
+        policy_error(loop, c, exc)
+        return
+    if type(v) is Reply:
+        reply(loop, c, (<object>v).data, (<object>v).close)
+    elif type(v) is Forward:
+        c.verdict = v
+        c.ticket = (<object>v).ticket
+        c.goal = GOAL_FORWARD
+        c.exchange.retried = False
+        if (<object>v).peek > 0 and (<object>v).body != BODY_NONE:
+            if (<object>v).expect and queue_client(
+                    loop, c, b"HTTP/1.1 100 Continue\r\n\r\n", 25) == STEP_ENDED:
+                return
+            begin_peek(loop, c, (<object>v).peek)
+            return
+        depart = departure_ns(loop, (<object>v).depart)
+        if depart:
+            hold(loop, c, depart)
+        else:
+            send_forward(loop, c)
+    elif type(v) is Tunnel and c.site is None:
+        c.verdict = v
+        c.ticket = (<object>v).ticket
+        c.goal = GOAL_TUNNEL
+        start_upstream(loop, c, (<object>v).host, (<object>v).port)
+    elif type(v) is Intercept and c.site is None:
+        begin_intercept(loop, c, v)
+    else:
+        policy_error(loop, c, TypeError(f"unexpected verdict {v!r}"))

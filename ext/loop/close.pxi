@@ -1,0 +1,62 @@
+# The end of a connection: S_CLOSED.
+#
+# close_conn is the one place a connection ends: it tells the policy what it
+# is owed (finished, abandoned), releases the SSL*s, pipes and buffers,
+# retires both fds and takes the connection off the books. It is idempotent.
+# shutdown_all ends every connection and pooled upstream when run() stops.
+
+
+cdef void close_conn(Loop loop, Conn c, bint reset):
+    cdef int64_t took
+    if c.state == S_CLOSED:
+        return
+    if c.state == S_TUNNEL:
+        loop.c_tunnels_open -= 1
+        took = loop.now - c.exchange_started
+        try:
+            loop.policy.finished(c.ticket, 200, c.bytes_up, c.bytes_down, took)
+        except Exception:
+            loop.c_policy_errors += 1
+    elif c.state == S_FORWARD and c.ticket is not None:
+        took = loop.now - c.exchange_started
+        try:
+            loop.policy.finished(c.ticket, c.exchange.status, c.bytes_up, c.bytes_down, took)
+        except Exception:
+            loop.c_policy_errors += 1
+    elif c.state == S_WAIT:
+        unhold(loop, c)
+        try:
+            loop.policy.abandoned(c.ticket)
+        except Exception:
+            loop.c_policy_errors += 1
+    if c.site is not None:
+        loop.c_intercepts_open -= 1
+        c.site = None
+    ssl_release(&c.tls.cssl)
+    c.state = S_CLOSED
+    if c.fd >= 0:
+        loop.fdmap[c.fd] = None
+        retire_fd(loop, c.fd, reset)
+        c.fd = -1
+    drop_upstream(loop, c, reset)
+    tunnel_release(loop, &c.tunnel)
+    exchange_free(&c.exchange)
+    buf_free(&c.cin)
+    buf_free(&c.cout)
+    c.deadline = 0
+    c.ticket = None
+    c.verdict = None
+    c.addrs = None
+    loop.c_open -= 1
+
+
+cdef void shutdown_all(Loop loop):
+    cdef object obj
+    for obj in list(loop.fdmap):
+        if obj is None:
+            continue
+        if type(obj) is Conn:
+            close_conn(loop, <Conn>obj, False)
+        else:
+            pool_drop(loop, <Pooled>obj)
+    loop.pool.clear()

@@ -1,0 +1,208 @@
+# Every object of the loop and every field it has, in one place.
+#
+# Cython pairs a module with the .pxd found at its full name's path, so this
+# file is ext/loop/elbasy/_loop.pxd: elbasy._loop's own declaration file.
+# loop.pyx and every room it includes see all of it, and the calls between
+# rooms stay direct C calls in one translation unit.
+
+cimport cython
+from libc.stdint cimport int64_t, uint64_t
+
+from io cimport elb_chunked
+from system cimport epoll_event, sockaddr_storage
+from timers cimport elb_timers
+from tls cimport SSL
+
+include "consts.pxi"
+
+
+# ---- plain C state ----------------------------------------------------------------
+
+cdef struct Buf:
+    # a byte buffer: bytes [start, end) of data's cap (buffers.pxi)
+    char *data
+    Py_ssize_t start
+    Py_ssize_t end
+    Py_ssize_t cap
+
+
+cdef struct Dir:
+    # one direction of a tunnel (tunnel.pxi, splice.pxi)
+    Buf pend               # copy mode: bytes the destination did not take yet
+    Py_ssize_t in_pipe     # bytes parked in the kernel pipe
+    int pipe_r
+    int pipe_w
+    bint spliced           # bulk flow: bytes go through the pipe
+    bint eof               # source sent FIN
+    bint shut              # FIN passed on to the destination
+    bint no_splice         # splice(2) refused this flow: it copies to the end
+
+
+cdef struct TunnelState:
+    # S_TUNNEL (tunnel.pxi)
+    Dir up                 # client -> upstream
+    Dir down               # upstream -> client
+
+
+cdef struct ExchangeState:
+    # one forwarded request and its response: S_BODY .. S_FORWARD (hold.pxi,
+    # forward.pxi, response.pxi)
+    Buf uin                # from upstream
+    Buf uout               # to upstream, not yet taken by its socket
+    Buf captured           # the response body so far, up to `capture` bytes
+    elb_chunked req_chunks
+    elb_chunked resp_chunks
+    uint64_t req_remaining
+    uint64_t resp_remaining
+    Py_ssize_t peek        # request body bytes the policy sees before departure
+    Py_ssize_t capture     # response body bytes the policy sees at the end (0: none)
+    int req_framing        # BodyFraming of the request
+    int resp_framing       # BodyFraming of the response
+    int status             # the response's status, for the policy's `finished`
+    bint req_done
+    bint resp_head_done
+    bint resp_done
+    bint keep_client       # the client may send another request after this one
+    bint reuse_upstream    # the upstream may go back to the pool
+    bint reused            # the upstream came from the pool
+    bint retried           # sent once more on a fresh connection already
+
+
+cdef struct TlsState:
+    # intercepted sessions and https upstreams (intercept.pxi); the SSL*s are
+    # owned and counted from ssl_adopt to ssl_release (objects.pxi)
+    SSL *cssl              # intercepted: our TLS session with the client
+    SSL *ussl              # our TLS session with an https upstream
+    int c_rw               # a TLS read on the client needs it writable
+    int u_rw               # a TLS read on the upstream needs it writable
+    bint early_tls         # the ClientHello came with the CONNECT head
+
+
+cdef struct PipePool:
+    # idle pipe pairs for the next bulk flow (splice.pxi)
+    int ends[PIPE_POOL_MAX][2]
+    int idle
+
+
+# ---- the objects fds map to ---------------------------------------------------------
+
+cdef class Slot:
+    # anything the loop keeps a deadline for
+    cdef int fd
+    cdef uint64_t serial
+    cdef int64_t deadline       # 0: none
+    cdef int64_t next_check     # when this slot's earliest heap entry fires
+
+
+@cython.final
+cdef class Pooled(Slot):
+    # an idle upstream connection in the keep-alive pool (upstream_pool.pxi)
+    cdef object key
+    cdef int mask
+    cdef int64_t since          # when it went idle
+    cdef SSL *ssl               # its TLS session, for an https upstream
+
+
+@cython.final
+cdef class Conn(Slot):
+    # a client connection and, while it has one, its upstream
+    cdef ConnState state        # a row of the state table (loop.pyx)
+    cdef int ufd                # the upstream's fd, or -1
+    cdef int cmask              # the client fd's epoll interest (-1: not registered)
+    cdef int umask              # the upstream fd's epoll interest (-1: not registered)
+    cdef Goal goal              # what the connection waits for after connecting
+    cdef int requests           # request heads read on this connection
+    cdef int addr_i             # upstream connect: the next address to try
+    cdef int last_err           # upstream connect: the last address's errno
+    cdef bint client_shut       # our FIN to the client went out (lingering close)
+    cdef bint client_paused     # client input waits until this response is through
+    cdef int64_t started
+    cdef int64_t exchange_started
+    cdef uint64_t bytes_up      # this request's or tunnel's bytes, for `finished`
+    cdef uint64_t bytes_down
+    cdef Buf cin                # from the client: head bytes, then body bytes
+    cdef Buf cout               # to the client, not yet taken by its socket
+    cdef object peer_text
+    cdef object ticket          # the policy's handle for this request or tunnel
+    cdef object verdict         # the Tunnel or Forward being carried out
+    cdef object addrs           # upstream connect: the resolver's addresses
+    cdef object site            # intercepted: the Intercept verdict (host, port)
+    cdef TunnelState tunnel
+    cdef ExchangeState exchange
+    cdef TlsState tls
+    cdef sockaddr_storage peer
+
+
+@cython.final
+cdef class Loop:
+    # the epoll loop of one worker (loop.pyx)
+    cdef int epfd
+    cdef int listen_fd
+    cdef int spare_fd           # held in reserve for EMFILE (accept_head.pxi)
+    cdef int resolver_fd
+    cdef int wakeup_fd
+    cdef bint stopping
+    cdef object policy
+    cdef object resolver
+    cdef object server_tls      # mints leaves and makes client-side SSL*s (interception)
+    cdef object client_tls      # makes verified upstream SSL*s
+    cdef list fdmap             # fd -> Conn or Pooled
+    cdef dict pool              # (host, port, tls) -> [Pooled], oldest first
+    cdef dict held              # ticket -> Conn, for every request held in S_WAIT
+    cdef uint64_t next_serial
+    cdef int64_t now
+    cdef int64_t started_ns
+    cdef int64_t next_sweep
+    cdef epoll_event *events
+    cdef char *iobuf
+    cdef elb_timers timers
+    cdef int *retired           # fds to close once this wake-up's events are handled
+    cdef Py_ssize_t nretired
+    cdef Py_ssize_t retired_cap
+    cdef PipePool pipes
+    # deadlines, ns
+    cdef int64_t head_ns
+    cdef int64_t connect_ns
+    cdef int64_t idle_ns
+    cdef int64_t keepalive_ns
+    cdef int64_t response_ns
+    cdef Py_ssize_t max_head
+    cdef SpliceMode splice_mode
+    # counters for /healthz (stats.pxi)
+    cdef uint64_t c_accepted
+    cdef uint64_t c_open
+    cdef uint64_t c_tunnels_open
+    cdef uint64_t c_tunnels_total
+    cdef uint64_t c_requests
+    cdef uint64_t c_bytes_up
+    cdef uint64_t c_bytes_down
+    cdef uint64_t c_spliced
+    cdef uint64_t c_copied
+    cdef uint64_t c_head_timeouts
+    cdef uint64_t c_idle_timeouts
+    cdef uint64_t c_keepalive_closed
+    cdef uint64_t c_accept_emfile
+    cdef uint64_t c_accept_errors
+    cdef uint64_t c_connect_failures
+    cdef uint64_t c_connect_timeouts
+    cdef uint64_t c_response_timeouts
+    cdef uint64_t c_client_aborts
+    cdef uint64_t c_upstream_aborts
+    cdef uint64_t c_pool_reused
+    cdef uint64_t c_pool_stale
+    cdef uint64_t c_retries
+    cdef uint64_t c_policy_errors
+    cdef uint64_t c_pipes_created
+    cdef uint64_t c_pipes_closed
+    cdef uint64_t c_splice_fallbacks
+    cdef uint64_t c_internal_errors
+    cdef uint64_t c_intercepts_open
+    cdef uint64_t c_intercepts_total
+    cdef uint64_t c_tls_accepted
+    cdef uint64_t c_tls_accept_failures
+    cdef uint64_t c_tls_upstream
+    cdef uint64_t c_tls_upstream_failures
+    cdef uint64_t c_held
+    cdef uint64_t c_waiting
+    cdef uint64_t c_abandoned
+    cdef uint64_t c_throttle_retries

@@ -1,0 +1,361 @@
+# cython: language_level=3
+"""elbasy's data plane: one epoll loop per worker process.
+
+The loop owns every fd: the listener, client connections, upstream
+connections (in use and pooled), kernel pipes for splice(2), the resolver's
+eventfd and the signal wake-up fd. It makes no policy decision: a complete
+request head goes to the policy object once (``on_request``), a complete
+response head once (``on_response``), and the verdicts that come back say
+what to do. Bodies and tunnel bytes never enter Python.
+
+Where things are (ext/loop/, one C translation unit: the rooms are
+``include``d below, so every call between them is a direct C call):
+
+* ``elbasy/_loop.pxd`` (the module's own .pxd, at its full name's path):
+  every object and field (Conn, Pooled, Loop, and the per-phase state
+  embedded in Conn: TunnelState, ExchangeState, TlsState);
+  ``ext/includes/``: the C the loop calls (system, io, tls, timers) and
+  its constants (consts.pxi);
+* the rooms, in the order a connection goes through them: buffers,
+  objects, epoll, deadlines, dispatch (events and expiries by state),
+  accept_head, hold, intercept, upstream_connect, tunnel, splice,
+  upstream_pool, forward, response, replies, close; then stats.
+
+Deadlines live in one min-heap of (when, fd, serial) entries
+(ext/c/elbasy_timers.h) checked lazily: an idle deadline moves forward with
+a plain store, and the heap entry is pushed again only when it fires early.
+
+Return convention of the connection steps. Every function that does I/O
+for a connection, or calls one that does, and reports a result returns an
+``int`` step result and is declared ``except STEP_RAISED``:
+
+* ``STEP_DONE`` (1): the work it was asked for is done; the caller goes on;
+* ``STEP_WAIT`` (0): a socket would block; epoll (or a timer) calls again;
+* ``STEP_ENDED`` (-1): the connection was finished inside the step (closed,
+  or answered and lingering, or handed to a retry): the caller returns at
+  once and touches it no more. The step that sees a failure is the one that
+  ends the connection, so no caller can forget to close it;
+* ``STEP_RAISED`` (-99) is never returned on purpose: it is the value
+  Cython uses for "a Python exception is in flight" (a MemoryError). Such
+  an exception stops at the connection boundary (``guarded_event``,
+  ``guarded_expiry``), which closes that one connection and counts it.
+
+An ``except`` value is never a value a function returns on purpose: a -1
+that means "the send failed" under ``except -1`` skips every caller's error
+branch (the reset-before-reply fd leak of 0.1). The raw helpers below the
+steps (``buf_send``, ``pump``, ``drain_pipe``) report what failed and leave
+the decision to their caller; they never close anything.
+
+State table
+-----------
+
+A connection is in exactly one state (Conn.state, the ConnState enum in
+ext/includes/consts.pxi). For each: the functions that set it, its
+deadline, what its expiry does (conn_expired), its epoll interest, and the
+events it accepts (conn_event). "client" and "upstream" are its two fds;
+ERR is EPOLLERR, HUP EPOLLHUP, RDHUP EPOLLRDHUP. tests/test_loop_states.py
+checks that this table, the enum and both dispatches name the same states.
+
+S_HEAD
+    set by:   accept_batch; client_tls_step (handshake done); back_to_head
+    deadline: head_ns from a head's first byte; keepalive_ns between requests
+    expiry:   close (head_timeouts; keepalive_closed when idle between requests)
+    epoll:    client IN while at most OUT_HIGH is owed, OUT while cout holds bytes
+    events:   client IN/HUP: read_head; OUT: flush_client; ERR: client_lost
+S_BODY
+    set by:   begin_peek (dispatch_head: a Forward whose body the policy sees first)
+    deadline: head_ns
+    expiry:   close (head_timeouts)
+    epoll:    client IN, OUT while a "100 Continue" is owed
+    events:   client any: peek_step; ERR: client_lost
+S_BODY_READ
+    set by:   peek_step, once the body is in: the policy's on_body runs
+    deadline: S_BODY's; left within peek_step (hold, send_forward or an answer)
+    expiry:   cannot happen (internal_errors, close)
+    epoll:    S_BODY's
+    events:   client HUP: client_lost; ERR: client_lost
+S_WAIT
+    set by:   hold (dispatch_head, peek_step, departure_ns > now; retry_later)
+    deadline: the departure time; Loop.wake moves it (the `held` dict)
+    expiry:   departure: the policy's departing confirms it or sets a later time
+    epoll:    client RDHUP, OUT while cout holds bytes
+    events:   client RDHUP/HUP/ERR: abandoned, close; OUT: flush_client
+S_DEPARTING
+    set by:   departure (confirmed, or the policy failed)
+    deadline: spent; left within departure (send_forward, or the error page)
+    expiry:   cannot happen (internal_errors, close)
+    epoll:    S_WAIT's
+    events:   client HUP: client_lost; ERR: client_lost
+S_RESOLVE
+    set by:   start_upstream (a Tunnel; send_forward with no pooled upstream;
+              upstream_lost's one retry)
+    deadline: connect_ns
+    expiry:   504 (connect_timeouts)
+    epoll:    client none (a reset still shows as ERR or HUP)
+    events:   client HUP/ERR: client_lost; the resolver's answer (resolved_batch)
+S_CONNECT
+    set by:   try_connect, for each address in turn
+    deadline: connect_ns for each address
+    expiry:   the next address (try_connect), or 504 after the last (connect_timeouts)
+    epoll:    upstream OUT; client none
+    events:   upstream OUT/ERR: connect_ready; client HUP/ERR: client_lost
+S_TLS_ACCEPT
+    set by:   begin_intercept (dispatch_head: an Intercept)
+    deadline: head_ns
+    expiry:   close (head_timeouts)
+    epoll:    client OUT until the plain "200" is out, then what the handshake wants
+    events:   client any: client_tls_step; ERR: client_tls_failed
+S_TLS_CONNECT
+    set by:   begin_upstream_tls (connected: a Forward to an https upstream)
+    deadline: connect_ns
+    expiry:   504 (connect_timeouts)
+    epoll:    upstream: what the handshake wants; client none
+    events:   upstream any: upstream_tls_step; ERR: upstream_lost; client HUP/ERR: client_lost
+S_TUNNEL
+    set by:   begin_tunnel (connected, goal GOAL_TUNNEL)
+    deadline: idle_ns, moved on whenever a byte moves
+    expiry:   close (idle_timeouts)
+    epoll:    each side IN while its direction has nothing pending, OUT while the
+              other direction has bytes for it (tunnel_masks)
+    events:   IN/HUP: pump from that side; OUT/HUP: pump into it; ERR: tunnel_abort
+S_FORWARD
+    set by:   begin_forward (connected, upstream_tls_step, take_pooled)
+    deadline: response_ns, moved on with each event
+    expiry:   504 before the response head (response_timeouts), else close
+    epoll:    forward_masks: client IN and upstream IN/RDHUP unless held back,
+              OUT on a side while bytes wait for it
+    events:   client IN: the request body (or pause); OUT: flush_client; upstream
+              OUT: flush_upstream; IN/HUP/RDHUP: read_response; ERR: upstream_lost
+              or client_lost
+S_LINGER
+    set by:   linger (send_final; finish_exchange without keep-alive; read_head
+              at the client's FIN with bytes owed)
+    deadline: LINGER_NS, moved on while the client reads
+    expiry:   close
+    epoll:    client OUT while bytes are owed, then IN
+    events:   client any: linger_event (flush, shut, drain, close); ERR: client_lost
+S_CLOSED
+    set by:   close_conn
+    deadline: none (cleared)
+    expiry:   none
+    epoll:    none: both fds are unmapped and retired
+    events:   none
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.errno cimport EAGAIN, EBADF, EINTR, EINVAL, EMFILE, ENFILE, ENOSYS, errno
+from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memmove
+
+from io cimport (
+    CH_DONE, elb_chunked_scan, elb_connect, elb_format_peer, elb_head_end, elb_now_ns,
+    elb_set_reset, elb_socket_error,
+)
+from system cimport (
+    ECONNABORTED, ENOBUFS, ENOMEM, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD,
+    EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, F_SETPIPE_SZ, MSG_DONTWAIT, MSG_NOSIGNAL,
+    MSG_PEEK, O_CLOEXEC, O_NONBLOCK, O_RDONLY, SHUT_WR, SOCK_CLOEXEC, SOCK_NONBLOCK, SPLICE_F_MOVE,
+    SPLICE_F_NONBLOCK, PyErr_CheckSignals, accept4, close, epoll_create1, epoll_ctl, epoll_event,
+    epoll_wait, fcntl, open, pipe2, read, recv, send, shutdown, sockaddr, sockaddr_storage,
+    socklen_t, splice,
+)
+from timers cimport (
+    elb_timer, elb_timers_first, elb_timers_free, elb_timers_init, elb_timers_pop,
+    elb_timers_push,
+)
+from tls cimport (
+    SSL, SSL_free, elb_io_recv, elb_io_send, elb_tls_goodbye, elb_tls_handshake,
+    elb_tls_settle,
+)
+
+import os
+
+from elbasy.verdicts import Forward, Intercept, Reply, Tunnel
+
+include "buffers.pxi"
+include "objects.pxi"
+include "epoll.pxi"
+include "deadlines.pxi"
+include "dispatch.pxi"
+include "accept_head.pxi"
+include "hold.pxi"
+include "intercept.pxi"
+include "upstream_connect.pxi"
+include "tunnel.pxi"
+include "splice.pxi"
+include "upstream_pool.pxi"
+include "forward.pxi"
+include "response.pxi"
+include "replies.pxi"
+include "close.pxi"
+include "stats.pxi"
+
+
+# The loop's constants that Python also knows, as the compiled module has
+# them: tests/test_loop_states.py checks them against elbasy.verdicts,
+# elbasy.config and the state table above.
+STATES = {
+    "S_HEAD": S_HEAD,
+    "S_RESOLVE": S_RESOLVE,
+    "S_CONNECT": S_CONNECT,
+    "S_TUNNEL": S_TUNNEL,
+    "S_FORWARD": S_FORWARD,
+    "S_LINGER": S_LINGER,
+    "S_CLOSED": S_CLOSED,
+    "S_TLS_ACCEPT": S_TLS_ACCEPT,
+    "S_TLS_CONNECT": S_TLS_CONNECT,
+    "S_WAIT": S_WAIT,
+    "S_BODY": S_BODY,
+    "S_BODY_READ": S_BODY_READ,
+    "S_DEPARTING": S_DEPARTING,
+}
+BODY_FRAMINGS = {
+    "BODY_NONE": BODY_NONE,
+    "BODY_LENGTH": BODY_LENGTH,
+    "BODY_CHUNKED": BODY_CHUNKED,
+    "BODY_CLOSE": BODY_CLOSE,
+}
+SPLICE_MODES = {"auto": SPLICE_AUTO, "always": SPLICE_ALWAYS, "never": SPLICE_NEVER}
+
+
+@cython.final
+cdef class Loop:
+    """The epoll loop of one worker. See the module docstring."""
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.listen_fd = -1
+        self.spare_fd = -1
+        self.resolver_fd = -1
+        self.wakeup_fd = -1
+        self.events = NULL
+        self.iobuf = NULL
+        self.retired = NULL
+
+    def __init__(self, policy, resolver, int listen_fd, int wakeup_fd=-1, *,
+                 double head_timeout=10.0, double connect_timeout=10.0,
+                 double idle_timeout=300.0, double keepalive_timeout=60.0,
+                 double response_timeout=60.0, Py_ssize_t max_head_bytes=65536,
+                 int splice=SPLICE_AUTO,  # no-cython-lint (the keyword is public; splice(2) is not)
+                 server_tls=None, client_tls=None):
+        self.policy = policy
+        self.resolver = resolver
+        self.server_tls = server_tls
+        self.client_tls = client_tls
+        self.fdmap = []
+        self.pool = {}
+        self.held = {}
+        self.head_ns = seconds_ns(head_timeout)
+        self.connect_ns = seconds_ns(connect_timeout)
+        self.idle_ns = seconds_ns(idle_timeout)
+        self.keepalive_ns = seconds_ns(keepalive_timeout)
+        self.response_ns = seconds_ns(response_timeout)
+        self.max_head = max_head_bytes
+        self.splice_mode = <SpliceMode>splice
+        self.events = <epoll_event *>malloc(sizeof(epoll_event) * MAX_EVENTS)
+        self.iobuf = <char *>malloc(IO_CHUNK)
+        self.retired_cap = 256
+        self.retired = <int *>malloc(sizeof(int) * self.retired_cap)
+        if (self.events == NULL or self.iobuf == NULL or self.retired == NULL
+                or elb_timers_init(&self.timers, 1024) < 0):
+            raise MemoryError()
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, os.strerror(errno))
+        # One fd held in reserve: when accept4 hits EMFILE, give it up, accept
+        # and close the waiting client, take it back. No busy loop.
+        self.spare_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+        self.listen_fd = listen_fd
+        add_fd(self, listen_fd, EPOLLIN)
+        self.resolver_fd = resolver.fileno()
+        add_fd(self, self.resolver_fd, EPOLLIN)
+        self.wakeup_fd = wakeup_fd
+        if wakeup_fd >= 0:
+            add_fd(self, wakeup_fd, EPOLLIN)
+        self.now = elb_now_ns()
+        self.started_ns = self.now
+
+    def __dealloc__(self):
+        cdef int i
+        if self.epfd >= 0:
+            close(self.epfd)
+        if self.spare_fd >= 0:
+            close(self.spare_fd)
+        for i in range(self.pipes.idle):
+            close(self.pipes.ends[i][0])
+            close(self.pipes.ends[i][1])
+            self.c_pipes_closed += 1
+        close_retired(self)
+        free(self.events)
+        free(self.iobuf)
+        elb_timers_free(&self.timers)
+        free(self.retired)
+
+    def stop(self):
+        """Leave run() at the next wake-up (safe from a signal handler)."""
+        self.stopping = True
+
+    def run(self):
+        """Serve until stop(); then close every connection this loop owns."""
+        cdef int n, i, fd, timeout
+        cdef uint32_t ev
+        cdef object obj
+        while not self.stopping:
+            timeout = next_timeout_ms(self)
+            with nogil:
+                n = epoll_wait(self.epfd, self.events, MAX_EVENTS, timeout)
+            if n < 0:
+                if errno == EINTR:
+                    PyErr_CheckSignals()  # a signal: its handler may have stopped us
+                    continue
+                raise OSError(errno, os.strerror(errno))  # EBADF, EINVAL: a bug, not load
+            self.now = elb_now_ns()
+            for i in range(n):
+                fd = self.events[i].data.fd
+                ev = self.events[i].events
+                if fd == self.listen_fd:
+                    accept_batch(self)
+                elif fd == self.resolver_fd:
+                    resolved_batch(self)
+                elif fd == self.wakeup_fd:
+                    drain_wakeup(self)
+                    PyErr_CheckSignals()
+                elif fd < len(self.fdmap):
+                    obj = self.fdmap[fd]
+                    if obj is None:
+                        continue
+                    if type(obj) is Conn:
+                        guarded_event(self, <Conn>obj, fd, ev)
+                    else:
+                        pool_drop(self, <Pooled>obj)
+            obj = None  # a connection closed in this batch is freed now, not next turn
+            run_timers(self)
+            if self.now >= self.next_sweep:
+                sweep_pool(self)
+                self.next_sweep = self.now + 1000000000
+            close_retired(self)
+        shutdown_all(self)
+        close_retired(self)
+
+    def wake(self, ticket, double when):
+        """Move a held request's departure to ``when`` (monotonic seconds).
+
+        The policy calls it when a line moves (a refund, a client ahead that
+        left, the one ahead that departed). A ticket no longer held (sent,
+        closed) is ignored. It only re-arms a timer: the request leaves from
+        the timer, never from inside the policy call that woke it.
+        """
+        cdef object obj = self.held.get(ticket)
+        cdef Conn c
+        if obj is None:
+            return
+        c = <Conn>obj
+        if c.state != S_WAIT:
+            return
+        arm(self, c, departure_ns(self, when))
+
+    def stats(self):
+        """Counters for /healthz; cheap enough to call per status request."""
+        return loop_stats(self)

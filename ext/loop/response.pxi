@@ -1,0 +1,226 @@
+# The forward exchange, response side: S_FORWARD.
+#
+# read_response reads the upstream and response_step relays: interim and
+# final heads (each shown to the policy's on_response once), then the body
+# by its framing. A response the policy refuses becomes a held retry; the
+# end of the exchange (finish_exchange) pools the upstream when it may and
+# keeps the client for its next request when it may.
+
+
+cdef int read_response(Loop loop, Conn c) except STEP_RAISED:
+    """Read what the upstream sent and relay it: STEP_DONE (or a wait:
+    epoll calls again) or STEP_ENDED when the connection was answered,
+    retried or closed inside."""
+    cdef ExchangeState *ex = &c.exchange
+    cdef ssize_t n
+    cdef int _rounds
+    for _rounds in range(PUMP_ROUNDS):
+        buf_reserve(&ex.uin, IO_CHUNK)
+        n = elb_io_recv(c.ufd, c.tls.ussl, ex.uin.data + ex.uin.end, IO_CHUNK, &c.tls.u_rw)
+        if n < 0:
+            if errno == EINTR:
+                continue  # a signal first: read again
+            if errno == EAGAIN:
+                return STEP_WAIT  # nothing more yet (or TLS wants to write: u_rw)
+            # ECONNRESET, ETIMEDOUT, EPROTO (a TLS alert or garbage)
+            loop.c_upstream_aborts += 1
+            upstream_lost(loop, c)
+            return STEP_ENDED
+        if n == 0:
+            if ex.resp_head_done and ex.resp_framing == BODY_CLOSE:
+                ex.resp_done = True  # a body delimited by the close: complete
+                ex.reuse_upstream = False
+                return STEP_DONE
+            # a FIN before the response was whole
+            loop.c_upstream_aborts += 1
+            upstream_lost(loop, c)
+            return STEP_ENDED
+        ex.uin.end += n
+        if response_step(loop, c) == STEP_ENDED:
+            return STEP_ENDED
+        if ex.resp_done or buf_len(&c.cout) or (n < IO_CHUNK and c.tls.ussl == NULL):
+            # (a TLS read returns one record at most: read on until EAGAIN)
+            return STEP_DONE
+    return STEP_DONE
+
+
+cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
+    """Handle what uin holds: heads (interim and final), then body bytes.
+
+    STEP_DONE, STEP_WAIT (the client's socket is full), or STEP_ENDED.
+    """
+    cdef ExchangeState *ex = &c.exchange
+    cdef long end
+    cdef Py_ssize_t avail, take
+    cdef Py_ssize_t parked = 0  # bytes of a final head parked in this call, not yet sent
+    cdef long got
+    cdef bytes head
+    cdef object plan
+    while not ex.resp_head_done:
+        avail = buf_len(&ex.uin)
+        end = elb_head_end(ex.uin.data + ex.uin.start, avail, 0)
+        if end < 0:
+            if avail > loop.max_head:
+                drop_upstream(loop, c, True)
+                fail(loop, c, 502, "the upstream's response head is too large")
+                return STEP_ENDED
+            return STEP_WAIT  # the rest of the head is still on its way
+        head = PyBytes_FromStringAndSize(ex.uin.data + ex.uin.start, end)
+        buf_consumed(&ex.uin, end)
+        try:
+            plan = loop.policy.on_response(c.ticket, head)
+        except Exception as exc:
+            drop_upstream(loop, c, True)
+            try:
+                data = loop.policy.bad_response(c.ticket, exc)
+            except Exception:
+                data = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
+            send_final(loop, c, data)
+            return STEP_ENDED
+        if plan.retry_at > 0 and not plan.interim:
+            retry_later(loop, c, plan.retry_at)
+            return STEP_ENDED
+        head = plan.head
+        c.bytes_down += PyBytes_GET_SIZE(head)
+        loop.c_bytes_down += PyBytes_GET_SIZE(head)
+        # parked, not sent: the body bytes that came with it leave in the
+        # same send (one segment, one wake-up for the client)
+        buf_append(&c.cout, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
+        if plan.interim:
+            continue
+        parked = PyBytes_GET_SIZE(head)
+        ex.resp_head_done = True
+        ex.status = plan.status
+        ex.resp_framing = plan.body
+        ex.resp_remaining = plan.length
+        ex.resp_chunks.state = 0
+        ex.resp_chunks.remaining = 0
+        ex.keep_client = plan.keep_client
+        ex.reuse_upstream = plan.reuse_upstream
+        ex.capture = plan.capture
+        if ex.resp_framing == BODY_NONE or (
+                ex.resp_framing == BODY_LENGTH and ex.resp_remaining == 0):
+            ex.resp_done = True
+    avail = buf_len(&ex.uin)
+    if ex.resp_done or avail == 0:
+        if ex.resp_done and avail:
+            ex.reuse_upstream = False  # bytes past the response: not trusted
+        return flush_client(loop, c)
+    if ex.resp_framing == BODY_LENGTH:
+        take = avail if <uint64_t>avail < ex.resp_remaining else <Py_ssize_t>ex.resp_remaining
+        ex.resp_remaining -= take
+        if ex.resp_remaining == 0:
+            ex.resp_done = True
+    elif ex.resp_framing == BODY_CHUNKED:
+        got = elb_chunked_scan(&ex.resp_chunks, ex.uin.data + ex.uin.start, avail)
+        if got < 0:
+            loop.c_upstream_aborts += 1
+            drop_upstream(loop, c, True)
+            if parked and buf_len(&c.cout) >= parked:
+                # nothing of this response has reached the client yet: the
+                # head parked above is taken back and the client hears why
+                c.cout.end -= parked
+                fail(loop, c, 502, "the upstream sent a malformed chunked body")
+            else:
+                close_conn(loop, c, False)  # mid-body: a close is all that is left
+            return STEP_ENDED
+        take = got
+        if ex.resp_chunks.state == CH_DONE:
+            ex.resp_done = True
+    else:
+        take = avail
+    if ex.resp_done and take < avail:
+        ex.reuse_upstream = False
+    if ex.capture > buf_len(&ex.captured):
+        buf_append(&ex.captured, ex.uin.data + ex.uin.start,
+                   min(take, ex.capture - buf_len(&ex.captured)))
+    c.bytes_down += take
+    loop.c_bytes_down += take
+    if buf_len(&c.cout):
+        buf_append(&c.cout, ex.uin.data + ex.uin.start, take)
+        ex.uin.start = 0
+        ex.uin.end = 0
+        return flush_client(loop, c)
+    if queue_client(loop, c, ex.uin.data + ex.uin.start, take) == STEP_ENDED:
+        return STEP_ENDED
+    ex.uin.start = 0
+    ex.uin.end = 0
+    return STEP_DONE
+
+
+cdef void forward_expired(Loop loop, Conn c):
+    """The response deadline came: a 504 before the response head, else a close."""
+    loop.c_response_timeouts += 1
+    if not c.exchange.resp_head_done:
+        drop_upstream(loop, c, False)
+        fail(loop, c, 504, "the upstream did not answer in time")
+    else:
+        close_conn(loop, c, False)  # mid-body: a close is all that is left
+
+
+cdef void upstream_lost(Loop loop, Conn c):
+    """The upstream closed or failed mid-exchange."""
+    cdef ExchangeState *ex = &c.exchange
+    cdef object v = c.verdict
+    if (c.state == S_FORWARD and not ex.resp_head_done and buf_len(&ex.uin) == 0
+            and ex.reused and not ex.retried and v.retryable):
+        # A pooled connection the server had closed as we reused it: the
+        # request never reached an application, and it is idempotent with
+        # no body, so one fresh attempt is safe.
+        loop.c_retries += 1
+        ex.retried = True
+        drop_upstream(loop, c, False)
+        buf_free(&ex.uout)
+        c.goal = GOAL_FORWARD
+        start_upstream(loop, c, v.host, v.port)
+        return
+    drop_upstream(loop, c, True)
+    if c.state == S_TLS_CONNECT:
+        fail(loop, c, 502, "the upstream closed the connection during the TLS handshake")
+    elif c.state == S_FORWARD and not ex.resp_head_done:
+        fail(loop, c, 502, "the upstream closed the connection before answering")
+    else:
+        close_conn(loop, c, False)
+
+
+cdef void retry_later(Loop loop, Conn c, double at):
+    """The server refused a request the policy may send again: hold it until `at`.
+
+    The refusal is not read further, so its upstream connection goes.
+    """
+    cdef ExchangeState *ex = &c.exchange
+    loop.c_throttle_retries += 1
+    drop_upstream(loop, c, True)
+    ex.uin.start = 0
+    ex.uin.end = 0
+    buf_free(&ex.uout)
+    hold(loop, c, seconds_ns(at))
+
+
+cdef void finish_exchange(Loop loop, Conn c):
+    cdef ExchangeState *ex = &c.exchange
+    cdef int64_t took = loop.now - c.exchange_started
+    if ex.capture:
+        try:
+            loop.policy.on_response_body(
+                c.ticket, PyBytes_FromStringAndSize(ex.captured.data + ex.captured.start,
+                                                    buf_len(&ex.captured)))
+        except Exception:
+            loop.c_policy_errors += 1
+        buf_free(&ex.captured)
+        ex.capture = 0
+    try:
+        loop.policy.finished(c.ticket, ex.status, c.bytes_up, c.bytes_down, took)
+    except Exception:
+        loop.c_policy_errors += 1
+    if ex.reuse_upstream and ex.req_done and buf_len(&ex.uout) == 0:
+        pool_put(loop, c)
+    else:
+        drop_upstream(loop, c, False)
+    buf_free(&ex.uin)
+    buf_free(&ex.uout)
+    c.ticket = None
+    if ex.keep_client and ex.req_done:
+        back_to_head(loop, c, True)
+    else:
+        linger(loop, c)
