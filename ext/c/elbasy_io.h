@@ -1,7 +1,7 @@
 /* elbasy data plane: small C helpers the Cython loop calls.
  *
  * Everything here is non-blocking, never raises, and reports failure as an
- * errno value so the loop decides what the peer sees (DESIGN §7).
+ * errno value so the loop decides what the peer sees (docs/design.md §7).
  */
 #ifndef ELBASY_IO_H
 #define ELBASY_IO_H
