@@ -38,11 +38,28 @@ Safety: a bucket keeps ``headroom`` units free (two by default, more when
 ``jitter`` seconds of its rate are more: one absorbs the server's rounding,
 the other outside traffic that arrives between two of its answers) and runs
 at ``1 - margin`` of its rate. Windows count exactly and use the guard above.
+
+Arrival order across workers. A bucket also counts the units ever queued
+(``enq``) and ever out of the queue, sent or given back (``deq``); a
+reservation keeps its position (``enq`` before its own units). When it heads
+its line it stands behind the units still ahead of it,
+``max(0, min(pos - deq, queued - own))``: nothing in one process (the head of
+a line has everything before it gone), and the ones of other workers that
+came first when several workers share the bucket (``elbasy.shm``).
+
+Bounds every store keeps (so the shared-memory store gives the same results
+on the same inputs): a window limit holds the counts of at most
+:data:`WINDOW_SLOTS` windows (or sub-windows) at once, a window ``j`` in
+place ``j mod WINDOW_SLOTS``. A booking whose window cannot take a place (one
+:data:`WINDOW_SLOTS` windows apart still counts) is skipped, and a search
+that visits :data:`WINDOW_SLOTS` windows without finding room sheds the
+request (Retry-After: the first window it did not look at).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,6 +70,19 @@ from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit, ServerView
 _ROUNDS = 32
 #: a reservation this close to a time counts as at it (float noise)
 _EPS = 1e-9
+#: windows (or sub-windows) a window limit counts at once: Etsy's day of twelve
+#: two-hour blocks and one booking a day ahead; a fixed window of 1 s can book
+#: 12 s ahead. The shared-memory table holds exactly this many (ext/c/elbasy_shm.h).
+WINDOW_SLOTS = 13
+#: facts (learned hints) a LocalStore keeps, least recently used dropped first
+FACTS = 4096
+
+
+class StoreFull(RuntimeError):
+    """The store has no room for a new bucket: every one it holds is in use.
+
+    Only a fixed-capacity store raises it (``elbasy.shm``); the policy answers 503.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +113,8 @@ class Reservation:
     # (a tuple: a queued request is kept by the hundred thousand, and rebuilt
     # only when a window booking moves)
     slots: tuple[float, ...] = ()
+    # per limit: bucket: its place in line (the units queued before it); else 0
+    positions: tuple[float, ...] = ()
     sent: bool = False
     returned: bool = False  # its place was given back (the client left)
 
@@ -128,6 +160,21 @@ class QuotaStore(Protocol):
 
     def settle(self, r: Reservation, actual: float | Sequence[float], now: float) -> None: ...
 
+    def fact(self, name: str) -> tuple[float, float] | None: ...
+
+    def put_fact(self, name: str, a: float, b: float) -> bool: ...
+
+    @property
+    def facts_generation(self) -> int: ...
+
+    def fileno(self) -> int: ...
+
+    def moved(self) -> list[str]: ...
+
+
+#: what :meth:`QuotaStore.moved` returns when it lost track: re-check every line
+EVERY_LINE = "*"
+
 
 # --------------------------------------------------------------------------- per-limit state
 
@@ -135,10 +182,22 @@ class QuotaStore(Protocol):
 class _State:
     """The clocks of one (account, limit)."""
 
-    __slots__ = ("queued", "sent", "interval", "blocked", "reserved", "departed", "extra")
+    __slots__ = (
+        "queued",
+        "sent",
+        "interval",
+        "blocked",
+        "enq",
+        "deq",
+        "reserved",
+        "departed",
+        "extra",
+    )
 
     def __init__(self) -> None:
         self.queued = 0.0  # bucket: units in line, not sent yet
+        self.enq = 0.0  # bucket: units ever queued
+        self.deq = 0.0  # bucket: units ever out of the queue (sent or given back)
         self.sent = 0.0  # bucket: sent clock (with the server's view)
         self.interval = 0.0  # bucket: seconds per unit the clocks were kept in
         self.blocked = 0.0  # nothing departs before this (after a 429)
@@ -179,6 +238,60 @@ def _period(limit: Limit) -> float:
     return limit.window / (limit.sub_buckets if limit.kind == ROLLING else 1)
 
 
+def _span(limit: Limit) -> int:
+    """Slots one window sums: the sub-windows of a rolling limit, else 1."""
+    return limit.sub_buckets if limit.kind == ROLLING else 1
+
+
+def _claim(st: _State, limit: Limit, s: int, now: float) -> bool:
+    """May window ``s`` hold counts (its place ``s mod WINDOW_SLOTS`` is its own or
+    free)? When it may, whatever else had the place (gone, or empty) is dropped."""
+    if not _claimable(st, limit, s, now):
+        return False
+    for counts in (st.reserved, st.departed, st.extra):
+        for j in [j for j in counts if j != s and (j - s) % WINDOW_SLOTS == 0]:
+            del counts[j]
+    return True
+
+
+def _claimable(st: _State, limit: Limit, s: int, now: float) -> bool:
+    """Could window ``s`` hold counts now (see :func:`_claim`)? Changes nothing."""
+    oldest = math.floor(now / _period(limit) + _EPS) - _span(limit) + 1
+    for counts in (st.reserved, st.departed, st.extra):
+        for j in counts:
+            if (
+                j != s
+                and (j - s) % WINDOW_SLOTS == 0
+                and j >= oldest
+                and (
+                    st.reserved.get(j, 0.0) > 0
+                    or st.departed.get(j, 0.0) > 0
+                    or st.extra.get(j, 0.0) > 0
+                )
+            ):
+                return False
+    return True
+
+
+def _ahead(st: _State, units: float, pos: float) -> float:
+    """Units still queued before a reservation at ``pos`` (never more than are queued)."""
+    return max(0.0, min(pos - st.deq, st.queued - units))
+
+
+def derived(limit: Limit, safety: Safety) -> tuple[float, float, float, float, float]:
+    """What a store's arithmetic uses of a limit: (interval, room, quota, period, guard).
+
+    The one place these numbers are made, for every store.
+    """
+    if limit.kind == BUCKET:
+        interval = 1.0 / (limit.rate * (1.0 - safety.margin))
+        headroom = max(safety.headroom, math.ceil(limit.rate * safety.jitter - _EPS))
+        return interval, max(1.0, limit.capacity - headroom), limit.capacity, 0.0, 0.0
+    period = _period(limit)
+    guard = safety.guard if limit.kind == WINDOW and safety.guard < period else 0.0
+    return 0.0, 0.0, limit.capacity, period, guard
+
+
 #: the per-limit cost tuples made so far: a queued request keeps one, and most
 #: share a handful of values (1 for every REST request), so they are made once
 _COSTS: dict[tuple[float, ...], tuple[float, ...]] = {}
@@ -207,6 +320,8 @@ class LocalStore:
         self.safety = safety or Safety()
         self._states: dict[tuple[str, str], _State] = {}
         self.returned = 0  # places in line given back (their clients left)
+        self._facts: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self.facts_generation = 0  # moves whenever a fact changes
 
     # ------------------------------------------------------------------ arithmetic
 
@@ -249,31 +364,33 @@ class LocalStore:
         return max(t, clock + (cost - self._room(limit)) * interval)
 
     def _window_earliest(
-        self, limit: Limit, cost: float, t: float, counts: dict[int, float]
-    ) -> float:
-        """Earliest time >= t when ``cost`` more units fit (window or rolling).
+        self, st: _State, limit: Limit, cost: float, t: float, now: float, counts: dict[int, float]
+    ) -> tuple[float, bool]:
+        """Earliest time >= t when ``cost`` more units fit (window or rolling): (time, found).
 
         For a rolling limit the units must fit in every rolling window that
-        will hold their slot, so bookings further ahead count too.
+        will hold their slot, so bookings further ahead count too. At most
+        :data:`WINDOW_SLOTS` windows are visited; found is False when none
+        took the units, and the time is the first window not visited.
         """
         period = _period(limit)
         room = self._quota(limit) - min(cost, self._quota(limit))
-        span = limit.sub_buckets if limit.kind == ROLLING else 1
+        span = _span(limit)
         guard = self.safety.guard if limit.kind == WINDOW and self.safety.guard < period else 0.0
         last = max(counts, default=0)
-        for _ in range(100_000):
+        for _ in range(WINDOW_SLOTS):
             i = math.floor(t / period + _EPS)
             if guard and t > (i + 1) * period - guard:
                 t = (i + 1) * period
                 continue
             ends = range(i, max(i, min(last, i + span - 1)) + 1)
-            if all(
+            if _claimable(st, limit, i, now) and all(
                 sum(counts.get(j, 0.0) for j in range(k - span + 1, k + 1)) <= room + _EPS
                 for k in ends
             ):
-                return t
+                return t, True
             t = (i + 1) * period
-        raise RuntimeError(f"limit {limit.name}: no room found")  # pragma: no cover
+        return t, False
 
     def _in_line(self, st: _State, now: float) -> float:
         """A bucket's reservation clock: the sent clock with the queue behind it."""
@@ -285,31 +402,42 @@ class LocalStore:
         limits: Sequence[Limit],
         costs: Sequence[float],
         now: float,
-        behind_queue: bool,
-    ) -> tuple[float, str]:
-        """The earliest time every limit takes its cost: (time, limit that set it).
+        behind: Reservation | None,
+    ) -> tuple[float, str, bool]:
+        """The earliest time every limit takes its cost: (time, limit that set it, found).
 
-        ``behind_queue``: after everything already in line (a newcomer's
-        estimate), else on what has been sent alone (the head of a line).
+        ``behind`` None: after everything already in line (a newcomer's
+        estimate); else for that reservation at the head of its line: on what
+        has been sent, and the units still ahead of its position. found is
+        False when a window limit has no place for it (the time is then when
+        to ask again).
         """
         t = now
         which = limits[0].name if limits else ""
         for _ in range(_ROUNDS):
             moved = False
-            for key, limit, cost in zip(keys, limits, costs, strict=True):
+            for k, (key, limit, cost) in enumerate(zip(keys, limits, costs, strict=True)):
                 st = self._state(key, limit, now)
                 start = max(t, st.blocked)
                 if limit.kind == BUCKET:
-                    clock = self._in_line(st, now) if behind_queue else st.sent
+                    if behind is None:
+                        clock = self._in_line(st, now)
+                    elif behind.positions:
+                        ahead = _ahead(st, behind.slots[k], behind.positions[k])
+                        clock = max(st.sent, now) + ahead * st.interval
+                    else:
+                        clock = st.sent
                     e = self._bucket_earliest(limit, clock, cost, start)
                 else:
-                    counts = st.booked() if behind_queue else st.seen()
-                    e = self._window_earliest(limit, cost, start, counts)
+                    counts = st.booked() if behind is None else st.seen()
+                    e, found = self._window_earliest(st, limit, cost, start, now, counts)
+                    if not found:
+                        return e, limit.name, False
                 if e > t + _EPS:
                     t, which, moved = e, limit.name, True
             if not moved:
-                return t, which
-        return t, which  # pragma: no cover - limits that never agree
+                return t, which, True
+        return t, which, True  # pragma: no cover - limits that never agree
 
     # ------------------------------------------------------------------ the interface
 
@@ -329,29 +457,35 @@ class LocalStore:
         is :meth:`earliest` once it heads its line, made so by :meth:`confirm`.
         """
         costs = _per_limit(cost, limits)
-        depart, which = self._earliest(keys, limits, costs, now, behind_queue=True)
-        if depart - now > max_wait + _EPS:
+        depart, which, found = self._earliest(keys, limits, costs, now, None)
+        if not found or depart - now > max_wait + _EPS:
             return Shed(depart - now, which)
         slots: list[float] = []
+        positions: list[float] = []
         for key, limit, c in zip(keys, limits, costs, strict=True):
             st = self._state(key, limit, now)
             if limit.kind == BUCKET:
                 units = min(c, self._room(limit))
+                positions.append(st.enq)
+                st.enq += units
                 st.queued += units
                 slots.append(units)
             else:
                 i = math.floor(depart / _period(limit) + _EPS)
-                st.reserved[i] = st.reserved.get(i, 0.0) + c
+                if _claim(st, limit, i, now):
+                    st.reserved[i] = st.reserved.get(i, 0.0) + c
                 slots.append(float(i))
-                self._forget_old(st, limit, now)
-        return Reservation(tuple(keys), tuple(limits), costs, depart, tuple(slots))
+                positions.append(0.0)
+        return Reservation(
+            tuple(keys), tuple(limits), costs, depart, tuple(slots), tuple(positions)
+        )
 
     def earliest(self, r: Reservation, now: float) -> float:
         """When a request heading its line may leave: as soon as what has been
         sent (and what the server reported) leaves room for it; ``now`` at once."""
         if r.sent:
             return now
-        return self._earliest(r.keys, r.limits, r.costs, now, behind_queue=False)[0]
+        return self._earliest(r.keys, r.limits, r.costs, now, r)[0]
 
     def confirm(self, r: Reservation, now: float) -> float | None:
         """At departure: None to send now, or the later time the server's view asks for.
@@ -370,9 +504,12 @@ class LocalStore:
             if limit.kind == BUCKET:
                 units = r.slots[k]
                 st.queued = max(0.0, st.queued - units)
+                st.deq += units
                 st.sent = max(st.sent, now) + units * self._interval(limit)
             else:
                 i = math.floor(now / _period(limit) + _EPS)
+                if not _claim(st, limit, i, now):
+                    continue  # cannot happen: earliest() found it a place
                 st.departed[i] = st.departed.get(i, 0.0) + c
                 booked = int(r.slots[k])
                 if booked != i:
@@ -426,7 +563,7 @@ class LocalStore:
                     span = range(i - (limit.sub_buckets if limit.kind == ROLLING else 1) + 1, i + 1)
                     seen = st.seen()
                     ours = sum(seen.get(j, 0.0) for j in span)
-                    if used > ours + _EPS:
+                    if used > ours + _EPS and _claim(st, limit, i, now):
                         st.extra[i] = st.extra.get(i, 0.0) + (used - ours)
             if view.remaining is not None and view.remaining <= 0 and view.reset_after:
                 st.blocked = max(st.blocked, now + view.reset_after)
@@ -454,7 +591,7 @@ class LocalStore:
             elif limit.kind == WINDOW:
                 i = math.floor(now / _period(limit) + _EPS)
                 seen = st.seen().get(i, 0.0)
-                if seen < limit.capacity:
+                if seen < limit.capacity and _claim(st, limit, i, now):
                     st.extra[i] = st.extra.get(i, 0.0) + (limit.capacity - seen)
         return until
 
@@ -471,6 +608,7 @@ class LocalStore:
             st = self._state(r.keys[k], limit, now)
             if limit.kind == BUCKET:
                 st.queued = max(0.0, st.queued - r.slots[k])
+                st.deq += r.slots[k]
             else:
                 _take(st.reserved, int(r.slots[k]), r.costs[k])
         r.returned = True
@@ -497,18 +635,37 @@ class LocalStore:
             st = self._state(r.keys[k], limit, now)
             st.sent = max(now, st.sent - refund * self._interval(limit))
 
-    # ------------------------------------------------------------------ housekeeping
+    # ------------------------------------------------------------------ facts, the line
 
-    def _forget_old(self, st: _State, limit: Limit, now: float) -> None:
-        """Drop window counts that can no longer matter (bounded memory)."""
-        if len(st.reserved) + len(st.departed) + len(st.extra) < 64:
-            return
-        period = _period(limit)
-        span = limit.sub_buckets if limit.kind == ROLLING else 1
-        oldest = math.floor(now / period + _EPS) - span + 1
-        for counts in (st.reserved, st.departed, st.extra):
-            for j in [j for j in counts if j < oldest]:
-                del counts[j]
+    def fact(self, name: str) -> tuple[float, float] | None:
+        """A learned fact (a plan's capacity and rate, a query shape's cost), or None."""
+        got = self._facts.get(name)
+        if got is not None:
+            self._facts.move_to_end(name)
+        return got
+
+    def put_fact(self, name: str, a: float, b: float) -> bool:
+        """Keep a fact; True when it changed what was kept (and the generation moved)."""
+        value = (float(a), float(b))
+        if self._facts.get(name) == value:
+            self._facts.move_to_end(name)
+            return False
+        self._facts[name] = value
+        self._facts.move_to_end(name)
+        if len(self._facts) > FACTS:
+            self._facts.popitem(last=False)
+        self.facts_generation += 1
+        return True
+
+    def fileno(self) -> int:
+        """No other worker moves this store's lines: nothing to wait on."""
+        return -1
+
+    def moved(self) -> list[str]:
+        """Buckets other workers moved: none, in one process."""
+        return []
+
+    # ------------------------------------------------------------------ housekeeping
 
     def buckets(self) -> int:
         """How many (bucket key, limit) states are kept."""
