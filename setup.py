@@ -1,6 +1,8 @@
 """Build elbasy's compiled parts: the Cython epoll loop in ext/loop/ becomes
 elbasy._loop, the header-line reader elbasy._heads, elbasy._timers (the loop's
-timer heap as a Python object, for tests and bench/), and the cffi OpenSSL
+timer heap as a Python object, for tests and bench/), elbasy._shm (the
+shared-memory quota table of ext/c/elbasy_shm.h, for the workers of
+--workers N), and the cffi OpenSSL
 binding (ext/tls_build.py, its C in ext/c/elbasy_tls_binding.c) becomes
 elbasy._tls (the SSL_CTX and SSL* objects of TLS interception, which the loop
 then drives).
@@ -51,6 +53,16 @@ extensions = [
         include_dirs=["ext/c"],
         depends=["ext/c/elbasy_timers.h", "ext/includes/timers.pxd"],
         extra_compile_args=optimize + WARNINGS,
+    ),
+    Extension(
+        "elbasy._shm",
+        sources=["ext/shm.pyx"],
+        include_dirs=["ext/c"],
+        depends=["ext/c/elbasy_shm.h", "ext/includes/shm.pxd"],
+        # the same floating-point results as elbasy/quota.py's LocalStore: no
+        # fused multiply-add where Python rounds twice
+        extra_compile_args=optimize + ["-ffp-contract=off"] + WARNINGS,
+        libraries=["pthread"],
     ),
     Extension(
         "elbasy._heads",

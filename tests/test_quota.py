@@ -2,6 +2,11 @@
 
 Where docs/api-limits.md part 4 has worked vectors, the store with every safety
 setting at zero must give exactly the departures the mock server accepts.
+
+A contract suite: every store test runs on each store (the ``store`` fixture,
+and ``make_store`` for other safety settings), the process-local LocalStore
+and the shared-memory ShmStore, which must give the same results on the same
+inputs; ``test_stores_agree_on_random_steps`` checks that step by step.
 """
 
 from __future__ import annotations
@@ -9,13 +14,25 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from elbasy._shm import ShmTable
 from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit
 from elbasy.pacing import Pacer
-from elbasy.quota import LocalStore, Reservation, Safety, ServerView, Shed
+from elbasy.quota import (
+    LocalStore,
+    QuotaStore,
+    Reservation,
+    Safety,
+    ServerView,
+    Shed,
+    StoreFull,
+)
 from elbasy.rules import RuleSet
+from elbasy.shm import ShmStore
 
 EXACT = Safety(margin=0.0, headroom=0.0, jitter=0.0, guard=0.0)
 SHOPIFY = Limit("shopify-rest", BUCKET, capacity=40, rate=2)
@@ -24,7 +41,32 @@ ETSY_QPS = Limit("etsy-qps", WINDOW, capacity=10, window=1)
 ETSY_QPD = Limit("etsy-qpd", ROLLING, capacity=30, window=86400, sub_buckets=12)
 
 
-def go(store: LocalStore, r: Reservation | Shed) -> Reservation:
+MakeStore = Callable[[Safety], QuotaStore]
+
+
+@pytest.fixture(params=["local", "shm"])
+def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
+    """A maker of stores of one kind: LocalStore, or ShmStore on a fresh table."""
+    tables: list[ShmTable] = []
+
+    def make(safety: Safety) -> QuotaStore:
+        if request.param == "local":
+            return LocalStore(safety)
+        tables.append(ShmTable(4096))
+        return ShmStore(tables[-1], 0, safety)
+
+    yield make
+    for table in tables:
+        table.close()
+
+
+@pytest.fixture
+def store(make_store: MakeStore) -> QuotaStore:
+    """A store with every safety setting at zero, of each kind in turn."""
+    return make_store(EXACT)
+
+
+def go(store: QuotaStore, r: Reservation | Shed) -> Reservation:
     """Confirm a reservation at its departure (it must be clear to go)."""
     assert isinstance(r, Reservation), r
     assert store.confirm(r, r.depart) is None
@@ -49,16 +91,15 @@ class ShopifyMock:
 # --------------------------------------------------------------------------- buckets
 
 
-def test_forty_at_once_then_one_per_half_second() -> None:
-    store = LocalStore(EXACT)
+def test_forty_at_once_then_one_per_half_second(store: QuotaStore) -> None:
     departs = [go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)).depart for _ in range(43)]
     assert departs[:40] == [0.0] * 40  # the bucket's 40 marbles, at once
     assert departs[40:] == pytest.approx([0.5, 1.0, 1.5])  # then its leak rate
 
 
-def test_departures_never_overfill_the_mocks_bucket() -> None:
+def test_departures_never_overfill_the_mocks_bucket(make_store: MakeStore) -> None:
     rnd = random.Random(7)
-    store, mock = LocalStore(EXACT), ShopifyMock(40, 2)
+    store, mock = make_store(EXACT), ShopifyMock(40, 2)
     now, departs = 0.0, []
     for _ in range(500):
         now += rnd.expovariate(4.0)  # demand twice the rate
@@ -70,8 +111,8 @@ def test_departures_never_overfill_the_mocks_bucket() -> None:
     assert departs[-1] == pytest.approx(departs[0] + (500 - 40) / 2, abs=1.0)
 
 
-def test_safety_keeps_headroom_and_runs_below_the_rate() -> None:
-    store = LocalStore(Safety(margin=0.02, headroom=1, jitter=0.05))
+def test_safety_keeps_headroom_and_runs_below_the_rate(make_store: MakeStore) -> None:
+    store = make_store(Safety(margin=0.02, headroom=1, jitter=0.05))
     departs = [go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 600)).depart for _ in range(60)]
     assert departs[:39] == [0.0] * 39  # one marble kept free
     assert departs[39] == pytest.approx(1 / (2 * 0.98))
@@ -80,17 +121,15 @@ def test_safety_keeps_headroom_and_runs_below_the_rate() -> None:
     assert plus.count(0.0) == 399
 
 
-def test_plan_learned_mid_way_changes_the_interval() -> None:
-    store = LocalStore(EXACT)
+def test_plan_learned_mid_way_changes_the_interval(store: QuotaStore) -> None:
     for _ in range(40):
         go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
     r = store.reserve(["a"], [PLUS], 1, 0.0, 60)  # the header said /400
     assert isinstance(r, Reservation) and r.depart == 0.0
 
 
-def test_server_view_pushes_the_sent_clock_and_confirm_waits_again() -> None:
+def test_server_view_pushes_the_sent_clock_and_confirm_waits_again(store: QuotaStore) -> None:
     """Outside traffic reported by the server makes a queued request wait at departure."""
-    store = LocalStore(EXACT)
     r = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)
     assert isinstance(r, Reservation) and r.depart == 0.0
     # before it leaves, a response says the bucket is full (another app filled it)
@@ -103,8 +142,7 @@ def test_server_view_pushes_the_sent_clock_and_confirm_waits_again() -> None:
     assert isinstance(r2, Reservation) and r2.depart == pytest.approx(1.0)
 
 
-def test_server_view_is_merged_pessimistically() -> None:
-    store = LocalStore(EXACT)
+def test_server_view_is_merged_pessimistically(store: QuotaStore) -> None:
     for _ in range(30):
         go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
     # a stale, lower report does not make room
@@ -113,9 +151,9 @@ def test_server_view_is_merged_pessimistically() -> None:
     assert departs[:10] == [0.0] * 10 and departs[10] == pytest.approx(0.5)
 
 
-def test_docs_example_level_39_then_ten_seconds() -> None:
+def test_docs_example_level_39_then_ten_seconds(make_store: MakeStore) -> None:
     """39/40, ten seconds later 19/40: the next request goes at once (and reads 20/40)."""
-    store, mock = LocalStore(EXACT), ShopifyMock(40, 2)
+    store, mock = make_store(EXACT), ShopifyMock(40, 2)
     for _ in range(39):
         assert mock.arrive(go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)).depart)
     r = go(store, store.reserve(["a"], [SHOPIFY], 1, 10.0, 60))
@@ -126,8 +164,7 @@ def test_docs_example_level_39_then_ten_seconds() -> None:
     assert departs[:20] == [10.0] * 20 and departs[20] == pytest.approx(10.5)
 
 
-def test_throttled_holds_past_retry_after_and_marks_the_bucket_full() -> None:
-    store = LocalStore(EXACT)
+def test_throttled_holds_past_retry_after_and_marks_the_bucket_full(store: QuotaStore) -> None:
     until = store.throttled(["a"], [SHOPIFY], 5.0, 2.0)
     assert until == 7.0
     r = store.reserve(["a"], [SHOPIFY], 1, 5.0, 60)
@@ -136,8 +173,7 @@ def test_throttled_holds_past_retry_after_and_marks_the_bucket_full() -> None:
     assert r.depart == pytest.approx(7.0)
 
 
-def test_max_wait_sheds_with_an_honest_retry_after() -> None:
-    store = LocalStore(EXACT)
+def test_max_wait_sheds_with_an_honest_retry_after(store: QuotaStore) -> None:
     for _ in range(40):
         go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
     shed = store.reserve(["a"], [SHOPIFY], 1, 0.0, 0.25)
@@ -148,9 +184,8 @@ def test_max_wait_sheds_with_an_honest_retry_after() -> None:
     assert isinstance(r, Reservation) and r.depart == pytest.approx(0.5)
 
 
-def test_a_place_given_back_moves_everyone_behind_it() -> None:
+def test_a_place_given_back_moves_everyone_behind_it(store: QuotaStore) -> None:
     """Whoever leaves the line, first, middle or last, is as if it had never come."""
-    store = LocalStore(EXACT)
     for _ in range(40):
         go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
     r1 = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)  # would leave at 0.5
@@ -171,9 +206,8 @@ def test_a_place_given_back_moves_everyone_behind_it() -> None:
     assert store.returned == 2
 
 
-def test_thirty_places_given_back_cost_the_next_request_nothing() -> None:
+def test_thirty_places_given_back_cost_the_next_request_nothing(store: QuotaStore) -> None:
     """30 held requests whose clients leave: the next departs as if they never came."""
-    store = LocalStore(EXACT)
     for _ in range(40):
         go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
     held = [store.reserve(["a"], [SHOPIFY], 1, 0.0, 60) for _ in range(30)]
@@ -185,9 +219,8 @@ def test_thirty_places_given_back_cost_the_next_request_nothing() -> None:
     assert store.earliest(r, 0.2) == pytest.approx(0.5)
 
 
-def test_graphql_refund_gives_the_points_back() -> None:
+def test_graphql_refund_gives_the_points_back(store: QuotaStore) -> None:
     gql = Limit("shopify-gql", BUCKET, capacity=1000, rate=50, unit="points")
-    store = LocalStore(EXACT)
     r = go(store, store.reserve(["a"], [gql], 800, 0.0, 60))
     r2 = store.reserve(["a"], [gql], 800, 0.0, 60)  # queued: 600 must leak first
     assert isinstance(r2, Reservation) and r2.depart == pytest.approx(12.0)
@@ -202,9 +235,8 @@ def test_graphql_refund_gives_the_points_back() -> None:
     assert store.earliest(r3, 1.0) == pytest.approx(2.0)
 
 
-def test_a_refund_before_the_request_left_changes_nothing() -> None:
+def test_a_refund_before_the_request_left_changes_nothing(store: QuotaStore) -> None:
     gql = Limit("shopify-gql", BUCKET, capacity=1000, rate=50, unit="points")
-    store = LocalStore(EXACT)
     go(store, store.reserve(["a"], [gql], 800, 0.0, 60))
     r = store.reserve(["a"], [gql], 800, 0.0, 60)
     assert isinstance(r, Reservation)
@@ -212,11 +244,10 @@ def test_a_refund_before_the_request_left_changes_nothing() -> None:
     assert store.earliest(r, 1.0) == pytest.approx(12.0)
 
 
-def test_per_limit_costs() -> None:
+def test_per_limit_costs(store: QuotaStore) -> None:
     """A limit that counts requests takes its own cost; a refund leaves it alone."""
     points = Limit("points", BUCKET, capacity=100, rate=10, unit="points")
     calls = Limit("calls", BUCKET, capacity=3, rate=1)
-    store = LocalStore(EXACT)
     for _ in range(3):
         r = go(store, store.reserve(["a", "b"], [points, calls], [20, 1], 0.0, 60))
     store.settle(r, 5, 0.0)  # 15 points back, the call stays counted
@@ -229,9 +260,8 @@ def test_per_limit_costs() -> None:
 # --------------------------------------------------------------------------- Etsy's windows
 
 
-def test_etsy_vectors_qps_then_qpd() -> None:
+def test_etsy_vectors_qps_then_qpd(store: QuotaStore) -> None:
     """docs/api-limits.md 4.2, vectors 1-4 (qps=10, qpd=30, 12 sub-buckets of 2 h)."""
-    store = LocalStore(EXACT)
     limits = [ETSY_QPS, ETSY_QPD]
     keys = ["k", "k"]
 
@@ -252,14 +282,13 @@ def test_etsy_vectors_qps_then_qpd() -> None:
     assert shed.retry_after == pytest.approx(86400.0 - 103.0)
 
 
-def test_window_guard_keeps_departures_off_the_boundary() -> None:
-    store = LocalStore(Safety(margin=0.0, headroom=0, jitter=0, guard=0.02))
+def test_window_guard_keeps_departures_off_the_boundary(make_store: MakeStore) -> None:
+    store = make_store(Safety(margin=0.0, headroom=0, jitter=0, guard=0.02))
     r = store.reserve(["k"], [ETSY_QPS], 1, 100.99, 60)
     assert isinstance(r, Reservation) and r.depart == 101.0
 
 
-def test_window_server_view_counts_outside_traffic() -> None:
-    store = LocalStore(EXACT)
+def test_window_server_view_counts_outside_traffic(store: QuotaStore) -> None:
     go(store, store.reserve(["k"], [ETSY_QPS], 1, 5.1, 60))
     # the server says 3 remain this second: 6 came from elsewhere
     store.observe(["k"], [ETSY_QPS], [ServerView("etsy-qps", remaining=3, capacity=10)], 5.2)
@@ -267,8 +296,7 @@ def test_window_server_view_counts_outside_traffic() -> None:
     assert departs == [5.2, 5.2, 5.2, 6.0]
 
 
-def test_rolling_give_back_frees_the_day() -> None:
-    store = LocalStore(EXACT)
+def test_rolling_give_back_frees_the_day(store: QuotaStore) -> None:
     rs = [store.reserve(["k"], [ETSY_QPD], 1, 0.0, 1e6) for _ in range(30)]
     assert all(isinstance(r, Reservation) and r.depart == 0.0 for r in rs)
     assert store.give_back(rs[-1], 0.0) is True  # type: ignore[arg-type]
@@ -276,9 +304,8 @@ def test_rolling_give_back_frees_the_day() -> None:
     assert isinstance(r, Reservation) and r.depart == 0.0
 
 
-def test_all_or_none_across_limits() -> None:
+def test_all_or_none_across_limits(store: QuotaStore) -> None:
     """A request blocked by one limit takes nothing from the others."""
-    store = LocalStore(EXACT)
     for _ in range(30):
         go(store, store.reserve(["k"], [ETSY_QPD], 1, 0.0, 1e6))
     shed = store.reserve(["k", "k"], [ETSY_QPS, ETSY_QPD], 1, 0.0, 10)
@@ -287,8 +314,7 @@ def test_all_or_none_across_limits() -> None:
     assert isinstance(r, Reservation) and r.depart == 0.0  # the second's 10 are untouched
 
 
-def test_accounts_are_independent() -> None:
-    store = LocalStore(EXACT)
+def test_accounts_are_independent(store: QuotaStore) -> None:
     for _ in range(40):
         go(store, store.reserve(["shop1|app"], [SHOPIFY], 1, 0.0, 60))
     r = store.reserve(["shop2|app"], [SHOPIFY], 1, 0.0, 60)
@@ -304,9 +330,9 @@ def test_limits_validate() -> None:
         Safety(margin=1.0)
 
 
-def test_a_rounded_up_count_costs_nothing_and_overfills_nothing() -> None:
+def test_a_rounded_up_count_costs_nothing_and_overfills_nothing(make_store: MakeStore) -> None:
     """Shopify's count is its continuous level rounded up: one unit of headroom absorbs it."""
-    store, mock = LocalStore(Safety(margin=0.0, headroom=1, jitter=0)), ShopifyMock(40, 2)
+    store, mock = make_store(Safety(margin=0.0, headroom=1, jitter=0)), ShopifyMock(40, 2)
     # another app put 10.3 marbles' worth in; a response shows ceil(level) = 11 after ours
     mock.level = 10.3
     r = go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
@@ -322,13 +348,15 @@ def test_a_rounded_up_count_costs_nothing_and_overfills_nothing() -> None:
 # --------------------------------------------------------------------------- the pacer's order
 
 
-def test_graphql_refund_already_in_the_servers_view_is_not_given_back_twice() -> None:
+def test_graphql_refund_already_in_the_servers_view_is_not_given_back_twice(
+    make_store: MakeStore,
+) -> None:
     """Shopify refunds (requested - actual) before it reports currentlyAvailable, so the
     view holds the refund: the pacer gives it back once, and outside traffic in the view
     still counts."""
     now = {"t": 1_800_000_000.0}
     pacer = Pacer(
-        RuleSet.builtin(), LocalStore(EXACT), wall=lambda: now["t"], mono=lambda: now["t"]
+        RuleSet.builtin(), make_store(EXACT), wall=lambda: now["t"], mono=lambda: now["t"]
     )
     headers = [(b"X-Shopify-Access-Token", b"tok")]
     body = b'{"query": "{ products(first: 250) { edges { node { id } } } }"}'
@@ -366,3 +394,168 @@ def test_graphql_refund_already_in_the_servers_view_is_not_given_back_twice() ->
     # had the refund been given twice it would have fit at once
     assert departs[:4] == [0.0] * 4
     assert departs[4] - now["t"] == pytest.approx((251 + 2 - (1100 - 4 * 251)) / 99, abs=0.05)
+
+
+# --------------------------------------------------------------------------- new in the contract
+
+
+def test_a_later_arrival_heading_its_line_stands_behind_the_earlier_ones(
+    store: QuotaStore,
+) -> None:
+    """Positions: a reservation asked for while others before it still wait stands
+    behind their units (two workers' lines on one bucket)."""
+    for _ in range(40):
+        go(store, store.reserve(["a"], [SHOPIFY], 1, 0.0, 60))
+    r1 = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)
+    r2 = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)
+    assert isinstance(r1, Reservation) and isinstance(r2, Reservation)
+    assert r1.positions == (40.0,) and r2.positions == (41.0,)
+    assert store.earliest(r1, 0.0) == pytest.approx(0.5)
+    assert store.earliest(r2, 0.0) == pytest.approx(1.0)  # behind r1, not at 0.5 beside it
+    assert store.confirm(r2, 0.5) == pytest.approx(1.0)
+    assert store.give_back(r1, 0.5)
+    assert store.earliest(r2, 0.5) == pytest.approx(0.5)  # r1 left: r2 heads the bucket
+
+
+def test_a_window_books_at_most_window_slots_ahead(store: QuotaStore) -> None:
+    """Thirteen windows of ten: the 131st request has no place and is shed, its
+    Retry-After the first window not looked at."""
+    departs = [
+        go(store, store.reserve(["k"], [ETSY_QPS], 1, 100.0, 1e6)).depart for _ in range(130)
+    ]
+    assert departs[-1] == 112.0 and departs.count(112.0) == 10
+    shed = store.reserve(["k"], [ETSY_QPS], 1, 100.0, 1e6)
+    assert isinstance(shed, Shed) and shed.limit == "etsy-qps"
+    assert shed.retry_after == pytest.approx(13.0)
+    # a second later the first window is gone and its place is free again
+    r = store.reserve(["k"], [ETSY_QPS], 1, 101.0, 1e6)
+    assert isinstance(r, Reservation) and r.depart == 113.0
+
+
+def test_facts_are_kept_and_counted(store: QuotaStore) -> None:
+    assert store.fact("plan|shop1") is None
+    g = store.facts_generation
+    assert store.put_fact("plan|shop1", 400, 20) is True
+    assert store.fact("plan|shop1") == (400.0, 20.0)
+    assert store.facts_generation > g
+    g = store.facts_generation
+    assert store.put_fact("plan|shop1", 400, 20) is False  # the same: nothing moves
+    assert store.facts_generation == g
+    assert store.put_fact("plan|shop1", 40, 2) is True
+    assert store.fact("plan|shop1") == (40.0, 2.0) and store.facts_generation > g
+
+
+def test_own_moves_are_not_reported(store: QuotaStore) -> None:
+    r = store.reserve(["a"], [SHOPIFY], 1, 0.0, 60)
+    assert isinstance(r, Reservation) and store.give_back(r, 0.0)
+    assert store.moved() == []
+
+
+ACCOUNTS: list[tuple[list[str], list[Limit]]] = [
+    (["s1"], [SHOPIFY]),
+    (["s2"], [Limit("gql", BUCKET, capacity=1000, rate=50, unit="points")]),
+    (["e1", "e1"], [ETSY_QPS, ETSY_QPD]),
+    (["w1"], [Limit("gh", WINDOW, capacity=5, window=3)]),
+    (["m1", "m2"], [Limit("calls", BUCKET, capacity=3, rate=1), SHOPIFY]),
+]
+
+
+def _result(x: object, positions: bool = True) -> object:
+    """What a store step returned, with the store's own identity left out.
+
+    ``positions`` False: a bucket evicted idle and made again counts its
+    positions from 0 (only differences between positions in one line matter).
+    """
+    if isinstance(x, Reservation):
+        return ("R", x.depart, x.slots, x.positions if positions else (), x.costs)
+    if isinstance(x, Shed):
+        return ("S", x.retry_after, x.limit)
+    return x
+
+
+@pytest.mark.parametrize(
+    ("seed", "capacity", "shops"), [(1, 64, 1), (2, 64, 1), (3, 160, 40), (4, 120, 40)]
+)
+def test_stores_agree_on_random_steps(seed: int, capacity: int, shops: int) -> None:
+    """The same 3,000 random steps on LocalStore and ShmStore: the same results.
+
+    With more shops than the table holds, ShmStore evicts idle buckets (which
+    changes nothing) and refuses a reservation with StoreFull when none is
+    idle (which must change nothing either: LocalStore then skips the step).
+    A step that finds no room and loses an update (a server's view, say) ends
+    the comparison there.
+    """
+    rnd = random.Random(seed)
+    table = ShmTable(capacity)
+    safety = Safety(margin=0.01, headroom=2, jitter=0.05, guard=0.02)
+    local, shm = LocalStore(safety), ShmStore(table, 0, safety)
+    stores: list[QuotaStore] = [local, shm]
+    held: list[list[Reservation]] = []  # one reservation per store
+    kinds: Counter[str] = Counter()
+    now = 1_000.0
+    steps = 0
+    try:
+        for steps in range(1, 3001):  # noqa: B007 - counted for the check below
+            if table.dropped:
+                break
+            now += rnd.choice([0.0, 0.0, 0.01, 0.1, 0.37, 1.0, 5.0])
+            op = rnd.random()
+            keys, limits = rnd.choice(ACCOUNTS)
+            shop = rnd.randrange(shops)
+            keys = [f"{k}|{shop}" for k in keys]
+            if op < 0.4 or not held:
+                cost = rnd.choice([1.0, 1.0, 2.0, 7.5, 300.0])
+                wait = rnd.choice([0.0, 1.0, 30.0, 1e6])
+                try:
+                    got_shm = shm.reserve(keys, limits, cost, now, wait)
+                except StoreFull:
+                    kinds["full"] += 1
+                    continue
+                got_local = local.reserve(keys, limits, cost, now, wait)
+                assert _result(got_local, shops == 1) == _result(got_shm, shops == 1)
+                kinds[type(got_shm).__name__] += 1
+                if isinstance(got_shm, Reservation):
+                    held.append([got_local, got_shm])  # type: ignore[list-item]
+                continue
+            pair = rnd.choice(held)
+            keys, limits = list(pair[0].keys), list(pair[0].limits)
+            if op < 0.65:
+                at = max(now, min(pair[0].depart, now + 2.0))
+                res = [s.confirm(r, at) for s, r in zip(stores, pair, strict=True)]
+                assert res[0] == res[1] and pair[0].slots == pair[1].slots
+            elif op < 0.75:
+                res = [s.earliest(r, now) for s, r in zip(stores, pair, strict=True)]
+                assert res[0] == res[1]
+            elif op < 0.85:
+                res = [s.give_back(r, now) for s, r in zip(stores, pair, strict=True)]
+                assert res[0] == res[1]
+                held.remove(pair)
+            elif op < 0.92:
+                actual = rnd.choice([0.0, 1.0, 50.0])
+                for s, r in zip(stores, pair, strict=True):
+                    s.settle(r, actual, now)
+            elif op < 0.97:
+                views = [
+                    ServerView(
+                        limit.name,
+                        used=rnd.choice([None, 0.0, 3.0, 39.0]),
+                        remaining=rnd.choice([None, 0.0, 5.0]),
+                        reset_after=rnd.choice([None, 1.5]),
+                    )
+                    for limit in limits
+                ]
+                for s in stores:
+                    s.observe(keys, limits, views, now)
+            else:
+                retry = rnd.choice([None, 0.0, 2.0])
+                res = [s.throttled(keys, limits, now, retry) for s in stores]
+                assert res[0] == res[1]
+            while len(held) > 60:  # the oldest clients leave
+                old = held.pop(0)
+                assert local.give_back(old[0], now) == shm.give_back(old[1], now)
+        evictions = table.evictions
+    finally:
+        table.close()
+    assert steps > 1500 and kinds["Reservation"] > 300 and kinds["Shed"] > 30, (steps, kinds)
+    if shops > 1:
+        assert evictions > 0
