@@ -238,6 +238,15 @@ def _period(limit: Limit) -> float:
     return limit.window / (limit.sub_buckets if limit.kind == ROLLING else 1)
 
 
+def _total(counts: dict[int, float], lo: int, hi: int) -> float:
+    """Counts of slots lo..hi added left to right (as the C store adds them: not
+    with the compensated sum() of newer Pythons)."""
+    total = 0.0
+    for j in range(lo, hi + 1):
+        total += counts.get(j, 0.0)
+    return total
+
+
 def _span(limit: Limit) -> int:
     """Slots one window sums: the sub-windows of a rolling limit, else 1."""
     return limit.sub_buckets if limit.kind == ROLLING else 1
@@ -385,8 +394,7 @@ class LocalStore:
                 continue
             ends = range(i, max(i, min(last, i + span - 1)) + 1)
             if _claimable(st, limit, i, now) and all(
-                sum(counts.get(j, 0.0) for j in range(k - span + 1, k + 1)) <= room + _EPS
-                for k in ends
+                _total(counts, k - span + 1, k) <= room + _EPS for k in ends
             ):
                 return t, True
             t = (i + 1) * period
@@ -560,9 +568,7 @@ class LocalStore:
                 else:
                     # outside traffic: what the server counted beyond what left from here
                     i = math.floor(now / _period(limit) + _EPS)
-                    span = range(i - (limit.sub_buckets if limit.kind == ROLLING else 1) + 1, i + 1)
-                    seen = st.seen()
-                    ours = sum(seen.get(j, 0.0) for j in span)
+                    ours = _total(st.seen(), i - _span(limit) + 1, i)
                     if used > ours + _EPS and _claim(st, limit, i, now):
                         st.extra[i] = st.extra.get(i, 0.0) + (used - ours)
             if view.remaining is not None and view.remaining <= 0 and view.reset_after:
