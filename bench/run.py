@@ -74,7 +74,7 @@ PIP_PEERS = {
     "mitmproxy": ("mitmproxy==11.0.2", "mitmdump"),
 }
 
-PROXIES = ["elbasy", "squid", "tinyproxy", "proxy.py", "mitmproxy"]
+PROXIES = ["elbasy", "elbasy-w2", "squid", "tinyproxy", "proxy.py", "mitmproxy"]
 # nginx terminating the client's TLS and re-encrypting to the origin: a
 # reverse proxy (no CONNECT, no pacing decision), the C ceiling for an
 # intercepting hop.  Interception cells only.
@@ -83,13 +83,16 @@ BASELINES = ["direct", "haproxy", *RELAYS]
 # elbasy with its tunnel byte path forced one way, to measure the per-flow
 # choice "auto" makes (not in the default run; ask with --peers)
 ELBASY_VARIANTS = {"elbasy-copy": "never", "elbasy-splice": "always"}
+# elbasy with more than one worker process (the default run has one and two
+# side by side: what a second worker buys on these two cores)
+ELBASY_WORKERS = {"elbasy-w2": 2}
 # the targets of the CONNECT cells
 TUNNEL_TARGETS = ["direct", "haproxy"] + PROXIES + list(ELBASY_VARIANTS)
 ALL_TARGETS = ["direct", "haproxy", *RELAYS] + PROXIES + list(ELBASY_VARIANTS)
 
 # Peers that terminate TLS themselves, each from a second, intercepting
 # instance (the first one passes CONNECT tunnels through untouched).
-INTERCEPTORS = ["elbasy", "mitmproxy", "proxy.py"]
+INTERCEPTORS = ["elbasy", "elbasy-w2", "mitmproxy", "proxy.py"]
 INTERCEPT_CELLS = ["intercept", "intercept-new", "latency"]
 # The intercepted origin is named, not an address: proxies verify its certificate.
 TLS_HOST = "localhost"
@@ -660,6 +663,7 @@ class Peer:
 def start_elbasy(
     peer: Peer, workdir: Path, python: str, splice: str = "auto", extra: list[str] | None = None
 ) -> None:
+    workers = ELBASY_WORKERS.get(peer.name, 1)
     chk = run(
         [python, "-c", "import elbasy._loop, elbasy; print(getattr(elbasy, '__version__', '?'))"],
         timeout=60,
@@ -674,11 +678,12 @@ def start_elbasy(
         return
     peer.version = "elbasy " + chk.stdout.strip()
     cmd = [python, "-m", "elbasy", "--listen", f"{LOOPBACK}:0", "--log-level", "warning"]
-    cmd += ["--splice", splice] + (extra or [])
+    cmd += ["--splice", splice, "--workers", str(workers)] + (extra or [])
     proc = start(peer.label, cmd, workdir)
     peer.procs = [proc]
     peer.mem_proc = proc
-    peer.notes = f"--splice {splice}, --log-level warning (one process, one event loop)"
+    loops = "one event loop" if workers == 1 else f"{workers} worker processes"
+    peer.notes = f"--splice {splice}, --log-level warning ({loops})"
     if extra:
         peer.notes += ", " + shlex.join(extra)
     deadline = time.monotonic() + 20
@@ -1165,7 +1170,7 @@ def start_peers(names: list[str], workdir: Path, origins: Origins, args) -> dict
 def start_intercepting(peer: Peer, workdir: Path, origins: Origins, args) -> None:
     log(f"starting {peer.label}")
     try:
-        if peer.name == "elbasy":
+        if peer.name == "elbasy" or peer.name in ELBASY_WORKERS:
             start_elbasy_intercept(peer, workdir, args.elbasy_python, origins)
         elif peer.name == "mitmproxy":
             start_mitmproxy_intercept(peer, workdir, origins)
@@ -1182,7 +1187,7 @@ def start_peer(peer: Peer, workdir: Path, origins: Origins, args) -> None:
     name = peer.name
     log(f"starting {name}")
     try:
-        if name == "elbasy":
+        if name == "elbasy" or name in ELBASY_WORKERS:
             start_elbasy(peer, workdir, args.elbasy_python)
         elif name in ELBASY_VARIANTS:
             start_elbasy(peer, workdir, args.elbasy_python, ELBASY_VARIANTS[name])
@@ -1594,6 +1599,15 @@ TARGET_LINES = [
 # "ratio-cpu" lines: elbasy's CPU per request at most this many times the reference's
 CPU_RATIO_MAX = 1.1
 
+# What a second worker buys: elbasy --workers 2 against one worker, in the same
+# run (client, origin and proxy share this machine's cores), at no more CPU
+# per request than one worker spends.
+SCALING_LINES = [
+    ("TLS interception keep-alive: 2 workers ≥ 1.5× 1 worker", "intercept", 1.5),
+    ("TLS interception, new conn/req: 2 workers ≥ 1.5× 1 worker", "intercept-new", 1.5),
+]
+SCALING_CPU_MAX = 1.0
+
 
 def _cpu_text(s: dict) -> str:
     v = s.get("cpu_per_unit")
@@ -1645,6 +1659,36 @@ def target_rows(summary: dict) -> list[list[str]]:
                 f"{rname} {fmt_value(cell, rs['median'])}",
                 f"{ratio:.2f}",
                 f"≥ {need}",
+                result,
+            ]
+        )
+    return rows
+
+
+def scaling_rows(summary: dict) -> list[list[str]]:
+    """elbasy-w2 against elbasy on the interception cells (see SCALING_LINES)."""
+    rows = []
+    for label, cell, need in SCALING_LINES:
+        if cell not in summary:
+            continue
+        two, one = summary[cell].get("elbasy-w2"), summary[cell].get("elbasy")
+        if two is None or one is None or one["median"] <= 0:
+            rows.append([label, "not measured", "", "", "", "n/a"])
+            continue
+        ratio = two["median"] / one["median"]
+        two_cpu, one_cpu = two.get("cpu_per_unit"), one.get("cpu_per_unit")
+        cpu_ratio = two_cpu / one_cpu if two_cpu is not None and one_cpu else None
+        ok = ratio >= need and cpu_ratio is not None and cpu_ratio <= SCALING_CPU_MAX
+        result = "PASS" if ok else "MISS"
+        if two["errors"]:
+            result = "MISS (elbasy errors)"
+        rows.append(
+            [
+                label,
+                f"{fmt_value(cell, two['median'])}, {_cpu_text(two)}",
+                f"1 worker {fmt_value(cell, one['median'])}, {_cpu_text(one)}",
+                f"{ratio:.2f}, CPU {'?' if cpu_ratio is None else f'{cpu_ratio:.2f}'}",
+                f"≥ {need}, CPU ≤ {SCALING_CPU_MAX}",
                 result,
             ]
         )
@@ -1868,6 +1912,14 @@ def render(
         )
     )
     out.append("")
+    scaling = scaling_rows(summary)
+    if scaling:
+        out.append("### Workers: elbasy --workers 2 against one worker (medians from this run)")
+        out.append("")
+        out.append(
+            md_table(["target", "2 workers", "1 worker", "ratio", "needed", "result"], scaling)
+        )
+        out.append("")
     ratio_cells = [c for c in ("intercept", "intercept-new") if c in cells]
     if ratio_cells:
         out.append("### TLS interception ratios (medians from this run)")

@@ -419,6 +419,12 @@ class RuleTables(Kind):
 
 # --------------------------------------------------------------------------- Config
 
+#: where quota lives (``--quota-store``); auto is shm: a reload or a restarted
+#: worker keeps every account's clocks
+QUOTA_STORES = ("auto", "shm", "local")
+QUOTA_CAPACITY_MIN = 64
+QUOTA_CAPACITY_MAX = 1 << 24
+
 #: ``--config FILE``: read before the other options; its keys are their names
 CONFIG_FILE = Setting(
     "config",
@@ -545,6 +551,19 @@ class Config:
         "Part of each limit's rate left unused against network jitter.",
         to="safety",
         arg="margin",
+    )
+    quota_store: str = setting(
+        Choice(QUOTA_STORES),
+        "auto",
+        "Where accounts' quota lives: shm (one table in shared memory, shared exactly by "
+        "every worker, kept across restarts and reloads), local (one worker's memory), "
+        "auto (shm).",
+    )
+    quota_capacity: int = setting(
+        Integer(QUOTA_CAPACITY_MIN, QUOTA_CAPACITY_MAX, "16 M"),
+        65536,
+        "Buckets the shared quota table holds (one per limit of each account); when full, "
+        "the least recently used idle bucket makes room.",
     )
 
     def __post_init__(self) -> None:

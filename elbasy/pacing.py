@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 
 from elbasy.limits import BUCKET, Limit, ServerView
 from elbasy.protocol.http1 import IDEMPOTENT_METHODS
-from elbasy.quota import LocalStore, QuotaStore, Reservation, Shed
+from elbasy.quota import EVERY_BUCKET, LocalStore, QuotaStore, Reservation, Shed, StoreFull
 from elbasy.rules import Match, RuleSet
 
 log = logging.getLogger("elbasy.pacing")
@@ -61,6 +61,14 @@ NOT_FIRST_WAIT = MAX_WAIT_CEILING
 
 #: the pacer's hook to move a held request: ``wake(waiter, monotonic time)``
 Wake = Callable[[object, float], None]
+
+#: how long a client is told to wait when the quota table has no room for its account
+STORE_FULL_RETRY = 1.0
+
+
+def plan_fact(key: str, limit: str) -> str:
+    """The store's name for what a server said of one bucket: (capacity, rate or 0)."""
+    return f"plan|{key}|{limit}"
 
 
 def _no_clock() -> float:
@@ -106,6 +114,7 @@ class Verdict:
     depart: float = 0.0  # monotonic; 0: at once
     shed_after: float = 0.0  # > 0: answer 429 with this Retry-After instead
     limit: str = ""  # the limit that shed it
+    full: bool = False  # the quota table has no room for its account: answer 503
 
 
 class Pacer:
@@ -127,12 +136,20 @@ class Pacer:
         self.retry_idempotent = retry_idempotent
         self.wall = wall
         self.mono = mono
-        # limits whose numbers a server reported (Etsy's day, GraphQL's bucket), per key
-        self._learned: dict[tuple[str, str], tuple[float, float | None]] = {}
-        # per account keys: (the rule's limits, the same with what the server told)
+        # What servers reported of a limit's numbers (Etsy's day, GraphQL's
+        # bucket) lives in the store, shared with every worker. Per account
+        # keys, cached here: (the rule's limits, the same with what the server
+        # told), valid while the store's facts do not change.
         self._told_limits: dict[tuple[str, ...], tuple[tuple[Limit, ...], tuple[Limit, ...]]] = {}
-        # the requests waiting on each account, first in line at the left
+        self._facts_seen = -1
+        # the last plan this worker stored per (key, limit): a repeated header
+        # costs no store write
+        self._told: dict[tuple[str, str], tuple[float, float]] = {}
+        # the requests waiting on each account, first in line at the left, and
+        # the lines each bucket key is part of (an account's buckets may be
+        # shared with other accounts' lines: an app-wide limit)
         self._lines: dict[tuple[str, ...], deque[Paced]] = {}
+        self._lines_of: dict[str, set[tuple[str, ...]]] = {}
         #: moves a held request to a new departure; the loop wires its own in
         self.wake: Wake = _no_wake
         self._lateness = [0.0] * 10_000  # the most recent departures' lateness, seconds
@@ -147,6 +164,7 @@ class Pacer:
                     "retried",
                     "returned",
                     "woken_early",
+                    "store_full",
                 ),
                 0,
             )
@@ -191,17 +209,19 @@ class Pacer:
     def limits(self, match: Match) -> tuple[Limit, ...]:
         """The match's limits, with the numbers its server reported in their place.
 
-        The same tuple for every request of an account until the server says
+        The same tuple for every request of an account until a worker learns
         something new: a queued request keeps it, and there may be 100,000.
         """
-        if not self._learned:
-            return match.limits
+        generation = self.store.facts_generation
+        if generation != self._facts_seen:
+            self._told_limits.clear()  # a fact changed somewhere (rare): start over
+            self._facts_seen = generation
         known = self._told_limits.get(match.keys)
         if known is not None and known[0] is match.limits:
             return known[1]
         out = []
         for key, limit in zip(match.keys, match.limits, strict=True):
-            told = self._learned.get((key, limit.name))
+            told = self.store.fact(plan_fact(key, limit.name))
             if told is not None:
                 capacity, rate = told
                 limit = replace(limit, capacity=capacity, rate=rate or limit.rate)
@@ -219,13 +239,13 @@ class Pacer:
             if view is None or not view.capacity:
                 continue
             rate = rates.get(limit.name) if limit.kind == BUCKET else None
-            told = (view.capacity, rate)
-            if self._learned.get((key, limit.name)) == told:
+            told = (float(view.capacity), float(rate or 0.0))
+            if self._told.get((key, limit.name)) == told:
                 continue
-            if len(self._learned) >= 100_000:
-                self._learned.clear()
-            self._learned[(key, limit.name)] = told
-            self._told_limits.clear()  # rare (a plan learned or changed): start over
+            if len(self._told) >= 100_000:
+                self._told.clear()
+            self._told[(key, limit.name)] = told
+            self.store.put_fact(plan_fact(key, limit.name), *told)
 
     def admit(self, paced: Paced, waiter: object = None) -> Verdict:
         """Give the request its place in its account's line: when it may leave, or shed it.
@@ -236,7 +256,12 @@ class Pacer:
         wall_now = self.wall()
         if not any(m.costs):
             return Verdict()  # not paced (a query the server refuses unrun): never waits
-        r = self.store.reserve(m.keys, self.limits(m), m.costs, wall_now, paced.max_wait)
+        try:
+            r = self.store.reserve(m.keys, self.limits(m), m.costs, wall_now, paced.max_wait)
+        except StoreFull as e:
+            self.counters["store_full"] += 1
+            log.warning("no room for %s in the quota table: %s", m.label, e)
+            return Verdict(shed_after=STORE_FULL_RETRY, full=True)
         if isinstance(r, Shed):
             self.counters["shed"] += 1
             log.info(
@@ -259,7 +284,7 @@ class Pacer:
         if later is None:
             self._sent(paced)
             return Verdict()
-        self._lines[m.keys] = deque((paced,))
+        self._open_line(m.keys).append(paced)
         paced.line = m.keys
         paced.due = self._to_mono(later)
         return Verdict(depart=paced.due)
@@ -299,6 +324,25 @@ class Pacer:
 
     # ------------------------------------------------------------------ the line
 
+    def _open_line(self, keys: tuple[str, ...]) -> deque[Paced]:
+        """The line of an account (made empty if it has none)."""
+        line = self._lines.get(keys)
+        if line is None:
+            line = self._lines[keys] = deque()
+            for key in keys:
+                self._lines_of.setdefault(key, set()).add(keys)
+        return line
+
+    def _close_line(self, keys: tuple[str, ...]) -> None:
+        """An account's line is empty: forget it."""
+        del self._lines[keys]
+        for key in keys:
+            lines = self._lines_of.get(key)
+            if lines is not None:
+                lines.discard(keys)
+                if not lines:
+                    del self._lines_of[key]
+
     def _leave_line(self, paced: Paced) -> None:
         """Take a request out of its line (sent, or its client left)."""
         key = paced.line
@@ -321,7 +365,7 @@ class Pacer:
             line.popleft()
         if not line:
             if key is not None:
-                del self._lines[key]
+                self._close_line(key)
             return
         first = line[0]
         first.due = self._earliest(first)
@@ -334,6 +378,26 @@ class Pacer:
         wall_now = self.wall()
         t = self.store.earliest(r, wall_now)
         return self._to_mono(t) if t > wall_now else self.mono()
+
+    def _buckets_moved(self, keys: tuple[str, ...] | list[str]) -> None:
+        """Room came back on these bucket keys (a refund, a place given back, here
+        or in another worker): every line using one of them may move up."""
+        lines: set[tuple[str, ...]] = set()
+        for key in keys:
+            lines.update(self._lines_of.get(key, ()))
+        for line in lines:
+            self._line_moved(line)
+
+    def quota_moved(self) -> None:
+        """The store says other workers gave room back (its fd became readable)."""
+        keys = self.store.moved()
+        if not keys:
+            return
+        if EVERY_BUCKET in keys:
+            for line in list(self._lines):
+                self._line_moved(line)
+        else:
+            self._buckets_moved(keys)
 
     def _line_moved(self, keys: tuple[str, ...]) -> None:
         """A refund (or more room) on ``keys``: the first in line goes sooner if it can."""
@@ -406,7 +470,7 @@ class Pacer:
             self.store.observe(m.keys, self.limits(m), views, seen_at)
         if not report.throttled:
             if refunded:
-                self._line_moved(m.keys)
+                self._buckets_moved(m.keys)
             return 0.0
         if body is None and paced.match.body_needed:
             # the rule reads this answer's body too, and only the body tells a
@@ -436,14 +500,18 @@ class Pacer:
             and paced.method in IDEMPOTENT_METHODS
             and m.retry_safe
         ):
-            again = self.store.reserve(m.keys, self.limits(m), m.costs, wall_now, MAX_WAIT_CEILING)
+            try:
+                again = self.store.reserve(
+                    m.keys, self.limits(m), m.costs, wall_now, MAX_WAIT_CEILING
+                )
+            except StoreFull:
+                return 0.0  # no place to hold it again: the client hears the refusal
             if isinstance(again, Reservation):
                 paced.retried = True
                 paced.reservation = again
                 self.counters["retried"] += 1
                 # it came before everyone waiting now: it goes first again
-                line = self._lines.setdefault(m.keys, deque())
-                line.appendleft(paced)
+                self._open_line(m.keys).appendleft(paced)
                 paced.line = m.keys
                 paced.gone = False
                 paced.due = self._to_mono(max(self.store.earliest(again, wall_now), until))
@@ -465,6 +533,8 @@ class Pacer:
         if self.store.give_back(r, self.wall()):
             self.counters["returned"] += 1
         self._leave_line(paced)
+        # its units left the queue: lines that share a bucket with it move up
+        self._buckets_moved(r.keys)
 
     def waiting(self) -> int:
         """Requests in lines right now (first ones included)."""

@@ -75,6 +75,13 @@ def shed_response(limit: str, retry_after: float, close: bool) -> bytes:
     )
 
 
+def unavailable_response(reason: str, retry_after: float, close: bool) -> bytes:
+    """elbasy's own 503: it cannot take the request now; nothing was sent upstream."""
+    retry = max(1, math.ceil(retry_after))
+    body = f"elbasy: {reason}; retry after {retry} s\n".encode()
+    return response(503, body, b"text/plain", close, ((b"Retry-After", str(retry).encode()),))
+
+
 def own_page(
     method: str,
     target: str,

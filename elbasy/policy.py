@@ -18,7 +18,7 @@ from elbasy.errors import RemoteProtocolError
 from elbasy.logs import log_access
 from elbasy.outbound import Outbound
 from elbasy.pacing import OWN_HEADERS, BadMaxWait, Paced, Pacer, Verdict
-from elbasy.pages import error_response, own_page, shed_response
+from elbasy.pages import error_response, own_page, shed_response, unavailable_response
 from elbasy.protocol.headers import drop_header_lines, named_in_connection
 from elbasy.protocol.http1 import (
     RequestHead,
@@ -204,10 +204,16 @@ class Policy:
         return fwd._replace(depart=v.depart)
 
     def _shed(self, ex: Exchange, v: Verdict) -> Reply:
-        """elbasy's own 429: the request would wait longer than allowed; nothing was sent."""
+        """elbasy's own 429: the request would wait longer than allowed; nothing was sent.
+        Or its 503 when the quota table has no room for the account."""
         close = not ex.keep_alive
-        data = shed_response(v.limit, v.shed_after, close)
-        log_access(ex.client, ex.method, ex.target, 429, 0, len(data), 0.0)
+        if v.full:
+            data = unavailable_response("the quota table is full", v.shed_after, close)
+            status = 503
+        else:
+            data = shed_response(v.limit, v.shed_after, close)
+            status = 429
+        log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)
         return Reply(data, close)
 
     def _refuse(self, ex: Exchange, exc: RemoteProtocolError) -> Reply:
@@ -242,6 +248,10 @@ class Policy:
         if v.shed_after:
             return self._shed(ex, v)
         return v.depart
+
+    def quota_moved(self) -> None:
+        """The quota store's fd became readable: another worker gave room back."""
+        self.pacer.quota_moved()
 
     def departing(self, ex: Exchange) -> float | None:
         """A held request's departure time came: None to send it, or a later time."""

@@ -82,3 +82,18 @@ cdef void drain_wakeup(Loop loop):
     cdef char scratch[64]
     while read(loop.wakeup_fd, scratch, sizeof(scratch)) > 0:
         pass
+
+
+cdef void quota_moved(Loop loop):
+    """The quota store's fd is readable: another worker gave room back on
+    some accounts. The policy reads which (draining the fd) and moves the
+    first of each line it holds there through Loop.wake; an error in it is
+    ours, counted, and never stops the loop."""
+    try:
+        loop.policy.quota_moved()
+    except Exception as exc:
+        loop.c_internal_errors += 1
+        try:
+            loop.policy.internal_error(None, exc)
+        except Exception:
+            pass

@@ -3,7 +3,8 @@
 
 The loop owns every fd: the listener, client connections, upstream
 connections (in use and pooled), kernel pipes for splice(2), the resolver's
-eventfd and the signal wake-up fd. It makes no policy decision: a complete
+eventfd, the quota store's eventfd and the signal wake-up fd. It makes no
+policy decision: a complete
 request head goes to the policy object once (``on_request``), a complete
 response head once (``on_response``), and the verdicts that come back say
 what to do. Bodies and tunnel bytes never enter Python.
@@ -230,6 +231,7 @@ cdef class Loop:
         self.spare_fd = -1
         self.resolver_fd = -1
         self.wakeup_fd = -1
+        self.quota_fd = -1
         self.events = NULL
         self.iobuf = NULL
         self.retired = NULL
@@ -239,7 +241,7 @@ cdef class Loop:
                  double idle_timeout=300.0, double keepalive_timeout=60.0,
                  double response_timeout=60.0, Py_ssize_t max_head_bytes=65536,
                  int splice=SPLICE_AUTO,  # no-cython-lint (the keyword is public; splice(2) is not)
-                 server_tls=None, client_tls=None):
+                 server_tls=None, client_tls=None, int quota_fd=-1):
         self.policy = policy
         self.resolver = resolver
         self.server_tls = server_tls
@@ -274,6 +276,9 @@ cdef class Loop:
         self.wakeup_fd = wakeup_fd
         if wakeup_fd >= 0:
             add_fd(self, wakeup_fd, EPOLLIN)
+        self.quota_fd = quota_fd
+        if quota_fd >= 0:
+            add_fd(self, quota_fd, EPOLLIN)
         self.now = elb_now_ns()
         self.started_ns = self.now
 
@@ -322,6 +327,8 @@ cdef class Loop:
                 elif fd == self.wakeup_fd:
                     drain_wakeup(self)
                     PyErr_CheckSignals()
+                elif fd == self.quota_fd:
+                    quota_moved(self)
                 elif fd < len(self.fdmap):
                     obj = self.fdmap[fd]
                     if obj is None:

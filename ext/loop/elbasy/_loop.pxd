@@ -141,6 +141,7 @@ cdef class Loop:
     cdef int spare_fd           # held in reserve for EMFILE (accept_head.pxi)
     cdef int resolver_fd
     cdef int wakeup_fd
+    cdef int quota_fd           # readable when another worker gave quota back (or -1)
     cdef bint stopping
     cdef object policy
     cdef object resolver
