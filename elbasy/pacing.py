@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 
 from elbasy.limits import BUCKET, Limit, ServerView
 from elbasy.protocol.http1 import IDEMPOTENT_METHODS
-from elbasy.quota import EVERY_BUCKET, LocalStore, QuotaStore, Reservation, Shed, StoreFull
+from elbasy.quota import EVERY_LINE, LocalStore, QuotaStore, Reservation, Shed, StoreFull
 from elbasy.rules import Match, RuleSet
 
 log = logging.getLogger("elbasy.pacing")
@@ -132,6 +132,9 @@ class Pacer:
     ) -> None:
         self.rules = rules
         self.store = store
+        # what the rules learn (tiers, query shapes' costs) is kept where the
+        # quota is: shared by every worker of a shared store
+        rules.facts = store
         self.max_wait = max_wait
         self.retry_idempotent = retry_idempotent
         self.wall = wall
@@ -393,7 +396,7 @@ class Pacer:
         keys = self.store.moved()
         if not keys:
             return
-        if EVERY_BUCKET in keys:
+        if EVERY_LINE in keys:
             for line in list(self._lines):
                 self._line_moved(line)
         else:
@@ -507,6 +510,10 @@ class Pacer:
             except StoreFull:
                 return 0.0  # no place to hold it again: the client hears the refusal
             if isinstance(again, Reservation):
+                # it came before everyone waiting now, so it stands at the head of
+                # every worker's line: a position of 0 has no units ahead of it
+                # (units ahead = position - units out of the queue, never above 0)
+                again.positions = (0.0,) * len(again.positions)
                 paced.retried = True
                 paced.reservation = again
                 self.counters["retried"] += 1

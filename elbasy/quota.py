@@ -74,8 +74,9 @@ _EPS = 1e-9
 #: two-hour blocks and one booking a day ahead; a fixed window of 1 s can book
 #: 12 s ahead. The shared-memory table holds exactly this many (ext/c/elbasy_shm.h).
 WINDOW_SLOTS = 13
-#: facts (learned hints) a LocalStore keeps, least recently used dropped first
-FACTS = 4096
+#: facts (learned hints: plans per bucket, tiers per account, GraphQL shape
+#: costs) one process keeps, least recently used dropped first
+FACTS = 200_000
 
 
 class StoreFull(RuntimeError):
@@ -132,7 +133,46 @@ class Shed:
     limit: str  # the limit that is furthest out
 
 
-class QuotaStore(Protocol):
+class Facts(Protocol):
+    """What servers taught elbasy, by name, as two numbers: a bucket's plan
+    (capacity, rate), an account's tier, a GraphQL shape's cost. Every store
+    keeps them (shared where the store is), so workers agree."""
+
+    def fact(self, name: str) -> tuple[float, float] | None: ...
+
+    def put_fact(self, name: str, a: float, b: float) -> bool: ...
+
+    @property
+    def facts_generation(self) -> int: ...
+
+
+class LocalFacts:
+    """Facts in this process's memory: a bounded LRU (see :data:`FACTS`)."""
+
+    def __init__(self) -> None:
+        self._facts: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self.facts_generation = 0  # moves whenever a fact changes
+
+    def fact(self, name: str) -> tuple[float, float] | None:
+        got = self._facts.get(name)
+        if got is not None:
+            self._facts.move_to_end(name)
+        return got
+
+    def put_fact(self, name: str, a: float, b: float) -> bool:
+        value = (float(a), float(b))
+        if self._facts.get(name) == value:
+            self._facts.move_to_end(name)
+            return False
+        self._facts[name] = value
+        self._facts.move_to_end(name)
+        if len(self._facts) > FACTS:
+            self._facts.popitem(last=False)
+        self.facts_generation += 1
+        return True
+
+
+class QuotaStore(Facts, Protocol):
     """Where accounts' clocks live: one process, shared memory, or Redis."""
 
     def reserve(
@@ -159,13 +199,6 @@ class QuotaStore(Protocol):
     def give_back(self, r: Reservation, now: float) -> bool: ...
 
     def settle(self, r: Reservation, actual: float | Sequence[float], now: float) -> None: ...
-
-    def fact(self, name: str) -> tuple[float, float] | None: ...
-
-    def put_fact(self, name: str, a: float, b: float) -> bool: ...
-
-    @property
-    def facts_generation(self) -> int: ...
 
     def fileno(self) -> int: ...
 
@@ -329,8 +362,7 @@ class LocalStore:
         self.safety = safety or Safety()
         self._states: dict[tuple[str, str], _State] = {}
         self.returned = 0  # places in line given back (their clients left)
-        self._facts: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self.facts_generation = 0  # moves whenever a fact changes
+        self._facts = LocalFacts()
 
     # ------------------------------------------------------------------ arithmetic
 
@@ -645,23 +677,15 @@ class LocalStore:
 
     def fact(self, name: str) -> tuple[float, float] | None:
         """A learned fact (a plan's capacity and rate, a query shape's cost), or None."""
-        got = self._facts.get(name)
-        if got is not None:
-            self._facts.move_to_end(name)
-        return got
+        return self._facts.fact(name)
 
     def put_fact(self, name: str, a: float, b: float) -> bool:
         """Keep a fact; True when it changed what was kept (and the generation moved)."""
-        value = (float(a), float(b))
-        if self._facts.get(name) == value:
-            self._facts.move_to_end(name)
-            return False
-        self._facts[name] = value
-        self._facts.move_to_end(name)
-        if len(self._facts) > FACTS:
-            self._facts.popitem(last=False)
-        self.facts_generation += 1
-        return True
+        return self._facts.put_fact(name, a, b)
+
+    @property
+    def facts_generation(self) -> int:
+        return self._facts.facts_generation
 
     def fileno(self) -> int:
         """No other worker moves this store's lines: nothing to wait on."""

@@ -1016,9 +1016,9 @@ def test_load_user_rules_override_and_add() -> None:
 
 
 def test_learned_state_is_bounded(rules: RuleSet, monkeypatch: pytest.MonkeyPatch) -> None:
-    import elbasy.rules.ruleset as ruleset
+    import elbasy.quota as quota
 
-    monkeypatch.setattr(ruleset, "MAX_TIERS", 3)
+    monkeypatch.setattr(quota, "FACTS", 3)
     for i in range(5):
         m = shopify(rules, "/admin/products.json", shop=f"shop{i}")
         rules.learn(m, Report(tier="plus"))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import time
 import tomllib
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from elbasy.limits import Limit, ServerView
+from elbasy.quota import Facts, LocalFacts
 from elbasy.rules.graphql_cost import estimate
 from elbasy.rules.schema import (
     Feedback,
@@ -59,9 +59,10 @@ BUILTIN_IDS: tuple[str, ...] = (
     "github-graphql",
 )
 
-#: Accounts whose learned plan is remembered, and GraphQL query shapes.
-MAX_TIERS = 100_000
-MAX_COSTS = 10_000
+#: the names of learned facts in the quota store (elbasy.quota.Facts): an
+#: account's tier (its index in the rule's tier names), a query shape's cost
+TIER_FACT = "tier|"
+COST_FACT = "cost|"
 _MAX_HOSTS = 4096
 _MAX_MATCHES = 65536
 _HINT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:@-")
@@ -264,8 +265,9 @@ class RuleSet:
         self._rules: tuple[Rule, ...] = tuple(rules)
         self._by_id = {rule.id: rule for rule in self._rules}
         self._hosts: dict[str, tuple[Rule, ...]] = {}
-        self._tiers: OrderedDict[str, str] = OrderedDict()
-        self._costs: OrderedDict[str, float] = OrderedDict()
+        #: what servers taught about accounts' tiers and query shapes' costs: the
+        #: quota store's facts once a pacer shares them (every worker agrees)
+        self.facts: Facts = LocalFacts()
         self._priced: dict[tuple[int, str, float], tuple[Match, Match]] = {}
         # (account, operation, learned tier, method) -> Match: Matches are immutable
         self._matches: dict[tuple[str, str | None, str | None, str], Match] = {}
@@ -471,7 +473,7 @@ class RuleSet:
                 continue
             operation = op.id
             break
-        tier = self._tiers.get(account)
+        tier = self.tier_of(account)
         cache_key = (account, operation, tier, method)
         found = self._matches.get(cache_key)
         if found is not None:
@@ -544,9 +546,9 @@ class RuleSet:
         mutation = priced.is_mutation
         cost_key = f"{match.rule.id}|{priced.shape}"
         cap = match.max_single
-        cost = self._costs.get(cost_key)
+        known_cost = self.facts.fact(COST_FACT + cost_key)
+        cost = known_cost[0] if known_cost is not None else None
         if cost is not None:
-            self._costs.move_to_end(cost_key)
             if cap is not None and cost > cap:
                 cost = 0.0
         else:
@@ -678,10 +680,8 @@ class RuleSet:
         """Remember the account's plan and the query's cost for later matches."""
         rule = match.rule
         if report.tier is not None and report.tier in rule.tier_names:
-            self._tiers[match.account] = report.tier
-            self._tiers.move_to_end(match.account)
-            while len(self._tiers) > MAX_TIERS:
-                self._tiers.popitem(last=False)
+            tier = rule.tier_names.index(report.tier)
+            self.facts.put_fact(TIER_FACT + match.account, tier, 0.0)
         if match.cost_key is not None:
             cost = report.requested_cost
             if rule.cost.requested is None:
@@ -689,14 +689,18 @@ class RuleSet:
                 # nothing spent (a refused query, its actual 0) standing for the price
                 cost = report.actual_cost if report.actual_cost else None
             if cost is not None and cost >= 0:
-                self._costs[match.cost_key] = cost
-                self._costs.move_to_end(match.cost_key)
-                while len(self._costs) > MAX_COSTS:
-                    self._costs.popitem(last=False)
+                self.facts.put_fact(COST_FACT + match.cost_key, cost, 0.0)
 
     def tier_of(self, account: str) -> str | None:
         """The plan learned for ``account``, if any."""
-        return self._tiers.get(account)
+        known = self.facts.fact(TIER_FACT + account)
+        if known is None:
+            return None
+        rule = self._by_id.get(account.split("|", 1)[0])
+        index = int(known[0])
+        if rule is None or not 0 <= index < len(rule.tier_names):
+            return None
+        return rule.tier_names[index]
 
 
 @functools.cache
