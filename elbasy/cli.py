@@ -125,6 +125,9 @@ def _option(s: Setting) -> Callable[[_F], _F]:
         attrs["multiple"] = True
     elif kind.value_type is not str:
         attrs["type"] = kind.value_type
+    if "type" not in attrs and not kind.multiple and not isinstance(kind, Flag):
+        # text whatever the default looks like (--workers: 1 or auto)
+        attrs["type"] = click.STRING
     if isinstance(kind, ConfigFile):
         attrs.update(is_eager=True, expose_value=False, callback=_load_config_file)
         return click.option(*decls, s.name, **attrs)

@@ -75,6 +75,30 @@ def shed_response(limit: str, retry_after: float, close: bool) -> bytes:
     )
 
 
+#: what a request cut off by a drain is told to wait before trying again: by
+#: then a reload's new workers (or a restarted elbasy) are listening
+DRAIN_RETRY_AFTER = 1
+
+
+def draining_response(sent: bool) -> bytes:
+    """elbasy's own 503: this worker is shutting down and its drain's deadline came.
+
+    ``sent``: the request had already gone to the upstream, whose answer did
+    not come in time (the client should check before repeating it).
+    """
+    if sent:
+        reason = "elbasy is shutting down; the upstream did not answer before the drain deadline"
+    else:
+        reason = "elbasy is shutting down; this request was not sent"
+    return response(
+        503,
+        f"{reason}; retry after {DRAIN_RETRY_AFTER} s\n".encode(),
+        b"text/plain",
+        True,
+        ((b"Retry-After", str(DRAIN_RETRY_AFTER).encode()),),
+    )
+
+
 def own_page(
     method: str,
     target: str,
