@@ -362,7 +362,7 @@ def test_healthz_json(proxy):
             problems.append(f"{key} is {value!r}")
     assert not problems, f"/healthz does not match the contract: {problems}; got {h}"
     assert h["version"] == p.version
-    assert h["pid"] == p.pid
+    assert h["pid"] == p.worker_pid
     assert h["uptime_seconds"] >= 0
     assert h["connections"]["open"] >= 1  # this very request
     assert h["connections"]["accepted"] >= 1
