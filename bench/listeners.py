@@ -284,8 +284,10 @@ def main() -> None:
     print(f"{args.workers} workers, {args.clients} clients x {args.conns} connections")
     for scheme in ("shared", "reuseport"):
         for b in out["balance"][scheme]:
-            print(f"balance {scheme:9} per worker {b['per_worker']} max/mean {b['max_over_mean']}"
-                  f" failed {b['failed']} in {b['seconds']} s")
+            print(
+                f"balance {scheme:9} per worker {b['per_worker']} max/mean {b['max_over_mean']}"
+                f" failed {b['failed']} in {b['seconds']} s"
+            )
     for scheme in ("shared", "reuseport"):
         for r in out["reload"][scheme]:
             print(f"reload  {scheme:9} {args.queued} queued clients: {r}")

@@ -428,7 +428,7 @@ MAX_WORKERS = 16
 class Workers(Kind):
     """``--workers N`` (1 to MAX_WORKERS) or ``auto``: one per CPU this process may run on."""
 
-    toml: ClassVar[str] = "integer or \"auto\""
+    toml: ClassVar[str] = 'integer or "auto"'
     metavar: ClassVar[str | None] = "N|auto"
 
     def check(self, value: Any) -> int | str:

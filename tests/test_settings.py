@@ -298,7 +298,9 @@ def stub_keywords() -> dict[str, Any]:
 def test_loop_stub_takes_the_loop_settings() -> None:
     loop = Config().loop_settings()
     stub = stub_keywords()
-    assert {k: v for k, v in stub.items() if k not in ("server_tls", "client_tls", "listen_exclusive")} == loop
+    assert {
+        k: v for k, v in stub.items() if k not in ("server_tls", "client_tls", "listen_exclusive")
+    } == loop
     assert set(loop) == {s.keyword for s in SETTINGS if s.to == "loop"}
 
 

@@ -36,7 +36,9 @@ capacity = 1
 rate = 2
 source = "https://example.com/limits"
 """
-PACED_GET = b"GET http://api.example.com/hello HTTP/1.1\r\nHost: api.example.com\r\nX-Api-Key: k\r\n"
+PACED_GET = (
+    b"GET http://api.example.com/hello HTTP/1.1\r\nHost: api.example.com\r\nX-Api-Key: k\r\n"
+)
 
 
 def healthz_on(s: socket.socket) -> dict:
@@ -97,8 +99,10 @@ class Load:
     def _more(self) -> bool:
         with self.lock:
             done = self.ok + len(self.failures)
-        return not self.stop.is_set() and done < self.max_requests and (
-            time.monotonic() < self.deadline
+        return (
+            not self.stop.is_set()
+            and done < self.max_requests
+            and (time.monotonic() < self.deadline)
         )
 
     def _count(self, body: bytes) -> None:
@@ -265,7 +269,9 @@ def test_sighup_reloads_with_no_failed_request(proxy, tmp_path: Path):
     time.sleep(0.7)
     config.write_text("max-head-bytes = 2048\n")
     p.proc.send_signal(signal.SIGHUP)
-    new = wait_for(lambda: (set(p.worker_pids()) - old) if not (old & set(p.worker_pids())) else None)
+    new = wait_for(
+        lambda: (set(p.worker_pids()) - old) if not (old & set(p.worker_pids())) else None
+    )
     assert new and len(new) == 2, p.stderr
     time.sleep(0.7)
     load.finish()
