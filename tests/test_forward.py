@@ -325,6 +325,7 @@ HEALTHZ_SCHEMA = {
     "version": str,
     "uptime_seconds": (int, float),
     "pid": int,
+    "worker": int,
     "connections.open": int,
     "connections.accepted": int,
     "connections.tunnels_open": int,

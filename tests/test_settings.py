@@ -337,7 +337,12 @@ def test_worker_gives_the_loop_and_pacer_exactly_their_settings(
     )
     worker = server.Worker(config)  # the real Loop takes every keyword it is given
     try:
-        assert seen["Loop"] == {**config.loop_settings(), "server_tls": None, "client_tls": None}
+        assert seen["Loop"] == {
+            **config.loop_settings(),
+            "server_tls": None,
+            "client_tls": None,
+            "listen_exclusive": False,  # its own listener, not the supervisor's shared one
+        }
         pacer = {k: v for k, v in seen["Pacer"].items() if k not in ("wall", "mono")}
         assert pacer == config.pacer_settings()
         assert seen["Safety"] == config.safety_settings() == {"margin": 0.2}

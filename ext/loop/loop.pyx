@@ -82,7 +82,8 @@ S_WAIT
     epoll:    client RDHUP, OUT while cout holds bytes
     events:   client RDHUP/HUP/ERR: abandoned, close; OUT: flush_client
 S_DEPARTING
-    set by:   departure (confirmed, or the policy failed)
+    set by:   departure (confirmed, or the policy failed); drain_expire (held
+              past the drain's deadline: leaves with the 503)
     deadline: spent; left within departure (send_forward, or the error page)
     expiry:   cannot happen (internal_errors, close)
     epoll:    S_WAIT's
