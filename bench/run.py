@@ -251,13 +251,17 @@ def _start_time(pid: int) -> int | None:
 
 
 def tree_cpu_s(root: int) -> float:
-    """User + system CPU seconds of a process tree (threads included)."""
+    """User + system CPU seconds of a process tree (threads included): elbasy's
+    supervisor and its live workers, plus (the root's cutime and cstime) the
+    workers it has reaped, so a restarted worker's CPU is not lost."""
     ticks = 0
     for pid in tree_pids(root):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             ticks += int(fields[11]) + int(fields[12])
+            if pid == root:
+                ticks += int(fields[13]) + int(fields[14])
         except (OSError, IndexError, ValueError):
             pass
     return ticks / CLK_TCK

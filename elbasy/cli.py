@@ -16,6 +16,7 @@ these options; without a subcommand it runs the proxy.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -125,6 +126,9 @@ def _option(s: Setting) -> Callable[[_F], _F]:
         attrs["multiple"] = True
     elif kind.value_type is not str:
         attrs["type"] = kind.value_type
+    if "type" not in attrs and not kind.multiple and not isinstance(kind, Flag):
+        # text whatever the default looks like (--workers: 1 or auto)
+        attrs["type"] = click.STRING
     if isinstance(kind, ConfigFile):
         attrs.update(is_eager=True, expose_value=False, callback=_load_config_file)
         return click.option(*decls, s.name, **attrs)
@@ -158,27 +162,50 @@ def main(ctx: click.Context, /, **options: Any) -> None:
     ELBASY_LISTEN; ELBASY_CONNECT_TO takes space-separated rules) or in the
     --config file. Precedence: command line, environment, config file, defaults.
     """
-    for name, value in ctx.meta.get(_FILE_ASIDE, {}).items():
-        if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
-            options[name] = value
-    try:
-        config = build_config(**options, **ctx.meta.get(_FILE_ONLY, {}))
-    except ConfigError as e:
-        raise _problem(ctx, e) from None
+    config = _config_of(ctx, options)
     ctx.obj = config
     if ctx.invoked_subcommand is not None:
         return
 
+    from elbasy import supervisor
     from elbasy.logs import configure
-    from elbasy.server import StartupError, run
+    from elbasy.server import StartupError
 
-    configure(config.log_level, config.log_format)
+    args = sys.argv[1:]
     try:
-        run(config)
+        configure(config.log_level, config.log_format, config.log_file)
+    except OSError as e:
+        raise click.ClickException(f"cannot open the log file {config.log_file}: {e}") from None
+    try:
+        code = supervisor.run(config, lambda: reload_config(args))
     except StartupError as e:
         raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:  # Ctrl-C before the server installed its handlers
-        pass
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor installed its handlers
+        code = 0
+    ctx.exit(code)
+
+
+def _config_of(ctx: click.Context, options: dict[str, Any]) -> Config:
+    """The Config of a parsed command line (its options, the config file's settings)."""
+    for name, value in ctx.meta.get(_FILE_ASIDE, {}).items():
+        if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
+            options[name] = value
+    try:
+        return build_config(**options, **ctx.meta.get(_FILE_ONLY, {}))
+    except ConfigError as e:
+        raise _problem(ctx, e) from None
+
+
+def reload_config(args: list[str]) -> Config:
+    """The settings of ``elbasy ARGS`` as they are now: the same command line, with the
+    environment and the config file read again (SIGHUP). Raises ConfigError, one line."""
+    try:
+        with main.make_context("elbasy", list(args)) as ctx:
+            return _config_of(ctx, dict(ctx.params))
+    except click.exceptions.Exit as e:
+        raise ConfigError(f"the command line asks for no proxy (exit {e.exit_code})") from None
+    except click.ClickException as e:
+        raise ConfigError(e.format_message()) from None
 
 
 @main.command("show-config")

@@ -68,6 +68,7 @@ __all__ = [
     "SETTINGS",
     "SPLICE_MODES",
     "MAX_HEAD_BYTES_MAX",
+    "MAX_WORKERS",
     "MAX_HEAD_BYTES_MIN",
     "Config",
     "ConfigError",
@@ -79,6 +80,7 @@ __all__ = [
     "route",
     "setting_named",
     "to_toml",
+    "worker_count",
 ]
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
@@ -417,6 +419,39 @@ class RuleTables(Kind):
         return "".join("\n" + rule_to_toml(table, name) for table in value)
 
 
+#: at most this many workers: each takes a slot of the shared quota store's
+#: 32, and a reload runs the old and the new ones side by side for a while
+MAX_WORKERS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Workers(Kind):
+    """``--workers N`` (1 to MAX_WORKERS) or ``auto``: one per CPU this process may run on."""
+
+    toml: ClassVar[str] = 'integer or "auto"'
+    metavar: ClassVar[str | None] = "N|auto"
+
+    def check(self, value: Any) -> int | str:
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "auto":
+                return "auto"
+            if text.isascii() and text.isdigit():
+                value = int(text)
+        if not is_int(value) or not 1 <= value <= MAX_WORKERS:
+            raise ConfigError(f"must be 1 to {MAX_WORKERS}, or auto; got {value!r}")
+        return int(value)
+
+
+def worker_count(workers: int | str) -> int:
+    """How many worker processes ``--workers`` asks for (``auto``: the usable CPUs, capped)."""
+    if workers == "auto":
+        import os
+
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    return int(workers)
+
+
 # --------------------------------------------------------------------------- Config
 
 #: where quota lives (``--quota-store``); auto is shm: a reload or a restarted
@@ -457,6 +492,25 @@ class Config:
     log_level: str = setting(Choice(LOG_LEVELS), "info", "Log messages of this level and above.")
     log_format: str = setting(
         Choice(LOG_FORMATS), "text", "Log lines as plain text, or as one JSON object each."
+    )
+    log_file: str | None = setting(
+        File(),
+        None,
+        "Append log lines to this file (reopened on SIGUSR1, for log rotation).",
+        metavar="PATH",
+        default_text="stderr",
+    )
+    # --- processes (elbasy.supervisor) ---
+    workers: int | str = setting(
+        Workers(),
+        1,
+        "Worker processes sharing the listener; 'auto': one per CPU (at most 16).",
+    )
+    drain_timeout: float = setting(
+        Seconds(0, 3600),
+        30.0,
+        "On SIGTERM, Ctrl-C or a reload, let requests in flight and held for quota finish "
+        "this long; the rest get 503 with Retry-After.",
     )
     # --- the loop's deadlines and limits ---
     head_timeout: float = setting(
@@ -573,6 +627,12 @@ class Config:
             except ConfigError as e:
                 raise ConfigError(e.reason, name) from None
             object.__setattr__(self, name, value)
+        if self.quota_store == "local" and worker_count(self.workers) > 1:
+            raise ConfigError(
+                "local keeps each worker's quota to itself, so N workers would hand out "
+                "N quotas; use shm with more than one worker",
+                "quota_store",
+            )
         from elbasy.rules import RuleError
 
         try:
@@ -679,6 +739,8 @@ def _check_toml_value(path: Path, key: str, value: object) -> object:
     if kind == "integer" and is_int(value):
         return value
     if kind == "boolean" and isinstance(value, bool):
+        return value
+    if kind == 'integer or "auto"' and (is_int(value) or isinstance(value, str)):
         return value
     if kind == "array of tables":
         if isinstance(value, list) and all(isinstance(v, dict) for v in value):

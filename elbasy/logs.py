@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["ACCESS_LOGGER", "configure", "log_access", "startup_banner"]
+__all__ = ["ACCESS_LOGGER", "configure", "log_access", "reopen_log_file", "startup_banner"]
 
 ACCESS_LOGGER = "elbasy.access"
 
@@ -167,11 +167,60 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-def configure(level: str, fmt: str) -> None:
-    """Send the ``elbasy`` loggers to stderr at ``level`` in format ``fmt`` (text|json).
+class _FileHandler(logging.Handler):
+    """Appends to a log file; :meth:`reopen` starts a new one at the same path.
+
+    Opened with O_APPEND, so the lines of a supervisor and its workers
+    writing to the same file never overwrite each other. After a log
+    rotation renamed the file, SIGUSR1 reopens it (:func:`reopen_log_file`).
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + "\n")
+            self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def reopen(self) -> None:
+        fresh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        old, self.stream = self.stream, fresh
+        old.close()
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+
+def reopen_log_file() -> bool:
+    """Reopen the ``--log-file`` (SIGUSR1, after a rotation); False when logging to stderr.
+
+    An error opening it (a directory gone) is written to stderr and the old
+    file is kept.
+    """
+    for h in logging.getLogger("elbasy").handlers:
+        if isinstance(h, _FileHandler):
+            try:
+                h.reopen()
+            except OSError as e:
+                sys.stderr.write(f"elbasy: cannot reopen the log file {h.path}: {e}\n")
+                return False
+            return True
+    return False
+
+
+def configure(level: str, fmt: str, path: str | None = None) -> None:
+    """Send the ``elbasy`` loggers to stderr (or to the file ``path``) at ``level``
+    in format ``fmt`` (text|json).
 
     Calling it again replaces the previous setup. Records still propagate to
-    the root logger, which elbasy leaves alone.
+    the root logger, which elbasy leaves alone. Raises OSError when ``path``
+    cannot be opened.
     """
     try:
         numeric = _LEVELS[level.lower()]
@@ -190,9 +239,10 @@ def configure(level: str, fmt: str) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     root = logging.getLogger("elbasy")
-    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+    handler: logging.Handler = _FileHandler(path) if path else _StderrHandler()
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler | _FileHandler)]:
         root.removeHandler(old)
-    handler = _StderrHandler()
+        old.close()
     handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(numeric)

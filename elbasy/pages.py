@@ -76,10 +76,28 @@ def shed_response(limit: str, retry_after: float, close: bool) -> bytes:
 
 
 def unavailable_response(reason: str, retry_after: float, close: bool) -> bytes:
-    """elbasy's own 503: it cannot take the request now; nothing was sent upstream."""
+    """elbasy's own 503: it cannot take the request now (the reason says why)."""
     retry = max(1, math.ceil(retry_after))
     body = f"elbasy: {reason}; retry after {retry} s\n".encode()
     return response(503, body, b"text/plain", close, ((b"Retry-After", str(retry).encode()),))
+
+
+#: what a request cut off by a drain is told to wait before trying again: by
+#: then a reload's new workers (or a restarted elbasy) are listening
+DRAIN_RETRY_AFTER = 1
+
+
+def draining_response(sent: bool) -> bytes:
+    """elbasy's own 503: this worker is shutting down and its drain's deadline came.
+
+    ``sent``: the request had already gone to the upstream, whose answer did
+    not come in time (the client should check before repeating it).
+    """
+    if sent:
+        reason = "shutting down; the upstream did not answer before the drain deadline"
+    else:
+        reason = "shutting down; this request was not sent"
+    return unavailable_response(reason, DRAIN_RETRY_AFTER, True)
 
 
 def own_page(

@@ -18,7 +18,13 @@ from elbasy.errors import RemoteProtocolError
 from elbasy.logs import log_access
 from elbasy.outbound import Outbound
 from elbasy.pacing import OWN_HEADERS, BadMaxWait, Paced, Pacer, Verdict
-from elbasy.pages import error_response, own_page, shed_response, unavailable_response
+from elbasy.pages import (
+    draining_response,
+    error_response,
+    own_page,
+    shed_response,
+    unavailable_response,
+)
 from elbasy.protocol.headers import drop_header_lines, named_in_connection
 from elbasy.protocol.http1 import (
     RequestHead,
@@ -301,6 +307,19 @@ class Policy:
         if ex.paced is not None:
             self.pacer.abandoned(ex.paced)
         log_access(ex.client, ex.method, ex.target, CLIENT_CLOSED, 0, 0, 0.0, self._paced_log(ex))
+
+    def drained(self, ex: Exchange | None, sent: bool) -> bytes:
+        """The worker's drain deadline came before this request's answer: elbasy's 503.
+
+        ``sent``: it was already forwarded (its quota was spent); otherwise a
+        paced request's place in line goes back. ``ex`` is None for a
+        request whose head had not all arrived.
+        """
+        if ex is not None:
+            if ex.paced is not None and not sent:
+                self.pacer.abandoned(ex.paced)
+            log_access(ex.client, ex.method, ex.target, 503, 0, 0, 0.0, self._paced_log(ex))
+        return draining_response(sent)
 
     def _paced_log(self, ex: Exchange) -> tuple[str, str, float, float | None, float] | None:
         """What the access log says of a paced request: rule, account, costs, its wait."""

@@ -204,6 +204,8 @@ class QuotaStore(Facts, Protocol):
 
     def moved(self) -> list[str]: ...
 
+    def stats(self) -> dict[str, int | str]: ...
+
 
 #: what :meth:`QuotaStore.moved` returns when it lost track: re-check every line
 EVERY_LINE = "*"
@@ -700,3 +702,7 @@ class LocalStore:
     def buckets(self) -> int:
         """How many (bucket key, limit) states are kept."""
         return len(self._states)
+
+    def stats(self) -> dict[str, int | str]:
+        """For /healthz: what this store holds."""
+        return {"store": "local", "buckets": len(self._states)}

@@ -1,8 +1,10 @@
 """Compose one worker: listener, resolver, policy and the loop, then serve.
 
 This is the only module that sees both planes: it builds the policy objects
-(plain Python), hands them to the Cython loop, and owns process-level
-concerns (the listening socket, fd limits, signals).
+(plain Python) and hands them to the Cython loop. The process-level
+concerns (forking workers, signals, the fd limit, opening the listening
+socket once) are the supervisor's (:mod:`elbasy.supervisor`); the helpers
+it needs for them live here.
 """
 
 from __future__ import annotations
@@ -11,16 +13,13 @@ import contextlib
 import datetime as dt
 import logging
 import resource
-import signal
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from elbasy import __version__
 from elbasy._loop import Loop
 from elbasy.config import Config
-from elbasy.logs import startup_banner
 from elbasy.pacing import Pacer
 from elbasy.policy import Policy
 from elbasy.quota import LocalStore, Safety
@@ -47,8 +46,19 @@ def raise_fd_limit() -> int:
 
 
 def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, non-blocking; raises StartupError (one line) when it cannot bind."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        _listen_on(sock, host, port)
+    except OSError as e:
+        sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise StartupError(f"cannot listen on {where}: {e.strerror or e}") from None
+    return sock
+
+
+def _listen_on(sock: socket.socket, host: str, port: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
     # accepted client sockets inherit TCP_NODELAY: small TLS records and
@@ -57,7 +67,6 @@ def listen(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.listen(4096)
     sock.setblocking(False)
-    return sock
 
 
 class StartupError(Exception):
@@ -67,6 +76,33 @@ class StartupError(Exception):
 def intercepted_hosts(config: Config, rules: RuleSet) -> tuple[str, ...]:
     """--intercept globs, then the hosts of every enabled rule (each once, in order)."""
     return tuple(dict.fromkeys([*config.intercept, *(g.lower() for g in rules.intercept_globs())]))
+
+
+def make_store(config: Config, shared: Any, slot: int) -> Any:
+    """The quota store of one worker.
+
+    ``shared`` is what :func:`elbasy.supervisor.make_shared` made before the
+    workers were forked (None: no shared store, so each worker keeps its
+    own quota in :class:`LocalStore`); ``slot`` is this worker's number,
+    0..31, unique among the live workers.
+    """
+    safety = Safety(**config.safety_settings())
+    if shared is None:
+        return LocalStore(safety)
+    from elbasy.shm import ShmStore
+
+    return ShmStore(shared, slot, safety)
+
+
+def prepare_ca(config: Config) -> None:
+    """Load the CA, or make it on the first run, before any worker starts.
+
+    The supervisor calls it once, so workers forked after it only ever
+    load the CA and never race to create it. Raises StartupError.
+    """
+    intercept = intercepted_hosts(config, config.ruleset())
+    if intercept:
+        interception(config, intercept)
 
 
 def interception(config: Config, intercept: tuple[str, ...]) -> tuple[Any, Any, str]:
@@ -109,11 +145,25 @@ class Worker:
 
     ``policy_type`` builds the policy (a test may pass a subclass of
     :class:`Policy`). ``stop()`` may be called from any thread.
+
+    In a worker process the supervisor passes the listening socket it
+    opened (``sock``, shared by every worker: the loop polls it with
+    EPOLLEXCLUSIVE), the worker's ``slot`` and the ``shared`` quota state;
+    without ``sock`` the worker opens its own listener (tests in one process).
     """
 
-    def __init__(self, config: Config, policy_type: type[Policy] = Policy) -> None:
+    def __init__(
+        self,
+        config: Config,
+        policy_type: type[Policy] = Policy,
+        *,
+        sock: socket.socket | None = None,
+        slot: int = 0,
+        shared: Any = None,
+    ) -> None:
         self.config = config
-        self.sock = listen(config.listen_host, config.listen_port)
+        self.slot = slot
+        self.sock = sock if sock is not None else listen(config.listen_host, config.listen_port)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -127,7 +177,7 @@ class Worker:
             self.intercept = intercepted_hosts(config, rules)
             self.pacer = Pacer(
                 rules,
-                LocalStore(Safety(**config.safety_settings())),
+                make_store(config, shared, slot),
                 wall=time.time,
                 mono=time.monotonic,
                 **config.pacer_settings(),
@@ -145,6 +195,9 @@ class Worker:
                 **config.loop_settings(),
                 server_tls=self.server_tls,
                 client_tls=self.client_tls,
+                listen_exclusive=sock is not None,
+                # another worker's refund or place given back moves this one's lines
+                quota_fd=self.pacer.store.fileno(),
             )
             # the pacer moves held requests (a line that moved) through the loop
             self.pacer.wake = self.loop.wake
@@ -155,11 +208,13 @@ class Worker:
     def _stats(self) -> dict[str, Any]:
         loop = getattr(self, "loop", None)
         stats: dict[str, Any] = loop.stats() if loop is not None else {}
+        stats["worker"] = self.slot
         if self.server_tls is not None:
             stats.setdefault("tls", {}).update(self.server_tls.stats())
         pacer = getattr(self, "pacer", None)
         if pacer is not None:
             stats["pacing"] = {**pacer.counters, **pacer.lateness()}
+            stats["quota"] = pacer.store.stats()
         return stats
 
     @property
@@ -173,6 +228,14 @@ class Worker:
 
     def stop(self) -> None:
         self.loop.stop()
+        self._wake()
+
+    def drain(self, seconds: float) -> None:
+        """Finish what is in flight within ``seconds``, then leave serve() (Loop.drain)."""
+        self.loop.drain(seconds)
+        self._wake()
+
+    def _wake(self) -> None:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
@@ -184,33 +247,3 @@ class Worker:
         self.sock.close()
         self._wake_r.close()
         self._wake_w.close()
-
-
-def run(config: Config) -> None:
-    """Serve until SIGINT or SIGTERM."""
-    limit = raise_fd_limit()
-    worker = Worker(config)
-
-    def stop(signum: int, frame: object) -> None:
-        log.info("signal %d: stopping", signum)
-        worker.loop.stop()
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    old_wakeup = signal.set_wakeup_fd(worker.wakeup_fd, warn_on_full_buffer=False)
-    host, port = worker.address
-    startup_banner(__version__, host, port)
-    log.info("fd limit %d", limit)
-    if worker.intercept:
-        log.info(
-            "intercepting %s with the CA in %s (clients must trust it: elbasy ca trust-help)",
-            ", ".join(worker.intercept),
-            worker.ca_file,
-        )
-    try:
-        worker.serve()
-    finally:
-        signal.set_wakeup_fd(old_wakeup)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        worker.close()
-        log.info("stopped")

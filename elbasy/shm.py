@@ -271,3 +271,17 @@ class ShmStore:
     def buckets(self) -> int:
         """Buckets the table holds (every worker's)."""
         return self.table.used
+
+    def stats(self) -> dict[str, int | str]:
+        """For /healthz: the table's fill and what made room or was lost."""
+        t = self.table
+        return {
+            "store": "shm",
+            "buckets": t.used,
+            "capacity": t.capacity,
+            "bytes_per_bucket": t.bytes_per_bucket,
+            "evictions": t.evictions,
+            "dropped": t.dropped,
+            "recovered": t.recovered,
+            "workers_attached": bin(t.attached).count("1"),
+        }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -148,15 +149,54 @@ class Proxy:
         finally:
             conn.close()
 
+    # -- its processes: `pid` is the supervisor; the workers (its children) serve -------------
+
+    def worker_pids(self) -> list[int]:
+        """The live worker processes: the supervisor's children."""
+        kids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # fields[1] is the ppid (field 4); "Z": a zombie the supervisor has yet to reap
+            if int(fields[1]) == self.pid and fields[0] != "Z":
+                kids.append(int(entry))
+        return sorted(kids)
+
+    @property
+    def worker_pid(self) -> int:
+        """The one worker's pid (with --workers 1, the default)."""
+        pids = self.worker_pids()
+        assert len(pids) == 1, f"expected one worker, found {pids}"
+        return pids[0]
+
     def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        """Open fds of the worker processes (the supervisor's own do not change)."""
+        total = 0
+        for pid in self.worker_pids():
+            with contextlib.suppress(FileNotFoundError):
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+        return total
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the process has used so far."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        # fields[0] is the state (field 3): utime and stime are fields 14 and 15
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time elbasy has used so far: the supervisor, its live
+        workers, and the workers it has reaped (its cutime and cstime)."""
+        ticks = 0
+        for pid in (self.pid, *self.worker_pids()):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # fields[0] is the state (field 3): utime, stime, cutime, cstime are fields 14-17
+            ticks += int(fields[11]) + int(fields[12])
+            if pid == self.pid:
+                ticks += int(fields[13]) + int(fields[14])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -143,6 +143,8 @@ DEFAULTS = {
     "listen": "127.0.0.1:8080",
     "log_level": "info",
     "log_format": "text",
+    "workers": 1,
+    "drain_timeout": 30.0,
     "head_timeout": 10.0,
     "connect_timeout": 10.0,
     "idle_timeout": 300.0,
@@ -189,11 +191,17 @@ def test_every_option_from_the_command_line() -> None:
             "--max-wait=12.5",
             "--retry-idempotent",
             "--quota-margin=0.05",
+            "--log-file=/tmp/elbasy.log",
+            "--workers=auto",
+            "--drain-timeout=7.5",
         ]
     )
     assert got == {
         "listen": "0.0.0.0:9000",
         "log_level": "warning",
+        "log_file": "/tmp/elbasy.log",
+        "workers": "auto",
+        "drain_timeout": 7.5,
         "log_format": "json",
         "head_timeout": 1.0,
         "connect_timeout": 2.0,
@@ -234,6 +242,8 @@ def test_every_option_from_the_environment() -> None:
         "ELBASY_MAX_WAIT": "7",
         "ELBASY_RETRY_IDEMPOTENT": "1",
         "ELBASY_QUOTA_MARGIN": "0.02",
+        "ELBASY_WORKERS": "3",
+        "ELBASY_DRAIN_TIMEOUT": "0",
         "ELBASY_RULES": "bigcommerce",
     }
     assert settings([], env) == {
@@ -256,6 +266,8 @@ def test_every_option_from_the_environment() -> None:
         "max_wait": 7.0,
         "retry_idempotent": True,
         "quota_margin": 0.02,
+        "workers": 3,
+        "drain_timeout": 0.0,
     }
 
 
@@ -388,9 +400,9 @@ def test_bad_value_names_the_config_file(tmp_path: Path) -> None:
 
 
 def test_config_file_unknown_key(tmp_path: Path) -> None:
-    path = write(tmp_path, 'listen = ":1"\nworkers = 4\n')
+    path = write(tmp_path, 'listen = ":1"\nthreads = 4\n')
     line = one_line_error(invoke(["--config", str(path)]))
-    assert f"config file {str(path)!r}: unknown key 'workers'" in line
+    assert f"config file {str(path)!r}: unknown key 'threads'" in line
 
 
 def test_config_file_missing(tmp_path: Path) -> None:

@@ -189,9 +189,9 @@ def test_no_fd_leak_after_10k_failing_connections(proxy, raw_origin, refused_por
 def _fd_kinds(p) -> collections.Counter[str]:
     """What the proxy's fds point at, by kind (socket, pipe, anon_inode:[eventpoll], ...)."""
     kinds: collections.Counter[str] = collections.Counter()
-    for fd in os.listdir(f"/proc/{p.pid}/fd"):
+    for fd in os.listdir(f"/proc/{p.worker_pid}/fd"):
         try:
-            target = os.readlink(f"/proc/{p.pid}/fd/{fd}")
+            target = os.readlink(f"/proc/{p.worker_pid}/fd/{fd}")
         except OSError:
             continue
         kinds[target.split(":[")[0] if target.startswith(("socket", "pipe")) else target] += 1

@@ -325,6 +325,7 @@ HEALTHZ_SCHEMA = {
     "version": str,
     "uptime_seconds": (int, float),
     "pid": int,
+    "worker": int,
     "connections.open": int,
     "connections.accepted": int,
     "connections.tunnels_open": int,
@@ -362,7 +363,7 @@ def test_healthz_json(proxy):
             problems.append(f"{key} is {value!r}")
     assert not problems, f"/healthz does not match the contract: {problems}; got {h}"
     assert h["version"] == p.version
-    assert h["pid"] == p.pid
+    assert h["pid"] == p.worker_pid
     assert h["uptime_seconds"] >= 0
     assert h["connections"]["open"] >= 1  # this very request
     assert h["connections"]["accepted"] >= 1

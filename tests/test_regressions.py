@@ -38,7 +38,7 @@ def test_a_flood_of_pipelined_requests_neither_crashes_nor_grows(proxy):
     request until the stack overflowed, and to buffer every answer)."""
     p = proxy()
     rss = lambda: int(  # noqa: E731
-        next(ln for ln in open(f"/proc/{p.pid}/status") if ln.startswith("VmRSS")).split()[1]
+        next(ln for ln in open(f"/proc/{p.worker_pid}/status") if ln.startswith("VmRSS")).split()[1]
     )
     before = rss()
     s = socket.socket()

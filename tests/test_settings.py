@@ -82,6 +82,9 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "max_wait": (0, 3600),
     "retry_idempotent": (True, False),
     "quota_margin": (0, 0.25),
+    "log_file": ("/tmp/elbasy-a.log", "/tmp/elbasy-b.log"),
+    "workers": (2, "auto"),
+    "drain_timeout": (0, 12.5),
 }
 
 
@@ -295,7 +298,9 @@ def stub_keywords() -> dict[str, Any]:
 def test_loop_stub_takes_the_loop_settings() -> None:
     loop = Config().loop_settings()
     stub = stub_keywords()
-    assert {k: v for k, v in stub.items() if k not in ("server_tls", "client_tls")} == loop
+    assert {
+        k: v for k, v in stub.items() if k not in ("server_tls", "client_tls", "listen_exclusive")
+    } == loop
     assert set(loop) == {s.keyword for s in SETTINGS if s.to == "loop"}
 
 
@@ -332,7 +337,12 @@ def test_worker_gives_the_loop_and_pacer_exactly_their_settings(
     )
     worker = server.Worker(config)  # the real Loop takes every keyword it is given
     try:
-        assert seen["Loop"] == {**config.loop_settings(), "server_tls": None, "client_tls": None}
+        assert seen["Loop"] == {
+            **config.loop_settings(),
+            "server_tls": None,
+            "client_tls": None,
+            "listen_exclusive": False,  # its own listener, not the supervisor's shared one
+        }
         pacer = {k: v for k, v in seen["Pacer"].items() if k not in ("wall", "mono")}
         assert pacer == config.pacer_settings()
         assert seen["Safety"] == config.safety_settings() == {"margin": 0.2}

@@ -33,6 +33,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLERR
         EPOLLHUP
         EPOLLRDHUP
+        EPOLLEXCLUSIVE
 
 
 cdef extern from "<sys/socket.h>" nogil:

@@ -20,7 +20,8 @@ Where things are (ext/loop/, one C translation unit: the rooms are
 * the rooms, in the order a connection goes through them: buffers,
   objects, epoll, deadlines, dispatch (events and expiries by state),
   accept_head, hold, intercept, upstream_connect, tunnel, splice,
-  upstream_pool, forward, response, replies, close; then stats.
+  upstream_pool, forward, response, replies, close; then drain (the
+  graceful end: Loop.drain) and stats.
 
 Deadlines live in one min-heap of (when, fd, serial) entries
 (ext/c/elbasy_timers.h) checked lazily: an idle deadline moves forward with
@@ -82,7 +83,8 @@ S_WAIT
     epoll:    client RDHUP, OUT while cout holds bytes
     events:   client RDHUP/HUP/ERR: abandoned, close; OUT: flush_client
 S_DEPARTING
-    set by:   departure (confirmed, or the policy failed)
+    set by:   departure (confirmed, or the policy failed); drain_expire (held
+              past the drain's deadline: leaves with the 503)
     deadline: spent; left within departure (send_forward, or the error page)
     expiry:   cannot happen (internal_errors, close)
     epoll:    S_WAIT's
@@ -156,11 +158,11 @@ from io cimport (
 )
 from system cimport (
     ECONNABORTED, ENOBUFS, ENOMEM, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD,
-    EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, F_SETPIPE_SZ, MSG_DONTWAIT, MSG_NOSIGNAL,
-    MSG_PEEK, O_CLOEXEC, O_NONBLOCK, O_RDONLY, SHUT_WR, SOCK_CLOEXEC, SOCK_NONBLOCK, SPLICE_F_MOVE,
-    SPLICE_F_NONBLOCK, PyErr_CheckSignals, accept4, close, epoll_create1, epoll_ctl, epoll_event,
-    epoll_wait, fcntl, open, pipe2, read, recv, send, shutdown, sockaddr, sockaddr_storage,
-    socklen_t, splice,
+    EPOLLERR, EPOLLEXCLUSIVE, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, F_SETPIPE_SZ,
+    MSG_DONTWAIT, MSG_NOSIGNAL, MSG_PEEK, O_CLOEXEC, O_NONBLOCK, O_RDONLY, SHUT_WR,
+    SOCK_CLOEXEC, SOCK_NONBLOCK, SPLICE_F_MOVE, SPLICE_F_NONBLOCK, PyErr_CheckSignals, accept4,
+    close, epoll_create1, epoll_ctl, epoll_event, epoll_wait, fcntl, open, pipe2, read, recv,
+    send, shutdown, sockaddr, sockaddr_storage, socklen_t, splice,
 )
 from timers cimport (
     elb_timer, elb_timers_first, elb_timers_free, elb_timers_init, elb_timers_pop,
@@ -191,6 +193,7 @@ include "forward.pxi"
 include "response.pxi"
 include "replies.pxi"
 include "close.pxi"
+include "drain.pxi"
 include "stats.pxi"
 
 
@@ -241,7 +244,8 @@ cdef class Loop:
                  double idle_timeout=300.0, double keepalive_timeout=60.0,
                  double response_timeout=60.0, Py_ssize_t max_head_bytes=65536,
                  int splice=SPLICE_AUTO,  # no-cython-lint (the keyword is public; splice(2) is not)
-                 server_tls=None, client_tls=None, int quota_fd=-1):
+                 server_tls=None, client_tls=None, bint listen_exclusive=False,
+                 int quota_fd=-1):
         self.policy = policy
         self.resolver = resolver
         self.server_tls = server_tls
@@ -270,7 +274,11 @@ cdef class Loop:
         # and close the waiting client, take it back. No busy loop.
         self.spare_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
         self.listen_fd = listen_fd
-        add_fd(self, listen_fd, EPOLLIN)
+        # a listener shared by several workers' loops: EPOLLEXCLUSIVE wakes
+        # one of them per new connection, not all (docs: README, Processes)
+        self.listen_exclusive = listen_exclusive
+        add_fd(self, listen_fd, EPOLLIN | (EPOLLEXCLUSIVE if listen_exclusive else 0))
+        self.listening = True
         self.resolver_fd = resolver.fileno()
         add_fd(self, self.resolver_fd, EPOLLIN)
         self.wakeup_fd = wakeup_fd
@@ -302,13 +310,38 @@ cdef class Loop:
         """Leave run() at the next wake-up (safe from a signal handler)."""
         self.stopping = True
 
+    def drain(self, double deadline_seconds):
+        """Finish what is in flight, then leave run() (safe from a signal handler).
+
+        Stop accepting, close idle keep-alive clients at once, answer with
+        ``Connection: close`` from now on, let held requests depart as the
+        quota allows; ``deadline_seconds`` from now, answer every request
+        still held or still waiting for its upstream's head 503 with
+        Retry-After and close tunnels. run() returns when no connection is
+        left. A second call does not move the deadline. See drain.pxi.
+        """
+        if self.draining:
+            return
+        self.drain_deadline = elb_now_ns() + seconds_ns(deadline_seconds)
+        self.draining = True
+
     def run(self):
-        """Serve until stop(); then close every connection this loop owns."""
+        """Serve until stop(), or until a drain() has ended every connection;
+        then close every connection (and pooled upstream) this loop owns."""
         cdef int n, i, fd, timeout
         cdef uint32_t ev
         cdef object obj
         while not self.stopping:
             timeout = next_timeout_ms(self)
+            if self.draining:
+                if not self.drain_begun:
+                    drain_begin(self)
+                if not self.drain_expired and elb_now_ns() >= self.drain_deadline:
+                    drain_expire(self)
+                if self.c_open == 0:
+                    break
+                if not self.drain_expired:
+                    timeout = min(timeout, drain_timeout_ms(self))
             with nogil:
                 n = epoll_wait(self.epfd, self.events, MAX_EVENTS, timeout)
             if n < 0:

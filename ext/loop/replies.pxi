@@ -61,6 +61,9 @@ cdef void reply(Loop loop, Conn c, bytes data, bint close_after):
     if close_after:
         send_final(loop, c, data)
         return
+    if loop.draining:
+        send_final(loop, c, drain_close_reply(data))  # its last answer says so
+        return
     if queue_client(loop, c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) == STEP_ENDED:
         return
     back_to_head(loop, c, False)
@@ -141,6 +144,11 @@ cdef void back_to_head(Loop loop, Conn c, bint resume):
     c.verdict = None
     c.ticket = None
     c.goal = GOAL_NONE
+    if loop.draining and not buf_len(&c.cin):
+        # no next request while draining (an answer whose head left before
+        # the drain began did not say `Connection: close`: the close says it)
+        linger(loop, c)
+        return
     if buf_len(&c.cin):
         arm(loop, c, loop.now + loop.head_ns)
         if resume:

@@ -81,6 +81,9 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
             retry_later(loop, c, plan.retry_at)
             return STEP_ENDED
         head = plan.head
+        if loop.draining and not plan.interim and plan.keep_client:
+            # the worker is draining: this answer is the connection's last
+            head = head[:PyBytes_GET_SIZE(head) - 2] + b"Connection: close\r\n\r\n"
         c.bytes_down += PyBytes_GET_SIZE(head)
         loop.c_bytes_down += PyBytes_GET_SIZE(head)
         # parked, not sent: the body bytes that came with it leave in the
@@ -95,7 +98,7 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
         ex.resp_remaining = plan.length
         ex.resp_chunks.state = 0
         ex.resp_chunks.remaining = 0
-        ex.keep_client = plan.keep_client
+        ex.keep_client = plan.keep_client and not loop.draining
         ex.reuse_upstream = plan.reuse_upstream
         ex.capture = plan.capture
         if ex.resp_framing == BODY_NONE or (

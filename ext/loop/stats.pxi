@@ -5,6 +5,7 @@ cdef dict loop_stats(Loop loop):
     """Counters for /healthz; cheap enough to call per status request."""
     return {
         "uptime_seconds": (elb_now_ns() - loop.started_ns) / 1e9,
+        "draining": bool(loop.draining),
         "connections": {
             "open": loop.c_open,
             "accepted": loop.c_accepted,
@@ -27,6 +28,8 @@ cdef dict loop_stats(Loop loop):
             "connect_timeouts": loop.c_connect_timeouts,
             "response_timeouts": loop.c_response_timeouts,
             "client_aborts": loop.c_client_aborts,
+            "drain_refused": loop.c_drain_refused,
+            "drain_closed": loop.c_drain_closed,
             "upstream_aborts": loop.c_upstream_aborts,
             "upstream_reused": loop.c_pool_reused,
             "upstream_stale": loop.c_pool_stale,

@@ -143,6 +143,12 @@ cdef class Loop:
     cdef int wakeup_fd
     cdef int quota_fd           # readable when another worker gave quota back (or -1)
     cdef bint stopping
+    cdef bint listen_exclusive  # the listener is shared: EPOLLEXCLUSIVE (one waiter woken)
+    cdef bint listening         # the listener is in this loop's epoll
+    cdef bint draining          # drain() was asked for (drain.pxi)
+    cdef bint drain_begun       # run() has stopped accepting and closed the idle
+    cdef bint drain_expired     # the drain's deadline came: the rest were answered 503
+    cdef int64_t drain_deadline
     cdef object policy
     cdef object resolver
     cdef object server_tls      # mints leaves and makes client-side SSL*s (interception)
@@ -207,3 +213,5 @@ cdef class Loop:
     cdef uint64_t c_waiting
     cdef uint64_t c_abandoned
     cdef uint64_t c_throttle_retries
+    cdef uint64_t c_drain_refused   # answered 503 + Retry-After at the drain's deadline
+    cdef uint64_t c_drain_closed    # closed by the drain: idle keep-alive, tunnels, mid-body

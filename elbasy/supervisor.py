@@ -1,0 +1,551 @@
+"""The supervisor: one process that starts, watches and retires elbasy's workers.
+
+``elbasy --workers N`` (1 by default) runs this. Before any fork it parses the
+config, raises RLIMIT_NOFILE to the hard limit, opens the listening socket and
+loads (or makes) the CA, so every worker inherits the one socket and only
+ever loads the CA. Each worker is a forked process that builds a
+:class:`elbasy.server.Worker` around the inherited socket (polled with
+EPOLLEXCLUSIVE: the kernel wakes one worker per new connection) and runs its
+own loop. The supervisor serves no traffic; it answers signals:
+
+* SIGTERM, and the first Ctrl-C: drain. Every worker gets SIGTERM and runs
+  ``Loop.drain(--drain-timeout)``; the supervisor exits 0 when all are gone.
+* a second Ctrl-C: stop now (SIGUSR2 to the workers: every connection closed).
+* SIGHUP: reload. The command line is read again with the environment and
+  config file as they are now; an invalid config is logged and changes
+  nothing. Otherwise new workers start with it, and once every one of them
+  is ready the old ones drain. The listening socket stays open throughout,
+  so no connection is refused or reset.
+* SIGUSR1: reopen the ``--log-file`` (here and in every worker).
+
+Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group)
+and SIGHUP: they act on what the supervisor sends them only. A worker that
+dies is restarted after a backoff (0.1 s doubling to 10 s, back to 0.1 s once
+one ran for 10 s), its death logged; a worker that keeps crashing never
+takes the supervisor down.
+
+Hooks for a quota store shared by the workers, kept minimal: the supervisor
+calls :func:`make_shared` once, before the first fork; what it returns goes,
+with the worker's *slot* (0..31, unique among live workers; a restarted
+worker takes its predecessor's, a reload's new workers take free ones), to
+every worker's :func:`elbasy.server.make_store`; after reaping any worker the
+supervisor calls :func:`on_worker_gone` with that worker's slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from elbasy import __version__
+from elbasy.config import Config, ConfigError, worker_count
+from elbasy.logs import configure, reopen_log_file, startup_banner
+from elbasy.server import (
+    StartupError,
+    Worker,
+    intercepted_hosts,
+    listen,
+    prepare_ca,
+    raise_fd_limit,
+)
+
+log = logging.getLogger("elbasy.supervisor")
+
+#: slots of the shared store; workers take one each (N <= 16 leaves room for a reload)
+SLOTS = 32
+#: a worker that has not said it is ready within this long failed to start
+READY_TIMEOUT = 30.0
+#: restart backoff: the first delay, doubling up to the last
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 10.0
+#: a worker that ran this long was healthy: its slot's backoff starts over
+STABLE_AFTER = 10.0
+#: after the drain timeout, how long the supervisor waits before SIGKILL
+KILL_GRACE = 10.0
+#: supervisor -> worker: SIGTERM drains, this one stops at once
+STOP_NOW = signal.SIGUSR2
+_HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+
+
+def make_shared(config: Config) -> Any:
+    """What every worker's quota store shares, made once before the first fork.
+
+    The shared-memory quota table (``--quota-store shm``, and ``auto``): one
+    for the supervisor's lifetime, so a restarted worker and a reload's new
+    workers find every account's clocks and learned facts as they were.
+    None with ``--quota-store local`` (one worker keeps its own quota).
+    """
+    if config.quota_store == "local":
+        return None
+    from elbasy.shm import ShmTable
+
+    # facts: a plan per bucket, a tier per account and the GraphQL shapes
+    table = ShmTable(config.quota_capacity, facts=config.quota_capacity)
+    log.info(
+        "quota table in shared memory: %d buckets of %d bytes (%.1f MiB)",
+        table.capacity,
+        table.bytes_per_bucket,
+        table.size / (1 << 20),
+    )
+    return table
+
+
+def on_worker_gone(shared: Any, slot: int) -> None:
+    """A worker that held ``slot`` was reaped: the units it had queued leave
+    every bucket (its held requests will never depart), and the slot is free."""
+    if shared is None:
+        return
+    released = shared.release_slot(slot)
+    if released:
+        log.info("worker slot %d: its queued units left %d buckets", slot, released)
+
+
+@dataclass
+class Child:
+    pid: int
+    slot: int
+    generation: int
+    config: Config
+    started: float
+    ready_r: int | None  # the ready pipe, until the worker has said how its start went
+    ready: bool = False
+    draining: bool = False
+    error: str = ""
+
+
+def describe(status: int) -> str:
+    """How a reaped process ended, in words: ``killed by SIGKILL``, ``exited with status 1``."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}"
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"ended (status {status})"
+
+
+class Supervisor:
+    """Runs the workers of one elbasy until SIGTERM or Ctrl-C (:meth:`run`)."""
+
+    def __init__(self, config: Config, reload_config: Callable[[], Config]) -> None:
+        self.config = config
+        self.reload_config = reload_config
+        self.sock: socket.socket | None = None
+        self.shared: Any = None
+        self.children: dict[int, Child] = {}
+        self.generation = 0
+        self.phase = "starting"  # then "running", then "stopping"
+        self.startup_error: str | None = None
+        self.ready_deadline = 0.0
+        self.restarts: list[tuple[float, int]] = []  # (when, slot) of crashed workers
+        self.backoff: dict[int, float] = {}
+        self.interrupts = 0
+        self.kill_at: float | None = None
+        # a reload under way: its generation, config, socket (if the address moved), deadline
+        self.reload_gen: int | None = None
+        self.reload_cfg: Config | None = None
+        self.reload_sock: socket.socket | None = None
+        self.reload_deadline = 0.0
+        self._wake_r = self._wake_w = -1
+        self.pid = os.getpid()
+
+    # ---- the main loop ----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start the workers and serve until told to stop; the exit status.
+
+        Raises StartupError (one line) when elbasy cannot start: the port is
+        taken, the CA is unusable, or a worker failed to start.
+        """
+        self.pid = os.getpid()
+        limit = raise_fd_limit()
+        log.info("fd limit %d", limit)
+        self.sock = listen(self.config.listen_host, self.config.listen_port)
+        try:
+            prepare_ca(self.config)
+            self.shared = make_shared(self.config)
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_w, False)
+            os.set_blocking(self._wake_r, False)
+            previous = {sig: signal.signal(sig, _noop) for sig in _HANDLED}
+            old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+            try:
+                for _ in range(worker_count(self.config.workers)):
+                    self._spawn(self._free_slot(), self.config, self.sock, 0)
+                self.ready_deadline = time.monotonic() + READY_TIMEOUT
+                self._serve()
+            finally:
+                signal.set_wakeup_fd(old_wakeup)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self.sock.close()
+            if self.reload_sock is not None:
+                self.reload_sock.close()
+        if self.startup_error is not None:
+            raise StartupError(self.startup_error)
+        log.info("stopped")
+        return 0
+
+    def _serve(self) -> None:
+        while self.children or self.phase != "stopping":
+            fds = [self._wake_r, *(c.ready_r for c in self.children.values() if c.ready_r)]
+            try:
+                readable, _, _ = select.select(fds, [], [], self._timeout())
+            except InterruptedError:  # pragma: no cover (PEP 475 retries)
+                readable = []
+            for fd in readable:
+                if fd == self._wake_r:
+                    self._signals()
+                else:
+                    self._ready_message(fd)
+            self._reap()
+            self._due()
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        when = [now + 1.0]
+        when += [t for t, _ in self.restarts]
+        if self.kill_at is not None:
+            when.append(self.kill_at)
+        return max(0.0, min(when) - now)
+
+    def _signals(self) -> None:
+        try:
+            data = os.read(self._wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGTERM:
+                self._stop(drain=True)
+            elif signum == signal.SIGINT:
+                self.interrupts += 1
+                self._stop(drain=self.interrupts == 1)
+            elif signum == signal.SIGHUP:
+                self._reload()
+            elif signum == signal.SIGUSR1:
+                reopen_log_file()
+                self._tell_all(signal.SIGUSR1)
+                log.info("log file reopened")
+
+    def _due(self) -> None:
+        now = time.monotonic()
+        if self.phase == "starting":
+            if self.startup_error is None and now > self.ready_deadline:
+                self._fail_startup(f"the workers were not ready within {READY_TIMEOUT:g} s")
+            elif self.children and all(c.ready for c in self.children.values()):
+                self._started()
+        if self.reload_gen is not None:
+            new = [c for c in self.children.values() if c.generation == self.reload_gen]
+            if new and all(c.ready for c in new):
+                self._commit_reload()
+            elif now > self.reload_deadline:
+                self._abort_reload(f"the new workers were not ready within {READY_TIMEOUT:g} s")
+        if self.restarts and self.phase == "running":
+            for when, slot in sorted(self.restarts):
+                if when <= now:
+                    self.restarts.remove((when, slot))
+                    assert self.sock is not None
+                    self._spawn(slot, self.config, self.sock, self.generation)
+        if self.kill_at is not None and now >= self.kill_at:
+            for c in self.children.values():
+                log.error("worker %d (pid %d) did not finish its drain: killing it", c.slot, c.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c.pid, signal.SIGKILL)
+            self.kill_at = None
+
+    # ---- workers ----------------------------------------------------------------------
+
+    def _free_slot(self) -> int:
+        taken = {c.slot for c in self.children.values()} | {s for _, s in self.restarts}
+        for slot in range(SLOTS):
+            if slot not in taken:
+                return slot
+        raise StartupError(f"no free worker slot (all {SLOTS} are taken)")
+
+    def _spawn(self, slot: int, config: Config, sock: socket.socket, generation: int) -> Child:
+        ready_r, ready_w = os.pipe()
+        # no signal may reach the child before it has its own handlers
+        # (the inherited ones would write to the supervisor's wake-up pipe)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover (the worker process)
+                os.close(ready_r)
+                self._become_worker(slot, config, sock, ready_w)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(ready_w)
+        child = Child(pid, slot, generation, config, time.monotonic(), ready_r)
+        self.children[pid] = child
+        log.debug("worker %d started (pid %d)", slot, pid)
+        return child
+
+    def _become_worker(
+        self, slot: int, config: Config, sock: socket.socket, ready_w: int
+    ) -> NoReturn:
+        """The forked child: build the Worker, say it is ready, serve; never returns."""
+        code = 1
+        worker: Worker | None = None
+        try:
+            signal.set_wakeup_fd(-1)
+            for fd in (self._wake_r, self._wake_w, *self._ready_fds()):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            for other in (self.sock, self.reload_sock):
+                if other is not None and other is not sock:
+                    other.close()
+            for sig in (signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)  # only the supervisor's word counts
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, _noop)  # until the worker exists (below)
+            signal.signal(STOP_NOW, _noop)
+            signal.signal(signal.SIGUSR1, lambda s, f: reopen_log_file())
+            _die_with(self.pid)
+            configure(config.log_level, config.log_format, config.log_file)
+            try:
+                worker = Worker(config, sock=sock, slot=slot, shared=self.shared)
+            except StartupError as e:
+                os.write(ready_w, b"E" + str(e).encode())
+                os._exit(3)
+            w = worker
+            signal.signal(signal.SIGTERM, lambda s, f: w.drain(config.drain_timeout))
+            signal.signal(STOP_NOW, lambda s, f: w.stop())
+            signal.set_wakeup_fd(worker.wakeup_fd, warn_on_full_buffer=False)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            os.write(ready_w, b"R")
+            os.close(ready_w)
+            worker.serve()
+            code = 0
+        except BaseException as exc:
+            with contextlib.suppress(BaseException):
+                log.error("worker %d failed: %s", slot, exc, exc_info=exc)
+                os.write(ready_w, b"E" + f"worker {slot} failed: {exc}".encode())
+        finally:
+            with contextlib.suppress(BaseException):
+                if worker is not None:
+                    worker.close()
+                logging.shutdown()
+            os._exit(code)
+
+    def _ready_fds(self) -> list[int]:
+        return [c.ready_r for c in self.children.values() if c.ready_r is not None]
+
+    def _ready_message(self, fd: int) -> None:
+        child = next((c for c in self.children.values() if c.ready_r == fd), None)
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if child is None:
+            return
+        if data.startswith(b"R"):
+            child.ready = True
+        elif data.startswith(b"E"):
+            child.error = data[1:].decode("utf-8", "replace")
+        os.close(fd)
+        child.ready_r = None
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            if child.ready_r is not None:
+                os.close(child.ready_r)
+                child.ready_r = None
+            on_worker_gone(self.shared, child.slot)
+            self._gone(child, status)
+
+    def _gone(self, child: Child, status: int) -> None:
+        how = describe(status)
+        if child.draining or self.phase == "stopping":
+            log.info("worker %d (pid %d) %s", child.slot, child.pid, how)
+            return
+        why = child.error or f"worker {child.slot} (pid {child.pid}) {how} before it was ready"
+        if self.phase == "starting":
+            self._fail_startup(why)
+            return
+        if not child.ready and child.generation == self.reload_gen:
+            self._abort_reload(why)
+            return
+        ran = time.monotonic() - child.started
+        if ran >= STABLE_AFTER:
+            self.backoff[child.slot] = BACKOFF_FIRST
+        delay = self.backoff.get(child.slot, BACKOFF_FIRST)
+        self.backoff[child.slot] = min(delay * 2, BACKOFF_MAX)
+        log.warning(
+            "worker %d (pid %d) %s; restarting in %.1f s", child.slot, child.pid, how, delay
+        )
+        self.restarts.append((time.monotonic() + delay, child.slot))
+
+    def _tell_all(self, sig: int, generation: int | None = None) -> None:
+        for c in list(self.children.values()):
+            if generation is None or c.generation == generation:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c.pid, sig)
+
+    # ---- start, stop, reload ----------------------------------------------------------
+
+    def _started(self) -> None:
+        self.phase = "running"
+        assert self.sock is not None
+        host, port = self.sock.getsockname()[:2]
+        startup_banner(__version__, host, port)
+        pids = ", ".join(str(c.pid) for c in self.children.values())
+        log.info("%d worker(s) ready (pids %s)", len(self.children), pids)
+        intercept = intercepted_hosts(self.config, self.config.ruleset())
+        if intercept:
+            log.info(
+                "intercepting %s (clients must trust elbasy's CA: elbasy ca trust-help)",
+                ", ".join(intercept),
+            )
+
+    def _fail_startup(self, why: str) -> None:
+        self.startup_error = why
+        self.phase = "stopping"
+        self._tell_all(STOP_NOW)
+        for c in self.children.values():
+            c.draining = True
+
+    def _stop(self, drain: bool) -> None:
+        first = self.phase != "stopping"
+        self.phase = "stopping"
+        self.restarts.clear()
+        for c in self.children.values():
+            c.draining = True
+        if drain:
+            if first:
+                log.info(
+                    "draining: %d worker(s) finish their requests within %g s",
+                    len(self.children),
+                    self.config.drain_timeout,
+                )
+                self._tell_all(signal.SIGTERM)
+                self.kill_at = time.monotonic() + self.config.drain_timeout + KILL_GRACE
+        else:
+            log.info("stopping now")
+            self._tell_all(STOP_NOW)
+
+    def _reload(self) -> None:
+        if self.phase != "running":
+            log.warning("SIGHUP while %s: not reloading", self.phase)
+            return
+        if self.reload_gen is not None:
+            log.warning("SIGHUP: a reload is already under way")
+            return
+        try:
+            new = self.reload_config()
+        except ConfigError as e:
+            log.error("reload failed, the running workers go on: %s", e)
+            return
+        sock: socket.socket | None = None
+        try:
+            if new.log_file:
+                with open(new.log_file, "a", encoding="utf-8"):
+                    pass
+            if (new.listen_host, new.listen_port) != (
+                self.config.listen_host,
+                self.config.listen_port,
+            ):
+                sock = listen(new.listen_host, new.listen_port)
+            prepare_ca(new)
+            count = worker_count(new.workers)
+            taken = len(self.children) + len(self.restarts)
+            if taken + count > SLOTS:
+                raise StartupError(
+                    f"no room for {count} more workers ({taken} of {SLOTS} slots are taken: "
+                    "the last reload's workers are still draining)"
+                )
+        except (StartupError, OSError) as e:
+            if sock is not None:
+                sock.close()
+            log.error("reload failed, the running workers go on: %s", e)
+            return
+        self.reload_gen = self.generation + 1
+        self.reload_cfg = new
+        self.reload_sock = sock
+        self.reload_deadline = time.monotonic() + READY_TIMEOUT
+        listener = sock if sock is not None else self.sock
+        assert listener is not None
+        for _ in range(count):
+            self._spawn(self._free_slot(), new, listener, self.reload_gen)
+        log.info("reloading: starting %d new worker(s)", count)
+
+    def _commit_reload(self) -> None:
+        assert self.reload_cfg is not None and self.reload_gen is not None
+        old = [c for c in self.children.values() if c.generation != self.reload_gen]
+        for c in old:
+            c.draining = True
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c.pid, signal.SIGTERM)
+        self.restarts.clear()  # the old generation's crashed slots are not restarted
+        self.config = self.reload_cfg
+        self.generation = self.reload_gen
+        if self.reload_sock is not None:
+            assert self.sock is not None
+            self.sock.close()
+            self.sock = self.reload_sock
+        self.reload_gen = self.reload_cfg = self.reload_sock = None
+        with contextlib.suppress(OSError):
+            configure(self.config.log_level, self.config.log_format, self.config.log_file)
+        new = [c for c in self.children.values() if c.generation == self.generation]
+        log.info(
+            "reloaded: %d new worker(s) ready (pids %s); %d old one(s) draining",
+            len(new),
+            ", ".join(str(c.pid) for c in new),
+            len(old),
+        )
+
+    def _abort_reload(self, why: str) -> None:
+        log.error("reload failed, the running workers go on: %s", why)
+        for c in self.children.values():
+            if c.generation == self.reload_gen:
+                c.draining = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c.pid, STOP_NOW)
+        if self.reload_sock is not None:
+            self.reload_sock.close()
+        self.reload_gen = self.reload_cfg = self.reload_sock = None
+
+
+def _noop(signum: int, frame: object) -> None:
+    """A handler that does nothing: the wake-up fd carries the signal's number."""
+
+
+def _die_with(parent: int) -> None:
+    """Ask for SIGTERM (a drain) when the supervisor dies, so no worker is left behind."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover (not Linux)
+        return
+    if os.getppid() != parent:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run(config: Config, reload_config: Callable[[], Config]) -> int:
+    """Run elbasy's supervisor and workers until SIGTERM or Ctrl-C; the exit status."""
+    return Supervisor(config, reload_config).run()
