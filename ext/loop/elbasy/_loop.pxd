@@ -204,5 +204,5 @@ cdef class Loop:
     cdef uint64_t c_tls_upstream_failures
     cdef uint64_t c_held
     cdef uint64_t c_waiting
-    cdef uint64_t c_abandoned
+    cdef uint64_t c_held_left      # held clients that hung up before departure
     cdef uint64_t c_throttle_retries
