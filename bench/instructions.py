@@ -148,8 +148,11 @@ def main() -> None:
                 for tree in args.tree:
                     got = measure(tree.resolve(), origins, work, args)
                     runs[tree].append(got)
-                    print(f"round {r + 1} {tree}: " + ", ".join(
-                        f"{k} {v:,.0f} Ir/req" for k, v in got.items()), flush=True)
+                    print(
+                        f"round {r + 1} {tree}: "
+                        + ", ".join(f"{k} {v:,.0f} Ir/req" for k, v in got.items()),
+                        flush=True,
+                    )
         finally:
             bench.stop_all()
         print("\n| checkout | plain forward (Ir/req) | intercepted keep-alive (Ir/req) |")

@@ -14,7 +14,9 @@ class Head:
     hop: bool
     line_end: int
     def without(
-        self, names: tuple[bytes, ...] | frozenset[bytes] = (), drop_host: bool = False,
+        self,
+        names: tuple[bytes, ...] | frozenset[bytes] = (),
+        drop_host: bool = False,
         start: bytes | None = None,
     ) -> bytes: ...
     def headers(self) -> list[tuple[bytes, bytes]]: ...

@@ -175,7 +175,10 @@ def test_held_request_departs_at_its_time_while_others_flow(
     assert quick < 0.6, quick  # ten exchanges passed the held one
     stats = running.stats()
     assert stats["held"] == {
-        "total": 1, "waiting": 0, "retried_after_refusal": 0, "clients_left": 0
+        "total": 1,
+        "waiting": 0,
+        "retried_after_refusal": 0,
+        "clients_left": 0,
     }
     assert len(running.policy.departures) == 1
 
@@ -232,7 +235,10 @@ def test_client_leaving_while_held_returns_the_request(
         time.sleep(0.02)
     stats = running.stats()
     assert stats["held"] == {
-        "total": 1, "waiting": 0, "retried_after_refusal": 0, "clients_left": 1
+        "total": 1,
+        "waiting": 0,
+        "retried_after_refusal": 0,
+        "clients_left": 1,
     }
     # one event, one counter: /healthz merges the policy's counters into
     # the loop's, so no name may be both (the policy's would hide the loop's)
