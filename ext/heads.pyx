@@ -226,7 +226,7 @@ def scan(bytes head):
     if hit == NULL:
         h.line_end = size
         return h
-    h.line_end = hit - s - 1 if hit > s and hit[-1] == 13 else hit - s
+    h.line_end = hit - s - 1 if hit > s and s[hit - s - 1] == 13 else hit - s
     h.lines = <Line *>PyMem_Malloc(cap * sizeof(Line))
     if h.lines == NULL:
         raise MemoryError()
@@ -252,15 +252,10 @@ def scan(bytes head):
             if grown == NULL:
                 raise MemoryError()
             h.lines = grown
+        kind = kind_of(s + pos, colon - pos)
+        h.lines[h.count] = Line(pos, colon, vstart, vend, eol, kind)
         line = &h.lines[h.count]
         h.count += 1
-        kind = kind_of(s + pos, colon - pos)
-        line.start = pos
-        line.colon = colon
-        line.vstart = vstart
-        line.vend = vend
-        line.eol = eol
-        line.kind = kind
         if kind != KEEP:
             if kind == LENGTH:
                 if lengths is None:

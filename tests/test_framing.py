@@ -9,6 +9,8 @@ they give whole, and the one a small reference decoder written here gives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -66,14 +68,6 @@ HEADS = [
     b"GET /\r\r\r\n\r",
     b"",
 ]
-
-
-@pytest.mark.parametrize("head", HEADS)
-def test_head_end_however_it_arrives(head: bytes) -> None:
-    want = reference_head_end(head)
-    assert head_end(head) == want
-    for pieces in splits(head):
-        assert fed_head_end(pieces) == want, pieces
 
 
 @given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b": ", b"GET / HTTP/1.1"])))
@@ -194,11 +188,18 @@ BODIES = [
 ]
 
 
-@pytest.mark.parametrize("body", BODIES)
-def test_chunked_however_it_arrives(body: bytes) -> None:
-    want = reference_chunked(body)
-    for pieces in splits(body):
-        assert fed_chunked(pieces) == want, pieces
+@pytest.mark.parametrize(
+    ("reference", "fed", "data"),
+    [(reference_head_end, fed_head_end, head) for head in HEADS]
+    + [(reference_chunked, fed_chunked, body) for body in BODIES],
+)
+def test_scanner_however_it_arrives(
+    reference: Callable[[bytes], object], fed: Callable[[list[bytes]], object], data: bytes
+) -> None:
+    """Whole (the loop's first call scans from 0), at every split, byte by byte."""
+    want = reference(data)
+    for pieces in splits(data):
+        assert fed(pieces) == want, pieces
 
 
 def _chunk(size: int, ext: bytes, fill: int) -> bytes:
