@@ -5,7 +5,7 @@ HOP_BY_HOP: frozenset[bytes]
 
 class Head:
     raw: bytes
-    connection: tuple[bytes, ...]
+    options: frozenset[bytes]
     lengths: tuple[bytes, ...]
     codings: tuple[bytes, ...]
     via: tuple[bytes, ...]

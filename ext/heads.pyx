@@ -120,15 +120,17 @@ cdef inline bytes value_of(const char *s, Line *line):
 cdef class Head:
     """One validated head and what elbasy reads of its header lines.
 
-    ``connection``, ``lengths``, ``codings`` and ``via`` are the raw values
-    of the Connection, Content-Length, Transfer-Encoding and Via lines;
+    ``options`` are the Connection options and ``codings`` the
+    Transfer-Encoding codings, each comma-separated item trimmed and
+    lower-cased (codings in order); ``lengths`` and ``via`` are the raw
+    values of the Content-Length and Via lines;
     ``host`` is the first Host value (or None); ``expect_continue`` says an
     Expect line asks for 100-continue; ``hop`` that a hop-by-hop line is
     there; ``line_end`` is where the start line's CRLF begins.
     """
 
     cdef readonly bytes raw
-    cdef readonly tuple connection
+    cdef readonly frozenset options
     cdef readonly tuple lengths
     cdef readonly tuple codings
     cdef readonly tuple via
@@ -208,6 +210,69 @@ cdef class Head:
         return pairs
 
 
+cdef inline bint blank(char c) noexcept nogil:
+    """What bytes.strip() strips: ASCII whitespace."""
+    return c == 32 or (c >= 9 and c <= 13)
+
+
+cdef tuple tokens_of(tuple values):
+    """The comma-separated items of ``values``, trimmed and lower-cased, empty ones left out."""
+    cdef list out = []
+    cdef const char *s
+    cdef char *t
+    cdef Py_ssize_t n, i, a, b, k
+    cdef bytes token
+    for value in values:
+        s = PyBytes_AS_STRING(value)
+        n = PyBytes_GET_SIZE(value)
+        i = 0
+        while i <= n:
+            a = i
+            while i < n and s[i] != 44:   # ','
+                i += 1
+            b = i
+            i += 1
+            while a < b and blank(s[a]):
+                a += 1
+            while b > a and blank(s[b - 1]):
+                b -= 1
+            if b > a:
+                token = PyBytes_FromStringAndSize(NULL, b - a)
+                t = PyBytes_AS_STRING(token)
+                for k in range(b - a):
+                    t[k] = lower(s[a + k])
+                out.append(token)
+    return tuple(out)
+
+
+# The same few Connection and Transfer-Encoding values come again and again
+# ("keep-alive", "chunked"): their items are read once per distinct value.
+cdef enum:
+    VALUES_KEPT = 256
+
+cdef frozenset _NO_OPTIONS = frozenset()
+cdef dict _known_options = {}
+cdef dict _known_codings = {}
+
+
+cdef frozenset _options(tuple values):
+    cdef object known = _known_options.get(values)
+    if known is None:
+        if len(_known_options) >= VALUES_KEPT:
+            _known_options.clear()
+        known = _known_options[values] = frozenset(tokens_of(values))
+    return <frozenset>known
+
+
+cdef tuple _codings(tuple values):
+    cdef object known = _known_codings.get(values)
+    if known is None:
+        if len(_known_codings) >= VALUES_KEPT:
+            _known_codings.clear()
+        known = _known_codings[values] = tokens_of(values)
+    return <tuple>known
+
+
 def scan(bytes head):
     """Read a validated head's header lines, once."""
     cdef const char *s = PyBytes_AS_STRING(head)
@@ -221,7 +286,8 @@ def scan(bytes head):
     cdef Head h = Head.__new__(Head)
     h.raw = head
     h.host = None
-    h.connection = h.lengths = h.codings = h.via = ()
+    h.options = _NO_OPTIONS
+    h.lengths = h.codings = h.via = ()
     hit = <const char *>memchr(s, 10, size)
     if hit == NULL:
         h.line_end = size
@@ -283,11 +349,11 @@ def scan(bytes head):
                     connection.append(value_of(s, line))
         pos = eol + 2
     if connection is not None:
-        h.connection = tuple(connection)
+        h.options = _options(tuple(connection))
     if lengths is not None:
         h.lengths = tuple(lengths)
     if codings is not None:
-        h.codings = tuple(codings)
+        h.codings = _codings(tuple(codings))
     if via is not None:
         h.via = tuple(via)
     return h

@@ -24,9 +24,21 @@ _PLAIN_OPTIONS = frozenset({b"close", b"keep-alive"})
 _NEVER_NAMED = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 
+#: distinct Connection option sets whose named headers are kept (all dropped when full)
+OPTION_SETS_KEPT = 256
+_named: dict[frozenset[bytes], frozenset[bytes]] = {}
+
+
 def named_in_connection(connection: frozenset[bytes]) -> frozenset[bytes]:
     """The Connection options that name headers to drop (not close or keep-alive)."""
-    return connection - _PLAIN_OPTIONS - _NEVER_NAMED
+    if not connection:
+        return connection
+    known = _named.get(connection)
+    if known is None:
+        if len(_named) >= OPTION_SETS_KEPT:
+            _named.clear()
+        known = _named[connection] = connection - _PLAIN_OPTIONS - _NEVER_NAMED
+    return known
 
 
 def serialize(start_line: bytes, headers: Headers) -> bytes:

@@ -67,7 +67,6 @@ class ResponseHead(NamedTuple):
         return self.lines.headers()
 
 
-_NO_OPTIONS: frozenset[bytes] = frozenset()
 _NO_FRAMING = Framing(frozenset(), (), (), False)
 
 _Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
@@ -98,16 +97,7 @@ class _Validator:
 
 def _framing(lines: Head) -> Framing:
     """What a scanned head's headers say about framing."""
-    connection = lines.connection
-    options = (
-        frozenset(t.strip().lower() for v in connection for t in v.split(b",") if t.strip())
-        if connection
-        else _NO_OPTIONS
-    )
-    codings = lines.codings
-    if codings:
-        codings = tuple(c.strip().lower() for v in codings for c in v.split(b",") if c.strip())
-    return Framing(options, lines.lengths, codings, lines.hop)
+    return Framing(lines.options, lines.lengths, lines.codings, lines.hop)
 
 
 def _validate(parser: _Parser, sink: _Validator, head: bytes, what: str, status: int) -> None:
@@ -140,14 +130,8 @@ def parse_request_head(head: bytes) -> RequestHead:
         # llhttp checked the headers; a tunnel needs none of them (yet)
         return RequestHead(method, target, version, lines, False, _NO_FRAMING)
     framing = _framing(lines)
-    return RequestHead(
-        method=method,
-        target=target,
-        version=version,
-        lines=lines,
-        keep_alive=_keep_alive(version, framing.connection),
-        framing=framing,
-    )
+    keep_alive = _keep_alive(version, framing.connection)
+    return RequestHead(method, target, version, lines, keep_alive, framing)
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
@@ -158,13 +142,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
     lines = scan(head)
     framing = _framing(lines)
     version = parser.get_http_version()
-    return ResponseHead(
-        status=parser.get_status_code(),
-        version=version,
-        lines=lines,
-        keep_alive=_keep_alive(version, framing.connection),
-        framing=framing,
-    )
+    keep_alive = _keep_alive(version, framing.connection)
+    return ResponseHead(parser.get_status_code(), version, lines, keep_alive, framing)
 
 
 def _keep_alive(version: str, connection: frozenset[bytes]) -> bool:
@@ -175,12 +154,12 @@ def _keep_alive(version: str, connection: frozenset[bytes]) -> bool:
 
 
 def _content_length(framing: Framing, status: int) -> int | None:
-    values = set(framing.content_lengths)
+    values = framing.content_lengths
     if not values:
         return None
-    if len(values) > 1:
+    text = values[0]
+    if len(values) > 1 and any(value != text for value in values):
         raise RemoteProtocolError("conflicting Content-Length values", status)
-    text = values.pop()
     if not text.isdigit():
         raise RemoteProtocolError("bad Content-Length", status)
     return int(text)
