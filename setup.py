@@ -2,7 +2,8 @@
 elbasy._loop, the header-line reader elbasy._heads, elbasy._timers (the loop's
 timer heap as a Python object, for tests and bench/), elbasy._shm (the
 shared-memory quota table of ext/c/elbasy_shm.h, for the workers of
---workers N), and the cffi OpenSSL
+--workers N), elbasy._framing (the loop's head-end and chunked scanners, for
+the tests), and the cffi OpenSSL
 binding (ext/tls_build.py, its C in ext/c/elbasy_tls_binding.c) becomes
 elbasy._tls (the SSL_CTX and SSL* objects of TLS interception, which the loop
 then drives).
@@ -67,6 +68,16 @@ extensions = [
     Extension(
         "elbasy._heads",
         sources=["ext/heads.pyx"],
+        extra_compile_args=optimize + WARNINGS,
+    ),
+    # the loop's head-end and chunked scanners, for the tests that feed them
+    # split at every byte (the loop inlines the same header)
+    Extension(
+        "elbasy._framing",
+        sources=["ext/framing.pyx"],
+        include_dirs=["ext/c"],
+        depends=["ext/c/elbasy_io.h", "ext/includes/io.pxd"],
+        define_macros=[("_GNU_SOURCE", "1")],
         extra_compile_args=optimize + WARNINGS,
     ),
 ]

@@ -15,7 +15,7 @@ import os
 import httptools
 
 from elbasy.errors import RemoteProtocolError
-from elbasy.protocol.headers import drop_header_lines, named_in_connection
+from elbasy.protocol.headers import named_in_connection
 from elbasy.protocol.http1 import IDEMPOTENT_METHODS, RequestHead, request_framing
 from elbasy.protocol.targets import check_host, check_port
 from elbasy.verdicts import BODY_NONE, Forward
@@ -73,22 +73,31 @@ class Outbound:
         ticket: object,
         tls: bool,
         drop: tuple[bytes, ...] = (),
+        peek: int = 0,
     ) -> Forward:
         """The request as it leaves. ``drop``: more header names (lower-case) that must not
-        leave (elbasy's own, a rule's)."""
-        if self.via in req.raw:
+        leave (elbasy's own, a rule's). ``peek``: the policy reads this many bytes of the
+        body before the request leaves (when it has one)."""
+        lines = req.lines
+        if lines.via and any(self.via in value for value in lines.via):
             raise RemoteProtocolError("request loop: it has already passed through here", 508)
         body, length = request_framing(req)
         version = b"HTTP/1.0" if req.version == "1.0" else b"HTTP/1.1"
-        line = req.method.encode("ascii") + b" " + path + b" " + version
-        rest = req.stripped
+        start = req.method.encode("ascii") + b" " + path + b" " + version
+        start += b"\r\nHost: " + authority + b"\r\nVia: 1.1 " + self.via
         named = named_in_connection(req.framing.connection)
-        if named or drop:
-            rest = drop_header_lines(rest, named | frozenset(drop))
-        head = line + b"\r\nHost: " + authority + b"\r\nVia: 1.1 " + self.via
-        head += rest[rest.index(b"\r\n") :]
+        names = named.union(drop) if named else drop
+        expect = False
+        if body == BODY_NONE:
+            peek = 0
+        elif peek and lines.expect_continue and b"expect" not in names:
+            # elbasy reads the body before the request leaves, so it says
+            # "100 Continue" itself; the upstream gets the body with the head
+            names = (*names, b"expect")
+            expect = True
+        head = lines.without(names, True, start)
         retryable = req.method in IDEMPOTENT_METHODS and body == BODY_NONE
-        return Forward(host, port, head, body, length, retryable, ticket, tls)
+        return Forward(host, port, head, body, length, retryable, ticket, tls, 0.0, peek, expect)
 
     def _authority(self, raw: bytes, port: int | None) -> tuple[str, int, bytes]:
         """(host, port, Host header value) of a URL's authority, checked once per authority."""

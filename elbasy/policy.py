@@ -8,7 +8,6 @@ Python over bytes: no fds, and the clock only as the callable it is handed.
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
@@ -25,7 +24,7 @@ from elbasy.pages import (
     shed_response,
     unavailable_response,
 )
-from elbasy.protocol.headers import drop_header_lines, named_in_connection
+from elbasy.protocol.headers import named_in_connection
 from elbasy.protocol.http1 import (
     RequestHead,
     ResponseHead,
@@ -55,8 +54,6 @@ COUNTERS = (
     "abandoned_while_held",
 )
 _REFUSAL_COUNTER = {400: "bad_requests", 431: "heads_too_large"}
-_HOST_LINE = re.compile(rb"\r\nhost:[ \t]*([^\r]*)", re.IGNORECASE)
-_EXPECT_LINE = re.compile(rb"\r\nexpect:[ \t]*100-continue[ \t]*\r\n", re.IGNORECASE)
 # nginx's convention for "the client closed the request before an answer"
 CLIENT_CLOSED = 499
 
@@ -167,8 +164,9 @@ class Policy:
             path = req.target.encode("ascii")
             if not (path.startswith(b"/") or path == b"*"):
                 path = self.outbound.origin_form(path)
-            found = _HOST_LINE.search(req.raw)
-            authority = found[1].rstrip(b" \t") if found else origin[8:].encode("ascii")
+            authority = req.lines.host
+            if authority is None:
+                authority = origin[8:].encode("ascii")
             return self._paced(req, path, authority, site.host, site.port, True, ex)
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
@@ -188,22 +186,19 @@ class Policy:
             return self.outbound.forward(req, path, authority, host, port, ex, tls, OWN_HEADERS)
         headers = req.headers()
         match = self.pacer.match(host, req.method, path.decode("ascii"), headers)
-        drop = OWN_HEADERS + (match.strip_headers if match is not None else ())
-        fwd = self.outbound.forward(req, path, authority, host, port, ex, tls, drop)
         if match is None:
-            return fwd
+            return self.outbound.forward(req, path, authority, host, port, ex, tls, OWN_HEADERS)
+        drop = OWN_HEADERS + match.strip_headers
+        fwd = self.outbound.forward(
+            req, path, authority, host, port, ex, tls, drop, match.body_needed
+        )
         try:
             paced = self.pacer.start(match, req.method, headers)
         except BadMaxWait as exc:
             raise RemoteProtocolError(str(exc)) from None
         ex.paced = paced
-        if match.body_needed and fwd.body != BODY_NONE:
-            if _EXPECT_LINE.search(fwd.head):
-                # elbasy reads the body before the request leaves, so it says
-                # "100 Continue" itself; the upstream gets the body with the head
-                head = drop_header_lines(fwd.head, (b"expect",))
-                return fwd._replace(head=head, peek=match.body_needed, expect=True)
-            return fwd._replace(peek=match.body_needed)
+        if fwd.peek:
+            return fwd
         v = self.pacer.admit(paced, ex)
         if v.shed_after:
             return self._shed(ex, v)
@@ -277,10 +272,7 @@ class Policy:
         body, length = response_framing(resp, ex.method)
         keep_client = ex.keep_alive and body != BODY_CLOSE and resp.status != 101
         f = resp.framing
-        head = resp.stripped
-        named = named_in_connection(f.connection)
-        if named:
-            head = drop_header_lines(head, named)
+        head = resp.lines.without(named_in_connection(f.connection))
         if not keep_client:
             head = head[:-2] + b"Connection: close\r\n\r\n"
         # a 101 hands the connection to another protocol: never pooled

@@ -1,25 +1,82 @@
 # cython: language_level=3
-"""Header lines of a head that llhttp has already validated, read in C.
+"""Header lines of a head that llhttp has already validated, read once in C.
 
 llhttp (through httptools) decides whether a head is HTTP at all: request or
 status line, header syntax, CRLF line ends, no folded lines, no whitespace
-before a colon, no Content-Length beside Transfer-Encoding. What elbasy then
-needs per message is small and fixed: the values that decide framing and
-persistence, and the head without its hop-by-hop lines. Python spent more on
-that than on everything else per request, so it is done here in one pass.
+before a colon, no Content-Length beside Transfer-Encoding. Everything else
+elbasy needs of a head comes from one pass here: the values that decide
+framing and persistence (Connection, Content-Length, Transfer-Encoding), the
+first Host, whether the client asked for 100-continue, the Via values (loop
+detection), and where every header line lies. From those places the head
+without some of its lines, and the (name, value) pairs the rules read, are
+cut without reading the head again.
+
+The hop-by-hop names are declared here once (NAMES); elbasy.protocol.headers
+takes HOP_BY_HOP from this module.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.string cimport memchr, memcpy
 
 
 # what a header line is to elbasy
-DEF KEEP = 0
-DEF HOP = 1            # hop-by-hop: never forwarded
-DEF CONNECTION = 2     # hop-by-hop, and its options matter
-DEF LENGTH = 3         # Content-Length
-DEF CODING = 4         # Transfer-Encoding
-DEF HOST = 5
+cdef enum Kind:
+    KEEP = 0
+    HOP = 1            # hop-by-hop: never forwarded
+    CONNECTION = 2     # hop-by-hop, and its options matter
+    LENGTH = 3         # Content-Length
+    CODING = 4         # Transfer-Encoding
+    HOST = 5
+    EXPECT = 6
+    VIA = 7
+
+#: the header names elbasy reads or drops, lower-case, and what each is to it.
+#: Transfer-Encoding is hop-by-hop too, but elbasy relays chunked bodies byte
+#: for byte, so the coding on both hops is the same and the header stays.
+NAMES = (
+    (b"connection", CONNECTION),
+    (b"proxy-connection", HOP),   # not standard; curl and old browsers send it
+    (b"keep-alive", HOP),
+    (b"proxy-authorization", HOP),
+    (b"proxy-authenticate", HOP),
+    (b"te", HOP),
+    (b"trailer", HOP),
+    (b"upgrade", HOP),
+    (b"content-length", LENGTH),
+    (b"transfer-encoding", CODING),
+    (b"host", HOST),
+    (b"expect", EXPECT),
+    (b"via", VIA),
+)
+
+#: never forwarded (RFC 9110 §7.6.1), besides what Connection names
+HOP_BY_HOP = frozenset(name for name, kind in NAMES if kind == HOP or kind == CONNECTION)
+
+# NAMES as C: the kind of a name of length n is looked up among the names of
+# that length only (at most 32 bytes: longer names are all KEEP)
+cdef enum:
+    LONGEST = 32
+    PER_LENGTH = 4
+
+cdef const char *_name_of[LONGEST + 1][PER_LENGTH]
+cdef int _kind_of[LONGEST + 1][PER_LENGTH]
+cdef int _count_of[LONGEST + 1]
+cdef list _keep_alive = []    # the bytes objects _name_of points into
+
+
+cdef void _declare(bytes name, int kind) except *:
+    cdef Py_ssize_t n = len(name)
+    if n > LONGEST or _count_of[n] == PER_LENGTH:
+        raise ValueError(f"header name table full for length {n}")
+    _keep_alive.append(name)
+    _name_of[n][_count_of[n]] = PyBytes_AS_STRING(name)
+    _kind_of[n][_count_of[n]] = kind
+    _count_of[n] += 1
+
+
+for _name, _kind in NAMES:
+    _declare(_name, _kind)
 
 
 cdef inline char lower(char c) noexcept nogil:
@@ -37,60 +94,208 @@ cdef inline bint same(const char *p, const char *lit, Py_ssize_t n) noexcept nog
     return True
 
 
-cdef int kind_of(const char *p, Py_ssize_t n) noexcept nogil:
-    cdef char first = lower(p[0]) if n else 0
-    if n == 2:
-        return HOP if same(p, b"te", 2) else KEEP
-    if n == 4:
-        return HOST if same(p, b"host", 4) else KEEP
-    if n == 7:
-        if first == 116 and same(p, b"trailer", 7):
-            return HOP
-        if first == 117 and same(p, b"upgrade", 7):
-            return HOP
+cdef inline int kind_of(const char *p, Py_ssize_t n) noexcept nogil:
+    cdef int i
+    if n > LONGEST:
         return KEEP
-    if n == 10:
-        if first == 99 and same(p, b"connection", 10):
-            return CONNECTION
-        if first == 107 and same(p, b"keep-alive", 10):
-            return HOP
-        return KEEP
-    if n == 14:
-        return LENGTH if same(p, b"content-length", 14) else KEEP
-    if n == 16:
-        return HOP if same(p, b"proxy-connection", 16) else KEEP
-    if n == 17:
-        return CODING if same(p, b"transfer-encoding", 17) else KEEP
-    if n == 18:
-        return HOP if same(p, b"proxy-authenticate", 18) else KEEP
-    if n == 19:
-        return HOP if same(p, b"proxy-authorization", 19) else KEEP
+    for i in range(_count_of[n]):
+        if same(p, _name_of[n][i], n):
+            return _kind_of[n][i]
     return KEEP
 
 
-def scan(bytes head, bint drop_host):
-    """Read a validated head's header lines.
+cdef struct Line:
+    Py_ssize_t start     # first byte of the name (just past the CRLF before it)
+    Py_ssize_t colon
+    Py_ssize_t vstart    # the value, without the whitespace around it
+    Py_ssize_t vend
+    Py_ssize_t eol       # the CR that ends the line
+    int kind
 
-    Returns (stripped, connection, lengths, codings, hop) where stripped is
-    the head without hop-by-hop lines (and Host lines when drop_host; the
-    same object when nothing goes), connection, lengths and codings are
-    tuples of the raw values of the Connection, Content-Length and
-    Transfer-Encoding lines, and hop says whether any hop-by-hop line was
-    there.
+
+cdef inline bytes value_of(const char *s, Line *line):
+    return PyBytes_FromStringAndSize(s + line.vstart, line.vend - line.vstart)
+
+
+cdef class Head:
+    """One validated head and what elbasy reads of its header lines.
+
+    ``options`` are the Connection options and ``codings`` the
+    Transfer-Encoding codings, each comma-separated item trimmed and
+    lower-cased (codings in order); ``lengths`` and ``via`` are the raw
+    values of the Content-Length and Via lines;
+    ``host`` is the first Host value (or None); ``expect_continue`` says an
+    Expect line asks for 100-continue; ``hop`` that a hop-by-hop line is
+    there; ``line_end`` is where the start line's CRLF begins.
     """
+
+    cdef readonly bytes raw
+    cdef readonly frozenset options
+    cdef readonly tuple lengths
+    cdef readonly tuple codings
+    cdef readonly tuple via
+    cdef readonly object host
+    cdef readonly bint expect_continue
+    cdef readonly bint hop
+    cdef readonly Py_ssize_t line_end
+    cdef Line *lines
+    cdef Py_ssize_t count
+
+    def __dealloc__(self):
+        PyMem_Free(self.lines)
+
+    def without(self, names=(), bint drop_host=False, start=None):
+        """The head without its hop-by-hop lines, its Host lines when
+        ``drop_host``, and the lines whose names are in ``names`` (lower-case);
+        ``start``, when given, stands in for the start line. The same object
+        as ``raw`` when nothing changes.
+        """
+        cdef const char *s = PyBytes_AS_STRING(self.raw)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(self.raw)
+        cdef Py_ssize_t i, j, n, out_len = 0, kept_from, head_len, cut
+        cdef Line *line
+        cdef bint drop
+        cdef const char *name
+        cdef char *out
+        cdef bytes result
+        cdef tuple drop_names = tuple(names)
+        cdef Py_ssize_t extra = len(drop_names)
+        head_len = self.line_end if start is None else len(<bytes?>start)
+        kept_from = self.line_end
+        # at most the start and every byte after the start line
+        result = PyBytes_FromStringAndSize(NULL, head_len + size - self.line_end)
+        out = PyBytes_AS_STRING(result)
+        if start is None:
+            memcpy(out, s, head_len)
+        else:
+            memcpy(out, PyBytes_AS_STRING(start), head_len)
+        out_len = head_len
+        cut = 0
+        for i in range(self.count):
+            line = &self.lines[i]
+            drop = line.kind == HOP or line.kind == CONNECTION or (
+                drop_host and line.kind == HOST)
+            if not drop and extra:
+                n = line.colon - line.start
+                for j in range(extra):
+                    name = PyBytes_AS_STRING(drop_names[j])
+                    if PyBytes_GET_SIZE(drop_names[j]) == n and same(s + line.start, name, n):
+                        drop = True
+                        break
+            if drop:
+                # "\r\nName: value": from the CRLF before the line to its CR
+                memcpy(out + out_len, s + kept_from, line.start - 2 - kept_from)
+                out_len += line.start - 2 - kept_from
+                kept_from = line.eol
+                cut += 1
+        if cut == 0 and start is None:
+            return self.raw
+        memcpy(out + out_len, s + kept_from, size - kept_from)
+        out_len += size - kept_from
+        return result[:out_len]
+
+    def headers(self):
+        """Every header line as (name, value), in order: the name as sent,
+        the value without the whitespace around it."""
+        cdef const char *s = PyBytes_AS_STRING(self.raw)
+        cdef Py_ssize_t i
+        cdef Line *line
+        cdef list pairs = []
+        for i in range(self.count):
+            line = &self.lines[i]
+            pairs.append((
+                PyBytes_FromStringAndSize(s + line.start, line.colon - line.start),
+                value_of(s, line),
+            ))
+        return pairs
+
+
+cdef inline bint blank(char c) noexcept nogil:
+    """What bytes.strip() strips: ASCII whitespace."""
+    return c == 32 or (c >= 9 and c <= 13)
+
+
+cdef tuple tokens_of(tuple values):
+    """The comma-separated items of ``values``, trimmed and lower-cased, empty ones left out."""
+    cdef list out = []
+    cdef const char *s
+    cdef char *t
+    cdef Py_ssize_t n, i, a, b, k
+    cdef bytes token
+    for value in values:
+        s = PyBytes_AS_STRING(value)
+        n = PyBytes_GET_SIZE(value)
+        i = 0
+        while i <= n:
+            a = i
+            while i < n and s[i] != 44:   # ','
+                i += 1
+            b = i
+            i += 1
+            while a < b and blank(s[a]):
+                a += 1
+            while b > a and blank(s[b - 1]):
+                b -= 1
+            if b > a:
+                token = PyBytes_FromStringAndSize(NULL, b - a)
+                t = PyBytes_AS_STRING(token)
+                for k in range(b - a):
+                    t[k] = lower(s[a + k])
+                out.append(token)
+    return tuple(out)
+
+
+# The same few Connection and Transfer-Encoding values come again and again
+# ("keep-alive", "chunked"): their items are read once per distinct value.
+cdef enum:
+    VALUES_KEPT = 256
+
+cdef frozenset _NO_OPTIONS = frozenset()
+cdef dict _known_options = {}
+cdef dict _known_codings = {}
+
+
+cdef frozenset _options(tuple values):
+    cdef object known = _known_options.get(values)
+    if known is None:
+        if len(_known_options) >= VALUES_KEPT:
+            _known_options.clear()
+        known = _known_options[values] = frozenset(tokens_of(values))
+    return <frozenset>known
+
+
+cdef tuple _codings(tuple values):
+    cdef object known = _known_codings.get(values)
+    if known is None:
+        if len(_known_codings) >= VALUES_KEPT:
+            _known_codings.clear()
+        known = _known_codings[values] = tokens_of(values)
+    return <tuple>known
+
+
+def scan(bytes head):
+    """Read a validated head's header lines, once."""
     cdef const char *s = PyBytes_AS_STRING(head)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(head)
     cdef const char *hit
-    cdef Py_ssize_t pos, colon, vstart, vend, eol, kept_from = 0, out_len = 0
+    cdef Py_ssize_t pos, colon, vstart, vend, eol, cap = 16
     cdef int kind
-    cdef bint hop = False
-    cdef char *out = NULL
-    cdef bytes stripped = None
-    cdef list connection = None, lengths = None, codings = None
-    cdef list drops = None      # (start, end) ranges of the lines to drop
+    cdef Line *line
+    cdef Line *grown
+    cdef list connection = None, lengths = None, codings = None, via = None
+    cdef Head h = Head.__new__(Head)
+    h.raw = head
+    h.host = None
+    h.options = _NO_OPTIONS
+    h.lengths = h.codings = h.via = ()
     hit = <const char *>memchr(s, 10, size)
     if hit == NULL:
-        return head, (), (), (), False
+        h.line_end = size
+        return h
+    h.line_end = hit - s - 1 if hit > s and s[hit - s - 1] == 13 else hit - s
+    h.lines = <Line *>PyMem_Malloc(cap * sizeof(Line))
+    if h.lines == NULL:
+        raise MemoryError()
     pos = hit - s + 1
     while pos + 1 < size and not (s[pos] == 13 and s[pos + 1] == 10):
         hit = <const char *>memchr(s + pos, 58, size - pos)   # ':'
@@ -101,56 +306,54 @@ def scan(bytes head, bint drop_host):
         if hit == NULL:
             break
         eol = hit - s
+        vstart = colon + 1
+        while vstart < eol and (s[vstart] == 32 or s[vstart] == 9):
+            vstart += 1
+        vend = eol
+        while vend > vstart and (s[vend - 1] == 32 or s[vend - 1] == 9):
+            vend -= 1
+        if h.count == cap:
+            cap *= 2
+            grown = <Line *>PyMem_Realloc(h.lines, cap * sizeof(Line))
+            if grown == NULL:
+                raise MemoryError()
+            h.lines = grown
         kind = kind_of(s + pos, colon - pos)
+        h.lines[h.count] = Line(pos, colon, vstart, vend, eol, kind)
+        line = &h.lines[h.count]
+        h.count += 1
         if kind != KEEP:
-            vstart = colon + 1
-            while vstart < eol and (s[vstart] == 32 or s[vstart] == 9):
-                vstart += 1
-            vend = eol
-            while vend > vstart and (s[vend - 1] == 32 or s[vend - 1] == 9):
-                vend -= 1
-            value = PyBytes_FromStringAndSize(s + vstart, vend - vstart)
             if kind == LENGTH:
                 if lengths is None:
                     lengths = []
-                lengths.append(value)
+                lengths.append(value_of(s, line))
             elif kind == CODING:
                 if codings is None:
                     codings = []
-                codings.append(value)
+                codings.append(value_of(s, line))
             elif kind == HOST:
-                if drop_host:
-                    if drops is None:
-                        drops = []
-                    drops.append((pos - 2, eol))
+                if h.host is None:
+                    h.host = value_of(s, line)
+            elif kind == EXPECT:
+                if vend - vstart == 12 and same(s + vstart, b"100-continue", 12):
+                    h.expect_continue = True
+            elif kind == VIA:
+                if via is None:
+                    via = []
+                via.append(value_of(s, line))
             else:
-                hop = True
+                h.hop = True
                 if kind == CONNECTION:
                     if connection is None:
                         connection = []
-                    connection.append(value)
-                if drops is None:
-                    drops = []
-                drops.append((pos - 2, eol))
+                    connection.append(value_of(s, line))
         pos = eol + 2
-    if drops is None:
-        stripped = head
-    else:
-        # every dropped range is "\r\nName: value", from the CRLF before the
-        # line to just before the CRLF after it
-        stripped = PyBytes_FromStringAndSize(NULL, size)
-        out = PyBytes_AS_STRING(stripped)
-        for start, end in drops:
-            memcpy(out + out_len, s + kept_from, <Py_ssize_t>start - kept_from)
-            out_len += <Py_ssize_t>start - kept_from
-            kept_from = end
-        memcpy(out + out_len, s + kept_from, size - kept_from)
-        out_len += size - kept_from
-        stripped = stripped[:out_len]
-    return (
-        stripped,
-        tuple(connection) if connection is not None else (),
-        tuple(lengths) if lengths is not None else (),
-        tuple(codings) if codings is not None else (),
-        hop,
-    )
+    if connection is not None:
+        h.options = _options(tuple(connection))
+    if lengths is not None:
+        h.lengths = tuple(lengths)
+    if codings is not None:
+        h.codings = _codings(tuple(codings))
+    if via is not None:
+        h.via = tuple(via)
+    return h

@@ -8,12 +8,11 @@ clock: the tests feed bytes alone.
 
 from __future__ import annotations
 
-import re
 from typing import NamedTuple
 
 import httptools
 
-from elbasy._heads import scan
+from elbasy._heads import Head, scan
 from elbasy.errors import RemoteProtocolError
 from elbasy.protocol.headers import Headers
 from elbasy.verdicts import BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE
@@ -37,29 +36,37 @@ class RequestHead(NamedTuple):
     method: str
     target: str
     version: str  # "1.0" or "1.1"
-    raw: bytes  # the head as received, request line to blank line
-    stripped: bytes  # raw without hop-by-hop and Host lines
+    lines: Head  # the head as received, request line to blank line, read once
     keep_alive: bool
     framing: Framing
 
+    @property
+    def raw(self) -> bytes:
+        return self.lines.raw
+
     def headers(self) -> Headers:
-        return header_list(self.raw)
+        return self.lines.headers()
 
 
 class ResponseHead(NamedTuple):
     status: int
-    status_line: bytes
     version: str
-    raw: bytes
-    stripped: bytes  # raw without hop-by-hop lines
+    lines: Head
     keep_alive: bool
     framing: Framing
 
+    @property
+    def raw(self) -> bytes:
+        return self.lines.raw
+
+    @property
+    def status_line(self) -> bytes:
+        return self.lines.raw[: self.lines.line_end]
+
     def headers(self) -> Headers:
-        return header_list(self.raw)
+        return self.lines.headers()
 
 
-_NO_OPTIONS: frozenset[bytes] = frozenset()
 _NO_FRAMING = Framing(frozenset(), (), (), False)
 
 _Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
@@ -71,7 +78,8 @@ class _Validator:
     llhttp checks the whole head (request line, header syntax, framing
     conflicts, CRLF line ends, no folded lines) in C; leaving out on_header
     keeps it from calling Python per header. What elbasy needs from the
-    headers is then read off the validated bytes by elbasy._heads, also in C.
+    headers is then read off the validated bytes by elbasy._heads, also in C,
+    in one pass.
     """
 
     __slots__ = ("url", "complete")
@@ -87,25 +95,9 @@ class _Validator:
         self.complete = True
 
 
-_HEADER_LINE = re.compile(rb"\r\n([^:\r]+):[ \t]*([^\r]*)")
-
-
-def _framing(head: bytes, drop_host: bool) -> tuple[bytes, Framing]:
-    """The head without hop-by-hop lines, and what its headers say about framing."""
-    stripped, connection, lengths, codings, hop = scan(head, drop_host)
-    options = (
-        frozenset(t.strip().lower() for v in connection for t in v.split(b",") if t.strip())
-        if connection
-        else _NO_OPTIONS
-    )
-    if codings:
-        codings = tuple(c.strip().lower() for v in codings for c in v.split(b",") if c.strip())
-    return stripped, Framing(options, lengths, codings, hop)
-
-
-def header_list(head: bytes) -> Headers:
-    """Every header of a validated head as (name, value) pairs, in order."""
-    return [(m[1], m[2].rstrip(b" \t")) for m in _HEADER_LINE.finditer(head)]
+def _framing(lines: Head) -> Framing:
+    """What a scanned head's headers say about framing."""
+    return Framing(lines.options, lines.lengths, lines.codings, lines.hop)
 
 
 def _validate(parser: _Parser, sink: _Validator, head: bytes, what: str, status: int) -> None:
@@ -133,19 +125,13 @@ def parse_request_head(head: bytes) -> RequestHead:
     if version not in ("1.0", "1.1"):
         raise RemoteProtocolError(f"unsupported HTTP version {version}")
     method = parser.get_method().decode("ascii")
+    lines = scan(head)
     if method == "CONNECT":
         # llhttp checked the headers; a tunnel needs none of them (yet)
-        return RequestHead(method, target, version, head, head, False, _NO_FRAMING)
-    stripped, framing = _framing(head, True)
-    return RequestHead(
-        method=method,
-        target=target,
-        version=version,
-        raw=head,
-        stripped=stripped,
-        keep_alive=_keep_alive(version, framing.connection),
-        framing=framing,
-    )
+        return RequestHead(method, target, version, lines, False, _NO_FRAMING)
+    framing = _framing(lines)
+    keep_alive = _keep_alive(version, framing.connection)
+    return RequestHead(method, target, version, lines, keep_alive, framing)
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
@@ -153,17 +139,11 @@ def parse_response_head(head: bytes) -> ResponseHead:
     sink = _Validator()
     parser = httptools.HttpResponseParser(sink)
     _validate(parser, sink, head, "response", 502)
-    stripped, framing = _framing(head, False)
+    lines = scan(head)
+    framing = _framing(lines)
     version = parser.get_http_version()
-    return ResponseHead(
-        status=parser.get_status_code(),
-        status_line=head[: head.find(b"\r\n")],
-        version=version,
-        raw=head,
-        stripped=stripped,
-        keep_alive=_keep_alive(version, framing.connection),
-        framing=framing,
-    )
+    keep_alive = _keep_alive(version, framing.connection)
+    return ResponseHead(parser.get_status_code(), version, lines, keep_alive, framing)
 
 
 def _keep_alive(version: str, connection: frozenset[bytes]) -> bool:
@@ -174,12 +154,12 @@ def _keep_alive(version: str, connection: frozenset[bytes]) -> bool:
 
 
 def _content_length(framing: Framing, status: int) -> int | None:
-    values = set(framing.content_lengths)
+    values = framing.content_lengths
     if not values:
         return None
-    if len(values) > 1:
+    text = values[0]
+    if len(values) > 1 and any(value != text for value in values):
         raise RemoteProtocolError("conflicting Content-Length values", status)
-    text = values.pop()
     if not text.isdigit():
         raise RemoteProtocolError("bad Content-Length", status)
     return int(text)

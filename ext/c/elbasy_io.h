@@ -204,17 +204,13 @@ static inline long elb_chunked_scan(elb_chunked *st, const char *buf, size_t len
             i++;
             break;
         case CH_TRAILER_START:
-            if (c == '\r') st->state = CH_END_LF;
-            else if (c == '\n') return -1;
-            else st->state = CH_TRAILER;
-            i++;
-            break;
         case CH_TRAILER:
             /* a bare LF or other control byte would end the message early for
              * a lenient upstream: refuse it rather than let one request hide
-             * another */
-            if (c == '\r') st->state = CH_TRAILER_LF;
+             * another (the first byte of a line too) */
+            if (c == '\r') st->state = st->state == CH_TRAILER_START ? CH_END_LF : CH_TRAILER_LF;
             else if (((unsigned char)c < 0x20 && c != '\t') || c == 0x7f) return -1;
+            else st->state = CH_TRAILER;
             i++;
             break;
         case CH_TRAILER_LF:

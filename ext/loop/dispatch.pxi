@@ -53,7 +53,7 @@ cdef void conn_event(Loop loop, Conn c, int fd, uint32_t ev):
     if st == S_WAIT:
         # held before departure: the client is only watched for leaving
         if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-            loop.c_abandoned += 1
+            loop.c_held_left += 1
             close_conn(loop, c, False)
         elif flush_client(loop, c) != STEP_ENDED:
             wait_mask(loop, c)

@@ -39,7 +39,6 @@ cdef dict loop_stats(Loop loop):
             "splice_fallbacks": loop.c_splice_fallbacks,
             "internal_errors": loop.c_internal_errors,
             "timers": loop.timers.len,
-            "abandoned_while_held": loop.c_abandoned,
         },
         "tls": {
             "intercepts_open": loop.c_intercepts_open,
@@ -62,5 +61,9 @@ cdef dict loop_stats(Loop loop):
             "total": loop.c_held,
             "waiting": loop.c_waiting,
             "retried_after_refusal": loop.c_throttle_retries,
+            # the loop saw the client hang up while its request was held;
+            # the policy's abandoned_while_held counts every held request
+            # that ended without leaving (a hang-up, a shutdown...)
+            "clients_left": loop.c_held_left,
         },
     }

@@ -211,7 +211,7 @@ cdef class Loop:
     cdef uint64_t c_tls_upstream_failures
     cdef uint64_t c_held
     cdef uint64_t c_waiting
-    cdef uint64_t c_abandoned
+    cdef uint64_t c_held_left      # held clients that hung up before departure
     cdef uint64_t c_throttle_retries
     cdef uint64_t c_drain_refused   # answered 503 + Retry-After at the drain's deadline
     cdef uint64_t c_drain_closed    # closed by the drain: idle keep-alive, tunnels, mid-body

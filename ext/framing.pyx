@@ -1,0 +1,42 @@
+# cython: language_level=3
+"""The data plane's framing scanners (ext/c/elbasy_io.h) as Python objects.
+
+The loop calls elb_head_end and elb_chunked_scan directly on its buffers;
+this module hands the same compiled C to the tests, which feed each scanner
+whole, split at every byte and byte by byte, with no sockets. A test through
+sockets cannot promise those splits: TCP may join two sends before the loop
+reads them, so which pieces the scanner saw would be up to the kernel.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+
+from io cimport CH_DONE, elb_chunked, elb_chunked_scan, elb_head_end
+
+
+def head_end(bytes buf, size_t start=0):
+    """Where the head in ``buf`` ends (just past its blank line), or -1.
+
+    ``start``: how much of ``buf`` an earlier call already scanned, as the
+    loop passes it while a head arrives in pieces.
+    """
+    return elb_head_end(PyBytes_AS_STRING(buf), <size_t>PyBytes_GET_SIZE(buf), start)
+
+
+cdef class Chunked:
+    """One chunked message's framing, fed as it arrives."""
+
+    cdef elb_chunked st
+
+    def __cinit__(self):
+        self.st.state = 0
+        self.st.remaining = 0
+
+    def feed(self, bytes data):
+        """How many bytes of ``data`` belong to the message (all of them
+        unless it ends inside), or -1 for bad framing."""
+        return elb_chunked_scan(&self.st, PyBytes_AS_STRING(data), <size_t>PyBytes_GET_SIZE(data))
+
+    @property
+    def done(self):
+        """The last chunk and the trailers are through."""
+        return self.st.state == CH_DONE
