@@ -62,6 +62,11 @@ NOT_FIRST_WAIT = MAX_WAIT_CEILING
 #: the pacer's hook to move a held request: ``wake(waiter, monotonic time)``
 Wake = Callable[[object, float], None]
 
+#: how much of the way a round-trip estimate moves toward a slower answer (a
+#: faster one replaces it at once): it follows a path that got slower within
+#: a few hundred answers
+ROUND_TRIP_FORGET = 0.01
+
 #: how long a client is told to wait when the quota table has no room for its account
 STORE_FULL_RETRY = 1.0
 
@@ -93,6 +98,7 @@ class Paced:
     arrived: float  # monotonic
     reservation: Reservation | None = None
     sent_at: float = 0.0  # monotonic; 0 until it left
+    head_at: float = 0.0  # monotonic: when its answer's head came; 0 until then
     due: float = 0.0  # monotonic: the departure it was last given (0: at once)
     retried: bool = False
     response: tuple[int, list[tuple[bytes, bytes]]] | None = None  # status, headers
@@ -153,6 +159,8 @@ class Pacer:
         # shared with other accounts' lines: an app-wide limit)
         self._lines: dict[tuple[str, ...], deque[Paced]] = {}
         self._lines_of: dict[str, set[tuple[str, ...]]] = {}
+        # per rule: the shortest time from a departure to its answer's head lately
+        self._round_trip: dict[str, float] = {}
         #: moves a held request to a new departure; the loop wires its own in
         self.wake: Wake = _no_wake
         self._lateness = [0.0] * 10_000  # the most recent departures' lateness, seconds
@@ -444,12 +452,7 @@ class Pacer:
         report = self.rules.read_response(m, status, headers, body)
         self.rules.learn(m, report)
         wall_now = self.wall()
-        # The server counted the request when it arrived, a network hop after it
-        # left here, not when its answer came back (after the processing time):
-        # its numbers describe the bucket at our departure. Read at the answer's
-        # arrival instead, every answer would push the clock a round trip ahead
-        # and the account would run a round trip per request slow.
-        seen_at = wall_now - (self.mono() - paced.sent_at) if paced.sent_at else wall_now
+        seen_at = self._view_time(paced, wall_now)
         views = list(report.views)
         # The refund first, then the server's view: the view already holds this
         # request's refund, so taking the view first and refunding after would
@@ -516,6 +519,7 @@ class Pacer:
                 again.positions = (0.0,) * len(again.positions)
                 paced.retried = True
                 paced.reservation = again
+                paced.head_at = 0.0
                 self.counters["retried"] += 1
                 # it came before everyone waiting now: it goes first again
                 self._open_line(m.keys).appendleft(paced)
@@ -524,6 +528,36 @@ class Pacer:
                 paced.due = self._to_mono(max(self.store.earliest(again, wall_now), until))
                 return paced.due
         return 0.0
+
+    def _view_time(self, paced: Paced, wall_now: float) -> float:
+        """When the numbers in this answer were the server's (wall clock).
+
+        A server reports its bucket as it stood once it had counted the
+        request, and the answer then takes the way back: half a round trip.
+        Between the departure and the head's arrival the request may also
+        have waited in the server's queue, and the server's bucket restored
+        all that time, so dating the view at the departure would count
+        restored units that the server never had, by rate × the server's
+        delay (tens of points under a burst). The round trip is the shortest
+        time to an answer's head seen lately for the rule (a request the
+        server did at once); the view is dated half of it before the head
+        came, never before the departure.
+        """
+        mono_now = self.mono()
+        if not paced.head_at:
+            paced.head_at = mono_now
+        if not paced.sent_at:
+            return wall_now
+        to_head = max(0.0, paced.head_at - paced.sent_at)
+        rule = paced.match.rule.id
+        rtt = self._round_trip.get(rule)
+        if rtt is None or to_head < rtt:
+            rtt = to_head
+        else:
+            rtt += (to_head - rtt) * ROUND_TRIP_FORGET
+        self._round_trip[rule] = rtt
+        head_wall = wall_now - (mono_now - paced.head_at)
+        return head_wall - min(to_head, rtt / 2)
 
     def wants_body(self, paced: Paced) -> int:
         """Bytes of the response body the rule reads (GraphQL cost), or 0."""

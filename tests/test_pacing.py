@@ -581,6 +581,13 @@ def test_graphql_acceptance_zero_throttled_at_the_allowed_rate(
     print("GraphQL acceptance (shop, plan, throttled, used, min and max actual/requested):")
     for row in report:
         print("  ", row)
+    for shop in plans:
+        key = shopify.key_stats(shop, "tok")["graphql"]
+        if key["throttle_trace"]:
+            t0 = key["trace"][0][0] if key["trace"] else 0.0
+            print("  THROTTLED", shop, [(round(t - t0, 3), c, a) for t, c, a in key["throttle_trace"]])
+            print("  around it", [(round(t - t0, 3), c, a, av) for t, c, a, av in key["trace"]
+                                 if abs(t - key["throttle_trace"][0][0]) < 1.0])
     for _shop, _plan, throttled, ratio, low, high in report:
         assert throttled == 0, report
         assert ratio >= 0.95, report
