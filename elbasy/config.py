@@ -627,12 +627,6 @@ class Config:
             except ConfigError as e:
                 raise ConfigError(e.reason, name) from None
             object.__setattr__(self, name, value)
-        if self.quota_store == "local" and worker_count(self.workers) > 1:
-            raise ConfigError(
-                "local keeps each worker's quota to itself, so N workers would hand out "
-                "N quotas; use shm with more than one worker",
-                "quota_store",
-            )
         from elbasy.rules import RuleError
 
         try:

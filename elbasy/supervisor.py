@@ -75,6 +75,18 @@ STOP_NOW = signal.SIGUSR2
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
 
+def check_quota_store(config: Config) -> None:
+    """Refuse a store that cannot keep the promise: ``local`` keeps each
+    worker's quota to itself, so N workers would hand out N quotas."""
+    count = worker_count(config.workers)
+    if config.quota_store == "local" and count > 1:
+        raise StartupError(
+            f"--quota-store local keeps each worker's quota to itself, so {count} workers "
+            "would hand out each account's quota "
+            f"{count} times; use --quota-store shm (the default) with more than one worker"
+        )
+
+
 def make_shared(config: Config) -> Any:
     """What every worker's quota store shares, made once before the first fork.
 
@@ -173,6 +185,7 @@ class Supervisor:
         log.info("fd limit %d", limit)
         self.sock = listen(self.config.listen_host, self.config.listen_port)
         try:
+            check_quota_store(self.config)
             prepare_ca(self.config)
             self.shared = make_shared(self.config)
             self._wake_r, self._wake_w = os.pipe()
@@ -469,6 +482,14 @@ class Supervisor:
                 self.config.listen_port,
             ):
                 sock = listen(new.listen_host, new.listen_port)
+            check_quota_store(new)
+            if (new.quota_store == "local") != (self.shared is None):
+                raise StartupError("a reload cannot change --quota-store; restart elbasy")
+            if self.shared is not None and new.quota_capacity != self.shared.capacity:
+                log.warning(
+                    "reload: the quota table keeps its %d buckets until a restart",
+                    self.shared.capacity,
+                )
             prepare_ca(new)
             count = worker_count(new.workers)
             taken = len(self.children) + len(self.restarts)

@@ -158,6 +158,8 @@ DEFAULTS = {
     "max_wait": 30.0,
     "retry_idempotent": False,
     "quota_margin": 0.01,
+    "quota_store": "auto",
+    "quota_capacity": 65536,
 }
 
 
@@ -191,6 +193,8 @@ def test_every_option_from_the_command_line() -> None:
             "--max-wait=12.5",
             "--retry-idempotent",
             "--quota-margin=0.05",
+            "--quota-store=shm",
+            "--quota-capacity=1024",
             "--log-file=/tmp/elbasy.log",
             "--workers=auto",
             "--drain-timeout=7.5",
@@ -219,6 +223,8 @@ def test_every_option_from_the_command_line() -> None:
         "max_wait": 12.5,
         "retry_idempotent": True,
         "quota_margin": 0.05,
+        "quota_store": "shm",
+        "quota_capacity": 1024,
     }
 
 
@@ -242,6 +248,8 @@ def test_every_option_from_the_environment() -> None:
         "ELBASY_MAX_WAIT": "7",
         "ELBASY_RETRY_IDEMPOTENT": "1",
         "ELBASY_QUOTA_MARGIN": "0.02",
+        "ELBASY_QUOTA_STORE": "shm",
+        "ELBASY_QUOTA_CAPACITY": "100000",
         "ELBASY_WORKERS": "3",
         "ELBASY_DRAIN_TIMEOUT": "0",
         "ELBASY_RULES": "bigcommerce",
@@ -266,6 +274,8 @@ def test_every_option_from_the_environment() -> None:
         "max_wait": 7.0,
         "retry_idempotent": True,
         "quota_margin": 0.02,
+        "quota_store": "shm",
+        "quota_capacity": 100000,
         "workers": 3,
         "drain_timeout": 0.0,
     }

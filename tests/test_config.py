@@ -390,6 +390,8 @@ def test_config_keys_are_the_option_names() -> None:
         "max_wait",
         "retry_idempotent",
         "quota_margin",
+        "quota_store",
+        "quota_capacity",
     }
 
 

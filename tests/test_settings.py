@@ -82,6 +82,8 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "max_wait": (0, 3600),
     "retry_idempotent": (True, False),
     "quota_margin": (0, 0.25),
+    "quota_store": ("shm", "local"),
+    "quota_capacity": (1024, 200000),
     "log_file": ("/tmp/elbasy-a.log", "/tmp/elbasy-b.log"),
     "workers": (2, "auto"),
     "drain_timeout": (0, 12.5),
@@ -299,7 +301,9 @@ def test_loop_stub_takes_the_loop_settings() -> None:
     loop = Config().loop_settings()
     stub = stub_keywords()
     assert {
-        k: v for k, v in stub.items() if k not in ("server_tls", "client_tls", "listen_exclusive")
+        k: v
+        for k, v in stub.items()
+        if k not in ("server_tls", "client_tls", "listen_exclusive", "quota_fd")
     } == loop
     assert set(loop) == {s.keyword for s in SETTINGS if s.to == "loop"}
 
@@ -342,6 +346,7 @@ def test_worker_gives_the_loop_and_pacer_exactly_their_settings(
             "server_tls": None,
             "client_tls": None,
             "listen_exclusive": False,  # its own listener, not the supervisor's shared one
+            "quota_fd": -1,  # its own LocalStore: no other worker moves its lines
         }
         pacer = {k: v for k, v in seen["Pacer"].items() if k not in ("wall", "mono")}
         assert pacer == config.pacer_settings()
