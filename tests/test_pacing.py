@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import socket
 import ssl
 import time
@@ -185,6 +187,51 @@ def test_shopify_rest_zero_429s_at_the_allowed_rate(
         ratios.append((round(ratio, 3), shop_name(s), a, k["accepted"]))
     print(f"worst accounts (of the rate the mock allows): {sorted(ratios)[:4]}")
     assert worst >= 0.97, sorted(ratios)[:10]
+
+
+@pytest.mark.load
+def test_shopify_rest_through_a_killed_worker(
+    proxy: Callable[..., Proxy],
+    api_ca: tuple[origins.TestCA, Path],
+    shopify: RemoteMock,
+    tmp_path: Path,
+) -> None:
+    """kill -9 of one of four workers under the acceptance load: its clients lose
+    their connection, the others go on, the worker is back, and the quota it had
+    queued or spent is neither lost nor handed out twice (no 429 then or after)."""
+    configure_plans(shopify)
+    p, ca = elbasy_for(
+        proxy, api_ca, tmp_path, {"*.myshopify.com": shopify.port}, "--workers", "4"
+    )
+    before = set(p.worker_pids())
+    assert len(before) == 4
+    killed: list[int] = []
+
+    def kill_one() -> None:
+        pid = sorted(before)[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    outcomes, _ = load.run(p.port, ca, shop_clients(), 12.0, at=(5.0, kill_one))
+    cut = [name for name, out in outcomes.items() if out.errors]
+    # the killed worker's clients only: about one in four (the kernel spreads
+    # accepts over the four, not evenly)
+    assert len(cut) < len(outcomes) * 0.6, len(cut)
+    assert sum(sum(out.statuses.values()) for out in outcomes.values()) > 3000
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(set(p.worker_pids()) - set(killed)) < 4:
+        time.sleep(0.1)
+    after = set(p.worker_pids())
+    assert len(after) == 4 and not after & set(killed), (before, after)
+    # the restarted worker serves from the same table: every account as it was
+    outcomes, _ = load.run(p.port, ca, shop_clients(), 8.0)
+    for name, out in outcomes.items():
+        assert not out.errors, (name, out.errors[:3])
+        assert out.shed == 0
+    stats = shopify.stats()
+    assert stats["totals"]["rest_throttled"] == 0, stats["totals"]
+    for (s, a), (_, k) in snapshot(shopify).items():
+        assert k["peak_used"] <= (400 if s < PLUS_SHOPS else 40), (s, a)
 
 
 def test_shopify_rest_with_outside_traffic(
