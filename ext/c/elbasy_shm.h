@@ -397,6 +397,15 @@ static inline int elb_claimable(elb_rec *r, const elb_limit *l, int64_t s, doubl
     return e->tag == s || !(e->tag >= elb_oldest(l, now) && elb_wheld(e));
 }
 
+/* A bucket's units leave its queue (sent, or given back): out of the total
+ * and the slot's column, and counted as out for the positions behind them. */
+static inline void elb_unqueue(elb_bstate *b, int slot, double units)
+{
+    b->queued = ELB_MAX(0.0, b->queued - units);
+    b->deq += units;
+    b->q[slot] = ELB_MAX(0.0, b->q[slot] - units);
+}
+
 /* Window s's place, taken for it (elbasy.quota._claim), or NULL. */
 static inline elb_wslot *elb_claim(elb_rec *r, const elb_limit *l, int64_t s, double now)
 {
@@ -791,9 +800,7 @@ static inline int elb_shm_confirm(elb_shm *t, int slot, int n, const uint64_t *h
     for (k = 0; k < n; k++) {
         if (l[k].kind == ELB_BUCKET) {
             b = &r[k]->u.b;
-            b->queued = ELB_MAX(0.0, b->queued - slots[k]);
-            b->deq += slots[k];
-            b->q[slot] = ELB_MAX(0.0, b->q[slot] - slots[k]);
+            elb_unqueue(b, slot, slots[k]);
             b->sent = ELB_MAX(b->sent, now) + slots[k] * l[k].interval;
         } else {
             i = elb_slot_of(now, l[k].period);
@@ -821,7 +828,6 @@ static inline int elb_shm_give_back(elb_shm *t, int slot, int n, const uint64_t 
 {
     elb_step s;
     elb_rec *r[ELB_SHM_MAX_LIMITS];
-    elb_bstate *b;
     int rc, k;
     if (n < 1 || n > ELB_SHM_MAX_LIMITS || slot < 0 || slot >= ELB_SHM_SLOTS)
         return ELB_EARG;
@@ -835,10 +841,7 @@ static inline int elb_shm_give_back(elb_shm *t, int slot, int n, const uint64_t 
         if (r[k] == NULL)
             continue;
         if (l[k].kind == ELB_BUCKET) {
-            b = &r[k]->u.b;
-            b->queued = ELB_MAX(0.0, b->queued - slots[k]);
-            b->deq += slots[k];
-            b->q[slot] = ELB_MAX(0.0, b->q[slot] - slots[k]);
+            elb_unqueue(&r[k]->u.b, slot, slots[k]);
         } else {
             elb_wtake(r[k], (int64_t)slots[k], cost[k]);
         }
