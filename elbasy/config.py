@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ipaddress
 import string
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -57,6 +56,7 @@ from elbasy.settings import (
     part_of,
     setting,
 )
+from elbasy.toml import TomlFileError, read_toml
 
 if TYPE_CHECKING:
     from elbasy.rules import RuleSet
@@ -757,12 +757,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+        data = read_toml(path)
+    except TomlFileError as e:
+        if e.unreadable:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {e.detail}") from None
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e.detail}") from None
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")

@@ -21,11 +21,12 @@ own syntax (listen addresses, connect-to rules, rule ids and tables) live in
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
+
+from elbasy.toml import toml_value
 
 __all__ = [
     "Choice",
@@ -74,17 +75,6 @@ def is_int(value: object) -> bool:
 def is_number(value: object) -> bool:
     """An int (no bool) or a float: what TOML calls a number."""
     return is_int(value) or isinstance(value, float)
-
-
-def toml_value(value: object) -> str:
-    """A plain value (string, bool, number, or a list of them) written as TOML."""
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
 
 
 # --------------------------------------------------------------------------- kinds

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import time
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -45,6 +44,7 @@ from elbasy.rules.wire import (
     parse_http_date,
     parse_number,
 )
+from elbasy.toml import TomlFileError, parse_toml, read_toml
 
 __all__ = ["BUILTIN_IDS", "Match", "Report", "RuleSet", "ServerView"]
 
@@ -334,12 +334,9 @@ class RuleSet:
         """
         path = Path(path)
         try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise RuleError(f"{path}: cannot read: {e.strerror or e}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise RuleError(f"{path}: not valid TOML: {e}") from None
+            data = read_toml(path)
+        except TomlFileError as e:
+            raise RuleError(str(e)) from None
         if "rule" in data:
             if set(data) != {"rule"} or not isinstance(data["rule"], list):
                 raise RuleError(f"{path}: expected only [[rule]] tables")
@@ -710,9 +707,9 @@ def _builtin_rules() -> tuple[Rule, ...]:
     for rule_id in BUILTIN_IDS:
         name, text = RuleSet.builtin_rule_data(rule_id)
         try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:  # a packaging bug, not the user's
-            raise RuleError(f"{name}: not valid TOML: {e}") from None
+            data = parse_toml(text, name)
+        except TomlFileError as e:  # a packaging bug, not the user's
+            raise RuleError(str(e)) from None
         rules.append(parse_rule(data, f"builtin:{name}"))
     return tuple(rules)
 

@@ -62,6 +62,7 @@ from typing import Any, NoReturn
 from elbasy.limits import Limit
 from elbasy.rules.graphql_cost import CALCULATORS
 from elbasy.rules.wire import JSONPath, parse_json_path
+from elbasy.toml import toml_key, toml_value
 
 __all__ = [
     "HINT_HEADER",
@@ -746,33 +747,9 @@ def parse_rule(data: Any, origin: str) -> Rule:
 
 # --------------------------------------------------------------------------- TOML out
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else _toml_inline(key)
-
-
-def _toml_inline(value: Any) -> str:
-    """A TOML value on one line: strings, numbers, booleans, arrays, inline tables."""
-    import json
-
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, Mapping):
-        items = ", ".join(f"{_toml_key(str(k))} = {_toml_inline(v)}" for k, v in value.items())
-        return "{ " + items + " }" if items else "{}"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_inline(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
 
 def rule_to_toml(data: Mapping[str, Any], table: str | None = None) -> str:
     """A rule's data as TOML: top-level keys, or an ``[[table]]`` entry when ``table`` is set."""
     lines = [f"[[{table}]]"] if table else []
-    lines += [f"{_toml_key(str(k))} = {_toml_inline(v)}" for k, v in data.items()]
+    lines += [f"{toml_key(str(k))} = {toml_value(v)}" for k, v in data.items()]
     return "\n".join(lines) + "\n"
