@@ -60,4 +60,6 @@ def test_a_request_to_elbasy_through_itself_ends_at_its_own_pages(proxy):
     deadline = time.monotonic() + 5
     while p.fd_count() > base and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert p.fd_count() == base
+    # nothing left behind (the baseline may still hold the start-up probe's
+    # connection, which its worker closes on its own time)
+    assert p.fd_count() <= base
