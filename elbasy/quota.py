@@ -363,7 +363,6 @@ class LocalStore:
     def __init__(self, safety: Safety | None = None) -> None:
         self.safety = safety or Safety()
         self._states: dict[tuple[str, str], _State] = {}
-        self.returned = 0  # places in line given back (their clients left)
         self._facts = LocalFacts()
 
     # ------------------------------------------------------------------ arithmetic
@@ -652,7 +651,6 @@ class LocalStore:
             else:
                 _take(st.reserved, int(r.slots[k]), r.costs[k])
         r.returned = True
-        self.returned += 1
         return True
 
     def settle(self, r: Reservation, actual: float | Sequence[float], now: float) -> None:

@@ -63,7 +63,6 @@ class ShmStore:
         self._by_id: dict[tuple[int, int], tuple[object, object, Account]] = {}
         self._accounts: dict[tuple[tuple[str, ...], tuple[Limit, ...]], Account] = {}
         self._names: dict[int, str] = {}  # bucket hash -> its key, for moved()
-        self.returned = 0  # places in line given back (their clients left)
         self.evictions = 0  # idle buckets this worker evicted for new ones
         self.dropped = 0  # server views (or 429s) with no room in the table
 
@@ -217,7 +216,6 @@ class ShmStore:
             acct = self._account(r.keys, r.limits)
             self.table.give_back(self.slot, acct, r.costs, r.slots, now)
         r.returned = True
-        self.returned += 1
         return True
 
     def settle(self, r: Reservation, actual: float | Sequence[float], now: float) -> None:
