@@ -45,17 +45,39 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The listening socket, non-blocking; raises StartupError (one line) when it cannot bind."""
+def listen(host: str, port: int, reuseport: bool = False) -> socket.socket:
+    """The listening socket, non-blocking; raises StartupError (one line) when it cannot bind.
+
+    ``reuseport``: one of a group bound to one port (SO_REUSEPORT), among which
+    the kernel spreads new connections by their addresses (:func:`listen_group`).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         _listen_on(sock, host, port)
     except OSError as e:
         sock.close()
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         raise StartupError(f"cannot listen on {where}: {e.strerror or e}") from None
     return sock
+
+
+def listen_group(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` SO_REUSEPORT listeners on one port (port 0: the first one's),
+    one per worker; raises StartupError, closing what it opened."""
+    first = listen(host, port, reuseport=True)
+    group = [first]
+    try:
+        port = first.getsockname()[1]
+        while len(group) < count:
+            group.append(listen(host, port, reuseport=True))
+    except BaseException:
+        for sock in group:
+            sock.close()
+        raise
+    return group
 
 
 def _listen_on(sock: socket.socket, host: str, port: int) -> None:
@@ -147,8 +169,9 @@ class Worker:
     :class:`Policy`). ``stop()`` may be called from any thread.
 
     In a worker process the supervisor passes the listening socket it
-    opened (``sock``, shared by every worker: the loop polls it with
-    EPOLLEXCLUSIVE), the worker's ``slot`` and the ``shared`` quota state;
+    opened for it (``sock``, one of a SO_REUSEPORT group, polled with
+    EPOLLEXCLUSIVE while a reload's worker polls it too), the worker's
+    ``slot`` and the ``shared`` quota state;
     without ``sock`` the worker opens its own listener (tests in one process).
     """
 

@@ -1,12 +1,15 @@
 """The supervisor: one process that starts, watches and retires elbasy's workers.
 
 ``elbasy --workers N`` (1 by default) runs this. Before any fork it parses the
-config, raises RLIMIT_NOFILE to the hard limit, opens the listening socket and
-loads (or makes) the CA, so every worker inherits the one socket and only
-ever loads the CA. Each worker is a forked process that builds a
-:class:`elbasy.server.Worker` around the inherited socket (polled with
-EPOLLEXCLUSIVE: the kernel wakes one worker per new connection) and runs its
-own loop. The supervisor serves no traffic; it answers signals:
+config, raises RLIMIT_NOFILE to the hard limit, opens the listening sockets
+(one SO_REUSEPORT socket per worker, all on one port: the kernel spreads new
+connections over them) and loads (or makes) the CA, so workers only ever
+load it. Each worker is a forked process that builds a
+:class:`elbasy.server.Worker` around the socket of its index and runs its
+own loop. The supervisor keeps every socket open: a restarted worker, or a
+reload's new worker of the same index, polls the very socket its
+predecessor did, so nothing in an accept queue is reset. The supervisor
+serves no traffic; it answers signals:
 
 * SIGTERM, and the first Ctrl-C: drain. Every worker gets SIGTERM and runs
   ``Loop.drain(--drain-timeout)``; the supervisor exits 0 when all are gone.
@@ -53,6 +56,7 @@ from elbasy.server import (
     Worker,
     intercepted_hosts,
     listen,
+    listen_group,
     prepare_ca,
     raise_fd_limit,
 )
@@ -124,6 +128,7 @@ def on_worker_gone(shared: Any, slot: int) -> None:
 class Child:
     pid: int
     slot: int
+    index: int  # which of its generation's listeners it polls (0..N-1)
     generation: int
     config: Config
     started: float
@@ -153,21 +158,28 @@ class Supervisor:
     def __init__(self, config: Config, reload_config: Callable[[], Config]) -> None:
         self.config = config
         self.reload_config = reload_config
-        self.sock: socket.socket | None = None
+        # one SO_REUSEPORT listener per worker index, kept open here for the
+        # supervisor's lifetime: a restarted or reloaded worker takes over the
+        # same socket, so what waits in its accept queue is never reset
+        self.socks: list[socket.socket] = []
         self.shared: Any = None
         self.children: dict[int, Child] = {}
         self.generation = 0
         self.phase = "starting"  # then "running", then "stopping"
         self.startup_error: str | None = None
         self.ready_deadline = 0.0
-        self.restarts: list[tuple[float, int]] = []  # (when, slot) of crashed workers
+        # (when, slot, listener index) of crashed workers
+        self.restarts: list[tuple[float, int, int]] = []
         self.backoff: dict[int, float] = {}
         self.interrupts = 0
         self.kill_at: float | None = None
         # a reload under way: its generation, config, socket (if the address moved), deadline
         self.reload_gen: int | None = None
         self.reload_cfg: Config | None = None
-        self.reload_sock: socket.socket | None = None
+        # a reload's listeners: a new group (a new address) or the sockets it
+        # adds to the running group (more workers); kept only if it commits
+        self.reload_socks: list[socket.socket] = []
+        self.reload_moves = False  # reload_socks replace the group (a new address)
         self.reload_deadline = 0.0
         self._wake_r = self._wake_w = -1
         self.pid = os.getpid()
@@ -183,7 +195,8 @@ class Supervisor:
         self.pid = os.getpid()
         limit = raise_fd_limit()
         log.info("fd limit %d", limit)
-        self.sock = listen(self.config.listen_host, self.config.listen_port)
+        count = worker_count(self.config.workers)
+        self.socks = listen_group(self.config.listen_host, self.config.listen_port, count)
         try:
             check_quota_store(self.config)
             prepare_ca(self.config)
@@ -194,8 +207,8 @@ class Supervisor:
             previous = {sig: signal.signal(sig, _noop) for sig in _HANDLED}
             old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
             try:
-                for _ in range(worker_count(self.config.workers)):
-                    self._spawn(self._free_slot(), self.config, self.sock, 0)
+                for index in range(count):
+                    self._spawn(self._free_slot(), index, self.config, self.socks, 0)
                 self.ready_deadline = time.monotonic() + READY_TIMEOUT
                 self._serve()
             finally:
@@ -206,9 +219,8 @@ class Supervisor:
             for fd in (self._wake_r, self._wake_w):
                 if fd >= 0:
                     os.close(fd)
-            self.sock.close()
-            if self.reload_sock is not None:
-                self.reload_sock.close()
+            for sock in [*self.socks, *self.reload_socks]:
+                sock.close()
         if self.startup_error is not None:
             raise StartupError(self.startup_error)
         log.info("stopped")
@@ -232,7 +244,7 @@ class Supervisor:
     def _timeout(self) -> float:
         now = time.monotonic()
         when = [now + 1.0]
-        when += [t for t, _ in self.restarts]
+        when += [t for t, _, _ in self.restarts]
         if self.kill_at is not None:
             when.append(self.kill_at)
         return max(0.0, min(when) - now)
@@ -269,11 +281,10 @@ class Supervisor:
             elif now > self.reload_deadline:
                 self._abort_reload(f"the new workers were not ready within {READY_TIMEOUT:g} s")
         if self.restarts and self.phase == "running":
-            for when, slot in sorted(self.restarts):
+            for when, slot, index in sorted(self.restarts):
                 if when <= now:
-                    self.restarts.remove((when, slot))
-                    assert self.sock is not None
-                    self._spawn(slot, self.config, self.sock, self.generation)
+                    self.restarts.remove((when, slot, index))
+                    self._spawn(slot, index, self.config, self.socks, self.generation)
         if self.kill_at is not None and now >= self.kill_at:
             for c in self.children.values():
                 log.error("worker %d (pid %d) did not finish its drain: killing it", c.slot, c.pid)
@@ -284,13 +295,20 @@ class Supervisor:
     # ---- workers ----------------------------------------------------------------------
 
     def _free_slot(self) -> int:
-        taken = {c.slot for c in self.children.values()} | {s for _, s in self.restarts}
+        taken = {c.slot for c in self.children.values()} | {s for _, s, _ in self.restarts}
         for slot in range(SLOTS):
             if slot not in taken:
                 return slot
         raise StartupError(f"no free worker slot (all {SLOTS} are taken)")
 
-    def _spawn(self, slot: int, config: Config, sock: socket.socket, generation: int) -> Child:
+    def _spawn(
+        self,
+        slot: int,
+        index: int,
+        config: Config,
+        socks: list[socket.socket],
+        generation: int,
+    ) -> Child:
         ready_r, ready_w = os.pipe()
         # no signal may reach the child before it has its own handlers
         # (the inherited ones would write to the supervisor's wake-up pipe)
@@ -299,11 +317,11 @@ class Supervisor:
             pid = os.fork()
             if pid == 0:  # pragma: no cover (the worker process)
                 os.close(ready_r)
-                self._become_worker(slot, config, sock, ready_w)
+                self._become_worker(slot, config, socks[index], ready_w)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(ready_w)
-        child = Child(pid, slot, generation, config, time.monotonic(), ready_r)
+        child = Child(pid, slot, index, generation, config, time.monotonic(), ready_r)
         self.children[pid] = child
         log.debug("worker %d started (pid %d)", slot, pid)
         return child
@@ -319,8 +337,8 @@ class Supervisor:
             for fd in (self._wake_r, self._wake_w, *self._ready_fds()):
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            for other in (self.sock, self.reload_sock):
-                if other is not None and other is not sock:
+            for other in [*self.socks, *self.reload_socks]:
+                if other is not sock:
                     other.close()
             for sig in (signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)  # only the supervisor's word counts
@@ -410,7 +428,7 @@ class Supervisor:
         log.warning(
             "worker %d (pid %d) %s; restarting in %.1f s", child.slot, child.pid, how, delay
         )
-        self.restarts.append((time.monotonic() + delay, child.slot))
+        self.restarts.append((time.monotonic() + delay, child.slot, child.index))
 
     def _tell_all(self, sig: int, generation: int | None = None) -> None:
         for c in list(self.children.values()):
@@ -422,8 +440,7 @@ class Supervisor:
 
     def _started(self) -> None:
         self.phase = "running"
-        assert self.sock is not None
-        host, port = self.sock.getsockname()[:2]
+        host, port = self.socks[0].getsockname()[:2]
         startup_banner(__version__, host, port)
         pids = ", ".join(str(c.pid) for c in self.children.values())
         log.info("%d worker(s) ready (pids %s)", len(self.children), pids)
@@ -472,16 +489,15 @@ class Supervisor:
         except ConfigError as e:
             log.error("reload failed, the running workers go on: %s", e)
             return
-        sock: socket.socket | None = None
+        socks: list[socket.socket] = []
+        moves = (new.listen_host, new.listen_port) != (
+            self.config.listen_host,
+            self.config.listen_port,
+        )
         try:
             if new.log_file:
                 with open(new.log_file, "a", encoding="utf-8"):
                     pass
-            if (new.listen_host, new.listen_port) != (
-                self.config.listen_host,
-                self.config.listen_port,
-            ):
-                sock = listen(new.listen_host, new.listen_port)
             check_quota_store(new)
             if (new.quota_store == "local") != (self.shared is None):
                 raise StartupError("a reload cannot change --quota-store; restart elbasy")
@@ -498,19 +514,25 @@ class Supervisor:
                     f"no room for {count} more workers ({taken} of {SLOTS} slots are taken: "
                     "the last reload's workers are still draining)"
                 )
+            if moves:
+                socks = listen_group(new.listen_host, new.listen_port, count)
+            else:
+                host, port = self.socks[0].getsockname()[:2]
+                while len(self.socks) + len(socks) < count:
+                    socks.append(listen(host, port, reuseport=True))
         except (StartupError, OSError) as e:
-            if sock is not None:
+            for sock in socks:
                 sock.close()
             log.error("reload failed, the running workers go on: %s", e)
             return
         self.reload_gen = self.generation + 1
         self.reload_cfg = new
-        self.reload_sock = sock
+        self.reload_socks = socks
+        self.reload_moves = moves
         self.reload_deadline = time.monotonic() + READY_TIMEOUT
-        listener = sock if sock is not None else self.sock
-        assert listener is not None
-        for _ in range(count):
-            self._spawn(self._free_slot(), new, listener, self.reload_gen)
+        listeners = socks if moves else [*self.socks, *socks]
+        for index in range(count):
+            self._spawn(self._free_slot(), index, new, listeners, self.reload_gen)
         log.info("reloading: starting %d new worker(s)", count)
 
     def _commit_reload(self) -> None:
@@ -523,11 +545,26 @@ class Supervisor:
         self.restarts.clear()  # the old generation's crashed slots are not restarted
         self.config = self.reload_cfg
         self.generation = self.reload_gen
-        if self.reload_sock is not None:
-            assert self.sock is not None
-            self.sock.close()
-            self.sock = self.reload_sock
-        self.reload_gen = self.reload_cfg = self.reload_sock = None
+        count = worker_count(self.config.workers)
+        if self.reload_moves:
+            # the old group stays open in the draining workers until they exit
+            for sock in self.socks:
+                sock.close()
+            self.socks = self.reload_socks
+        else:
+            self.socks += self.reload_socks
+            if len(self.socks) > count:
+                # fewer workers: their listeners leave the group; what was queued
+                # in them when the last old worker exits is reset by the kernel
+                log.warning(
+                    "reload: %d listening socket(s) retired with the workers that polled them",
+                    len(self.socks) - count,
+                )
+                for sock in self.socks[count:]:
+                    sock.close()
+                del self.socks[count:]
+        self.reload_gen = self.reload_cfg = None
+        self.reload_socks = []
         with contextlib.suppress(OSError):
             configure(self.config.log_level, self.config.log_format, self.config.log_file)
         new = [c for c in self.children.values() if c.generation == self.generation]
@@ -545,9 +582,10 @@ class Supervisor:
                 c.draining = True
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(c.pid, STOP_NOW)
-        if self.reload_sock is not None:
-            self.reload_sock.close()
-        self.reload_gen = self.reload_cfg = self.reload_sock = None
+        for sock in self.reload_socks:
+            sock.close()
+        self.reload_gen = self.reload_cfg = None
+        self.reload_socks = []
 
 
 def _noop(signum: int, frame: object) -> None:
