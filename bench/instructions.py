@@ -57,8 +57,23 @@ def totals(path: Path) -> int:
     raise SystemExit(f"no totals in {path}")
 
 
+def worker_pid(supervisor: int) -> int:
+    """The one worker the supervisor forked (``--workers 1``): it serves the
+    requests, so its instructions are the ones counted."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        path = Path(f"/proc/{supervisor}/task/{supervisor}/children")
+        kids = path.read_text().split() if path.exists() else []
+        if kids:
+            return int(kids[0])
+        time.sleep(0.2)
+    raise SystemExit("the supervisor forked no worker")
+
+
 def counted(pid: int, out: Path, send) -> int:
-    """Instructions of process ``pid`` while ``send()`` runs."""
+    """Instructions of process ``pid`` while ``send()`` runs (its dumps are
+    ``out`` with ``%p`` replaced by the pid)."""
+    out = out.with_name(out.name.replace("%p", str(pid)))
     subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
     before = set(out.parent.glob(out.name + "*"))
     send()
@@ -100,7 +115,8 @@ def intercept_cell(conn: http.client.HTTPSConnection, n: int) -> None:
 
 def measure(tree: Path, origins, work: Path, args) -> dict[str, float]:
     data = work / f"data-{os.getpid()}-{time.monotonic_ns()}"
-    out = work / f"callgrind-{time.monotonic_ns()}.out"
+    # the worker is forked, so it runs under callgrind too: one output per pid
+    out = work / f"callgrind-{time.monotonic_ns()}.%p.out"
     log = open(work / "elbasy.log", "wb")
     env = {**os.environ, "PYTHONPATH": str(tree), "XDG_DATA_HOME": str(data)}
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
@@ -120,12 +136,13 @@ def measure(tree: Path, origins, work: Path, args) -> dict[str, float]:
         if not port:
             raise SystemExit((work / "elbasy.log").read_text(errors="replace"))
         result = {}
+        worker = worker_pid(proc.pid)
         plain_cell(port, origins.plain_port, args.warmup)
-        ir = counted(proc.pid, out, lambda: plain_cell(port, origins.plain_port, args.requests))
+        ir = counted(worker, out, lambda: plain_cell(port, origins.plain_port, args.requests))
         result["plain"] = ir / args.requests
         conn = intercept_conn(port, origins.tls_port, data / "ca.pem")
         intercept_cell(conn, args.warmup)
-        ir = counted(proc.pid, out, lambda: intercept_cell(conn, args.requests))
+        ir = counted(worker, out, lambda: intercept_cell(conn, args.requests))
         result["intercept"] = ir / args.requests
         conn.close()
         return result

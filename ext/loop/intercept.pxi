@@ -14,7 +14,7 @@ cdef void begin_intercept(Loop loop, Conn c, object v):
     when the client sends no SNI). A ClientHello that came with the
     CONNECT head goes to OpenSSL from memory first.
     """
-    cdef bytes ok = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    cdef bytes ok = CONNECT_200
     cdef bytes early = PyBytes_FromStringAndSize(c.cin.data + c.cin.start, buf_len(&c.cin))
     cdef uintptr_t ptr
     if loop.server_tls is None:
@@ -85,7 +85,7 @@ cdef void client_tls_failed(Loop loop, Conn c, object reason):
     try:
         if reason is None:
             reason = loop.server_tls.failure(<uintptr_t>c.tls.cssl)
-        loop.policy.tls_failed(c.ticket, reason)
+        loop.p_tls_failed(c.ticket, reason)
     except Exception:
         loop.c_policy_errors += 1
     close_conn(loop, c, False)
