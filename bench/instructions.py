@@ -4,8 +4,10 @@
 CPU time per request on a shared two-core machine moves with whatever else
 runs there; the instructions one process executes for a fixed number of
 requests do not. This starts the nginx origin of bench/run.py, then, for
-each checkout given (each with its extensions built in place), elbasy under
-``valgrind --tool=callgrind`` and one keep-alive client per cell:
+each checkout given (each with its extensions built in place), one elbasy
+worker (``server.Worker`` in the foreground: the supervisor's forked worker
+is out of callgrind's reach) under ``valgrind --tool=callgrind`` and one
+keep-alive client per cell:
 
 - ``plain``: absolute-form ``GET http://127.0.0.1:PORT/100b`` to an origin
   no rule covers (the forwarded request of the plain-HTTP cell);
@@ -50,6 +52,25 @@ HEADERS = {
 }
 
 
+#: one worker in the foreground, without the supervisor: callgrind follows
+#: neither a fork nor callgrind_control a forked child, so the process
+#: measured must be the one that serves
+WORKER = """
+import sys
+from elbasy.cli import build_config
+from elbasy.logs import configure
+from elbasy.server import Worker
+data, ca, host = sys.argv[1:4]
+config = build_config(listen="127.0.0.1:0", log_level="warning", intercept=[host],
+                      data_dir=data, upstream_ca=ca)
+configure(config.log_level, config.log_format, config.log_file)
+worker = Worker(config)
+sys.stderr.write(f"listening on 127.0.0.1:{worker.address[1]}\\n")
+sys.stderr.flush()
+worker.serve()
+"""
+
+
 def totals(path: Path) -> int:
     for line in path.read_text().splitlines():
         if line.startswith(("totals:", "summary:")):
@@ -57,23 +78,8 @@ def totals(path: Path) -> int:
     raise SystemExit(f"no totals in {path}")
 
 
-def worker_pid(supervisor: int) -> int:
-    """The one worker the supervisor forked (``--workers 1``): it serves the
-    requests, so its instructions are the ones counted."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        path = Path(f"/proc/{supervisor}/task/{supervisor}/children")
-        kids = path.read_text().split() if path.exists() else []
-        if kids:
-            return int(kids[0])
-        time.sleep(0.2)
-    raise SystemExit("the supervisor forked no worker")
-
-
 def counted(pid: int, out: Path, send) -> int:
-    """Instructions of process ``pid`` while ``send()`` runs (its dumps are
-    ``out`` with ``%p`` replaced by the pid)."""
-    out = out.with_name(out.name.replace("%p", str(pid)))
+    """Instructions of process ``pid`` while ``send()`` runs."""
     subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
     before = set(out.parent.glob(out.name + "*"))
     send()
@@ -115,14 +121,11 @@ def intercept_cell(conn: http.client.HTTPSConnection, n: int) -> None:
 
 def measure(tree: Path, origins, work: Path, args) -> dict[str, float]:
     data = work / f"data-{os.getpid()}-{time.monotonic_ns()}"
-    # the worker is forked, so it runs under callgrind too: one output per pid
-    out = work / f"callgrind-{time.monotonic_ns()}.%p.out"
+    out = work / f"callgrind-{time.monotonic_ns()}.out"
     log = open(work / "elbasy.log", "wb")
     env = {**os.environ, "PYTHONPATH": str(tree), "XDG_DATA_HOME": str(data)}
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-    cmd += [sys.executable, "-m", "elbasy", "--listen", "127.0.0.1:0", "--log-level", "warning"]
-    cmd += ["--intercept", bench.TLS_HOST, "--data-dir", str(data)]
-    cmd += ["--upstream-ca", str(origins.ca_file)]
+    cmd += [sys.executable, "-c", WORKER, str(data), str(origins.ca_file), bench.TLS_HOST]
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -136,13 +139,12 @@ def measure(tree: Path, origins, work: Path, args) -> dict[str, float]:
         if not port:
             raise SystemExit((work / "elbasy.log").read_text(errors="replace"))
         result = {}
-        worker = worker_pid(proc.pid)
         plain_cell(port, origins.plain_port, args.warmup)
-        ir = counted(worker, out, lambda: plain_cell(port, origins.plain_port, args.requests))
+        ir = counted(proc.pid, out, lambda: plain_cell(port, origins.plain_port, args.requests))
         result["plain"] = ir / args.requests
         conn = intercept_conn(port, origins.tls_port, data / "ca.pem")
         intercept_cell(conn, args.warmup)
-        ir = counted(worker, out, lambda: intercept_cell(conn, args.requests))
+        ir = counted(proc.pid, out, lambda: intercept_cell(conn, args.requests))
         result["intercept"] = ir / args.requests
         conn.close()
         return result
