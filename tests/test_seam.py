@@ -18,7 +18,8 @@ from elbasy import pages
 from elbasy._loop import Loop
 from elbasy.policy import Policy
 from elbasy.resolver import Resolver
-from elbasy.seam import PolicySeam, ResolverSeam
+from elbasy.seam import ClientTLSSeam, PolicySeam, ResolverSeam, ServerTLSSeam
+from elbasy.tls import ClientTLS, ServerTLS
 
 LOOP = Path(__file__).resolve().parent.parent / "ext" / "loop"
 
@@ -54,6 +55,8 @@ def resolver() -> Any:
 def test_the_policy_implements_every_method_of_the_seam() -> None:
     assert members(PolicySeam) <= set(dir(Policy))
     assert members(ResolverSeam) <= set(dir(Resolver))
+    assert members(ServerTLSSeam) <= set(dir(ServerTLS))
+    assert members(ClientTLSSeam) <= set(dir(ClientTLS))
 
 
 def test_a_policy_missing_methods_is_refused_at_construction_naming_them(
@@ -167,3 +170,13 @@ def test_a_failing_policy_is_answered_with_the_loops_pages(tmp_path: Path) -> No
         thread.join(5)
         worker.close()
     assert not thread.is_alive()
+
+
+def test_a_tls_factory_missing_methods_is_refused(listener: Any, resolver: Any) -> None:
+    policy = stub(members(PolicySeam))
+    with pytest.raises(TypeError) as err:
+        Loop(policy, resolver, listener.fileno(), server_tls=stub({"new_ssl"}))
+    assert str(err.value) == "the server TLS Stub has no method failure"
+    with pytest.raises(TypeError) as err:
+        Loop(policy, resolver, listener.fileno(), client_tls=stub(set()))
+    assert str(err.value) == "the client TLS Stub has no method new_ssl, failure"

@@ -11,7 +11,7 @@ what to do. Bodies and tunnel bytes never enter Python.
 
 What the loop calls in Python is declared in elbasy/seam.py (the policy,
 the resolver, the TLS factories); each method is bound once in
-Loop.__init__ (the Loop's p_* and r_* fields), so an object missing one is
+Loop.__init__ (the Loop's p_*, r_*, s_* and u_* fields), so an object missing one is
 refused there. The answers sent when the policy call that should spell one
 raised come from elbasy.pages.LoopPages, handed to the Loop once; the loop
 itself writes only the two protocol lines CONTINUE_100 and CONNECT_200.
@@ -247,6 +247,12 @@ cdef object seam_method(object obj, str name, list missing):
     return m
 
 
+cdef void seam_complete(str role, object obj, list missing) except *:
+    """Refuse `obj` (a TypeError naming what it lacks) if `missing` names any method."""
+    if missing:
+        raise TypeError(f"the {role} {type(obj).__name__} has no method " + ", ".join(missing))
+
+
 @cython.final
 cdef class Loop:
     """The epoll loop of one worker. See the module docstring."""
@@ -288,23 +294,25 @@ cdef class Loop:
         self.p_bad_response = seam_method(policy, "bad_response", missing)
         self.p_internal_error = seam_method(policy, "internal_error", missing)
         self.p_drained = seam_method(policy, "drained", missing)
-        if missing:
-            raise TypeError(f"the policy {type(policy).__name__} has no method "
-                            + ", ".join(missing))
+        seam_complete("policy", policy, missing)
         resolver_fileno = seam_method(resolver, "fileno", missing)
         self.r_lookup = seam_method(resolver, "lookup", missing)
         self.r_completed = seam_method(resolver, "completed", missing)
-        if missing:
-            raise TypeError(f"the resolver {type(resolver).__name__} has no method "
-                            + ", ".join(missing))
+        seam_complete("resolver", resolver, missing)
+        if server_tls is not None:
+            self.s_new_ssl = seam_method(server_tls, "new_ssl", missing)
+            self.s_failure = seam_method(server_tls, "failure", missing)
+            seam_complete("server TLS", server_tls, missing)
+        if client_tls is not None:
+            self.u_new_ssl = seam_method(client_tls, "new_ssl", missing)
+            self.u_failure = seam_method(client_tls, "failure", missing)
+            seam_complete("client TLS", client_tls, missing)
         # a page that is not bytes is refused here (a TypeError), not sent
         self.page_head_too_large = pages.head_too_large
         self.page_bad_body = pages.bad_body
         self.page_internal_error = pages.internal_error
         self.page_bad_gateway = pages.bad_gateway
         self.page_drained = pages.drained
-        self.server_tls = server_tls
-        self.client_tls = client_tls
         self.fdmap = []
         self.pool = {}
         self.held = {}

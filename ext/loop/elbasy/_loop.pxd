@@ -176,8 +176,12 @@ cdef class Loop:
     cdef bytes page_internal_error
     cdef bytes page_bad_gateway
     cdef bytes page_drained
-    cdef object server_tls      # mints leaves and makes client-side SSL*s (interception)
-    cdef object client_tls      # makes verified upstream SSL*s
+    # the TLS factories' (elbasy.seam.ServerTLSSeam, ClientTLSSeam); None
+    # without interception
+    cdef object s_new_ssl       # an SSL* accepting as the CONNECT's host
+    cdef object s_failure
+    cdef object u_new_ssl       # a verifying SSL* to an https upstream
+    cdef object u_failure
     cdef list fdmap             # fd -> Conn or Pooled
     cdef dict pool              # (host, port, tls) -> [Pooled], oldest first
     cdef dict held              # ticket -> Conn, for every request held in S_WAIT
