@@ -4,8 +4,10 @@
 CPU time per request on a shared two-core machine moves with whatever else
 runs there; the instructions one process executes for a fixed number of
 requests do not. This starts the nginx origin of bench/run.py, then, for
-each checkout given (each with its extensions built in place), elbasy under
-``valgrind --tool=callgrind`` and one keep-alive client per cell:
+each checkout given (each with its extensions built in place), one elbasy
+worker (``server.Worker`` in the foreground: the supervisor's forked worker
+is out of callgrind's reach) under ``valgrind --tool=callgrind`` and one
+keep-alive client per cell:
 
 - ``plain``: absolute-form ``GET http://127.0.0.1:PORT/100b`` to an origin
   no rule covers (the forwarded request of the plain-HTTP cell);
@@ -48,6 +50,25 @@ HEADERS = {
     "Accept-Encoding": "gzip",
     "Authorization": "Bearer 0123456789abcdef",
 }
+
+
+#: one worker in the foreground, without the supervisor: callgrind follows
+#: neither a fork nor callgrind_control a forked child, so the process
+#: measured must be the one that serves
+WORKER = """
+import sys
+from elbasy.cli import build_config
+from elbasy.logs import configure
+from elbasy.server import Worker
+data, ca, host = sys.argv[1:4]
+config = build_config(listen="127.0.0.1:0", log_level="warning", intercept=[host],
+                      data_dir=data, upstream_ca=ca)
+configure(config.log_level, config.log_format, config.log_file)
+worker = Worker(config)
+sys.stderr.write(f"listening on 127.0.0.1:{worker.address[1]}\\n")
+sys.stderr.flush()
+worker.serve()
+"""
 
 
 def totals(path: Path) -> int:
@@ -104,9 +125,7 @@ def measure(tree: Path, origins, work: Path, args) -> dict[str, float]:
     log = open(work / "elbasy.log", "wb")
     env = {**os.environ, "PYTHONPATH": str(tree), "XDG_DATA_HOME": str(data)}
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-    cmd += [sys.executable, "-m", "elbasy", "--listen", "127.0.0.1:0", "--log-level", "warning"]
-    cmd += ["--intercept", bench.TLS_HOST, "--data-dir", str(data)]
-    cmd += ["--upstream-ca", str(origins.ca_file)]
+    cmd += [sys.executable, "-c", WORKER, str(data), str(origins.ca_file), bench.TLS_HOST]
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120

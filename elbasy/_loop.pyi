@@ -2,6 +2,9 @@
 
 from typing import Any
 
+from elbasy.pages import LoopPages
+from elbasy.seam import ClientTLSSeam, PolicySeam, ResolverSeam, ServerTLSSeam
+
 # the loop's constants as compiled (ext/includes/consts.pxi)
 STATES: dict[str, int]
 BODY_FRAMINGS: dict[str, int]
@@ -10,8 +13,8 @@ SPLICE_MODES: dict[str, int]
 class Loop:
     def __init__(
         self,
-        policy: Any,
-        resolver: Any,
+        policy: PolicySeam,
+        resolver: ResolverSeam,
         listen_fd: int,
         wakeup_fd: int = -1,
         *,
@@ -22,10 +25,11 @@ class Loop:
         response_timeout: float = 60.0,
         max_head_bytes: int = 65536,
         splice: int = 0,
-        server_tls: Any = None,
-        client_tls: Any = None,
+        server_tls: ServerTLSSeam | None = None,
+        client_tls: ClientTLSSeam | None = None,
         quota_fd: int = -1,
         listen_exclusive: bool = False,
+        pages: LoopPages = ...,
     ) -> None: ...
     def run(self) -> None: ...
     def stop(self) -> None: ...

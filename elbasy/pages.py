@@ -12,6 +12,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from elbasy import __version__
@@ -98,6 +99,28 @@ def draining_response(sent: bool) -> bytes:
     else:
         reason = "shutting down; this request was not sent"
     return unavailable_response(reason, DRAIN_RETRY_AFTER, True)
+
+
+@dataclass(frozen=True)
+class LoopPages:
+    """The answers the loop sends when the policy call that should have
+    spelled one raised (elbasy.seam): handed to the Loop once when it is
+    built, so no answer is written in the loop's Cython."""
+
+    head_too_large: bytes  # 431: PolicySeam.head_too_large raised
+    bad_body: bytes  # 400: PolicySeam.bad_body raised
+    internal_error: bytes  # 500: PolicySeam.internal_error raised
+    bad_gateway: bytes  # 502: PolicySeam.failed or bad_response raised
+    drained: bytes  # 503 + Retry-After: PolicySeam.drained raised
+
+
+LOOP_PAGES = LoopPages(
+    head_too_large=error_response(431, "elbasy: request head too large"),
+    bad_body=error_response(400, "elbasy: malformed request body"),
+    internal_error=error_response(500, "elbasy hit an internal error; see its log"),
+    bad_gateway=error_response(502, "elbasy: bad gateway"),
+    drained=unavailable_response("shutting down", DRAIN_RETRY_AFTER, True),
+)
 
 
 def own_page(

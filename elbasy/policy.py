@@ -324,7 +324,7 @@ class Policy:
         waited = p.waited() if p.sent_at else max(0.0, self.pacer.mono() - p.arrived)
         return (p.match.rule.id, p.match.account, cost, p.actual, waited * 1000)
 
-    def tls_failed(self, ex: Exchange, error: Exception) -> None:
+    def tls_failed(self, ex: Exchange, error: Exception | str) -> None:
         """The TLS handshake with an intercepted client failed (untrusted CA, garbage...)."""
         self.counters["tls_client_failures"] += 1
         log.info("TLS with %s for %s failed: %s", ex.client, ex.target, error)

@@ -21,6 +21,7 @@ from typing import Any
 from elbasy._loop import Loop
 from elbasy.config import Config
 from elbasy.pacing import Pacer
+from elbasy.pages import LOOP_PAGES
 from elbasy.policy import Policy
 from elbasy.quota import LocalStore, Safety
 from elbasy.resolver import Resolver
@@ -221,6 +222,7 @@ class Worker:
                 listen_exclusive=sock is not None,
                 # another worker's refund or place given back moves this one's lines
                 quota_fd=self.pacer.store.fileno(),
+                pages=LOOP_PAGES,
             )
             # the pacer moves held requests (a line that moved) through the loop
             self.pacer.wake = self.loop.wake

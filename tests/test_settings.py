@@ -35,6 +35,7 @@ from elbasy.config import (
     setting_named,
     to_toml,
 )
+from elbasy.pages import LOOP_PAGES
 from elbasy.settings import (
     Choice,
     Directory,
@@ -303,7 +304,7 @@ def test_loop_stub_takes_the_loop_settings() -> None:
     assert {
         k: v
         for k, v in stub.items()
-        if k not in ("server_tls", "client_tls", "listen_exclusive", "quota_fd")
+        if k not in ("server_tls", "client_tls", "listen_exclusive", "quota_fd", "pages")
     } == loop
     assert set(loop) == {s.keyword for s in SETTINGS if s.to == "loop"}
 
@@ -347,6 +348,7 @@ def test_worker_gives_the_loop_and_pacer_exactly_their_settings(
             "client_tls": None,
             "listen_exclusive": False,  # its own listener, not the supervisor's shared one
             "quota_fd": -1,  # its own LocalStore: no other worker moves its lines
+            "pages": LOOP_PAGES,  # what the loop answers when the policy's call raised
         }
         pacer = {k: v for k, v in seen["Pacer"].items() if k not in ("wall", "mono")}
         assert pacer == config.pacer_settings()

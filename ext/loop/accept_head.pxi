@@ -142,9 +142,9 @@ cdef void read_head(Loop loop, Conn c):
 cdef void head_too_large(Loop loop, Conn c):
     cdef bytes data
     try:
-        data = loop.policy.head_too_large(peer_of(loop, c))
+        data = loop.p_head_too_large(peer_of(loop, c))
     except Exception:
-        data = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\r\n"
+        data = loop.page_head_too_large
     send_final(loop, c, data)
 
 
@@ -159,9 +159,9 @@ cdef void dispatch_head(Loop loop, Conn c, long end):
     c.exchange_started = loop.now
     try:
         if c.site is None:
-            v = loop.policy.on_request(head, peer_of(loop, c))
+            v = loop.p_on_request(head, peer_of(loop, c))
         else:
-            v = loop.policy.on_intercepted(head, peer_of(loop, c), c.site)
+            v = loop.p_on_intercepted(head, peer_of(loop, c), c.site)
     except Exception as exc:
         policy_error(loop, c, exc)
         return
@@ -174,7 +174,7 @@ cdef void dispatch_head(Loop loop, Conn c, long end):
         c.exchange.retried = False
         if (<object>v).peek > 0 and (<object>v).body != BODY_NONE:
             if (<object>v).expect and queue_client(
-                    loop, c, b"HTTP/1.1 100 Continue\r\n\r\n", 25) == STEP_ENDED:
+                    loop, c, CONTINUE_100, PyBytes_GET_SIZE(CONTINUE_100)) == STEP_ENDED:
                 return
             begin_peek(loop, c, (<object>v).peek)
             return

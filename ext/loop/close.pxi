@@ -14,19 +14,19 @@ cdef void close_conn(Loop loop, Conn c, bint reset):
         loop.c_tunnels_open -= 1
         took = loop.now - c.exchange_started
         try:
-            loop.policy.finished(c.ticket, 200, c.bytes_up, c.bytes_down, took)
+            loop.p_finished(c.ticket, 200, c.bytes_up, c.bytes_down, took)
         except Exception:
             loop.c_policy_errors += 1
     elif c.state == S_FORWARD and c.ticket is not None:
         took = loop.now - c.exchange_started
         try:
-            loop.policy.finished(c.ticket, c.exchange.status, c.bytes_up, c.bytes_down, took)
+            loop.p_finished(c.ticket, c.exchange.status, c.bytes_up, c.bytes_down, took)
         except Exception:
             loop.c_policy_errors += 1
     elif c.state == S_WAIT:
         unhold(loop, c)
         try:
-            loop.policy.abandoned(c.ticket)
+            loop.p_abandoned(c.ticket)
         except Exception:
             loop.c_policy_errors += 1
     if c.site is not None:

@@ -29,7 +29,7 @@ cdef void conn_crashed(Loop loop, Conn c, object exc):
     loop and every other connection go on."""
     loop.c_internal_errors += 1
     try:
-        loop.policy.internal_error(c.ticket, exc)  # logs it; its page is not sent
+        loop.p_internal_error(c.ticket, exc)  # logs it; its page is not sent
     except Exception:
         pass
     drop_upstream(loop, c, True)

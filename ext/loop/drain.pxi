@@ -87,11 +87,10 @@ cdef void drain_refuse(Loop loop, Conn c, bint sent):
     """503 + Retry-After for a request the drain's deadline caught (never a bare close)."""
     cdef bytes data
     try:
-        data = loop.policy.drained(c.ticket, sent)
+        data = loop.p_drained(c.ticket, sent)
     except Exception:
         loop.c_policy_errors += 1
-        data = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
-                b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        data = loop.page_drained
     loop.c_drain_refused += 1
     send_final(loop, c, data)
 

@@ -90,10 +90,10 @@ cdef void quota_moved(Loop loop):
     first of each line it holds there through Loop.wake; an error in it is
     ours, counted, and never stops the loop."""
     try:
-        loop.policy.quota_moved()
+        loop.p_quota_moved()
     except Exception as exc:
         loop.c_internal_errors += 1
         try:
-            loop.policy.internal_error(None, exc)
+            loop.p_internal_error(None, exc)
         except Exception:
             pass

@@ -79,9 +79,9 @@ cdef int request_body_step(Loop loop, Conn c) except STEP_RAISED:
 cdef void bad_request_body(Loop loop, Conn c):
     cdef bytes data
     try:
-        data = loop.policy.bad_body(c.ticket)
+        data = loop.p_bad_body(c.ticket)
     except Exception:
-        data = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
+        data = loop.page_bad_body
     # the upstream has a partial request: it can never be reused
     drop_upstream(loop, c, True)
     if c.exchange.resp_head_done:

@@ -45,7 +45,7 @@ cdef void peek_step(Loop loop, Conn c):
         return
     c.state = S_BODY_READ  # nothing more is read while the policy looks at it
     try:
-        again = loop.policy.on_body(
+        again = loop.p_on_body(
             c.ticket, PyBytes_FromStringAndSize(c.cin.data + c.cin.start, c.exchange.peek))
     except Exception as exc:
         policy_error(loop, c, exc)
@@ -119,7 +119,7 @@ cdef void departure(Loop loop, Conn c):
     cdef object again
     cdef int64_t when
     try:
-        again = loop.policy.departing(c.ticket)
+        again = loop.p_departing(c.ticket)
     except Exception as exc:
         unhold(loop, c)
         c.state = S_DEPARTING  # no longer held: it leaves with the policy's error page

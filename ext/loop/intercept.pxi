@@ -14,16 +14,16 @@ cdef void begin_intercept(Loop loop, Conn c, object v):
     when the client sends no SNI). A ClientHello that came with the
     CONNECT head goes to OpenSSL from memory first.
     """
-    cdef bytes ok = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    cdef bytes ok = CONNECT_200
     cdef bytes early = PyBytes_FromStringAndSize(c.cin.data + c.cin.start, buf_len(&c.cin))
     cdef uintptr_t ptr
-    if loop.server_tls is None:
+    if loop.s_new_ssl is None:
         policy_error(loop, c, RuntimeError("interception is not configured in this loop"))
         return
     c.verdict = v
     c.ticket = v.ticket
     try:
-        ptr = loop.server_tls.new_ssl(c.fd, v.host, early)
+        ptr = loop.s_new_ssl(c.fd, v.host, early)
     except Exception as exc:
         policy_error(loop, c, exc)
         return
@@ -84,8 +84,8 @@ cdef void client_tls_failed(Loop loop, Conn c, object reason):
     loop.c_tls_accept_failures += 1
     try:
         if reason is None:
-            reason = loop.server_tls.failure(<uintptr_t>c.tls.cssl)
-        loop.policy.tls_failed(c.ticket, reason)
+            reason = loop.s_failure(<uintptr_t>c.tls.cssl)
+        loop.p_tls_failed(c.ticket, reason)
     except Exception:
         loop.c_policy_errors += 1
     close_conn(loop, c, False)
@@ -95,7 +95,9 @@ cdef void begin_upstream_tls(Loop loop, Conn c):
     cdef object v = c.verdict
     cdef uintptr_t ptr
     try:
-        ptr = loop.client_tls.new_ssl(c.ufd, v.host)
+        if loop.u_new_ssl is None:
+            raise RuntimeError("upstream TLS is not configured in this loop")
+        ptr = loop.u_new_ssl(c.ufd, v.host)
     except Exception as exc:
         drop_upstream(loop, c, False)
         loop.c_tls_upstream_failures += 1
@@ -118,7 +120,7 @@ cdef void upstream_tls_step(Loop loop, Conn c):
     if rc < 0:
         loop.c_tls_upstream_failures += 1
         try:
-            reason = str(loop.client_tls.failure(<uintptr_t>c.tls.ussl))
+            reason = str(loop.u_failure(<uintptr_t>c.tls.ussl))
         except Exception as exc:
             reason = f"TLS handshake failed ({exc})"
         drop_upstream(loop, c, False)

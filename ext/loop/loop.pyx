@@ -9,6 +9,13 @@ request head goes to the policy object once (``on_request``), a complete
 response head once (``on_response``), and the verdicts that come back say
 what to do. Bodies and tunnel bytes never enter Python.
 
+What the loop calls in Python is declared in elbasy/seam.py (the policy,
+the resolver, the TLS factories); each method is bound once in
+Loop.__init__ (the Loop's p_*, r_*, s_* and u_* fields), so an object missing one is
+refused there. The answers sent when the policy call that should spell one
+raised come from elbasy.pages.LoopPages, handed to the Loop once; the loop
+itself writes only the two protocol lines CONTINUE_100 and CONNECT_200.
+
 Where things are (ext/loop/, one C translation unit: the rooms are
 ``include``d below, so every call between them is a direct C call):
 
@@ -175,7 +182,13 @@ from tls cimport (
 
 import os
 
+from elbasy.pages import LOOP_PAGES
 from elbasy.verdicts import Forward, Intercept, Reply, Tunnel
+
+# The two protocol lines the loop writes itself (every other answer comes
+# from Python: the policy's, or the LoopPages it was handed).
+cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+cdef bytes CONNECT_200 = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 include "buffers.pxi"
 include "objects.pxi"
@@ -224,6 +237,22 @@ BODY_FRAMINGS = {
 SPLICE_MODES = {"auto": SPLICE_AUTO, "always": SPLICE_ALWAYS, "never": SPLICE_NEVER}
 
 
+cdef object seam_method(object obj, str name, list missing):
+    """obj's method `name`, bound once; None, and its name added to
+    `missing`, when obj has no such callable."""
+    cdef object m = getattr(obj, name, None)
+    if m is None or not callable(m):
+        missing.append(name)
+        return None
+    return m
+
+
+cdef void seam_complete(str role, object obj, list missing) except *:
+    """Refuse `obj` (a TypeError naming what it lacks) if `missing` names any method."""
+    if missing:
+        raise TypeError(f"the {role} {type(obj).__name__} has no method " + ", ".join(missing))
+
+
 @cython.final
 cdef class Loop:
     """The epoll loop of one worker. See the module docstring."""
@@ -245,11 +274,45 @@ cdef class Loop:
                  double response_timeout=60.0, Py_ssize_t max_head_bytes=65536,
                  int splice=SPLICE_AUTO,  # no-cython-lint (the keyword is public; splice(2) is not)
                  server_tls=None, client_tls=None, bint listen_exclusive=False,
-                 int quota_fd=-1):
-        self.policy = policy
-        self.resolver = resolver
-        self.server_tls = server_tls
-        self.client_tls = client_tls
+                 int quota_fd=-1, pages=LOOP_PAGES):
+        # the seam (elbasy.seam), bound before any fd is taken: an object
+        # missing a method is refused here, not at the request that needs it
+        cdef list missing = []
+        self.p_on_request = seam_method(policy, "on_request", missing)
+        self.p_on_intercepted = seam_method(policy, "on_intercepted", missing)
+        self.p_on_body = seam_method(policy, "on_body", missing)
+        self.p_departing = seam_method(policy, "departing", missing)
+        self.p_on_response = seam_method(policy, "on_response", missing)
+        self.p_on_response_body = seam_method(policy, "on_response_body", missing)
+        self.p_quota_moved = seam_method(policy, "quota_moved", missing)
+        self.p_finished = seam_method(policy, "finished", missing)
+        self.p_abandoned = seam_method(policy, "abandoned", missing)
+        self.p_failed = seam_method(policy, "failed", missing)
+        self.p_tls_failed = seam_method(policy, "tls_failed", missing)
+        self.p_head_too_large = seam_method(policy, "head_too_large", missing)
+        self.p_bad_body = seam_method(policy, "bad_body", missing)
+        self.p_bad_response = seam_method(policy, "bad_response", missing)
+        self.p_internal_error = seam_method(policy, "internal_error", missing)
+        self.p_drained = seam_method(policy, "drained", missing)
+        seam_complete("policy", policy, missing)
+        resolver_fileno = seam_method(resolver, "fileno", missing)
+        self.r_lookup = seam_method(resolver, "lookup", missing)
+        self.r_completed = seam_method(resolver, "completed", missing)
+        seam_complete("resolver", resolver, missing)
+        if server_tls is not None:
+            self.s_new_ssl = seam_method(server_tls, "new_ssl", missing)
+            self.s_failure = seam_method(server_tls, "failure", missing)
+            seam_complete("server TLS", server_tls, missing)
+        if client_tls is not None:
+            self.u_new_ssl = seam_method(client_tls, "new_ssl", missing)
+            self.u_failure = seam_method(client_tls, "failure", missing)
+            seam_complete("client TLS", client_tls, missing)
+        # a page that is not bytes is refused here (a TypeError), not sent
+        self.page_head_too_large = pages.head_too_large
+        self.page_bad_body = pages.bad_body
+        self.page_internal_error = pages.internal_error
+        self.page_bad_gateway = pages.bad_gateway
+        self.page_drained = pages.drained
         self.fdmap = []
         self.pool = {}
         self.held = {}
@@ -279,7 +342,7 @@ cdef class Loop:
         self.listen_exclusive = listen_exclusive
         add_fd(self, listen_fd, EPOLLIN | (EPOLLEXCLUSIVE if listen_exclusive else 0))
         self.listening = True
-        self.resolver_fd = resolver.fileno()
+        self.resolver_fd = resolver_fileno()
         add_fd(self, self.resolver_fd, EPOLLIN)
         self.wakeup_fd = wakeup_fd
         if wakeup_fd >= 0:

@@ -9,9 +9,9 @@
 cdef void policy_error(Loop loop, Conn c, object exc):
     loop.c_policy_errors += 1
     try:
-        data = loop.policy.internal_error(c.ticket, exc)
+        data = loop.p_internal_error(c.ticket, exc)
     except Exception:
-        data = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+        data = loop.page_internal_error
     drop_upstream(loop, c, False)
     send_final(loop, c, data)
 
@@ -127,9 +127,9 @@ cdef void fail(Loop loop, Conn c, int status, str reason):
     """An upstream could not be reached or did not answer: say why."""
     cdef bytes data
     try:
-        data = loop.policy.failed(c.ticket, status, reason)
+        data = loop.p_failed(c.ticket, status, reason)
     except Exception:
-        data = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
+        data = loop.page_bad_gateway
     send_final(loop, c, data)
 
 

@@ -68,13 +68,13 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
         head = PyBytes_FromStringAndSize(ex.uin.data + ex.uin.start, end)
         buf_consumed(&ex.uin, end)
         try:
-            plan = loop.policy.on_response(c.ticket, head)
+            plan = loop.p_on_response(c.ticket, head)
         except Exception as exc:
             drop_upstream(loop, c, True)
             try:
-                data = loop.policy.bad_response(c.ticket, exc)
+                data = loop.p_bad_response(c.ticket, exc)
             except Exception:
-                data = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
+                data = loop.page_bad_gateway
             send_final(loop, c, data)
             return STEP_ENDED
         if plan.retry_at > 0 and not plan.interim:
@@ -205,7 +205,7 @@ cdef void finish_exchange(Loop loop, Conn c):
     cdef int64_t took = loop.now - c.exchange_started
     if ex.capture:
         try:
-            loop.policy.on_response_body(
+            loop.p_on_response_body(
                 c.ticket, PyBytes_FromStringAndSize(ex.captured.data + ex.captured.start,
                                                     buf_len(&ex.captured)))
         except Exception:
@@ -213,7 +213,7 @@ cdef void finish_exchange(Loop loop, Conn c):
         buf_free(&ex.captured)
         ex.capture = 0
     try:
-        loop.policy.finished(c.ticket, ex.status, c.bytes_up, c.bytes_down, took)
+        loop.p_finished(c.ticket, ex.status, c.bytes_up, c.bytes_down, took)
     except Exception:
         loop.c_policy_errors += 1
     if ex.reuse_upstream and ex.req_done and buf_len(&ex.uout) == 0:

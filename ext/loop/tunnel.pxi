@@ -30,7 +30,7 @@ cdef inline bint dir_pending(Dir *d) noexcept nogil:
 
 
 cdef void begin_tunnel(Loop loop, Conn c):
-    cdef bytes ok = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    cdef bytes ok = CONNECT_200
     cdef Py_ssize_t early = buf_len(&c.cin)
     cdef ssize_t sent
     cdef int rc

@@ -21,7 +21,7 @@ cdef void start_upstream(Loop loop, Conn c, str host, int port):
     set_mask(loop, c.fd, &c.cmask, 0)
     arm(loop, c, loop.now + loop.connect_ns)
     try:
-        res = loop.resolver.lookup(host, port, (c.fd, c.serial))
+        res = loop.r_lookup(host, port, (c.fd, c.serial))
     except Exception as exc:
         policy_error(loop, c, exc)
         return
@@ -32,7 +32,7 @@ cdef void start_upstream(Loop loop, Conn c, str host, int port):
 cdef void resolved_batch(Loop loop):
     cdef object obj
     cdef Conn c
-    for token, res in loop.resolver.completed():
+    for token, res in loop.r_completed():
         fd, serial = token
         if fd >= len(loop.fdmap):
             continue

@@ -149,10 +149,39 @@ cdef class Loop:
     cdef bint drain_begun       # run() has stopped accepting and closed the idle
     cdef bint drain_expired     # the drain's deadline came: the rest were answered 503
     cdef int64_t drain_deadline
-    cdef object policy
-    cdef object resolver
-    cdef object server_tls      # mints leaves and makes client-side SSL*s (interception)
-    cdef object client_tls      # makes verified upstream SSL*s
+    # the policy's methods (elbasy.seam.PolicySeam), bound once by __init__
+    cdef object p_on_request
+    cdef object p_on_intercepted
+    cdef object p_on_body
+    cdef object p_departing
+    cdef object p_on_response
+    cdef object p_on_response_body
+    cdef object p_quota_moved
+    cdef object p_finished
+    cdef object p_abandoned
+    cdef object p_failed
+    cdef object p_tls_failed
+    cdef object p_head_too_large
+    cdef object p_bad_body
+    cdef object p_bad_response
+    cdef object p_internal_error
+    cdef object p_drained
+    # the resolver's (elbasy.seam.ResolverSeam)
+    cdef object r_lookup
+    cdef object r_completed
+    # what is sent when the policy call that should spell an answer raised
+    # (elbasy.pages.LoopPages): no answer is written in the loop's Cython
+    cdef bytes page_head_too_large
+    cdef bytes page_bad_body
+    cdef bytes page_internal_error
+    cdef bytes page_bad_gateway
+    cdef bytes page_drained
+    # the TLS factories' (elbasy.seam.ServerTLSSeam, ClientTLSSeam); None
+    # without interception
+    cdef object s_new_ssl       # an SSL* accepting as the CONNECT's host
+    cdef object s_failure
+    cdef object u_new_ssl       # a verifying SSL* to an https upstream
+    cdef object u_failure
     cdef list fdmap             # fd -> Conn or Pooled
     cdef dict pool              # (host, port, tls) -> [Pooled], oldest first
     cdef dict held              # ticket -> Conn, for every request held in S_WAIT
