@@ -41,6 +41,7 @@
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <limits.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -582,6 +583,35 @@ static inline int elb_get_all(elb_step *s, int n, const uint64_t *h, const elb_l
     return 0;
 }
 
+/* A step of no worker's own (earliest, throttled): elb_begin checks no slot. */
+#define ELB_NO_SLOT INT_MIN
+
+/* The start of every step on an account's limits: the arguments checked
+ * (n limits; the worker's slot, unless ELB_NO_SLOT), the table locked, the
+ * step begun. Nothing is held when it fails. */
+static inline int elb_begin(elb_shm *t, elb_step *s, int slot, int n, double now)
+{
+    int rc;
+    if (n < 1 || n > ELB_SHM_MAX_LIMITS)
+        return ELB_EARG;
+    if (slot != ELB_NO_SLOT && (slot < 0 || slot >= ELB_SHM_SLOTS))
+        return ELB_EARG;
+    if ((rc = elb_lock(t)) != 0)
+        return rc;
+    elb_step_init(s, t, now);
+    return 0;
+}
+
+/* elb_begin, then every record of the account fetched (elb_get_all). */
+static inline int elb_begin_get(elb_shm *t, elb_step *s, int slot, int n, double now,
+                                const uint64_t *h, const elb_limit *l, int create, elb_rec **r)
+{
+    int rc;
+    if ((rc = elb_begin(t, s, slot, n, now)) != 0)
+        return rc;
+    return elb_get_all(s, n, h, l, create, r);
+}
+
 /* Unlock, then wake every slot told to look at the moved ring. */
 static inline void elb_finish(elb_step *s)
 {
@@ -717,12 +747,7 @@ static inline int elb_shm_reserve(elb_shm *t, int slot, int n, const uint64_t *h
     int k, rc, found;
     int64_t i;
     *evicted = 0;
-    if (n < 1 || n > ELB_SHM_MAX_LIMITS || slot < 0 || slot >= ELB_SHM_SLOTS)
-        return ELB_EARG;
-    if ((rc = elb_lock(t)) != 0)
-        return rc;
-    elb_step_init(&s, t, now);
-    if ((rc = elb_get_all(&s, n, h, l, ELB_GET_MAKE, r)) != 0)
+    if ((rc = elb_begin_get(t, &s, slot, n, now, h, l, ELB_GET_MAKE, r)) != 0)
         return rc;
     *evicted = s.evicted;
     found = elb_earliest_in(&s, n, r, l, cost, NULL, NULL, depart, which);
@@ -761,12 +786,7 @@ static inline int elb_shm_earliest(elb_shm *t, int n, const uint64_t *h, const e
     elb_step s;
     elb_rec *r[ELB_SHM_MAX_LIMITS];
     int rc, which;
-    if (n < 1 || n > ELB_SHM_MAX_LIMITS)
-        return ELB_EARG;
-    if ((rc = elb_lock(t)) != 0)
-        return rc;
-    elb_step_init(&s, t, now);
-    if ((rc = elb_get_all(&s, n, h, l, ELB_GET_SCRATCH, r)) != 0)
+    if ((rc = elb_begin_get(t, &s, ELB_NO_SLOT, n, now, h, l, ELB_GET_SCRATCH, r)) != 0)
         return rc;
     elb_earliest_in(&s, n, r, l, cost, slots, pos, out, &which);
     elb_finish(&s);
@@ -785,12 +805,7 @@ static inline int elb_shm_confirm(elb_shm *t, int slot, int n, const uint64_t *h
     elb_wslot *e;
     int rc, which, k;
     int64_t i, booked;
-    if (n < 1 || n > ELB_SHM_MAX_LIMITS || slot < 0 || slot >= ELB_SHM_SLOTS)
-        return ELB_EARG;
-    if ((rc = elb_lock(t)) != 0)
-        return rc;
-    elb_step_init(&s, t, now);
-    if ((rc = elb_get_all(&s, n, h, l, ELB_GET_SCRATCH, r)) != 0)
+    if ((rc = elb_begin_get(t, &s, slot, n, now, h, l, ELB_GET_SCRATCH, r)) != 0)
         return rc;
     elb_earliest_in(&s, n, r, l, cost, slots, pos, later, &which);
     if (*later > now + ELB_EPS) {
@@ -829,13 +844,8 @@ static inline int elb_shm_give_back(elb_shm *t, int slot, int n, const uint64_t 
     elb_step s;
     elb_rec *r[ELB_SHM_MAX_LIMITS];
     int rc, k;
-    if (n < 1 || n > ELB_SHM_MAX_LIMITS || slot < 0 || slot >= ELB_SHM_SLOTS)
-        return ELB_EARG;
-    if ((rc = elb_lock(t)) != 0)
-        return rc;
-    elb_step_init(&s, t, now);
     /* not made when missing: a bucket with units queued is never evicted */
-    if ((rc = elb_get_all(&s, n, h, l, ELB_GET_FOUND, r)) != 0)
+    if ((rc = elb_begin_get(t, &s, slot, n, now, h, l, ELB_GET_FOUND, r)) != 0)
         return rc;
     for (k = 0; k < n; k++) {
         if (r[k] == NULL)
@@ -863,11 +873,8 @@ static inline int elb_shm_settle(elb_shm *t, int slot, int n, const uint64_t *h,
     elb_step s;
     elb_rec *r[ELB_SHM_MAX_LIMITS];
     int rc, k;
-    if (n < 1 || n > ELB_SHM_MAX_LIMITS || slot < 0 || slot >= ELB_SHM_SLOTS)
-        return ELB_EARG;
-    if ((rc = elb_lock(t)) != 0)
+    if ((rc = elb_begin(t, &s, slot, n, now)) != 0)
         return rc;
-    elb_step_init(&s, t, now);
     for (k = 0; k < n; k++) {
         if (l[k].kind != ELB_BUCKET || !(refund[k] > 0))
             continue;
@@ -958,11 +965,8 @@ static inline int elb_shm_throttled(elb_shm *t, int n, const uint64_t *h, const 
     int rc, k;
     int64_t i;
     double seen;
-    if (n < 1 || n > ELB_SHM_MAX_LIMITS)
-        return ELB_EARG;
-    if ((rc = elb_lock(t)) != 0)
+    if ((rc = elb_begin(t, &s, ELB_NO_SLOT, n, now)) != 0)
         return rc;
-    elb_step_init(&s, t, now);
     for (k = 0; k < n; k++) {
         r = elb_get(&s, h[k], &l[k], ELB_GET_SCRATCH);
         if (r == NULL) {
