@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from elbasy.pacing import NOT_FIRST_WAIT, ROUND_TRIP_FORGET, Paced, Pacer
+from elbasy.pacing import NOT_FIRST_WAIT, Paced, Pacer
 from elbasy.quota import LocalStore, Safety
 from elbasy.rules import RuleSet
 
@@ -163,21 +163,15 @@ def test_a_refund_wakes_the_first_in_line_earlier() -> None:
     assert h.pacer.counters["woken_early"] == 1
 
 
-def test_a_servers_view_is_dated_half_a_round_trip_before_its_answer() -> None:
+def test_a_servers_view_is_dated_at_its_answer() -> None:
     """A server that kept a request in its queue had restored less than elbasy
-    would count from the departure: the view holds at the answer, less the way
-    back (half the shortest round trip seen), never at the departure."""
+    would count from the departure: the view holds at the answer's head."""
     h = Harness()
-    fast, _ = h.rest("fast")
-    h.at(0.002)  # an answer at once: the round trip is 2 ms
-    h.pacer.answered(fast, 200, [(b"X-Shopify-Shop-Api-Call-Limit", b"1/40")], None)
     h.at(1.0)
     slow, _ = h.rest("slow")
     h.at(1.2)  # this one waited 200 ms at the server, which then said 40/40: full
     h.pacer.answered(slow, 200, [(b"X-Shopify-Shop-Api-Call-Limit", b"40/40")], None)
     _, depart = h.rest("next")
-    # the round trip moved 1 % of the way toward the slow answer's 200 ms
-    rtt = 0.002 + (0.2 - 0.002) * ROUND_TRIP_FORGET
-    # full at 1.2 s less half of it, and one marble leaks in 0.5 s; dated at the
-    # departure (1.0 s) it would leave at 1.5 s, into a bucket still full
-    assert depart == pytest.approx(1.2 - rtt / 2 + 0.5, abs=1e-5)
+    # full at 1.2 s, and one marble leaks in 0.5 s; dated at the departure (1.0 s)
+    # it would leave at 1.5 s, into a bucket still full
+    assert depart == pytest.approx(1.2 + 0.5, abs=1e-5)
