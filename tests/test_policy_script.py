@@ -18,8 +18,9 @@ import pytest
 
 from elbasy.pacing import Pacer
 from elbasy.policy import Exchange, Policy
-from elbasy.quota import LocalStore, Safety
+from elbasy.quota import LocalStore, QuotaStore, Safety
 from elbasy.rules import RuleSet
+from elbasy.shm import ShmStore, ShmTable
 from elbasy.verdicts import Forward, Intercept, Reply, ResponsePlan
 
 EXACT = Safety(margin=0.0, headroom=0.0, jitter=0.0, guard=0.0)
@@ -43,11 +44,12 @@ class Loop:
     held: dict[int, Held] = field(default_factory=dict)
     sent: list[Exchange] = field(default_factory=list)
     replies: list[bytes] = field(default_factory=list)
+    store: QuotaStore | None = None  # LocalStore(EXACT) unless given
 
     def __post_init__(self) -> None:
         self.pacer = Pacer(
             RuleSet.builtin(),
-            LocalStore(EXACT),
+            self.store if self.store is not None else LocalStore(EXACT),
             wall=lambda: self.t,
             mono=lambda: self.t,
             retry_idempotent=True,
@@ -224,6 +226,29 @@ def test_a_request_beyond_the_max_wait_is_shed_and_costs_nothing() -> None:
     assert loop.replies[-1].startswith(b"HTTP/1.1 429") and b"X-Elbasy-Shed: 1" in loop.replies[-1]
     nxt = loop.request(rest())
     assert nxt is not None and loop.held[id(nxt)].due - loop.t == pytest.approx(0.5)
+
+
+def test_a_full_quota_table_answers_503_until_a_bucket_is_idle_again() -> None:
+    """A shared table of one bucket: while one account waits in it, a second
+    account has no room (elbasy's 503 with Retry-After, nothing sent); once the
+    first account's bucket has drained it is evicted for the second."""
+    table = ShmTable(1)
+    try:
+        loop = Loop(store=ShmStore(table, 0, EXACT))
+        for _ in range(41):  # 40 fill the bucket, the 41st waits in it
+            loop.request(rest("a"))
+        assert len(loop.sent) == 40 and len(loop.held) == 1
+        assert loop.request(rest("b")) is None
+        reply = loop.replies[-1]
+        assert reply.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1\r\n" in reply
+        assert loop.pacer.counters["store_full"] == 1
+        assert len(loop.advance(1.0)) == 1  # a's last one leaves; its bucket is not idle yet
+        assert loop.request(rest("b")) is None
+        loop.advance(25.0)  # 40 marbles leak at 2/s: a's bucket is as good as new
+        assert loop.request(rest("b")) is not None and loop.sent[-1].method == "GET"
+        assert table.evictions == 1
+    finally:
+        table.close()
 
 
 def test_a_graphql_429_read_at_its_head_and_its_body_is_one_refusal() -> None:
