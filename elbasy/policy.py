@@ -282,11 +282,15 @@ class Policy:
     # ---- endings ------------------------------------------------------------------
 
     def finished(self, ex: Exchange, status: int, up: int, down: int, took_ns: int) -> None:
+        if ex.paced is not None:
+            self.pacer.abandoned(ex.paced)  # a request with no answer lands now
         log_access(
             ex.client, ex.method, ex.target, status, up, down, took_ns / 1e6, self._paced_log(ex)
         )
 
     def failed(self, ex: Exchange, status: int, reason: str) -> bytes:
+        if ex.paced is not None:
+            self.pacer.abandoned(ex.paced)  # sent: it lands; never sent: its place goes back
         self.counters["upstream_errors"] += 1
         self.counters[f"upstream_{status}"] += 1
         log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
@@ -308,8 +312,8 @@ class Policy:
         request whose head had not all arrived.
         """
         if ex is not None:
-            if ex.paced is not None and not sent:
-                self.pacer.abandoned(ex.paced)
+            if ex.paced is not None:
+                self.pacer.abandoned(ex.paced)  # sent: it lands; else its place goes back
             log_access(ex.client, ex.method, ex.target, 503, 0, 0, 0.0, self._paced_log(ex))
         return draining_response(sent)
 
@@ -336,6 +340,8 @@ class Policy:
         ).data
 
     def bad_body(self, ex: Exchange) -> bytes:
+        if ex.paced is not None:
+            self.pacer.abandoned(ex.paced)  # part of it went: it lands
         return self._refuse(ex, RemoteProtocolError("malformed chunked request body")).data
 
     def bad_response(self, ex: Exchange, exc: Exception) -> bytes:

@@ -117,6 +117,7 @@ class Reservation:
     # per limit: bucket: its place in line (the units queued before it); else 0
     positions: tuple[float, ...] = ()
     sent: bool = False
+    landed: bool = False  # sent, and its answer came (or its exchange ended)
     returned: bool = False  # its place was given back (the client left)
 
     @property
@@ -196,6 +197,8 @@ class QuotaStore(Facts, Protocol):
         self, keys: Sequence[str], limits: Sequence[Limit], now: float, retry_after: float | None
     ) -> float: ...
 
+    def landed(self, r: Reservation, now: float) -> None: ...
+
     def give_back(self, r: Reservation, now: float) -> bool: ...
 
     def settle(self, r: Reservation, actual: float | Sequence[float], now: float) -> None: ...
@@ -219,6 +222,7 @@ class _State:
 
     __slots__ = (
         "queued",
+        "flying",
         "sent",
         "interval",
         "blocked",
@@ -231,6 +235,10 @@ class _State:
 
     def __init__(self) -> None:
         self.queued = 0.0  # bucket: units in line, not sent yet
+        # bucket: units sent whose answer has not come. They take room and do
+        # not restore: a server counts a request when it arrives, and a bucket
+        # that is full then has restored nothing for it while it travelled
+        self.flying = 0.0
         self.enq = 0.0  # bucket: units ever queued
         self.deq = 0.0  # bucket: units ever out of the queue (sent or given back)
         self.sent = 0.0  # bucket: sent clock (with the server's view)
@@ -434,8 +442,9 @@ class LocalStore:
         return t, False
 
     def _in_line(self, st: _State, now: float) -> float:
-        """A bucket's reservation clock: the sent clock with the queue behind it."""
-        return max(st.sent, now) + st.queued * st.interval
+        """A bucket's reservation clock: the sent clock with what flies and the
+        queue behind it."""
+        return max(st.sent, now) + (st.flying + st.queued) * st.interval
 
     def _earliest(
         self,
@@ -465,9 +474,9 @@ class LocalStore:
                         clock = self._in_line(st, now)
                     elif behind.positions:
                         ahead = _ahead(st, behind.slots[k], behind.positions[k])
-                        clock = max(st.sent, now) + ahead * st.interval
+                        clock = max(st.sent, now) + (st.flying + ahead) * st.interval
                     else:
-                        clock = st.sent
+                        clock = max(st.sent, now) + st.flying * st.interval
                     e = self._bucket_earliest(limit, clock, cost, start)
                 else:
                     counts = st.booked() if behind is None else st.seen()
@@ -546,7 +555,7 @@ class LocalStore:
                 units = r.slots[k]
                 st.queued = max(0.0, st.queued - units)
                 st.deq += units
-                st.sent = max(st.sent, now) + units * self._interval(limit)
+                st.flying += units  # restoring once it lands (landed)
             else:
                 i = math.floor(now / _period(limit) + _EPS)
                 if not _claim(st, limit, i, now):
@@ -595,7 +604,8 @@ class LocalStore:
                     # free covers exactly that, and nothing is lost to rounding
                     # each time outside traffic makes the view move the clock.
                     level = max(0.0, used - min(1.0, self.safety.headroom))
-                    clock = now + level * self._interval(limit)
+                    # what flies is in the server's count, or soon will be
+                    clock = now + (level - st.flying) * self._interval(limit)
                     if clock > st.sent:
                         st.sent = clock
                 else:
@@ -625,7 +635,7 @@ class LocalStore:
             st = self._state(key, limit, now)
             st.blocked = max(st.blocked, until)
             if limit.kind == BUCKET:
-                full = now + limit.capacity * self._interval(limit)
+                full = now + max(0.0, limit.capacity - st.flying) * self._interval(limit)
                 st.sent = max(st.sent, full)
             elif limit.kind == WINDOW:
                 i = math.floor(now / _period(limit) + _EPS)
@@ -633,6 +643,27 @@ class LocalStore:
                 if seen < limit.capacity and _claim(st, limit, i, now):
                     st.extra[i] = st.extra.get(i, 0.0) + (limit.capacity - seen)
         return until
+
+    def landed(self, r: Reservation, now: float) -> None:
+        """A sent request's answer came (or its exchange ended without one): the
+        server has counted it, so its units restore from ``now`` on.
+
+        Until then they take room without restoring: counted from its
+        departure instead, a request that waited for a connection, or in
+        the server's own queue, while the server's bucket was full would
+        have had that time of restoring counted for it, and elbasy would be
+        optimistic by the rate times that time.
+        """
+        if not r.sent or r.landed:
+            return
+        r.landed = True
+        for k, limit in enumerate(r.limits):
+            if limit.kind != BUCKET:
+                continue
+            st = self._state(r.keys[k], limit, now)
+            units = r.slots[k]
+            st.flying = max(0.0, st.flying - units)
+            st.sent = max(st.sent, now) + units * self._interval(limit)
 
     def give_back(self, r: Reservation, now: float) -> bool:
         """A request that never left: its place in line is returned whole.
@@ -663,6 +694,7 @@ class LocalStore:
         """
         if not r.sent:
             return
+        self.landed(r, now)  # a refund comes with its answer: it has landed
         actuals = _per_limit(actual, r.limits)
         for k, limit in enumerate(r.limits):
             if limit.kind != BUCKET:

@@ -218,9 +218,17 @@ class ShmStore:
         r.returned = True
         return True
 
+    def landed(self, r: Reservation, now: float) -> None:
+        if not r.sent or r.landed:
+            return
+        r.landed = True
+        if r.limits:
+            self.table.landed(self.slot, self._account(r.keys, r.limits), r.slots, now)
+
     def settle(self, r: Reservation, actual: float | Sequence[float], now: float) -> None:
         if not r.sent or not r.limits:
             return
+        self.landed(r, now)  # a refund comes with its answer: it has landed
         actuals = _per_limit(actual, r.limits)
         refunds = tuple(
             r.slots[k] - min(max(actuals[k], 0.0), r.slots[k]) if limit.kind == BUCKET else 0.0

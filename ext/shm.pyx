@@ -17,6 +17,8 @@ tuples; the C step codes are mapped to exceptions in ``check`` below:
   table and ``RuntimeError`` for the others.
 """
 
+import time
+
 from libc.math cimport NAN
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset
@@ -26,8 +28,8 @@ from shm cimport (
     ELB_SHM_MAX_LIMITS, ELB_SHM_MOVED, ELB_SHM_SLOTS, ELB_SHM_WINDOW_SLOTS, ELB_WINDOW, elb_fnv1a,
     elb_limit, elb_rec, elb_shm, elb_shm_attach, elb_shm_bytes_per_bucket, elb_shm_confirm,
     elb_shm_create, elb_shm_drain, elb_shm_earliest, elb_shm_fact, elb_shm_facts_generation,
-    elb_shm_give_back, elb_shm_moved, elb_shm_moved_seq, elb_shm_observe, elb_shm_peek,
-    elb_shm_put_fact, elb_shm_release_slot, elb_shm_reserve, elb_shm_settle,
+    elb_shm_give_back, elb_shm_landed, elb_shm_moved, elb_shm_moved_seq, elb_shm_observe,
+    elb_shm_peek, elb_shm_put_fact, elb_shm_release_slot, elb_shm_reserve, elb_shm_settle,
     elb_shm_test_die_inside, elb_shm_throttled, elb_shm_unmap,
 )
 
@@ -197,12 +199,13 @@ cdef class ShmTable:
         self.slot_ok(slot)
         return self.table().efd[slot]
 
-    def release_slot(self, int slot):
-        """The worker of ``slot`` is gone: its queued units leave every bucket.
-        Returns the buckets changed."""
+    def release_slot(self, int slot, now=None):
+        """The worker of ``slot`` is gone: its queued units leave every bucket,
+        its flying ones land at ``now`` (the wall clock if None). Returns the
+        buckets changed."""
         cdef int64_t rc
         self.slot_ok(slot)
-        rc = elb_shm_release_slot(self.table(), slot)
+        rc = elb_shm_release_slot(self.table(), slot, time.time() if now is None else now)
         if rc < 0:
             check(<int>rc)
         return rc
@@ -289,6 +292,12 @@ cdef class ShmTable:
         fill(s, slots, n)
         check(elb_shm_give_back(self.table(), slot, n, acct.h, acct.lim, c, s, now))
 
+    def landed(self, int slot, Account acct, tuple slots, double now):
+        cdef double s[ELB_SHM_MAX_LIMITS]
+        cdef int n = acct.n
+        fill(s, slots, n)
+        check(elb_shm_landed(self.table(), slot, n, acct.h, acct.lim, s, now))
+
     def settle(self, int slot, Account acct, tuple refunds, double now):
         cdef double r[ELB_SHM_MAX_LIMITS]
         cdef int n = acct.n
@@ -328,8 +337,9 @@ cdef class ShmTable:
         out = {"blocked": r.blocked, "kind": r.kind}
         if r.kind == ELB_BUCKET:
             out.update(sent=r.u.b.sent, interval=r.u.b.interval, queued=r.u.b.queued,
-                       enq=r.u.b.enq, deq=r.u.b.deq,
-                       per_slot=tuple([r.u.b.q[k] for k in range(ELB_SHM_SLOTS)]))
+                       enq=r.u.b.enq, deq=r.u.b.deq, flying=r.u.b.flying,
+                       per_slot=tuple([r.u.b.q[k] for k in range(ELB_SHM_SLOTS)]),
+                       flying_per_slot=tuple([r.u.b.f[k] for k in range(ELB_SHM_SLOTS)]))
         else:
             out["windows"] = {
                 r.u.w[k].tag: (r.u.w[k].reserved, r.u.w[k].departed, r.u.w[k].extra)

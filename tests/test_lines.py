@@ -53,9 +53,11 @@ class Harness:
 
 
 def fill(h: Harness, n: int = 40) -> None:
+    """n requests that leave at once and are answered at once (their cost lands)."""
     for i in range(n):
-        _, depart = h.rest(f"fill{i}")
+        paced, depart = h.rest(f"fill{i}")
         assert depart == 0.0
+        assert h.pacer.answered(paced, 200, [], None) == 0.0
 
 
 def test_only_the_first_waits_on_a_real_departure() -> None:

@@ -67,9 +67,11 @@ def store(make_store: MakeStore) -> QuotaStore:
 
 
 def go(store: QuotaStore, r: Reservation | Shed) -> Reservation:
-    """Confirm a reservation at its departure (it must be clear to go)."""
+    """Confirm a reservation at its departure (it must be clear to go), and land it
+    there: the server counts it as it leaves (an answer at once)."""
     assert isinstance(r, Reservation), r
     assert store.confirm(r, r.depart) is None
+    store.landed(r, r.depart)
     return r
 
 
@@ -395,6 +397,44 @@ def test_graphql_refund_already_in_the_servers_view_is_not_given_back_twice(
     assert departs[4] - now["t"] == pytest.approx((251 + 2 - (1100 - 4 * 251)) / 99, abs=0.05)
 
 
+def test_units_in_flight_take_room_and_restore_only_once_they_land(store: QuotaStore) -> None:
+    """A burst leaves into a full bucket at 0 and reaches the server late (a new
+    connection each): the server counts it when it arrives, so nothing of it
+    restores before its answer. Counted as restoring from 0, four more would
+    go at 1.5 s into a server that has just counted 40 (four 429s)."""
+    burst = []
+    for _ in range(40):
+        r = store.reserve(["acct"], [SHOPIFY], 1, 0.0, 60)
+        assert isinstance(r, Reservation) and store.confirm(r, 0.0) is None
+        burst.append(r)
+    late = store.reserve(["acct"], [SHOPIFY], 1, 1.5, 60)
+    assert isinstance(late, Reservation)
+    assert late.depart == pytest.approx(2.0)  # as if the 40 had all landed at 1.5 s
+    assert store.confirm(late, 1.5) == pytest.approx(2.0)
+    # their answers come at 1.6 s: they restore from there, so the server
+    # that counted them at 1.5 s has room for one more by 2.0 s, elbasy by 2.1 s
+    for r in burst:
+        store.landed(r, 1.6)
+        store.landed(r, 1.6)  # twice is once
+    assert store.confirm(late, 2.0) == pytest.approx(2.1)
+    assert store.confirm(late, 2.1) is None
+
+
+def test_a_view_counts_what_flies_as_part_of_the_servers_count(store: QuotaStore) -> None:
+    """Ten in flight, and the server reports 10/40: nothing more is taken (the view
+    has them), and when they land the clock is where the ten put it, not twice."""
+    flying = []
+    for _ in range(10):
+        r = store.reserve(["acct"], [SHOPIFY], 1, 0.0, 60)
+        assert isinstance(r, Reservation) and store.confirm(r, 0.0) is None
+        flying.append(r)
+    store.observe(["acct"], [SHOPIFY], [ServerView("shopify-rest", used=10.0)], 0.0)
+    for r in flying:
+        store.landed(r, 0.0)
+    nxt = store.reserve(["acct"], [SHOPIFY], 31, 0.0, 60)
+    assert isinstance(nxt, Reservation) and nxt.depart == pytest.approx(0.5)  # 10 + 31 = 41
+
+
 # --------------------------------------------------------------------------- new in the contract
 
 
@@ -518,11 +558,14 @@ def test_stores_agree_on_random_steps(seed: int, capacity: int, shops: int) -> N
                 continue
             pair = rnd.choice(held)
             keys, limits = list(pair[0].keys), list(pair[0].limits)
-            if op < 0.65:
+            if op < 0.62:
                 at = max(now, min(pair[0].depart, now + 2.0))
                 res = [s.confirm(r, at) for s, r in zip(stores, pair, strict=True)]
                 assert res[0] == res[1] and pair[0].slots == pair[1].slots
-            elif op < 0.75:
+            elif op < 0.70:
+                for s, r in zip(stores, pair, strict=True):
+                    s.landed(r, now)  # its answer came (nothing if not sent)
+            elif op < 0.77:
                 res = [s.earliest(r, now) for s, r in zip(stores, pair, strict=True)]
                 assert res[0] == res[1]
             elif op < 0.85:
@@ -549,9 +592,11 @@ def test_stores_agree_on_random_steps(seed: int, capacity: int, shops: int) -> N
                 retry = rnd.choice([None, 0.0, 2.0])
                 res = [s.throttled(keys, limits, now, retry) for s in stores]
                 assert res[0] == res[1]
-            while len(held) > 60:  # the oldest clients leave
+            while len(held) > 60:  # the oldest exchanges end: sent ones land
                 old = held.pop(0)
                 assert local.give_back(old[0], now) == shm.give_back(old[1], now)
+                local.landed(old[0], now)
+                shm.landed(old[1], now)
         evictions = table.evictions
     finally:
         table.close()

@@ -92,7 +92,11 @@ typedef struct {
 
 typedef struct {
     double sent, interval, queued, enq, deq;
+    /* units sent whose answer has not come: they take room, and do not
+     * restore until they land (LocalStore's _State.flying) */
+    double flying;
     double q[ELB_SHM_SLOTS];  /* queued units per worker slot */
+    double f[ELB_SHM_SLOTS];  /* flying units per worker slot */
 } elb_bstate;
 
 typedef struct {
@@ -441,7 +445,7 @@ static inline int elb_idle(const elb_rec *r, double now)
     if (r->blocked > now)
         return 0;
     if (r->kind == ELB_BUCKET)
-        return r->u.b.queued <= 0 && r->u.b.sent <= now;
+        return r->u.b.queued <= 0 && r->u.b.flying <= 0 && r->u.b.sent <= now;
     return r->live <= now;
 }
 
@@ -702,10 +706,10 @@ static inline int elb_earliest_in(elb_step *s, int n, elb_rec **r, const elb_lim
             if (l[k].kind == ELB_BUCKET) {
                 b = &r[k]->u.b;
                 if (pos == NULL) {
-                    clock = ELB_MAX(b->sent, s->now) + b->queued * b->interval;
+                    clock = ELB_MAX(b->sent, s->now) + (b->flying + b->queued) * b->interval;
                 } else {
                     ahead = ELB_MAX(0.0, ELB_MIN(pos[k] - b->deq, b->queued - units[k]));
-                    clock = ELB_MAX(b->sent, s->now) + ahead * b->interval;
+                    clock = ELB_MAX(b->sent, s->now) + (b->flying + ahead) * b->interval;
                 }
                 c = ELB_MIN(cost[k], l[k].room);
                 e = ELB_MAX(start, clock + (c - l[k].room) * l[k].interval);
@@ -816,7 +820,9 @@ static inline int elb_shm_confirm(elb_shm *t, int slot, int n, const uint64_t *h
         if (l[k].kind == ELB_BUCKET) {
             b = &r[k]->u.b;
             elb_unqueue(b, slot, slots[k]);
-            b->sent = ELB_MAX(b->sent, now) + slots[k] * l[k].interval;
+            b->flying += slots[k];
+            if (slot >= 0)
+                b->f[slot] += slots[k];
         } else {
             i = elb_slot_of(now, l[k].period);
             e = elb_claim(r[k], &l[k], i, now);
@@ -830,6 +836,37 @@ static inline int elb_shm_confirm(elb_shm *t, int slot, int n, const uint64_t *h
                 slots[k] = (double)i;
             }
         }
+        elb_die_point();
+    }
+    elb_finish(&s);
+    return ELB_OK;
+}
+
+/* A bucket's flying units land: they restore from now on (LocalStore.landed's
+ * arithmetic; the release of a dead worker's slot lands them too). */
+static inline void elb_land(elb_bstate *b, int slot, double units, double interval, double now)
+{
+    b->flying = ELB_MAX(0.0, b->flying - units);
+    if (slot >= 0)
+        b->f[slot] = ELB_MAX(0.0, b->f[slot] - units);
+    b->sent = ELB_MAX(b->sent, now) + units * interval;
+}
+
+/* LocalStore.landed: a sent reservation's answer came (or its exchange
+ * ended): its units on every bucket limit restore from now on. */
+static inline int elb_shm_landed(elb_shm *t, int slot, int n, const uint64_t *h,
+                                 const elb_limit *l, const double *slots, double now)
+{
+    elb_step s;
+    elb_rec *r[ELB_SHM_MAX_LIMITS];
+    int rc, k;
+    /* not made when missing: a bucket with units flying is never evicted */
+    if ((rc = elb_begin_get(t, &s, slot, n, now, h, l, ELB_GET_FOUND, r)) != 0)
+        return rc;
+    for (k = 0; k < n; k++) {
+        if (r[k] == NULL || l[k].kind != ELB_BUCKET)
+            continue;
+        elb_land(&r[k]->u.b, slot, slots[k], l[k].interval, now);
         elb_die_point();
     }
     elb_finish(&s);
@@ -933,7 +970,8 @@ static inline int elb_shm_observe(elb_shm *t, int n, const uint64_t *h, const el
         dropped += s.dropped;
         if (!isnan(val[v])) {
             if (lk->kind == ELB_BUCKET) {
-                clock = now + val[v] * lk->interval;
+                /* the units in flight are part of the server's count, or soon will be */
+                clock = now + (val[v] - r->u.b.flying) * lk->interval;
                 if (clock > r->u.b.sent)
                     r->u.b.sent = clock;
             } else {
@@ -976,7 +1014,8 @@ static inline int elb_shm_throttled(elb_shm *t, int n, const uint64_t *h, const 
         }
         r->blocked = ELB_MAX(r->blocked, until);
         if (l[k].kind == ELB_BUCKET) {
-            r->u.b.sent = ELB_MAX(r->u.b.sent, now + l[k].capacity * l[k].interval);
+            r->u.b.sent = ELB_MAX(
+                r->u.b.sent, now + ELB_MAX(0.0, l[k].capacity - r->u.b.flying) * l[k].interval);
         } else if (l[k].kind == ELB_WINDOW) {
             i = elb_slot_of(now, l[k].period);
             seen = elb_wcount(r, i, 1);
@@ -992,9 +1031,10 @@ static inline int elb_shm_throttled(elb_shm *t, int n, const uint64_t *h, const 
 }
 
 /* A worker died: its queued units leave every bucket (they count as out of
- * the queue), a few records per lock hold. Returns the buckets changed, or
- * a failure. Its window bookings stay until their windows pass. */
-static inline int64_t elb_shm_release_slot(elb_shm *t, int slot)
+ * the queue) and its flying ones land at `now` (the server may have counted
+ * them), a few records per lock hold. Returns the buckets changed, or a
+ * failure. Its window bookings stay until their windows pass. */
+static inline int64_t elb_shm_release_slot(elb_shm *t, int slot, double now)
 {
     elb_step s;
     elb_rec *r;
@@ -1012,7 +1052,7 @@ static inline int64_t elb_shm_release_slot(elb_shm *t, int slot)
         end = t->c.used;
         for (k = 0; k < 8 && i < end; k++, i++) {
             r = &elb_recs(t)[i];
-            if (r->kind != ELB_BUCKET || !(r->u.b.q[slot] > 0))
+            if (r->kind != ELB_BUCKET || !(r->u.b.q[slot] > 0 || r->u.b.f[slot] > 0))
                 continue;
             if (elb_jsave(t, r, sizeof(*r)) < 0 || elb_moved_push(&s, r->hash, slot) < 0) {
                 elb_jundo(t);
@@ -1023,6 +1063,8 @@ static inline int64_t elb_shm_release_slot(elb_shm *t, int slot)
             r->u.b.queued = ELB_MAX(0.0, r->u.b.queued - u);
             r->u.b.deq += u;
             r->u.b.q[slot] = 0.0;
+            if (r->u.b.f[slot] > 0)
+                elb_land(&r->u.b, slot, r->u.b.f[slot], r->u.b.interval, now);
             changed++;
         }
         elb_finish(&s);

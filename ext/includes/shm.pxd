@@ -42,7 +42,9 @@ cdef extern from "elbasy_shm.h" nogil:
         double queued
         double enq
         double deq
+        double flying
         double q[32]
+        double f[32]
 
     ctypedef union elb_rec_u:
         elb_bstate b
@@ -98,7 +100,9 @@ cdef extern from "elbasy_shm.h" nogil:
                         const int *idx, const double *val, const double *block, double now)
     int elb_shm_throttled(elb_shm *t, int n, const uint64_t *h, const elb_limit *l, double now,
                           double until)
-    int64_t elb_shm_release_slot(elb_shm *t, int slot)
+    int64_t elb_shm_release_slot(elb_shm *t, int slot, double now)
+    int elb_shm_landed(elb_shm *t, int slot, int n, const uint64_t *h, const elb_limit *l,
+                       const double *slots, double now)
     int elb_shm_moved(elb_shm *t, int slot, uint64_t *last, uint64_t *out)
     int elb_shm_fact(elb_shm *t, uint64_t h, double *a, double *b)
     int elb_shm_put_fact(elb_shm *t, uint64_t h, double a, double b)

@@ -1,8 +1,9 @@
 # The end of a connection: S_CLOSED.
 #
 # close_conn is the one place a connection ends: it tells the policy what it
-# is owed (finished, abandoned), releases the SSL*s, pipes and buffers,
-# retires both fds and takes the connection off the books. It is idempotent.
+# is owed (finished; abandoned: held, or on its way to an upstream), releases
+# the SSL*s, pipes and buffers, retires both fds and takes the connection off
+# the books. It is idempotent.
 # shutdown_all ends every connection and pooled upstream when run() stops.
 
 
@@ -25,6 +26,15 @@ cdef void close_conn(Loop loop, Conn c, bint reset):
             loop.c_policy_errors += 1
     elif c.state == S_WAIT:
         unhold(loop, c)
+        try:
+            loop.p_abandoned(c.ticket)
+        except Exception:
+            loop.c_policy_errors += 1
+    elif (c.goal == GOAL_FORWARD and c.ticket is not None
+          and (c.state == S_DEPARTING or c.state == S_RESOLVE or c.state == S_CONNECT
+               or c.state == S_TLS_CONNECT)):
+        # left while its request was on its way to an upstream: the policy
+        # hears it (a paced request's cost lands: it may have reached the server)
         try:
             loop.p_abandoned(c.ticket)
         except Exception:

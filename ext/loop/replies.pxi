@@ -75,8 +75,12 @@ cdef void send_final(Loop loop, Conn c, bytes data):
     Closing a socket with unread input makes the kernel send RST, which
     can destroy the answer in flight (a 431 after a big head, say). So:
     send, shut our side, read and discard for a moment, then close.
+
+    ``data`` is the policy's last word on this exchange (or the loop's own
+    page): the ticket is dropped, so the close does not tell it again.
     """
     drop_upstream(loop, c, False)
+    c.ticket = None
     if queue_client(loop, c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) == STEP_ENDED:
         return
     linger(loop, c)
