@@ -81,7 +81,7 @@ from typing import Any, Literal
 from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit, ServerView
 from elbasy.quota import Reservation, Safety, Shed, _per_limit, derived
 
-__all__ = ["RedisStore", "account_tag", "connect", "SCRIPTS", "PASSWORD_ENV"]
+__all__ = ["RedisStore", "account_tag", "answer", "connect", "SCRIPTS", "PASSWORD_ENV"]
 
 #: the environment variable a password comes from when the URL has none
 PASSWORD_ENV = "ELBASY_REDIS_PASSWORD"
@@ -158,7 +158,10 @@ def _pack(values: Sequence[float]) -> bytes:
     return struct.pack(f"<{len(values)}d", *values)
 
 
-def _unpack(raw: bytes) -> tuple[float, ...]:
+def answer(raw: bytes) -> tuple[float, ...]:
+    """A step script's reply: its doubles (the script's now first)."""
+    if not isinstance(raw, bytes) or len(raw) % 8:
+        raise ValueError(f"not a quota script's reply: {raw!r:.80}")
     return struct.unpack(f"<{len(raw) // 8}d", raw)
 
 
@@ -281,11 +284,25 @@ class RedisStore:
         header = (self._mode, now, self.idle_grace, self.queued_grace, float(len(value)))
         return _pack(header) + params
 
+    def request(
+        self, name: str, keys: Sequence[str], limits: Sequence[Limit], now: float, *more: float
+    ) -> tuple[str, tuple[str, ...], bytes]:
+        """One step as it goes on the wire: (script name, Redis keys, ARGV[1]).
+
+        What a non-blocking transport (elbasy.redis_pipe) sends; its answer is
+        read with :func:`answer`. ``more``: the step's own numbers (see its script).
+        """
+        return name, self._rkeys(keys, limits), self._head(limits, now) + _pack(more)
+
+    def sha(self, name: str) -> str:
+        """The SHA1 a script is called by."""
+        return self._shas[name]
+
     def _step(
         self, name: str, keys: Sequence[str], limits: Sequence[Limit], now: float, *more: float
     ) -> tuple[float, ...]:
-        blob = self._head(limits, now) + _pack(more)
-        return _unpack(self._call(name, self._rkeys(keys, limits), blob))
+        _, rkeys, blob = self.request(name, keys, limits, now, *more)
+        return answer(self._call(name, rkeys, blob))
 
     @staticmethod
     def _here(t: float, server_now: float, now: float) -> float:
@@ -482,7 +499,7 @@ class RedisStore:
     def peek(self, key: str, limit: str) -> tuple[float, ...] | None:
         """One bucket's record as stored (prelude.lua's layout), or None; for tests."""
         raw = self.client.get(self.key_of(key, limit))
-        return None if raw is None else _unpack(raw)
+        return None if raw is None else answer(raw)
 
     def stats(self) -> dict[str, int | str]:
         """For /healthz: where the store is and what it did."""
