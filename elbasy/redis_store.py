@@ -74,6 +74,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from hashlib import sha1
 from pathlib import Path
 from typing import Any, Literal
@@ -81,7 +82,17 @@ from typing import Any, Literal
 from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit, ServerView
 from elbasy.quota import Reservation, Safety, Shed, _per_limit, derived
 
-__all__ = ["RedisStore", "account_tag", "answer", "connect", "SCRIPTS", "PASSWORD_ENV"]
+__all__ = [
+    "PASSWORD_ENV",
+    "SCRIPTS",
+    "RedisShared",
+    "RedisStore",
+    "account_tag",
+    "answer",
+    "check_reachable",
+    "connect",
+    "redact",
+]
 
 #: the environment variable a password comes from when the URL has none
 PASSWORD_ENV = "ELBASY_REDIS_PASSWORD"
@@ -152,6 +163,43 @@ def connect(url: str, *, timeout: float = 0.5, password: str | None = None) -> A
             client.close()
             client = redis.Redis.from_url(url, password=secret, **options)
     return client
+
+
+@dataclass(frozen=True, slots=True)
+class RedisShared:
+    """What the supervisor hands every worker for ``--quota-store redis://``: the
+    URL only (each worker connects after the fork: a socket is never shared)."""
+
+    url: str
+    timeout: float = 0.5
+
+    def redacted(self) -> str:
+        """The URL without its password, for logs."""
+        return redact(self.url)
+
+
+def redact(url: str) -> str:
+    """A Redis URL with any password replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    auth, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = auth.split(":", 1)[0] if ":" in auth else ""
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+def check_reachable(shared: RedisShared) -> str:
+    """PING the server once (at startup): its version, or ConnectionError saying why not."""
+    import redis
+
+    client = connect(shared.url, timeout=shared.timeout)
+    try:
+        client.ping()
+        return str(client.info("server").get("redis_version", "?"))
+    except redis.exceptions.RedisError as exc:
+        raise ConnectionError(f"Redis at {shared.redacted()}: {exc}") from None
+    finally:
+        client.close()
 
 
 def _pack(values: Sequence[float]) -> bytes:

@@ -245,3 +245,48 @@ def test_rolling_and_multi_limit_records_round_trip(redis_url: str) -> None:
         assert rec[3 + 4 * 0 : 3 + 4 * 0 + 4] == (0.0, 7.5, 7.5, 0.0)  # window 0
     finally:
         store.close()
+
+
+# --------------------------------------------------------------------------- --quota-store redis://
+
+
+def test_the_setting_takes_a_redis_url_as_given() -> None:
+    from elbasy.config import build_config
+    from elbasy.settings import ConfigError
+
+    url = "redis://:PassWord@Host.example:6380/2"
+    assert build_config(quota_store=url).quota_store == url  # a password keeps its case
+    assert build_config(quota_store="SHM").quota_store == "shm"
+    for bad in ("http://x:1", "redis://", "memcached"):
+        with pytest.raises(ConfigError, match=r"redis://\.\.\."):
+            build_config(quota_store=bad)
+
+
+def test_the_proxy_runs_on_a_redis_store(proxy, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    p = proxy("--quota-store", redis_url, "--workers", "2")
+    quota = p.healthz()["quota"]
+    assert quota["store"] == "redis" and quota["clock"] == "server", quota
+    assert "blocks its worker for one round trip" in p.stderr
+
+
+def test_an_unreachable_redis_fails_at_start_without_its_password(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from redis_server import free_port
+
+    url = f"redis://:secret123@127.0.0.1:{free_port()}/0"
+    proc = subprocess.run(
+        [sys.executable, "-m", "elbasy", "--listen", "127.0.0.1:0", "--quota-store", url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=str(Path(__file__).resolve().parent.parent),
+        env={**os.environ, "XDG_DATA_HOME": str(tmp_path)},
+    )
+    assert proc.returncode == 1, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "cannot reach Redis at redis://:***@127.0.0.1" in errors[0]
+    assert "secret123" not in proc.stderr and "Traceback" not in proc.stderr
