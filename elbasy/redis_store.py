@@ -103,7 +103,16 @@ _EPS = 1e-9
 _KINDS = {BUCKET: 0.0, WINDOW: 1.0, ROLLING: 2.0}
 _LUA = Path(__file__).with_name("lua")
 #: the step scripts (each with the prelude in front) and the facts' one
-STEPS = ("reserve", "earliest", "confirm", "observe", "throttled", "give_back", "settle")
+STEPS = (
+    "reserve",
+    "earliest",
+    "confirm",
+    "landed",
+    "observe",
+    "throttled",
+    "give_back",
+    "settle",
+)
 #: keys (and account tuples) this process remembers; cleared when it reaches this
 _REMEMBER = 100_000
 
@@ -454,6 +463,13 @@ class RedisStore:
             self._step("throttled", keys, limits, now, retry)
         return now + retry
 
+    def landed(self, r: Reservation, now: float) -> None:
+        if not r.sent or r.landed:
+            return
+        r.landed = True
+        if r.limits:
+            self._step("landed", r.keys, r.limits, now, *r.slots)
+
     def give_back(self, r: Reservation, now: float) -> bool:
         if r.sent or r.returned:
             return False
@@ -465,6 +481,7 @@ class RedisStore:
     def settle(self, r: Reservation, actual: float | Sequence[float], now: float) -> None:
         if not r.sent or not r.limits:
             return
+        self.landed(r, now)  # a refund comes with its answer: it has landed
         actuals = _per_limit(actual, r.limits)
         refunds = tuple(
             r.slots[k] - min(max(actuals[k], 0.0), r.slots[k]) if limit.kind == BUCKET else 0.0

@@ -15,7 +15,7 @@ for k = 1, n do
   if l.kind == BUCKET then
     r.queued = max(0.0, r.queued - slots[k])
     r.deq = r.deq + slots[k]
-    r.sent = max(r.sent, now) + slots[k] * l.interval
+    r.flying = r.flying + slots[k]  -- restoring once it lands (landed.lua)
     r.dirty = true
   else
     local i = slot_of(now, l.period)

@@ -11,7 +11,8 @@ for _ = 1, m do
     local r, l = load(k, false), L[k]
     if val == val then
       if l.kind == BUCKET then
-        local clock = now + val * l.interval
+        -- what flies is in the server's count, or soon will be
+        local clock = now + (val - r.flying) * l.interval
         if clock > r.sent then
           r.sent = clock
           r.dirty = true

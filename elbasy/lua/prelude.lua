@@ -13,7 +13,9 @@
 --   KEYS     one per limit: its bucket's record (one hash tag per account)
 --
 -- A record is one string of little-endian doubles:
---   bucket   kind, blocked, sent, interval, queued, enq, deq
+--   bucket   kind, blocked, sent, interval, queued, enq, deq, flying
+--            (flying: units sent whose answer has not come; a record
+--            written before it existed reads as 0)
 --   window   kind, blocked, live, then 13 x (tag, reserved, departed, extra)
 -- A missing record is a fresh bucket (every number 0), which is what an
 -- expired one was: keys expire once their bucket is idle (see ttl_of).
@@ -74,7 +76,7 @@ local order = {}  -- keys in the order loaded
 local function fresh(kind)
   local r = {kind = kind, blocked = 0.0, dirty = false}
   if kind == BUCKET then
-    r.sent, r.interval, r.queued, r.enq, r.deq = 0.0, 0.0, 0.0, 0.0, 0.0
+    r.sent, r.interval, r.queued, r.enq, r.deq, r.flying = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
   else
     r.live = 0.0
     r.tag, r.res, r.dep, r.ext = {}, {}, {}, {}
@@ -90,6 +92,7 @@ local function decode(raw, kind)
   local r = {kind = kind, blocked = v[2], dirty = false}
   if kind == BUCKET then
     r.sent, r.interval, r.queued, r.enq, r.deq = v[3], v[4], v[5], v[6], v[7]
+    r.flying = v[8] or 0.0
   else
     r.live = v[3]
     r.tag, r.res, r.dep, r.ext = {}, {}, {}, {}
@@ -135,8 +138,10 @@ local function ttl_of(r)
   local untl
   if r.kind == BUCKET then
     untl = max(r.sent, r.blocked)
-    if r.queued > EPS then
-      untl = max(untl, max(r.sent, now) + r.queued * r.interval + queued_grace)
+    if r.queued + r.flying > EPS then
+      -- units queued or in flight keep it the queued grace longer: their
+      -- owner may be a machine that died, and expiring drops them
+      untl = max(untl, max(r.sent, now) + (r.flying + r.queued) * r.interval + queued_grace)
     end
   else
     untl = max(r.live, r.blocked)
@@ -149,7 +154,8 @@ end
 
 local function encode(r)
   if r.kind == BUCKET then
-    return spack('<ddddddd', r.kind, r.blocked, r.sent, r.interval, r.queued, r.enq, r.deq)
+    return spack('<dddddddd', r.kind, r.blocked, r.sent, r.interval, r.queued, r.enq, r.deq,
+                 r.flying)
   end
   local v = {r.kind, r.blocked, r.live}
   for x = 1, WS do
@@ -264,10 +270,10 @@ local function earliest_in(R, cost, units, pos)
       if l.kind == BUCKET then
         local clock
         if pos == nil then
-          clock = max(r.sent, now) + r.queued * r.interval
+          clock = max(r.sent, now) + (r.flying + r.queued) * r.interval
         else
           local ahead = max(0.0, min(pos[k] - r.deq, r.queued - units[k]))
-          clock = max(r.sent, now) + ahead * r.interval
+          clock = max(r.sent, now) + (r.flying + ahead) * r.interval
         end
         e = max(start, clock + (min(cost[k], l.room) - l.room) * l.interval)
       else

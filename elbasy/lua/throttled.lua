@@ -9,7 +9,7 @@ for k = 1, n do
   r.blocked = max(r.blocked, untl)
   r.dirty = true
   if l.kind == BUCKET then
-    r.sent = max(r.sent, now + l.capacity * l.interval)
+    r.sent = max(r.sent, now + max(0.0, l.capacity - r.flying) * l.interval)
   elseif l.kind == WINDOW then
     local i = slot_of(now, l.period)
     local seen = wcount(r, i, true)
