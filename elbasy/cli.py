@@ -35,7 +35,7 @@ from elbasy.config import (
     to_toml,
 )
 from elbasy.rules_cli import rules as rules_group
-from elbasy.settings import Choice, ConfigFile, Directory, File, Flag, Setting
+from elbasy.settings import Choice, ChoiceOrURL, ConfigFile, Directory, File, Flag, Setting
 
 __all__ = ["build_config", "main"]
 
@@ -117,7 +117,7 @@ def _option(s: Setting) -> Callable[[_F], _F]:
         decls = [f"{s.flag}/--no-{s.flag[2:]}"]
     elif isinstance(kind, Flag):
         attrs["is_flag"] = True
-    elif isinstance(kind, Choice):
+    elif isinstance(kind, Choice) and not isinstance(kind, ChoiceOrURL):
         attrs["type"] = click.Choice(list(kind.choices), case_sensitive=False)
     elif isinstance(kind, File):  # Directory and ConfigFile too
         directory = isinstance(kind, Directory)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from elbasy.settings import (
     Choice,
+    ChoiceOrURL,
     ConfigError,
     ConfigFile,
     Directory,
@@ -455,8 +456,10 @@ def worker_count(workers: int | str) -> int:
 # --------------------------------------------------------------------------- Config
 
 #: where quota lives (``--quota-store``); auto is shm: a reload or a restarted
-#: worker keeps every account's clocks
+#: worker keeps every account's clocks. Or a Redis URL (elbasy.redis_store)
 QUOTA_STORES = ("auto", "shm", "local")
+#: the URL schemes of ``--quota-store`` for a Redis server shared by a fleet
+QUOTA_REDIS_SCHEMES = ("redis", "rediss", "unix")
 QUOTA_CAPACITY_MIN = 64
 QUOTA_CAPACITY_MAX = 1 << 24
 
@@ -607,11 +610,13 @@ class Config:
         arg="margin",
     )
     quota_store: str = setting(
-        Choice(QUOTA_STORES),
+        ChoiceOrURL(QUOTA_STORES, schemes=QUOTA_REDIS_SCHEMES),
         "auto",
         "Where accounts' quota lives: shm (one table in shared memory, shared exactly by "
         "every worker, kept across restarts and reloads), local (one worker's memory), "
-        "auto (shm).",
+        "auto (shm), or redis://HOST:PORT/DB (also rediss://, unix://; password from the "
+        "URL or ELBASY_REDIS_PASSWORD): one Redis server shared by every machine. The "
+        "Redis store blocks a worker for one round trip per quota step (a first wiring).",
     )
     quota_capacity: int = setting(
         Integer(QUOTA_CAPACITY_MIN, QUOTA_CAPACITY_MAX, "16 M"),

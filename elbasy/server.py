@@ -112,6 +112,11 @@ def make_store(config: Config, shared: Any, slot: int) -> Any:
     safety = Safety(**config.safety_settings())
     if shared is None:
         return LocalStore(safety)
+    from elbasy.redis_store import RedisShared, RedisStore
+
+    if isinstance(shared, RedisShared):
+        # blocking: one round trip per quota step (elbasy.redis_store's docstring)
+        return RedisStore(shared.url, safety, timeout=shared.timeout)
     from elbasy.shm import ShmStore
 
     return ShmStore(shared, slot, safety)

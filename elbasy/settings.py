@@ -201,6 +201,24 @@ class Choice(Kind):
 
 
 @dataclass(frozen=True, slots=True)
+class ChoiceOrURL(Choice):
+    """One of ``choices`` (lower cased), or a URL of one of ``schemes`` (kept as given:
+    a password in it is case-sensitive)."""
+
+    schemes: tuple[str, ...] = ()
+
+    def check(self, value: Any) -> str:
+        if isinstance(value, str) and "://" in value:
+            scheme, rest = value.split("://", 1)
+            if scheme.lower() in self.schemes and rest:
+                return value
+        if isinstance(value, str) and value.lower() in self.choices:
+            return value.lower()
+        urls = " or ".join(f"{s}://..." for s in self.schemes)
+        raise ConfigError(f"must be one of {', '.join(self.choices)}, or {urls}; got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class Flag(Kind):
     """True or false: ``--name`` turns it on; ``negatable`` adds ``--no-name``."""
 

@@ -79,9 +79,26 @@ STOP_NOW = signal.SIGUSR2
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
 
+def store_kind(config: Config) -> str:
+    """``local``, ``shm`` (also for ``auto``) or ``redis`` (a URL)."""
+    if "://" in config.quota_store:
+        return "redis"
+    return "local" if config.quota_store == "local" else "shm"
+
+
 def check_quota_store(config: Config) -> None:
     """Refuse a store that cannot keep the promise: ``local`` keeps each
-    worker's quota to itself, so N workers would hand out N quotas."""
+    worker's quota to itself, so N workers would hand out N quotas; a Redis
+    URL that redis-py cannot read."""
+    if store_kind(config) == "redis":
+        from elbasy.redis_store import connect, redact
+
+        try:
+            connect(config.quota_store).close()
+        except ValueError as exc:
+            why = str(exc).replace(config.quota_store, redact(config.quota_store))
+            raise StartupError(f"--quota-store: {why}") from None
+        return
     count = worker_count(config.workers)
     if config.quota_store == "local" and count > 1:
         raise StartupError(
@@ -101,6 +118,21 @@ def make_shared(config: Config) -> Any:
     """
     if config.quota_store == "local":
         return None
+    if store_kind(config) == "redis":
+        from elbasy.redis_store import RedisShared, check_reachable
+
+        shared = RedisShared(config.quota_store)
+        try:
+            version = check_reachable(shared)
+        except ConnectionError as exc:
+            raise StartupError(f"--quota-store: cannot reach {exc}") from None
+        log.warning(
+            "quota in Redis %s at %s, shared by every machine; each quota step blocks "
+            "its worker for one round trip (first wiring, issue 14)",
+            version,
+            shared.redacted(),
+        )
+        return shared
     from elbasy.shm import ShmTable
 
     # facts: a plan per bucket, a tier per account and the GraphQL shapes
@@ -117,8 +149,8 @@ def make_shared(config: Config) -> Any:
 def on_worker_gone(shared: Any, slot: int) -> None:
     """A worker that held ``slot`` was reaped: the units it had queued leave
     every bucket (its held requests will never depart), and the slot is free."""
-    if shared is None:
-        return
+    if shared is None or not hasattr(shared, "release_slot"):
+        return  # no store, or Redis: a worker's queued units expire with its records
     released = shared.release_slot(slot)
     if released:
         log.info("worker slot %d: its queued units left %d buckets", slot, released)
@@ -499,9 +531,12 @@ class Supervisor:
                 with open(new.log_file, "a", encoding="utf-8"):
                     pass
             check_quota_store(new)
-            if (new.quota_store == "local") != (self.shared is None):
+            if store_kind(new) != store_kind(self.config) or (
+                store_kind(new) == "redis" and new.quota_store != self.config.quota_store
+            ):
                 raise StartupError("a reload cannot change --quota-store; restart elbasy")
-            if self.shared is not None and new.quota_capacity != self.shared.capacity:
+            capacity = getattr(self.shared, "capacity", None)
+            if capacity is not None and new.quota_capacity != capacity:
                 log.warning(
                     "reload: the quota table keeps its %d buckets until a restart",
                     self.shared.capacity,

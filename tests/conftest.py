@@ -21,6 +21,7 @@ from pathlib import Path
 
 import origins
 import pytest
+from redis_server import RedisServer
 
 PROXY_ENV_VARS = (
     "http_proxy",
@@ -343,3 +344,27 @@ def blackhole() -> Iterator[origins.Blackhole]:
 @pytest.fixture
 def raw() -> Callable[..., tuple[origins.Response, bool]]:
     return origins.send_and_read
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session (a missing binary fails, never skips)."""
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis server with an empty database 0 (flushed, scripts too)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushdb()
+        client.script_flush()
+    finally:
+        client.close()
+    return redis_server.url

@@ -4,9 +4,10 @@ Where docs/api-limits.md part 4 has worked vectors, the store with every safety
 setting at zero must give exactly the departures the mock server accepts.
 
 A contract suite: every store test runs on each store (the ``store`` fixture,
-and ``make_store`` for other safety settings), the process-local LocalStore
-and the shared-memory ShmStore, which must give the same results on the same
-inputs; ``test_stores_agree_on_random_steps`` checks that step by step.
+and ``make_store`` for other safety settings), the process-local LocalStore,
+the shared-memory ShmStore and the RedisStore (on a real redis-server), which
+must give the same results on the same inputs;
+``test_stores_agree_on_random_steps`` checks that step by step.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from elbasy.quota import (
     Shed,
     StoreFull,
 )
+from elbasy.redis_store import RedisStore
 from elbasy.rules import RuleSet
 from elbasy.shm import ShmStore
 
@@ -44,20 +46,31 @@ ETSY_QPD = Limit("etsy-qpd", ROLLING, capacity=30, window=86400, sub_buckets=12)
 MakeStore = Callable[[Safety], QuotaStore]
 
 
-@pytest.fixture(params=["local", "shm"])
+@pytest.fixture(params=["local", "shm", "redis"])
 def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
-    """A maker of stores of one kind: LocalStore, or ShmStore on a fresh table."""
+    """A maker of stores of one kind: LocalStore, ShmStore on a fresh table, or
+    RedisStore on the session's real redis-server (an empty database; each
+    store made has its own key prefix, so two are as independent as two
+    LocalStores). RedisStore takes the tests' explicit times (clock="caller")."""
     tables: list[ShmTable] = []
+    redis_stores: list[RedisStore] = []
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
 
     def make(safety: Safety) -> QuotaStore:
         if request.param == "local":
             return LocalStore(safety)
+        if request.param == "redis":
+            prefix = f"elbasy-test:{len(redis_stores)}:"
+            redis_stores.append(RedisStore(url, safety, clock="caller", prefix=prefix))
+            return redis_stores[-1]
         tables.append(ShmTable(4096))
         return ShmStore(tables[-1], 0, safety)
 
     yield make
     for table in tables:
         table.close()
+    for rs in redis_stores:
+        rs.close()
 
 
 @pytest.fixture
@@ -524,82 +537,112 @@ def test_stores_agree_on_random_steps(seed: int, capacity: int, shops: int) -> N
     A step that finds no room and loses an update (a server's view, say) ends
     the comparison there.
     """
-    rnd = random.Random(seed)
     table = ShmTable(capacity)
     safety = Safety(margin=0.01, headroom=2, jitter=0.05, guard=0.02)
-    local, shm = LocalStore(safety), ShmStore(table, 0, safety)
-    stores: list[QuotaStore] = [local, shm]
-    held: list[list[Reservation]] = []  # one reservation per store
-    kinds: Counter[str] = Counter()
-    now = 1_000.0
-    steps = 0
     try:
-        for steps in range(1, 3001):  # noqa: B007 - counted for the check below
-            if table.dropped:
-                break
-            now += rnd.choice([0.0, 0.0, 0.01, 0.1, 0.37, 1.0, 5.0])
-            op = rnd.random()
-            keys, limits = rnd.choice(ACCOUNTS)
-            shop = rnd.randrange(shops)
-            keys = [f"{k}|{shop}" for k in keys]
-            if op < 0.4 or not held:
-                cost = rnd.choice([1.0, 1.0, 2.0, 7.5, 300.0])
-                wait = rnd.choice([0.0, 1.0, 30.0, 1e6])
-                try:
-                    got_shm = shm.reserve(keys, limits, cost, now, wait)
-                except StoreFull:
-                    kinds["full"] += 1
-                    continue
-                got_local = local.reserve(keys, limits, cost, now, wait)
-                assert _result(got_local, shops == 1) == _result(got_shm, shops == 1)
-                kinds[type(got_shm).__name__] += 1
-                if isinstance(got_shm, Reservation):
-                    held.append([got_local, got_shm])  # type: ignore[list-item]
-                continue
-            pair = rnd.choice(held)
-            keys, limits = list(pair[0].keys), list(pair[0].limits)
-            if op < 0.62:
-                at = max(now, min(pair[0].depart, now + 2.0))
-                res = [s.confirm(r, at) for s, r in zip(stores, pair, strict=True)]
-                assert res[0] == res[1] and pair[0].slots == pair[1].slots
-            elif op < 0.70:
-                for s, r in zip(stores, pair, strict=True):
-                    s.landed(r, now)  # its answer came (nothing if not sent)
-            elif op < 0.77:
-                res = [s.earliest(r, now) for s, r in zip(stores, pair, strict=True)]
-                assert res[0] == res[1]
-            elif op < 0.85:
-                res = [s.give_back(r, now) for s, r in zip(stores, pair, strict=True)]
-                assert res[0] == res[1]
-                held.remove(pair)
-            elif op < 0.92:
-                actual = rnd.choice([0.0, 1.0, 50.0])
-                for s, r in zip(stores, pair, strict=True):
-                    s.settle(r, actual, now)
-            elif op < 0.97:
-                views = [
-                    ServerView(
-                        limit.name,
-                        used=rnd.choice([None, 0.0, 3.0, 39.0]),
-                        remaining=rnd.choice([None, 0.0, 5.0]),
-                        reset_after=rnd.choice([None, 1.5]),
-                    )
-                    for limit in limits
-                ]
-                for s in stores:
-                    s.observe(keys, limits, views, now)
-            else:
-                retry = rnd.choice([None, 0.0, 2.0])
-                res = [s.throttled(keys, limits, now, retry) for s in stores]
-                assert res[0] == res[1]
-            while len(held) > 60:  # the oldest exchanges end: sent ones land
-                old = held.pop(0)
-                assert local.give_back(old[0], now) == shm.give_back(old[1], now)
-                local.landed(old[0], now)
-                shm.landed(old[1], now)
+        steps, kinds = _agree(
+            random.Random(seed), LocalStore(safety), ShmStore(table, 0, safety), shops, table
+        )
         evictions = table.evictions
     finally:
         table.close()
     assert steps > 1500 and kinds["Reservation"] > 300 and kinds["Shed"] > 30, (steps, kinds)
     if shops > 1:
         assert evictions > 0
+
+
+@pytest.mark.parametrize(("seed", "shops"), [(1, 1), (2, 1), (3, 40)])
+def test_redis_store_agrees_on_random_steps(redis_url: str, seed: int, shops: int) -> None:
+    """The same 3,000 random steps on LocalStore and RedisStore: the same results,
+    positions included (Redis has no table to fill: nothing is evicted)."""
+    safety = Safety(margin=0.01, headroom=2, jitter=0.05, guard=0.02)
+    other = RedisStore(redis_url, safety, clock="caller")
+    try:
+        steps, kinds = _agree(random.Random(seed), LocalStore(safety), other, shops, None)
+    finally:
+        other.close()
+    assert steps == 3000 and kinds["Reservation"] > 300 and kinds["Shed"] > 30, (steps, kinds)
+
+
+def _agree(
+    rnd: random.Random,
+    local: LocalStore,
+    other: QuotaStore,
+    shops: int,
+    table: ShmTable | None,
+) -> tuple[int, Counter[str]]:
+    """Random steps on both stores, each result compared; (steps made, kinds of result).
+
+    ``table``: the shared-memory store's, whose lost updates end the run and
+    whose eviction makes positions incomparable; None for a store that has none.
+    """
+    stores: list[QuotaStore] = [local, other]
+    exact = shops == 1 or table is None
+    held: list[list[Reservation]] = []  # one reservation per store
+    kinds: Counter[str] = Counter()
+    now = 1_000.0
+    steps = 0
+    for steps in range(1, 3001):  # noqa: B007 - counted for the check below
+        if table is not None and table.dropped:
+            break
+        now += rnd.choice([0.0, 0.0, 0.01, 0.1, 0.37, 1.0, 5.0])
+        op = rnd.random()
+        keys, limits = rnd.choice(ACCOUNTS)
+        shop = rnd.randrange(shops)
+        keys = [f"{k}|{shop}" for k in keys]
+        if op < 0.4 or not held:
+            cost = rnd.choice([1.0, 1.0, 2.0, 7.5, 300.0])
+            wait = rnd.choice([0.0, 1.0, 30.0, 1e6])
+            try:
+                got_other = other.reserve(keys, limits, cost, now, wait)
+            except StoreFull:
+                kinds["full"] += 1
+                continue
+            got_local = local.reserve(keys, limits, cost, now, wait)
+            assert _result(got_local, exact) == _result(got_other, exact)
+            kinds[type(got_other).__name__] += 1
+            if isinstance(got_other, Reservation):
+                held.append([got_local, got_other])  # type: ignore[list-item]
+            continue
+        pair = rnd.choice(held)
+        keys, limits = list(pair[0].keys), list(pair[0].limits)
+        if op < 0.62:
+            at = max(now, min(pair[0].depart, now + 2.0))
+            res = [s.confirm(r, at) for s, r in zip(stores, pair, strict=True)]
+            assert res[0] == res[1] and pair[0].slots == pair[1].slots
+        elif op < 0.70:
+            for s, r in zip(stores, pair, strict=True):
+                s.landed(r, now)  # its answer came (nothing if not sent)
+        elif op < 0.77:
+            res = [s.earliest(r, now) for s, r in zip(stores, pair, strict=True)]
+            assert res[0] == res[1]
+        elif op < 0.85:
+            res = [s.give_back(r, now) for s, r in zip(stores, pair, strict=True)]
+            assert res[0] == res[1]
+            held.remove(pair)
+        elif op < 0.92:
+            actual = rnd.choice([0.0, 1.0, 50.0])
+            for s, r in zip(stores, pair, strict=True):
+                s.settle(r, actual, now)
+        elif op < 0.97:
+            views = [
+                ServerView(
+                    limit.name,
+                    used=rnd.choice([None, 0.0, 3.0, 39.0]),
+                    remaining=rnd.choice([None, 0.0, 5.0]),
+                    reset_after=rnd.choice([None, 1.5]),
+                )
+                for limit in limits
+            ]
+            for s in stores:
+                s.observe(keys, limits, views, now)
+        else:
+            retry = rnd.choice([None, 0.0, 2.0])
+            res = [s.throttled(keys, limits, now, retry) for s in stores]
+            assert res[0] == res[1]
+        while len(held) > 60:  # the oldest exchanges end: sent ones land
+            old = held.pop(0)
+            assert local.give_back(old[0], now) == other.give_back(old[1], now)
+            local.landed(old[0], now)
+            other.landed(old[1], now)
+    return steps, kinds

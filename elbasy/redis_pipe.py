@@ -1,0 +1,309 @@
+"""Sending quota steps to Redis without waiting: the loop never blocks on Redis.
+
+Issue 14 asks that a reservation be sent from the loop without waiting for
+the answer, that concurrent reservations share one round trip, and that the
+held request wait for its answer on the loop. Two transports do that here,
+with one interface, so they can be measured against each other
+(bench/redis_store.py, numbers in bench/README.md):
+
+:class:`SocketPipe`
+    The loop's own non-blocking socket speaking RESP; replies parsed by
+    hiredis. :meth:`~SocketPipe.send` appends a command to an output buffer
+    (and writes what the socket takes at once); every command sent before the
+    next :meth:`~SocketPipe.completed` goes in the same write: the pipelining
+    is whatever the loop sent in one turn. The socket's fd is what the loop
+    watches (readable: answers; :meth:`~SocketPipe.wants_write`: the kernel
+    buffer was full, watch for writable and call :meth:`~SocketPipe.flush`).
+    No thread, no lock, no copy through a queue.
+
+:class:`ThreadPipe`
+    A thread drains a queue into a redis-py pipeline (one round trip per
+    batch: whatever queued while the previous batch was on the wire) and
+    signals an eventfd, as elbasy/resolver.py does for DNS. Simple and
+    reuses redis-py's connection handling, at the price of a thread switch
+    and the GIL twice per batch.
+
+Both answer through :meth:`completed`: (token, reply) pairs in the order
+sent, the reply the script's bytes (read them with
+:func:`elbasy.redis_store.answer`) or the exception that stopped it. A call
+that met ``NOSCRIPT`` ran nothing: it is sent again (with the script's source
+once, which loads it for every later ``EVALSHA``) and answered when that
+answer comes.
+
+Not done here yet: reconnecting (a lost connection answers every call in
+flight with the error, and the pipe is then closed), and connecting without
+blocking (:class:`SocketPipe` connects, authenticates and selects its
+database when made, within ``timeout``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+
+from elbasy.redis_store import SCRIPTS
+
+__all__ = ["SocketPipe", "ThreadPipe", "Reply"]
+
+#: what a call is answered with: the script's reply, or why there is none
+Reply = bytes | Exception
+#: most commands one ThreadPipe batch (one redis-py pipeline) carries
+MAX_BATCH = 512
+_NOSCRIPT = "NOSCRIPT"
+
+
+def _resp(*args: bytes | str) -> bytes:
+    """One command in RESP: an array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        out.append(b"$%d\r\n" % len(b))
+        out.append(b)
+        out.append(b"\r\n")
+    return b"".join(out)
+
+
+class _Call:
+    __slots__ = ("token", "name", "sha", "keys", "blob", "retried")
+
+    def __init__(self, token: object, name: str, sha: str, keys: Sequence[str], blob: bytes):
+        self.token, self.name, self.sha, self.keys, self.blob = token, name, sha, keys, blob
+        self.retried = False
+
+
+class SocketPipe:
+    """Quota steps over the loop's own non-blocking socket (module docstring)."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        *,
+        db: int = 0,
+        password: str | None = None,
+        username: str | None = None,
+        timeout: float = 0.5,
+    ) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = hiredis.Reader()
+        hello: list[tuple[str, bytes]] = []
+        if password:
+            auth = ("AUTH", username, password) if username else ("AUTH", password)
+            hello.append(("AUTH", _resp(*auth)))
+        if db:
+            hello.append(("SELECT", _resp("SELECT", str(db))))
+        for what, cmd in hello:  # blocking, once, within the timeout
+            self.sock.sendall(cmd)
+            reply = self._read_one()
+            if isinstance(reply, Exception):
+                self.sock.close()
+                raise ConnectionError(f"Redis refused {what}: {reply}")
+        self.sock.setblocking(False)
+        self._out = bytearray()
+        self._fifo: deque[_Call] = deque()
+        self._lost_calls: list[tuple[object, Reply]] = []
+        self._shas = {name: _sha(src) for name, src in SCRIPTS.items()}
+        self.round_trips = 0  # writes that carried commands
+        self.reloads = 0
+        self.closed: Exception | None = None
+
+    def _read_one(self) -> Any:
+        while True:
+            got = self._reader.gets()
+            if got is not False:
+                return got
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("Redis closed the connection")
+            self._reader.feed(data)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def pending(self) -> int:
+        """Calls sent and not answered yet."""
+        return len(self._fifo)
+
+    def send(self, token: object, name: str, keys: Sequence[str], blob: bytes) -> None:
+        """Queue one step (EVALSHA); written at the next :meth:`flush`. Never blocks."""
+        if self.closed is not None:
+            raise ConnectionError(f"the Redis pipe is closed: {self.closed}")
+        call = _Call(token, name, self._shas[name], keys, blob)
+        self._fifo.append(call)
+        self._out += _resp("EVALSHA", call.sha, str(len(keys)), *keys, blob)
+
+    def wants_write(self) -> bool:
+        """Bytes the kernel did not take yet: watch the fd for writable, then flush()."""
+        return bool(self._out)
+
+    def flush(self) -> None:
+        """Write what the socket takes now (every step sent since: one round trip)."""
+        if not self._out:
+            return
+        if self.closed is not None:
+            return
+        self.round_trips += 1
+        try:
+            n = self.sock.send(self._out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        del self._out[:n]
+
+    def completed(self) -> list[tuple[object, Reply]]:
+        """Answers that came (call when the fd is readable). Never blocks."""
+        out, self._lost_calls = self._lost_calls, []
+        if self.closed is not None:
+            return out
+        while True:
+            try:
+                data = self.sock.recv(262144)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._lost(exc)
+                return out + self._take_lost()
+            if not data:
+                self._lost(ConnectionError("Redis closed the connection"))
+                return out + self._take_lost()
+            self._reader.feed(data)
+            if len(data) < 262144:
+                break
+        while True:
+            reply = self._reader.gets()
+            if reply is False:
+                break
+            call = self._fifo.popleft()
+            if (
+                isinstance(reply, hiredis.ReplyError)
+                and str(reply).startswith(_NOSCRIPT)
+                and not call.retried
+            ):
+                # ran nothing: again, with the source (which loads it for later calls)
+                self.reloads += 1
+                call.retried = True
+                self._fifo.append(call)
+                n = str(len(call.keys))
+                self._out += _resp("EVAL", SCRIPTS[call.name], n, *call.keys, call.blob)
+                continue
+            out.append((call.token, reply))
+        if self._out:
+            self.flush()
+        return out
+
+    def _lost(self, exc: Exception) -> None:
+        """The connection is gone: every call in flight is answered with why."""
+        self.closed = exc
+        self._lost_calls += [(call.token, exc) for call in self._fifo]
+        self._fifo.clear()
+        self._out.clear()
+        self.sock.close()
+
+    def _take_lost(self) -> list[tuple[object, Reply]]:
+        out, self._lost_calls = self._lost_calls, []
+        return out
+
+    def close(self) -> None:
+        if self.closed is None:
+            self.closed = ConnectionError("closed")
+            self.sock.close()
+
+
+class ThreadPipe:
+    """Quota steps through a thread that pipelines them with redis-py (module docstring)."""
+
+    def __init__(self, client: Any, max_batch: int = MAX_BATCH) -> None:
+        self.client = client
+        self.max_batch = max_batch
+        self._shas = {name: _sha(src) for name, src in SCRIPTS.items()}
+        self._queue: deque[_Call] = deque()
+        self._done: deque[tuple[object, Reply]] = deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.round_trips = 0
+        self.reloads = 0
+        self._thread = threading.Thread(target=self._run, name="elbasy-redis", daemon=True)
+        self._thread.start()
+
+    def fileno(self) -> int:
+        return self._efd
+
+    def send(self, token: object, name: str, keys: Sequence[str], blob: bytes) -> None:
+        """Queue one step; the thread sends it with whatever else queued. Never blocks
+        (beyond the queue's lock)."""
+        with self._cv:
+            self._queue.append(_Call(token, name, self._shas[name], keys, blob))
+            self._cv.notify()
+
+    def wants_write(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        """Nothing to do: the thread writes."""
+
+    def completed(self) -> list[tuple[object, Reply]]:
+        """Answers that came (call when the eventfd is readable). Never blocks."""
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        out: list[tuple[object, Reply]] = []
+        while self._done:
+            out.append(self._done.popleft())
+        return out
+
+    def _run(self) -> None:
+        from redis.exceptions import NoScriptError
+
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                take = min(self.max_batch, len(self._queue))
+                batch = [self._queue.popleft() for _ in range(take)]
+            answers: list[Reply]
+            try:
+                answers = self._execute(batch)
+                again = [k for k, a in enumerate(answers) if isinstance(a, NoScriptError)]
+                if again:
+                    self.reloads += len(again)
+                    for name in {batch[k].name for k in again}:
+                        self.client.script_load(SCRIPTS[name])
+                    for k, a in zip(again, self._execute([batch[k] for k in again]), strict=True):
+                        answers[k] = a
+            except Exception as exc:  # the loop must hear back whatever happens
+                answers = [exc] * len(batch)
+            self._done.extend((call.token, a) for call, a in zip(batch, answers, strict=True))
+            os.eventfd_write(self._efd, 1)
+
+    def _execute(self, batch: list[_Call]) -> list[Reply]:
+        pipe = self.client.pipeline(transaction=False)
+        for call in batch:
+            pipe.execute_command("EVALSHA", call.sha, len(call.keys), *call.keys, call.blob)
+        self.round_trips += 1
+        return list(pipe.execute(raise_on_error=False))
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(5)
+        os.close(self._efd)
+
+
+def _sha(src: str) -> str:
+    from hashlib import sha1
+
+    return sha1(src.encode()).hexdigest()
