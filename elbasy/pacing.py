@@ -299,7 +299,7 @@ class Pacer:
             return Verdict()
         self._open_line(m.keys).append(paced)
         paced.line = m.keys
-        paced.due = self._to_mono(later)
+        paced.due = self._head_due(later)
         return Verdict(depart=paced.due)
 
     def priced(self, paced: Paced, body: bytes, waiter: object = None) -> Verdict:
@@ -321,7 +321,7 @@ class Pacer:
             return self.mono() + NOT_FIRST_WAIT
         later = self.store.confirm(r, self.wall())
         if later is not None:
-            paced.due = self._to_mono(later)
+            paced.due = self._head_due(later)
             return paced.due
         self._sent(paced)
         return None
@@ -390,7 +390,20 @@ class Pacer:
         assert r is not None
         wall_now = self.wall()
         t = self.store.earliest(r, wall_now)
-        return self._to_mono(t) if t > wall_now else self.mono()
+        return self._head_due(t) if t > wall_now else self.mono()
+
+    def _head_due(self, wall_time: float) -> float:
+        """A line's head's departure (monotonic) for the store's earliest time.
+
+        A store whose other users' refunds are not announced here (Redis, for
+        another machine's) says how often a head should ask again
+        (``recheck``): the head goes when the account has room, not at a time
+        planned before another machine gave points back.
+        """
+        due = self._to_mono(wall_time)
+        if self.store.recheck:
+            due = min(due, self.mono() + self.store.recheck)
+        return due
 
     def _buckets_moved(self, keys: tuple[str, ...] | list[str]) -> None:
         """Room came back on these bucket keys (a refund, a place given back, here

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -153,6 +154,9 @@ def healthz(stats: Callable[[], dict[str, Any]], counters: Mapping[str, int]) ->
     out = stats()
     out["version"] = __version__
     out["pid"] = os.getpid()
+    # this machine's wall clock: a fleet sharing quota in Redis keeps its own
+    # clocks out of the arithmetic (Redis's TIME), and this shows how far off
+    out["time"] = time.time()
     merged = out.setdefault("counters", {})
     for name, value in counters.items():
         merged[name] = value

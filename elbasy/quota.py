@@ -207,6 +207,10 @@ class QuotaStore(Facts, Protocol):
 
     def moved(self) -> list[str]: ...
 
+    #: seconds between a waiting line's head asking again, for a store that
+    #: cannot announce other users' refunds (moved); 0: it announces them
+    recheck: float
+
     def stats(self) -> dict[str, int | str]: ...
 
 
@@ -367,6 +371,8 @@ def _per_limit(cost: float | Sequence[float], limits: Sequence[Limit]) -> tuple[
 
 class LocalStore:
     """Every account's clocks in this process's memory (one worker)."""
+
+    recheck = 0.0  # nobody else moves its lines
 
     def __init__(self, safety: Safety | None = None) -> None:
         self.safety = safety or Safety()

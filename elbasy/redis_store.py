@@ -228,6 +228,10 @@ class RedisStore:
     ``target`` is a URL (see :func:`connect`) or a redis-py client.
     """
 
+    #: another machine's refunds are not announced (moved() is empty): a line's
+    #: head asks again this often, so it goes when the account has room
+    recheck = 0.05
+
     def __init__(
         self,
         target: str | Any,

@@ -53,6 +53,8 @@ _EPS = 1e-9
 class ShmStore:
     """One worker's view of the shared quota table (the QuotaStore interface)."""
 
+    recheck = 0.0  # other workers' refunds arrive through the moved ring
+
     def __init__(self, table: ShmTable, slot: int = 0, safety: Safety | None = None) -> None:
         self.table = table
         self.slot = slot

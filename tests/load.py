@@ -23,6 +23,7 @@ class Client:
     host: str  # the API host it talks to (the CONNECT target and SNI)
     request: Callable[[int], bytes]  # the i-th request it sends, whole
     account: str  # how the test groups results (shop|app, key...)
+    port: int = 0  # the elbasy it goes through (0: the run's); a fleet spreads clients
 
 
 @dataclass
@@ -91,7 +92,8 @@ def run(
     def client(c: Client) -> None:
         out = outcomes[c.account]
         try:
-            raw = socket.create_connection(("127.0.0.1", proxy_port), timeout=timeout)
+            port = c.port or proxy_port
+            raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.sendall(f"CONNECT {c.host}:443 HTTP/1.1\r\nHost: {c.host}:443\r\n\r\n".encode())
             head = b""

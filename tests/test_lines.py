@@ -177,3 +177,22 @@ def test_a_servers_view_is_dated_at_its_answer() -> None:
     # full at 1.2 s, and one marble leaks in 0.5 s; dated at the departure (1.0 s)
     # it would leave at 1.5 s, into a bucket still full
     assert depart == pytest.approx(1.2 + 0.5, abs=1e-5)
+
+
+class QuietStore(LocalStore):
+    """A store whose other users' refunds are not announced (as Redis's, across
+    machines): a waiting head must ask again every ``recheck`` seconds."""
+
+    recheck = 0.05
+
+
+def test_a_head_asks_again_when_the_store_cannot_announce_refunds() -> None:
+    h = Harness()
+    h.pacer = Pacer(RuleSet.builtin(), QuietStore(EXACT), wall=h.clock, mono=h.clock)
+    fill(h)
+    first, d1 = h.rest("a")
+    assert d1 == pytest.approx(0.05)  # not 0.5: another machine may give room back
+    h.at(0.05)
+    assert h.pacer.departing(first) == pytest.approx(T0 + 0.1)  # still no room: again
+    h.at(0.5)
+    assert h.pacer.departing(first) is None  # its marble leaked: it goes
