@@ -16,8 +16,8 @@ import signal
 import socket
 import ssl
 import time
-from dataclasses import replace
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import load
