@@ -1,34 +1,22 @@
 # The end of a connection: S_CLOSED.
 #
-# close_conn is the one place a connection ends: it tells the policy what it
-# is owed (finished, abandoned), releases the SSL*s, pipes and buffers,
+# close_conn is the one place a connection ends: it tells the policy how it
+# ended (FINISHED, ABANDONED), releases the SSL*s, pipes and buffers,
 # retires both fds and takes the connection off the books. It is idempotent.
 # shutdown_all ends every connection and pooled upstream when run() stops.
 
 
 cdef void close_conn(Loop loop, Conn c, bint reset):
-    cdef int64_t took
     if c.state == S_CLOSED:
         return
     if c.state == S_TUNNEL:
         loop.c_tunnels_open -= 1
-        took = loop.now - c.exchange_started
-        try:
-            loop.p_finished(c.ticket, 200, c.bytes_up, c.bytes_down, took)
-        except Exception:
-            loop.c_policy_errors += 1
+        tell_finished(loop, c, 200)
     elif c.state == S_FORWARD and c.ticket is not None:
-        took = loop.now - c.exchange_started
-        try:
-            loop.p_finished(c.ticket, c.exchange.status, c.bytes_up, c.bytes_down, took)
-        except Exception:
-            loop.c_policy_errors += 1
+        tell_finished(loop, c, c.exchange.status)
     elif c.state == S_WAIT:
         unhold(loop, c)
-        try:
-            loop.p_abandoned(c.ticket)
-        except Exception:
-            loop.c_policy_errors += 1
+        tell_ended(loop, c.ticket, ending(ABANDONED))
     if c.site is not None:
         loop.c_intercepts_open -= 1
         c.site = None
