@@ -7,8 +7,9 @@ eventfd, the quota store's eventfd and the signal wake-up fd. It makes no
 policy decision: a complete
 request head goes to the policy object once (``on_request``), a complete
 response head once (``on_response``), and the verdicts that come back say
-what to do; every ending is told to it once (``ended``, with an
-elbasy.verdicts.Ended). Bodies and tunnel bytes never enter Python.
+what to do; every ending is told to it once (``ended``, with an Ended:
+objects.pxi, its kinds in elbasy.verdicts). Bodies and tunnel bytes never
+enter Python.
 
 What the loop calls in Python is declared in elbasy/seam.py (the policy,
 the resolver, the TLS factories); each method is bound once in
@@ -23,8 +24,9 @@ Where things are (ext/loop/, one C translation unit: the rooms are
 ``include``d below, so every call between them is a direct C call):
 
 * ``elbasy/_loop.pxd`` (the module's own .pxd, at its full name's path):
-  every object and field (Conn, Pooled, Loop, and the per-phase state
-  embedded in Conn: TunnelState, ExchangeState, TlsState);
+  every object and field (Conn, Pooled, Loop, the Ended the policy is
+  handed, and the per-phase state embedded in Conn: TunnelState,
+  ExchangeState, TlsState);
   ``ext/includes/``: the C the loop calls (system, io, tls, timers) and
   its constants (consts.pxi);
 * the rooms, in the order a connection goes through them: buffers,
