@@ -10,6 +10,40 @@ STATES: dict[str, int]
 BODY_FRAMINGS: dict[str, int]
 SPLICE_MODES: dict[str, int]
 
+class Ended:
+    """How a request or tunnel ended (the policy's ``ended``); kinds: elbasy.verdicts."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def up(self) -> int: ...
+    @property
+    def down(self) -> int: ...
+    @property
+    def took_ns(self) -> int: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def error(self) -> BaseException | None: ...
+    @property
+    def client(self) -> str: ...
+    @property
+    def sent(self) -> bool: ...
+    def __init__(
+        self,
+        kind: str,
+        status: int = 0,
+        up: int = 0,
+        down: int = 0,
+        took_ns: int = 0,
+        reason: str = "",
+        error: BaseException | None = None,
+        client: str = "",
+        sent: bool = False,
+    ) -> None: ...
+
 class Loop:
     def __init__(
         self,

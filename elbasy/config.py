@@ -389,29 +389,26 @@ class RuleTables(Kind):
     toml: ClassVar[str] = "array of tables"
 
     def check(self, value: Any) -> tuple[Mapping[str, Any], ...]:
-        from elbasy.rules import RuleError, parse_rule
-
+        # only their shape here: what they say is checked once, where the
+        # Config builds its rules (Config.__post_init__, elbasy.rules.check_rules)
         tables = tuple(value)
         for table in tables:
             if not isinstance(table, Mapping):
                 raise ConfigError(f"must hold rule tables, got {table!r}")
-            try:
-                parse_rule(table, "config")
-            except RuleError as e:
-                raise ConfigError(str(e)) from None
         return tables
 
     def parse(self, setting: Setting, value: Any) -> dict[str, object]:
         return {setting.name: tuple(value)}
 
     def from_file(self, value: Any, where: str) -> object:
-        from elbasy.rules import RuleError, parse_rule
+        # by the same check as every rule (elbasy.rules.check_rules), here so
+        # that its errors name the file
+        from elbasy.rules import RuleError, check_rules
 
-        for table in value:
-            try:
-                parse_rule(table, where)
-            except RuleError as e:
-                raise ConfigError(str(e)) from None
+        try:
+            check_rules(value, where)
+        except RuleError as e:
+            raise ConfigError(str(e)) from None
         return value
 
     def toml_text(self, name: str, value: Any) -> str:

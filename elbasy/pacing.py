@@ -51,6 +51,7 @@ from elbasy.limits import BUCKET, Limit, ServerView
 from elbasy.protocol.http1 import IDEMPOTENT_METHODS
 from elbasy.quota import EVERY_LINE, LocalStore, QuotaStore, Reservation, Shed, StoreFull
 from elbasy.rules import Match, RuleSet
+from elbasy.verdicts import NOW
 
 log = logging.getLogger("elbasy.pacing")
 
@@ -120,7 +121,7 @@ class Paced:
 class Verdict:
     """What the proxy should do with a paced request now."""
 
-    depart: float = 0.0  # monotonic; 0: at once
+    depart: float = NOW  # hold until (monotonic); NOW: at once
     shed_after: float = 0.0  # > 0: answer 429 with this Retry-After instead
     limit: str = ""  # the limit that shed it
     full: bool = False  # the quota table has no room for its account: answer 503
@@ -309,11 +310,11 @@ class Pacer:
 
     # ------------------------------------------------------------------ 3. departure
 
-    def departing(self, paced: Paced) -> float | None:
-        """At the departure time: None to send now, or a later (monotonic) time."""
+    def departing(self, paced: Paced) -> float:
+        """At the departure time: NOW to send now, or a later (monotonic) time."""
         r = paced.reservation
         if r is None or r.sent:
-            return None
+            return NOW
         line = self._lines.get(paced.line) if paced.line is not None else None
         if line and line[0] is not paced:
             # not first yet (the net under a lost wake-up): nudge the first, wait on
@@ -324,7 +325,7 @@ class Pacer:
             paced.due = self._head_due(later)
             return paced.due
         self._sent(paced)
-        return None
+        return NOW
 
     def _sent(self, paced: Paced) -> None:
         """It leaves now: out of its line, and the next one is woken."""
@@ -458,7 +459,7 @@ class Pacer:
         headers: list[tuple[bytes, bytes]],
         body: bytes | None,
     ) -> float:
-        """Learn from a response; return a monotonic time to send it again, or 0.
+        """Learn from a response; return a monotonic time to send it again, or NOW (not again).
 
         Called with the head (``body`` None) and, for rules that read bodies,
         once more with the body at the end.
@@ -495,18 +496,18 @@ class Pacer:
         if not report.throttled:
             if refunded:
                 self._buckets_moved(m.keys)
-            return 0.0
+            return NOW
         if body is None and paced.match.body_needed:
             # the rule reads this answer's body too, and only the body tells a
             # refusal of the account's bucket from one of a resource (Shopify's
             # THROTTLED against a 429 without it): one refusal, decided then
-            return 0.0
+            return NOW
         if report.resource_throttle:
             # a limit on one resource (Shopify's new variants a day), not the
             # account's bucket: the client hears it; pacing cannot help
             self.counters["resource_throttled"] += 1
             log.warning("%s: a resource limit refused a request for %s", m.rule.id, m.label)
-            return 0.0
+            return NOW
         self.counters["server_throttled"] += 1
         until = self.store.throttled(m.keys, self.limits(m), wall_now, report.retry_after)
         log.warning(
@@ -529,7 +530,7 @@ class Pacer:
                     m.keys, self.limits(m), m.costs, wall_now, MAX_WAIT_CEILING
                 )
             except StoreFull:
-                return 0.0  # no place to hold it again: the client hears the refusal
+                return NOW  # no place to hold it again: the client hears the refusal
             if isinstance(again, Reservation):
                 # it came before everyone waiting now, so it stands at the head of
                 # every worker's line: a position of 0 has no units ahead of it
@@ -545,7 +546,7 @@ class Pacer:
                 paced.gone = False
                 paced.due = self._to_mono(max(self.store.earliest(again, wall_now), until))
                 return paced.due
-        return 0.0
+        return NOW
 
     def _view_time(self, paced: Paced, wall_now: float) -> float:
         """When the numbers in this answer were the server's (wall clock): when

@@ -104,15 +104,16 @@ def draining_response(sent: bool) -> bytes:
 
 @dataclass(frozen=True)
 class LoopPages:
-    """The answers the loop sends when the policy call that should have
-    spelled one raised (elbasy.seam): handed to the Loop once when it is
-    built, so no answer is written in the loop's Cython."""
+    """The answers the loop sends when the policy's ``ended``, asked for the
+    answer an ending owes, raised or gave no bytes (elbasy.seam): handed to
+    the Loop once when it is built, so no answer is written in the loop's
+    Cython. By the ``Ended`` kind it asked for:"""
 
-    head_too_large: bytes  # 431: PolicySeam.head_too_large raised
-    bad_body: bytes  # 400: PolicySeam.bad_body raised
-    internal_error: bytes  # 500: PolicySeam.internal_error raised
-    bad_gateway: bytes  # 502: PolicySeam.failed or bad_response raised
-    drained: bytes  # 503 + Retry-After: PolicySeam.drained raised
+    head_too_large: bytes  # 431: HEAD_TOO_LARGE
+    bad_body: bytes  # 400: BAD_BODY
+    internal_error: bytes  # 500: INTERNAL_ERROR
+    bad_gateway: bytes  # 502: FAILED or BAD_RESPONSE
+    drained: bytes  # 503 + Retry-After: DRAINED
 
 
 LOOP_PAGES = LoopPages(

@@ -11,7 +11,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from elbasy.errors import RemoteProtocolError
 from elbasy.logs import log_access
@@ -35,14 +35,27 @@ from elbasy.protocol.http1 import (
 )
 from elbasy.protocol.targets import parse_authority
 from elbasy.verdicts import (
+    ABANDONED,
+    BAD_BODY,
+    BAD_RESPONSE,
     BODY_CLOSE,
     BODY_NONE,
+    DRAINED,
+    FAILED,
+    FINISHED,
+    HEAD_TOO_LARGE,
+    INTERNAL_ERROR,
+    NOW,
+    TLS_FAILED,
     Forward,
     Intercept,
     Reply,
     ResponsePlan,
     Tunnel,
 )
+
+if TYPE_CHECKING:
+    from elbasy._loop import Ended
 
 log = logging.getLogger("elbasy.proxy")
 
@@ -96,10 +109,26 @@ class Policy:
         self.outbound = Outbound()
         # every counter is present from the start, so dashboards see zeros
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
+        # the endings other than FINISHED (ended() takes that one itself)
+        self._endings: dict[str, Callable[[Exchange | None, Ended], bytes | None]] = {
+            ABANDONED: self._on_abandoned,
+            TLS_FAILED: self._on_tls_failed,
+            FAILED: self._on_failed,
+            HEAD_TOO_LARGE: self._on_head_too_large,
+            BAD_BODY: self._on_bad_body,
+            BAD_RESPONSE: self._on_bad_response,
+            INTERNAL_ERROR: self._on_internal_error,
+            DRAINED: self._on_drained,
+        }
 
     # ---- request heads -----------------------------------------------------------
 
-    def on_request(self, head: bytes, client: str) -> Reply | Tunnel | Intercept | Forward:
+    def on_request(
+        self, head: bytes, client: str, site: Intercept | None = None
+    ) -> Reply | Tunnel | Intercept | Forward:
+        """A request head from ``client``; ``site``: the interception it came in, if any."""
+        if site is not None:
+            return self._in_session(head, client, site)
         known = self._connects.get(head) if head.startswith(b"CONNECT ") else None
         if known is not None:
             host, port, target, intercept = known
@@ -143,7 +172,7 @@ class Policy:
             self._intercepted[host] = known
         return known
 
-    def on_intercepted(self, head: bytes, client: str, site: Intercept) -> Reply | Forward:
+    def _in_session(self, head: bytes, client: str, site: Intercept) -> Reply | Forward:
         """A request inside an intercepted TLS session: forward it to the site over TLS."""
         origin = "https://" + (site.host if site.port == 443 else f"{site.host}:{site.port}")
         try:
@@ -237,7 +266,7 @@ class Policy:
         headers = resp.headers()
         paced.response = (resp.status, headers)
         again = self.pacer.answered(paced, resp.status, headers, None)
-        if again:
+        if again != NOW:
             return plan._replace(retry_at=again)
         wait = b"X-Elbasy-Wait: %.3f\r\n\r\n" % paced.waited()
         return plan._replace(head=plan.head[:-2] + wait, capture=self.pacer.wants_body(paced))
@@ -254,10 +283,10 @@ class Policy:
         """The quota store's fd became readable: another worker gave room back."""
         self.pacer.quota_moved()
 
-    def departing(self, ex: Exchange) -> float | None:
-        """A held request's departure time came: None to send it, or a later time."""
+    def departing(self, ex: Exchange) -> float:
+        """A held request's departure time came: NOW to send it, or a later time."""
         if ex.paced is None:
-            return None
+            return NOW
         return self.pacer.departing(ex.paced)
 
     def on_response_body(self, ex: Exchange, body: bytes) -> None:
@@ -281,14 +310,27 @@ class Policy:
 
     # ---- endings ------------------------------------------------------------------
 
-    def finished(self, ex: Exchange, status: int, up: int, down: int, took_ns: int) -> None:
-        if ex.paced is not None:
-            self.pacer.abandoned(ex.paced)  # a request with no answer lands now
-        log_access(
-            ex.client, ex.method, ex.target, status, up, down, took_ns / 1e6, self._paced_log(ex)
-        )
+    def ended(self, ex: Exchange | None, end: Ended) -> bytes | None:
+        """Every ending, by its kind: logged and counted; the answer owed, if any."""
+        if end.kind == FINISHED:  # the common case first: one comparison
+            assert ex is not None
+            if ex.paced is not None:
+                self.pacer.abandoned(ex.paced)  # a request with no answer lands now
+            log_access(
+                ex.client,
+                ex.method,
+                ex.target,
+                end.status,
+                end.up,
+                end.down,
+                end.took_ns / 1e6,
+                self._paced_log(ex),
+            )
+            return None
+        return self._endings[end.kind](ex, end)
 
-    def failed(self, ex: Exchange, status: int, reason: str) -> bytes:
+    def _failed(self, ex: Exchange, status: int, reason: str) -> bytes:
+        """The upstream could not be reached or did not answer (or answered nonsense)."""
         if ex.paced is not None:
             self.pacer.abandoned(ex.paced)  # sent: it lands; never sent: its place goes back
         self.counters["upstream_errors"] += 1
@@ -297,17 +339,26 @@ class Policy:
         log.warning("%s %s from %s: %s", ex.method, ex.target, ex.client, reason)
         return error_response(status, reason)
 
-    def abandoned(self, ex: Exchange) -> None:
+    def _on_failed(self, ex: Exchange | None, end: Ended) -> bytes:
+        assert ex is not None
+        return self._failed(ex, end.status, end.reason)
+
+    def _on_bad_response(self, ex: Exchange | None, end: Ended) -> bytes:
+        assert ex is not None
+        return self._failed(ex, 502, f"bad response from the upstream: {end.error}")
+
+    def _on_abandoned(self, ex: Exchange | None, end: Ended) -> None:
         """The client of a held request left before its departure."""
+        assert ex is not None
         self.counters["abandoned_while_held"] += 1
         if ex.paced is not None:
             self.pacer.abandoned(ex.paced)
         log_access(ex.client, ex.method, ex.target, CLIENT_CLOSED, 0, 0, 0.0, self._paced_log(ex))
 
-    def drained(self, ex: Exchange | None, sent: bool) -> bytes:
+    def _on_drained(self, ex: Exchange | None, end: Ended) -> bytes:
         """The worker's drain deadline came before this request's answer: elbasy's 503.
 
-        ``sent``: it was already forwarded (its quota was spent); otherwise a
+        ``end.sent``: it was already forwarded (its quota was spent); otherwise a
         paced request's place in line goes back. ``ex`` is None for a
         request whose head had not all arrived.
         """
@@ -315,7 +366,7 @@ class Policy:
             if ex.paced is not None:
                 self.pacer.abandoned(ex.paced)  # sent: it lands; else its place goes back
             log_access(ex.client, ex.method, ex.target, 503, 0, 0, 0.0, self._paced_log(ex))
-        return draining_response(sent)
+        return draining_response(end.sent)
 
     def _paced_log(self, ex: Exchange) -> tuple[str, str, float, float | None, float] | None:
         """What the access log says of a paced request: rule, account, costs, its wait."""
@@ -328,27 +379,26 @@ class Policy:
         waited = p.waited() if p.sent_at else max(0.0, self.pacer.mono() - p.arrived)
         return (p.match.rule.id, p.match.account, cost, p.actual, waited * 1000)
 
-    def tls_failed(self, ex: Exchange, error: Exception | str) -> None:
+    def _on_tls_failed(self, ex: Exchange | None, end: Ended) -> None:
         """The TLS handshake with an intercepted client failed (untrusted CA, garbage...)."""
+        assert ex is not None
         self.counters["tls_client_failures"] += 1
-        log.info("TLS with %s for %s failed: %s", ex.client, ex.target, error)
+        log.info("TLS with %s for %s failed: %s", ex.client, ex.target, end.reason)
 
-    def head_too_large(self, client: str) -> bytes:
+    def _on_head_too_large(self, ex: Exchange | None, end: Ended) -> bytes:
         return self._refuse(
-            Exchange(client, "-", "-"),
+            Exchange(end.client, "-", "-"),
             RemoteProtocolError("request head is larger than the configured limit", 431),
         ).data
 
-    def bad_body(self, ex: Exchange) -> bytes:
+    def _on_bad_body(self, ex: Exchange | None, end: Ended) -> bytes:
+        assert ex is not None
         if ex.paced is not None:
             self.pacer.abandoned(ex.paced)  # part of it went: it lands
         return self._refuse(ex, RemoteProtocolError("malformed chunked request body")).data
 
-    def bad_response(self, ex: Exchange, exc: Exception) -> bytes:
-        return self.failed(ex, 502, f"bad response from the upstream: {exc}")
-
-    def internal_error(self, ex: Exchange | None, exc: BaseException) -> bytes:
-        log.error("internal error on %s", ex.target if ex else "-", exc_info=exc)
+    def _on_internal_error(self, ex: Exchange | None, end: Ended) -> bytes:
+        log.error("internal error on %s", ex.target if ex else "-", exc_info=end.error)
         if ex is not None and ex.paced is not None:
             # the request will not leave: its place in line goes back
             self.pacer.abandoned(ex.paced)

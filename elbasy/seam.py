@@ -5,8 +5,10 @@ three kinds of object, declared here as :class:`typing.Protocol`\\ s so the
 seam is written down once and mypy checks both sides of it:
 
 - :class:`PolicySeam`, the policy (`elbasy.policy.Policy`): the decisions,
-  one call per request head, request body peek, departure, response head,
-  captured response body and ending;
+  one call per request head (inside an interception or not), request body
+  peek, departure, response head and captured response body, and one for
+  every ending, with an `elbasy._loop.Ended` that says which (its kinds
+  are in `elbasy.verdicts`);
 - :class:`ResolverSeam`, name resolution (`elbasy.resolver.Resolver`);
 - :class:`ServerTLSSeam` and :class:`ClientTLSSeam`, the TLS factories of
   interception (`elbasy.tls.ServerTLS`, `elbasy.tls.ClientTLS`).
@@ -20,17 +22,24 @@ implementation may name them as it likes.
 A ``ticket`` is the policy's own handle for a request or tunnel (the
 ``ticket`` of the verdict it returned); the loop carries it and never
 looks inside. Every method may raise: the loop catches the exception at
-the call, counts it (``policy_errors``) and answers with one of the
+the call and counts it, once, in ``policy_errors``; where an answer was
+owed it asks ``ended`` for the INTERNAL_ERROR page, and where ``ended``
+itself raised (or gave no bytes) it sends one of the
 `elbasy.pages.LoopPages` it was handed, so a failing policy still leaves
-every client an answer and every fd closed.
+every client an answer and every fd closed. ``on_response`` is the one
+exception: raising there is how the policy refuses an upstream's response
+(a 502 through ``ended``), not a failure of its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from elbasy.verdicts import Forward, Intercept, Reply, ResponsePlan, Tunnel
+
+if TYPE_CHECKING:
+    from elbasy._loop import Ended
 
 #: the policy's handle for one request or tunnel: opaque to the loop
 Ticket = Any
@@ -41,64 +50,45 @@ Answer = list[tuple[int, str, int]] | str
 
 
 class PolicySeam(Protocol):
-    """What the loop asks of the policy. ``bytes`` results are whole answers
-    (head and body) the loop sends to the client before closing."""
+    """What the loop asks of the policy: six calls per request at most, and
+    the quota store's wake-up.
 
-    # ---- heads and bodies ---------------------------------------------------------
+    Every "when may this leave" is one hold-until value (`elbasy.verdicts.NOW`):
+    a monotonic time in seconds, NOW for at once."""
 
-    def on_request(self, head: bytes, client: str, /) -> Reply | Tunnel | Intercept | Forward:
-        """A whole request head from ``client`` (the peer's "address:port")."""
-
-    def on_intercepted(self, head: bytes, client: str, site: Intercept, /) -> Reply | Forward:
-        """A whole request head inside an intercepted TLS session to ``site``."""
+    def on_request(
+        self, head: bytes, client: str, site: Intercept | None, /
+    ) -> Reply | Tunnel | Intercept | Forward:
+        """A whole request head from ``client`` (the peer's "address:port");
+        ``site``: the interception the connection is in (its TLS session with
+        the client, where only a Reply or a Forward may come back), or None."""
 
     def on_body(self, ticket: Ticket, body: bytes, /) -> float | Reply:
-        """The first ``Forward.peek`` bytes of the body: a departure (monotonic
-        seconds, 0 for now) or an answer instead."""
+        """The first ``Forward.peek`` bytes of the body: its hold-until (NOW:
+        it leaves at once) or an answer instead."""
 
-    def departing(self, ticket: Ticket, /) -> float | None:
-        """A held request's time came: None confirms it leaves now, a float
-        moves it to that (monotonic) time."""
+    def departing(self, ticket: Ticket, /) -> float:
+        """A held request's time came: NOW confirms it leaves now, another
+        hold-until moves it to that time (and asks again then)."""
 
     def on_response(self, ticket: Ticket, head: bytes, /) -> ResponsePlan:
-        """A whole response head from the upstream."""
+        """A whole response head from the upstream. Raising refuses the response
+        (``Ended`` BAD_RESPONSE follows): the way to say it cannot be passed on."""
 
     def on_response_body(self, ticket: Ticket, body: bytes, /) -> None:
         """The first ``ResponsePlan.capture`` bytes of the response body."""
 
+    def ended(self, ticket: Ticket | None, end: Ended, /) -> bytes | None:
+        """The request or tunnel ended (``end.kind``: elbasy.verdicts lists the
+        kinds). For the kinds that still owe the client an answer, the whole
+        answer (head and body) the loop sends before closing; None otherwise.
+        ``ticket`` is None before a head was dispatched (HEAD_TOO_LARGE, and
+        an INTERNAL_ERROR or DRAINED that came first)."""
+
     def quota_moved(self) -> None:
-        """The quota store's fd is readable: another worker gave room back."""
-
-    # ---- endings ------------------------------------------------------------------
-
-    def finished(
-        self, ticket: Ticket, status: int, up: int, down: int, took_ns: int, /
-    ) -> None:
-        """An exchange or tunnel ended after it was carried out."""
-
-    def abandoned(self, ticket: Ticket, /) -> None:
-        """The client of a held request left before its departure."""
-
-    def failed(self, ticket: Ticket, status: int, reason: str, /) -> bytes:
-        """The upstream could not be reached or did not answer (502, 504)."""
-
-    def tls_failed(self, ticket: Ticket, reason: Exception | str, /) -> None:
-        """The TLS handshake with an intercepted client failed."""
-
-    def head_too_large(self, client: str, /) -> bytes:
-        """A request head larger than the loop's limit (431)."""
-
-    def bad_body(self, ticket: Ticket, /) -> bytes:
-        """A malformed chunked request body (400)."""
-
-    def bad_response(self, ticket: Ticket, exc: Exception, /) -> bytes:
-        """``on_response`` raised: the response cannot be passed on (502)."""
-
-    def internal_error(self, ticket: Ticket | None, exc: BaseException, /) -> bytes:
-        """Another policy call raised, or a step of the loop did (500)."""
-
-    def drained(self, ticket: Ticket | None, sent: bool, /) -> bytes:
-        """The worker's drain deadline came before this request's answer (503)."""
+        """The quota store's fd is readable: another worker gave room back.
+        Not an ending of anything, so not folded into ``ended``: it belongs
+        to no request, and the loop calls it from the store's fd alone."""
 
 
 class ResolverSeam(Protocol):

@@ -11,6 +11,14 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+#: "Hold until": when a request may leave, in seconds on the monotonic clock
+#: (``time.monotonic``), the one spelling of it at the seam: ``Forward.depart``,
+#: what ``on_body`` and ``departing`` return, ``ResponsePlan.retry_at`` and
+#: ``Loop.wake``. NOW means no hold: it leaves at once, with no confirmation.
+#: Any other time, a past one included, holds it on the loop's timer until
+#: then, and the policy's ``departing`` confirms it (or moves it) then.
+NOW = 0.0
+
 BODY_NONE = 0  # no body follows the head
 BODY_LENGTH = 1  # exactly `length` bytes follow
 BODY_CHUNKED = 2  # chunked transfer coding, relayed byte for byte
@@ -35,8 +43,8 @@ class Tunnel(NamedTuple):
 class Intercept(NamedTuple):
     """Answer 200, accept TLS as `host` (leaf by SNI), then relay each HTTP message.
 
-    Every request inside the session goes to the policy's ``on_intercepted``
-    with this verdict as the ``site``.
+    Every request inside the session goes to the policy's ``on_request``
+    with this verdict as its ``site``.
     """
 
     host: str
@@ -48,12 +56,12 @@ class Forward(NamedTuple):
     """Send `head` (then the request body, by framing) to host:port and relay the answer.
 
     ``tls``: the upstream speaks TLS (verified, SNI and ALPN http/1.1).
-    ``depart``: hold the request until this time (seconds on the monotonic
-    clock, ``time.monotonic``); 0 means now. When it comes the loop asks the
+    ``depart``: hold the request until this time (see :data:`NOW`); NOW
+    sends it at once. When a held one's time comes the loop asks the
     policy's ``departing`` once more before sending, a past time included
-    (then at the loop's next turn): a departure is never sent unconfirmed.
+    (then at the loop's next turn): a held departure is never sent unconfirmed.
     ``peek``: first read up to this many bytes of the request body and hand
-    them to the policy's ``on_body``, whose answer (a departure time, or a
+    them to the policy's ``on_body``, whose answer (a hold-until time, or a
     Reply) replaces ``depart``.
     """
 
@@ -65,7 +73,7 @@ class Forward(NamedTuple):
     retryable: bool  # idempotent and bodiless: safe to send again on a fresh connection
     ticket: Any
     tls: bool = False
-    depart: float = 0.0
+    depart: float = NOW
     peek: int = 0  # show the policy this many request body bytes first (its ``on_body``)
     expect: bool = False  # with peek: the client waits for "100 Continue" before its body
 
@@ -81,4 +89,22 @@ class ResponsePlan(NamedTuple):
     keep_client: bool
     reuse_upstream: bool
     capture: int = 0  # show the policy up to this many body bytes at the end (``on_response_body``)
-    retry_at: float = 0.0  # not relayed: send the request again at this time (monotonic seconds)
+    # not NOW: this response is not relayed; the request is held until then
+    # and sent again (see NOW)
+    retry_at: float = NOW
+
+
+# What ended: the ``kind`` of an ``elbasy._loop.Ended``, the value the loop
+# hands the policy's ``ended`` once per ending (the loop makes it, so it is
+# a compiled value: one per request costs no more than the call it rides on).
+# The kinds marked "answer" still owe the client one, which the policy
+# spells and returns (bytes); the others return None.
+FINISHED = "finished"  # carried out: a tunnel closed, or an exchange's answer relayed (or cut)
+ABANDONED = "abandoned"  # the client of a held request left before its departure
+TLS_FAILED = "tls_failed"  # the TLS handshake with an intercepted client failed
+FAILED = "failed"  # answer: the upstream could not be reached or did not answer
+HEAD_TOO_LARGE = "head_too_large"  # answer: a request head past the loop's limit
+BAD_BODY = "bad_body"  # answer: a malformed chunked request body
+BAD_RESPONSE = "bad_response"  # answer: on_response raised; the response cannot be passed on
+INTERNAL_ERROR = "internal_error"  # answer: another policy call raised, or a loop step did
+DRAINED = "drained"  # answer: the worker's drain deadline came before the answer did

@@ -20,10 +20,11 @@ from typing import Any
 import origins
 import pytest
 
+from elbasy._loop import Ended
 from elbasy.cli import build_config
 from elbasy.policy import COUNTERS, Exchange, Policy
 from elbasy.server import Worker
-from elbasy.verdicts import Forward, Intercept, Reply, ResponsePlan
+from elbasy.verdicts import ABANDONED, NOW, Forward, Intercept, Reply, ResponsePlan
 
 SHOP = "shop1.myshopify.com"
 GLOB = "*.myshopify.com"
@@ -51,20 +52,19 @@ class Holding(Policy):
             self.again[id(v.ticket)] = float(query["again"])
         return v._replace(depart=time.monotonic() + float(query["hold"]))
 
-    def on_request(self, head: bytes, client: str) -> Any:
-        return self._peek(self._hold(super().on_request(head, client)))
+    def on_request(self, head: bytes, client: str, site: Intercept | None = None) -> Any:
+        return self._peek(self._hold(super().on_request(head, client, site)))
 
-    def on_intercepted(self, head: bytes, client: str, site: Intercept) -> Reply | Forward:
-        return self._peek(self._hold(super().on_intercepted(head, client, site)))
-
-    def departing(self, ex: Exchange) -> float | None:
+    def departing(self, ex: Exchange) -> float:
         self.departures.append(time.monotonic())
         again = self.again.pop(id(ex), None)
-        return time.monotonic() + again if again else None
+        return time.monotonic() + again if again else NOW
 
-    def abandoned(self, ex: Exchange) -> None:
-        self.abandoned_targets.append(ex.target)
-        super().abandoned(ex)
+    def ended(self, ex: Exchange | None, end: Ended) -> bytes | None:
+        if end.kind == ABANDONED:
+            assert ex is not None
+            self.abandoned_targets.append(ex.target)
+        return super().ended(ex, end)
 
     # a body-priced request (?peek=N): the body says how long to hold it
     def _peek(self, v: Reply | Forward) -> Reply | Forward:

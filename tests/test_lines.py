@@ -15,6 +15,7 @@ import pytest
 from elbasy.pacing import NOT_FIRST_WAIT, Paced, Pacer
 from elbasy.quota import LocalStore, Safety
 from elbasy.rules import RuleSet
+from elbasy.verdicts import NOW
 
 EXACT = Safety(margin=0.0, headroom=0.0, jitter=0.0, guard=0.0)
 REST = "/admin/api/2024-10/products.json"
@@ -70,7 +71,7 @@ def test_only_the_first_waits_on_a_real_departure() -> None:
     assert d2 == d3 == pytest.approx(NOT_FIRST_WAIT)  # behind it: woken when first
     assert h.pacer.waiting() == 3
     h.at(0.5)
-    assert h.pacer.departing(first) is None  # a leaves, and b is woken for its turn
+    assert h.pacer.departing(first) == NOW  # a leaves, and b is woken for its turn
     assert h.woken == [("b", pytest.approx(1.0))]
 
 
@@ -85,7 +86,7 @@ def test_the_line_moves_in_arrival_order_and_nobody_overtakes() -> None:
         # anyone not first who asks (a fallback timer) is told to wait on
         for other in line[line.index(paced) + 1 :]:
             assert h.pacer.departing(other) == pytest.approx(T0 + t + NOT_FIRST_WAIT)
-        assert h.pacer.departing(paced) is None
+        assert h.pacer.departing(paced) == NOW
         sent.append((name, t))
         t += 0.5
     assert [name for name, _ in sent] == list("abcde")
@@ -113,7 +114,7 @@ def test_a_client_leaving_from_the_middle_wakes_nobody_and_is_skipped() -> None:
     h.pacer.abandoned(b)
     assert h.woken == []
     h.at(0.5)
-    assert h.pacer.departing(a) is None
+    assert h.pacer.departing(a) == NOW
     # b's marble went back with it: c leaves at 1.0, where b would have
     assert h.woken == [("c", pytest.approx(1.0))]
     assert h.pacer.waiting() == 1
@@ -195,4 +196,4 @@ def test_a_head_asks_again_when_the_store_cannot_announce_refunds() -> None:
     h.at(0.05)
     assert h.pacer.departing(first) == pytest.approx(T0 + 0.1)  # still no room: again
     h.at(0.5)
-    assert h.pacer.departing(first) is None  # its marble leaked: it goes
+    assert h.pacer.departing(first) == NOW  # its marble leaked: it goes

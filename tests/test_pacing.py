@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -255,6 +256,54 @@ def test_shopify_rest_two_instances_sharing_redis(
         ratios.append((round(steady_rate(k, 10.0) / rate_of(s), 3), shop_name(s), a))
     print(f"two instances{' ' + skew if skew else ''}, worst accounts: {sorted(ratios)[:4]}")
     assert min(ratios)[0] >= 0.97, sorted(ratios)[:10]
+
+
+@pytest.mark.load
+def test_script_flush_under_load_costs_no_request(
+    proxy: Callable[..., Proxy],
+    api_ca: tuple[origins.TestCA, Path],
+    shopify: RemoteMock,
+    tmp_path: Path,
+    redis_url: str,
+) -> None:
+    """SCRIPT FLUSH every 0.2 s while two instances serve the REST load: each
+    call that meets NOSCRIPT reloads its script and runs once, so no request
+    fails, none is refused by the API, and the quota stays exact."""
+    import redis
+
+    configure_plans(shopify)
+    instances, ca = fleet(proxy, api_ca, tmp_path, shopify.port, redis_url)
+    flushes = [0]
+    stop = threading.Event()
+
+    def flush() -> None:
+        client = redis.Redis.from_url(redis_url)
+        try:
+            for _ in range(200):  # bounded: 40 s at most
+                if stop.wait(0.2):
+                    break
+                client.script_flush()
+                flushes[0] += 1
+        finally:
+            client.close()
+
+    flusher = threading.Thread(target=flush, daemon=True)
+    flusher.start()
+    try:
+        outcomes, _ = load.run(0, ca, spread(shop_clients(), instances), 10.0)
+    finally:
+        stop.set()
+        flusher.join(5)
+    assert flushes[0] >= 30
+    stats = shopify.stats()
+    assert stats["totals"]["rest_throttled"] == 0, stats["totals"]
+    for out in outcomes.values():
+        assert not out.errors, out.errors[:3]
+        assert set(out.statuses) == {200}, out.statuses
+    reloads = sum(p.healthz()["quota"].get("script_reloads", 0) for p in instances)
+    accepted = stats["totals"]["accepted"]
+    print(f"SCRIPT FLUSH x{flushes[0]}: {reloads} script reloads, {accepted} accepted")
+    assert reloads >= flushes[0]  # every flush met by at least one reload
 
 
 @pytest.mark.load

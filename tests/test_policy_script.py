@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from elbasy._loop import Ended
 from elbasy.pacing import Pacer
 from elbasy.policy import Exchange, Policy
 from elbasy.quota import LocalStore, QuotaStore, Safety
 from elbasy.rules import RuleSet
 from elbasy.shm import ShmStore, ShmTable
-from elbasy.verdicts import Forward, Intercept, Reply, ResponsePlan
+from elbasy.verdicts import ABANDONED, FINISHED, NOW, Forward, Intercept, Reply, ResponsePlan
 
 EXACT = Safety(margin=0.0, headroom=0.0, jitter=0.0, guard=0.0)
 SITE = Intercept("acme.myshopify.com", 443, None)
@@ -65,7 +66,7 @@ class Loop:
             held.due = when
 
     def request(self, head: bytes, body: bytes = b"") -> Exchange | None:
-        v = self.policy.on_intercepted(head, "127.0.0.1:9", SITE)
+        v = self.policy.on_request(head, "127.0.0.1:9", SITE)
         if isinstance(v, Reply):
             self.replies.append(v.data)
             return None
@@ -81,7 +82,7 @@ class Loop:
         return v.ticket
 
     def _hold_or_send(self, ex: Exchange, v: Forward, depart: float) -> None:
-        if depart:
+        if depart != NOW:
             self.held[id(ex)] = Held(ex, v, depart)
         else:
             self.sent.append(ex)
@@ -97,7 +98,7 @@ class Loop:
             h = min(due, key=lambda h: h.due)
             self.t = max(self.t, h.due)
             again = self.policy.departing(h.ex)
-            if again is None:
+            if again == NOW:
                 del self.held[id(h.ex)]
                 self.sent.append(h.ex)
                 gone.append(h.ex)
@@ -108,13 +109,13 @@ class Loop:
 
     def answer(self, ex: Exchange, head: bytes, body: bytes = b"") -> ResponsePlan:
         plan = self.policy.on_response(ex, head)
-        if plan.retry_at:
+        if plan.retry_at != NOW:
             self.sent.remove(ex)
             self.held[id(ex)] = Held(ex, Forward("", 0, b"", 0, 0, False, ex, True), plan.retry_at)
             return plan
         if plan.capture:
             self.policy.on_response_body(ex, body[: plan.capture])
-        self.policy.finished(ex, plan.status, 0, len(body), 1000)
+        self.policy.ended(ex, Ended(FINISHED, plan.status, 0, len(body), 1000))
         return plan
 
     def answer_all(self, head: bytes) -> None:
@@ -126,7 +127,7 @@ class Loop:
     def leave(self, ex: Exchange) -> None:
         """The client of a held request goes away."""
         del self.held[id(ex)]
-        self.policy.abandoned(ex)
+        self.policy.ended(ex, Ended(ABANDONED))
 
 
 def rest(token: str = "tok") -> bytes:

@@ -1100,3 +1100,35 @@ def test_cli_config_file_bad_user_rule(tmp_path: Path) -> None:
     assert f"config file {str(path)!r}: rule 'my-api': limits[0].rate: must be a number > 0" in (
         result.output
     )
+
+
+def test_every_entry_checks_rules_by_one_path(tmp_path: Path) -> None:
+    """A file for `elbasy rules check`, a config file, Config(rule=...) (tests, a
+    reload's command line read again): each reports the same lines, from
+    check_rules, under its own origin."""
+    from elbasy.config import Config, ConfigError
+    from elbasy.rules import check_rules
+
+    text = (
+        MY_API.replace("{rate}", "0")
+        + MY_API.replace("my-api", "other").replace("{rate}", "5")
+        + MY_API.replace("my-api", "other").replace("{rate}", "5")
+    )
+    tables = tomllib.loads(text)["rule"]
+    with pytest.raises(RuleError) as direct:
+        check_rules(tables, "here")
+    lines = str(direct.value).splitlines()
+    assert lines == [
+        "here: rule 'my-api': limits[0].rate: must be a number > 0",
+        "here: rule 'other' is given twice",
+    ]
+    with pytest.raises(RuleError) as checked:
+        RuleSet.check_file(write(tmp_path, text))
+    assert str(checked.value) == str(direct.value).replace("here:", "rules.toml:")
+    with pytest.raises(ConfigError) as configured:
+        Config(rule=tuple(tables))
+    assert str(direct.value).replace("here:", "config:") in str(configured.value)
+    path = write(tmp_path, text, "elbasy.toml")
+    result = invoke(["--config", str(path), "rules", "list"])
+    assert result.exit_code == 2
+    assert lines[0].replace("here", f"config file {str(path)!r}") in result.output

@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from elbasy import pages
-from elbasy._loop import Loop
-from elbasy.policy import Policy
+from elbasy import pages, verdicts
+from elbasy._loop import Ended, Loop
+from elbasy.policy import Exchange, Policy
 from elbasy.resolver import Resolver
 from elbasy.seam import ClientTLSSeam, PolicySeam, ResolverSeam, ServerTLSSeam
 from elbasy.tls import ClientTLS, ServerTLS
+from elbasy.verdicts import HEAD_TOO_LARGE, INTERNAL_ERROR, Intercept
 
 LOOP = Path(__file__).resolve().parent.parent / "ext" / "loop"
 
@@ -63,11 +64,21 @@ def test_a_policy_missing_methods_is_refused_at_construction_naming_them(
     listener: Any, resolver: Any
 ) -> None:
     names = members(PolicySeam)
-    assert len(names) == 16
+    # a head, a body, a departure, a response head, a captured response
+    # body, every ending; and the quota store's wake-up
+    assert names == {
+        "on_request",
+        "on_body",
+        "departing",
+        "on_response",
+        "on_response_body",
+        "ended",
+        "quota_moved",
+    }
     before = open_fds()
     with pytest.raises(TypeError) as err:
-        Loop(stub(names - {"departing", "drained"}), resolver, listener.fileno())
-    assert str(err.value) == "the policy Stub has no method departing, drained"
+        Loop(stub(names - {"departing", "ended"}), resolver, listener.fileno())
+    assert str(err.value) == "the policy Stub has no method departing, ended"
     assert open_fds() == before  # refused before any fd was taken
 
 
@@ -129,14 +140,13 @@ def test_every_policy_call_goes_through_a_bound_method() -> None:
 class Broken(Policy):
     """A policy whose every answer-spelling call raises: the loop's pages answer."""
 
-    def on_request(self, head: bytes, client: str) -> Any:
+    def on_request(self, head: bytes, client: str, site: Intercept | None = None) -> Any:
         raise RuntimeError("on_request is broken")
 
-    def internal_error(self, ex: Any, exc: BaseException) -> bytes:
-        raise RuntimeError("internal_error is broken too")
-
-    def head_too_large(self, client: str) -> bytes:
-        raise RuntimeError("head_too_large is broken")
+    def ended(self, ex: Any, end: Ended) -> bytes | None:
+        if end.kind in (INTERNAL_ERROR, HEAD_TOO_LARGE):
+            raise RuntimeError(f"ended({end.kind}) is broken too")
+        return super().ended(ex, end)
 
 
 def exchange(port: int, data: bytes) -> bytes:
@@ -162,9 +172,12 @@ def test_a_failing_policy_is_answered_with_the_loops_pages(tmp_path: Path) -> No
         port = worker.address[1]
         got = exchange(port, b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
         assert got == pages.LOOP_PAGES.internal_error
+        # on_request raised, then ended(INTERNAL_ERROR): each call counted once
+        assert worker.loop.stats()["counters"]["policy_errors"] == 2
         big = b"GET http://127.0.0.1:9/ HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n"
         assert exchange(port, big) == pages.LOOP_PAGES.head_too_large
-        assert worker.loop.stats()["counters"]["policy_errors"] >= 1
+        # the loop's own page stood in for the policy's: counted, once
+        assert worker.loop.stats()["counters"]["policy_errors"] == 3
     finally:
         worker.stop()
         thread.join(5)
@@ -180,3 +193,52 @@ def test_a_tls_factory_missing_methods_is_refused(listener: Any, resolver: Any) 
     with pytest.raises(TypeError) as err:
         Loop(policy, resolver, listener.fileno(), client_tls=stub(set()))
     assert str(err.value) == "the client TLS Stub has no method new_ssl, failure"
+
+
+def test_an_ended_is_a_frozen_value() -> None:
+    end = Ended(verdicts.FAILED, 504, reason="timed out")
+    assert (end.kind, end.status, end.reason, end.up, end.error, end.sent) == (
+        "failed",
+        504,
+        "timed out",
+        0,
+        None,
+        False,
+    )
+    with pytest.raises(AttributeError):
+        end.status = 200  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        end.__init__(verdicts.FINISHED)  # type: ignore[misc]
+
+
+ANSWERING = {
+    verdicts.FAILED: Ended(verdicts.FAILED, 502, reason="refused"),
+    verdicts.HEAD_TOO_LARGE: Ended(verdicts.HEAD_TOO_LARGE, client="127.0.0.1:1"),
+    verdicts.BAD_BODY: Ended(verdicts.BAD_BODY),
+    verdicts.BAD_RESPONSE: Ended(verdicts.BAD_RESPONSE, error=ValueError("garbage")),
+    verdicts.INTERNAL_ERROR: Ended(verdicts.INTERNAL_ERROR, error=RuntimeError("bug")),
+    verdicts.DRAINED: Ended(verdicts.DRAINED, sent=True),
+}
+SILENT = {
+    verdicts.FINISHED: Ended(verdicts.FINISHED, 200, 10, 20, 1000),
+    verdicts.ABANDONED: Ended(verdicts.ABANDONED),
+    verdicts.TLS_FAILED: Ended(verdicts.TLS_FAILED, reason="unknown CA"),
+}
+
+
+def test_every_kind_of_ending_has_one_answer_or_none() -> None:
+    kinds = {v for n, v in vars(verdicts).items() if n.isupper() and isinstance(v, str)}
+    assert kinds == set(ANSWERING) | set(SILENT)
+    status = {
+        verdicts.FAILED: 502,
+        verdicts.HEAD_TOO_LARGE: 431,
+        verdicts.BAD_BODY: 400,
+        verdicts.BAD_RESPONSE: 502,
+        verdicts.INTERNAL_ERROR: 500,
+        verdicts.DRAINED: 503,
+    }
+    for kind, end in ANSWERING.items():
+        data = Policy(lambda: {}).ended(Exchange("c", "GET", "http://a/"), end)
+        assert data is not None and data.startswith(b"HTTP/1.1 %d " % status[kind]), kind
+    for kind, end in SILENT.items():
+        assert Policy(lambda: {}).ended(Exchange("c", "GET", "http://a/"), end) is None, kind

@@ -13,7 +13,14 @@ Plain Python: no sockets, and no clock except the one handed in.
 from __future__ import annotations
 
 from elbasy.rules.ruleset import BUILTIN_IDS, Match, Report, RuleSet
-from elbasy.rules.schema import HINT_HEADER, Rule, RuleError, parse_rule, rule_to_toml
+from elbasy.rules.schema import (
+    HINT_HEADER,
+    Rule,
+    RuleError,
+    check_rules,
+    parse_rule,
+    rule_to_toml,
+)
 
 __all__ = [
     "BUILTIN_IDS",
@@ -23,6 +30,7 @@ __all__ = [
     "Rule",
     "RuleError",
     "RuleSet",
+    "check_rules",
     "parse_rule",
     "rule_to_toml",
 ]

@@ -32,6 +32,7 @@ from elbasy.rules.schema import (
     Reader,
     Rule,
     RuleError,
+    check_rules,
     parse_rule,
 )
 from elbasy.rules.wire import (
@@ -305,11 +306,7 @@ class RuleSet:
         id (None: all); an unknown id raises :class:`RuleError` naming it.
         """
         rules = cls._builtin_rules()
-        users = [parse_rule(data, origin) for data in extra]
-        ids = [r.id for r in users]
-        twice = sorted({i for i in ids if ids.count(i) > 1})
-        if twice:
-            raise RuleError(f"{origin}: rule {twice[0]!r} is given twice")
+        users = check_rules(extra, origin)
         replaced = {r.id: r for r in users}
         rules = [replaced.pop(r.id, r) for r in rules]
         rules = [r for r in users if r.id in replaced] + rules
@@ -345,20 +342,7 @@ class RuleSet:
             tables = [data]
         else:
             raise RuleError(f"{path}: no rules: expected [[rule]] tables or one rule with an id")
-        rules: list[Rule] = []
-        errors: list[str] = []
-        for table in tables:
-            try:
-                rule = parse_rule(table, path.name)
-            except RuleError as e:
-                errors.append(str(e))
-                continue
-            if any(r.id == rule.id for r in rules):
-                errors.append(f"{path.name}: rule {rule.id!r} is given twice")
-            rules.append(rule)
-        if errors:
-            raise RuleError("\n".join(errors))
-        return rules
+        return list(check_rules(tables, path.name))
 
     # ------------------------------------------------------------------ queries
 

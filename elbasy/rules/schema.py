@@ -54,7 +54,7 @@ place of the throttle's ``marker_statuses``).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import translate
 from typing import Any, NoReturn
@@ -77,6 +77,7 @@ __all__ = [
     "RuleError",
     "Throttle",
     "TierDetect",
+    "check_rules",
     "parse_rule",
     "rule_to_toml",
 ]
@@ -743,6 +744,30 @@ def parse_rule(data: Any, origin: str) -> Rule:
         return _compile(data, origin)
     except _FieldError as e:
         raise RuleError(f"{origin}: {who}: {e.where}: {e.reason}") from None
+
+
+def check_rules(tables: Iterable[Any], origin: str) -> tuple[Rule, ...]:
+    """Check and compile user rules: the one validation of rule tables,
+    whatever brings them (a config file's ``[[rule]]`` tables, ``Config(rule=...)``,
+    ``elbasy rules check FILE``, a reload, which reads the command line again).
+
+    Raises :class:`RuleError`: one line per bad rule and per id given twice,
+    each starting with ``origin``.
+    """
+    rules: list[Rule] = []
+    errors: list[str] = []
+    for table in tables:
+        try:
+            rule = parse_rule(table, origin)
+        except RuleError as e:
+            errors.append(str(e))
+            continue
+        if any(r.id == rule.id for r in rules):
+            errors.append(f"{origin}: rule {rule.id!r} is given twice")
+        rules.append(rule)
+    if errors:
+        raise RuleError("\n".join(errors))
+    return tuple(rules)
 
 
 # --------------------------------------------------------------------------- TOML out

@@ -140,12 +140,8 @@ cdef void read_head(Loop loop, Conn c):
 
 
 cdef void head_too_large(Loop loop, Conn c):
-    cdef bytes data
-    try:
-        data = loop.p_head_too_large(peer_of(loop, c))
-    except Exception:
-        data = loop.page_head_too_large
-    send_final(loop, c, data)
+    cdef object end = Ended(HEAD_TOO_LARGE, client=peer_of(loop, c))
+    send_final(loop, c, ended_page(loop, None, end, loop.page_head_too_large))
 
 
 cdef void dispatch_head(Loop loop, Conn c, long end):
@@ -158,10 +154,7 @@ cdef void dispatch_head(Loop loop, Conn c, long end):
     loop.c_requests += 1
     c.exchange_started = loop.now
     try:
-        if c.site is None:
-            v = loop.p_on_request(head, peer_of(loop, c))
-        else:
-            v = loop.p_on_intercepted(head, peer_of(loop, c), c.site)
+        v = loop.p_on_request(head, peer_of(loop, c), c.site)
     except Exception as exc:
         policy_error(loop, c, exc)
         return
@@ -178,7 +171,7 @@ cdef void dispatch_head(Loop loop, Conn c, long end):
                 return
             begin_peek(loop, c, (<object>v).peek)
             return
-        depart = departure_ns(loop, (<object>v).depart)
+        depart = hold_ns(loop, (<object>v).depart)
         if depart:
             hold(loop, c, depart)
         else:

@@ -1,44 +1,29 @@
 # The end of a connection: S_CLOSED.
 #
-# close_conn is the one place a connection ends: it tells the policy what it
-# is owed (finished; abandoned: held, or on its way to an upstream), releases
+# close_conn is the one place a connection ends: it tells the policy how it
+# ended (FINISHED; ABANDONED: held, or on its way to an upstream), releases
 # the SSL*s, pipes and buffers, retires both fds and takes the connection off
 # the books. It is idempotent.
 # shutdown_all ends every connection and pooled upstream when run() stops.
 
 
 cdef void close_conn(Loop loop, Conn c, bint reset):
-    cdef int64_t took
     if c.state == S_CLOSED:
         return
     if c.state == S_TUNNEL:
         loop.c_tunnels_open -= 1
-        took = loop.now - c.exchange_started
-        try:
-            loop.p_finished(c.ticket, 200, c.bytes_up, c.bytes_down, took)
-        except Exception:
-            loop.c_policy_errors += 1
+        tell_finished(loop, c, 200)
     elif c.state == S_FORWARD and c.ticket is not None:
-        took = loop.now - c.exchange_started
-        try:
-            loop.p_finished(c.ticket, c.exchange.status, c.bytes_up, c.bytes_down, took)
-        except Exception:
-            loop.c_policy_errors += 1
+        tell_finished(loop, c, c.exchange.status)
     elif c.state == S_WAIT:
         unhold(loop, c)
-        try:
-            loop.p_abandoned(c.ticket)
-        except Exception:
-            loop.c_policy_errors += 1
+        tell_ended(loop, c.ticket, ending(ABANDONED))
     elif (c.goal == GOAL_FORWARD and c.ticket is not None
           and (c.state == S_DEPARTING or c.state == S_RESOLVE or c.state == S_CONNECT
                or c.state == S_TLS_CONNECT)):
         # left while its request was on its way to an upstream: the policy
         # hears it (a paced request's cost lands: it may have reached the server)
-        try:
-            loop.p_abandoned(c.ticket)
-        except Exception:
-            loop.c_policy_errors += 1
+        tell_ended(loop, c.ticket, ending(ABANDONED))
     if c.site is not None:
         loop.c_intercepts_open -= 1
         c.site = None

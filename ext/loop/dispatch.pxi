@@ -28,10 +28,7 @@ cdef void conn_crashed(Loop loop, Conn c, object exc):
     connection ends with a reset, since what it was owed is unknown; the
     loop and every other connection go on."""
     loop.c_internal_errors += 1
-    try:
-        loop.p_internal_error(c.ticket, exc)  # logs it; its page is not sent
-    except Exception:
-        pass
+    tell_ended(loop, c.ticket, Ended(INTERNAL_ERROR, error=exc))  # logs it; no page is sent
     drop_upstream(loop, c, True)
     close_conn(loop, c, True)
 

@@ -85,12 +85,7 @@ cdef void drain_expire(Loop loop):
 
 cdef void drain_refuse(Loop loop, Conn c, bint sent):
     """503 + Retry-After for a request the drain's deadline caught (never a bare close)."""
-    cdef bytes data
-    try:
-        data = loop.p_drained(c.ticket, sent)
-    except Exception:
-        loop.c_policy_errors += 1
-        data = loop.page_drained
+    cdef bytes data = ended_page(loop, c.ticket, Ended(DRAINED, sent=sent), loop.page_drained)
     loop.c_drain_refused += 1
     send_final(loop, c, data)
 

@@ -88,12 +88,10 @@ cdef void quota_moved(Loop loop):
     """The quota store's fd is readable: another worker gave room back on
     some accounts. The policy reads which (draining the fd) and moves the
     first of each line it holds there through Loop.wake; an error in it is
-    ours, counted, and never stops the loop."""
+    the policy's, counted in policy_errors (and logged by its ended), and
+    never stops the loop."""
     try:
         loop.p_quota_moved()
     except Exception as exc:
-        loop.c_internal_errors += 1
-        try:
-            loop.p_internal_error(None, exc)
-        except Exception:
-            pass
+        loop.c_policy_errors += 1
+        tell_ended(loop, None, Ended(INTERNAL_ERROR, error=exc))

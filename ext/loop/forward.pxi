@@ -77,11 +77,7 @@ cdef int request_body_step(Loop loop, Conn c) except STEP_RAISED:
 
 
 cdef void bad_request_body(Loop loop, Conn c):
-    cdef bytes data
-    try:
-        data = loop.p_bad_body(c.ticket)
-    except Exception:
-        data = loop.page_bad_body
+    cdef bytes data = ended_page(loop, c.ticket, Ended(BAD_BODY), loop.page_bad_body)
     # the upstream has a partial request: it can never be reused
     drop_upstream(loop, c, True)
     if c.exchange.resp_head_done:

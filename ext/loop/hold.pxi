@@ -53,27 +53,28 @@ cdef void peek_step(Loop loop, Conn c):
     if type(again) is Reply:
         send_final(loop, c, (<object>again).data)
         return
-    depart = departure_ns(loop, again)
+    depart = hold_ns(loop, again)
     if depart:
         hold(loop, c, depart)
     else:
         send_forward(loop, c)
 
 
-cdef int64_t departure_ns(Loop loop, object when) except -1:
-    """The loop time to hold a request until, or 0 to send it now
-    (never -1: that is Cython's mark of an exception in flight).
+cdef int64_t hold_ns(Loop loop, double until) noexcept:
+    """The loop time a hold-until (elbasy.verdicts.NOW) holds a request
+    until, or 0 for NOW: it leaves at once. noexcept: no value of it is
+    reserved for an exception (a policy's answer that is not a number
+    fails in its caller's conversion, before this is called).
 
-    A departure the policy gave is always kept, even one already past
-    by the time the loop reads it (its clocks are read a moment after
-    the loop's): the policy confirms every departure it set in
-    ``departing``, so such a request waits for the next turn of the loop,
-    not for nothing.
+    A time the policy gave is always kept, even one already past by the
+    time the loop reads it (its clocks are read a moment after the
+    loop's): the policy confirms every hold in ``departing``, so such a
+    request waits for the next turn of the loop, not for nothing.
     """
     cdef int64_t t
-    if not when:
+    if until == HOLD_NOW:
         return 0
-    t = seconds_ns(when)
+    t = seconds_ns(until)
     return t if t > loop.now else loop.now + 1
 
 
@@ -116,16 +117,16 @@ cdef void wait_mask(Loop loop, Conn c):
 
 cdef void departure(Loop loop, Conn c):
     """A held request's time has come: the policy confirms it or moves it later."""
-    cdef object again
+    cdef double again
     cdef int64_t when
     try:
-        again = loop.p_departing(c.ticket)
+        again = loop.p_departing(c.ticket)  # a hold-until that is not a number: its error
     except Exception as exc:
         unhold(loop, c)
         c.state = S_DEPARTING  # no longer held: it leaves with the policy's error page
         policy_error(loop, c, exc)
         return
-    when = departure_ns(loop, again)
+    when = hold_ns(loop, again)
     if when:
         arm(loop, c, when)
         return

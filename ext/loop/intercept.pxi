@@ -81,13 +81,15 @@ cdef void client_tls_step(Loop loop, Conn c):
 
 cdef void client_tls_failed(Loop loop, Conn c, object reason):
     """The client's handshake failed: counted, told to the policy, closed."""
+    cdef object error
     loop.c_tls_accept_failures += 1
-    try:
-        if reason is None:
+    if reason is None:
+        try:
             reason = loop.s_failure(<uintptr_t>c.tls.cssl)
-        loop.p_tls_failed(c.ticket, reason)
-    except Exception:
-        loop.c_policy_errors += 1
+        except Exception as exc:
+            reason = f"TLS handshake failed ({exc})"
+    error = reason if isinstance(reason, BaseException) else None
+    tell_ended(loop, c.ticket, Ended(TLS_FAILED, reason=str(reason), error=error))
     close_conn(loop, c, False)
 
 

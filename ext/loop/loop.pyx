@@ -7,21 +7,26 @@ eventfd, the quota store's eventfd and the signal wake-up fd. It makes no
 policy decision: a complete
 request head goes to the policy object once (``on_request``), a complete
 response head once (``on_response``), and the verdicts that come back say
-what to do. Bodies and tunnel bytes never enter Python.
+what to do; every ending is told to it once (``ended``, with an Ended:
+objects.pxi, its kinds in elbasy.verdicts). Bodies and tunnel bytes never
+enter Python.
 
 What the loop calls in Python is declared in elbasy/seam.py (the policy,
 the resolver, the TLS factories); each method is bound once in
 Loop.__init__ (the Loop's p_*, r_*, s_* and u_* fields), so an object missing one is
-refused there. The answers sent when the policy call that should spell one
-raised come from elbasy.pages.LoopPages, handed to the Loop once; the loop
-itself writes only the two protocol lines CONTINUE_100 and CONNECT_200.
+refused there. A policy call that raises is counted once in policy_errors
+(replies.pxi: policy_error, ended_page, tell_ended). The answers sent when
+the policy's ``ended`` could not spell one come from elbasy.pages.LoopPages,
+handed to the Loop once; the loop itself writes only the two protocol lines
+CONTINUE_100 and CONNECT_200.
 
 Where things are (ext/loop/, one C translation unit: the rooms are
 ``include``d below, so every call between them is a direct C call):
 
 * ``elbasy/_loop.pxd`` (the module's own .pxd, at its full name's path):
-  every object and field (Conn, Pooled, Loop, and the per-phase state
-  embedded in Conn: TunnelState, ExchangeState, TlsState);
+  every object and field (Conn, Pooled, Loop, the Ended the policy is
+  handed, and the per-phase state embedded in Conn: TunnelState,
+  ExchangeState, TlsState);
   ``ext/includes/``: the C the loop calls (system, io, tls, timers) and
   its constants (consts.pxi);
 * the rooms, in the order a connection goes through them: buffers,
@@ -84,11 +89,11 @@ S_BODY_READ
     epoll:    S_BODY's
     events:   client HUP: client_lost; ERR: client_lost
 S_WAIT
-    set by:   hold (dispatch_head, peek_step, departure_ns > now; retry_later)
+    set by:   hold (dispatch_head, peek_step: a hold-until other than NOW; retry_later)
     deadline: the departure time; Loop.wake moves it (the `held` dict)
     expiry:   departure: the policy's departing confirms it or sets a later time
     epoll:    client RDHUP, OUT while cout holds bytes
-    events:   client RDHUP/HUP/ERR: abandoned, close; OUT: flush_client
+    events:   client RDHUP/HUP/ERR: close (ended ABANDONED); OUT: flush_client
 S_DEPARTING
     set by:   departure (confirmed, or the policy failed); drain_expire (held
               past the drain's deadline: leaves with the 503)
@@ -183,7 +188,14 @@ from tls cimport (
 import os
 
 from elbasy.pages import LOOP_PAGES
-from elbasy.verdicts import Forward, Intercept, Reply, Tunnel
+from elbasy.verdicts import (
+    ABANDONED, BAD_BODY, BAD_RESPONSE, DRAINED, FAILED, FINISHED, HEAD_TOO_LARGE,
+    INTERNAL_ERROR, NOW, TLS_FAILED, Forward, Intercept, Reply, Tunnel,
+)
+
+# "hold until" NOW (elbasy.verdicts): leave at once, unconfirmed. Every
+# other hold-until is a monotonic time, held on the timer heap (hold_ns).
+cdef double HOLD_NOW = NOW
 
 # The two protocol lines the loop writes itself (every other answer comes
 # from Python: the policy's, or the LoopPages it was handed).
@@ -279,21 +291,12 @@ cdef class Loop:
         # missing a method is refused here, not at the request that needs it
         cdef list missing = []
         self.p_on_request = seam_method(policy, "on_request", missing)
-        self.p_on_intercepted = seam_method(policy, "on_intercepted", missing)
         self.p_on_body = seam_method(policy, "on_body", missing)
         self.p_departing = seam_method(policy, "departing", missing)
         self.p_on_response = seam_method(policy, "on_response", missing)
         self.p_on_response_body = seam_method(policy, "on_response_body", missing)
+        self.p_ended = seam_method(policy, "ended", missing)
         self.p_quota_moved = seam_method(policy, "quota_moved", missing)
-        self.p_finished = seam_method(policy, "finished", missing)
-        self.p_abandoned = seam_method(policy, "abandoned", missing)
-        self.p_failed = seam_method(policy, "failed", missing)
-        self.p_tls_failed = seam_method(policy, "tls_failed", missing)
-        self.p_head_too_large = seam_method(policy, "head_too_large", missing)
-        self.p_bad_body = seam_method(policy, "bad_body", missing)
-        self.p_bad_response = seam_method(policy, "bad_response", missing)
-        self.p_internal_error = seam_method(policy, "internal_error", missing)
-        self.p_drained = seam_method(policy, "drained", missing)
         seam_complete("policy", policy, missing)
         resolver_fileno = seam_method(resolver, "fileno", missing)
         self.r_lookup = seam_method(resolver, "lookup", missing)
@@ -443,7 +446,7 @@ cdef class Loop:
         close_retired(self)
 
     def wake(self, ticket, double when):
-        """Move a held request's departure to ``when`` (monotonic seconds).
+        """Move a held request's departure to ``when`` (a hold-until: monotonic seconds).
 
         The policy calls it when a line moves (a refund, a client ahead that
         left, the one ahead that departed). A ticket no longer held (sent,
@@ -452,12 +455,14 @@ cdef class Loop:
         """
         cdef object obj = self.held.get(ticket)
         cdef Conn c
+        cdef int64_t t
         if obj is None:
             return
         c = <Conn>obj
         if c.state != S_WAIT:
             return
-        arm(self, c, departure_ns(self, when))
+        t = hold_ns(self, when)
+        arm(self, c, t if t else self.now + 1)  # NOW: at the next turn (a held one is confirmed)
 
     def stats(self):
         """Counters for /healthz; cheap enough to call per status request."""

@@ -11,6 +11,44 @@
 cdef Py_ssize_t live_conns = 0
 
 
+cdef class Ended:
+    """How a request or tunnel ended (elbasy.seam: the policy's ``ended``).
+
+    Made by the loop (``ending``), one per request: a compiled value costs
+    a fraction of a named tuple's construction. Python may make one too
+    (the tests), once; its fields are read-only.
+    """
+
+    def __init__(self, str kind not None, int status=0, uint64_t up=0, uint64_t down=0,
+                 int64_t took_ns=0, str reason not None="", object error=None,
+                 str client not None="", bint sent=False):
+        if self.kind is not None:
+            raise TypeError("an Ended is immutable")
+        self.kind = kind
+        self.status = status
+        self.up = up
+        self.down = down
+        self.took_ns = took_ns
+        self.reason = reason
+        self.error = error
+        self.client = client
+        self.sent = sent
+
+    def __repr__(self):
+        return (f"Ended({self.kind!r}, status={self.status}, up={self.up}, down={self.down}, "
+                f"took_ns={self.took_ns}, reason={self.reason!r}, error={self.error!r}, "
+                f"client={self.client!r}, sent={self.sent})")
+
+
+cdef inline Ended ending(str kind):
+    """An Ended of `kind`, every other field at its default; the caller sets its own."""
+    cdef Ended e = Ended.__new__(Ended)
+    e.kind = kind
+    e.reason = ""
+    e.client = ""
+    return e
+
+
 cdef Py_ssize_t live_ssl = 0
 
 

@@ -7,13 +7,53 @@
 
 
 cdef void policy_error(Loop loop, Conn c, object exc):
+    """A policy call that decides (on_request, on_body, departing, or a TLS
+    factory's new_ssl) raised, or answered what the loop cannot use: counted
+    once, and the client gets the policy's INTERNAL_ERROR page."""
+    cdef bytes data
     loop.c_policy_errors += 1
-    try:
-        data = loop.p_internal_error(c.ticket, exc)
-    except Exception:
-        data = loop.page_internal_error
+    data = ended_page(loop, c.ticket, Ended(INTERNAL_ERROR, error=exc), loop.page_internal_error)
     drop_upstream(loop, c, False)
     send_final(loop, c, data)
+
+
+# Every ending goes to the policy's one ``ended`` (elbasy.seam), through
+# these two: ended_page when the client is still owed an answer, tell_ended
+# when not. A raising ``ended`` is counted once in policy_errors; where an
+# answer was owed, the LoopPages page stands in for it.
+
+
+cdef bytes ended_page(Loop loop, object ticket, object end, bytes fallback):
+    """The policy's answer for an ending that owes the client one, or
+    ``fallback`` (a LoopPages page) when ``ended`` raised or gave no bytes."""
+    cdef object data
+    try:
+        data = loop.p_ended(ticket, end)
+    except Exception:
+        loop.c_policy_errors += 1
+        return fallback
+    if type(data) is not bytes:
+        loop.c_policy_errors += 1
+        return fallback
+    return <bytes>data
+
+
+cdef void tell_ended(Loop loop, object ticket, object end):
+    """An ending that owes the client nothing: the policy logs and counts it."""
+    try:
+        loop.p_ended(ticket, end)
+    except Exception:
+        loop.c_policy_errors += 1
+
+
+cdef void tell_finished(Loop loop, Conn c, int status):
+    """c's exchange (answered `status`) or tunnel (200) ended after it was carried out."""
+    cdef Ended end = ending(FINISHED)  # once per request: no Python-level constructor
+    end.status = status
+    end.up = c.bytes_up
+    end.down = c.bytes_down
+    end.took_ns = loop.now - c.exchange_started
+    tell_ended(loop, c.ticket, end)
 
 
 cdef int queue_client(Loop loop, Conn c, const char *data, Py_ssize_t n) except STEP_RAISED:
@@ -129,12 +169,8 @@ cdef void linger_event(Loop loop, Conn c, uint32_t ev):
 
 cdef void fail(Loop loop, Conn c, int status, str reason):
     """An upstream could not be reached or did not answer: say why."""
-    cdef bytes data
-    try:
-        data = loop.p_failed(c.ticket, status, reason)
-    except Exception:
-        data = loop.page_bad_gateway
-    send_final(loop, c, data)
+    cdef object end = Ended(FAILED, status, reason=reason)
+    send_final(loop, c, ended_page(loop, c.ticket, end, loop.page_bad_gateway))
 
 
 cdef void back_to_head(Loop loop, Conn c, bint resume):

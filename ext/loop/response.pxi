@@ -56,6 +56,7 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
     cdef long got
     cdef bytes head
     cdef object plan
+    cdef double retry_at
     while not ex.resp_head_done:
         avail = buf_len(&ex.uin)
         end = elb_head_end(ex.uin.data + ex.uin.start, avail, 0)
@@ -70,15 +71,14 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
         try:
             plan = loop.p_on_response(c.ticket, head)
         except Exception as exc:
+            # the policy's refusal of this response (not a policy error): a 502
             drop_upstream(loop, c, True)
-            try:
-                data = loop.p_bad_response(c.ticket, exc)
-            except Exception:
-                data = loop.page_bad_gateway
-            send_final(loop, c, data)
+            send_final(loop, c, ended_page(
+                loop, c.ticket, Ended(BAD_RESPONSE, error=exc), loop.page_bad_gateway))
             return STEP_ENDED
-        if plan.retry_at > 0 and not plan.interim:
-            retry_later(loop, c, plan.retry_at)
+        retry_at = plan.retry_at
+        if retry_at != HOLD_NOW and not plan.interim:
+            retry_later(loop, c, retry_at)
             return STEP_ENDED
         head = plan.head
         if loop.draining and not plan.interim and plan.keep_client:
@@ -187,7 +187,8 @@ cdef void upstream_lost(Loop loop, Conn c):
 
 
 cdef void retry_later(Loop loop, Conn c, double at):
-    """The server refused a request the policy may send again: hold it until `at`.
+    """The server refused a request the policy may send again: hold it until
+    `at` (a hold-until other than NOW)
 
     The refusal is not read further, so its upstream connection goes.
     """
@@ -197,12 +198,11 @@ cdef void retry_later(Loop loop, Conn c, double at):
     ex.uin.start = 0
     ex.uin.end = 0
     buf_free(&ex.uout)
-    hold(loop, c, seconds_ns(at))
+    hold(loop, c, hold_ns(loop, at))
 
 
 cdef void finish_exchange(Loop loop, Conn c):
     cdef ExchangeState *ex = &c.exchange
-    cdef int64_t took = loop.now - c.exchange_started
     if ex.capture:
         try:
             loop.p_on_response_body(
@@ -212,10 +212,7 @@ cdef void finish_exchange(Loop loop, Conn c):
             loop.c_policy_errors += 1
         buf_free(&ex.captured)
         ex.capture = 0
-    try:
-        loop.p_finished(c.ticket, ex.status, c.bytes_up, c.bytes_down, took)
-    except Exception:
-        loop.c_policy_errors += 1
+    tell_finished(loop, c, ex.status)
     if ex.reuse_upstream and ex.req_done and buf_len(&ex.uout) == 0:
         pool_put(loop, c)
     else:

@@ -58,7 +58,7 @@ cdef struct ExchangeState:
     Py_ssize_t capture     # response body bytes the policy sees at the end (0: none)
     int req_framing        # BodyFraming of the request
     int resp_framing       # BodyFraming of the response
-    int status             # the response's status, for the policy's `finished`
+    int status             # the response's status, for its Ended (FINISHED)
     bint req_done
     bint resp_head_done
     bint resp_done
@@ -82,6 +82,23 @@ cdef struct PipePool:
     # idle pipe pairs for the next bulk flow (splice.pxi)
     int ends[PIPE_POOL_MAX][2]
     int idle
+
+
+# ---- what the loop hands the policy ------------------------------------------------
+
+@cython.final
+cdef class Ended:
+    # how a request or tunnel ended: the one value of the policy's `ended`
+    # (elbasy.seam); immutable from Python. Its kinds: elbasy.verdicts.
+    cdef readonly str kind
+    cdef readonly int status       # FINISHED: the answer's (200: a tunnel); FAILED: 502, 504
+    cdef readonly uint64_t up      # FINISHED: bytes sent to the upstream
+    cdef readonly uint64_t down    # FINISHED: bytes sent to the client
+    cdef readonly int64_t took_ns  # FINISHED: from the head to the end
+    cdef readonly str reason       # FAILED, TLS_FAILED: why, in one line
+    cdef readonly object error     # BAD_RESPONSE, INTERNAL_ERROR, TLS_FAILED: what raised
+    cdef readonly str client       # HEAD_TOO_LARGE: the peer's "address:port" (no ticket yet)
+    cdef readonly bint sent        # DRAINED: the request had already left for the upstream
 
 
 # ---- the objects fds map to ---------------------------------------------------------
@@ -118,7 +135,7 @@ cdef class Conn(Slot):
     cdef bint client_paused     # client input waits until this response is through
     cdef int64_t started
     cdef int64_t exchange_started
-    cdef uint64_t bytes_up      # this request's or tunnel's bytes, for `finished`
+    cdef uint64_t bytes_up      # this request's or tunnel's bytes, for its Ended
     cdef uint64_t bytes_down
     cdef Buf cin                # from the client: head bytes, then body bytes
     cdef Buf cout               # to the client, not yet taken by its socket
@@ -151,26 +168,18 @@ cdef class Loop:
     cdef int64_t drain_deadline
     # the policy's methods (elbasy.seam.PolicySeam), bound once by __init__
     cdef object p_on_request
-    cdef object p_on_intercepted
     cdef object p_on_body
     cdef object p_departing
     cdef object p_on_response
     cdef object p_on_response_body
+    cdef object p_ended
     cdef object p_quota_moved
-    cdef object p_finished
-    cdef object p_abandoned
-    cdef object p_failed
-    cdef object p_tls_failed
-    cdef object p_head_too_large
-    cdef object p_bad_body
-    cdef object p_bad_response
-    cdef object p_internal_error
-    cdef object p_drained
     # the resolver's (elbasy.seam.ResolverSeam)
     cdef object r_lookup
     cdef object r_completed
-    # what is sent when the policy call that should spell an answer raised
-    # (elbasy.pages.LoopPages): no answer is written in the loop's Cython
+    # what is sent when the policy's ended, asked for an answer, raised (or
+    # gave no bytes) (elbasy.pages.LoopPages): no answer is written in the
+    # loop's Cython
     cdef bytes page_head_too_large
     cdef bytes page_bad_body
     cdef bytes page_internal_error
@@ -227,11 +236,11 @@ cdef class Loop:
     cdef uint64_t c_pool_reused
     cdef uint64_t c_pool_stale
     cdef uint64_t c_retries
-    cdef uint64_t c_policy_errors
+    cdef uint64_t c_policy_errors   # policy calls that raised (or answered what cannot be used)
     cdef uint64_t c_pipes_created
     cdef uint64_t c_pipes_closed
     cdef uint64_t c_splice_fallbacks
-    cdef uint64_t c_internal_errors
+    cdef uint64_t c_internal_errors  # the loop's own steps that raised (conn_crashed)
     cdef uint64_t c_intercepts_open
     cdef uint64_t c_intercepts_total
     cdef uint64_t c_tls_accepted
