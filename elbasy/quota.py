@@ -369,6 +369,45 @@ def _per_limit(cost: float | Sequence[float], limits: Sequence[Limit]) -> tuple[
     return known
 
 
+def view_entries(
+    limits: Sequence[Limit], views: Sequence[ServerView], safety: Safety
+) -> list[tuple[int, float | None, float | None]]:
+    """What the server's views say of an account's limits, as every store's
+    ``observe`` takes it: (limit index, value, reset after) per view of one.
+
+    value: a bucket's level in units, a window's count used, None when the
+    view has neither. A server counts whole requests, its continuous level
+    rounded up (Shopify shows 1/40 after the first call), so a bucket's level
+    is over one less than it says; the unit of headroom kept free covers
+    exactly that, and nothing is lost to rounding each time outside traffic
+    makes the view move the clock. reset after: seconds nothing departs (the
+    limit is spent and the server says when it resets), else None.
+    """
+    index = {limit.name: k for k, limit in enumerate(limits)}
+    entries: list[tuple[int, float | None, float | None]] = []
+    for view in views:
+        k = index.get(view.limit)
+        if k is None:
+            continue
+        limit = limits[k]
+        capacity = view.capacity if view.capacity else limit.capacity
+        used = view.used
+        if used is None and view.remaining is not None:
+            used = capacity - view.remaining
+        value: float | None = None
+        if used is not None:
+            used = max(0.0, used)
+            if limit.kind == BUCKET:
+                value = max(0.0, used - min(1.0, safety.headroom))
+            else:
+                value = float(used)
+        reset: float | None = None
+        if view.remaining is not None and view.remaining <= 0 and view.reset_after:
+            reset = float(view.reset_after)
+        entries.append((k, value, reset))
+    return entries
+
+
 class LocalStore:
     """Every account's clocks in this process's memory (one worker)."""
 
@@ -589,39 +628,24 @@ class LocalStore:
         Pessimistic and monotone: a clock only moves forward, so traffic
         elbasy did not send (another app, a script) counts from here on.
         """
-        by_name = {limit.name: (key, limit) for key, limit in zip(keys, limits, strict=True)}
-        for view in views:
-            found = by_name.get(view.limit)
-            if found is None:
-                continue
-            key, limit = found
-            capacity = view.capacity if view.capacity else limit.capacity
-            used = view.used
-            if used is None and view.remaining is not None:
-                used = capacity - view.remaining
-            st = self._state(key, limit, now)
-            if used is not None:
-                used = max(0.0, used)
+        for k, value, reset in view_entries(limits, views, self.safety):
+            limit = limits[k]
+            st = self._state(keys[k], limit, now)
+            if value is not None:
                 if limit.kind == BUCKET:
-                    # The level the server reports, as this bucket's clock. A
-                    # server counts whole requests, its continuous level rounded
-                    # up (Shopify shows 1/40 after the first call), so the level
-                    # is over one less than it says; the unit of headroom kept
-                    # free covers exactly that, and nothing is lost to rounding
-                    # each time outside traffic makes the view move the clock.
-                    level = max(0.0, used - min(1.0, self.safety.headroom))
+                    # the level the server reports, as this bucket's clock;
                     # what flies is in the server's count, or soon will be
-                    clock = now + (level - st.flying) * self._interval(limit)
+                    clock = now + (value - st.flying) * self._interval(limit)
                     if clock > st.sent:
                         st.sent = clock
                 else:
                     # outside traffic: what the server counted beyond what left from here
                     i = math.floor(now / _period(limit) + _EPS)
                     ours = _total(st.seen(), i - _span(limit) + 1, i)
-                    if used > ours + _EPS and _claim(st, limit, i, now):
-                        st.extra[i] = st.extra.get(i, 0.0) + (used - ours)
-            if view.remaining is not None and view.remaining <= 0 and view.reset_after:
-                st.blocked = max(st.blocked, now + view.reset_after)
+                    if value > ours + _EPS and _claim(st, limit, i, now):
+                        st.extra[i] = st.extra.get(i, 0.0) + (value - ours)
+            if reset is not None:
+                st.blocked = max(st.blocked, now + reset)
 
     def throttled(
         self,

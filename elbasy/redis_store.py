@@ -80,7 +80,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit, ServerView
-from elbasy.quota import Reservation, Safety, Shed, _per_limit, derived
+from elbasy.quota import Reservation, Safety, Shed, _per_limit, derived, view_entries
 
 __all__ = [
     "PASSWORD_ENV",
@@ -430,28 +430,10 @@ class RedisStore:
     ) -> None:
         if not limits:
             return
-        index = {limit.name: k for k, limit in enumerate(limits)}
         entries: list[float] = []
-        for view in views:
-            k = index.get(view.limit)
-            if k is None:
-                continue
-            limit = limits[k]
-            capacity = view.capacity if view.capacity else limit.capacity
-            used = view.used
-            if used is None and view.remaining is not None:
-                used = capacity - view.remaining
-            value = math.nan
-            if used is not None:
-                used = max(0.0, used)
-                if limit.kind == BUCKET:
-                    value = max(0.0, used - min(1.0, self.safety.headroom))
-                else:
-                    value = float(used)
-            reset = math.nan
-            if view.remaining is not None and view.remaining <= 0 and view.reset_after:
-                reset = float(view.reset_after)
-            entries += [float(k), value, reset]
+        for k, value, reset in view_entries(limits, views, self.safety):
+            entries += [float(k), math.nan if value is None else value]
+            entries.append(math.nan if reset is None else reset)
         if entries:
             self._step("observe", keys, limits, now, len(entries) / 3, *entries)
 

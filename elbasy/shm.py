@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 from elbasy._shm import LATER, SHED, Account, ShmTable, key_hash
 from elbasy.limits import BUCKET, Limit, ServerView
-from elbasy.quota import EVERY_LINE, Reservation, Safety, Shed, _per_limit, derived
+from elbasy.quota import EVERY_LINE, Reservation, Safety, Shed, _per_limit, derived, view_entries
 
 log = logging.getLogger("elbasy.shm")
 
@@ -168,28 +168,10 @@ class ShmStore:
     ) -> None:
         if not limits:
             return
-        index = {limit.name: k for k, limit in enumerate(limits)}
-        entries: list[tuple[int, float | None, float | None]] = []
-        for view in views:
-            k = index.get(view.limit)
-            if k is None:
-                continue
-            limit = limits[k]
-            capacity = view.capacity if view.capacity else limit.capacity
-            used = view.used
-            if used is None and view.remaining is not None:
-                used = capacity - view.remaining
-            value: float | None = None
-            if used is not None:
-                used = max(0.0, used)
-                if limit.kind == BUCKET:
-                    value = max(0.0, used - min(1.0, self.safety.headroom))
-                else:
-                    value = float(used)
-            block: float | None = None
-            if view.remaining is not None and view.remaining <= 0 and view.reset_after:
-                block = now + view.reset_after
-            entries.append((k, value, block))
+        entries = [
+            (k, value, None if reset is None else now + reset)
+            for k, value, reset in view_entries(limits, views, self.safety)
+        ]
         if entries:
             dropped = self.table.observe(self._account(keys, limits), entries, now)
             if dropped:
