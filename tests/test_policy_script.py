@@ -21,8 +21,21 @@ from elbasy.pacing import Pacer
 from elbasy.policy import Exchange, Policy
 from elbasy.quota import LocalStore, QuotaStore, Safety
 from elbasy.rules import RuleSet
-from elbasy.shm import ShmStore, ShmTable
-from elbasy.verdicts import ABANDONED, FINISHED, NOW, Forward, Intercept, Reply, ResponsePlan
+from elbasy.shm import ShmStore, ShmTable, key_hash
+from elbasy.verdicts import (
+    ABANDONED,
+    BAD_BODY,
+    BAD_RESPONSE,
+    DRAINED,
+    FAILED,
+    FINISHED,
+    INTERNAL_ERROR,
+    NOW,
+    Forward,
+    Intercept,
+    Reply,
+    ResponsePlan,
+)
 
 EXACT = Safety(margin=0.0, headroom=0.0, jitter=0.0, guard=0.0)
 SITE = Intercept("acme.myshopify.com", 443, None)
@@ -279,3 +292,38 @@ def test_a_graphql_429_read_at_its_head_and_its_body_is_one_refusal() -> None:
         refusal.encode(),
     )
     assert loop.pacer.counters["server_throttled"] == 1
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        Ended(FINISHED, 0),  # the client or the upstream went away before an answer
+        Ended(ABANDONED),  # the client left while it was on its way to an upstream
+        Ended(FAILED, 504, reason="no answer within the response timeout"),
+        Ended(BAD_BODY),
+        Ended(BAD_RESPONSE, error=ValueError("not HTTP")),
+        Ended(INTERNAL_ERROR, error=RuntimeError("a bug")),
+        Ended(DRAINED, sent=True),
+    ],
+    ids=lambda e: e.kind,
+)
+def test_every_ending_of_a_sent_request_without_an_answer_lands_its_cost(end: Ended) -> None:
+    """A request that left and got no answer may have been counted by the server:
+    whichever way its exchange ends, its units land (restore from then on) and
+    never stay in flight, where they would take room from the account forever."""
+    table = ShmTable(16)
+    try:
+        loop = Loop(store=ShmStore(table, 0, EXACT))
+        ex = loop.request(rest())
+        assert ex is not None and loop.sent == [ex] and ex.paced is not None
+        r = ex.paced.reservation
+        assert r is not None and r.sent
+        h = key_hash(f"{r.keys[0]}\x1f{r.limits[0].name}".encode())
+        before = table.peek(h)
+        assert before is not None and before["flying"] == 1
+        loop.policy.ended(ex, end)
+        after = table.peek(h)
+        assert after is not None and after["flying"] == 0 and after["queued"] == 0
+        assert loop.pacer.counters["landed_unanswered"] == 1
+    finally:
+        table.close()
