@@ -300,7 +300,7 @@ class Pacer:
             return Verdict()
         self._open_line(m.keys).append(paced)
         paced.line = m.keys
-        paced.due = self._head_due(later)
+        paced.due = self._head_due(paced, later)
         return Verdict(depart=paced.due)
 
     def priced(self, paced: Paced, body: bytes, waiter: object = None) -> Verdict:
@@ -322,7 +322,7 @@ class Pacer:
             return self.mono() + NOT_FIRST_WAIT
         later = self.store.confirm(r, self.wall())
         if later is not None:
-            paced.due = self._head_due(later)
+            paced.due = self._head_due(paced, later)
             return paced.due
         self._sent(paced)
         return NOW
@@ -391,18 +391,21 @@ class Pacer:
         assert r is not None
         wall_now = self.wall()
         t = self.store.earliest(r, wall_now)
-        return self._head_due(t) if t > wall_now else self.mono()
+        return self._head_due(first, t) if t > wall_now else self.mono()
 
-    def _head_due(self, wall_time: float) -> float:
+    def _head_due(self, head: Paced, wall_time: float) -> float:
         """A line's head's departure (monotonic) for the store's earliest time.
 
         A store whose other users' refunds are not announced here (Redis, for
         another machine's) says how often a head should ask again
-        (``recheck``): the head goes when the account has room, not at a time
-        planned before another machine gave points back.
+        (``recheck``), for the accounts whose answers give points back (a rule
+        that reads the cost from the body: GraphQL): the head goes when the
+        account has room, not at a time planned before another machine's
+        refund. Other accounts' lines move only when a client leaves, and
+        asking for them would cost a round trip per head every ``recheck``.
         """
         due = self._to_mono(wall_time)
-        if self.store.recheck:
+        if self.store.recheck and head.match.body_needed:
             due = min(due, self.mono() + self.store.recheck)
         return due
 
