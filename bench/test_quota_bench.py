@@ -22,7 +22,7 @@ import pytest
 
 from elbasy.limits import Limit
 from elbasy.pacing import Pacer
-from elbasy.protocol.http1 import header_list
+from elbasy.protocol.http1 import parse_request_head
 from elbasy.quota import LocalStore, Reservation
 from elbasy.rules import RuleSet
 
@@ -47,7 +47,9 @@ def _cycle(store: LocalStore, accounts: list[tuple[str, ...]], limits: tuple[Lim
         now = state["now"]
         r = store.reserve(accounts[i], limits, 1.0, now, 600.0)
         assert isinstance(r, Reservation)
-        assert store.confirm(r, max(now, r.depart)) is None
+        at = max(now, r.depart)
+        assert store.confirm(r, at) is None
+        store.landed(r, at)  # its answer at once
         state["i"] = (i + 1) % n
         state["now"] = now + step
 
@@ -109,7 +111,7 @@ def _shopify_heads(n: int) -> list[tuple[str, list[tuple[bytes, bytes]]]]:
             f"X-Shopify-Access-Token: shpat_{i:032x}\r\n"
             "Connection: keep-alive\r\n\r\n"
         ).encode()
-        out.append((host, header_list(raw)))
+        out.append((host, parse_request_head(raw).headers()))
     return out
 
 
