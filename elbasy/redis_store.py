@@ -58,10 +58,10 @@ What is missing (issue 14), said plainly:
   Redis: :mod:`elbasy.redis_pipe` is the transport for that (calls sent
   without waiting, pipelined, answers through an eventfd); the pacer does not
   use it yet;
-* :meth:`fileno` is -1 and :meth:`moved` is empty: a place given back or a
-  refund on another machine does not wake this machine's lines (pub/sub on
-  the account's channel is the plan); the head of a line departs at the
-  time it was last given, which is never early, only sometimes late;
+* a place given back or a refund is announced on one pub/sub channel for
+  every account (``<prefix>moved``, elbasy.redis_moves), one extra blocking
+  ``PUBLISH``; a channel per account, or the scripts publishing, would be
+  leaner, and a lost message is caught only by ``recheck``;
 * no fallback: when Redis is unreachable a call raises
   ``redis.exceptions.ConnectionError`` (or ``TimeoutError``);
 * no Sentinel or Cluster client yet (the keys are ready for a cluster).
@@ -73,6 +73,7 @@ import math
 import os
 import struct
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from hashlib import sha1
@@ -80,7 +81,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit, ServerView
-from elbasy.quota import Reservation, Safety, Shed, _per_limit, derived, view_entries
+from elbasy.quota import (
+    EVERY_LINE,
+    Reservation,
+    Safety,
+    Shed,
+    _per_limit,
+    derived,
+    view_entries,
+)
+from elbasy.redis_moves import RedisMoves
+from elbasy.redis_moves import encode as encode_moves
 
 __all__ = [
     "PASSWORD_ENV",
@@ -228,9 +239,9 @@ class RedisStore:
     ``target`` is a URL (see :func:`connect`) or a redis-py client.
     """
 
-    #: another machine's refunds are not announced (moved() is empty): a line's
-    #: head asks again this often, so it goes when the account has room
-    recheck = 0.05
+    #: another machine's refunds come by pub/sub (elbasy.redis_moves), which may
+    #: lose one: a refunding line's head also asks again this often
+    recheck = 0.5
 
     def __init__(
         self,
@@ -282,6 +293,10 @@ class RedisStore:
         self.calls = 0  # script calls made
         self.reloads = 0  # scripts loaded again after NOSCRIPT
         self.load_scripts()
+        # other stores' refunds and places given back, heard on a thread of its own
+        self._moves = RedisMoves(
+            self.client, f"{prefix}moved", f"{os.getpid()}-{uuid.uuid4().hex}", EVERY_LINE
+        )
 
     # ------------------------------------------------------------------ scripts
 
@@ -461,6 +476,7 @@ class RedisStore:
             return False
         if r.limits:
             self._step("give_back", r.keys, r.limits, now, *r.costs, *r.slots)
+            self._announce(r.keys)
         r.returned = True
         return True
 
@@ -475,6 +491,7 @@ class RedisStore:
         )
         if any(x > 0 for x in refunds):
             self._step("settle", r.keys, r.limits, now, *refunds)
+            self._announce(r.keys)
 
     # ------------------------------------------------------------------ facts
 
@@ -540,12 +557,16 @@ class RedisStore:
     # ------------------------------------------------------------------ the line, housekeeping
 
     def fileno(self) -> int:
-        """Nothing to wait on yet: other machines' moves are not heard (module docstring)."""
-        return -1
+        """Readable when another store on this Redis moved buckets (elbasy.redis_moves)."""
+        return self._moves.fileno()
 
     def moved(self) -> list[str]:
-        """Buckets other machines moved: not heard yet (pub/sub is the plan)."""
-        return []
+        """Buckets other stores (machines, workers) moved since the last call."""
+        return self._moves.take()
+
+    def _announce(self, keys: Sequence[str]) -> None:
+        """Room came back on these buckets: the others' lines may move up."""
+        self.client.publish(self._moves.channel, encode_moves(self._moves.origin, list(keys)))
 
     def peek(self, key: str, limit: str) -> tuple[float, ...] | None:
         """One bucket's record as stored (prelude.lua's layout), or None; for tests."""
@@ -565,4 +586,5 @@ class RedisStore:
         }
 
     def close(self) -> None:
+        self._moves.close()
         self.client.close()

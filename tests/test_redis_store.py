@@ -297,3 +297,28 @@ def test_an_unreachable_redis_fails_at_start_without_its_password(tmp_path) -> N
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1 and "cannot reach Redis at redis://:***@127.0.0.1" in errors[0]
     assert "secret123" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_refund_or_a_place_given_back_on_one_machine_wakes_the_others(redis_url: str) -> None:
+    """Two stores of one fleet (one prefix): what one gives back or refunds reaches
+    the other's fd and moved() within moments; a store never hears itself."""
+    import select
+
+    a, b = RedisStore(redis_url, EXACT), RedisStore(redis_url, EXACT)
+    try:
+        time.sleep(0.3)  # both listeners subscribed
+        now = time.time()
+        r = a.reserve(["rule|x|shop1"], [SHOPIFY], 1, now, 60)
+        assert isinstance(r, Reservation) and a.give_back(r, now)
+        assert select.select([b.fileno()], [], [], 5.0)[0]
+        assert b.moved() == ["rule|x|shop1"]
+        gql = Limit("points", BUCKET, capacity=1000, rate=50, unit="points")
+        q = b.reserve(["rule|g|shop2"], [gql], 300, now, 60)
+        assert isinstance(q, Reservation) and b.confirm(q, now) is None
+        b.settle(q, 10, now)  # 290 points back
+        assert select.select([a.fileno()], [], [], 5.0)[0]
+        assert a.moved() == ["rule|g|shop2"]
+        assert not select.select([b.fileno()], [], [], 0.3)[0] and b.moved() == []
+    finally:
+        a.close()
+        b.close()
