@@ -62,8 +62,11 @@ What is missing (issue 14), said plainly:
   refund on another machine does not wake this machine's lines (pub/sub on
   the account's channel is the plan); the head of a line departs at the
   time it was last given, which is never early, only sometimes late;
-* no fallback: when Redis is unreachable a call raises
-  ``redis.exceptions.ConnectionError`` (or ``TimeoutError``);
+* a call here raises ``redis.exceptions.ConnectionError`` (or
+  ``TimeoutError``) when Redis is unreachable or slow: what
+  ``--quota-store redis://`` builds is a :class:`~elbasy.fleet_store.FleetStore`
+  around this store, which falls back to a local share of each account's
+  quota then (and comes back);
 * no Sentinel or Cluster client yet (the keys are ready for a cluster).
 """
 
@@ -577,6 +580,10 @@ class RedisStore:
             "calls": self.calls,
             "script_reloads": self.reloads,
         }
+
+    def ping(self) -> None:
+        """One PING (bounded by the timeout): raises when the server does not answer."""
+        self.client.ping()
 
     def close(self) -> None:
         self.client.close()

@@ -115,8 +115,18 @@ def make_store(config: Config, shared: Any, slot: int) -> Any:
     from elbasy.redis_store import RedisShared, RedisStore
 
     if isinstance(shared, RedisShared):
-        # blocking: one round trip per quota step (elbasy.redis_store's docstring)
-        return RedisStore(shared.url, safety, timeout=shared.timeout)
+        from elbasy.config import worker_count
+        from elbasy.fleet_store import FleetStore
+
+        # blocking: one round trip per quota step (elbasy.redis_store's docstring),
+        # bounded by the timeout; beyond it a local share of every account answers
+        # the settings of this worker's config (a reload's new workers take new ones)
+        timeout = config.quota_redis_timeout
+        return FleetStore(
+            lambda: RedisStore(shared.url, safety, timeout=timeout),
+            LocalStore(safety),
+            share=1.0 / (config.quota_instances * worker_count(config.workers)),
+        )
     from elbasy.shm import ShmStore
 
     return ShmStore(shared, slot, safety)

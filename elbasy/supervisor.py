@@ -121,16 +121,19 @@ def make_shared(config: Config) -> Any:
     if store_kind(config) == "redis":
         from elbasy.redis_store import RedisShared, check_reachable
 
-        shared = RedisShared(config.quota_store)
+        shared = RedisShared(config.quota_store, timeout=config.quota_redis_timeout)
         try:
             version = check_reachable(shared)
         except ConnectionError as exc:
             raise StartupError(f"--quota-store: cannot reach {exc}") from None
         log.warning(
             "quota in Redis %s at %s, shared by every machine; each quota step blocks "
-            "its worker for one round trip (first wiring, issue 14)",
+            "its worker for one round trip (first wiring, issue 14), at most %g s: then "
+            "the worker keeps to a local share of 1/%d of each account until Redis answers",
             version,
             shared.redacted(),
+            shared.timeout,
+            config.quota_instances * worker_count(config.workers),
         )
         return shared
     from elbasy.shm import ShmTable
