@@ -31,12 +31,16 @@ The rules it keeps:
   also goes to the local share, scaled by ``share`` (the server counts the
   whole fleet, the share is this worker's part), and learned facts (plans)
   are kept there as well; so when Redis fails the share starts from the
-  account's current level and plan, not from an empty bucket;
+  account's current level and plan, not from an empty bucket. A fact Redis
+  no longer has (it restarted empty) is put back from there when read;
 * **reconnect with backoff**: ``backoff`` seconds after a failure (doubling
   up to ``backoff_max``), the next step PINGs Redis (bounded by the same
-  timeout); on an answer new reservations go to Redis again, and Redis
-  re-learns each account from the servers' headers as usual (a restarted
-  Redis starts empty). Reservations still in the local share finish there;
+  timeout); on an answer every step goes to Redis again, but new
+  reservations stay on the local share ``relearn`` seconds more (1 s): a
+  restarted Redis starts empty, and in that time it re-learns each busy
+  account's level from the servers' headers (every report reaches it), so
+  it does not grant an empty bucket's burst against a full one.
+  Reservations still in the local share finish there;
 * **told once**: one warning when it falls back and one info line when it
   recovers, per episode; ``stats()`` counts both (``/healthz``).
 
@@ -58,7 +62,7 @@ from typing import Any, Protocol
 from elbasy.limits import Limit, ServerView
 from elbasy.quota import LocalStore, QuotaStore, Reservation, Shed
 
-__all__ = ["BACKOFF", "BACKOFF_MAX", "FleetStore", "Pingable"]
+__all__ = ["BACKOFF", "BACKOFF_MAX", "RELEARN", "FleetStore", "Pingable"]
 
 log = logging.getLogger("elbasy.quota")
 
@@ -66,6 +70,10 @@ log = logging.getLogger("elbasy.quota")
 BACKOFF = 0.5
 #: the longest wait between two reconnect attempts
 BACKOFF_MAX = 10.0
+#: after a recovery, seconds new reservations stay on the local share while
+#: every server report reaches Redis too: a Redis that restarted empty learns
+#: each busy account's level from the headers before it grants anything
+RELEARN = 1.0
 #: limit tuples whose scaled copies are kept; cleared when it reaches this
 _REMEMBER = 100_000
 
@@ -104,6 +112,7 @@ class FleetStore:
         errors: tuple[type[BaseException], ...] | None = None,
         backoff: float = BACKOFF,
         backoff_max: float = BACKOFF_MAX,
+        relearn: float = RELEARN,
         mono: Callable[[], float] = time.monotonic,
         name: str = "Redis",
     ) -> None:
@@ -116,6 +125,10 @@ class FleetStore:
         self.errors = errors if errors is not None else _redis_errors()
         self.backoff = backoff
         self.backoff_max = backoff_max
+        if not (relearn >= 0 and math.isfinite(relearn)):
+            raise ValueError("relearn must be a finite number of seconds >= 0")
+        self.relearn = relearn
+        self._relearn_until = -math.inf
         self.name = name
         self._mono = mono
         self._scaled_limits: dict[tuple[Limit, ...], tuple[Limit, ...]] = {}
@@ -186,6 +199,7 @@ class FleetStore:
             return None
         self.down = False
         self.recoveries += 1
+        self._relearn_until = self._mono() + self.relearn
         log.info(
             "quota store %s answers again after %.1f s: new reservations are shared again",
             self.name,
@@ -262,7 +276,9 @@ class FleetStore:
         max_wait: float,
     ) -> Reservation | Shed:
         store = self._up()
-        if store is not None:
+        if store is not None and (
+            self._relearn_until == -math.inf or self._mono() >= self._relearn_until
+        ):
             try:
                 return store.reserve(keys, limits, cost, now, max_wait)
             except self.errors as exc:
@@ -379,7 +395,16 @@ class FleetStore:
             else:
                 if got is not None:
                     self.local.put_fact(name, *got)  # kept for a fall back
-                return got
+                    return got
+                kept = self.local.fact(name)
+                if kept is not None:
+                    # Redis lost it (restarted empty): what this worker learned
+                    # is shared again (a pacer tells a fact only when it changes)
+                    try:
+                        store.put_fact(name, *kept)
+                    except self.errors as exc:
+                        self._fail(exc)
+                return kept
         return self.local.fact(name)
 
     def put_fact(self, name: str, a: float, b: float) -> bool:

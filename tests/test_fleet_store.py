@@ -10,8 +10,9 @@ Each test that kills or stops Redis starts its own ``redis-server``
 * the local share admits no more than capacity x share per account;
 * Redis stopped (SIGSTOP, a server that does not answer): the same bound,
   set by the timeout;
-* Redis started again on the same port: after the backoff new reservations
-  go to Redis again (one info line), local ones finish locally;
+* Redis started again on the same port: after the backoff (and the relearning
+  time) new reservations go to Redis again (one info line), local ones finish
+  locally, and a learned fact the empty Redis lost is put back when read;
 * a reservation stays on the store that made it; one stranded on Redis
   departs from the local share; steps owed to Redis are dropped and counted.
 """
@@ -42,13 +43,16 @@ TIMEOUT = 0.25
 MARGIN = 0.15
 
 
-def fleet(url: str, share: float = 0.25, backoff: float = 0.5) -> FleetStore:
+def fleet(
+    url: str, share: float = 0.25, backoff: float = 0.5, relearn: float = 0.0
+) -> FleetStore:
     return FleetStore(
         lambda: RedisStore(url, EXACT, timeout=TIMEOUT),
         LocalStore(EXACT),
         share=share,
         backoff=backoff,
         backoff_max=2.0,
+        relearn=relearn,
     )
 
 
@@ -98,10 +102,11 @@ def test_redis_killed_falls_back_within_the_bound_and_comes_back(
     own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="elbasy.quota")
-    store = fleet(own_redis.url, share=0.25, backoff=0.5)
+    store = fleet(own_redis.url, share=0.25, backoff=0.5, relearn=0.3)
     port = own_redis.port
     try:
         now = time.time()
+        assert store.put_fact("plan|acct", 400, 20) is True
         before = store.reserve(["acct"], [SLOW], 1, now, 0.0)
         assert isinstance(before, Reservation) and not before.fallback
         assert store.confirm(before, now) is None
@@ -135,16 +140,18 @@ def test_redis_killed_falls_back_within_the_bound_and_comes_back(
         revived = RedisServer(port=port)
         try:
             deadline = time.monotonic() + 15.0
+            relearning = 0  # the share's answers after Redis answered again
             shared = store.reserve(["acct"], [SLOW], 1, now, 0.0)
-            while isinstance(shared, Reservation | Shed) and (
-                isinstance(shared, Shed) or shared.fallback
-            ):
+            while isinstance(shared, Shed) or shared.fallback:
                 if isinstance(shared, Reservation):
                     store.give_back(shared, now)
+                relearning += store.recoveries  # the share's answer (full: shed)
                 assert time.monotonic() < deadline, "no recovery within 15 s"
                 time.sleep(0.05)
                 shared = store.reserve(["acct"], [SLOW], 1, now, 0.0)
             assert isinstance(shared, Reservation) and not shared.fallback
+            # for relearn seconds after the recovery reservations stayed local
+            assert 3 <= relearning <= 8, relearning
             assert store.recoveries == 1 and not store.down
             assert store.confirm(shared, now) is None
             # Redis was restarted empty: it re-learns; the full capacity is its again
@@ -153,6 +160,14 @@ def test_redis_killed_falls_back_within_the_bound_and_comes_back(
             assert len(infos) == 1 and infos[0].levelno == logging.INFO
             warnings = [m for m in caplog.records if m.levelno == logging.WARNING]
             assert len(warnings) == 1
+            # the restarted Redis lost the learned plan: read, it is put back from the share
+            assert store.shared is not None and store.shared.peek("acct", "slow") is not None
+            assert store.fact("plan|acct") == (400.0, 20.0)
+            other = RedisStore(revived.url, EXACT)  # another machine sees it too
+            try:
+                assert other.fact("plan|acct") == (400.0, 20.0)
+            finally:
+                other.close()
             stats = store.stats()
             assert (stats["fallbacks"], stats["recoveries"]) == (1, 1)
             assert stats["fallback"] == "no"
