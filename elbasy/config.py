@@ -624,9 +624,9 @@ class Config:
         Integer(1, QUOTA_INSTANCES_MAX),
         1,
         "Machines (elbasy instances) sharing the Redis quota store. While Redis is "
-        "unreachable each worker keeps to 1 / (instances x workers) of every account's "
-        "capacity and rate, so the fleet stays within each limit; 1 assumes this machine "
-        "is alone.",
+        "unreachable this machine's workers keep to 1 / instances of every account's "
+        "capacity and rate (one table in shared memory), so the fleet stays within each "
+        "limit; 1 assumes this machine is alone.",
     )
     quota_redis_timeout: float = setting(
         Seconds(0.01, 10),

@@ -4,10 +4,13 @@
 :class:`~elbasy.quota.QuotaStore` that sends every step to the shared store
 (:class:`~elbasy.redis_store.RedisStore`) and, when that store fails (Redis
 unreachable, or slower than its timeout, ``--quota-redis-timeout``), answers
-from a **local share** instead: a :class:`~elbasy.quota.LocalStore` in which
-every limit has ``share`` of its capacity and rate. With ``share`` =
-1 / (``--quota-instances`` x workers per instance), the shares of every worker
-of every machine add up to the API's limit, so elbasy never fails a request
+from a **local share** instead: a store in which every limit has ``share``
+of its capacity and rate. ``--quota-store redis://`` gives every worker of a
+machine one :class:`~elbasy.shm.ShmStore` on a table the supervisor made
+(the machine's share) and ``share`` = 1 / ``--quota-instances``; a
+:class:`~elbasy.quota.LocalStore` per worker with 1 / (instances x workers)
+works too. Either way the shares of every machine add up to the API's
+limit, so elbasy never fails a request
 because Redis is down and the fleet together stays within each limit (the
 one excess possible is at the switch itself: see below).
 
@@ -437,16 +440,22 @@ class FleetStore:
     # ------------------------------------------------------------------ the line, housekeeping
 
     def fileno(self) -> int:
-        return self.shared.fileno() if self.shared is not None else -1
+        """The shared store's fd to wait on, else the local share's (a table
+        shared by the machine's workers wakes them when one gives units back)."""
+        fd = self.shared.fileno() if self.shared is not None else -1
+        return fd if fd >= 0 else self.local.fileno()
 
     def moved(self) -> list[str]:
-        if self.down or self.shared is None:
-            return self.local.moved()
-        try:
-            return self.shared.moved()
-        except self.errors as exc:
-            self._fail(exc)
-            return []
+        out = self.local.moved()  # always read: its fd must not stay readable
+        if not self.down and self.shared is not None:
+            try:
+                more = self.shared.moved()
+            except self.errors as exc:
+                self._fail(exc)
+            else:
+                if more:
+                    out = list(dict.fromkeys([*out, *more]))
+        return out
 
     def stats(self) -> dict[str, int | str]:
         """For /healthz: the shared store's, and what the fall back did."""

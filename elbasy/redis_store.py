@@ -77,7 +77,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha1
 from pathlib import Path
 from typing import Any, Literal
@@ -180,10 +180,13 @@ def connect(url: str, *, timeout: float = 0.5, password: str | None = None) -> A
 @dataclass(frozen=True, slots=True)
 class RedisShared:
     """What the supervisor hands every worker for ``--quota-store redis://``: the
-    URL only (each worker connects after the fork: a socket is never shared)."""
+    URL (each worker connects after the fork: a socket is never shared) and the
+    machine's shared-memory table its workers fall back on together while
+    Redis is down (elbasy.fleet_store; None: each worker on its own)."""
 
     url: str
     timeout: float = 0.5
+    table: Any = field(default=None, compare=False, repr=False)
 
     def redacted(self) -> str:
         """The URL without its password, for logs."""

@@ -122,10 +122,18 @@ def make_store(config: Config, shared: Any, slot: int) -> Any:
         # bounded by the timeout; beyond it a local share of every account answers
         # the settings of this worker's config (a reload's new workers take new ones)
         timeout = config.quota_redis_timeout
+        if shared.table is not None:
+            from elbasy.shm import ShmStore
+
+            # the machine's share, in one table for all its workers
+            local: Any = ShmStore(shared.table, slot, safety)
+            share = 1.0 / config.quota_instances
+        else:
+            local, share = LocalStore(safety), 1.0 / (
+                config.quota_instances * worker_count(config.workers)
+            )
         return FleetStore(
-            lambda: RedisStore(shared.url, safety, timeout=timeout),
-            LocalStore(safety),
-            share=1.0 / (config.quota_instances * worker_count(config.workers)),
+            lambda: RedisStore(shared.url, safety, timeout=timeout), local, share=share
         )
     from elbasy.shm import ShmStore
 

@@ -28,10 +28,12 @@ from collections.abc import Iterator
 import pytest
 from redis_server import RedisServer
 
+from elbasy._shm import ShmTable
 from elbasy.fleet_store import FleetStore
 from elbasy.limits import BUCKET, WINDOW, Limit, ServerView
 from elbasy.quota import LocalStore, Reservation, Safety, Shed
 from elbasy.redis_store import RedisStore
+from elbasy.shm import ShmStore
 
 EXACT = Safety(margin=0.0, headroom=0.0, jitter=0.0, guard=0.0)
 #: a bucket that leaks about nothing during a test: what is admitted is its capacity
@@ -268,3 +270,42 @@ def test_reports_reach_the_local_share_scaled(redis_url: str) -> None:
     finally:
         store.down = False
         store.close()
+
+
+def test_a_machines_workers_share_one_table_while_redis_is_down(own_redis: RedisServer) -> None:
+    """--quota-store redis:// on a machine of four workers: their local shares
+    are one shared-memory table (elbasy.supervisor.make_shared), so with two
+    instances the machine keeps to half of each limit however its accounts'
+    clients spread over its workers."""
+    table = ShmTable(4096)
+    workers = [
+        FleetStore(
+            lambda: RedisStore(own_redis.url, EXACT, timeout=TIMEOUT),
+            ShmStore(table, slot, EXACT),
+            share=0.5,  # two instances
+            backoff=60.0,
+            backoff_max=60.0,
+        )
+        for slot in range(4)
+    ]
+    try:
+        now = time.time()
+        os.kill(own_redis.proc.pid, signal.SIGKILL)
+        own_redis.proc.wait(timeout=5)
+        # the clients of one account spread over the four workers: 20 in all, not 80
+        got = sum(admitted(w, "d", SLOW, now, tries=30) for w in workers)
+        assert got == 20, got
+        assert all(w.down and w.fallbacks == 1 for w in workers)
+        # one worker's give-back wakes the others through the table's fd
+        r = workers[0].reserve(["e"], [SLOW], 1, now, 60.0)
+        assert isinstance(r, Reservation) and r.fallback
+        assert workers[1].fileno() >= 0 and workers[1].fileno() == workers[1].local.fileno()
+        behind = workers[1].reserve(["e"], [SLOW], 1, now, 60.0)  # waits in worker 1
+        assert isinstance(behind, Reservation) and behind.fallback
+        workers[1].moved()
+        assert workers[0].give_back(r, now) is True
+        assert workers[1].moved() == ["e"]
+    finally:
+        for w in workers:
+            w.close()
+        table.close()
