@@ -236,16 +236,19 @@ def test_shopify_rest_through_a_killed_worker(
 
 
 @pytest.mark.load
+@pytest.mark.parametrize("workers", [1, 2])
 def test_shopify_rest_through_redis_killed_and_back(
     proxy: Callable[..., Proxy],
     api_ca: tuple[origins.TestCA, Path],
     shopify: RemoteMock,
     tmp_path: Path,
+    workers: int,
 ) -> None:
     """--quota-store redis:// under the REST load, its Redis killed (SIGKILL)
-    mid-run: no request fails or is shed, the worker keeps pacing on its
-    local share (one instance: the whole quota), and once Redis is back on the
-    same port the quota is shared in Redis again (issue 14)."""
+    mid-run: no request fails or is shed, the workers keep pacing on the
+    machine's share (one instance: the whole quota, one shared-memory table
+    for its workers), and once Redis is back on the same port the quota is
+    shared in Redis again (issue 14)."""
     configure_plans(shopify)
     server = RedisServer()
     port = server.port
@@ -258,6 +261,8 @@ def test_shopify_rest_through_redis_killed_and_back(
             {"*.myshopify.com": shopify.port},
             "--quota-store",
             server.url,
+            "--workers",
+            str(workers),
         )
 
         def kill_redis() -> None:
