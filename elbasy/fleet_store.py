@@ -173,7 +173,7 @@ class FleetStore:
             self._wait = self.backoff
             log.warning(
                 "quota store %s unreachable (%s): each account now gets a local share of "
-                "%.4g of its capacity and rate in this worker until it answers again",
+                "%.4g of its capacity and rate until it answers again",
                 self.name,
                 self.last_error,
                 self.share,
