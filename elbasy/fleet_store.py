@@ -10,9 +10,9 @@ machine one :class:`~elbasy.shm.ShmStore` on a table the supervisor made
 (the machine's share) and ``share`` = 1 / ``--quota-instances``; a
 :class:`~elbasy.quota.LocalStore` per worker with 1 / (instances x workers)
 works too. Either way the shares of every machine add up to the API's
-limit, so elbasy never fails a request
-because Redis is down and the fleet together stays within each limit (the
-one excess possible is at the switch itself: see below).
+limit, so elbasy never fails a request because Redis is down and the fleet
+together stays within each limit (the one excess possible is at the switch
+itself: see below).
 
 The rules it keeps:
 
