@@ -459,6 +459,8 @@ QUOTA_STORES = ("auto", "shm", "local")
 QUOTA_REDIS_SCHEMES = ("redis", "rediss", "unix")
 QUOTA_CAPACITY_MIN = 64
 QUOTA_CAPACITY_MAX = 1 << 24
+#: the most elbasy machines ``--quota-instances`` may say share one Redis
+QUOTA_INSTANCES_MAX = 1024
 
 #: ``--config FILE``: read before the other options; its keys are their names
 CONFIG_FILE = Setting(
@@ -614,6 +616,21 @@ class Config:
         "auto (shm), or redis://HOST:PORT/DB (also rediss://, unix://; password from the "
         "URL or ELBASY_REDIS_PASSWORD): one Redis server shared by every machine. The "
         "Redis store blocks a worker for one round trip per quota step (a first wiring).",
+    )
+    quota_instances: int = setting(
+        Integer(1, QUOTA_INSTANCES_MAX),
+        1,
+        "Machines (elbasy instances) sharing the Redis quota store. While Redis is "
+        "unreachable this machine's workers keep to 1 / instances of every account's "
+        "capacity and rate (one table in shared memory), so the fleet stays within each "
+        "limit; 1 assumes this machine is alone.",
+    )
+    quota_redis_timeout: float = setting(
+        Seconds(0.01, 10),
+        0.25,
+        "Longest a quota step waits for Redis; beyond it the worker falls back to its "
+        "local share (see --quota-instances) and asks Redis again with backoff "
+        "(0.5 s doubling to 10 s).",
     )
     quota_capacity: int = setting(
         Integer(QUOTA_CAPACITY_MIN, QUOTA_CAPACITY_MAX, "16 M"),

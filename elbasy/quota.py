@@ -119,6 +119,9 @@ class Reservation:
     sent: bool = False
     landed: bool = False  # sent, and its answer came (or its exchange ended)
     returned: bool = False  # its place was given back (the client left)
+    # made by a fleet store's local share (elbasy.fleet_store) while its shared
+    # store was unreachable: every later step on it goes to that share
+    fallback: bool = False
 
     @property
     def cost(self) -> float:

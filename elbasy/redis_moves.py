@@ -45,9 +45,16 @@ def decode(data: bytes) -> tuple[str, list[str]]:
 
 
 class RedisMoves:
-    """The keys other stores on ``channel`` moved, for the loop (fileno, take)."""
+    """The keys other stores on ``channel`` moved, for the loop (fileno, take).
 
-    def __init__(self, client: Any, channel: str, origin: str, every_line: str) -> None:
+    ``wake_fd``: an eventfd the loop already watches (the machine's shared
+    table's, which its workers' local shares use) to signal instead of one
+    of its own, so one fd wakes the loop for both.
+    """
+
+    def __init__(
+        self, client: Any, channel: str, origin: str, every_line: str, wake_fd: int = -1
+    ) -> None:
         self._client = client
         self.channel = channel
         self.origin = origin
@@ -56,7 +63,8 @@ class RedisMoves:
         self._lost = False  # the queue overflowed or the connection broke: re-check all
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._owns_fd = wake_fd < 0
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if wake_fd < 0 else wake_fd
         self.messages = 0  # heard from others
         self.reconnects = 0
         self._thread = threading.Thread(target=self._listen, name="elbasy-redis-moves", daemon=True)
@@ -83,7 +91,8 @@ class RedisMoves:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2 * _POLL + 1)
-        os.close(self._efd)
+        if self._owns_fd:
+            os.close(self._efd)
 
     # ------------------------------------------------------------------ the thread
 

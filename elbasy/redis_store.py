@@ -62,8 +62,11 @@ What is missing (issue 14), said plainly:
   every account (``<prefix>moved``, elbasy.redis_moves), one extra blocking
   ``PUBLISH``; a channel per account, or the scripts publishing, would be
   leaner, and a lost message is caught only by ``recheck``;
-* no fallback: when Redis is unreachable a call raises
-  ``redis.exceptions.ConnectionError`` (or ``TimeoutError``);
+* a call here raises ``redis.exceptions.ConnectionError`` (or
+  ``TimeoutError``) when Redis is unreachable or slow: what
+  ``--quota-store redis://`` builds is a :class:`~elbasy.fleet_store.FleetStore`
+  around this store, which falls back to a local share of each account's
+  quota then (and comes back);
 * no Sentinel or Cluster client yet (the keys are ready for a cluster).
 """
 
@@ -75,7 +78,7 @@ import struct
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha1
 from pathlib import Path
 from typing import Any, Literal
@@ -188,10 +191,13 @@ def connect(url: str, *, timeout: float = 0.5, password: str | None = None) -> A
 @dataclass(frozen=True, slots=True)
 class RedisShared:
     """What the supervisor hands every worker for ``--quota-store redis://``: the
-    URL only (each worker connects after the fork: a socket is never shared)."""
+    URL (each worker connects after the fork: a socket is never shared) and the
+    machine's shared-memory table its workers fall back on together while
+    Redis is down (elbasy.fleet_store; None: each worker on its own)."""
 
     url: str
     timeout: float = 0.5
+    table: Any = field(default=None, compare=False, repr=False)
 
     def redacted(self) -> str:
         """The URL without its password, for logs."""
@@ -257,6 +263,7 @@ class RedisStore:
         timeout: float = 0.5,
         tag_of: Callable[[str], str] = account_tag,
         mono: Callable[[], float] = time.monotonic,
+        wake_fd: int = -1,
     ) -> None:
         if clock not in ("server", "caller"):
             raise ValueError(f"clock must be 'server' or 'caller', got {clock!r}")
@@ -295,7 +302,11 @@ class RedisStore:
         self.load_scripts()
         # other stores' refunds and places given back, heard on a thread of its own
         self._moves = RedisMoves(
-            self.client, f"{prefix}moved", f"{os.getpid()}-{uuid.uuid4().hex}", EVERY_LINE
+            self.client,
+            f"{prefix}moved",
+            f"{os.getpid()}-{uuid.uuid4().hex}",
+            EVERY_LINE,
+            wake_fd,
         )
 
     # ------------------------------------------------------------------ scripts
@@ -584,6 +595,10 @@ class RedisStore:
             "calls": self.calls,
             "script_reloads": self.reloads,
         }
+
+    def ping(self) -> None:
+        """One PING (bounded by the timeout): raises when the server does not answer."""
+        self.client.ping()
 
     def close(self) -> None:
         self._moves.close()

@@ -115,8 +115,29 @@ def make_store(config: Config, shared: Any, slot: int) -> Any:
     from elbasy.redis_store import RedisShared, RedisStore
 
     if isinstance(shared, RedisShared):
-        # blocking: one round trip per quota step (elbasy.redis_store's docstring)
-        return RedisStore(shared.url, safety, timeout=shared.timeout)
+        from elbasy.config import worker_count
+        from elbasy.fleet_store import FleetStore
+
+        # blocking: one round trip per quota step (elbasy.redis_store's docstring),
+        # bounded by the timeout; beyond it a local share of every account answers
+        # the settings of this worker's config (a reload's new workers take new ones)
+        timeout = config.quota_redis_timeout
+        if shared.table is not None:
+            from elbasy.shm import ShmStore
+
+            # the machine's share, in one table for all its workers
+            local: Any = ShmStore(shared.table, slot, safety)
+            share = 1.0 / config.quota_instances
+        else:
+            local, share = LocalStore(safety), 1.0 / (
+                config.quota_instances * worker_count(config.workers)
+            )
+        return FleetStore(
+            # other machines' refunds wake the loop through the local share's fd
+            lambda: RedisStore(shared.url, safety, timeout=timeout, wake_fd=local.fileno()),
+            local,
+            share=share,
+        )
     from elbasy.shm import ShmStore
 
     return ShmStore(shared, slot, safety)

@@ -121,18 +121,27 @@ def make_shared(config: Config) -> Any:
     if store_kind(config) == "redis":
         from elbasy.redis_store import RedisShared, check_reachable
 
-        shared = RedisShared(config.quota_store)
+        shared = RedisShared(config.quota_store, timeout=config.quota_redis_timeout)
         try:
             version = check_reachable(shared)
         except ConnectionError as exc:
             raise StartupError(f"--quota-store: cannot reach {exc}") from None
+        from elbasy.shm import ShmTable
+
+        # the machine's share while Redis is down, one table for all its workers
+        table = ShmTable(config.quota_capacity, facts=config.quota_capacity)
         log.warning(
             "quota in Redis %s at %s, shared by every machine; each quota step blocks "
-            "its worker for one round trip (first wiring, issue 14)",
+            "its worker for one round trip (first wiring, issue 14), at most %g s: then "
+            "this machine keeps to a share of 1/%d of each account (a table in shared "
+            "memory, %.1f MiB) until Redis answers",
             version,
             shared.redacted(),
+            shared.timeout,
+            config.quota_instances,
+            table.size / (1 << 20),
         )
-        return shared
+        return RedisShared(shared.url, shared.timeout, table)
     from elbasy.shm import ShmTable
 
     # facts: a plan per bucket, a tier per account and the GraphQL shapes
@@ -149,9 +158,10 @@ def make_shared(config: Config) -> Any:
 def on_worker_gone(shared: Any, slot: int) -> None:
     """A worker that held ``slot`` was reaped: the units it had queued leave
     every bucket (its held requests will never depart), and the slot is free."""
-    if shared is None or not hasattr(shared, "release_slot"):
-        return  # no store, or Redis: a worker's queued units expire with its records
-    released = shared.release_slot(slot)
+    table = getattr(shared, "table", shared)  # Redis: the table of its local share
+    if table is None or not hasattr(table, "release_slot"):
+        return  # no store: nothing shared; in Redis a worker's units expire with its records
+    released = table.release_slot(slot)
     if released:
         log.info("worker slot %d: its queued units left %d buckets", slot, released)
 
@@ -535,11 +545,11 @@ class Supervisor:
                 store_kind(new) == "redis" and new.quota_store != self.config.quota_store
             ):
                 raise StartupError("a reload cannot change --quota-store; restart elbasy")
-            capacity = getattr(self.shared, "capacity", None)
+            table = getattr(self.shared, "table", self.shared)  # Redis: its share's table
+            capacity = getattr(table, "capacity", None)
             if capacity is not None and new.quota_capacity != capacity:
                 log.warning(
-                    "reload: the quota table keeps its %d buckets until a restart",
-                    self.shared.capacity,
+                    "reload: the quota table keeps its %d buckets until a restart", capacity
                 )
             prepare_ca(new)
             count = worker_count(new.workers)

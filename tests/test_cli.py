@@ -160,6 +160,8 @@ DEFAULTS = {
     "quota_margin": 0.01,
     "quota_store": "auto",
     "quota_capacity": 65536,
+    "quota_instances": 1,
+    "quota_redis_timeout": 0.25,
 }
 
 
@@ -195,6 +197,8 @@ def test_every_option_from_the_command_line() -> None:
             "--quota-margin=0.05",
             "--quota-store=shm",
             "--quota-capacity=1024",
+            "--quota-instances=3",
+            "--quota-redis-timeout=0.5",
             "--log-file=/tmp/elbasy.log",
             "--workers=auto",
             "--drain-timeout=7.5",
@@ -225,6 +229,8 @@ def test_every_option_from_the_command_line() -> None:
         "quota_margin": 0.05,
         "quota_store": "shm",
         "quota_capacity": 1024,
+        "quota_instances": 3,
+        "quota_redis_timeout": 0.5,
     }
 
 
@@ -250,6 +256,8 @@ def test_every_option_from_the_environment() -> None:
         "ELBASY_QUOTA_MARGIN": "0.02",
         "ELBASY_QUOTA_STORE": "shm",
         "ELBASY_QUOTA_CAPACITY": "100000",
+        "ELBASY_QUOTA_INSTANCES": "4",
+        "ELBASY_QUOTA_REDIS_TIMEOUT": "0.1",
         "ELBASY_WORKERS": "3",
         "ELBASY_DRAIN_TIMEOUT": "0",
         "ELBASY_RULES": "bigcommerce",
@@ -276,6 +284,8 @@ def test_every_option_from_the_environment() -> None:
         "quota_margin": 0.02,
         "quota_store": "shm",
         "quota_capacity": 100000,
+        "quota_instances": 4,
+        "quota_redis_timeout": 0.1,
         "workers": 3,
         "drain_timeout": 0.0,
     }

@@ -392,6 +392,8 @@ def test_config_keys_are_the_option_names() -> None:
         "quota_margin",
         "quota_store",
         "quota_capacity",
+        "quota_instances",
+        "quota_redis_timeout",
     }
 
 

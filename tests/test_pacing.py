@@ -26,6 +26,7 @@ import origins
 import pytest
 from conftest import Proxy
 from mockapis.remote import RemoteMock
+from redis_server import RedisServer
 
 SHOPS = 50
 PLUS_SHOPS = 5  # shops 0..4 are on Shopify Plus
@@ -347,6 +348,64 @@ def test_shopify_rest_through_a_killed_worker(
     assert stats["totals"]["rest_throttled"] == 0, stats["totals"]
     for (s, a), (_, k) in snapshot(shopify).items():
         assert k["peak_used"] <= (400 if s < PLUS_SHOPS else 40), (s, a)
+
+
+@pytest.mark.load
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shopify_rest_through_redis_killed_and_back(
+    proxy: Callable[..., Proxy],
+    api_ca: tuple[origins.TestCA, Path],
+    shopify: RemoteMock,
+    tmp_path: Path,
+    workers: int,
+) -> None:
+    """--quota-store redis:// under the REST load, its Redis killed (SIGKILL)
+    mid-run: no request fails or is shed, the workers keep pacing on the
+    machine's share (one instance: the whole quota, one shared-memory table
+    for its workers), and once Redis is back on the same port the quota is
+    shared in Redis again (issue 14)."""
+    configure_plans(shopify)
+    server = RedisServer()
+    port = server.port
+    revived: list[RedisServer] = []
+    try:
+        p, ca = elbasy_for(
+            proxy,
+            api_ca,
+            tmp_path,
+            {"*.myshopify.com": shopify.port},
+            "--quota-store",
+            server.url,
+            "--workers",
+            str(workers),
+        )
+
+        def kill_redis() -> None:
+            os.kill(server.proc.pid, signal.SIGKILL)
+
+        outcomes, _ = load.run(p.port, ca, shop_clients(), 8.0, at=(3.0, kill_redis))
+        quota = p.healthz()["quota"]
+        assert quota["store"] == "redis" and quota["fallback"] == "local", quota
+        assert quota["fallbacks"] == 1 and quota["local_steps"] > 500, quota
+        revived.append(RedisServer(port=port))
+        # the next PING is due within 8 s of the kill (0.5, 1, 2, 4 s), then 1 s of relearning
+        more, _ = load.run(p.port, ca, shop_clients(), 8.0)
+        quota = p.healthz()["quota"]
+        assert quota["fallback"] == "no" and quota["recoveries"] == 1, quota
+        for name in outcomes:
+            for run, out in (("outage", outcomes[name]), ("back", more[name])):
+                assert not out.errors, (run, name, out.errors[:3])
+                assert out.shed == 0, (run, name, out.retry_afters[:3])
+        stats = shopify.stats()
+        print(f"quota after the outage: {quota}; the mock: {stats['totals']}")
+        assert stats["totals"]["accepted"] > 2500  # the load was real
+        assert stats["totals"]["rest_throttled"] == 0, stats["totals"]
+        for (s, a), (_, k) in snapshot(shopify).items():
+            assert k["peak_used"] <= (400 if s < PLUS_SHOPS else 40), (s, a)
+    finally:
+        server.stop()
+        for r in revived:
+            r.stop()
 
 
 def test_shopify_rest_with_outside_traffic(

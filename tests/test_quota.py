@@ -19,8 +19,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
+from redis_server import free_port
 
 from elbasy._shm import ShmTable
+from elbasy.fleet_store import FleetStore
 from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit
 from elbasy.pacing import Pacer
 from elbasy.quota import (
@@ -46,15 +48,21 @@ ETSY_QPD = Limit("etsy-qpd", ROLLING, capacity=30, window=86400, sub_buckets=12)
 MakeStore = Callable[[Safety], QuotaStore]
 
 
-@pytest.fixture(params=["local", "shm", "redis"])
+@pytest.fixture(params=["local", "shm", "redis", "fleet", "fleet-down", "fleet-shm-down"])
 def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
     """A maker of stores of one kind: LocalStore, ShmStore on a fresh table, or
     RedisStore on the session's real redis-server (an empty database; each
     store made has its own key prefix, so two are as independent as two
-    LocalStores). RedisStore takes the tests' explicit times (clock="caller")."""
+    LocalStores). RedisStore takes the tests' explicit times (clock="caller").
+    ``fleet``: a FleetStore on such a RedisStore (Redis answering: every step is
+    Redis'); ``fleet-down``: a FleetStore whose Redis nobody listens on, so its
+    local share (the whole quota: one instance, one worker) answers every step;
+    ``fleet-shm-down``: the same with the share in a shared-memory table (a
+    machine's workers' share)."""
     tables: list[ShmTable] = []
     redis_stores: list[RedisStore] = []
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    url = request.getfixturevalue("redis_url") if request.param in ("redis", "fleet") else ""
+    fleets: list[FleetStore] = []
 
     def make(safety: Safety) -> QuotaStore:
         if request.param == "local":
@@ -63,10 +71,29 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
             prefix = f"elbasy-test:{len(redis_stores)}:"
             redis_stores.append(RedisStore(url, safety, clock="caller", prefix=prefix))
             return redis_stores[-1]
+        if request.param.startswith("fleet"):
+            prefix = f"elbasy-test-fleet:{len(fleets)}:"
+            where = url or f"redis://127.0.0.1:{free_port()}/0"
+            local: QuotaStore = LocalStore(safety)
+            if request.param == "fleet-shm-down":
+                tables.append(ShmTable(4096))
+                local = ShmStore(tables[-1], 0, safety)
+            fleets.append(
+                FleetStore(
+                    lambda: RedisStore(where, safety, clock="caller", prefix=prefix, timeout=0.25),
+                    local,
+                    backoff=3600.0,
+                    backoff_max=3600.0,
+                )
+            )
+            assert fleets[-1].down is request.param.endswith("down")
+            return fleets[-1]
         tables.append(ShmTable(4096))
         return ShmStore(tables[-1], 0, safety)
 
     yield make
+    for fs in fleets:
+        fs.close()
     for table in tables:
         table.close()
     for rs in redis_stores:

@@ -85,6 +85,8 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "quota_margin": (0, 0.25),
     "quota_store": ("shm", "local"),
     "quota_capacity": (1024, 200000),
+    "quota_instances": (2, 1024),
+    "quota_redis_timeout": (0.01, 1.5),
     "log_file": ("/tmp/elbasy-a.log", "/tmp/elbasy-b.log"),
     "workers": (2, "auto"),
     "drain_timeout": (0, 12.5),
