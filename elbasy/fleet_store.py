@@ -215,6 +215,20 @@ class FleetStore:
         )
         return self.shared
 
+    def shared_now(self, *, new: bool = False) -> Pingable | None:
+        """The shared store when a step may go to it now, or None: the local
+        share answers. ``new``: for a new reservation, which stays on the local
+        share while a recovered store relearns (the module docstring)."""
+        store = self._up()
+        if store is not None and new and self._mono() < self._relearn_until:
+            return None
+        return store
+
+    def fail(self, exc: BaseException) -> None:
+        """A step on the shared store failed elsewhere (elbasy.piped_store's own
+        socket): fall back as if one of this class's calls had."""
+        self._fail(exc)
+
     def _scaled(self, limits: Sequence[Limit]) -> tuple[Limit, ...]:
         """The limits of the local share: ``share`` of each capacity and rate."""
         value = tuple(limits)
@@ -283,10 +297,8 @@ class FleetStore:
         now: float,
         max_wait: float,
     ) -> Reservation | Shed:
-        store = self._up()
-        if store is not None and (
-            self._relearn_until == -math.inf or self._mono() >= self._relearn_until
-        ):
+        store = self.shared_now(new=True)
+        if store is not None:
             try:
                 return store.reserve(keys, limits, cost, now, max_wait)
             except self.errors as exc:
@@ -359,6 +371,26 @@ class FleetStore:
         elif r.sent and r.limits and not self._owed(r, lambda s: s.settle(r, actual, now)):
             r.landed = True
 
+    def observe_local(
+        self,
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        views: Sequence[ServerView],
+        now: float,
+    ) -> None:
+        """The local share learns every report (scaled), so it is current when needed."""
+        self.local.observe(keys, self._scaled(limits), self._scaled_views(views), now)
+
+    def throttled_local(
+        self,
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        now: float,
+        retry_after: float | None,
+    ) -> float:
+        """The local share hears a refusal too (the server's block holds for all)."""
+        return self.local.throttled(keys, self._scaled(limits), now, retry_after)
+
     def observe(
         self,
         keys: Sequence[str],
@@ -366,8 +398,7 @@ class FleetStore:
         views: Sequence[ServerView],
         now: float,
     ) -> None:
-        # the local share learns every report (scaled), so it is current when needed
-        self.local.observe(keys, self._scaled(limits), self._scaled_views(views), now)
+        self.observe_local(keys, limits, views, now)
         store = self._up()
         if store is not None:
             try:
@@ -382,7 +413,7 @@ class FleetStore:
         now: float,
         retry_after: float | None,
     ) -> float:
-        until = self.local.throttled(keys, self._scaled(limits), now, retry_after)
+        until = self.throttled_local(keys, limits, now, retry_after)
         store = self._up()
         if store is not None:
             try:

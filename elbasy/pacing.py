@@ -49,7 +49,21 @@ from dataclasses import dataclass, replace
 
 from elbasy.limits import BUCKET, Limit, ServerView
 from elbasy.protocol.http1 import IDEMPOTENT_METHODS
-from elbasy.quota import EVERY_LINE, LocalStore, QuotaStore, Reservation, Shed, StoreFull
+from elbasy.quota import (
+    CONFIRM,
+    EARLIEST,
+    EVERY_LINE,
+    LATER,
+    RESERVE,
+    LateAnswer,
+    Later,
+    LocalStore,
+    PipedQuotaStore,
+    QuotaStore,
+    Reservation,
+    Shed,
+    StoreFull,
+)
 from elbasy.rules import Match, RuleSet
 from elbasy.verdicts import NOW
 
@@ -112,6 +126,12 @@ class Paced:
     waiter: object = None
     gone: bool = False  # left its line from the middle; dropped when it reaches the front
     actual: float | None = None  # what the server said it cost (GraphQL), once answered
+    # a piped store (Redis): the step whose answer it waits for (RESERVE,
+    # CONFIRM, EARLIEST) or "", and what came of it
+    pending: str = ""
+    left: bool = False  # its client left while an answer was on its way
+    ask_again: bool = False  # its line moved while its earliest was on its way
+    refused: Verdict | None = None  # its reservation's answer was a shed
 
     def waited(self) -> float:
         return max(0.0, self.sent_at - self.arrived) if self.sent_at else 0.0
@@ -142,6 +162,9 @@ class Pacer:
     ) -> None:
         self.rules = rules
         self.store = store
+        # a store across a network (Redis) answers the steps that decide a
+        # departure later, through its fd: held requests wait for them
+        self.piped: PipedQuotaStore | None = store if getattr(store, "piped", False) else None  # type: ignore[assignment]
         # what the rules learn (tiers, query shapes' costs) is kept where the
         # quota is: shared by every worker of a shared store
         rules.facts = store
@@ -271,21 +294,26 @@ class Pacer:
         if not any(m.costs):
             return Verdict()  # not paced (a query the server refuses unrun): never waits
         try:
-            r = self.store.reserve(m.keys, self.limits(m), m.costs, wall_now, paced.max_wait)
+            if self.piped is not None:
+                limits = self.limits(m)
+                got = self.piped.reserve_later(
+                    paced, m.keys, limits, m.costs, wall_now, paced.max_wait
+                )
+                if got is LATER:
+                    # it takes its place in its line now; the answer says when it goes
+                    paced.waiter = waiter
+                    paced.pending = RESERVE
+                    self._open_line(m.keys).append(paced)
+                    paced.line = m.keys
+                    return Verdict(depart=self._net())
+                assert not isinstance(got, Later)
+                r = got
+            else:
+                r = self.store.reserve(m.keys, self.limits(m), m.costs, wall_now, paced.max_wait)
         except StoreFull as e:
-            self.counters["store_full"] += 1
-            log.warning("no room for %s in the quota table: %s", m.label, e)
-            return Verdict(shed_after=STORE_FULL_RETRY, full=True)
+            return self._no_room(m, e)
         if isinstance(r, Shed):
-            self.counters["shed"] += 1
-            log.info(
-                "shed a request for %s: %s has no room for %.1f s (max wait %.1f s)",
-                m.label,
-                r.limit,
-                r.retry_after,
-                paced.max_wait,
-            )
-            return Verdict(shed_after=r.retry_after, limit=r.limit)
+            return self._shed(m, paced, r)
         paced.reservation = r
         paced.waiter = waiter
         line = self._lines.get(m.keys)
@@ -303,6 +331,22 @@ class Pacer:
         paced.due = self._head_due(paced, later)
         return Verdict(depart=paced.due)
 
+    def _no_room(self, m: Match, e: StoreFull) -> Verdict:
+        self.counters["store_full"] += 1
+        log.warning("no room for %s in the quota table: %s", m.label, e)
+        return Verdict(shed_after=STORE_FULL_RETRY, full=True)
+
+    def _shed(self, m: Match, paced: Paced, r: Shed) -> Verdict:
+        self.counters["shed"] += 1
+        log.info(
+            "shed a request for %s: %s has no room for %.1f s (max wait %.1f s)",
+            m.label,
+            r.limit,
+            r.retry_after,
+            paced.max_wait,
+        )
+        return Verdict(shed_after=r.retry_after, limit=r.limit)
+
     def priced(self, paced: Paced, body: bytes, waiter: object = None) -> Verdict:
         """The request body is here (GraphQL): price it by its query, then admit it."""
         paced.match = self.rules.cost_for(paced.match, body)
@@ -310,8 +354,18 @@ class Pacer:
 
     # ------------------------------------------------------------------ 3. departure
 
-    def departing(self, paced: Paced) -> float:
-        """At the departure time: NOW to send now, or a later (monotonic) time."""
+    def departing(self, paced: Paced) -> float | Verdict:
+        """At the departure time: NOW to send now, or a later (monotonic) time;
+        with a piped store, a shed Verdict when its reservation's answer was one."""
+        if self.piped is not None and (paced.pending or paced.refused is not None):
+            if paced.pending:
+                # the net timer of a step whose answer is overdue: the store answers
+                # it (and every other in flight) from its fallback now
+                self._deliver(self.piped.late(self.wall()))
+            if paced.refused is not None:
+                return paced.refused
+            if paced.pending:
+                return self._net()  # not overdue yet
         r = paced.reservation
         if r is None or r.sent:
             return NOW
@@ -320,12 +374,126 @@ class Pacer:
             # not first yet (the net under a lost wake-up): nudge the first, wait on
             self._wake_first(line)
             return self.mono() + NOT_FIRST_WAIT
-        later = self.store.confirm(r, self.wall())
+        return self._confirm(paced)
+
+    def _confirm(self, paced: Paced) -> float:
+        """The first in its line asks to leave: NOW, a later time, or (piped) the
+        net timer while the store's answer is on its way."""
+        r = paced.reservation
+        assert r is not None
+        wall_now = self.wall()
+        if self.piped is not None:
+            got = self.piped.confirm_later(paced, r, wall_now)
+            if got is LATER:
+                paced.pending = CONFIRM
+                return self._net()
+            assert not isinstance(got, Later)
+            later = got
+        else:
+            later = self.store.confirm(r, wall_now)
         if later is not None:
             paced.due = self._head_due(paced, later)
             return paced.due
         self._sent(paced)
         return NOW
+
+    # ------------------------------------------------------------------ answers that came later
+
+    def _net(self) -> float:
+        """How long a held request waits for a piped store's answer before it
+        asks the store to answer from its fallback (monotonic)."""
+        assert self.piped is not None
+        return self.mono() + self.piped.timeout
+
+    def _deliver(self, answers: list[LateAnswer]) -> None:
+        """A piped store's answers: each request they were for takes its next step."""
+        for token, kind, got in answers:
+            paced = token
+            assert isinstance(paced, Paced)
+            paced.pending = ""
+            if kind == RESERVE:
+                self._reserved(paced, got)
+            elif kind == CONFIRM:
+                self._confirmed(paced, got)
+            elif kind == EARLIEST:
+                self._earliest_came(paced, got)
+
+    def _reserved(self, paced: Paced, got: object) -> None:
+        m = paced.match
+        if paced.left:
+            if isinstance(got, Reservation):
+                paced.reservation = got
+                self._give_back(got)
+            return
+        if isinstance(got, StoreFull):
+            refused: Verdict | None = self._no_room(m, got)
+        elif isinstance(got, Shed):
+            refused = self._shed(m, paced, got)
+        else:
+            assert isinstance(got, Reservation)
+            refused = None
+            paced.reservation = got
+        waiter = paced.waiter
+        if refused is not None:
+            paced.refused = refused
+            self._leave_line(paced)  # the next one is woken if it was first
+            self.wake(waiter, NOW)
+            return
+        line = self._lines.get(paced.line) if paced.line is not None else None
+        if line and line[0] is paced:
+            self.wake(waiter, self._confirm(paced))
+        else:
+            self.wake(waiter, self.mono() + NOT_FIRST_WAIT)
+
+    def _confirmed(self, paced: Paced, later: object) -> None:
+        r = paced.reservation
+        assert r is not None and (later is None or isinstance(later, float))
+        if paced.left:
+            if r.sent:
+                self.counters["landed_unanswered"] += 1
+                self.store.landed(r, self.wall())
+            else:
+                self._give_back(r)
+            return
+        waiter = paced.waiter
+        if later is None:
+            self._sent(paced)
+            self.wake(waiter, NOW)
+        else:
+            paced.due = self._head_due(paced, later)
+            self.wake(waiter, paced.due)
+
+    def _earliest_came(self, paced: Paced, t: object) -> None:
+        assert isinstance(t, float)
+        if paced.left or paced.line is None:
+            return
+        line = self._lines.get(paced.line)
+        if not line or line[0] is not paced:
+            return
+        if paced.ask_again:
+            # its line moved while the answer was on its way: that answer may be stale
+            paced.ask_again = False
+            self._ask_earliest(paced)
+            return
+        due = self._head_due(paced, t) if t > self.wall() else self.mono()
+        paced.due = due
+        self.wake(paced.waiter, due)
+
+    def _ask_earliest(self, first: Paced) -> None:
+        """Ask a piped store when the first in its line may leave; its net timer
+        is armed meanwhile (or it is woken at once when the store answers now)."""
+        assert self.piped is not None
+        r = first.reservation
+        assert r is not None
+        wall_now = self.wall()
+        got = self.piped.earliest_later(first, r, wall_now)
+        if got is LATER:
+            first.pending = EARLIEST
+            self.wake(first.waiter, self._net())
+            return
+        assert isinstance(got, float)
+        first.due = self._head_due(first, got) if got > wall_now else self.mono()
+        self.wake(first.waiter, first.due)
 
     def _sent(self, paced: Paced) -> None:
         """It leaves now: out of its line, and the next one is woken."""
@@ -382,6 +550,11 @@ class Pacer:
                 self._close_line(key)
             return
         first = line[0]
+        if first.pending:
+            return  # its answer is on its way: that decides
+        if self.piped is not None:
+            self._ask_earliest(first)
+            return
         first.due = self._earliest(first)
         self.wake(first.waiter, first.due)
 
@@ -419,7 +592,10 @@ class Pacer:
             self._line_moved(line)
 
     def quota_moved(self) -> None:
-        """The store says other workers gave room back (its fd became readable)."""
+        """The store's fd became readable: answers came (a piped store), or
+        other workers gave room back."""
+        if self.piped is not None:
+            self._deliver(self.piped.answers(self.wall()))
         keys = self.store.moved()
         if not keys:
             return
@@ -435,6 +611,14 @@ class Pacer:
         if not line or line[0].gone:
             return
         first = line[0]
+        if first.pending:
+            # its answer is on its way and may be older than this move
+            first.ask_again = first.pending == EARLIEST
+            return
+        if self.piped is not None:
+            self.counters["woken_early"] += 1
+            self._ask_earliest(first)
+            return
         due = self._earliest(first)
         if due < first.due - 1e-6:
             first.due = due
@@ -586,6 +770,12 @@ class Pacer:
         (the upstream or the client went away mid-way) lands now, as the
         server may have counted it.
         """
+        if paced.pending in (RESERVE, CONFIRM):
+            # the answer on its way decides what is given back or landed
+            paced.left = True
+            self._leave_line(paced)
+            return
+        paced.left = True
         r = paced.reservation
         if r is None:
             return
@@ -594,10 +784,13 @@ class Pacer:
                 self.counters["landed_unanswered"] += 1
                 self.store.landed(r, self.wall())
             return
+        self._leave_line(paced)
+        self._give_back(r)
+
+    def _give_back(self, r: Reservation) -> None:
+        """A place nobody takes goes back: lines that share a bucket with it move up."""
         if self.store.give_back(r, self.wall()):
             self.counters["returned"] += 1
-        self._leave_line(paced)
-        # its units left the queue: lines that share a bucket with it move up
         self._buckets_moved(r.keys)
 
     def waiting(self) -> int:

@@ -233,10 +233,11 @@ class Policy:
             return self._shed(ex, v)
         return fwd._replace(depart=v.depart)
 
-    def _shed(self, ex: Exchange, v: Verdict) -> Reply:
+    def _shed(self, ex: Exchange, v: Verdict, *, close: bool = False) -> Reply:
         """elbasy's own 429: the request would wait longer than allowed; nothing was sent.
-        Or its 503 when the quota table has no room for the account."""
-        close = not ex.keep_alive
+        Or its 503 when the quota table has no room for the account. ``close``:
+        the connection ends after it (a held request's: its body is unread)."""
+        close = close or not ex.keep_alive
         if v.full:
             data = unavailable_response("the quota table is full", v.shed_after, close)
             status = 503
@@ -283,11 +284,15 @@ class Policy:
         """The quota store's fd became readable: another worker gave room back."""
         self.pacer.quota_moved()
 
-    def departing(self, ex: Exchange) -> float:
-        """A held request's departure time came: NOW to send it, or a later time."""
+    def departing(self, ex: Exchange) -> float | Reply:
+        """A held request's departure time came: NOW to send it, a later time,
+        or elbasy's 429 when its reservation's answer came late and shed it."""
         if ex.paced is None:
             return NOW
-        return self.pacer.departing(ex.paced)
+        got = self.pacer.departing(ex.paced)
+        if isinstance(got, Verdict):
+            return self._shed(ex, got, close=True)
+        return got
 
     def on_response_body(self, ex: Exchange, body: bytes) -> None:
         """The body of a paced response whose rule reads bodies (GraphQL cost)."""

@@ -221,6 +221,57 @@ class QuotaStore(Facts, Protocol):
 EVERY_LINE = "*"
 
 
+class Later:
+    """What a store that answers later (:class:`PipedQuotaStore`) returns for a
+    step it sent: the answer comes from its ``answers``."""
+
+    def __repr__(self) -> str:
+        return "LATER"
+
+
+LATER = Later()
+
+#: the steps whose answer a :class:`PipedQuotaStore` may give later, as it names them
+RESERVE, CONFIRM, EARLIEST = "reserve", "confirm", "earliest"
+
+#: one answer that came later: (the caller's token, the step, its result),
+#: the result as the blocking step returns it, or a StoreFull for a reserve
+LateAnswer = tuple[object, str, object]
+
+
+class PipedQuotaStore(QuotaStore, Protocol):
+    """A store whose server is across a network (Redis): the three steps whose
+    answer decides a departure are sent and answered later, so the loop never
+    waits on them (elbasy.piped_store). Its fd is readable when answers came;
+    its other steps never wait for an answer."""
+
+    #: True: the pacer uses the ``*_later`` steps
+    piped: bool
+    #: seconds an answer may take before the store answers from elsewhere
+    timeout: float
+
+    def reserve_later(
+        self,
+        token: object,
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        cost: float | Sequence[float],
+        now: float,
+        max_wait: float,
+    ) -> Reservation | Shed | Later: ...
+
+    def confirm_later(self, token: object, r: Reservation, now: float) -> float | None | Later: ...
+
+    def earliest_later(self, token: object, r: Reservation, now: float) -> float | Later: ...
+
+    def answers(self, now: float) -> list[LateAnswer]:
+        """The answers that came (call when the fd is readable). Never blocks."""
+
+    def late(self, now: float) -> list[LateAnswer]:
+        """Called when an answer is overdue: past the timeout, every step still
+        unanswered is answered from elsewhere (the fallback), here."""
+
+
 # --------------------------------------------------------------------------- per-limit state
 
 

@@ -139,6 +139,13 @@ class SocketPipe:
         self._fifo.append(call)
         self._out += _resp("EVALSHA", call.sha, str(len(keys)), *keys, blob)
 
+    def command(self, token: object, *args: bytes | str) -> None:
+        """Queue one plain command (PUBLISH, GET), answered in turn like a step."""
+        if self.closed is not None:
+            raise ConnectionError(f"the Redis pipe is closed: {self.closed}")
+        self._fifo.append(_Call(token, "", "", (), b""))
+        self._out += _resp(*args)
+
     def wants_write(self) -> bool:
         """Bytes the kernel did not take yet: watch the fd for writable, then flush()."""
         return bool(self._out)
@@ -186,6 +193,7 @@ class SocketPipe:
             if (
                 isinstance(reply, hiredis.ReplyError)
                 and str(reply).startswith(_NOSCRIPT)
+                and call.name
                 and not call.retried
             ):
                 # ran nothing: again, with the source (which loads it for later calls)

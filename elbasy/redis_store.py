@@ -129,6 +129,17 @@ STEPS = (
 )
 #: keys (and account tuples) this process remembers; cleared when it reaches this
 _REMEMBER = 100_000
+#: one step as it goes on the wire: (script name, Redis keys, ARGV[1])
+Step = tuple[str, tuple[str, ...], bytes]
+
+
+def unlimited(
+    keys: Sequence[str], costs: tuple[float, ...], now: float, max_wait: float
+) -> Reservation | Shed:
+    """The reservation of a request with no limits (nothing to ask the server)."""
+    if max_wait < -_EPS:
+        return Shed(0.0, "")
+    return Reservation(tuple(keys), (), costs, now, (), ())
 
 
 def _script(name: str) -> str:
@@ -373,7 +384,7 @@ class RedisStore:
 
     def request(
         self, name: str, keys: Sequence[str], limits: Sequence[Limit], now: float, *more: float
-    ) -> tuple[str, tuple[str, ...], bytes]:
+    ) -> Step:
         """One step as it goes on the wire: (script name, Redis keys, ARGV[1]).
 
         What a non-blocking transport (elbasy.redis_pipe) sends; its answer is
@@ -391,10 +402,129 @@ class RedisStore:
         _, rkeys, blob = self.request(name, keys, limits, now, *more)
         return answer(self._call(name, rkeys, blob))
 
+    def _run(self, step: Step | None) -> tuple[float, ...]:
+        """Send one step and wait for its answer (this class's blocking way)."""
+        if step is None:
+            return ()
+        name, rkeys, blob = step
+        return answer(self._call(name, rkeys, blob))
+
     @staticmethod
     def _here(t: float, server_now: float, now: float) -> float:
         """A time of the script's clock on the caller's (the identity with clock='caller')."""
         return t if server_now == now else now + (t - server_now)
+
+    # ------------------------------------------------------------------ each step in two halves
+    #
+    # The request a step sends and what its answer means, apart, so a
+    # transport that does not wait (elbasy.piped_store, over the loop's own
+    # socket) sends the same bytes and reads them the same way as the
+    # blocking methods below. A ``*_request`` of None: nothing to send.
+
+    def reserve_request(
+        self,
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        costs: tuple[float, ...],
+        now: float,
+        max_wait: float,
+    ) -> Step:
+        if math.isnan(max_wait):
+            raise ValueError("max_wait must be a number of seconds")
+        return self.request("reserve", keys, limits, now, *costs, max_wait)
+
+    def reserved(
+        self,
+        out: tuple[float, ...],
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        costs: tuple[float, ...],
+        now: float,
+    ) -> Reservation | Shed:
+        server_now, code, depart, which = out[0], out[1], out[2], int(out[3])
+        if code:
+            return Shed(depart - server_now, limits[which].name)
+        n = len(limits)
+        return Reservation(
+            tuple(keys),
+            tuple(limits),
+            costs,
+            self._here(depart, server_now, now),
+            out[4 : 4 + n],
+            out[4 + n : 4 + 2 * n],
+        )
+
+    def earliest_request(self, r: Reservation, now: float) -> Step:
+        return self.request("earliest", r.keys, r.limits, now, *r.costs, *r.slots, *r.positions)
+
+    def earliest_answer(self, out: tuple[float, ...], now: float) -> float:
+        return self._here(out[1], out[0], now)
+
+    def confirm_request(self, r: Reservation, now: float) -> Step:
+        return self.request("confirm", r.keys, r.limits, now, *r.costs, *r.slots, *r.positions)
+
+    def confirmed(self, r: Reservation, out: tuple[float, ...], now: float) -> float | None:
+        """The confirm's answer: a later time (wall), or None (``r`` is sent)."""
+        if out[1]:
+            return self._here(out[2], out[0], now)
+        slots = out[3 : 3 + len(r.limits)]
+        if slots != r.slots:
+            r.slots = slots
+        r.sent = True
+        return None
+
+    def observe_request(
+        self,
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        views: Sequence[ServerView],
+        now: float,
+    ) -> Step | None:
+        if not limits:
+            return None
+        entries: list[float] = []
+        for k, value, reset in view_entries(limits, views, self.safety):
+            entries += [float(k), math.nan if value is None else value]
+            entries.append(math.nan if reset is None else reset)
+        if not entries:
+            return None
+        return self.request("observe", keys, limits, now, len(entries) / 3, *entries)
+
+    def throttled_request(
+        self, keys: Sequence[str], limits: Sequence[Limit], now: float, retry: float
+    ) -> Step | None:
+        return self.request("throttled", keys, limits, now, retry) if limits else None
+
+    def landed_request(self, r: Reservation, now: float) -> Step | None:
+        """Marks ``r`` landed; the step that tells the server, if any."""
+        if not r.sent or r.landed:
+            return None
+        r.landed = True
+        return self.request("landed", r.keys, r.limits, now, *r.slots) if r.limits else None
+
+    def give_back_request(self, r: Reservation, now: float) -> Step | None:
+        """Marks ``r`` returned; the step that gives its place back, if any."""
+        r.returned = True
+        if not r.limits:
+            return None
+        return self.request("give_back", r.keys, r.limits, now, *r.costs, *r.slots)
+
+    def settle_request(
+        self, r: Reservation, actual: float | Sequence[float], now: float
+    ) -> Step | None:
+        """The refund of what ``r`` took beyond ``actual``, if any (land it first)."""
+        actuals = _per_limit(actual, r.limits)
+        refunds = tuple(
+            r.slots[k] - min(max(actuals[k], 0.0), r.slots[k]) if limit.kind == BUCKET else 0.0
+            for k, limit in enumerate(r.limits)
+        )
+        if not any(x > 0 for x in refunds):
+            return None
+        return self.request("settle", r.keys, r.limits, now, *refunds)
+
+    def announcement(self, keys: Sequence[str]) -> tuple[str, bytes]:
+        """The PUBLISH (channel, message) that tells every store room came back on ``keys``."""
+        return self._moves.channel, encode_moves(self._moves.origin, list(keys))
 
     # ------------------------------------------------------------------ the interface
 
@@ -409,43 +539,22 @@ class RedisStore:
         """LocalStore.reserve, shared by every machine on the server."""
         costs = _per_limit(cost, limits)
         if not limits:
-            if max_wait < -_EPS:
-                return Shed(0.0, "")
-            return Reservation(tuple(keys), tuple(limits), costs, now, (), ())
-        if math.isnan(max_wait):
-            raise ValueError("max_wait must be a number of seconds")
-        out = self._step("reserve", keys, limits, now, *costs, max_wait)
-        server_now, code, depart, which = out[0], out[1], out[2], int(out[3])
-        if code:
-            return Shed(depart - server_now, limits[which].name)
-        n = len(limits)
-        return Reservation(
-            tuple(keys),
-            tuple(limits),
-            costs,
-            self._here(depart, server_now, now),
-            out[4 : 4 + n],
-            out[4 + n : 4 + 2 * n],
-        )
+            return unlimited(keys, costs, now, max_wait)
+        out = self._run(self.reserve_request(keys, limits, costs, now, max_wait))
+        return self.reserved(out, keys, limits, costs, now)
 
     def earliest(self, r: Reservation, now: float) -> float:
         if r.sent or not r.limits:
             return now
-        out = self._step("earliest", r.keys, r.limits, now, *r.costs, *r.slots, *r.positions)
-        return self._here(out[1], out[0], now)
+        return self.earliest_answer(self._run(self.earliest_request(r, now)), now)
 
     def confirm(self, r: Reservation, now: float) -> float | None:
         if r.sent:
             return None
-        if r.limits:
-            out = self._step("confirm", r.keys, r.limits, now, *r.costs, *r.slots, *r.positions)
-            if out[1]:
-                return self._here(out[2], out[0], now)
-            slots = out[3 : 3 + len(r.limits)]
-            if slots != r.slots:
-                r.slots = slots
-        r.sent = True
-        return None
+        if not r.limits:
+            r.sent = True
+            return None
+        return self.confirmed(r, self._run(self.confirm_request(r, now)), now)
 
     def observe(
         self,
@@ -454,14 +563,7 @@ class RedisStore:
         views: Sequence[ServerView],
         now: float,
     ) -> None:
-        if not limits:
-            return
-        entries: list[float] = []
-        for k, value, reset in view_entries(limits, views, self.safety):
-            entries += [float(k), math.nan if value is None else value]
-            entries.append(math.nan if reset is None else reset)
-        if entries:
-            self._step("observe", keys, limits, now, len(entries) / 3, *entries)
+        self._run(self.observe_request(keys, limits, views, now))
 
     def throttled(
         self,
@@ -471,37 +573,28 @@ class RedisStore:
         retry_after: float | None,
     ) -> float:
         retry = retry_after if retry_after and retry_after > 0 else 0.0
-        if limits:
-            self._step("throttled", keys, limits, now, retry)
+        self._run(self.throttled_request(keys, limits, now, retry))
         return now + retry
 
     def landed(self, r: Reservation, now: float) -> None:
-        if not r.sent or r.landed:
-            return
-        r.landed = True
-        if r.limits:
-            self._step("landed", r.keys, r.limits, now, *r.slots)
+        self._run(self.landed_request(r, now))
 
     def give_back(self, r: Reservation, now: float) -> bool:
         if r.sent or r.returned:
             return False
-        if r.limits:
-            self._step("give_back", r.keys, r.limits, now, *r.costs, *r.slots)
+        step = self.give_back_request(r, now)
+        if step is not None:
+            self._run(step)
             self._announce(r.keys)
-        r.returned = True
         return True
 
     def settle(self, r: Reservation, actual: float | Sequence[float], now: float) -> None:
         if not r.sent or not r.limits:
             return
         self.landed(r, now)  # a refund comes with its answer: it has landed
-        actuals = _per_limit(actual, r.limits)
-        refunds = tuple(
-            r.slots[k] - min(max(actuals[k], 0.0), r.slots[k]) if limit.kind == BUCKET else 0.0
-            for k, limit in enumerate(r.limits)
-        )
-        if any(x > 0 for x in refunds):
-            self._step("settle", r.keys, r.limits, now, *refunds)
+        step = self.settle_request(r, actual, now)
+        if step is not None:
+            self._run(step)
             self._announce(r.keys)
 
     # ------------------------------------------------------------------ facts
@@ -577,7 +670,7 @@ class RedisStore:
 
     def _announce(self, keys: Sequence[str]) -> None:
         """Room came back on these buckets: the others' lines may move up."""
-        self.client.publish(self._moves.channel, encode_moves(self._moves.origin, list(keys)))
+        self.client.publish(*self.announcement(keys))
 
     def peek(self, key: str, limit: str) -> tuple[float, ...] | None:
         """One bucket's record as stored (prelude.lua's layout), or None; for tests."""

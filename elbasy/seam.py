@@ -67,9 +67,10 @@ class PolicySeam(Protocol):
         """The first ``Forward.peek`` bytes of the body: its hold-until (NOW:
         it leaves at once) or an answer instead."""
 
-    def departing(self, ticket: Ticket, /) -> float:
+    def departing(self, ticket: Ticket, /) -> float | Reply:
         """A held request's time came: NOW confirms it leaves now, another
-        hold-until moves it to that time (and asks again then)."""
+        hold-until moves it to that time (and asks again then), a Reply
+        answers it instead (and the connection closes: its body is unread)."""
 
     def on_response(self, ticket: Ticket, head: bytes, /) -> ResponsePlan:
         """A whole response head from the upstream. Raising refuses the response

@@ -118,8 +118,8 @@ def make_store(config: Config, shared: Any, slot: int) -> Any:
         from elbasy.config import worker_count
         from elbasy.fleet_store import FleetStore
 
-        # blocking: one round trip per quota step (elbasy.redis_store's docstring),
-        # bounded by the timeout; beyond it a local share of every account answers
+        # a step's answer may take the timeout; beyond it a local share of every
+        # account answers
         # the settings of this worker's config (a reload's new workers take new ones)
         timeout = config.quota_redis_timeout
         if shared.table is not None:
@@ -132,12 +132,16 @@ def make_store(config: Config, shared: Any, slot: int) -> Any:
             local, share = LocalStore(safety), 1.0 / (
                 config.quota_instances * worker_count(config.workers)
             )
-        return FleetStore(
+        from elbasy.piped_store import PipedStore
+
+        fleet = FleetStore(
             # other machines' refunds wake the loop through the local share's fd
             lambda: RedisStore(shared.url, safety, timeout=timeout, wake_fd=local.fileno()),
             local,
             share=share,
         )
+        # the loop's steps go over its own socket, never waited on (elbasy.piped_store)
+        return PipedStore(fleet, timeout=timeout)
     from elbasy.shm import ShmStore
 
     return ShmStore(shared, slot, safety)

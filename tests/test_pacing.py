@@ -230,6 +230,16 @@ def fleet(
     return instances, ca
 
 
+def assert_piped(instances: list[Proxy]) -> None:
+    """Every instance sent its quota steps over its own socket to Redis, and
+    every answer came within the timeout (none was answered by the fallback)."""
+    for p in instances:
+        quota = p.healthz()["quota"]
+        assert quota["transport"] == "socket pipe", quota
+        assert quota["steps_sent"] > 100 and quota["late_answers"] == 0, quota
+        assert quota["fallbacks"] == 0, quota
+
+
 def spread(clients: list[load.Client], fleet: list[Proxy]) -> list[load.Client]:
     """Each account's clients dealt over the instances in turn (every account on both)."""
     return [replace(c, port=fleet[i % len(fleet)].port) for i, c in enumerate(clients)]
@@ -270,6 +280,7 @@ def test_shopify_rest_instances_sharing_redis(
         ratios.append((round(steady_rate(k, 10.0) / rate_of(s), 3), shop_name(s), a))
     print(f"instances {('0', *skews)}, worst accounts: {sorted(ratios)[:4]}")
     assert min(ratios)[0] >= 0.97, sorted(ratios)[:10]
+    assert_piped(instances)
 
 
 @pytest.mark.load
@@ -318,6 +329,7 @@ def test_script_flush_under_load_costs_no_request(
     accepted = stats["totals"]["accepted"]
     print(f"SCRIPT FLUSH x{flushes[0]}: {reloads} script reloads, {accepted} accepted")
     assert reloads >= flushes[0]  # every flush met by at least one reload
+    assert_piped(instances)
 
 
 @pytest.mark.load
@@ -896,6 +908,7 @@ def test_graphql_two_instances_sharing_redis(
     for _shop, throttled, ratio in report:
         assert throttled == 0, report
         assert ratio >= 0.95, report
+    assert_piped(instances)
 
 
 def test_graphql_with_expect_100_continue(

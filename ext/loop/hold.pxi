@@ -116,15 +116,26 @@ cdef void wait_mask(Loop loop, Conn c):
 
 
 cdef void departure(Loop loop, Conn c):
-    """A held request's time has come: the policy confirms it or moves it later."""
+    """A held request's time has come: the policy confirms it, moves it
+    later, or answers it instead (a Reply: elbasy's 429 when the quota
+    store's late answer shed it), which closes the connection: its body,
+    if any, is unread."""
+    cdef object got
     cdef double again
     cdef int64_t when
     try:
-        again = loop.p_departing(c.ticket)  # a hold-until that is not a number: its error
+        got = loop.p_departing(c.ticket)
+        if type(got) is not Reply:
+            again = got  # a hold-until that is not a number: its error
     except Exception as exc:
         unhold(loop, c)
         c.state = S_DEPARTING  # no longer held: it leaves with the policy's error page
         policy_error(loop, c, exc)
+        return
+    if type(got) is Reply:
+        unhold(loop, c)
+        c.state = S_DEPARTING
+        send_final(loop, c, (<object>got).data)
         return
     when = hold_ns(loop, again)
     if when:

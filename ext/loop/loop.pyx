@@ -91,7 +91,7 @@ S_BODY_READ
 S_WAIT
     set by:   hold (dispatch_head, peek_step: a hold-until other than NOW; retry_later)
     deadline: the departure time; Loop.wake moves it (the `held` dict)
-    expiry:   departure: the policy's departing confirms it or sets a later time
+    expiry:   departure: the policy's departing confirms it, sets a later time or answers it
     epoll:    client RDHUP, OUT while cout holds bytes
     events:   client RDHUP/HUP/ERR: close (ended ABANDONED); OUT: flush_client
 S_DEPARTING

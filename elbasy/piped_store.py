@@ -1,0 +1,456 @@
+"""The quota store of a fleet as the loop uses it: Redis, never waited on.
+
+``--quota-store redis://...`` gives each worker one :class:`PipedStore`: a
+:class:`~elbasy.quota.PipedQuotaStore` over a
+:class:`~elbasy.fleet_store.FleetStore` (the shared store, its local share
+and the rules of falling back between them). What it adds is the way steps
+reach Redis: over the worker's own non-blocking socket
+(:class:`~elbasy.redis_pipe.SocketPipe`), the same requests the blocking
+:class:`~elbasy.redis_store.RedisStore` sends, read the same way.
+
+* **The three steps that decide a departure** (reserve, confirm, earliest)
+  are sent and answered later: ``*_later`` returns :data:`~elbasy.quota.LATER`,
+  and the pacer holds the request until :meth:`PipedStore.answers` gives the
+  result (the store's fd is readable then). Every step sent before the answers
+  come shares their round trip: the socket carries them one after another and
+  one read brings back all that are done (bench/README.md: 2.5–4× the
+  reservations per second of one round trip each).
+* **The steps that only tell** (landed, give_back, settle, observe, throttled
+  and the PUBLISH of a refund) are sent and never waited for; an error in
+  their answer counts as Redis failing.
+* **Bounded wait.** A step not answered within ``timeout`` seconds
+  (``--quota-redis-timeout``) is answered by the fleet store, which falls
+  back to the local share then (:meth:`PipedStore.late`, called by the pacer
+  when a held request's net timer finds its answer overdue). A lost
+  connection does the same at once, for every step in flight.
+* **One fd.** The loop watches one quota fd; this store's is an epoll fd of
+  its own that is readable when the pipe's socket is (answers) or the local
+  share's fd is (another worker's refund, or another machine's, which
+  elbasy.redis_moves signals there).
+
+Where a step still blocks, said plainly: making the pipe (connect, AUTH,
+SELECT: at start and after a recovery, bounded by ``timeout``); the fleet
+store's reconnect PING once per backoff while Redis is down; reading learned
+facts (a GET of their generation counter every 0.5 s, and one per fact not
+cached); and the second reservation of an idempotent request sent again
+after a 429 (rare: it follows a refusal). A ``rediss://`` or ``unix://``
+store has no pipe (the pipe speaks plain TCP): every step there goes through
+the fleet store, blocking for one round trip each.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from elbasy.fleet_store import FleetStore
+from elbasy.limits import Limit, ServerView
+from elbasy.quota import (
+    CONFIRM,
+    EARLIEST,
+    LATER,
+    RESERVE,
+    LateAnswer,
+    Later,
+    Reservation,
+    Shed,
+    StoreFull,
+    _per_limit,
+)
+from elbasy.redis_pipe import Reply, SocketPipe
+from elbasy.redis_store import RedisStore, Step, answer
+
+__all__ = ["PipedStore", "pipe_to"]
+
+log = logging.getLogger("elbasy.quota")
+
+
+class _Ask:
+    """A step whose answer someone waits for."""
+
+    __slots__ = ("kind", "token", "r", "keys", "limits", "costs", "now", "max_wait")
+
+    def __init__(
+        self,
+        kind: str,
+        token: object,
+        r: Reservation | None,
+        now: float,
+        keys: Sequence[str] = (),
+        limits: Sequence[Limit] = (),
+        costs: tuple[float, ...] = (),
+        max_wait: float = 0.0,
+    ) -> None:
+        self.kind, self.token, self.r, self.now = kind, token, r, now
+        self.keys, self.limits, self.costs, self.max_wait = keys, limits, costs, max_wait
+
+
+def pipe_to(redis: RedisStore, timeout: float) -> SocketPipe | None:
+    """A SocketPipe to the server of ``redis``'s client, or None when it is not
+    plain TCP (TLS, a unix socket). Raises OSError when the server cannot be reached."""
+    kwargs = redis.client.connection_pool.connection_kwargs
+    if kwargs.get("path") or kwargs.get("ssl") or "host" not in kwargs:
+        return None
+    return SocketPipe(
+        kwargs["host"],
+        int(kwargs.get("port") or 6379),
+        db=int(kwargs.get("db") or 0),
+        password=kwargs.get("password"),
+        username=kwargs.get("username"),
+        timeout=timeout,
+    )
+
+
+class PipedStore:
+    """A FleetStore whose steps reach Redis without waiting (the module docstring)."""
+
+    piped = True
+
+    def __init__(
+        self,
+        fleet: FleetStore,
+        *,
+        timeout: float,
+        make_pipe: Callable[[RedisStore, float], SocketPipe | None] = pipe_to,
+    ) -> None:
+        self.fleet = fleet
+        self.timeout = timeout
+        self._make_pipe = make_pipe
+        self._pipe: SocketPipe | None = None
+        self._pipe_of: Any = None  # the shared store the pipe was made for
+        self._pipe_fd = -1
+        self._reloads = 0  # NOSCRIPT reloads and writes of pipes closed since
+        self._writes = 0
+        self._unpiped = False  # the shared store cannot be piped: blocking steps
+        # sent, unanswered, oldest first (an ordered set: a step that met
+        # NOSCRIPT is answered after steps sent behind it)
+        self._asks: dict[_Ask, None] = {}
+        self._epoll = select.epoll()
+        self._watched: set[int] = set()
+        self._watch(fleet.fileno())
+        self.sent = 0  # steps sent on the pipe
+        self.late_answers = 0  # steps answered by the fleet store after the timeout
+        self.lost_answers = 0  # steps answered by the fleet store after a lost connection
+        self.pipes = 0  # pipes made
+
+    # ------------------------------------------------------------------ the pipe
+
+    def _watch(self, fd: int) -> None:
+        if fd >= 0 and fd not in self._watched:
+            self._epoll.register(fd, select.EPOLLIN)
+            self._watched.add(fd)
+
+    def _unwatch(self, fd: int) -> None:
+        if fd in self._watched:
+            self._watched.discard(fd)
+            self._epoll.unregister(fd)
+
+    def _pipe_now(self, *, new: bool = False) -> tuple[RedisStore, SocketPipe] | None:
+        """The shared store and its pipe when a step may go there now, else None
+        (the fleet store answers: from the local share while Redis is down)."""
+        shared = self.fleet.shared_now(new=new)
+        if shared is None or self._unpiped:
+            return None
+        assert isinstance(shared, RedisStore)
+        pipe = self._pipe
+        if pipe is None or pipe.closed is not None or self._pipe_of is not shared:
+            if pipe is not None:
+                self._drop_pipe()
+            try:
+                made = self._make_pipe(shared, self.timeout)
+            except OSError as exc:
+                self.fleet.fail(exc)
+                return None
+            if made is None:
+                self._unpiped = True
+                log.info("the Redis quota store is not plain TCP: its steps block the loop")
+                return None
+            self.pipes += 1
+            self._pipe, self._pipe_of, pipe = made, shared, made
+            self._pipe_fd = made.fileno()
+            self._watch(self._pipe_fd)
+            # a worker that started with Redis down watches its moves from now on
+            self._watch(self.fleet.fileno())
+        return shared, pipe
+
+    def _drop_pipe(self) -> None:
+        pipe, self._pipe, self._pipe_of = self._pipe, None, None
+        if pipe is None:
+            return
+        self._reloads += pipe.reloads
+        self._writes += pipe.round_trips
+        if pipe.closed is None:
+            self._unwatch(pipe.fileno())
+        else:
+            # its socket is closed already, which took it out of the epoll set
+            self._watched.discard(self._pipe_fd)
+        pipe.close()
+
+    def _send(self, pipe: SocketPipe, token: object, step: Step | None) -> None:
+        """Send one step: written now when nothing is in flight, else with every
+        step sent meanwhile as soon as the answers in flight come (one write,
+        one round trip for all of them: the pipelining)."""
+        if step is None:
+            return
+        idle = not pipe.pending()
+        pipe.send(token, *step)
+        if idle:
+            pipe.flush()
+        self.sent += 1
+
+    def _ask(self, kind: str, pipe: SocketPipe, step: Step, ask: _Ask) -> Later:
+        self._send(pipe, ask, step)
+        self._asks[ask] = None
+        return LATER
+
+    # ------------------------------------------------------------------ the steps answered later
+
+    def reserve_later(
+        self,
+        token: object,
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        cost: float | Sequence[float],
+        now: float,
+        max_wait: float,
+    ) -> Reservation | Shed | Later:
+        costs = _per_limit(cost, limits)
+        up = self._pipe_now(new=True) if limits else None
+        if up is None:
+            return self.fleet.reserve(keys, limits, costs, now, max_wait)
+        shared, pipe = up
+        step = shared.reserve_request(keys, limits, costs, now, max_wait)
+        ask = _Ask(RESERVE, token, None, now, keys, limits, costs, max_wait)
+        return self._ask(RESERVE, pipe, step, ask)
+
+    def confirm_later(self, token: object, r: Reservation, now: float) -> float | None | Later:
+        up = None if r.sent or r.fallback or not r.limits else self._pipe_now()
+        if up is None:
+            return self.fleet.confirm(r, now)
+        shared, pipe = up
+        return self._ask(
+            CONFIRM, pipe, shared.confirm_request(r, now), self._asked(CONFIRM, token, r, now)
+        )
+
+    def earliest_later(self, token: object, r: Reservation, now: float) -> float | Later:
+        up = None if r.sent or r.fallback or not r.limits else self._pipe_now()
+        if up is None:
+            return self.fleet.earliest(r, now)
+        shared, pipe = up
+        ask = self._asked(EARLIEST, token, r, now)
+        return self._ask(EARLIEST, pipe, shared.earliest_request(r, now), ask)
+
+    def _asked(self, kind: str, token: object, r: Reservation, now: float) -> _Ask:
+        return _Ask(kind, token, r, now)
+
+    def answers(self, now: float) -> list[LateAnswer]:
+        pipe, shared = self._pipe, self._pipe_of
+        if pipe is None:
+            return []
+        out: list[LateAnswer] = []
+        failed: Exception | None = None
+        unanswered: list[_Ask] = []
+        for token, reply in pipe.completed():
+            if isinstance(token, _Ask):
+                ask = token
+                del self._asks[ask]
+                if isinstance(reply, Exception):
+                    failed = failed or reply
+                    unanswered.append(ask)
+                else:
+                    out.append((ask.token, ask.kind, self._read(shared, ask, reply)))
+            elif isinstance(reply, Exception):
+                failed = failed or reply  # a step that only told
+        if failed is None and pipe.closed is not None:
+            failed = pipe.closed
+        if failed is not None:
+            self._asks = {**dict.fromkeys(unanswered), **self._asks}
+            self.lost_answers += len(self._asks)
+            out += self._fail_over(failed, now)
+        return out
+
+    def late(self, now: float) -> list[LateAnswer]:
+        if not self._asks or now - next(iter(self._asks)).now < self.timeout:
+            return []
+        self.late_answers += len(self._asks)
+        exc = TimeoutError(f"no answer from Redis within {self.timeout:g} s")
+        return self._fail_over(exc, now)
+
+    def _read(self, shared: RedisStore, ask: _Ask, reply: Reply) -> object:
+        assert isinstance(reply, bytes)
+        out = answer(reply)
+        if ask.kind == RESERVE:
+            return shared.reserved(out, ask.keys, ask.limits, ask.costs, ask.now)
+        assert ask.r is not None
+        if ask.kind == CONFIRM:
+            return shared.confirmed(ask.r, out, ask.now)
+        return shared.earliest_answer(out, ask.now)
+
+    def _fail_over(self, exc: BaseException, now: float) -> list[LateAnswer]:
+        """Redis failed (or is late): every step in flight is answered by the
+        fleet store, which answers from the local share from now on."""
+        self.fleet.fail(exc)
+        self._drop_pipe()
+        asks, self._asks = list(self._asks), {}
+        out: list[LateAnswer] = []
+        for ask in asks:
+            got: object
+            if ask.kind == RESERVE:
+                try:
+                    got = self.fleet.reserve(ask.keys, ask.limits, ask.costs, now, ask.max_wait)
+                except StoreFull as full:
+                    got = full
+            else:
+                assert ask.r is not None
+                if ask.kind == CONFIRM:
+                    got = self.fleet.confirm(ask.r, now)
+                else:
+                    got = self.fleet.earliest(ask.r, now)
+            out.append((ask.token, ask.kind, got))
+        return out
+
+    # ------------------------------------------------------------------ the steps that only tell
+
+    def _tell(self, r: Reservation | None, step: Callable[[RedisStore], Step | None]) -> bool:
+        """Send a step nobody waits for; False when it cannot go on the pipe now."""
+        if r is not None and r.fallback:
+            return False
+        up = self._pipe_now()
+        if up is None:
+            return False
+        shared, pipe = up
+        self._send(pipe, None, step(shared))
+        return True
+
+    def _announce(self, keys: Sequence[str]) -> None:
+        up = self._pipe_now()
+        if up is not None:
+            shared, pipe = up
+            idle = not pipe.pending()
+            pipe.command(None, "PUBLISH", *shared.announcement(keys))
+            if idle:
+                pipe.flush()
+            self.sent += 1
+
+    def landed(self, r: Reservation, now: float) -> None:
+        if not r.sent or r.landed:
+            return
+        if not self._tell(r, lambda s: s.landed_request(r, now)):
+            self.fleet.landed(r, now)
+
+    def give_back(self, r: Reservation, now: float) -> bool:
+        if r.sent or r.returned:
+            return False
+        if not self._tell(r, lambda s: s.give_back_request(r, now)):
+            return self.fleet.give_back(r, now)
+        if r.limits:
+            self._announce(r.keys)
+        return True
+
+    def settle(self, r: Reservation, actual: float | Sequence[float], now: float) -> None:
+        if not r.sent or not r.limits:
+            return
+        if r.fallback or self._pipe_now() is None:
+            self.fleet.settle(r, actual, now)
+            return
+        up = self._pipe_now()
+        assert up is not None
+        shared, pipe = up
+        self.landed(r, now)  # a refund comes with its answer: it has landed
+        step = shared.settle_request(r, actual, now)
+        if step is not None:
+            self._send(pipe, None, step)
+            self._announce(r.keys)
+
+    def observe(
+        self,
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        views: Sequence[ServerView],
+        now: float,
+    ) -> None:
+        self.fleet.observe_local(keys, limits, views, now)
+        self._tell(None, lambda s: s.observe_request(keys, limits, views, now))
+
+    def throttled(
+        self,
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        now: float,
+        retry_after: float | None,
+    ) -> float:
+        until = self.fleet.throttled_local(keys, limits, now, retry_after)
+        retry = retry_after if retry_after and retry_after > 0 else 0.0
+        if self._tell(None, lambda s: s.throttled_request(keys, limits, now, retry)):
+            return now + retry
+        return until
+
+    # ------------------------------------------------------------------ blocking steps (rare)
+
+    def reserve(
+        self,
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        cost: float | Sequence[float],
+        now: float,
+        max_wait: float,
+    ) -> Reservation | Shed:
+        """A reservation answered now (the fleet store's, one round trip): only
+        for a request sent again after a 429."""
+        return self.fleet.reserve(keys, limits, cost, now, max_wait)
+
+    def earliest(self, r: Reservation, now: float) -> float:
+        return self.fleet.earliest(r, now)
+
+    def confirm(self, r: Reservation, now: float) -> float | None:
+        return self.fleet.confirm(r, now)
+
+    # ------------------------------------------------------------------ facts
+
+    def fact(self, name: str) -> tuple[float, float] | None:
+        return self.fleet.fact(name)
+
+    def put_fact(self, name: str, a: float, b: float) -> bool:
+        return self.fleet.put_fact(name, a, b)
+
+    @property
+    def facts_generation(self) -> int:
+        return self.fleet.facts_generation
+
+    # ------------------------------------------------------------------ the line, housekeeping
+
+    @property
+    def recheck(self) -> float:
+        return self.fleet.recheck
+
+    def fileno(self) -> int:
+        """Readable when answers came or buckets moved (the module docstring)."""
+        return self._epoll.fileno()
+
+    def moved(self) -> list[str]:
+        return self.fleet.moved()
+
+    def stats(self) -> dict[str, int | str]:
+        out = self.fleet.stats()
+        pipe = self._pipe
+        reloads = self._reloads + (pipe.reloads if pipe is not None else 0)
+        out["script_reloads"] = int(out.get("script_reloads", 0)) + reloads
+        out.update(
+            {
+                "transport": "blocking" if self._unpiped else "socket pipe",
+                "pipes": self.pipes,
+                "steps_sent": self.sent,
+                "writes": self._writes + (pipe.round_trips if pipe is not None else 0),
+                "in_flight": len(self._asks),
+                "late_answers": self.late_answers,
+                "lost_answers": self.lost_answers,
+            }
+        )
+        return out
+
+    def close(self) -> None:
+        self._drop_pipe()
+        self._epoll.close()
+        self.fleet.close()
