@@ -272,11 +272,13 @@ class PipedStore:
         return out
 
     def late(self, now: float) -> list[LateAnswer]:
+        # what came already first: a timer can fire in the turn its answer arrived
+        out = self.answers(now)
         if not self._asks or now - next(iter(self._asks)).now < self.timeout:
-            return []
+            return out
         self.late_answers += len(self._asks)
         exc = TimeoutError(f"no answer from Redis within {self.timeout:g} s")
-        return self._fail_over(exc, now)
+        return out + self._fail_over(exc, now)
 
     def _read(self, shared: RedisStore, ask: _Ask, reply: Reply) -> object:
         assert isinstance(reply, bytes)
@@ -424,6 +426,10 @@ class PipedStore:
     @property
     def recheck(self) -> float:
         return self.fleet.recheck
+
+    @recheck.setter
+    def recheck(self, seconds: float) -> None:
+        self.fleet.recheck = seconds
 
     def fileno(self) -> int:
         """Readable when answers came or buckets moved (the module docstring)."""

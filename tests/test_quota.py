@@ -15,8 +15,11 @@ from __future__ import annotations
 import json
 import math
 import random
+import select
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from redis_server import free_port
@@ -25,7 +28,9 @@ from elbasy._shm import ShmTable
 from elbasy.fleet_store import FleetStore
 from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit
 from elbasy.pacing import Pacer
+from elbasy.piped_store import PipedStore
 from elbasy.quota import (
+    LATER,
     LocalStore,
     QuotaStore,
     Reservation,
@@ -48,7 +53,45 @@ ETSY_QPD = Limit("etsy-qpd", ROLLING, capacity=30, window=86400, sub_buckets=12)
 MakeStore = Callable[[Safety], QuotaStore]
 
 
-@pytest.fixture(params=["local", "shm", "redis", "fleet", "fleet-down", "fleet-shm-down"])
+class AnswersAwaited:
+    """The contract's blocking steps over a PipedStore: each ``*_later`` step
+    is sent and its answer waited for on the store's fd, as the loop waits
+    for it (one step at a time here); every other step is the store's own."""
+
+    piped = False  # a pacer on it takes it for a blocking store
+
+    def __init__(self, piped: PipedStore) -> None:
+        self.store = piped
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def _awaited(self, token: object, got: object, now: float) -> Any:
+        if got is not LATER:
+            return got
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            select.select([self.store.fileno()], [], [], 0.5)
+            for t, _kind, result in self.store.answers(now):
+                assert t is token, "one step in flight at a time here"
+                return result
+        raise AssertionError("no answer from the piped store within 5 s")
+
+    def reserve(self, keys: Any, limits: Any, cost: Any, now: float, max_wait: float) -> Any:
+        token = object()
+        got = self.store.reserve_later(token, keys, limits, cost, now, max_wait)
+        return self._awaited(token, got, now)
+
+    def confirm(self, r: Reservation, now: float) -> Any:
+        token = object()
+        return self._awaited(token, self.store.confirm_later(token, r, now), now)
+
+    def earliest(self, r: Reservation, now: float) -> Any:
+        token = object()
+        return self._awaited(token, self.store.earliest_later(token, r, now), now)
+
+
+@pytest.fixture(params=["local", "shm", "redis", "fleet", "fleet-down", "fleet-shm-down", "piped"])
 def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
     """A maker of stores of one kind: LocalStore, ShmStore on a fresh table, or
     RedisStore on the session's real redis-server (an empty database; each
@@ -58,10 +101,13 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
     Redis'); ``fleet-down``: a FleetStore whose Redis nobody listens on, so its
     local share (the whole quota: one instance, one worker) answers every step;
     ``fleet-shm-down``: the same with the share in a shared-memory table (a
-    machine's workers' share)."""
+    machine's workers' share); ``piped``: a PipedStore over a ``fleet`` one,
+    every step on its own socket (the loop's way), each answer awaited."""
     tables: list[ShmTable] = []
     redis_stores: list[RedisStore] = []
-    url = request.getfixturevalue("redis_url") if request.param in ("redis", "fleet") else ""
+    url = (
+        request.getfixturevalue("redis_url") if request.param in ("redis", "fleet", "piped") else ""
+    )
     fleets: list[FleetStore] = []
 
     def make(safety: Safety) -> QuotaStore:
@@ -71,7 +117,7 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
             prefix = f"elbasy-test:{len(redis_stores)}:"
             redis_stores.append(RedisStore(url, safety, clock="caller", prefix=prefix))
             return redis_stores[-1]
-        if request.param.startswith("fleet"):
+        if request.param.startswith("fleet") or request.param == "piped":
             prefix = f"elbasy-test-fleet:{len(fleets)}:"
             where = url or f"redis://127.0.0.1:{free_port()}/0"
             local: QuotaStore = LocalStore(safety)
@@ -87,6 +133,8 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
                 )
             )
             assert fleets[-1].down is request.param.endswith("down")
+            if request.param == "piped":
+                return AnswersAwaited(PipedStore(fleets[-1], timeout=2.0))  # type: ignore[return-value]
             return fleets[-1]
         tables.append(ShmTable(4096))
         return ShmStore(tables[-1], 0, safety)

@@ -1,0 +1,251 @@
+"""The pacer on a PipedStore: held requests wait for Redis's answers on the loop.
+
+A real redis-server answers on a real socket; the loop is played by
+:class:`LoopWithoutSockets` (its timers on a clock the test moves, its
+wake-ups, its call to ``departing`` when a held request's time comes, and
+``quota_moved`` when the store's fd is readable), so what the pacer does
+with an answer that comes later is seen step by step. The whole proxy on
+this store is tested under load in tests/test_pacing.py.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from redis_server import RedisServer
+
+from elbasy.fleet_store import FleetStore
+from elbasy.pacing import NOT_FIRST_WAIT, Paced, Pacer, Verdict
+from elbasy.piped_store import PipedStore
+from elbasy.quota import LocalStore, Safety
+from elbasy.redis_store import RedisStore
+from elbasy.rules import RuleSet
+from elbasy.verdicts import NOW
+
+EXACT = Safety(margin=0.0, headroom=0.0, jitter=0.0, guard=0.0)
+START = 1_800_000_000.0
+TIMEOUT = 0.25
+PATH = "/admin/api/2024-10/products.json"
+
+
+class LoopWithoutSockets:
+    """What the loop does around the pacer, on a clock the test moves."""
+
+    def __init__(self, pacer: Pacer, store: PipedStore, clock: dict[str, float]) -> None:
+        self.pacer, self.store, self.clock = pacer, store, clock
+        self.held: dict[int, tuple[Paced, float]] = {}  # waiter -> (paced, its timer)
+        self.sent: list[int] = []  # waiters in the order they left
+        self.refused: dict[int, Verdict] = {}
+        pacer.wake = self.wake
+
+    def wake(self, waiter: object, when: float) -> None:
+        assert isinstance(waiter, int)
+        if waiter in self.held:
+            paced, _ = self.held[waiter]
+            self.held[waiter] = (paced, when if when != NOW else self.clock["t"])
+
+    def arrive(self, waiter: int, shop: str, max_wait: str | None = None) -> Paced:
+        headers = [(b"X-Shopify-Access-Token", b"tok")]
+        if max_wait is not None:
+            headers.append((b"X-Elbasy-Max-Wait", max_wait.encode()))
+        m = self.pacer.match(f"{shop}.myshopify.com", "GET", PATH, headers)
+        assert m is not None
+        paced = self.pacer.start(m, "GET", headers)
+        v = self.pacer.admit(paced, waiter)
+        assert not v.shed_after, v
+        if v.depart == NOW:
+            self._left(waiter, paced)
+        else:
+            self.held[waiter] = (paced, v.depart)
+        return paced
+
+    def _left(self, waiter: int, paced: Paced) -> None:
+        """Sent; the API's answer (no rate headers) comes at once: it landed."""
+        self.sent.append(waiter)
+        self.pacer.answered(paced, 200, [], None)
+
+    def answers(self, wait: float = 0.0) -> int:
+        """Deliver what came on the store's fd (waiting up to ``wait`` s for it)."""
+        ready, _, _ = select.select([self.store.fileno()], [], [], wait)
+        if ready:
+            self.pacer.quota_moved()
+        return len(ready)
+
+    def due(self) -> None:
+        """Every held request whose timer is at or before now: departing."""
+        for waiter, (paced, when) in sorted(self.held.items(), key=lambda kv: kv[1][1]):
+            if when > self.clock["t"] or waiter not in self.held:
+                continue
+            got = self.pacer.departing(paced)
+            if isinstance(got, Verdict):
+                del self.held[waiter]
+                self.refused[waiter] = got
+            elif got == NOW:
+                del self.held[waiter]
+                self._left(waiter, paced)
+            else:
+                self.held[waiter] = (paced, got)
+
+    def run(self, until: Callable[[], bool], seconds: float = 10.0) -> None:
+        """Turns of the loop until ``until()``: answers first, then timers; the
+        clock moves to the next timer only when no answer is on its way."""
+        deadline = time.monotonic() + 5.0
+        while not until():
+            assert time.monotonic() < deadline, (self.held, self.store.stats())
+            waiting = bool(self.store.stats()["in_flight"])
+            # an answer on its way that does not come in 0.5 s real time:
+            # the loop's timers fire meanwhile (its net timer among them)
+            stalled = not self.answers(0.5 if waiting else 0.0) and waiting
+            self.due()
+            waiting = waiting or bool(self.store.stats()["in_flight"])
+            if until() or (waiting and not stalled) or not self.held:
+                continue
+            nxt = min(when for _, when in self.held.values())
+            if nxt > self.clock["t"]:
+                assert nxt - START <= seconds, f"a timer {nxt - START:.1f} s out"
+                self.clock["t"] = nxt
+
+
+@pytest.fixture
+def clock() -> dict[str, float]:
+    return {"t": START}
+
+
+def piped_pacer(url: str, clock: dict[str, float]) -> tuple[Pacer, PipedStore]:
+    fleet = FleetStore(
+        lambda: RedisStore(url, EXACT, clock="caller", timeout=TIMEOUT),
+        LocalStore(EXACT),
+        backoff=3600.0,
+        backoff_max=3600.0,
+    )
+    store = PipedStore(fleet, timeout=TIMEOUT)
+    pacer = Pacer(RuleSet.builtin(), store, wall=lambda: clock["t"], mono=lambda: clock["t"])
+    return pacer, store
+
+
+@pytest.fixture
+def piped(redis_url: str, clock: dict[str, float]) -> Iterator[LoopWithoutSockets]:
+    pacer, store = piped_pacer(redis_url, clock)
+    try:
+        yield LoopWithoutSockets(pacer, store, clock)
+    finally:
+        store.close()
+
+
+def test_a_held_request_waits_for_its_answers_on_the_loop(
+    piped: LoopWithoutSockets, clock: dict[str, float]
+) -> None:
+    """The reservation is sent and the request held on its net timer; the
+    answers come through the store's fd, and then it leaves at once."""
+    paced = piped.arrive(1, "acme")
+    assert paced.pending == "reserve" and piped.held[1][1] == START + TIMEOUT
+    assert piped.store.stats()["in_flight"] == 1
+    piped.run(lambda: piped.sent == [1])
+    assert paced.reservation is not None and paced.reservation.sent
+    assert clock["t"] == START  # no timer had to fire: the answers moved it
+    stats = piped.store.stats()
+    # reserve and confirm, answered; landed, only told
+    assert stats["steps_sent"] == 3 and stats["late_answers"] == 0, stats
+
+
+def test_concurrent_reservations_share_a_write(piped: LoopWithoutSockets) -> None:
+    """Forty accounts' requests in one turn: the first step is written at once,
+    the other 39 in one write when its answer comes (pipelined), and so on."""
+    for k in range(40):
+        piped.arrive(k, f"shop{k}")
+    piped.run(lambda: len(piped.sent) == 40)
+    stats = piped.store.stats()
+    assert stats["steps_sent"] == 120, stats  # reserve, confirm, landed
+    assert int(stats["writes"]) <= 8, stats
+
+
+def test_the_line_keeps_its_order_and_the_bucket_its_rate(
+    piped: LoopWithoutSockets, clock: dict[str, float]
+) -> None:
+    """45 requests on one 40-unit bucket at 2/s: 40 go at once, then one every
+    0.5 s, in the order they came, each departure decided by Redis's answer."""
+    for k in range(45):
+        piped.arrive(k, "acme")
+    piped.run(lambda: len(piped.sent) == 40)
+    assert clock["t"] == START and sorted(piped.sent) == piped.sent
+    piped.run(lambda: len(piped.sent) == 45)
+    assert piped.sent == list(range(45))
+    assert clock["t"] == pytest.approx(START + 2.5, abs=1e-6)
+
+
+def test_a_shed_that_comes_later_answers_at_the_departure(piped: LoopWithoutSockets) -> None:
+    """A request that may not wait, on a full bucket: its reservation's answer
+    is a shed, and its departure gives elbasy's 429 instead of sending it."""
+    for k in range(40):
+        piped.arrive(k, "acme")
+    piped.run(lambda: len(piped.sent) == 40)
+    piped.arrive(99, "acme", max_wait="0")
+    piped.run(lambda: 99 in piped.refused)
+    assert piped.refused[99].shed_after > 0 and piped.refused[99].limit == "shopify-rest"
+    assert piped.pacer.counters["shed"] == 1
+
+
+def test_a_client_that_leaves_before_its_answer_gives_its_place_back(
+    piped: LoopWithoutSockets, clock: dict[str, float]
+) -> None:
+    """The client is gone before Redis answered its reservation: when the
+    answer comes its place goes back, so the next one leaves when it would
+    have, 0.5 s after the full bucket, not 1 s."""
+    for k in range(40):
+        piped.arrive(k, "acme")
+    piped.run(lambda: len(piped.sent) == 40)
+    gone = piped.arrive(40, "acme")
+    assert gone.pending == "reserve"
+    del piped.held[40]
+    piped.pacer.abandoned(gone)
+    piped.arrive(41, "acme")
+    piped.run(lambda: 41 in piped.sent)
+    assert piped.pacer.counters["returned"] == 1
+    assert clock["t"] == pytest.approx(START + 0.5, abs=1e-6)
+    assert 40 not in piped.sent
+
+
+def test_a_redis_that_stops_answering_is_left_within_the_timeout(
+    clock: dict[str, float],
+) -> None:
+    """Redis stopped (SIGSTOP: its socket accepts, nobody answers): the held
+    request's net timer finds its answer overdue, the local share answers it
+    and every later step, and nothing waited longer than the timeout."""
+    server = RedisServer()
+    pacer, store = piped_pacer(server.url, clock)
+    loop = LoopWithoutSockets(pacer, store, clock)
+    try:
+        loop.arrive(1, "acme")
+        loop.run(lambda: loop.sent == [1])
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        loop.arrive(2, "acme")
+        loop.run(lambda: 2 in loop.sent)
+        assert time.monotonic() - started < 2.0
+        assert clock["t"] == pytest.approx(START + TIMEOUT, abs=1e-6)  # its net timer
+        stats = store.stats()
+        assert stats["fallback"] == "local" and stats["late_answers"] == 1, stats
+        loop.arrive(3, "acme")  # answered now, by the local share
+        assert loop.sent == [1, 2, 3]
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        store.close()
+        server.stop()
+
+
+def test_the_net_timer_of_a_line_head_is_a_fallback_only(
+    piped: LoopWithoutSockets, clock: dict[str, float]
+) -> None:
+    """A request not first in its line waits on the long net (it is woken when
+    it is first); the one first waits for Redis's answer, never the long net."""
+    for k in range(42):
+        piped.arrive(k, "acme")
+    piped.run(lambda: len(piped.sent) == 40 and not piped.store.stats()["in_flight"])
+    (_, first), (_, second) = piped.held[40], piped.held[41]
+    assert first == pytest.approx(START + 0.5, abs=1e-6)
+    assert second == START + NOT_FIRST_WAIT
