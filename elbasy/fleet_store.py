@@ -58,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -99,6 +100,22 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 
 #: QuotaStore.recheck while the shared store is not made (RedisStore.recheck)
 _RECHECK_UNMADE = 0.5
+
+
+class _Probe(threading.Thread):
+    """One reconnect attempt, run here (``run``) or on a thread (``start``)."""
+
+    def __init__(self, attempt: Callable[[], Pingable | None]) -> None:
+        super().__init__(name="elbasy-redis-probe", daemon=True)
+        self._attempt = attempt
+        self.made: Pingable | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.made = self._attempt()
+        except BaseException as exc:  # noqa: BLE001 - told to the store, which decides
+            self.error = exc
 
 
 class FleetStore:
@@ -156,6 +173,9 @@ class FleetStore:
         self.last_error = ""
         self.shared: Pingable | None = None
         self._make: Callable[[], Pingable] | None = None
+        #: reconnect attempts run on a thread, never in a step (elbasy.piped_store)
+        self.probe_aside = False
+        self._probe: _Probe | None = None
         if callable(shared) and not hasattr(shared, "reserve"):
             self._make = shared
             try:
@@ -190,21 +210,31 @@ class FleetStore:
 
     def _up(self) -> Pingable | None:
         """The shared store if it may be asked now, else None (asks it again lazily,
-        once the backoff has passed: one bounded PING or connect)."""
+        once the backoff has passed: one bounded PING or connect, on a thread of
+        its own when ``probe_aside``, answered at a later call)."""
         if not self.down:
             return self.shared
-        if self._mono() < self._retry_at:
+        probe = self._probe
+        if probe is None:
+            if self._mono() < self._retry_at:
+                return None
+            self.attempts += 1
+            probe = _Probe(self._attempt)
+            if self.probe_aside:
+                self._probe = probe
+                probe.start()
+                return None
+            probe.run()
+        elif probe.is_alive():
             return None
-        self.attempts += 1
-        try:
-            if self.shared is None:
-                assert self._make is not None
-                self.shared = self._make()
-            else:
-                self.shared.ping()
-        except self.errors as exc:
-            self._fail(exc)
+        self._probe = None
+        if probe.error is not None:
+            if not isinstance(probe.error, self.errors):
+                raise probe.error  # not Redis failing: a fault of ours, not to be hidden
+            self._fail(probe.error)
             return None
+        if probe.made is not None:
+            self.shared = probe.made
         self.down = False
         self.recoveries += 1
         self._relearn_until = self._mono() + self.relearn
@@ -228,6 +258,14 @@ class FleetStore:
         """A step on the shared store failed elsewhere (elbasy.piped_store's own
         socket): fall back as if one of this class's calls had."""
         self._fail(exc)
+
+    def _attempt(self) -> Pingable | None:
+        """One reconnect attempt: the store made (None: the one there answered PING)."""
+        if self.shared is None:
+            assert self._make is not None
+            return self._make()
+        self.shared.ping()
+        return None
 
     def _scaled(self, limits: Sequence[Limit]) -> tuple[Limit, ...]:
         """The limits of the local share: ``share`` of each capacity and rate."""

@@ -29,8 +29,8 @@ reach Redis: over the worker's own non-blocking socket
   elbasy.redis_moves signals there).
 
 Where a step still blocks, said plainly: making the pipe (connect, AUTH,
-SELECT: at start and after a recovery, bounded by ``timeout``); the fleet
-store's reconnect PING once per backoff while Redis is down; reading learned
+SELECT: at start and after a recovery, bounded by ``timeout``; while Redis
+is down the fleet store's reconnect attempts run on a thread); reading learned
 facts (a GET of their generation counter every 0.5 s, and one per fact not
 cached); and the second reservation of an idempotent request sent again
 after a 429 (rare: it follows a refusal). A ``rediss://`` or ``unix://``
@@ -116,6 +116,8 @@ class PipedStore:
         make_pipe: Callable[[RedisStore, float], SocketPipe | None] = pipe_to,
     ) -> None:
         self.fleet = fleet
+        # while Redis is down, its reconnect attempts run on a thread: no step waits
+        fleet.probe_aside = True
         self.timeout = timeout
         self._make_pipe = make_pipe
         self._pipe: SocketPipe | None = None

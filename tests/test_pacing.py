@@ -332,6 +332,50 @@ def test_script_flush_under_load_costs_no_request(
     assert_piped(instances)
 
 
+def test_a_stopped_redis_never_stalls_the_loop(
+    proxy: Callable[..., Proxy],
+    api_ca: tuple[origins.TestCA, Path],
+    shopify: RemoteMock,
+    tmp_path: Path,
+) -> None:
+    """Redis stopped (SIGSTOP: connected and silent) under paced load: the
+    worker answers everything else at once meanwhile (its /healthz here, on
+    the same loop), the paced requests go on from the local share once their
+    answers are overdue, and none fails (issue 14: the loop never blocks on
+    Redis). With the blocking store the slowest /healthz took the 0.25 s
+    timeout."""
+    configure_plans(shopify)
+    server = RedisServer()
+    took: list[float] = []
+    try:
+        p, ca = elbasy_for(
+            proxy, api_ca, tmp_path, {"*.myshopify.com": shopify.port}, "--quota-store", server.url
+        )
+
+        def stop_and_watch() -> None:
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            for _ in range(30):  # 1.5 s: the backoff's reconnect attempts fall in it
+                started = time.monotonic()
+                p.healthz()
+                took.append(time.monotonic() - started)
+                time.sleep(0.05)
+
+        outcomes, _ = load.run(p.port, ca, shop_clients()[:12], 3.0, at=(0.8, stop_and_watch))
+        quota = p.healthz()["quota"]
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+    for name, out in outcomes.items():
+        assert not out.errors, (name, out.errors[:3])
+        assert set(out.statuses) == {200}, (name, out.statuses)
+    assert sum(sum(out.statuses.values()) for out in outcomes.values()) > 100
+    assert quota["fallback"] == "local" and quota["late_answers"] >= 1, quota
+    assert quota["reconnect_attempts"] >= 1, quota
+    # the Redis timeout is 0.25 s: a loop that waited on Redis would show it here
+    assert max(took) < 0.15, sorted(took)[-5:]
+    assert shopify.stats()["totals"]["rest_throttled"] == 0
+
+
 @pytest.mark.load
 def test_shopify_rest_through_a_killed_worker(
     proxy: Callable[..., Proxy],

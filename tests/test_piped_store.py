@@ -116,12 +116,14 @@ def clock() -> dict[str, float]:
     return {"t": START}
 
 
-def piped_pacer(url: str, clock: dict[str, float]) -> tuple[Pacer, PipedStore]:
+def piped_pacer(
+    url: str, clock: dict[str, float], backoff: float = 3600.0
+) -> tuple[Pacer, PipedStore]:
     fleet = FleetStore(
         lambda: RedisStore(url, EXACT, clock="caller", timeout=TIMEOUT),
         LocalStore(EXACT),
-        backoff=3600.0,
-        backoff_max=3600.0,
+        backoff=backoff,
+        backoff_max=backoff,
     )
     store = PipedStore(fleet, timeout=TIMEOUT)
     pacer = Pacer(RuleSet.builtin(), store, wall=lambda: clock["t"], mono=lambda: clock["t"])
@@ -232,6 +234,48 @@ def test_a_redis_that_stops_answering_is_left_within_the_timeout(
         assert stats["fallback"] == "local" and stats["late_answers"] == 1, stats
         loop.arrive(3, "acme")  # answered now, by the local share
         assert loop.sent == [1, 2, 3]
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        store.close()
+        server.stop()
+
+
+def test_a_stopped_redis_is_probed_aside_and_shared_again(clock: dict[str, float]) -> None:
+    """While Redis is stopped, its reconnect attempts (a PING that cannot be
+    answered) run on a thread: every step is answered at local speed, probe
+    or no probe. Once it answers again, new reservations go to Redis."""
+    server = RedisServer()
+    pacer, store = piped_pacer(server.url, clock, backoff=0.2)
+    loop = LoopWithoutSockets(pacer, store, clock)
+    try:
+        loop.arrive(1, "acme")
+        loop.run(lambda: loop.sent == [1])
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        loop.arrive(2, "acme")
+        loop.run(lambda: 2 in loop.sent)
+        assert store.fleet.down
+        slowest = 0.0
+        for k in range(3, 43):  # 0.8 s: probes are due every 0.2 s meanwhile
+            time.sleep(0.02)
+            started = time.monotonic()
+            loop.arrive(k, f"shop{k}")
+            slowest = max(slowest, time.monotonic() - started)
+        assert store.fleet.attempts >= 2 and store.fleet.down
+        assert slowest < TIMEOUT / 2, slowest
+        assert len(loop.sent) == 42  # every one answered at once, by the local share
+        os.kill(server.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10.0
+        k = 100
+        while store.fleet.down:
+            assert time.monotonic() < deadline, store.stats()
+            time.sleep(0.05)
+            loop.arrive(k, f"shop{k}")
+            k += 1
+        time.sleep(store.fleet.relearn + 0.1)  # new reservations stay local while it relearns
+        paced = loop.arrive(k + 1, "fresh")
+        assert paced.pending == "reserve"  # sent to Redis, answered later
+        loop.run(lambda: k + 1 in loop.sent)
+        assert store.stats()["recoveries"] == 1
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
         store.close()
