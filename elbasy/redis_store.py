@@ -53,11 +53,12 @@ truncate to integers and its string conversion keeps 14 digits.
 
 What is missing (issue 14), said plainly:
 
-* every call here **blocks** the caller for one round trip (a socket
-  timeout of ``timeout`` seconds bounds it). The loop must not block on
-  Redis: :mod:`elbasy.redis_pipe` is the transport for that (calls sent
-  without waiting, pipelined, answers through an eventfd); the pacer does not
-  use it yet;
+* every call of this class **blocks** the caller for one round trip (a
+  socket timeout of ``timeout`` seconds bounds it). The loop does not call
+  it for its steps: :mod:`elbasy.piped_store` sends the same requests
+  (each step's ``*_request`` half) over the worker's own socket and reads
+  their answers with the same halves (``reserved``, ``confirmed``,
+  ``earliest_answer``) when they come. Facts are still read here, blocking;
 * a place given back or a refund is announced on one pub/sub channel for
   every account (``<prefix>moved``, elbasy.redis_moves), one extra blocking
   ``PUBLISH``; a channel per account, or the scripts publishing, would be
