@@ -35,6 +35,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from elbasy.redis_store import SCHEMES as REDIS_SCHEMES
 from elbasy.settings import (
     Choice,
     ChoiceOrURL,
@@ -456,7 +457,7 @@ def worker_count(workers: int | str) -> int:
 #: worker keeps every account's clocks. Or a Redis URL (elbasy.redis_store)
 QUOTA_STORES = ("auto", "shm", "local")
 #: the URL schemes of ``--quota-store`` for a Redis server shared by a fleet
-QUOTA_REDIS_SCHEMES = ("redis", "rediss", "unix")
+QUOTA_REDIS_SCHEMES = REDIS_SCHEMES
 QUOTA_CAPACITY_MIN = 64
 QUOTA_CAPACITY_MAX = 1 << 24
 #: the most elbasy machines ``--quota-instances`` may say share one Redis
@@ -613,9 +614,10 @@ class Config:
         "auto",
         "Where accounts' quota lives: shm (one table in shared memory, shared exactly by "
         "every worker, kept across restarts and reloads), local (one worker's memory), "
-        "auto (shm), or redis://HOST:PORT/DB (also rediss://, unix://; password from the "
-        "URL or ELBASY_REDIS_PASSWORD): one Redis server shared by every machine. The "
-        "Redis store blocks a worker for one round trip per quota step (a first wiring).",
+        "auto (shm), or redis://HOST:PORT/DB (also rediss://, unix://, "
+        "redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE[/DB], redis+cluster://HOST:PORT; "
+        "password from the URL or ELBASY_REDIS_PASSWORD): one Redis shared by every "
+        "machine, its steps sent without the worker waiting for them.",
     )
     quota_instances: int = setting(
         Integer(1, QUOTA_INSTANCES_MAX),

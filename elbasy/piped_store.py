@@ -88,14 +88,27 @@ class _Ask:
 
 
 def pipe_to(redis: RedisStore, timeout: float) -> SocketPipe | None:
-    """A SocketPipe to the server of ``redis``'s client, or None when it is not
-    plain TCP (TLS, a unix socket). Raises OSError when the server cannot be reached."""
-    kwargs = redis.client.connection_pool.connection_kwargs
-    if kwargs.get("path") or kwargs.get("ssl") or "host" not in kwargs:
+    """A SocketPipe to the server of ``redis``'s client (a Sentinel's: its master
+    now), or None when it is not one plain TCP server (TLS, a unix socket, a
+    Cluster). Raises OSError when the server cannot be reached."""
+    from redis.connection import SSLConnection
+
+    pool = getattr(redis.client, "connection_pool", None)
+    if pool is None:
+        return None  # a Redis Cluster: its nodes are redis-py's to route to
+    kwargs = pool.connection_kwargs
+    if hasattr(pool, "get_master_address"):
+        # a Sentinel's master: asked where it is now (it moves on a failover)
+        host, port = pool.get_master_address()
+    elif kwargs.get("path") or kwargs.get("ssl") or "host" not in kwargs:
+        return None
+    else:
+        host, port = kwargs["host"], kwargs.get("port") or 6379
+    if issubclass(pool.connection_class, SSLConnection):
         return None
     return SocketPipe(
-        kwargs["host"],
-        int(kwargs.get("port") or 6379),
+        host,
+        int(port),
         db=int(kwargs.get("db") or 0),
         password=kwargs.get("password"),
         username=kwargs.get("username"),

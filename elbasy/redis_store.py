@@ -111,8 +111,9 @@ __all__ = [
 
 #: the environment variable a password comes from when the URL has none
 PASSWORD_ENV = "ELBASY_REDIS_PASSWORD"
-#: URL schemes redis-py's ``from_url`` reads that this store accepts
-SCHEMES = ("redis", "rediss", "unix")
+#: URL schemes this store accepts: redis-py's own, and a Sentinel's or a
+#: Cluster's (elbasy's names for them: redis-py has no URL for either)
+SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 #: a reservation this close to a time counts as at it (quota._EPS)
 _EPS = 1e-9
 _KINDS = {BUCKET: 0.0, WINDOW: 1.0, ROLLING: 2.0}
@@ -170,7 +171,15 @@ def account_tag(key: str) -> str:
 
 
 def connect(url: str, *, timeout: float = 0.5, password: str | None = None) -> Any:
-    """A redis-py client for ``url`` (``redis://``, ``rediss://``, ``unix://``).
+    """A redis-py client for ``url``.
+
+    * ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, ``rediss://...`` (TLS),
+      ``unix://PATH``: one server (redis-py's URLs);
+    * ``redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]``:
+      the master the Sentinels name for SERVICE, found again after a failover;
+      the password is the master's (the Sentinels are asked without one);
+    * ``redis+cluster://[[USER]:PASSWORD@]HOST:PORT``: a Redis Cluster reached
+      through any of its nodes (every script touches one slot: account_tag).
 
     The password is the URL's, else ``password``, else ``$ELBASY_REDIS_PASSWORD``.
     ``timeout`` bounds connecting and every reply (seconds). hiredis parses
@@ -181,23 +190,64 @@ def connect(url: str, *, timeout: float = 0.5, password: str | None = None) -> A
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme not in SCHEMES:
         raise ValueError(
-            f"a Redis quota store URL is redis://HOST[:PORT][/DB], rediss://... or "
-            f"unix://PATH, got {url!r}"
+            f"a Redis quota store URL is redis://HOST[:PORT][/DB], rediss://..., "
+            f"unix://PATH, redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE[/DB] or "
+            f"redis+cluster://HOST:PORT, got {redact(url)!r}"
         )
     if not (timeout > 0 and math.isfinite(timeout)):
         raise ValueError(f"the Redis timeout must be > 0 seconds, got {timeout!r}")
     options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    secret = password or os.environ.get(PASSWORD_ENV)
+    if scheme == "redis+sentinel":
+        return _sentinel_master(url, secret, options)
+    plain = url if scheme != "redis+cluster" else "redis://" + url.split("://", 1)[1]
+    make: Callable[..., Any] = redis.Redis.from_url
+    if scheme == "redis+cluster":
+        from redis.cluster import RedisCluster
+
+        make = RedisCluster.from_url
     try:
-        client = redis.Redis.from_url(url, **options)
+        client = make(plain, **options)
     except ValueError as exc:
-        raise ValueError(f"bad Redis URL {url!r}: {exc}") from None
-    kwargs = client.connection_pool.connection_kwargs
-    if not kwargs.get("password"):
-        secret = password or os.environ.get(PASSWORD_ENV)
-        if secret:
-            client.close()
-            client = redis.Redis.from_url(url, password=secret, **options)
+        raise ValueError(f"bad Redis URL {redact(url)!r}: {exc}") from None
+    if secret and not _password_of(plain):
+        client.close()
+        client = make(plain, password=secret, **options)
     return client
+
+
+def _password_of(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).password or ""
+
+
+def _sentinel_master(url: str, secret: str | None, options: dict[str, Any]) -> Any:
+    """The master client of a ``redis+sentinel://`` URL (see connect)."""
+    from urllib.parse import unquote
+
+    from redis.sentinel import Sentinel
+
+    rest = url.split("://", 1)[1]
+    auth, _, rest = rest.rpartition("@")
+    hosts, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    try:
+        sentinels = []
+        for hostport in hosts.split(","):
+            host, _, port = hostport.rpartition(":")
+            sentinels.append((host.strip("[]") or "127.0.0.1", int(port or 26379)))
+        if not parts or len(parts) > 2:
+            raise ValueError("the path is /SERVICE or /SERVICE/DB")
+        db = int(parts[1]) if len(parts) == 2 else 0
+    except ValueError as exc:
+        raise ValueError(f"bad Redis Sentinel URL {redact(url)!r}: {exc}") from None
+    user, _, pw = auth.partition(":") if ":" in auth else ("", "", "")
+    master_options = dict(options, db=db, password=unquote(pw) or secret or None)
+    if user:
+        master_options["username"] = unquote(user)
+    sentinel = Sentinel(sentinels, sentinel_kwargs=dict(options), **options)  # type: ignore[no-untyped-call]
+    return sentinel.master_for(unquote(parts[0]), **master_options)  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True, slots=True)
@@ -680,8 +730,12 @@ class RedisStore:
 
     def stats(self) -> dict[str, int | str]:
         """For /healthz: where the store is and what it did."""
-        kwargs = self.client.connection_pool.connection_kwargs
-        where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        pool = getattr(self.client, "connection_pool", None)
+        kwargs = pool.connection_kwargs if pool is not None else {}
+        if self.url:
+            where = redact(self.url).split("://", 1)[1]
+        else:
+            where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
         return {
             "store": "redis",
             "server": str(where),

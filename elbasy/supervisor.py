@@ -124,18 +124,27 @@ def make_shared(config: Config) -> Any:
         shared = RedisShared(config.quota_store, timeout=config.quota_redis_timeout)
         try:
             version = check_reachable(shared)
+        except ValueError as exc:
+            raise StartupError(f"--quota-store: {exc}") from None
         except ConnectionError as exc:
-            raise StartupError(f"--quota-store: cannot reach {exc}") from None
+            # a proxy that refused to start while Redis is down would fail every
+            # request it carries: it starts on this machine's share instead
+            version = ""
+            log.warning(
+                "quota store: cannot reach %s now; starting on this machine's share "
+                "of 1/%d of each account, and sharing through Redis once it answers",
+                exc,
+                config.quota_instances,
+            )
         from elbasy.shm import ShmTable
 
         # the machine's share while Redis is down, one table for all its workers
         table = ShmTable(config.quota_capacity, facts=config.quota_capacity)
         log.warning(
-            "quota in Redis %s at %s, shared by every machine; each quota step blocks "
-            "its worker for one round trip (first wiring, issue 14), at most %g s: then "
-            "this machine keeps to a share of 1/%d of each account (a table in shared "
-            "memory, %.1f MiB) until Redis answers",
-            version,
+            "quota in Redis %s at %s, shared by every machine; no worker waits for it: "
+            "an answer later than %g s and this machine keeps to a share of 1/%d of "
+            "each account (a table in shared memory, %.1f MiB) until Redis answers",
+            version or "(not reached yet)",
             shared.redacted(),
             shared.timeout,
             config.quota_instances,

@@ -42,7 +42,16 @@ def _ping(port: int) -> bool:
 class RedisServer:
     """A ``redis-server`` subprocess; :meth:`stop` (or the context manager) ends it."""
 
-    def __init__(self, port: int | None = None, executable: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        executable: str | None = None,
+        *,
+        extra: tuple[str, ...] = (),
+        config: str | None = None,
+    ) -> None:
+        """``extra``: more arguments (``--replicaof``, ``--cluster-enabled``);
+        ``config``: a config file's text, put first (``--sentinel`` needs one)."""
         exe = executable or os.environ.get("ELBASY_TEST_REDIS_SERVER") or "redis-server"
         path = shutil.which(exe)
         if path is None:
@@ -54,9 +63,14 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.mkdtemp(prefix="elbasy-redis-")
         self._log = Path(self._dir) / "redis.log"
+        head = [path]
+        if config is not None:
+            conf = Path(self._dir) / "redis.conf"
+            conf.write_text(config)
+            head.append(str(conf))
         self.proc = subprocess.Popen(
             [
-                path,
+                *head,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -69,6 +83,7 @@ class RedisServer:
                 self._dir,
                 "--logfile",
                 str(self._log),
+                *extra,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -273,18 +273,32 @@ def test_the_proxy_runs_on_a_redis_store(proxy, redis_url: str) -> None:  # type
     p = proxy("--quota-store", redis_url, "--workers", "2")
     quota = p.healthz()["quota"]
     assert quota["store"] == "redis" and quota["clock"] == "server", quota
-    assert "blocks its worker for one round trip" in p.stderr
+    assert "no worker waits for it" in p.stderr
 
 
-def test_an_unreachable_redis_fails_at_start_without_its_password(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreachable_redis_at_start_starts_on_the_share_without_its_password(  # type: ignore[no-untyped-def]
+    proxy,
+) -> None:
+    """Redis down when elbasy starts: it starts on the machine's share (a proxy
+    that refused to start would fail every request it carries), says so once
+    with the URL's password hidden, and /healthz shows the fall back."""
+    from redis_server import free_port
+
+    url = f"redis://:secret123@127.0.0.1:{free_port()}/0"
+    p = proxy("--quota-store", url)
+    quota = p.healthz()["quota"]
+    assert quota["store"] == "redis" and quota["fallback"] == "local", quota
+    assert "cannot reach Redis at redis://:***@127.0.0.1" in p.stderr
+    assert "secret123" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_bad_redis_url_fails_at_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from redis_server import free_port
-
-    url = f"redis://:secret123@127.0.0.1:{free_port()}/0"
+    url = "redis+sentinel://:secret123@127.0.0.1:notaport/svc"
     proc = subprocess.run(
         [sys.executable, "-m", "elbasy", "--listen", "127.0.0.1:0", "--quota-store", url],
         capture_output=True,
@@ -295,7 +309,7 @@ def test_an_unreachable_redis_fails_at_start_without_its_password(tmp_path) -> N
     )
     assert proc.returncode == 1, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1 and "cannot reach Redis at redis://:***@127.0.0.1" in errors[0]
+    assert len(errors) == 1 and "bad Redis Sentinel URL" in errors[0], proc.stderr
     assert "secret123" not in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -1,0 +1,222 @@
+"""The Redis quota store on a Sentinel-watched master and on a Redis Cluster.
+
+Real servers, started here: a master, its replica and one Sentinel (the
+``redis-server`` binary in sentinel mode); three cluster nodes joined with
+``redis-cli --cluster create``. What a user of ``redis+sentinel://`` and
+``redis+cluster://`` needs: every step works there, a Sentinel failover is
+followed (the store falls back to the local share for the switch, then
+shares again on the new master), and on a cluster each account's keys sit
+in one slot while accounts spread over the nodes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from redis_server import RedisServer
+from test_piped_store import EXACT, START, LoopWithoutSockets
+
+from elbasy.fleet_store import FleetStore
+from elbasy.pacing import Pacer
+from elbasy.piped_store import PipedStore
+from elbasy.quota import LocalStore, Reservation
+from elbasy.redis_store import RedisStore, connect
+from elbasy.rules import RuleSet
+
+SERVICE = "elbasy-quota"
+
+
+def wait_for(what: str, check: object, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception:  # noqa: BLE001 - not up yet: asked again
+            pass
+        assert time.monotonic() < deadline, f"{what} within {seconds:g} s"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def sentinel() -> Iterator[tuple[RedisServer, RedisServer, RedisServer]]:
+    """(master, replica, sentinel), the Sentinel watching the master as SERVICE."""
+    import redis
+
+    master = RedisServer()
+    servers = [master]
+    try:
+        replica = RedisServer(extra=("--replicaof", "127.0.0.1", str(master.port)))
+        servers.append(replica)
+        conf = (
+            f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} 1\n"
+            f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+            f"sentinel failover-timeout {SERVICE} 5000\n"
+        )
+        watcher = RedisServer(config=conf, extra=("--sentinel",))
+        servers.append(watcher)
+        client = redis.Redis(port=replica.port)
+        wait_for(
+            "the replica in sync", lambda: client.info("replication")["master_link_status"] == "up"
+        )
+        client.close()
+        s = redis.Redis(port=watcher.port)
+        wait_for(
+            "the Sentinel to see the replica",
+            lambda: s.sentinel_master(SERVICE)["num-slaves"] >= 1,
+        )
+        s.close()
+        yield master, replica, watcher
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_the_piped_store_follows_a_sentinel_failover(
+    sentinel: tuple[RedisServer, RedisServer, RedisServer],
+) -> None:
+    """``redis+sentinel://``: steps go over the pipe to the master the Sentinel
+    names; after a failover the old master refuses writes, the store answers
+    from the local share meanwhile and then shares again, on the new master."""
+    import redis
+
+    master, replica, watcher = sentinel
+    clock = {"t": START}
+    url = f"redis+sentinel://127.0.0.1:{watcher.port}/{SERVICE}/0"
+    fleet = FleetStore(
+        lambda: RedisStore(url, EXACT, clock="caller", timeout=0.5),
+        LocalStore(EXACT),
+        backoff=0.2,
+        backoff_max=0.5,
+        relearn=0.0,
+    )
+    store = PipedStore(fleet, timeout=0.5)
+    pacer = Pacer(RuleSet.builtin(), store, wall=lambda: clock["t"], mono=lambda: clock["t"])
+    loop = LoopWithoutSockets(pacer, store, clock)
+    try:
+        loop.arrive(1, "acme")
+        loop.run(lambda: loop.sent == [1])
+        assert store.stats()["transport"] == "socket pipe"
+        on_master = redis.Redis(port=master.port)
+        assert on_master.keys("elbasy:{shopify-admin-rest|acme*"), "the step is in the master"
+        on_master.close()
+        s = redis.Redis(port=watcher.port)
+        s.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        wait_for(
+            "the replica promoted",
+            lambda: (
+                int(s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)[1])
+                == replica.port
+            ),
+        )
+        s.close()
+        k = 2
+        deadline = time.monotonic() + 20.0
+        while not (fleet.recoveries >= 1 and not fleet.down and store.stats()["pipes"] >= 2):
+            assert time.monotonic() < deadline, store.stats()
+            loop.arrive(k, f"shop{k}")
+            loop.run(lambda: k in loop.sent)  # noqa: B023 - this turn's k
+            k += 1
+            time.sleep(0.05)
+        paced = loop.arrive(k, "after")
+        assert paced.pending == "reserve"  # to Redis again, over a new pipe
+        loop.run(lambda: k in loop.sent)
+        on_new = redis.Redis(port=replica.port)
+        assert on_new.keys("elbasy:{shopify-admin-rest|after*"), "the step is in the new master"
+        on_new.close()
+        assert len(loop.sent) == k  # every request went: none failed over the switch
+    finally:
+        store.close()
+
+
+def cluster_port() -> int:
+    """A free port p <= 55535 whose cluster bus port (p + 10000) is free too."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+@pytest.fixture
+def cluster() -> Iterator[list[RedisServer]]:
+    """Three cluster nodes, every slot assigned (no replicas)."""
+    import redis
+
+    cli = shutil.which("redis-cli")
+    assert cli, "redis-cli is missing (it comes with redis-server; .ci/run installs it)"
+    nodes: list[RedisServer] = []
+    try:
+        for _ in range(3):
+            port = cluster_port()
+            nodes.append(
+                RedisServer(
+                    port,
+                    extra=(
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        f"nodes-{port}.conf",
+                    ),
+                )
+            )
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes)]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        first = redis.Redis(port=nodes[0].port)
+        wait_for("the cluster up", lambda: first.cluster("info")["cluster_state"] == "ok")
+        first.close()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_the_store_on_a_redis_cluster(cluster: list[RedisServer]) -> None:
+    """``redis+cluster://``: each account's limits in one slot (every script
+    touches one), accounts spread over the nodes, facts shared; the steps go
+    through redis-py's cluster client (blocking: the pipe speaks to one
+    server)."""
+    import redis
+
+    url = f"redis+cluster://127.0.0.1:{cluster[0].port}"
+    client = connect(url)
+    store = RedisStore(client, EXACT, clock="caller")
+    piped = PipedStore(FleetStore(store, LocalStore(EXACT)), timeout=0.5)
+    try:
+        rules = RuleSet.builtin()
+        now = START
+        for k in range(30):
+            headers = [(b"X-Shopify-Access-Token", b"tok")]
+            m = rules.match(f"shop{k}.myshopify.com", "GET", "/admin/api/2024-10/x.json", headers)
+            assert m is not None
+            r = piped.reserve_later(object(), m.keys, m.limits, m.costs, now, 30.0)
+            assert isinstance(r, Reservation), r  # answered at once: no pipe to a cluster
+            assert piped.confirm_later(object(), r, now) is None
+            piped.landed(r, now)
+        assert piped.stats()["transport"] == "blocking"
+        assert piped.put_fact("plan|x|y", 400.0, 20.0) and piped.fact("plan|x|y") == (400.0, 20.0)
+        holding = 0
+        for node in cluster:
+            c = redis.Redis(port=node.port)
+            holding += bool(c.keys("elbasy:{shopify-admin-rest|*"))
+            c.close()
+        assert holding == 3, "accounts spread over every node"
+    finally:
+        piped.close()
