@@ -28,14 +28,21 @@ reach Redis: over the worker's own non-blocking socket
   share's fd is (another worker's refund, or another machine's, which
   elbasy.redis_moves signals there).
 
+Learned facts (plans, tiers, query shapes' costs) are read the same way: the
+generation counter every ``facts_refresh`` s and a fact not cached are GETs
+on the pipe; until the answer comes a fact is the machine's own word (its
+local share's, which learns every fact this machine is told), and the
+counter moves when Redis's answer differs, so the pacer reads its limits
+again.
+
 Where a step still blocks, said plainly: making the pipe (connect, AUTH,
 SELECT: at start and after a recovery, bounded by ``timeout``; while Redis
-is down the fleet store's reconnect attempts run on a thread); reading learned
-facts (a GET of their generation counter every 0.5 s, and one per fact not
-cached); and the second reservation of an idempotent request sent again
-after a 429 (rare: it follows a refusal). A ``rediss://`` or ``unix://``
-store has no pipe (the pipe speaks plain TCP): every step there goes through
-the fleet store, blocking for one round trip each.
+is down the fleet store's reconnect attempts run on a thread); writing a
+fact (a server's new word on a plan: once per account and change); the
+second reservation of an idempotent request sent again after a 429 (rare:
+it follows a refusal). A ``rediss://``, ``unix://`` or ``redis+cluster://``
+store has no pipe (the pipe speaks plain TCP to one server): every step
+there goes through the fleet store, blocking for one round trip each.
 """
 
 from __future__ import annotations
@@ -87,6 +94,15 @@ class _Ask:
         self.keys, self.limits, self.costs, self.max_wait = keys, limits, costs, max_wait
 
 
+class _Read:
+    """A GET of the facts' generation counter (``name`` "") or of one fact."""
+
+    __slots__ = ("name", "generation")
+
+    def __init__(self, name: str, generation: int) -> None:
+        self.name, self.generation = name, generation
+
+
 def pipe_to(redis: RedisStore, timeout: float) -> SocketPipe | None:
     """A SocketPipe to the server of ``redis``'s client (a Sentinel's: its master
     now), or None when it is not one plain TCP server (TLS, a unix socket, a
@@ -136,6 +152,11 @@ class PipedStore:
         self._pipe: SocketPipe | None = None
         self._pipe_of: Any = None  # the shared store the pipe was made for
         self._pipe_fd = -1
+        # facts: the reads on their way, and what moves facts_generation
+        self._reading: set[str] = set()
+        self._news = 0
+        self._gen_seen: tuple[int, ...] = ()
+        self._generation = 0
         self._reloads = 0  # NOSCRIPT reloads and writes of pipes closed since
         self._writes = 0
         self._unpiped = False  # the shared store cannot be piped: blocking steps
@@ -146,6 +167,7 @@ class PipedStore:
         self._watched: set[int] = set()
         self._watch(fleet.fileno())
         self.sent = 0  # steps sent on the pipe
+        self.reads = 0  # facts read on the pipe
         self.late_answers = 0  # steps answered by the fleet store after the timeout
         self.lost_answers = 0  # steps answered by the fleet store after a lost connection
         self.pipes = 0  # pipes made
@@ -192,6 +214,7 @@ class PipedStore:
 
     def _drop_pipe(self) -> None:
         pipe, self._pipe, self._pipe_of = self._pipe, None, None
+        self._reading.clear()  # their answers will not come: read again when asked
         if pipe is None:
             return
         self._reloads += pipe.reloads
@@ -268,7 +291,12 @@ class PipedStore:
         failed: Exception | None = None
         unanswered: list[_Ask] = []
         for token, reply in pipe.completed():
-            if isinstance(token, _Ask):
+            if isinstance(token, _Read):
+                if isinstance(reply, Exception):
+                    failed = failed or reply
+                else:
+                    self._read_came(shared, token, reply)
+            elif isinstance(token, _Ask):
                 ask = token
                 del self._asks[ask]
                 if isinstance(reply, Exception):
@@ -345,11 +373,8 @@ class PipedStore:
         up = self._pipe_now()
         if up is not None:
             shared, pipe = up
-            idle = not pipe.pending()
-            pipe.command(None, "PUBLISH", *shared.announcement(keys))
-            if idle:
-                pipe.flush()
-            self.sent += 1
+            channel, message = shared.announcement(keys)
+            self._command(pipe, None, "PUBLISH", channel, message)
 
     def landed(self, r: Reservation, now: float) -> None:
         if not r.sent or r.landed:
@@ -427,14 +452,75 @@ class PipedStore:
     # ------------------------------------------------------------------ facts
 
     def fact(self, name: str) -> tuple[float, float] | None:
-        return self.fleet.fact(name)
+        """The fact as this process knows it now: Redis's when read, else the
+        machine's own word (its local share's) while the read is on its way;
+        :attr:`facts_generation` moves when Redis's answer differs."""
+        up = self._pipe_now()
+        if up is None:
+            return self.fleet.fact(name)
+        shared, pipe = up
+        known, got = shared.fact_cached(name)
+        if known:
+            return got
+        if name not in self._reading:
+            self._reading.add(name)
+            self._command(pipe, _Read(name, shared.generation), "GET", shared.fact_key(name))
+        return self.fleet.local.fact(name)
+
+    def _read_came(self, shared: RedisStore, read: _Read, raw: Reply) -> None:
+        value = raw if isinstance(raw, bytes) or raw is None else None
+        if not read.name:
+            before = shared.generation
+            shared.generation_came(value)
+            if shared.generation != before:
+                self._reading.clear()  # reads sent before the change: their values may be old
+            return
+        self._reading.discard(read.name)
+        got = shared.fact_came(read.name, value, read.generation)
+        kept = self.fleet.local.fact(read.name)
+        if got is not None:
+            if got != kept:
+                self.fleet.local.put_fact(read.name, *got)  # kept for a fall back
+                self._news += 1  # the pacer reads its limits again
+        elif kept is not None:
+            # Redis lost it (restarted empty): what this machine learned is shared
+            # again (one blocking write, as rare as a restart)
+            self.fleet.put_fact(read.name, *kept)
+
+    def _command(self, pipe: SocketPipe, token: object, *args: str | bytes) -> None:
+        idle = not pipe.pending()
+        pipe.command(token, *args)
+        if idle:
+            pipe.flush()
+        if isinstance(token, _Read):
+            self.reads += 1
+        else:
+            self.sent += 1
 
     def put_fact(self, name: str, a: float, b: float) -> bool:
+        """Kept in the local share and in Redis (one blocking write: a server's
+        new word on a plan, once per account and change)."""
         return self.fleet.put_fact(name, a, b)
 
     @property
     def facts_generation(self) -> int:
-        return self.fleet.facts_generation
+        """Moves when Redis's counter moved (read without waiting, every
+        ``facts_refresh`` s), when a fact read came back different, or when
+        the store answering changed (Redis, or the local share)."""
+        up = self._pipe_now()
+        seen: tuple[int, ...]
+        if up is None:
+            seen = (0, self.fleet.facts_generation, self._news)
+        else:
+            shared, pipe = up
+            key = shared.generation_due()
+            if key is not None:
+                self._command(pipe, _Read("", shared.generation), "GET", key)
+            seen = (1, shared.generation, self._news)
+        if seen != self._gen_seen:
+            self._gen_seen = seen
+            self._generation += 1
+        return self._generation
 
     # ------------------------------------------------------------------ the line, housekeeping
 
@@ -463,6 +549,7 @@ class PipedStore:
                 "transport": "blocking" if self._unpiped else "socket pipe",
                 "pipes": self.pipes,
                 "steps_sent": self.sent,
+                "facts_read": self.reads,
                 "writes": self._writes + (pipe.round_trips if pipe is not None else 0),
                 "in_flight": len(self._asks),
                 "late_answers": self.late_answers,

@@ -659,30 +659,66 @@ class RedisStore:
             self._facts.clear()
             self._generation += 1
 
+    # each read in two halves, as the steps (elbasy.piped_store reads them
+    # over its own socket): the key to GET, and what its value means
+
+    def generation_due(self) -> str | None:
+        """The key of the facts' generation counter when it is due to be read
+        again (marked read now), else None."""
+        at = self._mono()
+        if at - self._gen_read_at < self._facts_refresh:
+            return None
+        self._gen_read_at = at
+        return self._gen_key
+
+    def generation_came(self, raw: bytes | None) -> None:
+        """The counter's value: a change empties the cache of facts."""
+        self._saw_generation(int(raw or 0))
+
+    @property
+    def generation(self) -> int:
+        """This process's count of the changes seen so far (no read)."""
+        return self._generation
+
+    def fact_key(self, name: str) -> str:
+        return self._fact_key(name)
+
+    def fact_cached(self, name: str) -> tuple[bool, tuple[float, float] | None]:
+        """(known, the fact): known False when it must be read."""
+        if name in self._facts:
+            return True, self._facts[name]
+        return False, None
+
+    def fact_came(
+        self, name: str, raw: bytes | None, generation: int | None = None
+    ) -> tuple[float, float] | None:
+        """A fact's value as read; cached unless the counter moved since the read
+        was sent (``generation``: :attr:`generation` then)."""
+        got: tuple[float, float] | None = None
+        if raw is not None and len(raw) == 16:
+            a, b = struct.unpack("<2d", raw)
+            got = (a, b)
+        if generation is None or generation == self._generation:
+            if len(self._facts) >= _REMEMBER:
+                self._facts.clear()
+            self._facts[name] = got
+        return got
+
     @property
     def facts_generation(self) -> int:
         """Moves whenever any machine changed a fact (seen within ``facts_refresh`` s)."""
-        at = self._mono()
-        if at - self._gen_read_at >= self._facts_refresh:
-            raw = self.client.get(self._gen_key)
-            self._gen_read_at = at
-            self._saw_generation(int(raw or 0))
+        key = self.generation_due()
+        if key is not None:
+            self.generation_came(self.client.get(key))
         return self._generation
 
     def fact(self, name: str) -> tuple[float, float] | None:
         """A learned fact every machine shares, or None (LocalStore.fact)."""
         self.facts_generation  # noqa: B018 - a changed counter empties the cache
-        if name in self._facts:
-            return self._facts[name]
-        raw = self.client.get(self._fact_key(name))
-        got: tuple[float, float] | None = None
-        if raw is not None and len(raw) == 16:
-            a, b = struct.unpack("<2d", raw)
-            got = (a, b)
-        if len(self._facts) >= _REMEMBER:
-            self._facts.clear()
-        self._facts[name] = got
-        return got
+        known, got = self.fact_cached(name)
+        if known:
+            return got
+        return self.fact_came(name, self.client.get(self._fact_key(name)))
 
     def put_fact(self, name: str, a: float, b: float) -> bool:
         """Keep a fact for every machine; True when it changed (LocalStore.put_fact)."""

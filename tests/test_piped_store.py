@@ -293,3 +293,29 @@ def test_the_net_timer_of_a_line_head_is_a_fallback_only(
     (_, first), (_, second) = piped.held[40], piped.held[41]
     assert first == pytest.approx(START + 0.5, abs=1e-6)
     assert second == START + NOT_FIRST_WAIT
+
+
+def test_facts_are_read_over_the_pipe(redis_url: str, clock: dict[str, float]) -> None:
+    """A fact another machine put in Redis: the first look answers this
+    machine's own word (none) without waiting, the read goes over the pipe,
+    and when its answer comes the fact is there and the generation moved."""
+    other = RedisStore(redis_url, EXACT, clock="caller")
+    pacer, store = piped_pacer(redis_url, clock)
+    try:
+        other.put_fact("plan|k|shopify-rest", 400.0, 20.0)
+        before = store.facts_generation
+        assert store.fact("plan|k|shopify-rest") is None  # not read yet
+        deadline = time.monotonic() + 5.0
+        while store.fact("plan|k|shopify-rest") is None:
+            assert time.monotonic() < deadline, store.stats()
+            select.select([store.fileno()], [], [], 0.5)
+            assert store.answers(clock["t"]) == []  # reads are no steps' answers
+        assert store.fact("plan|k|shopify-rest") == (400.0, 20.0)
+        assert store.facts_generation != before
+        stats = store.stats()
+        assert int(stats["facts_read"]) >= 2 and stats["steps_sent"] == 0, stats
+        # the machine's share keeps it too, for a fall back
+        assert store.fleet.local.fact("plan|k|shopify-rest") == (400.0, 20.0)
+    finally:
+        store.close()
+        other.close()
