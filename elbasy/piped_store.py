@@ -40,9 +40,13 @@ SELECT: at start and after a recovery, bounded by ``timeout``; while Redis
 is down the fleet store's reconnect attempts run on a thread); writing a
 fact (a server's new word on a plan: once per account and change); the
 second reservation of an idempotent request sent again after a 429 (rare:
-it follows a refusal). A ``rediss://``, ``unix://`` or ``redis+cluster://``
-store has no pipe (the pipe speaks plain TCP to one server): every step
-there goes through the fleet store, blocking for one round trip each.
+it follows a refusal). A ``rediss://`` or ``unix://`` store has no pipe (the
+pipe speaks plain TCP): every step there goes through the fleet store,
+blocking for one round trip each. A ``redis+cluster://`` store has a pipe
+per node, each step sent to the node of its account's slot (redis-py's
+map of slots); a node that answers MOVED or ASK (the cluster resharding)
+counts as Redis failing: the local share answers until the backoff's
+reconnect, which reads the map again.
 """
 
 from __future__ import annotations
@@ -103,28 +107,45 @@ class _Read:
         self.name, self.generation = name, generation
 
 
-def pipe_to(redis: RedisStore, timeout: float) -> SocketPipe | None:
-    """A SocketPipe to the server of ``redis``'s client (a Sentinel's: its master
-    now), or None when it is not one plain TCP server (TLS, a unix socket, a
-    Cluster). Raises OSError when the server cannot be reached."""
+#: which server a step goes to: "" (the one server, or a Sentinel's master)
+#: or a cluster node's name ("host:port")
+Node = str
+
+
+def node_of(redis: RedisStore, key: str | None) -> Node:
+    """The server of a Redis key, without asking anyone: a cluster's node for
+    its slot (redis-py's map of slots), else the one server."""
+    client = redis.client
+    if getattr(client, "connection_pool", None) is not None:
+        return ""
+    node = client.get_node_from_key(key) if key else client.get_default_node()
+    return str(node.name)
+
+
+def pipe_to(redis: RedisStore, node: Node, timeout: float) -> SocketPipe | None:
+    """A SocketPipe to ``node`` of ``redis``'s client (a Sentinel's master: where
+    the Sentinels say it is now), or None when it is not plain TCP (TLS, a
+    unix socket). Raises OSError when the server cannot be reached."""
     from redis.connection import SSLConnection
 
-    pool = getattr(redis.client, "connection_pool", None)
-    if pool is None:
-        return None  # a Redis Cluster: its nodes are redis-py's to route to
-    kwargs = pool.connection_kwargs
-    if hasattr(pool, "get_master_address"):
-        # a Sentinel's master: asked where it is now (it moves on a failover)
-        host, port = pool.get_master_address()
-    elif kwargs.get("path") or kwargs.get("ssl") or "host" not in kwargs:
-        return None
+    client = redis.client
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:  # a cluster node
+        server = client.get_node(node_name=node)
+        if server is None or server.redis_connection is None:
+            raise ConnectionError(f"no Redis Cluster node {node}")
+        pool = server.redis_connection.connection_pool
+        host, port = server.host, server.port
+    elif hasattr(pool, "get_master_address"):
+        host, port = pool.get_master_address()  # it moves on a failover
     else:
-        host, port = kwargs["host"], kwargs.get("port") or 6379
-    if issubclass(pool.connection_class, SSLConnection):
+        host, port = pool.connection_kwargs.get("host"), pool.connection_kwargs.get("port")
+    kwargs = pool.connection_kwargs
+    if kwargs.get("path") or not host or issubclass(pool.connection_class, SSLConnection):
         return None
     return SocketPipe(
         host,
-        int(port),
+        int(port or 6379),
         db=int(kwargs.get("db") or 0),
         password=kwargs.get("password"),
         username=kwargs.get("username"),
@@ -142,16 +163,17 @@ class PipedStore:
         fleet: FleetStore,
         *,
         timeout: float,
-        make_pipe: Callable[[RedisStore, float], SocketPipe | None] = pipe_to,
+        make_pipe: Callable[[RedisStore, Node, float], SocketPipe | None] = pipe_to,
     ) -> None:
         self.fleet = fleet
         # while Redis is down, its reconnect attempts run on a thread: no step waits
         fleet.probe_aside = True
         self.timeout = timeout
         self._make_pipe = make_pipe
-        self._pipe: SocketPipe | None = None
-        self._pipe_of: Any = None  # the shared store the pipe was made for
-        self._pipe_fd = -1
+        # one pipe per server (one, or a cluster's nodes), with its fd number
+        self._pipes: dict[Node, tuple[SocketPipe, int]] = {}
+        self._pipes_of: Any = None  # the shared store they were made for
+        self._stale_map = False  # a cluster's map of slots to read again
         # facts: the reads on their way, and what moves facts_generation
         self._reading: set[str] = set()
         self._news = 0
@@ -184,47 +206,75 @@ class PipedStore:
             self._watched.discard(fd)
             self._epoll.unregister(fd)
 
-    def _pipe_now(self, *, new: bool = False) -> tuple[RedisStore, SocketPipe] | None:
-        """The shared store and its pipe when a step may go there now, else None
-        (the fleet store answers: from the local share while Redis is down)."""
+    def _pipe_now(
+        self,
+        *,
+        new: bool = False,
+        keys: Sequence[str] = (),
+        limits: Sequence[Limit] = (),
+        facts: bool = False,
+    ) -> tuple[RedisStore, SocketPipe] | None:
+        """The shared store and the pipe to the server of an account (``keys``,
+        ``limits``: its first bucket's; ``facts``: the facts'; neither: any) when
+        a step may go there now, else None (the fleet store answers: from the
+        local share while Redis is down)."""
         shared = self.fleet.shared_now(new=new)
         if shared is None or self._unpiped:
             return None
         assert isinstance(shared, RedisStore)
-        pipe = self._pipe
-        if pipe is None or pipe.closed is not None or self._pipe_of is not shared:
-            if pipe is not None:
-                self._drop_pipe()
-            try:
-                made = self._make_pipe(shared, self.timeout)
-            except OSError as exc:
-                self.fleet.fail(exc)
-                return None
-            if made is None:
-                self._unpiped = True
-                log.info("the Redis quota store is not plain TCP: its steps block the loop")
-                return None
-            self.pipes += 1
-            self._pipe, self._pipe_of, pipe = made, shared, made
-            self._pipe_fd = made.fileno()
-            self._watch(self._pipe_fd)
-            # a worker that started with Redis down watches its moves from now on
-            self._watch(self.fleet.fileno())
-        return shared, pipe
+        if self._pipes_of is not shared:
+            self._drop_pipes()
+            self._pipes_of = shared
+        try:
+            key = None
+            if facts:
+                key = shared.fact_key("")
+            elif keys and limits:
+                key = shared.key_of(keys[0], limits[0].name)
+            node = node_of(shared, key)
+            got = self._pipes.get(node)
+            if got is not None and got[0].closed is None:
+                return shared, got[0]
+            if node and self._stale_map:
+                # a cluster that failed may have moved its slots: read the map again
+                shared.client.nodes_manager.initialize()
+                self._stale_map = False
+                node = node_of(shared, key)
+                got = self._pipes.get(node)
+            made = self._make_pipe(shared, node, self.timeout)
+        except (OSError, ConnectionError) as exc:
+            self.fleet.fail(exc)
+            self._drop_pipes()
+            return None
+        if made is None:
+            self._unpiped = True
+            log.info("the Redis quota store is not plain TCP: its steps block the loop")
+            return None
+        if got is not None:
+            self._forget(node)
+        self.pipes += 1
+        self._pipes[node] = (made, made.fileno())
+        self._watch(made.fileno())
+        # a worker that started with Redis down watches its moves from now on
+        self._watch(self.fleet.fileno())
+        return shared, made
 
-    def _drop_pipe(self) -> None:
-        pipe, self._pipe, self._pipe_of = self._pipe, None, None
-        self._reading.clear()  # their answers will not come: read again when asked
-        if pipe is None:
-            return
+    def _forget(self, node: Node) -> None:
+        pipe, fd = self._pipes.pop(node)
         self._reloads += pipe.reloads
         self._writes += pipe.round_trips
         if pipe.closed is None:
-            self._unwatch(pipe.fileno())
+            self._unwatch(fd)
         else:
             # its socket is closed already, which took it out of the epoll set
-            self._watched.discard(self._pipe_fd)
+            self._watched.discard(fd)
         pipe.close()
+
+    def _drop_pipes(self) -> None:
+        self._reading.clear()  # their answers will not come: read again when asked
+        for node in list(self._pipes):
+            self._forget(node)
+        self._pipes_of = None
 
     def _send(self, pipe: SocketPipe, token: object, step: Step | None) -> None:
         """Send one step: written now when nothing is in flight, else with every
@@ -255,7 +305,7 @@ class PipedStore:
         max_wait: float,
     ) -> Reservation | Shed | Later:
         costs = _per_limit(cost, limits)
-        up = self._pipe_now(new=True) if limits else None
+        up = self._pipe_now(new=True, keys=keys, limits=limits) if limits else None
         if up is None:
             return self.fleet.reserve(keys, limits, costs, now, max_wait)
         shared, pipe = up
@@ -264,7 +314,7 @@ class PipedStore:
         return self._ask(RESERVE, pipe, step, ask)
 
     def confirm_later(self, token: object, r: Reservation, now: float) -> float | None | Later:
-        up = None if r.sent or r.fallback or not r.limits else self._pipe_now()
+        up = None if r.sent or r.fallback or not r.limits else self._at(r)
         if up is None:
             return self.fleet.confirm(r, now)
         shared, pipe = up
@@ -273,24 +323,28 @@ class PipedStore:
         )
 
     def earliest_later(self, token: object, r: Reservation, now: float) -> float | Later:
-        up = None if r.sent or r.fallback or not r.limits else self._pipe_now()
+        up = None if r.sent or r.fallback or not r.limits else self._at(r)
         if up is None:
             return self.fleet.earliest(r, now)
         shared, pipe = up
         ask = self._asked(EARLIEST, token, r, now)
         return self._ask(EARLIEST, pipe, shared.earliest_request(r, now), ask)
 
+    def _at(self, r: Reservation) -> tuple[RedisStore, SocketPipe] | None:
+        return self._pipe_now(keys=r.keys, limits=r.limits)
+
     def _asked(self, kind: str, token: object, r: Reservation, now: float) -> _Ask:
         return _Ask(kind, token, r, now)
 
     def answers(self, now: float) -> list[LateAnswer]:
-        pipe, shared = self._pipe, self._pipe_of
-        if pipe is None:
+        shared = self._pipes_of
+        if not self._pipes:
             return []
         out: list[LateAnswer] = []
         failed: Exception | None = None
         unanswered: list[_Ask] = []
-        for token, reply in pipe.completed():
+        came = [answer for pipe, _ in self._pipes.values() for answer in pipe.completed()]
+        for token, reply in came:
             if isinstance(token, _Read):
                 if isinstance(reply, Exception):
                     failed = failed or reply
@@ -306,8 +360,8 @@ class PipedStore:
                     out.append((ask.token, ask.kind, self._read(shared, ask, reply)))
             elif isinstance(reply, Exception):
                 failed = failed or reply  # a step that only told
-        if failed is None and pipe.closed is not None:
-            failed = pipe.closed
+        for pipe, _ in self._pipes.values():
+            failed = failed or pipe.closed
         if failed is not None:
             self._asks = {**dict.fromkeys(unanswered), **self._asks}
             self.lost_answers += len(self._asks)
@@ -337,7 +391,8 @@ class PipedStore:
         """Redis failed (or is late): every step in flight is answered by the
         fleet store, which answers from the local share from now on."""
         self.fleet.fail(exc)
-        self._drop_pipe()
+        self._drop_pipes()
+        self._stale_map = True
         asks, self._asks = list(self._asks), {}
         out: list[LateAnswer] = []
         for ask in asks:
@@ -358,11 +413,17 @@ class PipedStore:
 
     # ------------------------------------------------------------------ the steps that only tell
 
-    def _tell(self, r: Reservation | None, step: Callable[[RedisStore], Step | None]) -> bool:
+    def _tell(
+        self,
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        step: Callable[[RedisStore], Step | None],
+        r: Reservation | None = None,
+    ) -> bool:
         """Send a step nobody waits for; False when it cannot go on the pipe now."""
         if r is not None and r.fallback:
             return False
-        up = self._pipe_now()
+        up = self._pipe_now(keys=keys, limits=limits)
         if up is None:
             return False
         shared, pipe = up
@@ -379,13 +440,13 @@ class PipedStore:
     def landed(self, r: Reservation, now: float) -> None:
         if not r.sent or r.landed:
             return
-        if not self._tell(r, lambda s: s.landed_request(r, now)):
+        if not self._tell(r.keys, r.limits, lambda s: s.landed_request(r, now), r):
             self.fleet.landed(r, now)
 
     def give_back(self, r: Reservation, now: float) -> bool:
         if r.sent or r.returned:
             return False
-        if not self._tell(r, lambda s: s.give_back_request(r, now)):
+        if not self._tell(r.keys, r.limits, lambda s: s.give_back_request(r, now), r):
             return self.fleet.give_back(r, now)
         if r.limits:
             self._announce(r.keys)
@@ -394,11 +455,10 @@ class PipedStore:
     def settle(self, r: Reservation, actual: float | Sequence[float], now: float) -> None:
         if not r.sent or not r.limits:
             return
-        if r.fallback or self._pipe_now() is None:
+        up = None if r.fallback else self._at(r)
+        if up is None:
             self.fleet.settle(r, actual, now)
             return
-        up = self._pipe_now()
-        assert up is not None
         shared, pipe = up
         self.landed(r, now)  # a refund comes with its answer: it has landed
         step = shared.settle_request(r, actual, now)
@@ -414,7 +474,7 @@ class PipedStore:
         now: float,
     ) -> None:
         self.fleet.observe_local(keys, limits, views, now)
-        self._tell(None, lambda s: s.observe_request(keys, limits, views, now))
+        self._tell(keys, limits, lambda s: s.observe_request(keys, limits, views, now))
 
     def throttled(
         self,
@@ -425,7 +485,7 @@ class PipedStore:
     ) -> float:
         until = self.fleet.throttled_local(keys, limits, now, retry_after)
         retry = retry_after if retry_after and retry_after > 0 else 0.0
-        if self._tell(None, lambda s: s.throttled_request(keys, limits, now, retry)):
+        if self._tell(keys, limits, lambda s: s.throttled_request(keys, limits, now, retry)):
             return now + retry
         return until
 
@@ -455,7 +515,7 @@ class PipedStore:
         """The fact as this process knows it now: Redis's when read, else the
         machine's own word (its local share's) while the read is on its way;
         :attr:`facts_generation` moves when Redis's answer differs."""
-        up = self._pipe_now()
+        up = self._pipe_now(facts=True)
         if up is None:
             return self.fleet.fact(name)
         shared, pipe = up
@@ -507,7 +567,7 @@ class PipedStore:
         """Moves when Redis's counter moved (read without waiting, every
         ``facts_refresh`` s), when a fact read came back different, or when
         the store answering changed (Redis, or the local share)."""
-        up = self._pipe_now()
+        up = self._pipe_now(facts=True)
         seen: tuple[int, ...]
         if up is None:
             seen = (0, self.fleet.facts_generation, self._news)
@@ -541,8 +601,8 @@ class PipedStore:
 
     def stats(self) -> dict[str, int | str]:
         out = self.fleet.stats()
-        pipe = self._pipe
-        reloads = self._reloads + (pipe.reloads if pipe is not None else 0)
+        pipes = [pipe for pipe, _ in self._pipes.values()]
+        reloads = self._reloads + sum(pipe.reloads for pipe in pipes)
         out["script_reloads"] = int(out.get("script_reloads", 0)) + reloads
         out.update(
             {
@@ -550,7 +610,7 @@ class PipedStore:
                 "pipes": self.pipes,
                 "steps_sent": self.sent,
                 "facts_read": self.reads,
-                "writes": self._writes + (pipe.round_trips if pipe is not None else 0),
+                "writes": self._writes + sum(pipe.round_trips for pipe in pipes),
                 "in_flight": len(self._asks),
                 "late_answers": self.late_answers,
                 "lost_answers": self.lost_answers,
@@ -559,6 +619,6 @@ class PipedStore:
         return out
 
     def close(self) -> None:
-        self._drop_pipe()
+        self._drop_pipes()
         self._epoll.close()
         self.fleet.close()

@@ -68,7 +68,8 @@ What is missing (issue 14), said plainly:
   ``--quota-store redis://`` builds is a :class:`~elbasy.fleet_store.FleetStore`
   around this store, which falls back to a local share of each account's
   quota then (and comes back);
-* no Sentinel or Cluster client yet (the keys are ready for a cluster).
+* a Sentinel's master and a Cluster are reached through redis-py's clients
+  (:func:`connect`); elbasy.piped_store asks them where each step goes.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from test_piped_store import EXACT, START, LoopWithoutSockets
 from elbasy.fleet_store import FleetStore
 from elbasy.pacing import Pacer
 from elbasy.piped_store import PipedStore
-from elbasy.quota import LocalStore, Reservation
+from elbasy.quota import LocalStore
 from elbasy.redis_store import RedisStore, connect
 from elbasy.rules import RuleSet
 
@@ -188,30 +188,27 @@ def cluster() -> Iterator[list[RedisServer]]:
             node.stop()
 
 
-def test_the_store_on_a_redis_cluster(cluster: list[RedisServer]) -> None:
-    """``redis+cluster://``: each account's limits in one slot (every script
-    touches one), accounts spread over the nodes, facts shared; the steps go
-    through redis-py's cluster client (blocking: the pipe speaks to one
-    server)."""
+def test_the_piped_store_on_a_redis_cluster(cluster: list[RedisServer]) -> None:
+    """``redis+cluster://``: a pipe per node, each step sent to its account's
+    node; each account's limits in one slot (every script touches one),
+    accounts spread over the nodes, facts shared."""
     import redis
 
     url = f"redis+cluster://127.0.0.1:{cluster[0].port}"
-    client = connect(url)
-    store = RedisStore(client, EXACT, clock="caller")
+    clock = {"t": START}
+    store = RedisStore(connect(url), EXACT, clock="caller")
     piped = PipedStore(FleetStore(store, LocalStore(EXACT)), timeout=0.5)
+    pacer = Pacer(RuleSet.builtin(), piped, wall=lambda: clock["t"], mono=lambda: clock["t"])
+    loop = LoopWithoutSockets(pacer, piped, clock)
     try:
-        rules = RuleSet.builtin()
-        now = START
         for k in range(30):
-            headers = [(b"X-Shopify-Access-Token", b"tok")]
-            m = rules.match(f"shop{k}.myshopify.com", "GET", "/admin/api/2024-10/x.json", headers)
-            assert m is not None
-            r = piped.reserve_later(object(), m.keys, m.limits, m.costs, now, 30.0)
-            assert isinstance(r, Reservation), r  # answered at once: no pipe to a cluster
-            assert piped.confirm_later(object(), r, now) is None
-            piped.landed(r, now)
-        assert piped.stats()["transport"] == "blocking"
-        assert piped.put_fact("plan|x|y", 400.0, 20.0) and piped.fact("plan|x|y") == (400.0, 20.0)
+            paced = loop.arrive(k, f"shop{k}")
+            assert paced.pending == "reserve"  # on a pipe, answered later
+        loop.run(lambda: len(loop.sent) == 30)
+        stats = piped.stats()
+        assert stats["transport"] == "socket pipe" and stats["pipes"] == 3, stats
+        assert stats["late_answers"] == 0 and stats["fallbacks"] == 0, stats
+        assert piped.put_fact("plan|x|y", 400.0, 20.0) and store.fact("plan|x|y") == (400.0, 20.0)
         holding = 0
         for node in cluster:
             c = redis.Redis(port=node.port)
