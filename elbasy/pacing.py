@@ -51,7 +51,6 @@ from elbasy.limits import BUCKET, Limit, ServerView
 from elbasy.protocol.http1 import IDEMPOTENT_METHODS
 from elbasy.quota import (
     CONFIRM,
-    EARLIEST,
     EVERY_LINE,
     LATER,
     RESERVE,
@@ -127,10 +126,10 @@ class Paced:
     gone: bool = False  # left its line from the middle; dropped when it reaches the front
     actual: float | None = None  # what the server said it cost (GraphQL), once answered
     # a piped store (Redis): the step whose answer it waits for (RESERVE,
-    # CONFIRM, EARLIEST) or "", and what came of it
+    # CONFIRM) or "", and what came of it
     pending: str = ""
     left: bool = False  # its client left while an answer was on its way
-    ask_again: bool = False  # its line moved while its earliest was on its way
+    ask_again: bool = False  # its line moved while its confirm was on its way
     refused: Verdict | None = None  # its reservation's answer was a shed
 
     def waited(self) -> float:
@@ -415,8 +414,6 @@ class Pacer:
                 self._reserved(paced, got)
             elif kind == CONFIRM:
                 self._confirmed(paced, got)
-            elif kind == EARLIEST:
-                self._earliest_came(paced, got)
 
     def _reserved(self, paced: Paced, got: object) -> None:
         m = paced.match
@@ -459,41 +456,14 @@ class Pacer:
         if later is None:
             self._sent(paced)
             self.wake(waiter, NOW)
+        elif paced.ask_again:
+            # its line moved while the confirm was on its way: it asks again now
+            paced.ask_again = False
+            paced.due = self.mono()
+            self.wake(waiter, NOW)
         else:
             paced.due = self._head_due(paced, later)
             self.wake(waiter, paced.due)
-
-    def _earliest_came(self, paced: Paced, t: object) -> None:
-        assert isinstance(t, float)
-        if paced.left or paced.line is None:
-            return
-        line = self._lines.get(paced.line)
-        if not line or line[0] is not paced:
-            return
-        if paced.ask_again:
-            # its line moved while the answer was on its way: that answer may be stale
-            paced.ask_again = False
-            self._ask_earliest(paced)
-            return
-        due = self._head_due(paced, t) if t > self.wall() else self.mono()
-        paced.due = due
-        self.wake(paced.waiter, due)
-
-    def _ask_earliest(self, first: Paced) -> None:
-        """Ask a piped store when the first in its line may leave; its net timer
-        is armed meanwhile (or it is woken at once when the store answers now)."""
-        assert self.piped is not None
-        r = first.reservation
-        assert r is not None
-        wall_now = self.wall()
-        got = self.piped.earliest_later(first, r, wall_now)
-        if got is LATER:
-            first.pending = EARLIEST
-            self.wake(first.waiter, self._net())
-            return
-        assert isinstance(got, float)
-        first.due = self._head_due(first, got) if got > wall_now else self.mono()
-        self.wake(first.waiter, first.due)
 
     def _sent(self, paced: Paced) -> None:
         """It leaves now: out of its line, and the next one is woken."""
@@ -553,7 +523,10 @@ class Pacer:
         if first.pending:
             return  # its answer is on its way: that decides
         if self.piped is not None:
-            self._ask_earliest(first)
+            # its departure asks to leave (one round trip: the confirm answers
+            # a later time when the bucket does not hold it yet)
+            first.due = self.mono()
+            self.wake(first.waiter, NOW)
             return
         first.due = self._earliest(first)
         self.wake(first.waiter, first.due)
@@ -613,11 +586,12 @@ class Pacer:
         first = line[0]
         if first.pending:
             # its answer is on its way and may be older than this move
-            first.ask_again = first.pending == EARLIEST
+            first.ask_again = True
             return
         if self.piped is not None:
             self.counters["woken_early"] += 1
-            self._ask_earliest(first)
+            first.due = self.mono()
+            self.wake(first.waiter, NOW)
             return
         due = self._earliest(first)
         if due < first.due - 1e-6:
