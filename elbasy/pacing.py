@@ -421,6 +421,7 @@ class Pacer:
             if isinstance(got, Reservation):
                 paced.reservation = got
                 self._give_back(got)
+                self._buckets_moved(got.keys)
             return
         if isinstance(got, StoreFull):
             refused: Verdict | None = self._no_room(m, got)
@@ -451,6 +452,7 @@ class Pacer:
                 self.store.landed(r, self.wall())
             else:
                 self._give_back(r)
+                self._buckets_moved(r.keys)
             return
         waiter = paced.waiter
         if later is None:
@@ -758,14 +760,16 @@ class Pacer:
                 self.counters["landed_unanswered"] += 1
                 self.store.landed(r, self.wall())
             return
-        self._leave_line(paced)
+        # its place goes back first: whoever is woken next sees the room it left
         self._give_back(r)
+        self._leave_line(paced)
+        # its units left the queue: lines that share a bucket with it move up
+        self._buckets_moved(r.keys)
 
     def _give_back(self, r: Reservation) -> None:
-        """A place nobody takes goes back: lines that share a bucket with it move up."""
+        """A place nobody takes goes back to the store."""
         if self.store.give_back(r, self.wall()):
             self.counters["returned"] += 1
-        self._buckets_moved(r.keys)
 
     def waiting(self) -> int:
         """Requests in lines right now (first ones included)."""
