@@ -52,7 +52,9 @@ reconnect, which reads the map again.
 from __future__ import annotations
 
 import logging
+import os
 import select
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -153,6 +155,34 @@ def pipe_to(redis: RedisStore, node: Node, timeout: float) -> SocketPipe | None:
     )
 
 
+class MasterWatch(threading.Thread):
+    """Asks the Sentinels every ``every`` seconds where a master is; when it is
+    no longer where a pipe was made (a failover), signals ``fd`` (an eventfd)
+    and sets :attr:`moved`. A demoted master may take writes for seconds
+    before the Sentinels reconfigure it, and a pipe made before the failover
+    would write there, apart from every other machine: this is what notices."""
+
+    def __init__(self, pool: Any, at: tuple[str, int], fd: int, every: float = 1.0) -> None:
+        super().__init__(name="elbasy-redis-master", daemon=True)
+        self.pool, self.at, self.fd, self.every = pool, at, fd, every
+        self.moved = False
+        self._stop_at = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_at.wait(self.every):
+            try:
+                host, port = self.pool.get_master_address()
+            except Exception:  # noqa: BLE001 - no Sentinel answers: asked again
+                continue
+            if (host, int(port)) != self.at:
+                self.moved = True
+                os.eventfd_write(self.fd, 1)
+                return
+
+    def stop(self) -> None:
+        self._stop_at.set()
+
+
 class PipedStore:
     """A FleetStore whose steps reach Redis without waiting (the module docstring)."""
 
@@ -174,6 +204,9 @@ class PipedStore:
         self._pipes: dict[Node, tuple[SocketPipe, int]] = {}
         self._pipes_of: Any = None  # the shared store they were made for
         self._stale_map = False  # a cluster's map of slots to read again
+        # a Sentinel's master: watched on a thread for a failover
+        self._watcher: MasterWatch | None = None
+        self._moved_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # facts: the reads on their way, and what moves facts_generation
         self._reading: set[str] = set()
         self._news = 0
@@ -188,6 +221,7 @@ class PipedStore:
         self._epoll = select.epoll()
         self._watched: set[int] = set()
         self._watch(fleet.fileno())
+        self._watch(self._moved_fd)
         self.sent = 0  # steps sent on the pipe
         self.reads = 0  # facts read on the pipe
         self.late_answers = 0  # steps answered by the fleet store after the timeout
@@ -254,10 +288,20 @@ class PipedStore:
             self._forget(node)
         self.pipes += 1
         self._pipes[node] = (made, made.fileno())
+        pool = getattr(shared.client, "connection_pool", None)
+        if hasattr(pool, "get_master_address"):
+            self._watch_master(pool, made)
         self._watch(made.fileno())
         # a worker that started with Redis down watches its moves from now on
         self._watch(self.fleet.fileno())
         return shared, made
+
+    def _watch_master(self, pool: Any, pipe: SocketPipe) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+        host, port = pipe.sock.getpeername()[:2]
+        self._watcher = MasterWatch(pool, (host, int(port)), self._moved_fd)
+        self._watcher.start()
 
     def _forget(self, node: Node) -> None:
         pipe, fd = self._pipes.pop(node)
@@ -338,6 +382,15 @@ class PipedStore:
 
     def answers(self, now: float) -> list[LateAnswer]:
         shared = self._pipes_of
+        watcher = self._watcher
+        if watcher is not None and watcher.moved:
+            self._watcher = None
+            try:
+                os.eventfd_read(self._moved_fd)
+            except BlockingIOError:
+                pass
+            for pipe, _ in self._pipes.values():
+                pipe.abandon(ConnectionError("the Sentinels moved the master"))
         if not self._pipes:
             return []
         out: list[LateAnswer] = []
@@ -619,6 +672,9 @@ class PipedStore:
         return out
 
     def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
         self._drop_pipes()
+        os.close(self._moved_fd)
         self._epoll.close()
         self.fleet.close()

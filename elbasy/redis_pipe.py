@@ -220,6 +220,12 @@ class SocketPipe:
         out, self._lost_calls = self._lost_calls, []
         return out
 
+    def abandon(self, exc: Exception) -> None:
+        """Give the connection up (its server is no longer the one to ask): every
+        call in flight is answered with ``exc`` at the next :meth:`completed`."""
+        if self.closed is None:
+            self._lost(exc)
+
     def close(self) -> None:
         if self.closed is None:
             self.closed = ConnectionError("closed")
