@@ -36,13 +36,13 @@ counter moves when Redis's answer differs, so the pacer reads its limits
 again.
 
 Where a step still blocks, said plainly: making the pipe (connect, AUTH,
-SELECT: at start and after a recovery, bounded by ``timeout``; while Redis
-is down the fleet store's reconnect attempts run on a thread); writing a
-fact (a server's new word on a plan: once per account and change); the
-second reservation of an idempotent request sent again after a 429 (rare:
-it follows a refusal). A ``rediss://`` or ``unix://`` store has no pipe (the
-pipe speaks plain TCP): every step there goes through the fleet store,
-blocking for one round trip each. A ``redis+cluster://`` store has a pipe
+SELECT, and for ``rediss://`` the TLS handshake: at start and after a
+recovery, bounded by ``timeout``; while Redis is down the fleet store's
+reconnect attempts run on a thread); writing a fact (a server's new word
+on a plan: once per account and change); the second reservation of an
+idempotent request sent again after a 429 (rare: it follows a refusal).
+The pipe speaks as the URL says: TCP, TLS (``rediss://``, with its
+``ssl_*`` options) or a unix socket. A ``redis+cluster://`` store has a pipe
 per node, each step sent to the node of its account's slot (redis-py's
 map of slots); a node that answers MOVED or ASK (the cluster resharding)
 counts as Redis failing: the local share answers until the backoff's
@@ -54,6 +54,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -124,12 +125,10 @@ def node_of(redis: RedisStore, key: str | None) -> Node:
     return str(node.name)
 
 
-def pipe_to(redis: RedisStore, node: Node, timeout: float) -> SocketPipe | None:
+def pipe_to(redis: RedisStore, node: Node, timeout: float) -> SocketPipe:
     """A SocketPipe to ``node`` of ``redis``'s client (a Sentinel's master: where
-    the Sentinels say it is now), or None when it is not plain TCP (TLS, a
-    unix socket). Raises OSError when the server cannot be reached."""
-    from redis.connection import SSLConnection
-
+    the Sentinels say it is now), over TCP, TLS or a unix socket as the
+    client's. Raises OSError when the server cannot be reached."""
     client = redis.client
     pool = getattr(client, "connection_pool", None)
     if pool is None:  # a cluster node
@@ -143,16 +142,36 @@ def pipe_to(redis: RedisStore, node: Node, timeout: float) -> SocketPipe | None:
     else:
         host, port = pool.connection_kwargs.get("host"), pool.connection_kwargs.get("port")
     kwargs = pool.connection_kwargs
-    if kwargs.get("path") or not host or issubclass(pool.connection_class, SSLConnection):
-        return None
     return SocketPipe(
-        host,
+        host or "127.0.0.1",
         int(port or 6379),
         db=int(kwargs.get("db") or 0),
         password=kwargs.get("password"),
         username=kwargs.get("username"),
         timeout=timeout,
+        path=kwargs.get("path"),
+        tls=tls_of(pool),
     )
+
+
+def tls_of(pool: Any) -> ssl.SSLContext | None:
+    """The TLS settings of a redis-py pool's connections (``rediss://`` and its
+    ``ssl_*`` query options) as a context for the pipe, or None: plain."""
+    from redis.connection import SSLConnection
+
+    if not issubclass(pool.connection_class, SSLConnection):
+        return None
+    kwargs = pool.connection_kwargs
+    ctx = ssl.create_default_context(cafile=kwargs.get("ssl_ca_certs"))
+    if kwargs.get("ssl_certfile"):
+        ctx.load_cert_chain(kwargs["ssl_certfile"], kwargs.get("ssl_keyfile"))
+    reqs = kwargs.get("ssl_cert_reqs", "required")
+    if reqs in ("none", ssl.CERT_NONE):
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx.check_hostname = bool(kwargs.get("ssl_check_hostname", False))
+    return ctx
 
 
 class MasterWatch(threading.Thread):
@@ -193,7 +212,7 @@ class PipedStore:
         fleet: FleetStore,
         *,
         timeout: float,
-        make_pipe: Callable[[RedisStore, Node, float], SocketPipe | None] = pipe_to,
+        make_pipe: Callable[[RedisStore, Node, float], SocketPipe] = pipe_to,
     ) -> None:
         self.fleet = fleet
         # while Redis is down, its reconnect attempts run on a thread: no step waits
@@ -214,7 +233,6 @@ class PipedStore:
         self._generation = 0
         self._reloads = 0  # NOSCRIPT reloads and writes of pipes closed since
         self._writes = 0
-        self._unpiped = False  # the shared store cannot be piped: blocking steps
         # sent, unanswered, oldest first (an ordered set: a step that met
         # NOSCRIPT is answered after steps sent behind it)
         self._asks: dict[_Ask, None] = {}
@@ -253,7 +271,7 @@ class PipedStore:
         a step may go there now, else None (the fleet store answers: from the
         local share while Redis is down)."""
         shared = self.fleet.shared_now(new=new)
-        if shared is None or self._unpiped:
+        if shared is None:
             return None
         assert isinstance(shared, RedisStore)
         if self._pipes_of is not shared:
@@ -279,10 +297,6 @@ class PipedStore:
         except (OSError, ConnectionError) as exc:
             self.fleet.fail(exc)
             self._drop_pipes()
-            return None
-        if made is None:
-            self._unpiped = True
-            log.info("the Redis quota store is not plain TCP: its steps block the loop")
             return None
         if got is not None:
             self._forget(node)
@@ -659,7 +673,7 @@ class PipedStore:
         out["script_reloads"] = int(out.get("script_reloads", 0)) + reloads
         out.update(
             {
-                "transport": "blocking" if self._unpiped else "socket pipe",
+                "transport": "socket pipe",
                 "pipes": self.pipes,
                 "steps_sent": self.sent,
                 "facts_read": self.reads,

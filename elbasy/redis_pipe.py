@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -89,9 +90,30 @@ class SocketPipe:
         password: str | None = None,
         username: str | None = None,
         timeout: float = 0.5,
+        path: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        """``path``: a unix socket instead of host and port; ``tls``: speak TLS
+        (``rediss://``), the server's name checked as ``tls`` says."""
+        sock: socket.socket
+        if path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(path)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((host, port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            try:  # the handshake: blocking, once, within the timeout
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            except OSError:
+                sock.close()
+                raise
+        self.sock = sock
         self._reader = hiredis.Reader()
         hello: list[tuple[str, bytes]] = []
         if password:
@@ -127,6 +149,10 @@ class SocketPipe:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def _decrypted_waiting(self) -> bool:
+        """TLS bytes read from the kernel and not yet taken (epoll cannot see them)."""
+        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+
     def pending(self) -> int:
         """Calls sent and not answered yet."""
         return len(self._fifo)
@@ -159,7 +185,7 @@ class SocketPipe:
         self.round_trips += 1
         try:
             n = self.sock.send(self._out)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as exc:
             self._lost(exc)
@@ -174,7 +200,7 @@ class SocketPipe:
         while True:
             try:
                 data = self.sock.recv(262144)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 break
             except OSError as exc:
                 self._lost(exc)
@@ -183,7 +209,7 @@ class SocketPipe:
                 self._lost(ConnectionError("Redis closed the connection"))
                 return out + self._take_lost()
             self._reader.feed(data)
-            if len(data) < 262144:
+            if len(data) < 262144 and not self._decrypted_waiting():
                 break
         while True:
             reply = self._reader.gets()

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from redis_server import RedisServer
@@ -222,3 +223,69 @@ def test_the_piped_store_on_a_redis_cluster(cluster: list[RedisServer]) -> None:
         assert holding == 3, "accounts spread over every node"
     finally:
         piped.close()
+
+
+def tls_redis(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """A redis-server speaking only TLS, with a certificate for 127.0.0.1."""
+    cert, key = tmp_path / "redis.crt", tmp_path / "redis.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        + ["-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2"]
+        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    port = cluster_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert)]
+        + ["--tls-key-file", str(key), "--tls-ca-cert-file", str(cert)]
+        + ["--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return proc, port, cert
+
+
+@pytest.mark.parametrize("kind", ["rediss", "unix"])
+def test_the_piped_store_over_tls_and_a_unix_socket(tmp_path: Path, kind: str) -> None:
+    """``rediss://`` (the server's certificate verified against the URL's CA)
+    and ``unix://``: the steps go over a pipe of that kind, answered later."""
+    import socket
+    import ssl
+
+    if kind == "rediss":
+        proc, port, cert = tls_redis(tmp_path)
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}&ssl_check_hostname=true"
+    else:
+        sock_path = tmp_path / "redis.sock"
+        proc = subprocess.Popen(
+            ["redis-server", "--port", "0", "--unixsocket", str(sock_path)]
+            + ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"unix://{sock_path}?db=0"
+    try:
+        wait_for("the server up", lambda: connect(url).ping(), seconds=10)
+        clock = {"t": START}
+        fleet = FleetStore(lambda: RedisStore(url, EXACT, clock="caller"), LocalStore(EXACT))
+        store = PipedStore(fleet, timeout=0.5)
+        pacer = Pacer(RuleSet.builtin(), store, wall=lambda: clock["t"], mono=lambda: clock["t"])
+        loop = LoopWithoutSockets(pacer, store, clock)
+        try:
+            for k in range(5):
+                assert loop.arrive(k, f"shop{k}").pending == "reserve"
+            loop.run(lambda: len(loop.sent) == 5)
+            stats = store.stats()
+            assert stats["fallbacks"] == 0 and int(stats["steps_sent"]) >= 15, stats
+            ((pipe, _),) = store._pipes.values()
+            if kind == "rediss":
+                assert isinstance(pipe.sock, ssl.SSLSocket)
+            else:
+                assert pipe.sock.family == socket.AF_UNIX
+        finally:
+            store.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
