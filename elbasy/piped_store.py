@@ -38,8 +38,7 @@ again.
 Where a step still blocks, said plainly: making the pipe (connect, AUTH,
 SELECT, and for ``rediss://`` the TLS handshake: at start and after a
 recovery, bounded by ``timeout``; while Redis is down the fleet store's
-reconnect attempts run on a thread); writing a fact (a server's new word
-on a plan: once per account and change); the second reservation of an
+reconnect attempts run on a thread); the second reservation of an
 idempotent request sent again after a 429 (rare: it follows a refusal).
 The pipe speaks as the URL says: TCP, TLS (``rediss://``, with its
 ``ssl_*`` options) or a unix socket. A ``redis+cluster://`` store has a pipe
@@ -99,6 +98,15 @@ class _Ask:
     ) -> None:
         self.kind, self.token, self.r, self.now = kind, token, r, now
         self.keys, self.limits, self.costs, self.max_wait = keys, limits, costs, max_wait
+
+
+class _Put:
+    """A fact sent to Redis: its answer says whether the counter moved."""
+
+    __slots__ = ("name", "args")
+
+    def __init__(self, name: str, args: tuple[bytes, str]) -> None:
+        self.name, self.args = name, args
 
 
 class _Read:
@@ -412,11 +420,13 @@ class PipedStore:
         unanswered: list[_Ask] = []
         came = [answer for pipe, _ in self._pipes.values() for answer in pipe.completed()]
         for token, reply in came:
-            if isinstance(token, _Read):
+            if isinstance(token, _Read | _Put):
                 if isinstance(reply, Exception):
                     failed = failed or reply
-                else:
+                elif isinstance(token, _Read):
                     self._read_came(shared, token, reply)
+                else:
+                    shared.put_fact_came(token.name, token.args, reply)
             elif isinstance(token, _Ask):
                 ask = token
                 del self._asks[ask]
@@ -625,9 +635,26 @@ class PipedStore:
             self.sent += 1
 
     def put_fact(self, name: str, a: float, b: float) -> bool:
-        """Kept in the local share and in Redis (one blocking write: a server's
-        new word on a plan, once per account and change)."""
-        return self.fleet.put_fact(name, a, b)
+        """Kept in the local share at once and sent to Redis without waiting;
+        True when the machine's word changed."""
+        up = self._pipe_now(facts=True)
+        if up is None:
+            return self.fleet.put_fact(name, a, b)
+        changed = self.fleet.local.put_fact(name, a, b)
+        shared, pipe = up
+        request = shared.put_fact_request(name, a, b)
+        if request is not None:
+            keys, args = request
+            idle = not pipe.pending()
+            pipe.send(_Put(name, args), "put_fact", keys, *args)
+            if idle:
+                pipe.flush()
+            self.sent += 1
+            # this process reads its own word from now on, before Redis answers
+            shared.fact_came(name, args[0])
+        if changed:
+            self._news += 1  # the pacer reads its limits again
+        return changed
 
     @property
     def facts_generation(self) -> int:

@@ -71,10 +71,19 @@ def _resp(*args: bytes | str) -> bytes:
 
 
 class _Call:
-    __slots__ = ("token", "name", "sha", "keys", "blob", "retried")
+    __slots__ = ("token", "name", "sha", "keys", "blob", "more", "retried")
 
-    def __init__(self, token: object, name: str, sha: str, keys: Sequence[str], blob: bytes):
+    def __init__(
+        self,
+        token: object,
+        name: str,
+        sha: str,
+        keys: Sequence[str],
+        blob: bytes,
+        more: tuple[bytes | str, ...] = (),
+    ):
         self.token, self.name, self.sha, self.keys, self.blob = token, name, sha, keys, blob
+        self.more = more
         self.retried = False
 
 
@@ -157,13 +166,16 @@ class SocketPipe:
         """Calls sent and not answered yet."""
         return len(self._fifo)
 
-    def send(self, token: object, name: str, keys: Sequence[str], blob: bytes) -> None:
-        """Queue one step (EVALSHA); written at the next :meth:`flush`. Never blocks."""
+    def send(
+        self, token: object, name: str, keys: Sequence[str], blob: bytes, *more: bytes | str
+    ) -> None:
+        """Queue one step (EVALSHA, its ARGV ``blob`` and ``more``); written at the
+        next :meth:`flush`. Never blocks."""
         if self.closed is not None:
             raise ConnectionError(f"the Redis pipe is closed: {self.closed}")
-        call = _Call(token, name, self._shas[name], keys, blob)
+        call = _Call(token, name, self._shas[name], keys, blob, more)
         self._fifo.append(call)
-        self._out += _resp("EVALSHA", call.sha, str(len(keys)), *keys, blob)
+        self._out += _resp("EVALSHA", call.sha, str(len(keys)), *keys, blob, *more)
 
     def command(self, token: object, *args: bytes | str) -> None:
         """Queue one plain command (PUBLISH, GET), answered in turn like a step."""
@@ -227,7 +239,7 @@ class SocketPipe:
                 call.retried = True
                 self._fifo.append(call)
                 n = str(len(call.keys))
-                self._out += _resp("EVAL", SCRIPTS[call.name], n, *call.keys, call.blob)
+                self._out += _resp("EVAL", SCRIPTS[call.name], n, *call.keys, call.blob, *call.more)
                 continue
             out.append((call.token, reply))
         if self._out:

@@ -721,30 +721,45 @@ class RedisStore:
             return got
         return self.fact_came(name, self.client.get(self._fact_key(name)))
 
-    def put_fact(self, name: str, a: float, b: float) -> bool:
-        """Keep a fact for every machine; True when it changed (LocalStore.put_fact)."""
+    def put_fact_request(
+        self, name: str, a: float, b: float
+    ) -> tuple[tuple[str, str], tuple[bytes, str]] | None:
+        """The put_fact script's (keys, ARGV) for a fact, or None when this
+        process knows Redis holds it already."""
         a, b = float(a) + 0.0, float(b) + 0.0  # -0.0 is 0.0, as == says
         if not (math.isfinite(a) and math.isfinite(b)):
             raise ValueError("a fact is two finite numbers")
         if self._facts.get(name) == (a, b):
-            return False
+            return None
         self.calls += 1
         keys = (self._fact_key(name), self._gen_key)
-        args = (struct.pack("<2d", a, b), self._fact_ttl_ms)
-        from redis.exceptions import NoScriptError
+        return keys, (struct.pack("<2d", a, b), self._fact_ttl_ms)
 
-        try:
-            changed, gen = self.client.evalsha(self._shas["put_fact"], 2, *keys, *args)
-        except NoScriptError:
-            self.reloads += 1
-            self.client.script_load(SCRIPTS["put_fact"])
-            changed, gen = self.client.evalsha(self._shas["put_fact"], 2, *keys, *args)
+    def put_fact_came(self, name: str, args: tuple[bytes, str], reply: Sequence[int]) -> bool:
+        """The put_fact script's answer (changed, generation): True when it changed."""
+        changed, gen = reply
         if changed:
             # our own change: the counter moved by one (more if others wrote too)
             self._saw_generation(int(gen))
             self._gen_read_at = self._mono()
-        self._facts[name] = (a, b)
+        self._facts[name] = struct.unpack("<2d", args[0])
         return bool(changed)
+
+    def put_fact(self, name: str, a: float, b: float) -> bool:
+        """Keep a fact for every machine; True when it changed (LocalStore.put_fact)."""
+        request = self.put_fact_request(name, a, b)
+        if request is None:
+            return False
+        keys, args = request
+        from redis.exceptions import NoScriptError
+
+        try:
+            reply = self.client.evalsha(self._shas["put_fact"], 2, *keys, *args)
+        except NoScriptError:
+            self.reloads += 1
+            self.client.script_load(SCRIPTS["put_fact"])
+            reply = self.client.evalsha(self._shas["put_fact"], 2, *keys, *args)
+        return self.put_fact_came(name, args, reply)
 
     # ------------------------------------------------------------------ the line, housekeeping
 
