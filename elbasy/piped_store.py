@@ -231,6 +231,7 @@ class PipedStore:
         self._pipes: dict[Node, tuple[SocketPipe, int]] = {}
         self._pipes_of: Any = None  # the shared store they were made for
         self._stale_map = False  # a cluster's map of slots to read again
+        self._stash: list[tuple[object, Reply]] = []  # a lost pipe's answers, for answers()
         # a Sentinel's master: watched on a thread for a failover
         self._watcher: MasterWatch | None = None
         self._moved_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -293,21 +294,26 @@ class PipedStore:
                 key = shared.key_of(keys[0], limits[0].name)
             node = node_of(shared, key)
             got = self._pipes.get(node)
-            if got is not None and got[0].closed is None:
-                return shared, got[0]
+            if got is not None:
+                if got[0].closed is None:
+                    return shared, got[0]
+                # lost while sending: its calls' answers (the error) are for the
+                # loop's next turn, which the eventfd brings; Redis counts as down
+                self._stash += got[0].completed()
+                self._forget(node)
+                os.eventfd_write(self._moved_fd, 1)
+                self.fleet.fail(ConnectionError("the connection to Redis was lost"))
+                return None
             if node and self._stale_map:
                 # a cluster that failed may have moved its slots: read the map again
                 shared.client.nodes_manager.initialize()
                 self._stale_map = False
                 node = node_of(shared, key)
-                got = self._pipes.get(node)
             made = self._make_pipe(shared, node, self.timeout)
         except (OSError, ConnectionError) as exc:
             self.fleet.fail(exc)
             self._drop_pipes()
             return None
-        if got is not None:
-            self._forget(node)
         self.pipes += 1
         self._pipes[node] = (made, made.fileno())
         pool = getattr(shared.client, "connection_pool", None)
@@ -404,21 +410,22 @@ class PipedStore:
 
     def answers(self, now: float) -> list[LateAnswer]:
         shared = self._pipes_of
+        try:
+            os.eventfd_read(self._moved_fd)
+        except BlockingIOError:
+            pass
         watcher = self._watcher
         if watcher is not None and watcher.moved:
             self._watcher = None
-            try:
-                os.eventfd_read(self._moved_fd)
-            except BlockingIOError:
-                pass
             for pipe, _ in self._pipes.values():
                 pipe.abandon(ConnectionError("the Sentinels moved the master"))
-        if not self._pipes:
+        if not self._pipes and not self._stash:
             return []
         out: list[LateAnswer] = []
         failed: Exception | None = None
         unanswered: list[_Ask] = []
-        came = [answer for pipe, _ in self._pipes.values() for answer in pipe.completed()]
+        came, self._stash = self._stash, []
+        came += [answer for pipe, _ in self._pipes.values() for answer in pipe.completed()]
         for token, reply in came:
             if isinstance(token, _Read | _Put):
                 if isinstance(reply, Exception):
