@@ -44,6 +44,10 @@ class Ended:
         sent: bool = False,
     ) -> None: ...
 
+LOOP_COUNTERS: tuple[str, ...]
+LOOP_GAUGES: tuple[str, ...]
+LOOP_COUNTERS_SIZE: int
+
 class Loop:
     def __init__(
         self,
@@ -64,6 +68,7 @@ class Loop:
         quota_fd: int = -1,
         listen_exclusive: bool = False,
         pages: LoopPages = ...,
+        counters: memoryview | None = None,
     ) -> None: ...
     def run(self) -> None: ...
     def stop(self) -> None: ...

@@ -321,6 +321,16 @@ class Listen(Kind):
 
 
 @dataclass(frozen=True, slots=True)
+class Address(Kind):
+    """An optional address of its own (``--metrics-listen HOST:PORT``), held as its text."""
+
+    def check(self, value: Any) -> object:
+        if value is None:
+            return None
+        return format_hostport(*parse_listen(value))
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectRules(Kind):
     """``--connect-to`` rules, written as :meth:`ConnectTo.parse` reads them, held parsed."""
 
@@ -502,6 +512,21 @@ class Config:
         "Append log lines to this file (reopened on SIGUSR1, for log rotation).",
         metavar="PATH",
         default_text="stderr",
+    )
+    # --- what elbasy shows of itself (elbasy.metrics) ---
+    metrics_listen: str | None = setting(
+        Address(),
+        None,
+        "Also serve /metrics on this address (the supervisor answers: a scrape never "
+        "waits for a busy worker). /metrics on the proxy's own address works either way.",
+        metavar="HOST:PORT",
+        default_text="off",
+    )
+    metrics_top_accounts: int = setting(
+        Integer(0, 1000),
+        10,
+        "/metrics labels the quota wait, requests and queue of this many accounts, "
+        "the busiest by wait (0: none).",
     )
     # --- processes (elbasy.supervisor) ---
     workers: int | str = setting(

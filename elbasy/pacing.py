@@ -48,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from elbasy.limits import BUCKET, Limit, ServerView
+from elbasy.metrics import WorkerMetrics
 from elbasy.protocol.http1 import IDEMPOTENT_METHODS
 from elbasy.quota import (
     CONFIRM,
@@ -158,9 +159,13 @@ class Pacer:
         mono: Callable[[], float],
         max_wait: float = 30.0,
         retry_idempotent: bool = False,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.rules = rules
         self.store = store
+        # what the pacer and the policy count, in the worker's metrics slot
+        # (elbasy.metrics); a private one for a pacer of its own (tests)
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
         # a store across a network (Redis) answers the steps that decide a
         # departure later, through its fd: held requests wait for them
         self.piped: PipedQuotaStore | None = store if getattr(store, "piped", False) else None  # type: ignore[assignment]
@@ -656,6 +661,9 @@ class Pacer:
         if views:
             self._learn(m, views, {v.limit: v.rate for v in views if v.rate})
             self.store.observe(m.keys, self.limits(m), views, seen_at)
+            told = next((v for v in views if v.remaining is not None), None)
+            if told is not None:
+                self.metrics.reported(m.rule.id, m.account, told.remaining, told.capacity, wall_now)
         if not report.throttled:
             if refunded:
                 self._buckets_moved(m.keys)
@@ -672,6 +680,7 @@ class Pacer:
             log.warning("%s: a resource limit refused a request for %s", m.rule.id, m.label)
             return NOW
         self.counters["server_throttled"] += 1
+        self.metrics.throttled(m.rule.id, "429" if status == 429 else "THROTTLED")
         until = self.store.throttled(m.keys, self.limits(m), wall_now, report.retry_after)
         log.warning(
             "%s refused a request for %s (%s%s); holding the account until %.1f s from now",

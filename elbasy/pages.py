@@ -131,6 +131,7 @@ def own_page(
     keep_alive: bool,
     stats: Callable[[], dict[str, Any]],
     counters: Mapping[str, int],
+    metrics: Callable[[], tuple[bytes, bytes]],
 ) -> tuple[int, bytes, bool]:
     """A request to elbasy itself (origin-form): (status, the whole answer, close after)."""
     path = target.split("?", 1)[0]
@@ -141,6 +142,9 @@ def own_page(
     elif path == "/healthz":
         status = 200
         data = response(200, healthz(stats, counters), b"application/json", close)
+    elif path == "/metrics":
+        text, content_type = metrics()
+        status, data = 200, response(200, text, content_type, close)
     elif path == "/":
         status, data = 200, response(200, INDEX, b"text/html; charset=utf-8", close)
     else:
@@ -175,6 +179,7 @@ export HTTPS_PROXY=http://HOST:PORT
 export HTTP_PROXY=http://HOST:PORT
 curl -x http://HOST:PORT https://example.com/
 </pre>
-<p>Health and counters: <a href="/healthz">/healthz</a> (JSON).</p>
+<p>Health and counters: <a href="/healthz">/healthz</a> (JSON, this worker);
+<a href="/metrics">/metrics</a> (Prometheus, the whole instance).</p>
 </body></html>
 """

@@ -8,7 +8,6 @@ Python over bytes: no fds, and the clock only as the callable it is handed.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -77,7 +76,7 @@ CONNECT_HEADS_KEPT = 1024
 class Exchange:
     """One request (or one tunnel) as the access log will tell it."""
 
-    __slots__ = ("client", "method", "target", "keep_alive", "paced")
+    __slots__ = ("client", "method", "target", "keep_alive", "paced", "queued")
 
     def __init__(self, client: str, method: str, target: str, keep_alive: bool = False) -> None:
         self.client = client
@@ -85,6 +84,7 @@ class Exchange:
         self.target = target
         self.keep_alive = keep_alive
         self.paced: Paced | None = None  # a request to a covered API: its pacing state
+        self.queued = False  # held for its quota, counted in the rule's queue depth
 
 
 class Policy:
@@ -107,8 +107,9 @@ class Policy:
         # always get the same answer, so llhttp reads each one once
         self._connects: dict[bytes, tuple[str, int, str, bool]] = {}
         self.outbound = Outbound()
-        # every counter is present from the start, so dashboards see zeros
-        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
+        # what this worker counts lives in its slot of the instance's metrics
+        # (elbasy.metrics), where /metrics reads every worker's
+        self.metrics = self.pacer.metrics
         # the endings other than FINISHED (ended() takes that one itself)
         self._endings: dict[str, Callable[[Exchange | None, Ended], bytes | None]] = {
             ABANDONED: self._on_abandoned,
@@ -120,6 +121,14 @@ class Policy:
             INTERNAL_ERROR: self._on_internal_error,
             DRAINED: self._on_drained,
         }
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """This worker's failures by kind (every kind present, so dashboards see zeros)."""
+        out = dict.fromkeys(COUNTERS, 0)
+        for (kind,), n in self.metrics.local("errors").items():
+            out[kind] = int(n)
+        return out
 
     # ---- request heads -----------------------------------------------------------
 
@@ -151,7 +160,8 @@ class Policy:
                 return Intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
             if req.target.startswith("/"):
                 status, data, close = own_page(
-                    req.method, req.target, req.keep_alive, self._stats, self.counters
+                    req.method, req.target, req.keep_alive, self._stats, self.counters,
+                    self.metrics.scrape,
                 )
                 log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)
                 return Reply(data, close)
@@ -231,7 +241,28 @@ class Policy:
         v = self.pacer.admit(paced, ex)
         if v.shed_after:
             return self._shed(ex, v)
+        if v.depart != NOW:
+            self._queue(ex, paced, 1)
         return fwd._replace(depart=v.depart)
+
+    def _queue(self, ex: Exchange, paced: Paced, change: int) -> None:
+        """A request joins (+1) or leaves (-1) the count of those held for quota."""
+        ex.queued = change > 0
+        self.metrics.queued(paced.match.rule.id, paced.match.account, change, self.pacer.wall())
+
+    def _count(self, ex: Exchange, status: int) -> None:
+        """One request's ending, as /metrics counts it (beside its access line)."""
+        p = ex.paced
+        if p is None:
+            self.metrics.finished("none", status, None, 0.0)
+            return
+        if ex.queued:
+            self._queue(ex, p, -1)
+        wall = self.pacer.wall()
+        rule = p.match.rule.id
+        if p.sent_at:
+            self.metrics.waited(rule, p.match.account, p.waited(), wall)
+        self.metrics.finished(rule, status, p.match.account, wall)
 
     def _shed(self, ex: Exchange, v: Verdict, *, close: bool = False) -> Reply:
         """elbasy's own 429: the request would wait longer than allowed; nothing was sent.
@@ -244,12 +275,16 @@ class Policy:
         else:
             data = shed_response(v.limit, v.shed_after, close)
             status = 429
+            if ex.paced is not None:
+                self.metrics.shed(ex.paced.match.rule.id)
+        self._count(ex, status)
         log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)
         return Reply(data, close)
 
     def _refuse(self, ex: Exchange, exc: RemoteProtocolError) -> Reply:
         status = exc.status_hint
-        self.counters[_REFUSAL_COUNTER.get(status, f"refused_{status}")] += 1
+        self.metrics.error(_REFUSAL_COUNTER.get(status, f"refused_{status}"))
+        self._count(ex, status)
         log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
         log.info("refused %s from %s: %s", ex.target, ex.client, exc)
         return Reply(error_response(status, str(exc)), True)
@@ -278,6 +313,8 @@ class Policy:
         v = self.pacer.priced(ex.paced, body, ex)
         if v.shed_after:
             return self._shed(ex, v)
+        if v.depart != NOW:
+            self._queue(ex, ex.paced, 1)
         return v.depart
 
     def quota_moved(self) -> None:
@@ -292,6 +329,8 @@ class Policy:
         got = self.pacer.departing(ex.paced)
         if isinstance(got, Verdict):
             return self._shed(ex, got, close=True)
+        if got == NOW and ex.queued:
+            self._queue(ex, ex.paced, -1)
         return got
 
     def on_response_body(self, ex: Exchange, body: bytes) -> None:
@@ -321,6 +360,7 @@ class Policy:
             assert ex is not None
             if ex.paced is not None:
                 self.pacer.abandoned(ex.paced)  # a request with no answer lands now
+            self._count(ex, end.status)
             log_access(
                 ex.client,
                 ex.method,
@@ -338,8 +378,9 @@ class Policy:
         """The upstream could not be reached or did not answer (or answered nonsense)."""
         if ex.paced is not None:
             self.pacer.abandoned(ex.paced)  # sent: it lands; never sent: its place goes back
-        self.counters["upstream_errors"] += 1
-        self.counters[f"upstream_{status}"] += 1
+        self.metrics.error("upstream_errors")
+        self.metrics.error(f"upstream_{status}")
+        self._count(ex, status)
         log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
         log.warning("%s %s from %s: %s", ex.method, ex.target, ex.client, reason)
         return error_response(status, reason)
@@ -355,9 +396,10 @@ class Policy:
     def _on_abandoned(self, ex: Exchange | None, end: Ended) -> None:
         """The client of a held request left before its departure."""
         assert ex is not None
-        self.counters["abandoned_while_held"] += 1
+        self.metrics.error("abandoned_while_held")
         if ex.paced is not None:
             self.pacer.abandoned(ex.paced)
+        self._count(ex, CLIENT_CLOSED)
         log_access(ex.client, ex.method, ex.target, CLIENT_CLOSED, 0, 0, 0.0, self._paced_log(ex))
 
     def _on_drained(self, ex: Exchange | None, end: Ended) -> bytes:
@@ -370,6 +412,7 @@ class Policy:
         if ex is not None:
             if ex.paced is not None:
                 self.pacer.abandoned(ex.paced)  # sent: it lands; else its place goes back
+            self._count(ex, 503)
             log_access(ex.client, ex.method, ex.target, 503, 0, 0, 0.0, self._paced_log(ex))
         return draining_response(end.sent)
 
@@ -387,7 +430,7 @@ class Policy:
     def _on_tls_failed(self, ex: Exchange | None, end: Ended) -> None:
         """The TLS handshake with an intercepted client failed (untrusted CA, garbage...)."""
         assert ex is not None
-        self.counters["tls_client_failures"] += 1
+        self.metrics.error("tls_client_failures")
         log.info("TLS with %s for %s failed: %s", ex.client, ex.target, end.reason)
 
     def _on_head_too_large(self, ex: Exchange | None, end: Ended) -> bytes:
@@ -404,6 +447,8 @@ class Policy:
 
     def _on_internal_error(self, ex: Exchange | None, end: Ended) -> bytes:
         log.error("internal error on %s", ex.target if ex else "-", exc_info=end.error)
+        if ex is not None:
+            self._count(ex, 500)
         if ex is not None and ex.paced is not None:
             # the request will not leave: its place in line goes back
             self.pacer.abandoned(ex.paced)

@@ -20,6 +20,7 @@ from typing import Any
 
 from elbasy._loop import Loop
 from elbasy.config import Config
+from elbasy.metrics import MetricsMemory, WorkerMetrics
 from elbasy.pacing import Pacer
 from elbasy.pages import LOOP_PAGES
 from elbasy.policy import Policy
@@ -214,9 +215,16 @@ class Worker:
         sock: socket.socket | None = None,
         slot: int = 0,
         shared: Any = None,
+        metrics: MetricsMemory | None = None,
     ) -> None:
         self.config = config
         self.slot = slot
+        self.metrics = WorkerMetrics(
+            metrics,
+            slot,
+            top_accounts=config.metrics_top_accounts,
+            started=time.time(),
+        )
         self.sock = sock if sock is not None else listen(config.listen_host, config.listen_port)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self._wake_r, self._wake_w = socket.socketpair()
@@ -234,6 +242,7 @@ class Worker:
                 make_store(config, shared, slot),
                 wall=time.time,
                 mono=time.monotonic,
+                metrics=self.metrics,
                 **config.pacer_settings(),
             )
             if self.intercept:
@@ -253,6 +262,7 @@ class Worker:
                 # another worker's refund or place given back moves this one's lines
                 quota_fd=self.pacer.store.fileno(),
                 pages=LOOP_PAGES,
+                counters=self.metrics.loop_counters,
             )
             # the pacer moves held requests (a line that moved) through the loop
             self.pacer.wake = self.loop.wake

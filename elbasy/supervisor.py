@@ -49,8 +49,10 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from elbasy import __version__
-from elbasy.config import Config, ConfigError, worker_count
+from elbasy.config import Config, ConfigError, format_hostport, parse_listen, worker_count
 from elbasy.logs import configure, reopen_log_file, startup_banner
+from elbasy.metrics import InstanceView, MetricsMemory, exposition
+from elbasy.metrics_http import MetricsListener
 from elbasy.server import (
     StartupError,
     Worker,
@@ -214,6 +216,8 @@ class Supervisor:
         # same socket, so what waits in its accept queue is never reset
         self.socks: list[socket.socket] = []
         self.shared: Any = None
+        self.metrics: MetricsMemory | None = None
+        self.metrics_listener: MetricsListener | None = None
         self.children: dict[int, Child] = {}
         self.generation = 0
         self.phase = "starting"  # then "running", then "stopping"
@@ -252,6 +256,9 @@ class Supervisor:
             check_quota_store(self.config)
             prepare_ca(self.config)
             self.shared = make_shared(self.config)
+            # every worker's counters, for /metrics on any of them
+            self.metrics = MetricsMemory(SLOTS)
+            self._listen_metrics()
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_w, False)
             os.set_blocking(self._wake_r, False)
@@ -272,10 +279,28 @@ class Supervisor:
                     os.close(fd)
             for sock in [*self.socks, *self.reload_socks]:
                 sock.close()
+            if self.metrics_listener is not None:
+                self.metrics_listener.close()
         if self.startup_error is not None:
             raise StartupError(self.startup_error)
         log.info("stopped")
         return 0
+
+    def _listen_metrics(self) -> None:
+        """``--metrics-listen``: the supervisor's own /metrics, read from the shared memory."""
+        where = self.config.metrics_listen
+        if where is None or self.metrics is None:
+            return
+        memory, top = self.metrics, self.config.metrics_top_accounts
+        host, port = parse_listen(where)
+        try:
+            self.metrics_listener = MetricsListener(
+                host, port, lambda: exposition(InstanceView(memory), top)
+            )
+        except OSError as exc:
+            raise StartupError(f"--metrics-listen {where}: {exc.strerror or exc}") from None
+        self.metrics_listener.start()
+        log.info("metrics on http://%s/metrics", format_hostport(*self.metrics_listener.address))
 
     def _serve(self) -> None:
         while self.children or self.phase != "stopping":
@@ -391,6 +416,8 @@ class Supervisor:
             for other in [*self.socks, *self.reload_socks]:
                 if other is not sock:
                     other.close()
+            if self.metrics_listener is not None:
+                self.metrics_listener.forget()
             for sig in (signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)  # only the supervisor's word counts
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -400,7 +427,9 @@ class Supervisor:
             _die_with(self.pid)
             configure(config.log_level, config.log_format, config.log_file)
             try:
-                worker = Worker(config, sock=sock, slot=slot, shared=self.shared)
+                worker = Worker(
+                    config, sock=sock, slot=slot, shared=self.shared, metrics=self.metrics
+                )
             except StartupError as e:
                 os.write(ready_w, b"E" + str(e).encode())
                 os._exit(3)

@@ -143,6 +143,7 @@ DEFAULTS = {
     "listen": "127.0.0.1:8080",
     "log_level": "info",
     "log_format": "text",
+    "metrics_top_accounts": 10,
     "workers": 1,
     "drain_timeout": 30.0,
     "head_timeout": 10.0,
@@ -202,6 +203,8 @@ def test_every_option_from_the_command_line() -> None:
             "--log-file=/tmp/elbasy.log",
             "--workers=auto",
             "--drain-timeout=7.5",
+            "--metrics-listen=:9100",
+            "--metrics-top-accounts=3",
         ]
     )
     assert got == {
@@ -231,6 +234,8 @@ def test_every_option_from_the_command_line() -> None:
         "quota_capacity": 1024,
         "quota_instances": 3,
         "quota_redis_timeout": 0.5,
+        "metrics_listen": "0.0.0.0:9100",
+        "metrics_top_accounts": 3,
     }
 
 
@@ -261,6 +266,8 @@ def test_every_option_from_the_environment() -> None:
         "ELBASY_WORKERS": "3",
         "ELBASY_DRAIN_TIMEOUT": "0",
         "ELBASY_RULES": "bigcommerce",
+        "ELBASY_METRICS_LISTEN": "[::1]:9101",
+        "ELBASY_METRICS_TOP_ACCOUNTS": "0",
     }
     assert settings([], env) == {
         "listen": "[::1]:9001",
@@ -288,6 +295,8 @@ def test_every_option_from_the_environment() -> None:
         "quota_redis_timeout": 0.1,
         "workers": 3,
         "drain_timeout": 0.0,
+        "metrics_listen": "[::1]:9101",
+        "metrics_top_accounts": 0,
     }
 
 

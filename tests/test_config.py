@@ -370,6 +370,8 @@ def test_config_keys_are_the_option_names() -> None:
         "listen",
         "log_level",
         "log_format",
+        "metrics_listen",
+        "metrics_top_accounts",
         "log_file",
         "workers",
         "drain_timeout",

@@ -90,6 +90,8 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "log_file": ("/tmp/elbasy-a.log", "/tmp/elbasy-b.log"),
     "workers": (2, "auto"),
     "drain_timeout": (0, 12.5),
+    "metrics_listen": ("127.0.0.1:9100", "[::1]:9101"),
+    "metrics_top_accounts": (0, 50),
 }
 
 
@@ -306,7 +308,8 @@ def test_loop_stub_takes_the_loop_settings() -> None:
     assert {
         k: v
         for k, v in stub.items()
-        if k not in ("server_tls", "client_tls", "listen_exclusive", "quota_fd", "pages")
+        if k
+        not in ("server_tls", "client_tls", "listen_exclusive", "quota_fd", "pages", "counters")
     } == loop
     assert set(loop) == {s.keyword for s in SETTINGS if s.to == "loop"}
 
@@ -351,8 +354,10 @@ def test_worker_gives_the_loop_and_pacer_exactly_their_settings(
             "listen_exclusive": False,  # its own listener, not the supervisor's shared one
             "quota_fd": -1,  # its own LocalStore: no other worker moves its lines
             "pages": LOOP_PAGES,  # what the loop answers when the policy's call raised
+            # its counters, in its slot of the metrics memory
+            "counters": worker.metrics.loop_counters,
         }
-        pacer = {k: v for k, v in seen["Pacer"].items() if k not in ("wall", "mono")}
+        pacer = {k: v for k, v in seen["Pacer"].items() if k not in ("wall", "mono", "metrics")}
         assert pacer == config.pacer_settings()
         assert seen["Safety"] == config.safety_settings() == {"margin": 0.2}
     finally:

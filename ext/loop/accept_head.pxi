@@ -26,12 +26,12 @@ cdef void accept_batch(Loop loop):
             if err == EMFILE or err == ENFILE:
                 # out of fds (ours or the system's): shed one client so the
                 # listener does not stay readable forever
-                loop.c_accept_emfile += 1
+                loop.c.accept_emfile += 1
                 shed_one_client(loop)
                 return
             # ENOBUFS/ENOMEM (kernel memory), EPERM (a firewall rule),
             # EPROTO: counted; the next wake-up tries again
-            loop.c_accept_errors += 1
+            loop.c.accept_errors += 1
             return
         # TCP_NODELAY comes from the listener: accepted sockets inherit it
         c = Conn.__new__(Conn)  # no upstream, no pipes yet (Conn.__cinit__)
@@ -40,8 +40,8 @@ cdef void accept_batch(Loop loop):
         c.started = loop.now
         c.peer = ss
         map_fd(loop, fd, c)
-        loop.c_accepted += 1
-        loop.c_open += 1
+        loop.c.accepted += 1
+        loop.c.open += 1
         c.state = S_HEAD
         arm(loop, c, loop.now + loop.head_ns)
         # The listener defers accept until the client has sent something,
@@ -151,7 +151,7 @@ cdef void dispatch_head(Loop loop, Conn c, long end):
     cdef int64_t depart
     buf_consumed(&c.cin, end)
     c.requests += 1
-    loop.c_requests += 1
+    loop.c.requests += 1
     c.exchange_started = loop.now
     try:
         v = loop.p_on_request(head, peer_of(loop, c), c.site)

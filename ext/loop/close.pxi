@@ -11,7 +11,7 @@ cdef void close_conn(Loop loop, Conn c, bint reset):
     if c.state == S_CLOSED:
         return
     if c.state == S_TUNNEL:
-        loop.c_tunnels_open -= 1
+        loop.c.tunnels_open -= 1
         tell_finished(loop, c, 200)
     elif c.state == S_FORWARD and c.ticket is not None:
         tell_finished(loop, c, c.exchange.status)
@@ -25,7 +25,7 @@ cdef void close_conn(Loop loop, Conn c, bint reset):
         # hears it (a paced request's cost lands: it may have reached the server)
         tell_ended(loop, c.ticket, ending(ABANDONED))
     if c.site is not None:
-        loop.c_intercepts_open -= 1
+        loop.c.intercepts_open -= 1
         c.site = None
     ssl_release(&c.tls.cssl)
     c.state = S_CLOSED
@@ -42,7 +42,7 @@ cdef void close_conn(Loop loop, Conn c, bint reset):
     c.ticket = None
     c.verdict = None
     c.addrs = None
-    loop.c_open -= 1
+    loop.c.open -= 1
 
 
 cdef void shutdown_all(Loop loop):

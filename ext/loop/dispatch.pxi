@@ -27,7 +27,7 @@ cdef void conn_crashed(Loop loop, Conn c, object exc):
     """A Python exception escaped a step (out of memory, a bug): this
     connection ends with a reset, since what it was owed is unknown; the
     loop and every other connection go on."""
-    loop.c_internal_errors += 1
+    loop.c.internal_errors += 1
     tell_ended(loop, c.ticket, Ended(INTERNAL_ERROR, error=exc))  # logs it; no page is sent
     drop_upstream(loop, c, True)
     close_conn(loop, c, True)
@@ -50,7 +50,7 @@ cdef void conn_event(Loop loop, Conn c, int fd, uint32_t ev):
     if st == S_WAIT:
         # held before departure: the client is only watched for leaving
         if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-            loop.c_held_left += 1
+            loop.c.held_left += 1
             close_conn(loop, c, False)
         elif flush_client(loop, c) != STEP_ENDED:
             wait_mask(loop, c)
@@ -60,7 +60,7 @@ cdef void conn_event(Loop loop, Conn c, int fd, uint32_t ev):
             if st == S_CONNECT:
                 connect_ready(loop, c)
                 return
-            loop.c_upstream_aborts += 1
+            loop.c.upstream_aborts += 1
             upstream_lost(loop, c)
         elif st == S_TLS_ACCEPT:
             # a reset instead of the rest of the handshake (a client that
@@ -106,30 +106,30 @@ cdef void conn_expired(Loop loop, Conn c):
     cdef int st = c.state
     if st == S_HEAD:
         if c.requests > 0 and buf_len(&c.cin) == 0:
-            loop.c_keepalive_closed += 1
+            loop.c.keepalive_closed += 1
         else:
-            loop.c_head_timeouts += 1
+            loop.c.head_timeouts += 1
         close_conn(loop, c, False)
     elif st == S_RESOLVE:
-        loop.c_connect_timeouts += 1
+        loop.c.connect_timeouts += 1
         fail(loop, c, 504, "timed out resolving the upstream host")
     elif st == S_CONNECT:
         drop_upstream(loop, c, False)
         if c.addrs is not None and c.addr_i < len(c.addrs):
             try_connect(loop, c)
         else:
-            loop.c_connect_timeouts += 1
+            loop.c.connect_timeouts += 1
             fail(loop, c, 504, "timed out connecting to the upstream")
     elif st == S_TUNNEL:
-        loop.c_idle_timeouts += 1
+        loop.c.idle_timeouts += 1
         close_conn(loop, c, False)
     elif st == S_WAIT:
         departure(loop, c)
     elif st == S_TLS_ACCEPT or st == S_BODY:
-        loop.c_head_timeouts += 1
+        loop.c.head_timeouts += 1
         close_conn(loop, c, False)
     elif st == S_TLS_CONNECT:
-        loop.c_connect_timeouts += 1
+        loop.c.connect_timeouts += 1
         drop_upstream(loop, c, False)
         fail(loop, c, 504, "timed out in the TLS handshake with the upstream")
     elif st == S_FORWARD:
@@ -139,7 +139,7 @@ cdef void conn_expired(Loop loop, Conn c):
     elif st == S_BODY_READ or st == S_DEPARTING:
         # left within the step that set it, before the loop turns: a
         # deadline firing here is a bug, and the connection ends
-        loop.c_internal_errors += 1
+        loop.c.internal_errors += 1
         close_conn(loop, c, False)
     elif st == S_CLOSED:
         pass  # close_conn cleared its deadline

@@ -37,7 +37,7 @@ cdef void drain_begin(Loop loop):
             continue  # empty, pooled, or the upstream fd of a Conn seen at its client fd
         c = <Conn>obj
         if c.state == S_HEAD and c.requests > 0 and not buf_len(&c.cin) and not buf_len(&c.cout):
-            loop.c_drain_closed += 1
+            loop.c.drain_closed += 1
             linger(loop, c)  # idle between requests: a clean close now
         elif c.state == S_TUNNEL and (c.deadline == 0 or c.deadline > loop.now + loop.idle_ns):
             arm(loop, c, loop.now + loop.idle_ns)
@@ -68,7 +68,7 @@ cdef void drain_expire(Loop loop):
                 if not c.exchange.resp_head_done:
                     drain_refuse(loop, c, True)
                 else:
-                    loop.c_drain_closed += 1
+                    loop.c.drain_closed += 1
                     close_conn(loop, c, False)  # mid-body: a close is all that is left
             elif st == S_HEAD:
                 if c.requests == 0 or buf_len(&c.cin):
@@ -76,7 +76,7 @@ cdef void drain_expire(Loop loop):
                 else:
                     linger(loop, c)  # idle, or still taking its last answer
             elif st == S_TUNNEL or st == S_TLS_ACCEPT:
-                loop.c_drain_closed += 1
+                loop.c.drain_closed += 1
                 close_conn(loop, c, False)
             # S_LINGER ends by itself within LINGER_NS
         except Exception as exc:
@@ -86,7 +86,7 @@ cdef void drain_expire(Loop loop):
 cdef void drain_refuse(Loop loop, Conn c, bint sent):
     """503 + Retry-After for a request the drain's deadline caught (never a bare close)."""
     cdef bytes data = ended_page(loop, c.ticket, Ended(DRAINED, sent=sent), loop.page_drained)
-    loop.c_drain_refused += 1
+    loop.c.drain_refused += 1
     send_final(loop, c, data)
 
 

@@ -93,5 +93,5 @@ cdef void quota_moved(Loop loop):
     try:
         loop.p_quota_moved()
     except Exception as exc:
-        loop.c_policy_errors += 1
+        loop.c.policy_errors += 1
         tell_ended(loop, None, Ended(INTERNAL_ERROR, error=exc))

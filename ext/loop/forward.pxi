@@ -37,7 +37,7 @@ cdef void begin_forward(Loop loop, Conn c, bint reused):
     ex.uout.end = 0
     ex.uin.start = 0
     ex.uin.end = 0
-    loop.c_bytes_up += PyBytes_GET_SIZE(head)
+    loop.c.bytes_up += PyBytes_GET_SIZE(head)
     buf_append(&ex.uout, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
     arm(loop, c, loop.now + loop.response_ns)
     if request_body_step(loop, c) == STEP_ENDED:
@@ -72,7 +72,7 @@ cdef int request_body_step(Loop loop, Conn c) except STEP_RAISED:
     buf_append(&ex.uout, c.cin.data + c.cin.start, take)
     buf_consumed(&c.cin, take)
     c.bytes_up += take
-    loop.c_bytes_up += take
+    loop.c.bytes_up += take
     return STEP_DONE
 
 
@@ -92,7 +92,7 @@ cdef int flush_upstream(Loop loop, Conn c) except STEP_RAISED:
     upstream failed and upstream_lost has answered, retried or closed."""
     cdef int rc = buf_send(c.ufd, c.tls.ussl, &c.exchange.uout, NULL)
     if rc < 0:
-        loop.c_upstream_aborts += 1
+        loop.c.upstream_aborts += 1
         upstream_lost(loop, c)
         return STEP_ENDED
     return STEP_DONE if rc else STEP_WAIT

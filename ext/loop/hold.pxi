@@ -96,8 +96,8 @@ cdef void hold(Loop loop, Conn c, int64_t depart):
         # text) waits in a buffer sized for reading (64 KiB): only its
         # bytes are kept while it is held
         buf_shrink(&c.cin)
-    loop.c_held += 1
-    loop.c_waiting += 1
+    loop.c.held += 1
+    loop.c.waiting += 1
     if c.ticket is not None:
         loop.held[c.ticket] = c
     arm(loop, c, depart)
@@ -106,7 +106,7 @@ cdef void hold(Loop loop, Conn c, int64_t depart):
 
 cdef void unhold(Loop loop, Conn c):
     """A held request leaves S_WAIT (departs, or its connection ends)."""
-    loop.c_waiting -= 1
+    loop.c.waiting -= 1
     if c.ticket is not None:
         loop.held.pop(c.ticket, None)
 

@@ -33,8 +33,8 @@ cdef void begin_intercept(Loop loop, Conn c, object v):
     buf_free(&c.cin)
     c.site = v
     c.state = S_TLS_ACCEPT
-    loop.c_intercepts_open += 1
-    loop.c_intercepts_total += 1
+    loop.c.intercepts_open += 1
+    loop.c.intercepts_total += 1
     # The "200" leaves in plain text before any TLS byte: parked in cout,
     # it goes out first in client_tls_step, which sends cout without TLS.
     # A client already gone is seen there, with the SSL* owned by c (and
@@ -71,7 +71,7 @@ cdef void client_tls_step(Loop loop, Conn c):
     if rc < 0:
         client_tls_failed(loop, c, None)
         return
-    loop.c_tls_accepted += 1
+    loop.c.tls_accepted += 1
     c.verdict = None
     c.ticket = None
     c.state = S_HEAD
@@ -82,7 +82,7 @@ cdef void client_tls_step(Loop loop, Conn c):
 cdef void client_tls_failed(Loop loop, Conn c, object reason):
     """The client's handshake failed: counted, told to the policy, closed."""
     cdef object error
-    loop.c_tls_accept_failures += 1
+    loop.c.tls_accept_failures += 1
     if reason is None:
         try:
             reason = loop.s_failure(<uintptr_t>c.tls.cssl)
@@ -102,7 +102,7 @@ cdef void begin_upstream_tls(Loop loop, Conn c):
         ptr = loop.u_new_ssl(c.ufd, v.host)
     except Exception as exc:
         drop_upstream(loop, c, False)
-        loop.c_tls_upstream_failures += 1
+        loop.c.tls_upstream_failures += 1
         fail(loop, c, 502, f"cannot start TLS with {v.host}: {exc}")
         return
     c.tls.ussl = <SSL *>ptr
@@ -120,7 +120,7 @@ cdef void upstream_tls_step(Loop loop, Conn c):
         set_mask(loop, c.ufd, &c.umask, want)
         return
     if rc < 0:
-        loop.c_tls_upstream_failures += 1
+        loop.c.tls_upstream_failures += 1
         try:
             reason = str(loop.u_failure(<uintptr_t>c.tls.ussl))
         except Exception as exc:
@@ -128,5 +128,5 @@ cdef void upstream_tls_step(Loop loop, Conn c):
         drop_upstream(loop, c, False)
         fail(loop, c, 502, f"TLS with {(<object>c.verdict).host} failed: {reason}")
         return
-    loop.c_tls_upstream += 1
+    loop.c.tls_upstream += 1
     begin_forward(loop, c, False)

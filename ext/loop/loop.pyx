@@ -164,6 +164,12 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
+from counters cimport (
+    elb_loop_counter_names,
+    elb_loop_counters,
+    elb_loop_gauge_names,
+    elb_loop_gauges_zero,
+)
 from io cimport (
     CH_DONE, elb_chunked_scan, elb_connect, elb_format_peer, elb_head_end, elb_now_ns,
     elb_set_reset, elb_socket_error,
@@ -265,6 +271,35 @@ cdef void seam_complete(str role, object obj, list missing) except *:
         raise TypeError(f"the {role} {type(obj).__name__} has no method " + ", ".join(missing))
 
 
+#: the loop's counters by name, in their order in memory (ext/c/elbasy_counters.h)
+LOOP_COUNTERS = tuple(name_list(elb_loop_counter_names))
+#: those of them that describe a live process (zeroed when a Loop starts)
+LOOP_GAUGES = tuple(name_list(elb_loop_gauge_names))
+#: the bytes a Loop's ``counters=`` memory must hold
+LOOP_COUNTERS_SIZE = sizeof(elb_loop_counters)
+
+
+cdef list name_list(const char *const *names):
+    cdef list out = []
+    cdef Py_ssize_t i = 0
+    while names[i] != NULL:
+        out.append(names[i].decode("ascii"))
+        i += 1
+    return out
+
+
+cdef elb_loop_counters *counters_in(object memory) except NULL:
+    """The struct at the start of ``memory``: a writable, C-contiguous buffer
+    of at least LOOP_COUNTERS_SIZE bytes, aligned for uint64 (an mmap slice)."""
+    cdef unsigned char[::1] view = memory
+    if view.shape[0] < <Py_ssize_t>sizeof(elb_loop_counters):
+        raise ValueError(f"counters memory holds {view.shape[0]} bytes, "
+                         f"the loop's counters need {sizeof(elb_loop_counters)}")
+    if <uintptr_t>&view[0] % 8:
+        raise ValueError("counters memory is not 8-byte aligned")
+    return <elb_loop_counters *>&view[0]
+
+
 @cython.final
 cdef class Loop:
     """The epoll loop of one worker. See the module docstring."""
@@ -279,6 +314,7 @@ cdef class Loop:
         self.events = NULL
         self.iobuf = NULL
         self.retired = NULL
+        self.c = &self.own_counters
 
     def __init__(self, policy, resolver, int listen_fd, int wakeup_fd=-1, *,
                  double head_timeout=10.0, double connect_timeout=10.0,
@@ -286,7 +322,7 @@ cdef class Loop:
                  double response_timeout=60.0, Py_ssize_t max_head_bytes=65536,
                  int splice=SPLICE_AUTO,  # no-cython-lint (the keyword is public; splice(2) is not)
                  server_tls=None, client_tls=None, bint listen_exclusive=False,
-                 int quota_fd=-1, pages=LOOP_PAGES):
+                 int quota_fd=-1, pages=LOOP_PAGES, counters=None):
         # the seam (elbasy.seam), bound before any fd is taken: an object
         # missing a method is refused here, not at the request that needs it
         cdef list missing = []
@@ -316,6 +352,10 @@ cdef class Loop:
         self.page_internal_error = pages.internal_error
         self.page_bad_gateway = pages.bad_gateway
         self.page_drained = pages.drained
+        if counters is not None:
+            self.c = counters_in(counters)
+            self.counters_memory = counters
+            elb_loop_gauges_zero(self.c)  # a dead predecessor's connections are gone
         self.fdmap = []
         self.pool = {}
         self.held = {}
@@ -365,7 +405,7 @@ cdef class Loop:
         for i in range(self.pipes.idle):
             close(self.pipes.ends[i][0])
             close(self.pipes.ends[i][1])
-            self.c_pipes_closed += 1
+            self.c.pipes_closed += 1
         close_retired(self)
         free(self.events)
         free(self.iobuf)
@@ -404,7 +444,7 @@ cdef class Loop:
                     drain_begin(self)
                 if not self.drain_expired and elb_now_ns() >= self.drain_deadline:
                     drain_expire(self)
-                if self.c_open == 0:
+                if self.c.open == 0:
                     break
                 if not self.drain_expired:
                     timeout = min(timeout, drain_timeout_ms(self))

@@ -11,7 +11,7 @@ cdef void policy_error(Loop loop, Conn c, object exc):
     factory's new_ssl) raised, or answered what the loop cannot use: counted
     once, and the client gets the policy's INTERNAL_ERROR page."""
     cdef bytes data
-    loop.c_policy_errors += 1
+    loop.c.policy_errors += 1
     data = ended_page(loop, c.ticket, Ended(INTERNAL_ERROR, error=exc), loop.page_internal_error)
     drop_upstream(loop, c, False)
     send_final(loop, c, data)
@@ -30,10 +30,10 @@ cdef bytes ended_page(Loop loop, object ticket, object end, bytes fallback):
     try:
         data = loop.p_ended(ticket, end)
     except Exception:
-        loop.c_policy_errors += 1
+        loop.c.policy_errors += 1
         return fallback
     if type(data) is not bytes:
-        loop.c_policy_errors += 1
+        loop.c.policy_errors += 1
         return fallback
     return <bytes>data
 
@@ -43,7 +43,7 @@ cdef void tell_ended(Loop loop, object ticket, object end):
     try:
         loop.p_ended(ticket, end)
     except Exception:
-        loop.c_policy_errors += 1
+        loop.c.policy_errors += 1
 
 
 cdef void tell_finished(Loop loop, Conn c, int status):
@@ -92,7 +92,7 @@ cdef void client_lost(Loop loop, Conn c):
     """The client's socket failed (a reset, or writes to a closed peer):
     count it and end the connection; an upstream mid-exchange is reset,
     since it can never be reused."""
-    loop.c_client_aborts += 1
+    loop.c.client_aborts += 1
     drop_upstream(loop, c, True)
     close_conn(loop, c, False)
 

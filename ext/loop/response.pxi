@@ -23,7 +23,7 @@ cdef int read_response(Loop loop, Conn c) except STEP_RAISED:
             if errno == EAGAIN:
                 return STEP_WAIT  # nothing more yet (or TLS wants to write: u_rw)
             # ECONNRESET, ETIMEDOUT, EPROTO (a TLS alert or garbage)
-            loop.c_upstream_aborts += 1
+            loop.c.upstream_aborts += 1
             upstream_lost(loop, c)
             return STEP_ENDED
         if n == 0:
@@ -32,7 +32,7 @@ cdef int read_response(Loop loop, Conn c) except STEP_RAISED:
                 ex.reuse_upstream = False
                 return STEP_DONE
             # a FIN before the response was whole
-            loop.c_upstream_aborts += 1
+            loop.c.upstream_aborts += 1
             upstream_lost(loop, c)
             return STEP_ENDED
         ex.uin.end += n
@@ -85,7 +85,7 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
             # the worker is draining: this answer is the connection's last
             head = head[:PyBytes_GET_SIZE(head) - 2] + b"Connection: close\r\n\r\n"
         c.bytes_down += PyBytes_GET_SIZE(head)
-        loop.c_bytes_down += PyBytes_GET_SIZE(head)
+        loop.c.bytes_down += PyBytes_GET_SIZE(head)
         # parked, not sent: the body bytes that came with it leave in the
         # same send (one segment, one wake-up for the client)
         buf_append(&c.cout, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
@@ -117,7 +117,7 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
     elif ex.resp_framing == BODY_CHUNKED:
         got = elb_chunked_scan(&ex.resp_chunks, ex.uin.data + ex.uin.start, avail)
         if got < 0:
-            loop.c_upstream_aborts += 1
+            loop.c.upstream_aborts += 1
             drop_upstream(loop, c, True)
             if parked and buf_len(&c.cout) >= parked:
                 # nothing of this response has reached the client yet: the
@@ -138,7 +138,7 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
         buf_append(&ex.captured, ex.uin.data + ex.uin.start,
                    min(take, ex.capture - buf_len(&ex.captured)))
     c.bytes_down += take
-    loop.c_bytes_down += take
+    loop.c.bytes_down += take
     if buf_len(&c.cout):
         buf_append(&c.cout, ex.uin.data + ex.uin.start, take)
         ex.uin.start = 0
@@ -153,7 +153,7 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
 
 cdef void forward_expired(Loop loop, Conn c):
     """The response deadline came: a 504 before the response head, else a close."""
-    loop.c_response_timeouts += 1
+    loop.c.response_timeouts += 1
     if not c.exchange.resp_head_done:
         drop_upstream(loop, c, False)
         fail(loop, c, 504, "the upstream did not answer in time")
@@ -170,7 +170,7 @@ cdef void upstream_lost(Loop loop, Conn c):
         # A pooled connection the server had closed as we reused it: the
         # request never reached an application, and it is idempotent with
         # no body, so one fresh attempt is safe.
-        loop.c_retries += 1
+        loop.c.retries += 1
         ex.retried = True
         drop_upstream(loop, c, False)
         buf_free(&ex.uout)
@@ -193,7 +193,7 @@ cdef void retry_later(Loop loop, Conn c, double at):
     The refusal is not read further, so its upstream connection goes.
     """
     cdef ExchangeState *ex = &c.exchange
-    loop.c_throttle_retries += 1
+    loop.c.throttle_retries += 1
     drop_upstream(loop, c, True)
     ex.uin.start = 0
     ex.uin.end = 0
@@ -209,7 +209,7 @@ cdef void finish_exchange(Loop loop, Conn c):
                 c.ticket, PyBytes_FromStringAndSize(ex.captured.data + ex.captured.start,
                                                     buf_len(&ex.captured)))
         except Exception:
-            loop.c_policy_errors += 1
+            loop.c.policy_errors += 1
         buf_free(&ex.captured)
         ex.capture = 0
     tell_finished(loop, c, ex.status)

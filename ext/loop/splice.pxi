@@ -24,13 +24,13 @@ cdef int drain_pipe(Loop loop, Dir *d, int dst) except STEP_RAISED:
                 return 1 if buf_len(&d.pend) == 0 else flush_pend(loop, d, dst)
             return PUMP_DST_FAILED  # EPIPE, ECONNRESET: dst is gone
         d.in_pipe -= k
-        loop.c_spliced += k
+        loop.c.spliced += k
     return 1
 
 
 cdef int flush_pend(Loop loop, Dir *d, int dst) except STEP_RAISED:
     """Send d.pend to dst: 1 all sent, PUMP_OK dst is full, PUMP_DST_FAILED."""
-    cdef int rc = buf_send(dst, NULL, &d.pend, &loop.c_copied)
+    cdef int rc = buf_send(dst, NULL, &d.pend, &loop.c.copied)
     if rc < 0:
         return PUMP_DST_FAILED
     return 1 if rc else PUMP_OK
@@ -41,7 +41,7 @@ cdef void stop_splicing(Loop loop, Dir *d):
     a socket type without splice support): the bytes already in the pipe
     move to the copy buffer, and the flow copies from now on."""
     cdef ssize_t k
-    loop.c_splice_fallbacks += 1
+    loop.c.splice_fallbacks += 1
     d.no_splice = True
     while d.in_pipe > 0:
         buf_reserve(&d.pend, d.in_pipe)
@@ -71,7 +71,7 @@ cdef void go_splice(Loop loop, Dir *d):
         fcntl(p[1], F_SETPIPE_SZ, <int>PIPE_SIZE)
         d.pipe_r = p[0]
         d.pipe_w = p[1]
-        loop.c_pipes_created += 1
+        loop.c.pipes_created += 1
     d.spliced = True
 
 
@@ -86,7 +86,7 @@ cdef void release_pipe(Loop loop, Dir *d):
     else:
         close(d.pipe_r)
         close(d.pipe_w)
-        loop.c_pipes_closed += 1
+        loop.c.pipes_closed += 1
     d.pipe_r = -1
     d.pipe_w = -1
     d.in_pipe = 0

@@ -35,8 +35,8 @@ cdef void begin_tunnel(Loop loop, Conn c):
     cdef ssize_t sent
     cdef int rc
     c.state = S_TUNNEL
-    loop.c_tunnels_open += 1
-    loop.c_tunnels_total += 1
+    loop.c.tunnels_open += 1
+    loop.c.tunnels_total += 1
     c.bytes_up = 0
     c.bytes_down = 0
     # The "200" goes first; a client that did not wait for it (bytes after
@@ -80,7 +80,7 @@ cdef void tunnel_event(Loop loop, Conn c, int fd, uint32_t ev):
     cdef int other = c.ufd if fd == c.fd else c.fd
     cdef Dir *reading = &c.tunnel.up if fd == c.fd else &c.tunnel.down    # fd is its source
     cdef Dir *writing = &c.tunnel.down if fd == c.fd else &c.tunnel.up    # fd is its destination
-    cdef uint64_t before = loop.c_copied + loop.c_spliced + c.bytes_up + c.bytes_down
+    cdef uint64_t before = loop.c.copied + loop.c.spliced + c.bytes_up + c.bytes_down
     cdef epoll_event unused
     if ev & EPOLLERR:
         tunnel_abort(loop, c, fd)  # a reset (or another socket error) on fd
@@ -98,7 +98,7 @@ cdef void tunnel_event(Loop loop, Conn c, int fd, uint32_t ev):
     if c.tunnel.up.shut and c.tunnel.down.shut:
         close_conn(loop, c, False)
         return
-    if loop.c_copied + loop.c_spliced + c.bytes_up + c.bytes_down != before:
+    if loop.c.copied + loop.c.spliced + c.bytes_up + c.bytes_down != before:
         c.deadline = loop.now + loop.idle_ns  # idle means no byte moved
     tunnel_masks(loop, c)
     if ev & EPOLLHUP:
@@ -130,13 +130,13 @@ cdef void tunnel_masks(Loop loop, Conn c):
 cdef void tunnel_abort(Loop loop, Conn c, int culprit):
     """One side failed or reset: end both, passing a reset on."""
     if culprit == c.fd:
-        loop.c_client_aborts += 1
+        loop.c.client_aborts += 1
         if c.ufd >= 0:
             loop.fdmap[c.ufd] = None
             retire_fd(loop, c.ufd, True)
             c.ufd = -1
     else:
-        loop.c_upstream_aborts += 1
+        loop.c.upstream_aborts += 1
         if c.fd >= 0:
             loop.fdmap[c.fd] = None
             retire_fd(loop, c.fd, True)
@@ -159,7 +159,7 @@ cdef int pump(Loop loop, Conn c, Dir *d, int src, int dst) except STEP_RAISED:
     cdef int _rounds, rc
     cdef bint up = d == &c.tunnel.up
     # 1. bytes already on their way
-    rc = buf_send(dst, NULL, &d.pend, &loop.c_copied)
+    rc = buf_send(dst, NULL, &d.pend, &loop.c.copied)
     if rc <= 0:
         return PUMP_DST_FAILED if rc < 0 else PUMP_OK
     if d.pend.cap:
@@ -191,10 +191,10 @@ cdef int pump(Loop loop, Conn c, Dir *d, int src, int dst) except STEP_RAISED:
             break
         if up:
             c.bytes_up += n
-            loop.c_bytes_up += n
+            loop.c.bytes_up += n
         else:
             c.bytes_down += n
-            loop.c_bytes_down += n
+            loop.c.bytes_down += n
         if d.spliced:
             d.in_pipe = n
             rc = drain_pipe(loop, d, dst)
@@ -206,7 +206,7 @@ cdef int pump(Loop loop, Conn c, Dir *d, int src, int dst) except STEP_RAISED:
             if errno != EAGAIN and errno != EINTR:
                 return PUMP_DST_FAILED  # EPIPE, ECONNRESET: dst is gone
             k = 0  # dst is full (or a signal): the bytes are parked below
-        loop.c_copied += k
+        loop.c.copied += k
         if n == IO_CHUNK and loop.splice_mode == SPLICE_AUTO and not d.no_splice:
             go_splice(loop, d)
         if k < n:

@@ -50,7 +50,7 @@ cdef void resolved_batch(Loop loop):
 
 cdef void resolved(Loop loop, Conn c, object res):
     if isinstance(res, str):
-        loop.c_connect_failures += 1
+        loop.c.connect_failures += 1
         fail(loop, c, 502, res)
         return
     c.addrs = res
@@ -84,7 +84,7 @@ cdef void try_connect(Loop loop, Conn c):
             return
         # ECONNREFUSED, ENETUNREACH, EINVAL (an address that does not parse)
         # and the like: this address failed, the next one may not
-    loop.c_connect_failures += 1
+    loop.c.connect_failures += 1
     fail(loop, c, 502, connect_reason(loop, c))
 
 

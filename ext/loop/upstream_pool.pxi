@@ -28,10 +28,10 @@ cdef bint take_pooled(Loop loop, Conn c, str host, int port, bint tls):
             p.ssl = NULL
             map_fd(loop, p.fd, c)
             p.deadline = 0
-            loop.c_pool_reused += 1
+            loop.c.pool_reused += 1
             begin_forward(loop, c, True)
             return True
-        loop.c_pool_stale += 1
+        loop.c.pool_stale += 1
         loop.fdmap[p.fd] = None
         retire_fd(loop, p.fd, False)
         pooled_free_tls(p)

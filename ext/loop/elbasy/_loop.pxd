@@ -8,6 +8,7 @@
 cimport cython
 from libc.stdint cimport int64_t, uint64_t
 
+from counters cimport elb_loop_counters
 from io cimport elb_chunked
 from system cimport epoll_event, sockaddr_storage
 from timers cimport elb_timers
@@ -213,43 +214,8 @@ cdef class Loop:
     cdef int64_t response_ns
     cdef Py_ssize_t max_head
     cdef SpliceMode splice_mode
-    # counters for /healthz (stats.pxi)
-    cdef uint64_t c_accepted
-    cdef uint64_t c_open
-    cdef uint64_t c_tunnels_open
-    cdef uint64_t c_tunnels_total
-    cdef uint64_t c_requests
-    cdef uint64_t c_bytes_up
-    cdef uint64_t c_bytes_down
-    cdef uint64_t c_spliced
-    cdef uint64_t c_copied
-    cdef uint64_t c_head_timeouts
-    cdef uint64_t c_idle_timeouts
-    cdef uint64_t c_keepalive_closed
-    cdef uint64_t c_accept_emfile
-    cdef uint64_t c_accept_errors
-    cdef uint64_t c_connect_failures
-    cdef uint64_t c_connect_timeouts
-    cdef uint64_t c_response_timeouts
-    cdef uint64_t c_client_aborts
-    cdef uint64_t c_upstream_aborts
-    cdef uint64_t c_pool_reused
-    cdef uint64_t c_pool_stale
-    cdef uint64_t c_retries
-    cdef uint64_t c_policy_errors   # policy calls that raised (or answered what cannot be used)
-    cdef uint64_t c_pipes_created
-    cdef uint64_t c_pipes_closed
-    cdef uint64_t c_splice_fallbacks
-    cdef uint64_t c_internal_errors  # the loop's own steps that raised (conn_crashed)
-    cdef uint64_t c_intercepts_open
-    cdef uint64_t c_intercepts_total
-    cdef uint64_t c_tls_accepted
-    cdef uint64_t c_tls_accept_failures
-    cdef uint64_t c_tls_upstream
-    cdef uint64_t c_tls_upstream_failures
-    cdef uint64_t c_held
-    cdef uint64_t c_waiting
-    cdef uint64_t c_held_left      # held clients that hung up before departure
-    cdef uint64_t c_throttle_retries
-    cdef uint64_t c_drain_refused   # answered 503 + Retry-After at the drain's deadline
-    cdef uint64_t c_drain_closed    # closed by the drain: idle keep-alive, tunnels, mid-body
+    # the counters (ext/c/elbasy_counters.h): in the worker's slot of the
+    # instance's shared metrics memory, or in own_counters without one
+    cdef elb_loop_counters *c
+    cdef elb_loop_counters own_counters
+    cdef object counters_memory     # the buffer c points into, kept alive
