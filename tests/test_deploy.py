@@ -18,12 +18,14 @@ installs both); a test skips only when its tool is absent.
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import STARTUP_RE, _clean_env
 
 from elbasy.config import SETTINGS
 from elbasy.supervisor import KILL_GRACE
@@ -269,6 +272,65 @@ def test_sysusers_makes_the_units_user(tmp_path: Path) -> None:
     user = users[service("User")]
     assert user[5] == f"/var/lib/{service('StateDirectory')}"  # its home: the state dir
     assert user[6].strip().endswith("nologin")
+
+
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+
+
+def _refuse_exec_gain() -> None:
+    """In the child before exec: the kernel's memory-deny-write-execute (Linux
+    6.3+), which elbasy keeps across exec and fork, as the unit's
+    MemoryDenyWriteExecute=yes asks of systemd."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+        os._exit(99)
+
+
+def test_elbasy_runs_without_writable_executable_memory(http_origin: Any) -> None:
+    """The unit's MemoryDenyWriteExecute=yes: elbasy's supervisor and two
+    workers start, forward a request and drain with no mapping that is both
+    writable and executable (the workers' ctypes and cffi included)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import mmap; mmap.mmap(-1, 4096, prot=7)"],
+        preexec_fn=_refuse_exec_gain,
+        capture_output=True,
+        timeout=30,
+    )
+    if probe.returncode == 99:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+    assert probe.returncode == 1 and b"PermissionError" in probe.stderr, probe.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "elbasy", "--listen", "127.0.0.1:0", "--workers", "2"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=_clean_env(),
+        cwd=REPO,
+        preexec_fn=_refuse_exec_gain,
+    )
+    assert proc.stderr is not None
+    try:
+        lines = []
+        for raw in proc.stderr:  # ends at the startup line, or when elbasy exits
+            lines.append(raw.decode())
+            started = STARTUP_RE.match(lines[-1].rstrip("\n"))
+            if started:
+                break
+        assert started, "".join(lines)
+        port = int(started.group(3))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", f"http://127.0.0.1:{http_origin.port}/hello")
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"hello from origin")
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1].decode()
+        assert proc.returncode == 0, "".join(lines) + rest
+        assert "Traceback" not in rest and "restarting" not in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 # --------------------------------------------------------------------------- Prometheus
