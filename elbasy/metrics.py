@@ -51,6 +51,8 @@ __all__ = [
     "WorkerMetrics",
 ]
 
+#: the drift histogram's upper bounds: a fraction of the bucket
+DRIFT_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 #: the quota wait histogram's upper bounds, seconds: log-spaced, 1 ms to 100 s
 WAIT_BUCKETS = (
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
@@ -105,6 +107,7 @@ class Family:
     kind: str  # counter | gauge | histogram
     help: str
     labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()  # a histogram's upper bounds (and +Inf)
 
 
 def _families(*fams: Family) -> dict[str, Family]:
@@ -122,8 +125,25 @@ FAMILIES = _families(
     ),
     Family("requests_shed", "counter", "Requests elbasy answered 429 itself.", ("rule",)),
     Family("queue_depth", "gauge", "Requests held waiting for quota.", ("rule",)),
-    Family("quota_wait_seconds", "histogram", "How long requests waited for quota.", ("rule",)),
+    Family(
+        "quota_wait_seconds",
+        "histogram",
+        "How long requests waited for quota.",
+        ("rule",),
+        WAIT_BUCKETS,
+    ),
+    Family(
+        "quota_drift_ratio",
+        "histogram",
+        "How far a server's report of a bucket was from elbasy's own count, "
+        "as a fraction of the bucket (outside traffic shows here).",
+        ("rule",),
+        DRIFT_BUCKETS,
+    ),
     Family("errors", "counter", "Requests and connections that failed, by kind.", ("kind",)),
+    Family("dns_lookups", "counter", "Upstream names looked up (cache hits included)."),
+    Family("dns_cache_hits", "counter", "Lookups answered from the resolver's cache."),
+    Family("tls_leaf_mints", "counter", "Leaf certificates minted for intercepted hosts."),
 )
 
 #: the loop's counters as Prometheus families: family -> ((labels, counter name), ...)
@@ -152,6 +172,10 @@ LOOP_FAMILIES: dict[str, tuple[Family, tuple[tuple[tuple[str, ...], str], ...]]]
     "bytes": (
         Family("bytes", "counter", "Bytes carried (up: client to upstream).", ("direction",)),
         ((("up",), "bytes_up"), (("down",), "bytes_down")),
+    ),
+    "upstream_pool_idle": (
+        Family("upstream_pool_idle", "gauge", "Idle upstream connections kept for reuse."),
+        (((), "pool_idle"),),
     ),
     "upstream_reused": (
         Family("upstream_reused", "counter", "Requests sent on a pooled upstream connection."),
@@ -205,7 +229,8 @@ def _unkey(raw: bytes) -> tuple[str, tuple[str, ...]]:
 
 def _width(family: str) -> int:
     """Values a series of this family owns."""
-    return _BUCKETS + 1 if FAMILIES[family].kind == "histogram" else 1
+    fam = FAMILIES[family]
+    return len(fam.buckets) + 2 if fam.kind == "histogram" else 1
 
 
 # ---- the memory ----------------------------------------------------------------------
@@ -387,6 +412,13 @@ class WorkerMetrics:
         a.server_limit = float("nan") if limit is None else limit
         a.reported_at = wall
         self._changed(a)
+
+    def drift(self, rule: str, ratio: float) -> None:
+        """A server's report was ``ratio`` of a bucket away from elbasy's count."""
+        at = self._at("quota_drift_ratio", (rule,))
+        if at >= 0:
+            self._values[at + bisect.bisect_left(DRIFT_BUCKETS, ratio)] += 1
+            self._values[at + len(DRIFT_BUCKETS) + 1] += ratio
 
     def throttled(self, rule: str, kind: str) -> None:
         self.count("upstream_throttled", (rule, kind))
@@ -652,10 +684,10 @@ class _Collector:
             for labels, values in v.family(name):
                 if fam.kind == "histogram":
                     cumulative, running = [], 0.0
-                    for bound, n in zip((*WAIT_BUCKETS, float("inf")), values, strict=False):
+                    for bound, n in zip((*fam.buckets, float("inf")), values, strict=False):
                         running += n
                         cumulative.append((_bound(bound), running))
-                    m.add_metric(list(labels), cumulative, values[_BUCKETS])
+                    m.add_metric(list(labels), cumulative, values[-1])
                 else:
                     m.add_metric(list(labels), values[0])
             if name == "errors":

@@ -63,6 +63,7 @@ from elbasy.quota import (
     Reservation,
     Shed,
     StoreFull,
+    view_entries,
 )
 from elbasy.rules import Match, RuleSet
 from elbasy.verdicts import NOW
@@ -660,6 +661,7 @@ class Pacer:
             refunded = any(a < c for a, c in zip(actuals, r.costs, strict=True))
         if views:
             self._learn(m, views, {v.limit: v.rate for v in views if v.rate})
+            self._drift(m, views, seen_at)
             self.store.observe(m.keys, self.limits(m), views, seen_at)
             told = next((v for v in views if v.remaining is not None), None)
             if told is not None:
@@ -719,6 +721,23 @@ class Pacer:
                 paced.due = self._to_mono(max(self.store.earliest(again, wall_now), until))
                 return paced.due
         return NOW
+
+    def _drift(self, m: Match, views: list[ServerView], now: float) -> None:
+        """How far the server's level of each bucket is from this store's, as a
+        fraction of the bucket (/metrics: elbasy_quota_drift_ratio). Outside
+        traffic, or another app on the account, shows here first. Stores that
+        cannot say at once (across a network) are not asked."""
+        level = getattr(self.store, "level", None)
+        safety = getattr(self.store, "safety", None)
+        if level is None or safety is None:
+            return
+        limits = self.limits(m)
+        for k, value, _ in view_entries(limits, views, safety):
+            if value is None:
+                continue
+            ours = level(m.keys[k], limits[k], now)
+            if ours is not None:
+                self.metrics.drift(m.rule.id, abs(value - ours) / limits[k].capacity)
 
     def _view_time(self, paced: Paced, wall_now: float) -> float:
         """When the numbers in this answer were the server's (wall clock): when

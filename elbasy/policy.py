@@ -160,7 +160,11 @@ class Policy:
                 return Intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
             if req.target.startswith("/"):
                 status, data, close = own_page(
-                    req.method, req.target, req.keep_alive, self._stats, self.counters,
+                    req.method,
+                    req.target,
+                    req.keep_alive,
+                    self._stats,
+                    self.counters,
                     self.metrics.scrape,
                 )
                 log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)

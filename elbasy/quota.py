@@ -701,6 +701,14 @@ class LocalStore:
             if reset is not None:
                 st.blocked = max(st.blocked, now + reset)
 
+    def level(self, key: str, limit: Limit, now: float) -> float | None:
+        """A bucket's level as this store sees it at ``now``, in units (what the
+        server's view is compared with: /metrics' drift); None for a window."""
+        if limit.kind != BUCKET:
+            return None
+        st = self._state(key, limit, now)
+        return max(0.0, st.sent - now) / self._interval(limit) + st.flying
+
     def throttled(
         self,
         keys: Sequence[str],

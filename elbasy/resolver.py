@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from elbasy.config import ConnectTo, route
+from elbasy.metrics import WorkerMetrics
 
 Address = tuple[int, str, int]
 Answer = list[Address] | str
@@ -28,8 +29,10 @@ class Resolver:
         ttl: float = 30.0,
         negative_ttl: float = 5.0,
         threads: int = 4,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._clock = clock
+        self._metrics = metrics if metrics is not None else WorkerMetrics()
         self._connect_to = connect_to
         self._ttl = ttl
         self._negative_ttl = negative_ttl
@@ -52,7 +55,9 @@ class Resolver:
             host, port = route(self._connect_to, host, port)
         key = (host, port)
         hit = self._cache.get(key)
+        self._metrics.count("dns_lookups")
         if hit is not None and hit[0] > self._clock():
+            self._metrics.count("dns_cache_hits")
             return hit[1]
         literal = _literal(host, port)
         if literal is not None:

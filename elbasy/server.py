@@ -130,8 +130,9 @@ def make_store(config: Config, shared: Any, slot: int) -> Any:
             local: Any = ShmStore(shared.table, slot, safety)
             share = 1.0 / config.quota_instances
         else:
-            local, share = LocalStore(safety), 1.0 / (
-                config.quota_instances * worker_count(config.workers)
+            local, share = (
+                LocalStore(safety),
+                1.0 / (config.quota_instances * worker_count(config.workers)),
             )
         from elbasy.piped_store import PipedStore
 
@@ -230,7 +231,7 @@ class Worker:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.resolver = Resolver(time.monotonic, config.connect_to)
+        self.resolver = Resolver(time.monotonic, config.connect_to, metrics=self.metrics)
         self.server_tls: Any = None
         self.client_tls: Any = None
         self.ca_file: str | None = None
@@ -249,6 +250,7 @@ class Worker:
                 self.server_tls, self.client_tls, self.ca_file = interception(
                     config, self.intercept
                 )
+                self.server_tls.on_mint = lambda: self.metrics.count("tls_leaf_mints")
             self.policy = policy_type(self._stats, self.intercept, self.pacer)
             self.loop = Loop(
                 self.policy,

@@ -178,6 +178,16 @@ class ShmStore:
                 self.dropped += dropped
                 log.warning("quota table full: %d server view(s) dropped", dropped)
 
+    def level(self, key: str, limit: Limit, now: float) -> float | None:
+        """A bucket's level in the table at ``now``, in units (LocalStore.level)."""
+        if limit.kind != BUCKET:
+            return None
+        rec = self.table.peek(key_hash(f"{key}\x1f{limit.name}".encode()))
+        if rec is None or not rec.get("interval"):  # gone, or a window's record
+            return None
+        sent, interval, flying = (float(rec[k]) for k in ("sent", "interval", "flying"))  # type: ignore[arg-type]
+        return max(0.0, sent - now) / interval + flying
+
     def throttled(
         self,
         keys: Sequence[str],

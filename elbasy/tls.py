@@ -254,6 +254,10 @@ def elb_sni_miss(ssl: Any, name: Any) -> Any:
         return ffi.NULL
 
 
+def _nothing() -> None:
+    pass
+
+
 class ServerTLS:
     """The server (client-facing) side of interception: one default context, leaves by SNI.
 
@@ -280,11 +284,16 @@ class ServerTLS:
         self._finalizer = weakref.finalize(self, lib.SSL_CTX_free, ctx)
         _servers[_addr(ctx)] = self
         self.last_failure: TLSError | None = None
+        #: called once for each leaf minted (not loaded): /metrics counts them
+        self.on_mint: Callable[[], None] = _nothing
 
     # the servername callback's slow path
     def _on_miss(self, ssl: Any, name: str) -> Any:
         try:
+            minted = self.authority.minted
             leaf = self.authority.leaf_for(name, self.clock())
+            if self.authority.minted != minted:
+                self.on_mint()
             ctx = self._leaf_ctx(leaf)
         except Exception as e:
             reason = f"no certificate for {name!r}: {e}"

@@ -208,6 +208,16 @@ def test_one_scrape_is_the_whole_instance(
         assert total(s, "elbasy_bytes_total", direction="down") > 43 * 100
         assert total(s, "elbasy_tls_handshakes_total", side="client", result="ok") >= 5
         assert total(s, "elbasy_account_requests_total") == 43
+        # Shopify's call limit header on every answer: elbasy's count of the
+        # bucket next to the server's, a unit or two apart at most
+        drifts = total(s, "elbasy_quota_drift_ratio_count")
+        assert drifts >= 43
+        assert total(s, "elbasy_quota_drift_ratio_sum") / drifts < 0.05
+        assert total(s, "elbasy_quota_drift_ratio_bucket", le="0.1") == drifts
+        assert total(s, "elbasy_dns_lookups_total") >= 2  # one upstream connection a worker
+        assert total(s, "elbasy_tls_leaf_mints_total") >= 1  # metered.myshopify.com
+        assert total(s, "elbasy_upstream_pool_idle") >= 1
+        assert total(s, "elbasy_upstream_reused_total") >= 30
     assert shopify.stats()["totals"]["rest_throttled"] == 0
 
 

@@ -55,9 +55,10 @@
     X(held_left) \
     X(throttle_retries) \
     X(drain_refused) \
-    X(drain_closed)
+    X(drain_closed) \
+    X(pool_idle)
 
-#define ELB_LOOP_GAUGES(X) X(open) X(tunnels_open) X(intercepts_open) X(waiting)
+#define ELB_LOOP_GAUGES(X) X(open) X(tunnels_open) X(intercepts_open) X(waiting) X(pool_idle)
 
 typedef struct {
 #define ELB_FIELD(name) uint64_t name;

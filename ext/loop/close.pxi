@@ -55,3 +55,4 @@ cdef void shutdown_all(Loop loop):
         else:
             pool_drop(loop, <Pooled>obj)
     loop.pool.clear()
+    loop.c.pool_idle = 0

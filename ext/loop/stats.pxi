@@ -12,7 +12,7 @@ cdef dict loop_stats(Loop loop):
             "tunnels_open": loop.c.tunnels_open,
             "tunnels_total": loop.c.tunnels_total,
             "requests_total": loop.c.requests,
-            "upstream_idle": sum(len(v) for v in loop.pool.values()),
+            "upstream_idle": loop.c.pool_idle,
         },
         "bytes_up": loop.c.bytes_up,
         "bytes_down": loop.c.bytes_down,

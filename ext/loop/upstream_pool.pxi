@@ -14,6 +14,7 @@ cdef bint take_pooled(Loop loop, Conn c, str host, int port, bint tls):
     cdef char probe
     while idle:
         p = <Pooled>idle.pop()
+        loop.c.pool_idle -= 1
         # An upstream that closed while idle is usually dropped by its
         # hang-up event, but one that closed (or sent stray bytes) a moment
         # ago may not be yet: a one-byte peek makes sure nothing waits on
@@ -61,6 +62,7 @@ cdef void pool_put(Loop loop, Conn c):
     # any byte or FIN from an idle upstream means it is no longer usable
     set_mask(loop, p.fd, &p.mask, EPOLLIN | EPOLLRDHUP)
     idle.append(p)
+    loop.c.pool_idle += 1
     c.ufd = -1
     c.umask = -1
 
@@ -70,6 +72,7 @@ cdef void pool_drop(Loop loop, Pooled p):
     if idle is not None:
         try:
             idle.remove(p)
+            loop.c.pool_idle -= 1
         except ValueError:
             pass
     if loop.fdmap[p.fd] is p:
@@ -94,6 +97,7 @@ cdef void sweep_pool(Loop loop):
         # oldest first: put() appends, take() pops the newest
         while idle and (<Pooled>idle[0]).since <= oldest:
             p = <Pooled>idle.pop(0)
+            loop.c.pool_idle -= 1
             if loop.fdmap[p.fd] is p:
                 loop.fdmap[p.fd] = None
                 retire_fd(loop, p.fd, False)
