@@ -34,6 +34,7 @@ from elbasy.protocol.http1 import (
     upstream_keeps_alive,
 )
 from elbasy.protocol.targets import parse_authority
+from elbasy.status import StatusBoard
 from elbasy.verdicts import (
     ABANDONED,
     BAD_BODY,
@@ -107,6 +108,12 @@ class Policy:
         # always get the same answer, so llhttp reads each one once
         self._connects: dict[bytes, tuple[str, int, str, bool]] = {}
         self.outbound = Outbound()
+        # what the status page shows of this worker's paced requests; the
+        # worker wires in the data of /status.json and the CA of /ca.pem
+        self.board = StatusBoard()
+        self.board.watch(self.pacer.rules, self.pacer.wall)
+        self.status: Callable[[], dict[str, Any]] | None = None
+        self.ca_pem: bytes | None = None
         # every counter is present from the start, so dashboards see zeros
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         # the endings other than FINISHED (ended() takes that one itself)
@@ -150,8 +157,15 @@ class Policy:
                 self._connects[head] = (host, port, req.target, intercept)
                 return Intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
             if req.target.startswith("/"):
+                self.board.own_pages += 1
                 status, data, close = own_page(
-                    req.method, req.target, req.keep_alive, self._stats, self.counters
+                    req.method,
+                    req.target,
+                    req.keep_alive,
+                    self._stats,
+                    self.counters,
+                    self.status,
+                    self.ca_pem,
                 )
                 log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)
                 return Reply(data, close)
@@ -238,6 +252,8 @@ class Policy:
         Or its 503 when the quota table has no room for the account. ``close``:
         the connection ends after it (a held request's: its body is unread)."""
         close = close or not ex.keep_alive
+        if ex.paced is not None:
+            self.board.shed(ex.paced.match)
         if v.full:
             data = unavailable_response("the quota table is full", v.shed_after, close)
             status = 503
@@ -321,6 +337,7 @@ class Policy:
             assert ex is not None
             if ex.paced is not None:
                 self.pacer.abandoned(ex.paced)  # a request with no answer lands now
+                self.board.finished(ex.paced.match, ex.paced.waited(), self.pacer.wall())
             log_access(
                 ex.client,
                 ex.method,

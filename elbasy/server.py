@@ -18,14 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from elbasy import __version__
 from elbasy._loop import Loop
-from elbasy.config import Config
+from elbasy.config import Config, worker_count
 from elbasy.pacing import Pacer
 from elbasy.pages import LOOP_PAGES
 from elbasy.policy import Policy
 from elbasy.quota import LocalStore, Safety
 from elbasy.resolver import Resolver
 from elbasy.rules import RuleSet
+from elbasy.status import proxy_url
 
 log = logging.getLogger("elbasy")
 
@@ -241,6 +243,10 @@ class Worker:
                     config, self.intercept
                 )
             self.policy = policy_type(self._stats, self.intercept, self.pacer)
+            self.policy.status = self._status
+            if self.server_tls is not None:
+                # the certificate its leaves chain to (never the key)
+                self.policy.ca_pem = self.server_tls.authority.cert_pem
             self.loop = Loop(
                 self.policy,
                 self.resolver,
@@ -271,6 +277,20 @@ class Worker:
             stats["pacing"] = {**pacer.counters, **pacer.lateness()}
             stats["quota"] = pacer.store.stats()
         return stats
+
+    def _status(self) -> dict[str, Any]:
+        """``/status.json``: this worker's view (elbasy.status)."""
+        loop = getattr(self, "loop", None)
+        host, port = self.address
+        return self.policy.board.document(
+            time.time(),
+            version=__version__,
+            workers=worker_count(self.config.workers),
+            proxy_url=proxy_url(host, port, socket.gethostname),
+            rules=self.pacer.rules,
+            lines=self.pacer._lines.values(),
+            loop=loop.stats() if loop is not None else {},
+        )
 
     @property
     def wakeup_fd(self) -> int:
