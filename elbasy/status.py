@@ -304,6 +304,13 @@ class StatusBoard:
                 }
             )
         conns = loop.get("connections", {})
+        # every request head the loop read, less the CONNECTs (tunnels and
+        # interceptions) and the requests for elbasy's own pages: what clients
+        # sent through elbasy
+        heads = int(conns.get("requests_total", 0))
+        connects = int(conns.get("tunnels_total", 0)) + int(
+            loop.get("tls", {}).get("intercepts_total", 0)
+        )
         return {
             "version": version,
             "uptime_seconds": float(loop.get("uptime_seconds", 0.0)),
@@ -313,8 +320,7 @@ class StatusBoard:
             "accounts": accounts,
             "throttled_total": sum(r.throttled for r in self._rules.values()),
             "shed_total": sum(r.shed for r in self._rules.values()),
-            # every request head the loop read, less the requests for elbasy's own pages
-            "requests_total": max(0, int(conns.get("requests_total", 0)) - self.own_pages),
+            "requests_total": max(0, heads - connects - self.own_pages),
             "connections_open": int(conns.get("open", 0)),
             "tunnels_open": int(conns.get("tunnels_open", 0)),
             "bytes_up": int(loop.get("bytes_up", 0)),

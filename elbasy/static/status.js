@@ -212,15 +212,18 @@
     const svg = el("svg", { viewBox: "0 0 " + width + " " + height, width: width, height: height });
     const history = doc.wait_history;
     const end = history.length ? history[history.length - 1].t : Date.now() / 1000;
-    const start = end - WINDOW_S;
+    // the history's span, from one minute (a young elbasy) to its ten
+    const span = Math.min(WINDOW_S, Math.max(60, history.length ? end - history[0].t + 5 : 0));
+    const start = end - span;
     const shown = history.filter((h) => h.t > start);
+    $("chart-span").textContent = span >= 120 ? Math.round(span / 60) + " minutes" : Math.round(span) + " s";
 
     const FLOOR = 0.001; // waits under a millisecond are drawn at it
     let top = 1;
     for (const h of shown) if (h.p99 !== null && h.p99 > top) top = h.p99;
     const lo = Math.log10(FLOOR);
     const hi = Math.ceil(Math.log10(top));
-    const x = (t) => m.left + ((t - start) / WINDOW_S) * pw;
+    const x = (t) => m.left + ((t - start) / span) * pw;
     const y = (v) => m.top + ph - ((Math.log10(Math.max(v, FLOOR)) - lo) / (hi - lo)) * ph;
 
     for (let d = lo; d <= hi; d++) {
@@ -230,16 +233,19 @@
       const label = el("text", { x: m.left - 6, y: yy + 4, "text-anchor": "end", class: "axis" }, svg);
       label.textContent = (d === lo ? "\u2264" : "") + decadeLabel(Number(v.toPrecision(1)));
     }
-    for (let k = 0; k <= WINDOW_S / 60; k += 2) {
-      const xx = x(end - k * 60);
+    const step = [10, 15, 30, 60, 120].find((st) => span / st <= 6) || 120;
+    for (let k = 0; k * step <= span + 0.001; k++) {
+      const ago = k * step;
+      const xx = x(end - ago);
       el("line", { x1: xx, x2: xx, y1: m.top, y2: m.top + ph, class: "grid" }, svg);
       const label = el("text", { x: xx, y: height - 6, "text-anchor": "middle", class: "axis" }, svg);
-      label.textContent = k === 0 ? "now" : "\u2212" + k + " min";
+      label.textContent =
+        ago === 0 ? "now" : "\u2212" + (ago % 60 ? ago + " s" : ago / 60 + " min");
     }
 
     // requests per interval: light bars along the bottom quarter
     const most = shown.reduce((mx, h) => Math.max(mx, h.count), 0);
-    const bw = Math.max(1, (pw * 5) / WINDOW_S - 1);
+    const bw = Math.max(1, (pw * 5) / span - 1);
     for (const h of shown) {
       if (!h.count) continue;
       const bh = (h.count / most) * ph * 0.25;
@@ -265,7 +271,7 @@
     }
     if (!shown.some((h) => h.count)) {
       const note = el("text", { x: m.left + pw / 2, y: m.top + ph / 2, "text-anchor": "middle", class: "empty" }, svg);
-      note.textContent = "no paced request in the last 10 minutes";
+      note.textContent = "no paced request in this span";
     }
     box.replaceChildren(svg);
   }
