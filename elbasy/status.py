@@ -17,6 +17,7 @@ it (the status callable handed to the policy is the seam).
 from __future__ import annotations
 
 import math
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -56,12 +57,12 @@ def _rounded(value: float | None) -> float | None:
 
 
 class _Samples:
-    """The last ``size`` values of a stream (a ring; sorted only when asked)."""
+    """The last ``size`` values of a stream (a ring of doubles; sorted only when asked)."""
 
     __slots__ = ("values", "size", "n")
 
     def __init__(self, size: int) -> None:
-        self.values: list[float] = []
+        self.values = array("d")
         self.size = size
         self.n = 0
 
