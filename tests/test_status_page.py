@@ -16,6 +16,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -25,7 +26,7 @@ from typing import Any
 
 import origins
 import pytest
-from conftest import Proxy
+from conftest import REPO, Proxy
 from cryptography import x509
 from mockapis.remote import RemoteMock
 
@@ -383,6 +384,25 @@ def test_ca_pem_is_the_ca_the_intercepted_leaves_chain_to(
     ca = x509.load_pem_x509_certificate(pem)
     leaf.verify_directly_issued_by(ca)  # raises unless the CA's key signed it
     assert leaf.issuer == ca.subject
+
+
+def test_the_pages_files_are_package_data(tmp_path: Path) -> None:
+    """What a wheel carries: setuptools' build_py copies the package with its data."""
+    egg = tmp_path / "egg"  # the metadata build_py makes goes here, not into the checkout
+    egg.mkdir()
+    build = tmp_path / "build"
+    run = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "-e", str(egg)]
+        + ["build_py", "-d", str(build)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    for name in ("index.html", "status.js", "status.css"):
+        built = build / "elbasy" / "static" / name
+        assert built.read_bytes() == (REPO / "elbasy" / "static" / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------------------------------------
