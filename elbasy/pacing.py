@@ -148,6 +148,23 @@ class Verdict:
     full: bool = False  # the quota table has no room for its account: answer 503
 
 
+def tightest(views: list[ServerView]) -> tuple[float, float | None] | None:
+    """(remaining, capacity) of the limit a server's views leave least of (by
+    fraction when the capacity is known): what the status page shows of an
+    account. None when no view says what is left."""
+    best: tuple[float, float, float | None] | None = None
+    for v in views:
+        remaining = v.remaining
+        if remaining is None and v.used is not None and v.capacity:
+            remaining = v.capacity - v.used
+        if remaining is None:
+            continue
+        share = remaining / v.capacity if v.capacity else remaining
+        if best is None or share < best[0]:
+            best = (share, remaining, v.capacity)
+    return None if best is None else (best[1], best[2])
+
+
 class Pacer:
     """Rules and quota for one worker. Plain Python; the clocks are handed in."""
 
@@ -663,9 +680,9 @@ class Pacer:
             self._learn(m, views, {v.limit: v.rate for v in views if v.rate})
             self._drift(m, views, seen_at)
             self.store.observe(m.keys, self.limits(m), views, seen_at)
-            told = next((v for v in views if v.remaining is not None), None)
+            told = tightest(views)
             if told is not None:
-                self.metrics.reported(m.rule.id, m.account, told.remaining, told.capacity, wall_now)
+                self.metrics.reported(m.rule.id, m.account, *told, wall_now)
         if not report.throttled:
             if refunded:
                 self._buckets_moved(m.keys)

@@ -2,18 +2,22 @@
 
 Every byte elbasy writes to a client on its own account is formatted here:
 the one-line error replies (a bad head, an upstream that cannot be reached,
-a request shed for its quota), ``GET /`` and ``GET /healthz``. The policy
-decides which one; this module only spells it.
+a request shed for its quota), ``GET /healthz``, and the status page
+(``GET /``, its files under ``/static/``, its data ``/status.json``, and
+``/ca.pem``). The policy decides which one; this module only spells it.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from elbasy import __version__
@@ -132,26 +136,44 @@ def own_page(
     stats: Callable[[], dict[str, Any]],
     counters: Mapping[str, int],
     metrics: Callable[[], tuple[bytes, bytes]],
+    status: Callable[[], dict[str, Any]] | None = None,
+    ca_pem: bytes | None = None,
 ) -> tuple[int, bytes, bool]:
-    """A request to elbasy itself (origin-form): (status, the whole answer, close after)."""
-    path = target.split("?", 1)[0]
+    """A request to elbasy itself (origin-form): (status, the whole answer, close after).
+
+    ``metrics``: ``/metrics``, the instance's Prometheus text and its type;
+    ``status``: the data of ``/status.json`` (None: not wired in, a 404);
+    ``ca_pem``: the certificate of the CA that signs the intercepted hosts'
+    leaves, for ``/ca.pem`` (None: elbasy intercepts nothing).
+    """
+    path, _, query = target.partition("?")
     close = not keep_alive
     if method not in ("GET", "HEAD"):
-        status, data = 405, error_response(405, "elbasy's own pages answer GET only")
+        status_code, data = 405, error_response(405, "elbasy's own pages answer GET only")
         close = True
     elif path == "/healthz":
-        status = 200
+        status_code = 200
         data = response(200, healthz(stats, counters), b"application/json", close)
     elif path == "/metrics":
         text, content_type = metrics()
-        status, data = 200, response(200, text, content_type, close)
-    elif path == "/":
-        status, data = 200, response(200, INDEX, b"text/html; charset=utf-8", close)
+        status_code, data = 200, response(200, text, content_type, close)
+    elif path == "/status.json" and status is not None:
+        body = json.dumps(status(), sort_keys=True).encode() + b"\n"
+        status_code = 200
+        data = response(200, body, b"application/json", close, NO_STORE)
+    elif path == "/ca.pem":
+        if ca_pem is None:
+            status_code, data = 404, response(404, NO_CA, b"text/plain", close)
+        else:
+            status_code = 200
+            data = response(200, ca_pem, b"application/x-pem-file", close, CA_HEADERS)
+    elif path == "/" or path in STATIC_PATHS:
+        status_code, data = 200, static_page(path, query, close)
     else:
-        status, data = 404, response(404, b"not found\n", b"text/plain", close)
+        status_code, data = 404, response(404, b"not found\n", b"text/plain", close)
     if method == "HEAD":
         data = data[: data.index(b"\r\n\r\n") + 4]
-    return status, data, close
+    return status_code, data, close
 
 
 def healthz(stats: Callable[[], dict[str, Any]], counters: Mapping[str, int]) -> bytes:
@@ -168,18 +190,68 @@ def healthz(stats: Callable[[], dict[str, Any]], counters: Mapping[str, int]) ->
     return json.dumps(out, sort_keys=True).encode() + b"\n"
 
 
-INDEX = b"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>elbasy</title></head>
-<body>
-<h1>elbasy</h1>
-<p>This is elbasy, an egress proxy for calling rate-limited APIs. It is not a
-web server: point your HTTP client at it as a proxy instead.</p>
-<pre>
-export HTTPS_PROXY=http://HOST:PORT
-export HTTP_PROXY=http://HOST:PORT
-curl -x http://HOST:PORT https://example.com/
-</pre>
-<p>Health and counters: <a href="/healthz">/healthz</a> (JSON, this worker);
-<a href="/metrics">/metrics</a> (Prometheus, the whole instance).</p>
-</body></html>
-"""
+# ---- the status page: files in elbasy/static, read once per process
+
+
+#: what the page may load: its own files and its own JSON, nothing from elsewhere
+PAGE_HEADERS = (
+    (
+        b"Content-Security-Policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        b"img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    (b"X-Content-Type-Options", b"nosniff"),
+    (b"Referrer-Policy", b"no-referrer"),
+)
+NO_STORE = ((b"Cache-Control", b"no-store"), (b"X-Content-Type-Options", b"nosniff"))
+CA_HEADERS = (
+    (b"Cache-Control", b"no-cache"),
+    (b"Content-Disposition", b'attachment; filename="elbasy-ca.pem"'),
+    (b"X-Content-Type-Options", b"nosniff"),
+)
+NO_CA = (
+    b"elbasy intercepts no host (no rule is enabled and --intercept is empty), "
+    b"so it has no CA to trust\n"
+)
+#: the page's files, by the path they are served at, and their types
+STATIC_FILES = {
+    "/static/status.js": ("status.js", b"text/javascript; charset=utf-8"),
+    "/static/status.css": ("status.css", b"text/css; charset=utf-8"),
+}
+STATIC_PATHS = frozenset(STATIC_FILES)
+
+
+@dataclass(frozen=True)
+class StaticFile:
+    body: bytes
+    content_type: bytes
+    version: str  # a digest of the body: the ``?v=`` its links carry
+
+
+@functools.cache
+def static_files() -> dict[str, StaticFile]:
+    """The page's files from the package (``/`` is index.html, which links the
+    others with their digests, so a browser may keep them as long as it likes)."""
+    root = resources.files("elbasy").joinpath("static")
+    out: dict[str, StaticFile] = {}
+    for path, (name, ctype) in STATIC_FILES.items():
+        body = root.joinpath(name).read_bytes()
+        out[path] = StaticFile(body, ctype, hashlib.sha256(body).hexdigest()[:16])
+    index = root.joinpath("index.html").read_bytes()
+    for path, f in out.items():
+        index = index.replace(f'"{path}"'.encode(), f'"{path}?v={f.version}"'.encode())
+    out["/"] = StaticFile(index, b"text/html; charset=utf-8", "")
+    return out
+
+
+def static_page(path: str, query: str, close: bool) -> bytes:
+    """``/`` or one of the page's files. A file asked for with its current digest
+    never changes (cached for a year); the page itself and an unversioned
+    link are checked again each time."""
+    f = static_files()[path]
+    if f.version and query == f"v={f.version}":
+        cache = b"public, max-age=31536000, immutable"
+    else:
+        cache = b"no-cache"
+    extra = ((b"Cache-Control", cache), *PAGE_HEADERS)
+    return response(200, f.body, f.content_type, close, extra)

@@ -110,6 +110,9 @@ class Policy:
         # what this worker counts lives in its slot of the instance's metrics
         # (elbasy.metrics), where /metrics reads every worker's
         self.metrics = self.pacer.metrics
+        # the worker wires in the data of /status.json and the CA of /ca.pem
+        self.status: Callable[[], dict[str, Any]] | None = None
+        self.ca_pem: bytes | None = None
         # the endings other than FINISHED (ended() takes that one itself)
         self._endings: dict[str, Callable[[Exchange | None, Ended], bytes | None]] = {
             ABANDONED: self._on_abandoned,
@@ -166,6 +169,8 @@ class Policy:
                     self._stats,
                     self.counters,
                     self.metrics.scrape,
+                    self.status,
+                    self.ca_pem,
                 )
                 log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)
                 return Reply(data, close)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from elbasy import __version__
 from elbasy._loop import Loop
 from elbasy.config import Config
 from elbasy.metrics import MetricsMemory, WorkerMetrics
@@ -27,6 +28,8 @@ from elbasy.policy import Policy
 from elbasy.quota import LocalStore, Safety
 from elbasy.resolver import Resolver
 from elbasy.rules import RuleSet
+from elbasy.status import document as status_document
+from elbasy.status import proxy_url
 
 log = logging.getLogger("elbasy")
 
@@ -252,6 +255,10 @@ class Worker:
                 )
                 self.server_tls.on_mint = lambda: self.metrics.count("tls_leaf_mints")
             self.policy = policy_type(self._stats, self.intercept, self.pacer)
+            self.policy.status = self._status
+            if self.server_tls is not None:
+                # the certificate its leaves chain to (never the key)
+                self.policy.ca_pem = self.server_tls.authority.cert_pem
             self.loop = Loop(
                 self.policy,
                 self.resolver,
@@ -283,6 +290,18 @@ class Worker:
             stats["pacing"] = {**pacer.counters, **pacer.lateness()}
             stats["quota"] = pacer.store.stats()
         return stats
+
+    def _status(self) -> dict[str, Any]:
+        """``/status.json``: the whole instance, from the metrics memory (elbasy.status)."""
+        host, port = self.address
+        return status_document(
+            self.metrics.read(),
+            time.time(),
+            version=__version__,
+            proxy_url=proxy_url(host, port, socket.gethostname),
+            rules=self.pacer.rules,
+            top=self.config.metrics_top_accounts,
+        )
 
     @property
     def wakeup_fd(self) -> int:
