@@ -20,7 +20,15 @@ import requests
 from conftest import Proxy
 from mockapis.remote import RemoteMock
 from prometheus_client.parser import text_string_to_metric_families
-from test_pacing import api_ca, burst, elbasy_for, rest_request, session, shopify  # noqa: F401
+from test_pacing import (  # noqa: F401
+    api_ca,
+    burst,
+    elbasy_for,
+    rest_request,
+    session,
+    shopify,
+)
+from test_pacing import metrics_total as total
 
 from elbasy.metrics import (
     ACCOUNTS_KEPT,
@@ -44,15 +52,6 @@ def parse(text: str) -> tuple[Samples, dict[str, str]]:
         for s in fam.samples:
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return samples, types
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include ``labels``."""
-    return sum(
-        v
-        for (n, ls), v in samples.items()
-        if n == name and all((k, val) in ls for k, val in labels.items())
-    )
 
 
 def dead_pid() -> int:

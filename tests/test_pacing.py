@@ -17,6 +17,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,7 @@ import origins
 import pytest
 from conftest import Proxy
 from mockapis.remote import RemoteMock
+from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer
 
 SHOPS = 50
@@ -150,6 +152,25 @@ def allowed(shop_index: int, seconds: float) -> float:
     return c + r * seconds
 
 
+def scrape_metrics(p: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics on the proxy's address, parsed by prometheus_client's own parser."""
+    text = urllib.request.urlopen(f"{p.url}/metrics", timeout=10).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def metrics_total(samples: dict, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels``."""
+    return sum(
+        v
+        for (n, ls), v in samples.items()
+        if n == name and all((k, val) in ls for k, val in labels.items())
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Shopify REST: the acceptance runs
 
@@ -192,6 +213,17 @@ def test_shopify_rest_zero_429s_at_the_allowed_rate(
         ratios.append((round(ratio, 3), shop_name(s), a, k["accepted"]))
     print(f"worst accounts (of the rate the mock allows): {sorted(ratios)[:4]}")
     assert worst >= 0.97, sorted(ratios)[:10]
+    # /metrics (whichever worker answers) saw the same load: every answer the
+    # clients read, at most what the API accepted, no refusal
+    metrics = scrape_metrics(p)
+    answered = sum(o.statuses[200] for o in outcomes.values())
+    counted = metrics_total(
+        metrics, "elbasy_requests_total", rule="shopify-admin-rest", status="200"
+    )
+    assert answered <= counted <= stats["totals"]["accepted"], (answered, counted)
+    assert metrics_total(metrics, "elbasy_quota_wait_seconds_count") >= answered
+    assert metrics_total(metrics, "elbasy_upstream_throttled_total") == 0
+    assert metrics_total(metrics, "elbasy_requests_shed_total") == 0
 
 
 #: libfaketime, which moves one process's wall clock (the monotonic one is left alone)
