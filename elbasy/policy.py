@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from elbasy.errors import RemoteProtocolError
-from elbasy.logs import log_access
+from elbasy.logs import access_on, log_access
 from elbasy.outbound import Outbound
 from elbasy.pacing import OWN_HEADERS, BadMaxWait, Paced, Pacer, Verdict
 from elbasy.pages import (
@@ -77,7 +77,7 @@ CONNECT_HEADS_KEPT = 1024
 class Exchange:
     """One request (or one tunnel) as the access log will tell it."""
 
-    __slots__ = ("client", "method", "target", "keep_alive", "paced")
+    __slots__ = ("client", "method", "target", "keep_alive", "paced", "head_at")
 
     def __init__(self, client: str, method: str, target: str, keep_alive: bool = False) -> None:
         self.client = client
@@ -85,6 +85,7 @@ class Exchange:
         self.target = target
         self.keep_alive = keep_alive
         self.paced: Paced | None = None  # a request to a covered API: its pacing state
+        self.head_at = 0.0  # monotonic: when an unpaced request's answer head came
 
 
 class Policy:
@@ -153,7 +154,7 @@ class Policy:
                 status, data, close = own_page(
                     req.method, req.target, req.keep_alive, self._stats, self.counters
                 )
-                log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)
+                self._finished(ex, status, 0, len(data))
                 return Reply(data, close)
             # plain http:// to an API a rule covers is paced just the same
             host, port, authority, path = self.outbound.absolute(req.target)
@@ -244,13 +245,13 @@ class Policy:
         else:
             data = shed_response(v.limit, v.shed_after, close)
             status = 429
-        log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)
+        self._finished(ex, status, 0, len(data), shed=True)
         return Reply(data, close)
 
     def _refuse(self, ex: Exchange, exc: RemoteProtocolError) -> Reply:
         status = exc.status_hint
         self.counters[_REFUSAL_COUNTER.get(status, f"refused_{status}")] += 1
-        log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
+        self._finished(ex, status)
         log.info("refused %s from %s: %s", ex.target, ex.client, exc)
         return Reply(error_response(status, str(exc)), True)
 
@@ -263,6 +264,7 @@ class Policy:
         plan = self._plan(ex, resp)
         paced = ex.paced
         if paced is None:
+            ex.head_at = self.pacer.mono()  # a paced one's is the pacer's (Paced.head_at)
             return plan
         headers = resp.headers()
         paced.response = (resp.status, headers)
@@ -321,16 +323,7 @@ class Policy:
             assert ex is not None
             if ex.paced is not None:
                 self.pacer.abandoned(ex.paced)  # a request with no answer lands now
-            log_access(
-                ex.client,
-                ex.method,
-                ex.target,
-                end.status,
-                end.up,
-                end.down,
-                end.took_ns / 1e6,
-                self._paced_log(ex),
-            )
+            self._finished(ex, end.status, end.up, end.down, end.took_ns / 1e6)
             return None
         return self._endings[end.kind](ex, end)
 
@@ -340,7 +333,7 @@ class Policy:
             self.pacer.abandoned(ex.paced)  # sent: it lands; never sent: its place goes back
         self.counters["upstream_errors"] += 1
         self.counters[f"upstream_{status}"] += 1
-        log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
+        self._finished(ex, status)
         log.warning("%s %s from %s: %s", ex.method, ex.target, ex.client, reason)
         return error_response(status, reason)
 
@@ -358,7 +351,7 @@ class Policy:
         self.counters["abandoned_while_held"] += 1
         if ex.paced is not None:
             self.pacer.abandoned(ex.paced)
-        log_access(ex.client, ex.method, ex.target, CLIENT_CLOSED, 0, 0, 0.0, self._paced_log(ex))
+        self._finished(ex, CLIENT_CLOSED)
 
     def _on_drained(self, ex: Exchange | None, end: Ended) -> bytes:
         """The worker's drain deadline came before this request's answer: elbasy's 503.
@@ -370,19 +363,69 @@ class Policy:
         if ex is not None:
             if ex.paced is not None:
                 self.pacer.abandoned(ex.paced)  # sent: it lands; else its place goes back
-            log_access(ex.client, ex.method, ex.target, 503, 0, 0, 0.0, self._paced_log(ex))
+            self._finished(ex, 503)
         return draining_response(end.sent)
 
-    def _paced_log(self, ex: Exchange) -> tuple[str, str, float, float | None, float] | None:
-        """What the access log says of a paced request: rule, account, costs, its wait."""
+    def _finished(
+        self,
+        ex: Exchange,
+        status: int,
+        up: int = 0,
+        down: int = 0,
+        took_ms: float = 0.0,
+        *,
+        shed: bool = False,
+    ) -> None:
+        """Every request and tunnel that ends is told here, once: its access line.
+
+        ``shed``: elbasy answered it itself for its quota (429, or 503 when
+        the quota table is full). Costs one level check with the access log off.
+        """
+        if not access_on():
+            return
         p = ex.paced
         if p is None:
-            return None
-        r = p.reservation
-        cost = r.cost if r is not None else p.match.cost
+            upstream = self._upstream_ms(ex, took_ms)
+            log_access(ex.client, ex.method, ex.target, status, up, down, took_ms, 0.0, upstream)
+            return
+        wait_ms, upstream_ms = self._pace_times(p)
+        log_access(
+            ex.client,
+            ex.method,
+            ex.target,
+            status,
+            up,
+            down,
+            took_ms,
+            wait_ms,
+            upstream_ms,
+            self._paced_log(p),
+            shed,
+            p.retried,
+        )
+
+    def _upstream_ms(self, ex: Exchange, took_ms: float) -> float:
+        """An unpaced exchange's upstream time: from its head's arrival (when it left)
+        to its answer's head; a tunnel's whole life; 0 when nothing was answered."""
+        if ex.head_at:
+            started = self.pacer.mono() - took_ms / 1000
+            return max(0.0, (ex.head_at - started) * 1000)
+        return took_ms if ex.method == "CONNECT" else 0.0
+
+    def _pace_times(self, p: Paced) -> tuple[float, float]:
+        """A paced request's wait for its quota and its upstream time (from its
+        last departure to its answer's head), in ms."""
         # held and gone before it left: how long it had waited by then
         waited = p.waited() if p.sent_at else max(0.0, self.pacer.mono() - p.arrived)
-        return (p.match.rule.id, p.match.account, cost, p.actual, waited * 1000)
+        upstream = p.head_at - p.sent_at if p.head_at and p.sent_at else 0.0
+        return waited * 1000, max(0.0, upstream * 1000)
+
+    @staticmethod
+    def _paced_log(p: Paced) -> tuple[str, str, float, float | None]:
+        """What the access log says of a paced request: its rule, account and costs."""
+        r = p.reservation
+        cost = r.cost if r is not None else p.match.cost
+        return (p.match.rule.id, p.match.account, cost, p.actual)
 
     def _on_tls_failed(self, ex: Exchange | None, end: Ended) -> None:
         """The TLS handshake with an intercepted client failed (untrusted CA, garbage...)."""

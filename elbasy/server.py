@@ -20,6 +20,7 @@ from typing import Any
 
 from elbasy._loop import Loop
 from elbasy.config import Config
+from elbasy.logs import set_worker
 from elbasy.pacing import Pacer
 from elbasy.pages import LOOP_PAGES
 from elbasy.policy import Policy
@@ -129,8 +130,9 @@ def make_store(config: Config, shared: Any, slot: int) -> Any:
             local: Any = ShmStore(shared.table, slot, safety)
             share = 1.0 / config.quota_instances
         else:
-            local, share = LocalStore(safety), 1.0 / (
-                config.quota_instances * worker_count(config.workers)
+            local, share = (
+                LocalStore(safety),
+                1.0 / (config.quota_instances * worker_count(config.workers)),
             )
         from elbasy.piped_store import PipedStore
 
@@ -217,6 +219,7 @@ class Worker:
     ) -> None:
         self.config = config
         self.slot = slot
+        set_worker(slot)  # its access lines name it
         self.sock = sock if sock is not None else listen(config.listen_host, config.listen_port)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self._wake_r, self._wake_w = socket.socketpair()

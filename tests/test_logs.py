@@ -7,6 +7,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,40 @@ from elbasy import logs
 from elbasy.logs import configure, log_access, startup_banner
 
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
-ACCESS_KEYS = {"client", "method", "target", "status", "bytes_up", "bytes_down", "duration_ms"}
+ACCESS_KEYS = {
+    "client",
+    "method",
+    "host",
+    "path",
+    "status",
+    "bytes_up",
+    "bytes_down",
+    "duration_ms",
+    "wait_ms",
+    "upstream_ms",
+    "rule",
+    "account",
+    "cost",
+    "actual_cost",
+    "shed",
+    "retried",
+    "worker",
+}
+# a logfmt pair: a bare value, or a quoted one with JSON escapes
+LOGFMT_PAIR = re.compile(r'([^\s="]+)=("(?:[^"\\]|\\.)*"|[^\s="]*)(?:\s+|$)')
+
+
+def parse_logfmt(line: str) -> dict[str, str]:
+    """A logfmt line's pairs; the whole line must be pairs."""
+    out: dict[str, str] = {}
+    at = 0
+    while at < len(line):
+        m = LOGFMT_PAIR.match(line, at)
+        assert m, f"not logfmt at {at}: {line!r}"
+        key, value = m.groups()
+        out[key] = json.loads(value) if value.startswith('"') else value
+        at = m.end()
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -54,26 +88,54 @@ def json_line(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
 
 def test_access_text(capsys: pytest.CaptureFixture[str]) -> None:
     configure("info", "text")
-    log_access("127.0.0.1:50312", "CONNECT", "example.com:443", 200, 517, 4312, 12.44)
+    log_access("127.0.0.1:50312", "CONNECT", "example.com:443", 200, 517, 4312, 12.44, 0.0, 12.44)
     assert text_line(capsys) == (
-        "INFO elbasy.access 127.0.0.1:50312 CONNECT example.com:443 200 up=517 down=4312 ms=12.4"
+        "INFO elbasy.access 127.0.0.1:50312 CONNECT example.com:443 200 up=517 down=4312"
+        " ms=12.4 wait_ms=0.0 upstream_ms=12.4 rule=- account=- cost=- actual=- shed=0"
+        " retried=0 worker=0"
     )
 
 
 def test_access_json(capsys: pytest.CaptureFixture[str]) -> None:
     configure("info", "json")
-    log_access("[::1]:5000", "GET", "http://example.com/a/b", 404, 80, 1200, 3.25)
+    log_access("[::1]:5000", "GET", "http://example.com/a/b", 404, 80, 1200, 3.25, 0.0, 2.5)
     assert json_line(capsys) == {
         "level": "INFO",
         "logger": "elbasy.access",
         "client": "[::1]:5000",
         "method": "GET",
-        "target": "http://example.com/a/b",
+        "host": "example.com",
+        "path": "/a/b",
         "status": 404,
         "bytes_up": 80,
         "bytes_down": 1200,
         "duration_ms": 3.25,
+        "wait_ms": 0.0,
+        "upstream_ms": 2.5,
+        "rule": None,
+        "account": None,
+        "cost": None,
+        "actual_cost": None,
+        "shed": False,
+        "retried": False,
+        "worker": 0,
     }
+
+
+def test_access_logfmt_quotes_only_what_needs_it(capsys: pytest.CaptureFixture[str]) -> None:
+    configure("info", "logfmt")
+    log_access('c "1"', "GET", "http://example.com/a?x=1", 200, 1, 2, 3.0)
+    (line,) = lines(capsys)
+    fields = parse_logfmt(line)
+    assert re.fullmatch(TS, fields.pop("ts"))
+    assert fields["client"] == 'c "1"' and fields["path"] == "/a?x=*"
+    assert ' path="/a?x=*" ' in line and " host=example.com " in line
+    assert (fields["status"], fields["rule"], fields["shed"], fields["worker"]) == (
+        "200",
+        "null",
+        "false",
+        "0",
+    )
 
 
 def test_access_paced_request_names_its_rule_account_costs_and_wait(
@@ -84,62 +146,125 @@ def test_access_paced_request_names_its_rule_account_costs_and_wait(
         "shopify-admin-graphql|acme|1f2e3d4c5b6a7988",
         882,
         52.0,
-        503.81,
     )
     configure("info", "text")
-    log_access("c", "POST", "https://acme.myshopify.com/g", 200, 80, 900, 510.0, paced)
+    log_access("c", "POST", "https://acme.myshopify.com/g", 200, 80, 900, 510.0, 503.81, 6.0, paced)
     line = capsys.readouterr().err.strip()
     assert line.endswith(
-        " 200 up=80 down=900 ms=510.0 rule=shopify-admin-graphql"
-        " account=shopify-admin-graphql|acme|1f2e3d4c5b6a7988 cost=882 actual=52.0 wait_ms=503.8"
+        " POST acme.myshopify.com/g 200 up=80 down=900 ms=510.0 wait_ms=503.8 upstream_ms=6.0"
+        " rule=shopify-admin-graphql account=shopify-admin-graphql|acme|1f2e3d4c5b6a7988"
+        " cost=882 actual=52.0 shed=0 retried=0 worker=0"
     ), line
     configure("info", "json")
-    log_access("c", "POST", "https://acme.myshopify.com/g", 200, 80, 900, 510.0, paced)
+    logs.set_worker(3)
+    try:
+        log_access(
+            "c", "POST", "https://acme.myshopify.com/g", 200, 80, 900, 510.0, 503.81, 6.0,
+            paced, False, True,
+        )  # fmt: skip
+    finally:
+        logs.set_worker(0)
     obj = json_line(capsys)
-    assert set(obj) == ACCESS_KEYS | {"level", "logger", "rule", "account", "cost"} | {
-        "actual_cost",
-        "wait_ms",
-    }
+    assert set(obj) == ACCESS_KEYS | {"level", "logger"}
     assert (obj["rule"], obj["cost"], obj["actual_cost"], obj["wait_ms"]) == (
         "shopify-admin-graphql",
         882,
         52.0,
         503.81,
     )
+    assert (obj["retried"], obj["shed"], obj["worker"], obj["host"]) == (
+        True,
+        False,
+        3,
+        "acme.myshopify.com",
+    )
     # not answered yet (a client that left while held): no actual cost
-    log_access("c", "POST", "/g", 499, 0, 0, 0.0, paced[:3] + (None, 12.5))
+    log_access("c", "POST", "/g", 499, 0, 0, 0.0, 12.5, 0.0, paced[:3] + (None,))
     assert json_line(capsys)["actual_cost"] is None
+    log_access("c", "GET", "/g", 429, 0, 90, 0.0, 0.0, 0.0, paced, True)
+    assert json_line(capsys)["shed"] is True
 
 
 def test_access_json_has_exactly_the_contract_keys(capsys: pytest.CaptureFixture[str]) -> None:
     configure("debug", "json")
     log_access("c", "CONNECT", "h:1", 502, 0, 0, 0.0)
-    assert set(json_line(capsys)) == ACCESS_KEYS | {"level", "logger"}
+    obj = json_line(capsys)
+    assert set(obj) == ACCESS_KEYS | {"level", "logger"}
+    assert (obj["host"], obj["path"]) == ("h:1", None)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "host", "path"),
+    [
+        ("CONNECT", "example.com:443", "example.com:443", None),
+        ("GET", "/healthz", None, "/healthz"),
+        ("GET", "-", None, None),
+        ("GET", "http://example.com", "example.com", "/"),
+        ("GET", "http://example.com?x=1", "example.com", "/?x=*"),
+        ("GET", "https://h:8443/a/b?c", "h:8443", "/a/b?c=*"),
+    ],
+)
+def test_access_host_and_path(
+    capsys: pytest.CaptureFixture[str], method: str, target: str, host: str, path: str
+) -> None:
+    configure("info", "json")
+    log_access("c", method, target, 200, 0, 0, 0.0)
+    obj = json_line(capsys)
+    assert (obj["host"], obj["path"]) == (host, path)
 
 
 def test_access_json_escapes_and_odd_numbers(capsys: pytest.CaptureFixture[str]) -> None:
     configure("info", "json")
     log_access('c"\\', "GET", '/\u00e9"\t', 200, 0, 0, float("nan"))
     obj = json_line(capsys)
-    assert (obj["client"], obj["target"], obj["duration_ms"]) == ('c"\\', '/\u00e9"\\t', None)
+    assert (obj["client"], obj["path"], obj["duration_ms"]) == ('c"\\', '/\u00e9"\\t', None)
     log_access("c", "GET", "/", 200, 0, 0, 1e-05)
     assert json_line(capsys)["duration_ms"] == 0.0  # rounded to microseconds
-    log_access("c", "GET", "/", 200, 0, 0, 7)
-    assert json_line(capsys)["duration_ms"] == 7
+    log_access("c", "GET", "/", 200, 0, 0, 7, float("inf"))
+    obj = json_line(capsys)
+    assert (obj["duration_ms"], obj["wait_ms"]) == (7, None)
 
 
 def test_access_disabled_does_no_work(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    configure("warning", "text")
-
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("a record was built while the access log is off")
 
-    monkeypatch.setattr(logging, "LogRecord", boom)
+    monkeypatch.setattr(logs, "_AccessRecord", boom)
     monkeypatch.setattr(logs, "_redact_target", boom)
-    log_access("c", "GET", "http://h/?token=secret", 200, 1, 2, 3.0)
-    assert lines(capsys) == []
+    for level, access in (("warning", "-"), ("debug", "off")):
+        configure(level, "text", None, access)
+        assert not logs.access_on()
+        log_access("c", "GET", "http://h/?token=secret", 200, 1, 2, 3.0)
+    logging.getLogger("elbasy.server").warning("others still go")
+    assert [line.split(" ", 1)[1] for line in lines(capsys)] == [
+        "WARNING elbasy.server others still go"
+    ]
+
+
+def test_access_log_file_of_its_own(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    configure("warning", "json", None, str(path))  # the file takes them whatever the level
+    log_access("c", "GET", "/a", 200, 1, 2, 3.0)
+    logging.getLogger("elbasy.server").warning("not an access line")
+    (record,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert record["path"] == "/a"
+    (other,) = lines(capsys)
+    assert json.loads(other)["msg"] == "not an access line"
+    path.rename(tmp_path / "access.log.1")
+    assert logs.reopen_log_file()
+    log_access("c", "GET", "/b", 200, 1, 2, 3.0)
+    assert json.loads(path.read_text())["path"] == "/b"
+    configure("info", "text")  # back with the others: the file is closed
+    log_access("c", "GET", "/c", 200, 1, 2, 3.0)
+    assert "/c" in text_line(capsys)
+    assert "/c" not in path.read_text()
+
+
+def test_access_log_file_that_cannot_be_opened(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        configure("info", "text", None, str(tmp_path / "missing" / "access.log"))
 
 
 def test_access_logger_can_be_silenced_alone(capsys: pytest.CaptureFixture[str]) -> None:
@@ -157,12 +282,11 @@ def test_access_logger_can_be_silenced_alone(capsys: pytest.CaptureFixture[str])
     ("target", "logged"),
     [
         ("http://user:pw@example.com/x", "http://example.com/x"),
-        ("http://user:pw@example.com", "http://example.com"),
+        ("http://user:pw@example.com", "http://example.com/"),
         ("http://example.com/x?api_key=s3cret&page=2", "http://example.com/x?api_key=*&page=*"),
         ("http://example.com/x?flag&token=abc#frag", "http://example.com/x?flag=*&token=*"),
         ("/search?q=a%20b", "/search?q=*"),
         ("http://example.com/a@b", "http://example.com/a@b"),  # '@' in the path is no userinfo
-        ("example.com:443", "example.com:443"),
     ],
 )
 def test_access_target_secrets_are_not_logged(
@@ -171,15 +295,16 @@ def test_access_target_secrets_are_not_logged(
     configure("info", "json")
     log_access("c", "GET", target, 200, 0, 0, 1.0)
     obj = json_line(capsys)
-    assert obj["target"] == logged
-    assert "s3cret" not in json.dumps(obj) and "pw" not in obj["target"]
+    expected = logged.partition("://")[2] if "://" in logged else logged
+    assert (obj["host"] or "") + (obj["path"] or "") == expected
+    assert "s3cret" not in json.dumps(obj) and "pw" not in json.dumps(obj)
 
 
 def test_access_text_stays_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     configure("info", "text")
     log_access("c", "G\nET", "/a b\r\nX-Injected: 1", 400, 0, 0, 0.0)
-    assert text_line(capsys) == (
-        "INFO elbasy.access c G\\nET /a%20b\\r\\nX-Injected:%201 400 up=0 down=0 ms=0.0"
+    assert text_line(capsys).startswith(
+        "INFO elbasy.access c G\\nET /a%20b\\r\\nX-Injected:%201 400 up=0 down=0 ms=0.0 "
     )
 
 
@@ -274,10 +399,66 @@ def test_timestamp_is_utc_with_milliseconds() -> None:
 
 
 def test_startup_banner_ignores_the_log_level(capsys: pytest.CaptureFixture[str]) -> None:
-    configure("error", "json")
+    configure("error", "text")
     startup_banner("1.2.3", "127.0.0.1", 40123)
     startup_banner("1.2.3", "::1", 8080)
     assert lines(capsys) == [
         "elbasy 1.2.3 listening on 127.0.0.1:40123",
         "elbasy 1.2.3 listening on [::1]:8080",
     ]
+
+
+def test_startup_banner_is_a_record_in_json_and_logfmt(capsys: pytest.CaptureFixture[str]) -> None:
+    configure("error", "json")
+    startup_banner("1.2.3", "::1", 8080)
+    assert json_line(capsys) == {
+        "level": "INFO",
+        "logger": "elbasy",
+        "msg": "elbasy 1.2.3 listening on [::1]:8080",
+        "version": "1.2.3",
+        "host": "::1",
+        "port": 8080,
+    }
+    configure("error", "logfmt")
+    startup_banner("1.2.3", "127.0.0.1", 80)
+    (line,) = lines(capsys)
+    fields = parse_logfmt(line)
+    assert fields["msg"] == "elbasy 1.2.3 listening on 127.0.0.1:80"
+    assert (fields["level"], fields["host"], fields["port"]) == ("INFO", "127.0.0.1", "80")
+
+
+def test_startup_banner_with_a_log_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    log = tmp_path / "elbasy.log"
+    configure("error", "json", str(log))
+    startup_banner("1.2.3", "127.0.0.1", 80)
+    assert lines(capsys) == ["elbasy 1.2.3 listening on 127.0.0.1:80"]  # still told on stderr
+    assert json.loads(log.read_text())["port"] == 80
+
+
+# --------------------------------------------------------------------------- logfmt
+
+
+def test_logfmt_record_fields_and_exceptions(capsys: pytest.CaptureFixture[str]) -> None:
+    configure("info", "logfmt")
+    log = logging.getLogger("elbasy.pacing")
+    log.warning(
+        "refused %s",
+        "x",
+        extra={"rule": "r", "empty": "", "headers": {"retry-after": "2", "x-limit": "40/40"}},
+    )
+    try:
+        raise RuntimeError("kaput\nline two")
+    except RuntimeError:
+        log.exception("failed")
+    first, second = lines(capsys)  # a traceback stays on its record's line
+    fields = parse_logfmt(first)
+    assert (fields["msg"], fields["rule"], fields["empty"]) == ("refused x", "r", "")
+    assert (fields["headers.retry-after"], fields["headers.x-limit"]) == ("2", "40/40")
+    fields = parse_logfmt(second)
+    assert fields["level"] == "ERROR" and "RuntimeError: kaput" in fields["exc"]
+
+
+def test_text_spreads_a_dict_field(capsys: pytest.CaptureFixture[str]) -> None:
+    configure("info", "text")
+    logging.getLogger("elbasy.pacing").warning("w", extra={"headers": {"retry-after": "2"}})
+    assert text_line(capsys) == "WARNING elbasy.pacing w headers.retry-after=2"
