@@ -143,6 +143,7 @@ DEFAULTS = {
     "listen": "127.0.0.1:8080",
     "log_level": "info",
     "log_format": "text",
+    "access_log": "-",
     "workers": 1,
     "drain_timeout": 30.0,
     "head_timeout": 10.0,
@@ -200,6 +201,7 @@ def test_every_option_from_the_command_line() -> None:
             "--quota-instances=3",
             "--quota-redis-timeout=0.5",
             "--log-file=/tmp/elbasy.log",
+            "--access-log=/tmp/access.log",
             "--workers=auto",
             "--drain-timeout=7.5",
         ]
@@ -208,6 +210,7 @@ def test_every_option_from_the_command_line() -> None:
         "listen": "0.0.0.0:9000",
         "log_level": "warning",
         "log_file": "/tmp/elbasy.log",
+        "access_log": "/tmp/access.log",
         "workers": "auto",
         "drain_timeout": 7.5,
         "log_format": "json",
@@ -238,7 +241,8 @@ def test_every_option_from_the_environment() -> None:
     env = {
         "ELBASY_LISTEN": "[::1]:9001",
         "ELBASY_LOG_LEVEL": "debug",
-        "ELBASY_LOG_FORMAT": "json",
+        "ELBASY_LOG_FORMAT": "logfmt",
+        "ELBASY_ACCESS_LOG": "off",
         "ELBASY_HEAD_TIMEOUT": "1.5",
         "ELBASY_CONNECT_TIMEOUT": "2",
         "ELBASY_IDLE_TIMEOUT": "3",
@@ -265,7 +269,8 @@ def test_every_option_from_the_environment() -> None:
     assert settings([], env) == {
         "listen": "[::1]:9001",
         "log_level": "debug",
-        "log_format": "json",
+        "log_format": "logfmt",
+        "access_log": "off",
         "head_timeout": 1.5,
         "connect_timeout": 2.0,
         "idle_timeout": 3.0,

@@ -1,16 +1,25 @@
-"""elbasy.logs: text and JSON lines on stderr, the access log, the startup banner."""
+"""elbasy.logs: text, JSON and logfmt lines, the access log, the startup banner; and the
+lines of a real elbasy process."""
 
 from __future__ import annotations
 
 import calendar
 import json
 import logging
+import os
 import re
-from collections.abc import Iterator
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import origins
 import pytest
+import test_pacing
+from conftest import Proxy
+from test_pacing import burst, elbasy_for, session
 
 from elbasy import logs
 from elbasy.logs import configure, log_access, startup_banner
@@ -39,15 +48,21 @@ ACCESS_KEYS = {
 LOGFMT_PAIR = re.compile(r'([^\s="]+)=("(?:[^"\\]|\\.)*"|[^\s="]*)(?:\s+|$)')
 
 
-def parse_logfmt(line: str) -> dict[str, str]:
-    """A logfmt line's pairs; the whole line must be pairs."""
-    out: dict[str, str] = {}
+def parse_logfmt(line: str, typed: bool = False) -> dict[str, Any]:
+    """A logfmt line's pairs; the whole line must be pairs. ``typed``: a bare
+    null, true, false or number as JSON's."""
+    out: dict[str, Any] = {}
     at = 0
     while at < len(line):
         m = LOGFMT_PAIR.match(line, at)
         assert m, f"not logfmt at {at}: {line!r}"
         key, value = m.groups()
-        out[key] = json.loads(value) if value.startswith('"') else value
+        if value.startswith('"'):
+            out[key] = json.loads(value)
+        elif typed and re.fullmatch(r"null|true|false|-?\d+(\.\d+)?(e-?\d+)?", value):
+            out[key] = json.loads(value)
+        else:
+            out[key] = value
         at = m.end()
     return out
 
@@ -462,3 +477,233 @@ def test_text_spreads_a_dict_field(capsys: pytest.CaptureFixture[str]) -> None:
     configure("info", "text")
     logging.getLogger("elbasy.pacing").warning("w", extra={"headers": {"retry-after": "2"}})
     assert text_line(capsys) == "WARNING elbasy.pacing w headers.retry-after=2"
+
+
+# --------------------------------------------------------------------------- elbasy as a process
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    return subprocess.run(
+        ["curl", "--silent", "--show-error", "--max-time", "20", *args],
+        capture_output=True,
+        env=env,
+        timeout=30,
+    )
+
+
+def records(lines: list[str], fmt: str) -> list[dict[str, Any]]:
+    """Every line as a record of ``fmt``; a line that is not one fails the test."""
+    out = []
+    for line in lines:
+        line = line.rstrip("\n")
+        rec = json.loads(line) if fmt == "json" else parse_logfmt(line, typed=True)
+        assert isinstance(rec, dict) and {"ts", "level", "logger"} <= set(rec), line
+        out.append(rec)
+    return out
+
+
+def access_of(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in recs if r["logger"] == "elbasy.access"]
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (got := cond()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
+def stop(p: Proxy) -> None:
+    p.stopped_by_test = True
+    assert p.stop() == 0
+
+
+@pytest.mark.parametrize("fmt", ["json", "logfmt"])
+def test_every_line_is_a_record_banner_included(
+    proxy: Callable[..., Proxy],
+    http_origin: origins.HTTPOrigin,
+    tls_origin: origins.HTTPOrigin,
+    test_ca: origins.TestCA,
+    fmt: str,
+) -> None:
+    p = proxy("--log-format", fmt, "--log-level", "debug")
+    r = curl(
+        "-x", p.url, f"http://user:pw@{http_origin.hostport}/echo?token=s3cret&n=1", "-d", "12345"
+    )
+    assert r.returncode == 0, r.stderr
+    r = curl("-x", p.url, "--cacert", str(test_ca.path), f"{tls_origin.base}/hello")
+    assert r.returncode == 0, r.stderr
+    assert wait_for(lambda: len(access_of(records(p.stderr_lines, fmt))) >= 2), p.stderr
+    stop(p)  # the lines of a stop are records too
+    recs = records(p.stderr_lines, fmt)
+    (banner,) = [r for r in recs if "listening on" in r["msg" if "msg" in r else "ts"]]
+    assert banner["msg"] == f"elbasy {p.version} listening on 127.0.0.1:{p.port}"
+    assert (str(banner["version"]), banner["host"], banner["port"]) == (
+        p.version,
+        "127.0.0.1",
+        p.port,
+    )
+    assert any(r["level"] == "DEBUG" for r in recs)  # "worker 0 started"
+    (fwd,) = [a for a in access_of(recs) if a["method"] == "POST"]
+    (tun,) = [a for a in access_of(recs) if a["method"] == "CONNECT"]
+    assert set(fwd) == ACCESS_KEYS | {"ts", "level", "logger"}
+    assert (fwd["host"], fwd["path"]) == (http_origin.hostport, "/echo?token=*&n=*")
+    assert "s3cret" not in p.stderr and "pw@" not in p.stderr
+    assert fwd["client"].startswith("127.0.0.1:")
+    assert (fwd["status"], fwd["worker"], fwd["shed"], fwd["retried"]) == (200, 0, False, False)
+    assert fwd["bytes_up"] >= 5 and fwd["bytes_down"] >= 5
+    assert 0 < fwd["upstream_ms"] <= fwd["duration_ms"] + 1
+    assert fwd["wait_ms"] == 0
+    assert fwd["rule"] is fwd["account"] is None  # no rule covers the origin
+    assert (tun["host"], tun["path"]) == (tls_origin.hostport, None)
+    assert tun["bytes_up"] > 0 and tun["bytes_down"] > 0
+    # a tunnel has no finer clock: its upstream time is its whole life
+    assert tun["upstream_ms"] == tun["duration_ms"] > 0
+
+
+def test_text_banner_is_the_plain_line(proxy: Callable[..., Proxy]) -> None:
+    p = proxy("--log-level", "error")  # the banner is written whatever the level
+    (banner,) = [ln for ln in p.stderr_lines if "listening on" in ln]
+    assert banner == f"elbasy {p.version} listening on 127.0.0.1:{p.port}\n"
+
+
+def test_access_log_file_of_its_own_reopened_on_sigusr1(
+    proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    access = tmp_path / "access.log"
+    p = proxy("--access-log", str(access), "--workers", "2", "--log-format", "json")
+
+    def healthz(n: int) -> None:
+        for _ in range(n):
+            assert curl(f"{p.url}/healthz").returncode == 0
+
+    healthz(4)
+    assert wait_for(lambda: access.exists() and access.read_text().count("/healthz") >= 4)
+    lines_before = [json.loads(line) for line in access.read_text().splitlines()]
+    assert {r["worker"] for r in lines_before} <= {0, 1}
+    assert all(r["logger"] == "elbasy.access" for r in lines_before)
+    rotated = tmp_path / "access.log.1"
+    access.rename(rotated)
+    p.proc.send_signal(signal.SIGUSR1)
+    assert wait_for(lambda: "log files reopened" in p.stderr)
+    # every worker writes to the fresh file now: keep asking until both did
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        healthz(2)
+        if access.exists() and access.read_text().count("/healthz") >= 8:
+            break
+    fresh = [json.loads(line) for line in access.read_text().splitlines()]
+    assert len(fresh) >= 8 and all(r["path"] == "/healthz" for r in fresh)
+    assert len(rotated.read_text().splitlines()) == len(lines_before)  # nothing more there
+    # and none went to the main log
+    assert not access_of(records(p.stderr_lines, "json"))
+
+
+def test_access_log_off(proxy: Callable[..., Proxy], http_origin: origins.HTTPOrigin) -> None:
+    p = proxy("--access-log", "off", "--log-format", "json")
+    assert curl("-x", p.url, f"{http_origin.base}/hello").returncode == 0
+    assert curl(f"{p.url}/healthz").returncode == 0
+    stop(p)
+    recs = records(p.stderr_lines, "json")
+    assert recs and not access_of(recs)
+    assert any("listening on" in r.get("msg", "") for r in recs)
+
+
+# --------------------------------------------------------------------------- paced requests
+
+TOKEN = "shpat-logs-secret-1234"
+# the mock Shopify of the pacing tests, in a process of its own, and its CA
+api_ca = test_pacing.api_ca
+shopify = test_pacing.shopify
+
+
+def paced_elbasy(
+    proxy: Callable[..., Proxy], api_ca: Any, tmp_path: Path, port: int, *extra: str
+) -> tuple[Proxy, str]:
+    return elbasy_for(
+        proxy,
+        api_ca,
+        tmp_path,
+        {"*.myshopify.com": port},
+        "--log-format",
+        "json",
+        "--log-level",
+        "info",
+        *extra,
+    )
+
+
+def test_paced_held_and_shed_requests_and_debug_lines(
+    proxy: Callable[..., Proxy], api_ca: Any, shopify: Any, tmp_path: Path
+) -> None:
+    p, ca = paced_elbasy(proxy, api_ca, tmp_path, shopify.port, "--log-level", "debug")
+    got = burst(p, ca, "logs", TOKEN, 40)  # the 40th waits ~0.5 s for the bucket
+    assert [st for st, _ in got] == [200] * 40
+    shed = burst(p, ca, "logs", TOKEN, 1, "X-Elbasy-Max-Wait: 0\r\n")
+    assert shed[0][0] == 429
+    # a GraphQL query on a shop with one product costs less than its estimate: a refund
+    shopify.configure(shop="refund", catalog={"products": 1})
+    with session(p, ca, "refund") as t:
+        body = json.dumps({"query": "{ products(first: 5) { edges { node { id title } } } }"})
+        t.sendall(
+            "POST /admin/api/2024-10/graphql.json HTTP/1.1\r\nHost: refund.myshopify.com\r\n"
+            f"X-Shopify-Access-Token: {TOKEN}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        assert origins.read_response(origins.Reader(t)).status == 200
+
+    def paced_lines() -> list[dict[str, Any]]:
+        return [a for a in access_of(records(p.stderr_lines, "json")) if a["rule"]]
+
+    assert wait_for(lambda: len(paced_lines()) >= 42), p.stderr
+    assert TOKEN not in p.stderr  # accounts are hashed
+    rest = [a for a in paced_lines() if a["rule"] == "shopify-admin-rest"]
+    assert len(rest) == 41
+    for a in rest:
+        assert (a["host"], a["path"]) == ("logs.myshopify.com", "/admin/api/2024-10/products.json")
+        assert a["account"].startswith("shopify-admin-rest|") and a["cost"] == 1
+        assert a["worker"] == 0 and a["retried"] is False
+    served, refused = rest[:40], rest[40]
+    assert all(a["status"] == 200 and a["upstream_ms"] > 0 and not a["shed"] for a in served)
+    held = served[-1]
+    assert held["wait_ms"] > 200, held
+    assert held["duration_ms"] >= held["wait_ms"] + held["upstream_ms"] - 1
+    assert served[0]["wait_ms"] < 50
+    assert (refused["status"], refused["shed"], refused["upstream_ms"]) == (429, True, 0)
+    (gql,) = [a for a in paced_lines() if a["rule"] == "shopify-admin-graphql"]
+    assert gql["actual_cost"] < gql["cost"]
+
+    debug = [r for r in records(p.stderr_lines, "json") if r["logger"] == "elbasy.pacing"]
+    reserved = [r for r in debug if r["msg"].startswith("reserved ")]
+    departs = [r for r in debug if r["msg"].startswith("departs ")]
+    refunds = [r for r in debug if r["msg"].startswith("refund ")]
+    assert len(reserved) >= 41 and len(departs) >= 41, debug[:5]
+    for r in reserved + departs:
+        assert {"rule", "account", "cost", "wait_ms"} <= set(r) and r["level"] == "DEBUG"
+    assert max(r["wait_ms"] for r in departs if r["rule"] == "shopify-admin-rest") > 200
+    assert any(r["wait_ms"] is not None and r["wait_ms"] > 200 for r in reserved)
+    (refund,) = refunds
+    assert refund["cost"] == gql["cost"] and refund["actual_cost"] == gql["actual_cost"]
+
+
+def test_an_upstream_429_is_a_warning_with_the_servers_headers(
+    proxy: Callable[..., Proxy], api_ca: Any, shopify: Any, tmp_path: Path
+) -> None:
+    p, ca = paced_elbasy(proxy, api_ca, tmp_path, shopify.port)
+    # another process fills the bucket (elbasy has seen no answer yet)
+    shopify.configure(shop="full", token=TOKEN, outside_traffic_rps=400)
+    time.sleep(0.2)
+    shopify.configure(shop="full", token=TOKEN, outside_traffic_rps=0)
+    assert burst(p, ca, "full", TOKEN, 1)[0][0] == 429
+
+    def warnings() -> list[dict[str, Any]]:
+        recs = records(p.stderr_lines, "json")
+        return [r for r in recs if r["level"] == "WARNING" and r["logger"] == "elbasy.pacing"]
+
+    (w,) = wait_for(warnings)
+    assert (w["rule"], w["status"], w["retry_after"]) == ("shopify-admin-rest", 429, 2.0)
+    assert w["account"].startswith("shopify-admin-rest|") and TOKEN not in p.stderr
+    assert w["headers"] == {"x-shopify-shop-api-call-limit": "40/40", "retry-after": "2.0"}
+    (a,) = wait_for(lambda: [a for a in access_of(records(p.stderr_lines, "json")) if a["rule"]])
+    assert (a["status"], a["shed"], a["account"]) == (429, False, w["account"])
