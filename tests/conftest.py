@@ -36,7 +36,9 @@ PROXY_ENV_VARS = (
     "FTP_PROXY",
 )
 # the banner: a line of its own in text, the message of a JSON or logfmt record
-STARTUP_RE = re.compile(r'elbasy ([^\s"]+) listening on ([0-9.]+|\[[0-9a-fA-F:]+\]):(\d+)(?:"|\s*$)')
+STARTUP_RE = re.compile(
+    r'elbasy ([^\s"]+) listening on ([0-9.]+|\[[0-9a-fA-F:]+\]):(\d+)(?:"|\s*$)'
+)
 REPO = Path(__file__).resolve().parent.parent
 _DATA_HOME = tempfile.mkdtemp(prefix="elbasy-test-data-")
 
