@@ -376,33 +376,38 @@ class Policy:
         *,
         shed: bool = False,
     ) -> None:
-        """Every request and tunnel that ends is told here, once: its access line.
+        """Every request and tunnel that ends is told here, once: its access line
+        (and whatever else counts finished exchanges belongs here, before the
+        level check). ``shed``: elbasy answered it itself for its quota (429,
+        or 503 when the quota table is full)."""
+        if access_on():  # off: one level check
+            wait_ms, upstream_ms, paced, retried = self._access_fields(ex, took_ms)
+            log_access(
+                ex.client,
+                ex.method,
+                ex.target,
+                status,
+                up,
+                down,
+                took_ms,
+                wait_ms,
+                upstream_ms,
+                paced,
+                shed,
+                retried,
+            )
 
-        ``shed``: elbasy answered it itself for its quota (429, or 503 when
-        the quota table is full). Costs one level check with the access log off.
-        """
-        if not access_on():
-            return
+    def _access_fields(
+        self, ex: Exchange, took_ms: float
+    ) -> tuple[float, float, tuple[str, str, float, float | None] | None, bool]:
+        """What the access line says of an exchange's pacing: ms waited for quota,
+        upstream ms, (rule, account, cost, actual cost) or None, and whether it was
+        sent again."""
         p = ex.paced
         if p is None:
-            upstream = self._upstream_ms(ex, took_ms)
-            log_access(ex.client, ex.method, ex.target, status, up, down, took_ms, 0.0, upstream)
-            return
+            return 0.0, self._upstream_ms(ex, took_ms), None, False
         wait_ms, upstream_ms = self._pace_times(p)
-        log_access(
-            ex.client,
-            ex.method,
-            ex.target,
-            status,
-            up,
-            down,
-            took_ms,
-            wait_ms,
-            upstream_ms,
-            self._paced_log(p),
-            shed,
-            p.retried,
-        )
+        return wait_ms, upstream_ms, self._paced_log(p), p.retried
 
     def _upstream_ms(self, ex: Exchange, took_ms: float) -> float:
         """An unpaced exchange's upstream time: from its head's arrival (when it left)
