@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -707,3 +708,19 @@ def test_an_upstream_429_is_a_warning_with_the_servers_headers(
     assert w["headers"] == {"x-shopify-shop-api-call-limit": "40/40", "retry-after": "2.0"}
     (a,) = wait_for(lambda: [a for a in access_of(records(p.stderr_lines, "json")) if a["rule"]])
     assert (a["status"], a["shed"], a["account"]) == (429, False, w["account"])
+
+
+@pytest.mark.parametrize("option", ["--log-file", "--access-log"])
+def test_a_log_file_that_cannot_be_opened_stops_elbasy_with_its_name(
+    option: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "gone" / "x.log"
+    out = subprocess.run(
+        [sys.executable, "-m", "elbasy", "--listen", "127.0.0.1:0", option, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    assert out.returncode != 0
+    assert f"cannot open the log file {path}: No such file or directory" in out.stderr
