@@ -107,6 +107,8 @@ _ACCESS_DEFAULTS = {
 }
 for _attr in ("args", "created", "msecs", "relativeCreated"):
     del _ACCESS_DEFAULTS[_attr]
+for _attr in ("thread", "threadName", "process", "processName", "taskName"):
+    _ACCESS_DEFAULTS[_attr] = None  # not collected (see configure); never the importer's
 _worker = 0  # this process's worker slot, on every access line
 
 
@@ -620,7 +622,7 @@ class _AccessRecord(logging.LogRecord):
     """An access line; its message is the text form: the host and path as one
     (``api.github.com/repos``, ``/healthz``), "-" for what it lacks."""
 
-    def __init__(self, args: tuple[object, ...]) -> None:  # noqa: D107
+    def __init__(self, args: tuple[object, ...]) -> None:
         # what LogRecord's own __init__ sets, without its work for a caller's
         # file, line and thread (a third of an access line's cost)
         ns = time.time_ns()
