@@ -4,6 +4,7 @@ lines of a real elbasy process."""
 from __future__ import annotations
 
 import calendar
+import http.client
 import json
 import logging
 import os
@@ -574,31 +575,51 @@ def test_access_log_file_of_its_own_reopened_on_sigusr1(
 ) -> None:
     access = tmp_path / "access.log"
     p = proxy("--access-log", str(access), "--workers", "2", "--log-format", "json")
+    answered: dict[str, int] = {}  # client address -> the worker that said it answered
 
-    def healthz(n: int) -> None:
-        for _ in range(n):
-            assert curl(f"{p.url}/healthz").returncode == 0
+    def healthz() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)
+        try:
+            conn.request("GET", "/healthz", headers={"Connection": "close"})
+            assert conn.sock is not None
+            client = f"127.0.0.1:{conn.sock.getsockname()[1]}"
+            answered[client] = json.loads(conn.getresponse().read())["worker"]
+        finally:
+            conn.close()
 
-    healthz(4)
-    assert wait_for(lambda: access.exists() and access.read_text().count("/healthz") >= 4)
-    lines_before = [json.loads(line) for line in access.read_text().splitlines()]
-    assert {r["worker"] for r in lines_before} <= {0, 1}
-    assert all(r["logger"] == "elbasy.access" for r in lines_before)
+    def file_lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in access.read_text().splitlines()]
+
+    def until_both_workers_wrote() -> list[dict[str, Any]]:
+        """Ask until both workers answered, each time until its line is in the file."""
+        deadline = time.monotonic() + 10
+        while True:
+            healthz()
+            written = (
+                wait_for(lambda: access.exists() and len(file_lines()) == len(answered))
+                and file_lines()
+            )
+            if not written or {r["worker"] for r in written} == {0, 1}:
+                return written or []
+            if time.monotonic() > deadline:
+                return written
+
+    before = until_both_workers_wrote()
+    # each line names the worker that answered its client
+    assert all(r["worker"] == answered[r["client"]] for r in before), (before, answered)
+    assert {r["worker"] for r in before} == {0, 1}
+    assert all(r["logger"] == "elbasy.access" and r["path"] == "/healthz" for r in before)
     rotated = tmp_path / "access.log.1"
     access.rename(rotated)
+    answered.clear()
     p.proc.send_signal(signal.SIGUSR1)
     assert wait_for(lambda: "log files reopened" in p.stderr)
-    # every worker writes to the fresh file now: keep asking until both did
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        healthz(2)
-        if access.exists() and access.read_text().count("/healthz") >= 8:
-            break
-    fresh = [json.loads(line) for line in access.read_text().splitlines()]
-    assert len(fresh) >= 8 and all(r["path"] == "/healthz" for r in fresh)
-    assert len(rotated.read_text().splitlines()) == len(lines_before)  # nothing more there
-    # and none went to the main log
-    assert not access_of(records(p.stderr_lines, "json"))
+    time.sleep(0.2)  # the workers' signal handlers ran
+    fresh = until_both_workers_wrote()  # every worker writes to the fresh file now
+    assert {r["worker"] for r in fresh} == {0, 1}
+    assert all(r["worker"] == answered[r["client"]] for r in fresh)
+    assert len(rotated.read_text().splitlines()) == len(before)  # nothing more there
+    assert not access_of(records(p.stderr_lines, "json"))  # none went to the main log
 
 
 def test_access_log_off(proxy: Callable[..., Proxy], http_origin: origins.HTTPOrigin) -> None:
