@@ -745,3 +745,32 @@ def test_a_log_file_that_cannot_be_opened_stops_elbasy_with_its_name(
     )
     assert out.returncode != 0
     assert f"cannot open the log file {path}: No such file or directory" in out.stderr
+
+
+def test_a_graphql_throttled_answer_is_a_warning_too(
+    proxy: Callable[..., Proxy], api_ca: Any, shopify: Any, tmp_path: Path
+) -> None:
+    p, ca = paced_elbasy(proxy, api_ca, tmp_path, shopify.port)
+    # another process spends the bucket (elbasy has seen no answer yet)
+    shopify.configure(shop="spent", token=TOKEN, graphql_outside_rps=40_000)
+    time.sleep(0.2)
+    shopify.configure(shop="spent", token=TOKEN, graphql_outside_rps=0)
+    with session(p, ca, "spent") as t:
+        body = json.dumps({"query": "{ products(first: 50) { edges { node { id title } } } }"})
+        t.sendall(
+            "POST /admin/api/2024-10/graphql.json HTTP/1.1\r\nHost: spent.myshopify.com\r\n"
+            f"X-Shopify-Access-Token: {TOKEN}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        answer = origins.read_response(origins.Reader(t))
+    assert b"THROTTLED" in answer.body
+
+    def warnings() -> list[dict[str, Any]]:
+        recs = records(p.stderr_lines, "json")
+        return [r for r in recs if r["level"] == "WARNING" and r["logger"] == "elbasy.pacing"]
+
+    (w,) = wait_for(warnings)
+    assert (w["rule"], w["status"]) == ("shopify-admin-graphql", 200)
+    assert w["account"].startswith("shopify-admin-graphql|") and TOKEN not in p.stderr
+    # the wait is the body's (throttleStatus); Shopify sends no rate-limit header with it
+    assert w["retry_after"] > 0 and w["headers"] == {}
