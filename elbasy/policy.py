@@ -77,7 +77,7 @@ CONNECT_HEADS_KEPT = 1024
 class Exchange:
     """One request (or one tunnel) as the access log will tell it."""
 
-    __slots__ = ("client", "method", "target", "keep_alive", "paced", "head_at")
+    __slots__ = ("client", "method", "target", "keep_alive", "paced", "sent_at", "head_at")
 
     def __init__(self, client: str, method: str, target: str, keep_alive: bool = False) -> None:
         self.client = client
@@ -85,7 +85,9 @@ class Exchange:
         self.target = target
         self.keep_alive = keep_alive
         self.paced: Paced | None = None  # a request to a covered API: its pacing state
-        self.head_at = 0.0  # monotonic: when an unpaced request's answer head came
+        # monotonic, for an unpaced request: when it left, when its answer's head came
+        # (a paced one's are its Paced's)
+        self.sent_at = self.head_at = 0.0
 
 
 class Policy:
@@ -213,10 +215,12 @@ class Policy:
     ) -> Reply | Forward:
         """A request on its way to host:port: paced on its quota account if a rule covers it."""
         if not self.pacer.rules.covers(host):
+            ex.sent_at = self.pacer.mono()  # unpaced: it leaves now
             return self.outbound.forward(req, path, authority, host, port, ex, tls, OWN_HEADERS)
         headers = req.headers()
         match = self.pacer.match(host, req.method, path.decode("ascii"), headers)
         if match is None:
+            ex.sent_at = self.pacer.mono()
             return self.outbound.forward(req, path, authority, host, port, ex, tls, OWN_HEADERS)
         drop = OWN_HEADERS + match.strip_headers
         fwd = self.outbound.forward(
@@ -409,12 +413,12 @@ class Policy:
         wait_ms, upstream_ms = self._pace_times(p)
         return wait_ms, upstream_ms, self._paced_log(p), p.retried
 
-    def _upstream_ms(self, ex: Exchange, took_ms: float) -> float:
-        """An unpaced exchange's upstream time: from its head's arrival (when it left)
-        to its answer's head; a tunnel's whole life; 0 when nothing was answered."""
-        if ex.head_at:
-            started = self.pacer.mono() - took_ms / 1000
-            return max(0.0, (ex.head_at - started) * 1000)
+    @staticmethod
+    def _upstream_ms(ex: Exchange, took_ms: float) -> float:
+        """An unpaced exchange's upstream time: from its departure to its answer's
+        head; a tunnel's whole life; 0 when nothing was answered."""
+        if ex.head_at and ex.sent_at:
+            return max(0.0, (ex.head_at - ex.sent_at) * 1000)
         return took_ms if ex.method == "CONNECT" else 0.0
 
     def _pace_times(self, p: Paced) -> tuple[float, float]:

@@ -555,7 +555,8 @@ def test_every_line_is_a_record_banner_included(
     assert fwd["client"].startswith("127.0.0.1:")
     assert (fwd["status"], fwd["worker"], fwd["shed"], fwd["retried"]) == (200, 0, False, False)
     assert fwd["bytes_up"] >= 5 and fwd["bytes_down"] >= 5
-    assert 0 < fwd["upstream_ms"] <= fwd["duration_ms"] + 1
+    # (the loop reads its clock once a turn: the two clocks may differ by a turn)
+    assert 0 < fwd["upstream_ms"] <= fwd["duration_ms"] + 5
     assert fwd["wait_ms"] == 0
     assert fwd["rule"] is fwd["account"] is None  # no rule covers the origin
     assert (tun["host"], tun["path"]) == (tls_origin.hostport, None)
