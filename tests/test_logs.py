@@ -691,7 +691,7 @@ def test_paced_held_and_shed_requests_and_debug_lines(
     assert all(a["status"] == 200 and a["upstream_ms"] > 0 and not a["shed"] for a in served)
     held = served[-1]
     assert held["wait_ms"] > 200, held
-    assert held["duration_ms"] >= held["wait_ms"] + held["upstream_ms"] - 1
+    assert held["duration_ms"] >= held["wait_ms"] + held["upstream_ms"] - 5  # one loop turn
     assert served[0]["wait_ms"] < 50
     assert (refused["status"], refused["shed"], refused["upstream_ms"]) == (429, True, 0)
     (gql,) = [a for a in paced_lines() if a["rule"] == "shopify-admin-graphql"]
