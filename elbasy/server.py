@@ -130,9 +130,8 @@ def make_store(config: Config, shared: Any, slot: int) -> Any:
             local: Any = ShmStore(shared.table, slot, safety)
             share = 1.0 / config.quota_instances
         else:
-            local, share = (
-                LocalStore(safety),
-                1.0 / (config.quota_instances * worker_count(config.workers)),
+            local, share = LocalStore(safety), 1.0 / (
+                config.quota_instances * worker_count(config.workers)
             )
         from elbasy.piped_store import PipedStore
 
