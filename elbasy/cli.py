@@ -173,9 +173,9 @@ def main(ctx: click.Context, /, **options: Any) -> None:
 
     args = sys.argv[1:]
     try:
-        configure(config.log_level, config.log_format, config.log_file)
+        configure(config.log_level, config.log_format, config.log_file, config.access_log)
     except OSError as e:
-        raise click.ClickException(f"cannot open the log file {config.log_file}: {e}") from None
+        raise click.ClickException(f"cannot open the log file {e.filename}: {e.strerror}") from None
     try:
         code = supervisor.run(config, lambda: reload_config(args))
     except StartupError as e:

@@ -86,7 +86,7 @@ __all__ = [
 ]
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
-LOG_FORMATS: tuple[str, ...] = ("text", "json")
+LOG_FORMATS: tuple[str, ...] = ("text", "json", "logfmt")
 #: How CONNECT tunnels move bytes: "auto" copies small messages with
 #: recv/send and splices a flow once it turns bulk; the others force one way
 #: (for measurement, or kernels where splice misbehaves).
@@ -504,7 +504,9 @@ class Config:
     listen_port: int = part_of("listen", Integer(0, 65535), 8080)
     log_level: str = setting(Choice(LOG_LEVELS), "info", "Log messages of this level and above.")
     log_format: str = setting(
-        Choice(LOG_FORMATS), "text", "Log lines as plain text, or as one JSON object each."
+        Choice(LOG_FORMATS),
+        "text",
+        "Log lines as plain text, as one JSON object each, or as logfmt key=value pairs.",
     )
     log_file: str | None = setting(
         File(),
@@ -512,6 +514,13 @@ class Config:
         "Append log lines to this file (reopened on SIGUSR1, for log rotation).",
         metavar="PATH",
         default_text="stderr",
+    )
+    access_log: str = setting(
+        Text(),
+        "-",
+        "Where the access lines (one per request or tunnel) go: '-' with the other log"
+        " lines, a file of their own (appended, reopened on SIGUSR1), or 'off'.",
+        metavar="FILE|-|off",
     )
     # --- what elbasy shows of itself (elbasy.metrics) ---
     metrics_listen: str | None = setting(

@@ -65,10 +65,11 @@ from elbasy.quota import (
     StoreFull,
     view_entries,
 )
-from elbasy.rules import Match, RuleSet
+from elbasy.rules import Match, Rule, RuleSet
 from elbasy.verdicts import NOW
 
 log = logging.getLogger("elbasy.pacing")
+DEBUG = logging.DEBUG
 
 #: the request header that lowers (or raises) the max wait for one request
 MAX_WAIT_HEADER = b"x-elbasy-max-wait"
@@ -93,6 +94,35 @@ STORE_FULL_RETRY = 1.0
 def plan_fact(key: str, limit: str) -> str:
     """The store's name for what a server said of one bucket: (capacity, rate or 0)."""
     return f"plan|{key}|{limit}"
+
+
+def limit_headers(
+    rule: Rule, headers: list[tuple[bytes, bytes]], cache: dict[str, frozenset[bytes]]
+) -> dict[str, str]:
+    """A response's rate-limit headers: those the rule reads, Retry-After, and any
+    ``*RateLimit*`` or ``*Rate-Limit*`` one (names lower-cased)."""
+    names = cache.get(rule.id)
+    if names is None:
+        names = cache[rule.id] = _headers_read(rule)
+    out: dict[str, str] = {}
+    for name, value in headers:
+        n = name.lower()
+        if n in names or b"ratelimit" in n or b"rate-limit" in n:
+            out[n.decode("latin-1")] = value.decode("latin-1")
+    return out
+
+
+def _headers_read(rule: Rule) -> frozenset[bytes]:
+    """The response headers a rule reads its view and its refusals from, and Retry-After."""
+    names = {b"retry-after"}
+    readers = [r for f in rule.feedback for r in f.readers.values()]
+    readers += rule.throttle.retry_after
+    readers += [d.reader for d in rule.tier_detect]
+    markers = [*rule.throttle.markers, *(r.only_if for r in readers if r.only_if)]
+    names.update(f.limit_header for f in rule.feedback if f.limit_header)
+    names.update(r.header for r in readers if r.header)
+    names.update(m.header for m in markers if m.header)
+    return frozenset(n.lower() for n in names)
 
 
 def _no_clock() -> float:
@@ -200,6 +230,8 @@ class Pacer:
         # told), valid while the store's facts do not change.
         self._told_limits: dict[tuple[str, ...], tuple[tuple[Limit, ...], tuple[Limit, ...]]] = {}
         self._facts_seen = -1
+        # per rule: the response headers it reads (named in a 429's warning)
+        self._rule_headers: dict[str, frozenset[bytes]] = {}
         # the last plan this worker stored per (key, limit): a repeated header
         # costs no store write
         self._told: dict[tuple[str, str], tuple[float, float]] = {}
@@ -343,8 +375,12 @@ class Pacer:
             # others wait already: it goes behind them, woken when it is first
             line.append(paced)
             paced.line = m.keys
+            if log.isEnabledFor(DEBUG):
+                self._debug_reserved(paced, r, len(line) - 1)
             return Verdict(depart=self.mono() + NOT_FIRST_WAIT)
         later = self.store.confirm(r, wall_now)
+        if log.isEnabledFor(DEBUG):
+            self._debug_reserved(paced, r, 0, 0.0 if later is None else later - wall_now)
         if later is None:
             self._sent(paced)
             return Verdict()
@@ -415,6 +451,8 @@ class Pacer:
             later = self.store.confirm(r, wall_now)
         if later is not None:
             paced.due = self._head_due(paced, later)
+            if log.isEnabledFor(DEBUG):
+                self._debug_waits_again(paced, later - wall_now)
             return paced.due
         self._sent(paced)
         return NOW
@@ -454,6 +492,9 @@ class Pacer:
             assert isinstance(got, Reservation)
             refused = None
             paced.reservation = got
+            if log.isEnabledFor(DEBUG):
+                line = self._lines.get(paced.line) if paced.line is not None else None
+                self._debug_reserved(paced, got, line.index(paced) if line else 0)
         waiter = paced.waiter
         if refused is not None:
             paced.refused = refused
@@ -488,11 +529,27 @@ class Pacer:
             self.wake(waiter, NOW)
         else:
             paced.due = self._head_due(paced, later)
+            if log.isEnabledFor(DEBUG):
+                self._debug_waits_again(paced, later - self.wall())
             self.wake(waiter, paced.due)
 
     def _sent(self, paced: Paced) -> None:
         """It leaves now: out of its line, and the next one is woken."""
         paced.sent_at = self.mono()
+        if log.isEnabledFor(DEBUG):
+            m = paced.match
+            log.debug(
+                "departs for %s after %.1f ms",
+                m.label,
+                paced.waited() * 1000,
+                extra={
+                    "rule": m.rule.id,
+                    "account": m.account,
+                    "cost": paced.reservation.cost if paced.reservation else m.cost,
+                    "wait_ms": round(paced.waited() * 1000, 3),
+                    "retried": paced.retried,
+                },
+            )
         if paced.due:
             # how late the loop's timer let it go: the scheduler's own precision
             self._lateness[self._late_n % len(self._lateness)] = paced.sent_at - paced.due
@@ -676,6 +733,20 @@ class Pacer:
             )
             self.store.settle(r, actuals, wall_now)
             refunded = any(a < c for a, c in zip(actuals, r.costs, strict=True))
+            if refunded and log.isEnabledFor(DEBUG):
+                log.debug(
+                    "refund for %s: reserved %g, cost %g",
+                    m.label,
+                    r.cost,
+                    actual,
+                    extra={
+                        "rule": m.rule.id,
+                        "account": m.account,
+                        "cost": r.cost,
+                        "actual_cost": actual,
+                        "refund": r.cost - actual,
+                    },
+                )
         if views:
             self._learn(m, views, {v.limit: v.rate for v in views if v.rate})
             self._drift(m, views, seen_at)
@@ -696,7 +767,13 @@ class Pacer:
             # a limit on one resource (Shopify's new variants a day), not the
             # account's bucket: the client hears it; pacing cannot help
             self.counters["resource_throttled"] += 1
-            log.warning("%s: a resource limit refused a request for %s", m.rule.id, m.label)
+            log.warning(
+                "%s: a resource limit refused a request for %s (%s)",
+                m.rule.id,
+                m.label,
+                status,
+                extra=self._refusal(m, status, headers, report.retry_after),
+            )
             return NOW
         self.counters["server_throttled"] += 1
         self.metrics.throttled(m.rule.id, "429" if status == 429 else "THROTTLED")
@@ -708,6 +785,7 @@ class Pacer:
             status,
             f", Retry-After {report.retry_after:g}" if report.retry_after is not None else "",
             until - wall_now,
+            extra=self._refusal(m, status, headers, report.retry_after),
         )
         if (
             self.retry_idempotent
@@ -755,6 +833,58 @@ class Pacer:
             ours = level(m.keys[k], limits[k], now)
             if ours is not None:
                 self.metrics.drift(m.rule.id, abs(value - ours) / limits[k].capacity)
+
+    def _refusal(
+        self,
+        m: Match,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        retry_after: float | None,
+    ) -> dict[str, object]:
+        """The fields of the warning for a server's refusal: its rule, account and status,
+        the wait it asked for, and the rate-limit headers it sent."""
+        return {
+            "rule": m.rule.id,
+            "account": m.account,
+            "status": status,
+            "retry_after": retry_after,
+            "headers": limit_headers(m.rule, headers, self._rule_headers),
+        }
+
+    def _debug_reserved(
+        self, paced: Paced, r: Reservation, ahead: int, wait: float | None = None
+    ) -> None:
+        """The debug line of a reservation: ``wait``, seconds until it may leave
+        (None: not first in its line, so not known yet)."""
+        m = paced.match
+        log.debug(
+            "reserved %g for %s, %d ahead in line",
+            r.cost,
+            m.label,
+            ahead,
+            extra={
+                "rule": m.rule.id,
+                "account": m.account,
+                "cost": r.cost,
+                "ahead": ahead,
+                "wait_ms": None if wait is None else round(max(0.0, wait) * 1000, 3),
+            },
+        )
+
+    def _debug_waits_again(self, paced: Paced, wait: float) -> None:
+        """The debug line of a confirmation the bucket did not hold yet."""
+        m = paced.match
+        log.debug(
+            "confirm for %s waits again, %.1f ms",
+            m.label,
+            max(0.0, wait) * 1000,
+            extra={
+                "rule": m.rule.id,
+                "account": m.account,
+                "cost": paced.reservation.cost if paced.reservation else m.cost,
+                "wait_ms": round(max(0.0, wait) * 1000, 3),
+            },
+        )
 
     def _view_time(self, paced: Paced, wall_now: float) -> float:
         """When the numbers in this answer were the server's (wall clock): when

@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from elbasy.errors import RemoteProtocolError
-from elbasy.logs import log_access
+from elbasy.logs import access_on, log_access
 from elbasy.outbound import Outbound
 from elbasy.pacing import OWN_HEADERS, BadMaxWait, Paced, Pacer, Verdict
 from elbasy.pages import (
@@ -76,7 +76,16 @@ CONNECT_HEADS_KEPT = 1024
 class Exchange:
     """One request (or one tunnel) as the access log will tell it."""
 
-    __slots__ = ("client", "method", "target", "keep_alive", "paced", "queued")
+    __slots__ = (
+        "client",
+        "method",
+        "target",
+        "keep_alive",
+        "paced",
+        "queued",
+        "sent_at",
+        "head_at",
+    )
 
     def __init__(self, client: str, method: str, target: str, keep_alive: bool = False) -> None:
         self.client = client
@@ -85,6 +94,9 @@ class Exchange:
         self.keep_alive = keep_alive
         self.paced: Paced | None = None  # a request to a covered API: its pacing state
         self.queued = False  # held for its quota, counted in the rule's queue depth
+        # monotonic, for an unpaced request: when it left, when its answer's head came
+        # (a paced one's are its Paced's)
+        self.sent_at = self.head_at = 0.0
 
 
 class Policy:
@@ -172,7 +184,7 @@ class Policy:
                     self.status,
                     self.ca_pem,
                 )
-                log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)
+                self._finished(ex, status, 0, len(data), own=True)
                 return Reply(data, close)
             # plain http:// to an API a rule covers is paced just the same
             host, port, authority, path = self.outbound.absolute(req.target)
@@ -231,10 +243,12 @@ class Policy:
     ) -> Reply | Forward:
         """A request on its way to host:port: paced on its quota account if a rule covers it."""
         if not self.pacer.rules.covers(host):
+            ex.sent_at = self.pacer.mono()  # unpaced: it leaves now
             return self.outbound.forward(req, path, authority, host, port, ex, tls, OWN_HEADERS)
         headers = req.headers()
         match = self.pacer.match(host, req.method, path.decode("ascii"), headers)
         if match is None:
+            ex.sent_at = self.pacer.mono()
             return self.outbound.forward(req, path, authority, host, port, ex, tls, OWN_HEADERS)
         drop = OWN_HEADERS + match.strip_headers
         fwd = self.outbound.forward(
@@ -286,15 +300,13 @@ class Policy:
             status = 429
             if ex.paced is not None:
                 self.metrics.shed(ex.paced.match.rule.id)
-        self._count(ex, status)
-        log_access(ex.client, ex.method, ex.target, status, 0, len(data), 0.0)
+        self._finished(ex, status, 0, len(data), shed=True)
         return Reply(data, close)
 
     def _refuse(self, ex: Exchange, exc: RemoteProtocolError) -> Reply:
         status = exc.status_hint
         self.metrics.error(_REFUSAL_COUNTER.get(status, f"refused_{status}"))
-        self._count(ex, status)
-        log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
+        self._finished(ex, status)
         log.info("refused %s from %s: %s", ex.target, ex.client, exc)
         return Reply(error_response(status, str(exc)), True)
 
@@ -307,6 +319,7 @@ class Policy:
         plan = self._plan(ex, resp)
         paced = ex.paced
         if paced is None:
+            ex.head_at = self.pacer.mono()  # a paced one's is the pacer's (Paced.head_at)
             return plan
         headers = resp.headers()
         paced.response = (resp.status, headers)
@@ -369,17 +382,7 @@ class Policy:
             assert ex is not None
             if ex.paced is not None:
                 self.pacer.abandoned(ex.paced)  # a request with no answer lands now
-            self._count(ex, end.status)
-            log_access(
-                ex.client,
-                ex.method,
-                ex.target,
-                end.status,
-                end.up,
-                end.down,
-                end.took_ns / 1e6,
-                self._paced_log(ex),
-            )
+            self._finished(ex, end.status, end.up, end.down, end.took_ns / 1e6)
             return None
         return self._endings[end.kind](ex, end)
 
@@ -389,8 +392,7 @@ class Policy:
             self.pacer.abandoned(ex.paced)  # sent: it lands; never sent: its place goes back
         self.metrics.error("upstream_errors")
         self.metrics.error(f"upstream_{status}")
-        self._count(ex, status)
-        log_access(ex.client, ex.method, ex.target, status, 0, 0, 0.0)
+        self._finished(ex, status)
         log.warning("%s %s from %s: %s", ex.method, ex.target, ex.client, reason)
         return error_response(status, reason)
 
@@ -408,8 +410,7 @@ class Policy:
         self.metrics.error("abandoned_while_held")
         if ex.paced is not None:
             self.pacer.abandoned(ex.paced)
-        self._count(ex, CLIENT_CLOSED)
-        log_access(ex.client, ex.method, ex.target, CLIENT_CLOSED, 0, 0, 0.0, self._paced_log(ex))
+        self._finished(ex, CLIENT_CLOSED)
 
     def _on_drained(self, ex: Exchange | None, end: Ended) -> bytes:
         """The worker's drain deadline came before this request's answer: elbasy's 503.
@@ -421,20 +422,78 @@ class Policy:
         if ex is not None:
             if ex.paced is not None:
                 self.pacer.abandoned(ex.paced)  # sent: it lands; else its place goes back
-            self._count(ex, 503)
-            log_access(ex.client, ex.method, ex.target, 503, 0, 0, 0.0, self._paced_log(ex))
+            self._finished(ex, 503)
         return draining_response(end.sent)
 
-    def _paced_log(self, ex: Exchange) -> tuple[str, str, float, float | None, float] | None:
-        """What the access log says of a paced request: rule, account, costs, its wait."""
+    def _finished(
+        self,
+        ex: Exchange,
+        status: int,
+        up: int = 0,
+        down: int = 0,
+        took_ms: float = 0.0,
+        *,
+        shed: bool = False,
+        own: bool = False,
+    ) -> None:
+        """Every request and tunnel that ends is told here, once: its access line
+        (and whatever else counts finished exchanges belongs here, before the
+        level check). ``shed``: elbasy answered it itself for its quota (429,
+        or 503 when the quota table is full). ``own``: a request for one of
+        elbasy's own pages (logged, not counted in /metrics' requests)."""
+        if not own:
+            self._count(ex, status)
+        if access_on():  # off: one level check
+            wait_ms, upstream_ms, paced, retried = self._access_fields(ex, took_ms)
+            log_access(
+                ex.client,
+                ex.method,
+                ex.target,
+                status,
+                up,
+                down,
+                took_ms,
+                wait_ms,
+                upstream_ms,
+                paced,
+                shed,
+                retried,
+            )
+
+    def _access_fields(
+        self, ex: Exchange, took_ms: float
+    ) -> tuple[float, float, tuple[str, str, float, float | None] | None, bool]:
+        """What the access line says of an exchange's pacing: ms waited for quota,
+        upstream ms, (rule, account, cost, actual cost) or None, and whether it was
+        sent again."""
         p = ex.paced
         if p is None:
-            return None
-        r = p.reservation
-        cost = r.cost if r is not None else p.match.cost
+            return 0.0, self._upstream_ms(ex, took_ms), None, False
+        wait_ms, upstream_ms = self._pace_times(p)
+        return wait_ms, upstream_ms, self._paced_log(p), p.retried
+
+    @staticmethod
+    def _upstream_ms(ex: Exchange, took_ms: float) -> float:
+        """An unpaced exchange's upstream time: from its departure to its answer's
+        head; a tunnel's whole life; 0 when nothing was answered."""
+        if ex.head_at and ex.sent_at:
+            return max(0.0, (ex.head_at - ex.sent_at) * 1000)
+        return took_ms if ex.method == "CONNECT" else 0.0
+
+    def _pace_times(self, p: Paced) -> tuple[float, float]:
+        """A paced request's wait for its quota and its upstream time (from its
+        last departure to its answer's head), in ms."""
         # held and gone before it left: how long it had waited by then
         waited = p.waited() if p.sent_at else max(0.0, self.pacer.mono() - p.arrived)
-        return (p.match.rule.id, p.match.account, cost, p.actual, waited * 1000)
+        upstream = p.head_at - p.sent_at if p.head_at and p.sent_at else 0.0
+        return waited * 1000, max(0.0, upstream * 1000)
+
+    @staticmethod
+    def _paced_log(p: Paced) -> tuple[str, str, float, float | None]:
+        """What the access log says of a paced request: its rule, account and costs."""
+        r = p.reservation
+        cost = r.cost if r is not None else p.match.cost
+        return (p.match.rule.id, p.match.account, cost, p.actual)
 
     def _on_tls_failed(self, ex: Exchange | None, end: Ended) -> None:
         """The TLS handshake with an intercepted client failed (untrusted CA, garbage...)."""

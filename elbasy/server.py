@@ -21,6 +21,7 @@ from typing import Any
 from elbasy import __version__
 from elbasy._loop import Loop
 from elbasy.config import Config
+from elbasy.logs import set_worker
 from elbasy.metrics import MetricsMemory, WorkerMetrics
 from elbasy.pacing import Pacer
 from elbasy.pages import LOOP_PAGES
@@ -229,6 +230,7 @@ class Worker:
             top_accounts=config.metrics_top_accounts,
             started=time.time(),
         )
+        set_worker(slot)  # its access lines name it
         self.sock = sock if sock is not None else listen(config.listen_host, config.listen_port)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self._wake_r, self._wake_w = socket.socketpair()

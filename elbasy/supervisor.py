@@ -19,7 +19,7 @@ serves no traffic; it answers signals:
   nothing. Otherwise new workers start with it, and once every one of them
   is ready the old ones drain. The listening socket stays open throughout,
   so no connection is refused or reset.
-* SIGUSR1: reopen the ``--log-file`` (here and in every worker).
+* SIGUSR1: reopen the ``--log-file`` and ``--access-log`` file (here and in every worker).
 
 Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group)
 and SIGHUP: they act on what the supervisor sends them only. A worker that
@@ -50,7 +50,7 @@ from typing import Any, NoReturn
 
 from elbasy import __version__
 from elbasy.config import Config, ConfigError, format_hostport, parse_listen, worker_count
-from elbasy.logs import configure, reopen_log_file, startup_banner
+from elbasy.logs import access_log_file, configure, reopen_log_file, startup_banner
 from elbasy.metrics import InstanceView, MetricsMemory, exposition
 from elbasy.metrics_http import MetricsListener
 from elbasy.server import (
@@ -341,7 +341,7 @@ class Supervisor:
             elif signum == signal.SIGUSR1:
                 reopen_log_file()
                 self._tell_all(signal.SIGUSR1)
-                log.info("log file reopened")
+                log.info("log files reopened")
 
     def _due(self) -> None:
         now = time.monotonic()
@@ -425,7 +425,7 @@ class Supervisor:
             signal.signal(STOP_NOW, _noop)
             signal.signal(signal.SIGUSR1, lambda s, f: reopen_log_file())
             _die_with(self.pid)
-            configure(config.log_level, config.log_format, config.log_file)
+            configure(config.log_level, config.log_format, config.log_file, config.access_log)
             try:
                 worker = Worker(
                     config, sock=sock, slot=slot, shared=self.shared, metrics=self.metrics
@@ -575,9 +575,10 @@ class Supervisor:
             self.config.listen_port,
         )
         try:
-            if new.log_file:
-                with open(new.log_file, "a", encoding="utf-8"):
-                    pass
+            for path in (new.log_file, access_log_file(new.access_log)):
+                if path:
+                    with open(path, "a", encoding="utf-8"):
+                        pass
             check_quota_store(new)
             if store_kind(new) != store_kind(self.config) or (
                 store_kind(new) == "redis" and new.quota_store != self.config.quota_store
@@ -649,7 +650,12 @@ class Supervisor:
         self.reload_gen = self.reload_cfg = None
         self.reload_socks = []
         with contextlib.suppress(OSError):
-            configure(self.config.log_level, self.config.log_format, self.config.log_file)
+            configure(
+                self.config.log_level,
+                self.config.log_format,
+                self.config.log_file,
+                self.config.access_log,
+            )
         new = [c for c in self.children.values() if c.generation == self.generation]
         log.info(
             "reloaded: %d new worker(s) ready (pids %s); %d old one(s) draining",

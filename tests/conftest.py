@@ -35,7 +35,10 @@ PROXY_ENV_VARS = (
     "NO_PROXY",
     "FTP_PROXY",
 )
-STARTUP_RE = re.compile(r"^elbasy (\S+) listening on ([0-9.]+|\[[0-9a-fA-F:]+\]):(\d+)\s*$")
+# the banner: a line of its own in text, the message of a JSON or logfmt record
+STARTUP_RE = re.compile(
+    r'elbasy ([^\s"]+) listening on ([0-9.]+|\[[0-9a-fA-F:]+\]):(\d+)(?:"|\s*$)'
+)
 REPO = Path(__file__).resolve().parent.parent
 _DATA_HOME = tempfile.mkdtemp(prefix="elbasy-test-data-")
 
@@ -113,7 +116,7 @@ class Proxy:
             with self._lock:
                 self._lines.append(line)
             if not self._started.is_set():
-                m = STARTUP_RE.match(line.rstrip("\n"))
+                m = STARTUP_RE.search(line.rstrip("\n"))
                 if m:
                     self.version = m.group(1)
                     self.port = int(m.group(3))

@@ -262,7 +262,7 @@ def test_config_is_frozen_and_normalizes() -> None:
         ({"listen_host": ""}, "listen_host", "non-empty"),
         ({"log_level": "verbose"}, "log_level", "debug, info, warning, error; got 'verbose'"),
         ({"log_level": None}, "log_level", "one of"),
-        ({"log_format": "xml"}, "log_format", "text, json; got 'xml'"),
+        ({"log_format": "xml"}, "log_format", "text, json, logfmt; got 'xml'"),
         ({"connect_to": ("a:1:b:2",)}, "connect_to", "must hold ConnectTo rules"),
     ],
 )
@@ -373,6 +373,7 @@ def test_config_keys_are_the_option_names() -> None:
         "metrics_listen",
         "metrics_top_accounts",
         "log_file",
+        "access_log",
         "workers",
         "drain_timeout",
         "head_timeout",

@@ -9,6 +9,7 @@ the loop's part: they call ``departing`` when a woken request's time comes.
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -212,3 +213,32 @@ def test_a_head_asks_again_when_the_store_cannot_announce_refunds() -> None:
     assert d == pytest.approx(0.05)  # not 2.56 s: another machine may refund points
     h.at(0.05)
     assert h.pacer.departing(waiting) == pytest.approx(T0 + 0.1)  # still no room: again
+
+
+def test_debug_lines_of_a_reservation_a_confirm_that_waits_again_and_a_departure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness()
+    fill(h)
+    with caplog.at_level(logging.INFO, logger="elbasy.pacing"):
+        a, _ = h.rest("a")
+        h.at(0.2)
+        h.pacer.departing(a)
+    assert not caplog.records  # nothing at info level
+    with caplog.at_level(logging.DEBUG, logger="elbasy.pacing"):
+        b, due = h.rest("b")  # behind a: not first, its wait is not known yet
+        h.at(0.3)  # a's timer came early: its confirm waits again
+        assert h.pacer.departing(a) == pytest.approx(T0 + 0.5)
+        h.at(0.5)
+        assert h.pacer.departing(a) == NOW
+    got = [(r.getMessage().split(" ")[0], r.__dict__) for r in caplog.records]
+    assert [word for word, _ in got] == ["reserved", "confirm", "departs"]
+    (_, reserved), (_, again), (_, departs) = got
+    assert (reserved["rule"], reserved["ahead"], reserved["wait_ms"]) == (
+        "shopify-admin-rest",
+        1,
+        None,
+    )
+    assert again["wait_ms"] == pytest.approx(200.0) and again["cost"] == 1
+    assert departs["wait_ms"] == pytest.approx(500.0)
+    assert reserved["account"] == again["account"] == departs["account"] == a.match.account

@@ -691,7 +691,16 @@ def test_retry_option_hides_a_429_from_outside_traffic(
     config = tmp_path / "elbasy.toml"
     config.write_text("retry_idempotent = true\n")
     p, ca = elbasy_for(
-        proxy, api_ca, tmp_path, {"*.myshopify.com": shopify.port}, "--config", str(config)
+        proxy,
+        api_ca,
+        tmp_path,
+        {"*.myshopify.com": shopify.port},
+        "--config",
+        str(config),
+        "--log-level",
+        "info",
+        "--log-format",
+        "json",
     )
     with session(p, ca, "retry") as t:
         # another process fills the bucket just now (elbasy has seen no response yet)
@@ -706,6 +715,18 @@ def test_retry_option_hides_a_429_from_outside_traffic(
     assert key["throttled"] == 1 and key["accepted"] == 1  # one 429 at the mock, hidden
     h = p.healthz()
     assert h["pacing"]["retried"] == 1 and h["pacing"]["server_throttled"] == 1
+
+    # its access line says it was sent again, and waited for it
+    def paced_lines() -> list[dict]:
+        recs = [json.loads(ln) for ln in p.stderr_lines if "elbasy.access" in ln]
+        return [a for a in recs if a["rule"]]  # not the CONNECT's, nor /healthz's
+
+    deadline = time.monotonic() + 5
+    while not paced_lines() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (line,) = paced_lines()
+    assert (line["status"], line["retried"], line["shed"]) == (200, True, False)
+    assert line["wait_ms"] >= 2000 and line["upstream_ms"] < line["wait_ms"]
 
 
 # ---------------------------------------------------------------------------------------------

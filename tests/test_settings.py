@@ -88,6 +88,7 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "quota_instances": (2, 1024),
     "quota_redis_timeout": (0.01, 1.5),
     "log_file": ("/tmp/elbasy-a.log", "/tmp/elbasy-b.log"),
+    "access_log": ("/tmp/elbasy-access.log", "off"),
     "workers": (2, "auto"),
     "drain_timeout": (0, 12.5),
     "metrics_listen": ("127.0.0.1:9100", "[::1]:9101"),

@@ -412,7 +412,7 @@ def test_sigusr1_reopens_the_log_file(proxy, tmp_path: Path):
     rotated = tmp_path / "elbasy.log.1"
     log.rename(rotated)
     p.proc.send_signal(signal.SIGUSR1)
-    assert wait_for(lambda: log.exists() and "log file reopened" in log.read_text())
+    assert wait_for(lambda: log.exists() and "log files reopened" in log.read_text())
     # every worker writes to the new file now
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
