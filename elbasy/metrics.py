@@ -80,10 +80,10 @@ _KEYS_AT = _LOOP_AT + _LOOP_SIZE
 _MAX_VALUES = 8192
 _VALUES_AT = _KEYS_AT + _MAX_SERIES * _ENTRY.size
 # an account: its sequence number, its key (rule and account), then requests,
-# wait total, queued, server remaining, server limit, reported at, and the
-# wait histogram
+# wait total, queued, server remaining, server limit, reported at, the drift
+# of that report, and the wait histogram
 _ACCOUNT_KEY = 120
-_ACCOUNT_FIELDS = 6
+_ACCOUNT_FIELDS = 7
 _ACCOUNT = struct.Struct(f"<q{_ACCOUNT_KEY}s{_ACCOUNT_FIELDS + _BUCKETS}d")
 _ACCOUNTS_AT = _VALUES_AT + _MAX_VALUES * 8
 # a history point: its interval number, then the wait histogram
@@ -269,6 +269,7 @@ class _Account:
     server_remaining: float = float("nan")
     server_limit: float = float("nan")
     reported_at: float = float("nan")
+    drift: float = float("nan")  # (server's level - the store's) / the bucket, at that report
     buckets: list[float] = field(default_factory=lambda: [0.0] * _BUCKETS)
     entry: int = -1  # its entry in the slot, or -1
 
@@ -310,7 +311,8 @@ class WorkerMetrics:
         for i in range(min(kept, ACCOUNTS_KEPT)):  # and its accounts
             row = _ACCOUNT.unpack_from(memory, _ACCOUNTS_AT + i * _ACCOUNT.size)
             rule, _, account = row[1].rstrip(b"\0").decode("utf-8", "replace").partition("\x1f")
-            a = _Account(rule, account, row[2], row[3], 0.0, row[5], row[6], row[7], list(row[8:]))
+            a = _Account(rule, account, row[2], row[3], 0.0, row[5], row[6], row[7], row[8])
+            a.buckets = list(row[9:])
             a.entry = i
             self._accounts[(rule, account)] = a
             self._entries.append(a)
@@ -413,12 +415,17 @@ class WorkerMetrics:
         a.reported_at = wall
         self._changed(a)
 
-    def drift(self, rule: str, ratio: float) -> None:
-        """A server's report was ``ratio`` of a bucket away from elbasy's count."""
+    def drift(self, rule: str, account: str, ratio: float) -> None:
+        """A server's report of a bucket was ``ratio`` of it above elbasy's own
+        count (below: negative): the histogram takes its size, the account its sign."""
+        size = abs(ratio)
         at = self._at("quota_drift_ratio", (rule,))
         if at >= 0:
-            self._values[at + bisect.bisect_left(DRIFT_BUCKETS, ratio)] += 1
-            self._values[at + len(DRIFT_BUCKETS) + 1] += ratio
+            self._values[at + bisect.bisect_left(DRIFT_BUCKETS, size)] += 1
+            self._values[at + len(DRIFT_BUCKETS) + 1] += size
+        a = self._account(rule, account)
+        a.drift = ratio
+        self._changed(a)
 
     def throttled(self, rule: str, kind: str) -> None:
         self.count("upstream_throttled", (rule, kind))
@@ -480,6 +487,7 @@ class WorkerMetrics:
             a.server_remaining,
             a.server_limit,
             a.reported_at,
+            a.drift,
             *a.buckets,
         )
         struct.pack_into("<q", mem, at, seq + 1)  # even: whole
@@ -522,6 +530,7 @@ class AccountView:
     server_remaining: float | None = None
     server_limit: float | None = None
     reported_at: float | None = None
+    drift: float | None = None
     buckets: list[float] = field(default_factory=lambda: [0.0] * _BUCKETS)
 
 
@@ -583,7 +592,7 @@ class InstanceView:
             a = self.accounts.get((rule, account))
             if a is None:
                 a = self.accounts[(rule, account)] = AccountView(rule, account)
-            requests, wait_total, queued, remaining, limit, at = row[1:7]
+            requests, wait_total, queued, remaining, limit, at, drift = row[1:8]
             a.requests += requests
             a.wait_total += wait_total
             if alive:
@@ -592,7 +601,8 @@ class InstanceView:
                 a.reported_at = at
                 a.server_remaining = remaining
                 a.server_limit = None if limit != limit else limit
-            for k, v in enumerate(row[7:]):
+                a.drift = None if drift != drift else drift
+            for k, v in enumerate(row[8:]):
                 a.buckets[k] += v
 
     # ---- derived -------------------------------------------------------------------
@@ -728,6 +738,19 @@ class _Collector:
             for a in busiest:
                 m.add_metric([a.rule, a.account], getattr(a, attr))
             yield m
+        drift = metric(
+            Family(
+                "account_quota_drift_ratio",
+                "gauge",
+                "At the busiest accounts' last server report: the server's level of the "
+                "bucket above elbasy's count (below: negative), as a fraction of the bucket.",
+                ("rule", "account"),
+            )
+        )
+        for a in busiest:
+            if a.drift is not None:
+                drift.add_metric([a.rule, a.account], a.drift)
+        yield drift
 
 
 def _bound(b: float) -> str:

@@ -832,7 +832,7 @@ class Pacer:
                 continue
             ours = level(m.keys[k], limits[k], now)
             if ours is not None:
-                self.metrics.drift(m.rule.id, abs(value - ours) / limits[k].capacity)
+                self.metrics.drift(m.rule.id, m.account, (value - ours) / limits[k].capacity)
 
     def _refusal(
         self,

@@ -127,6 +127,8 @@ def test_the_text_parses_with_prometheus_clients_parser() -> None:
     w.finished("shopify-graphql", 200, "shop|x", 5.0)
     w.waited("shopify-graphql", "shop|x", 0.004, 5.0)
     w.throttled("shopify-graphql", "THROTTLED")
+    w.drift("shopify-graphql", "shop|x", -0.25)  # the server counted less than elbasy did
+    w.reported("shopify-graphql", "shop|x", 750.0, 1000.0, 5.0)  # the report it came with
     w.error("upstream_errors")
     text, content_type = exposition(InstanceView(memory), 2)
     assert content_type.startswith(b"text/plain; version=0.0.4")
@@ -141,6 +143,9 @@ def test_the_text_parses_with_prometheus_clients_parser() -> None:
     assert total(samples, "elbasy_errors_total", kind="upstream_errors") == 1
     assert total(samples, "elbasy_errors_total", kind="head_timeouts") == 0  # a loop counter
     assert total(samples, "elbasy_account_requests_total", account="shop|x") == 1
+    assert total(samples, "elbasy_account_quota_drift_ratio", account="shop|x") == -0.25
+    assert total(samples, "elbasy_quota_drift_ratio_bucket", le="0.2") == 0
+    assert total(samples, "elbasy_quota_drift_ratio_bucket", le="0.5") == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +218,10 @@ def test_one_scrape_is_the_whole_instance(
         assert drifts >= 43
         assert total(s, "elbasy_quota_drift_ratio_sum") / drifts < 0.05
         assert total(s, "elbasy_quota_drift_ratio_bucket", le="0.1") == drifts
+        (account_drift,) = [
+            v for (n, _), v in s.items() if n == "elbasy_account_quota_drift_ratio"
+        ]
+        assert abs(account_drift) < 0.1
         assert total(s, "elbasy_dns_lookups_total") >= 2  # one upstream connection a worker
         assert total(s, "elbasy_tls_leaf_mints_total") >= 1  # metered.myshopify.com
         assert total(s, "elbasy_upstream_pool_idle") >= 1
