@@ -61,6 +61,7 @@ class Loop:
         idle_timeout: float = 300.0,
         keepalive_timeout: float = 60.0,
         response_timeout: float = 60.0,
+        exchange_timeout: float = 300.0,
         max_head_bytes: int = 65536,
         splice: int = 0,
         server_tls: ServerTLSSeam | None = None,

@@ -566,6 +566,13 @@ class Config:
     response_timeout: float = setting(
         Seconds(), 60.0, "Wait this long for an upstream response head (504).", to="loop"
     )
+    exchange_timeout: float = setting(
+        Seconds(),
+        300.0,
+        "A forwarded request's whole exchange (its body up, its answer down) ends within "
+        "this, however its bytes trickle (504 before the answer's head, else closed).",
+        to="loop",
+    )
     max_head_bytes: int = setting(
         Integer(MAX_HEAD_BYTES_MIN, MAX_HEAD_BYTES_MAX, "16 MiB"),
         65536,

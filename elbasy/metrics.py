@@ -207,6 +207,7 @@ LOOP_ERRORS = (
     "connect_failures",
     "connect_timeouts",
     "response_timeouts",
+    "exchange_timeouts",
     "client_aborts",
     "upstream_aborts",
     "policy_errors",

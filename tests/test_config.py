@@ -381,6 +381,7 @@ def test_config_keys_are_the_option_names() -> None:
         "idle_timeout",
         "keepalive_timeout",
         "response_timeout",
+        "exchange_timeout",
         "max_head_bytes",
         "splice",
         "connect_to",

@@ -181,3 +181,59 @@ def test_active_tunnel_not_idle(proxy, raw_origin):
             s.sendall(b"%d" % i)
             assert reader.read_exact(1) == b"%d" % i
             time.sleep(0.3)
+
+
+def test_a_trickled_request_body_ends_at_the_exchange_deadline(proxy, raw_origin):
+    """A byte of body every 0.2 s refreshes the per-byte deadline forever; the
+    exchange's own deadline ends it (504, both connections closed)."""
+    origin = raw_origin(origins.handler_sink_forever)
+    p = proxy("--exchange-timeout", "1.5", "--response-timeout", "5")
+    hp = f"127.0.0.1:{origin.port}"
+    s = p.connect()
+    with s:
+        s.sendall(
+            f"POST http://{hp}/ HTTP/1.1\r\nHost: {hp}\r\nContent-Length: 100\r\n\r\n".encode()
+        )
+        t0 = time.monotonic()
+        reader = Reader(s)
+        s.settimeout(0.2)
+        head = None
+        for _ in range(40):  # at most 8 s of trickle
+            try:
+                s.sendall(b"x")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                head = reader.read_head()
+                break
+            except TimeoutError:
+                continue
+        elapsed = time.monotonic() - t0
+        assert head is not None and head.startswith(b"HTTP/1.1 504 "), head
+        assert 1.2 <= elapsed <= 4.0, elapsed
+    h = p.healthz()
+    assert h["counters"]["exchange_timeouts"] == 1
+    assert h["counters"]["response_timeouts"] == 0
+
+
+def test_a_trickled_answer_is_closed_at_the_exchange_deadline(proxy, raw_origin):
+    def trickle(sock: socket.socket, o: origins.RawOrigin) -> None:
+        Reader(sock).read_head()
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        try:
+            for _ in range(40):
+                sock.sendall(b"y")
+                time.sleep(0.2)
+        except OSError:
+            o.event("closed")
+
+    origin = raw_origin(trickle)
+    p = proxy("--exchange-timeout", "1.5", "--response-timeout", "5")
+    hp = f"127.0.0.1:{origin.port}"
+    s = p.connect()
+    with s:
+        s.sendall(f"GET http://{hp}/ HTTP/1.1\r\nHost: {hp}\r\n\r\n".encode())
+        closed = _wait_closed(s, 8.0)
+    assert closed is not None and 1.2 <= closed <= 4.0, closed
+    origin.wait_event("closed", timeout=5)
+    assert p.healthz()["counters"]["exchange_timeouts"] == 1

@@ -71,6 +71,7 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "idle_timeout": (5.5, 6),
     "keepalive_timeout": (7, 8.5),
     "response_timeout": (9, 10.5),
+    "exchange_timeout": (120, 600.5),
     "max_head_bytes": (2048, 4096),
     "splice": ("never", "always"),
     "connect_to": (["a:443:127.0.0.1:8443", "::b:"], ["*.c.com::[::1]:1"]),

@@ -56,7 +56,8 @@
     X(throttle_retries) \
     X(drain_refused) \
     X(drain_closed) \
-    X(pool_idle)
+    X(pool_idle) \
+    X(exchange_timeouts)
 
 #define ELB_LOOP_GAUGES(X) X(open) X(tunnels_open) X(intercepts_open) X(waiting) X(pool_idle)
 

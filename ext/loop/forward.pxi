@@ -39,12 +39,19 @@ cdef void begin_forward(Loop loop, Conn c, bint reused):
     ex.uin.end = 0
     loop.c.bytes_up += PyBytes_GET_SIZE(head)
     buf_append(&ex.uout, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
-    arm(loop, c, loop.now + loop.response_ns)
+    ex.ends_by = loop.now + loop.exchange_ns
+    arm(loop, c, forward_deadline(loop, ex))
     if request_body_step(loop, c) == STEP_ENDED:
         return
     if flush_upstream(loop, c) == STEP_ENDED:
         return
     forward_masks(loop, c)
+
+
+cdef inline int64_t forward_deadline(Loop loop, ExchangeState *ex) noexcept:
+    """The next byte's deadline, held to the exchange's own end."""
+    cdef int64_t per_byte = loop.now + loop.response_ns
+    return per_byte if per_byte < ex.ends_by else ex.ends_by
 
 
 cdef int request_body_step(Loop loop, Conn c) except STEP_RAISED:
@@ -156,5 +163,5 @@ cdef void forward_event(Loop loop, Conn c, int fd, uint32_t ev):
     if ex.resp_done:
         finish_exchange(loop, c)
         return
-    c.deadline = loop.now + loop.response_ns
+    c.deadline = forward_deadline(loop, ex)  # never earlier than before: a plain store
     forward_masks(loop, c)

@@ -135,8 +135,11 @@ S_TUNNEL
     events:   IN/HUP: pump from that side; OUT/HUP: pump into it; ERR: tunnel_abort
 S_FORWARD
     set by:   begin_forward (connected, upstream_tls_step, take_pooled)
-    deadline: response_ns, moved on with each event
-    expiry:   504 before the response head (response_timeouts), else close
+    deadline: response_ns, moved on with each event, never past the exchange's
+              own end (exchange_ns from begin_forward: a body or an answer
+              trickled a byte at a time cannot hold the connection longer)
+    expiry:   504 before the response head (response_timeouts, exchange_timeouts
+              when its end came), else close
     epoll:    forward_masks: client IN and upstream IN/RDHUP unless held back,
               OUT on a side while bytes wait for it
     events:   client IN: the request body (or pause); OUT: flush_client; upstream
@@ -319,7 +322,8 @@ cdef class Loop:
     def __init__(self, policy, resolver, int listen_fd, int wakeup_fd=-1, *,
                  double head_timeout=10.0, double connect_timeout=10.0,
                  double idle_timeout=300.0, double keepalive_timeout=60.0,
-                 double response_timeout=60.0, Py_ssize_t max_head_bytes=65536,
+                 double response_timeout=60.0, double exchange_timeout=300.0,
+                 Py_ssize_t max_head_bytes=65536,
                  int splice=SPLICE_AUTO,  # no-cython-lint (the keyword is public; splice(2) is not)
                  server_tls=None, client_tls=None, bint listen_exclusive=False,
                  int quota_fd=-1, pages=LOOP_PAGES, counters=None):
@@ -364,6 +368,7 @@ cdef class Loop:
         self.idle_ns = seconds_ns(idle_timeout)
         self.keepalive_ns = seconds_ns(keepalive_timeout)
         self.response_ns = seconds_ns(response_timeout)
+        self.exchange_ns = seconds_ns(exchange_timeout)
         self.max_head = max_head_bytes
         self.splice_mode = <SpliceMode>splice
         self.events = <epoll_event *>malloc(sizeof(epoll_event) * MAX_EVENTS)

@@ -152,11 +152,20 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
 
 
 cdef void forward_expired(Loop loop, Conn c):
-    """The response deadline came: a 504 before the response head, else a close."""
-    loop.c.response_timeouts += 1
+    """The response deadline came: a 504 before the response head, else a close.
+    When it was the exchange's own end (a trickled body or answer), the 504
+    says so."""
+    cdef bint whole = loop.now >= c.exchange.ends_by
+    if whole:
+        loop.c.exchange_timeouts += 1
+    else:
+        loop.c.response_timeouts += 1
     if not c.exchange.resp_head_done:
         drop_upstream(loop, c, False)
-        fail(loop, c, 504, "the upstream did not answer in time")
+        if whole:
+            fail(loop, c, 504, "the exchange took longer than its deadline allows")
+        else:
+            fail(loop, c, 504, "the upstream did not answer in time")
     else:
         close_conn(loop, c, False)  # mid-body: a close is all that is left
 

@@ -67,6 +67,7 @@ cdef struct ExchangeState:
     bint reuse_upstream    # the upstream may go back to the pool
     bint reused            # the upstream came from the pool
     bint retried           # sent once more on a fresh connection already
+    int64_t ends_by        # the whole exchange's deadline (exchange_ns from its start)
 
 
 cdef struct TlsState:
@@ -212,6 +213,7 @@ cdef class Loop:
     cdef int64_t idle_ns
     cdef int64_t keepalive_ns
     cdef int64_t response_ns
+    cdef int64_t exchange_ns
     cdef Py_ssize_t max_head
     cdef SpliceMode splice_mode
     # the counters (ext/c/elbasy_counters.h): in the worker's slot of the
