@@ -62,6 +62,8 @@ class Loop:
         keepalive_timeout: float = 60.0,
         response_timeout: float = 60.0,
         exchange_timeout: float = 300.0,
+        max_connections: int = 0,
+        max_client_connections: int = 0,
         max_head_bytes: int = 65536,
         splice: int = 0,
         server_tls: ServerTLSSeam | None = None,

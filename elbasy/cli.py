@@ -112,6 +112,7 @@ def _option(s: Setting) -> Callable[[_F], _F]:
     attrs: dict[str, Any] = {"envvar": s.envvar, "metavar": s.option_metavar, "help": s.help}
     if s.default_text is not None:
         attrs["help"] = f"{s.help} [default: {s.default_text}]"
+        attrs["show_default"] = False  # the text above says it, once
     decls = [s.flag]
     if isinstance(kind, Flag) and kind.negatable:
         decls = [f"{s.flag}/--no-{s.flag[2:]}"]

@@ -573,6 +573,22 @@ class Config:
         "this, however its bytes trickle (504 before the answer's head, else closed).",
         to="loop",
     )
+    max_connections: int = setting(
+        Integer(0, 10_000_000),
+        0,
+        "A worker answers 503 at once to a new client connection beyond this many open "
+        "(0: only the fd limit).",
+        to="loop",
+        default_text="0, off",
+    )
+    max_client_connections: int = setting(
+        Integer(0, 10_000_000),
+        0,
+        "A worker answers 503 at once to a client address with this many connections "
+        "open already (0: no limit).",
+        to="loop",
+        default_text="0, off",
+    )
     max_head_bytes: int = setting(
         Integer(MAX_HEAD_BYTES_MIN, MAX_HEAD_BYTES_MAX, "16 MiB"),
         65536,

@@ -208,6 +208,7 @@ LOOP_ERRORS = (
     "connect_timeouts",
     "response_timeouts",
     "exchange_timeouts",
+    "refused_busy",
     "client_aborts",
     "upstream_aborts",
     "policy_errors",

@@ -118,6 +118,7 @@ class LoopPages:
     internal_error: bytes  # 500: INTERNAL_ERROR
     bad_gateway: bytes  # 502: FAILED or BAD_RESPONSE
     drained: bytes  # 503 + Retry-After: DRAINED
+    busy: bytes  # 503 + Retry-After: a connection over --max-connections / --max-client-connections
 
 
 LOOP_PAGES = LoopPages(
@@ -126,6 +127,7 @@ LOOP_PAGES = LoopPages(
     internal_error=error_response(500, "elbasy hit an internal error; see its log"),
     bad_gateway=error_response(502, "elbasy: bad gateway"),
     drained=unavailable_response("shutting down", DRAIN_RETRY_AFTER, True),
+    busy=unavailable_response("too many connections", 1, True),
 )
 
 

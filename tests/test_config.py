@@ -382,6 +382,8 @@ def test_config_keys_are_the_option_names() -> None:
         "keepalive_timeout",
         "response_timeout",
         "exchange_timeout",
+        "max_connections",
+        "max_client_connections",
         "max_head_bytes",
         "splice",
         "connect_to",

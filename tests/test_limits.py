@@ -65,6 +65,20 @@ class LimitedProxy(Proxy):
             time.sleep(0.05)
 
 
+def at_rest(p: Proxy) -> int:
+    """The fds elbasy holds at rest: the same count twice, 0.3 s apart (just
+    after start, or after a /healthz, one may still be on its way out)."""
+    count = p.fd_count()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = p.fd_count()
+        if now == count:
+            break
+        count = now
+    return count
+
+
 @pytest.fixture
 def limited() -> Iterator:
     started: list[LimitedProxy] = []
@@ -121,10 +135,9 @@ def _wait_closed(s: socket.socket, timeout: float) -> bool:
 
 def test_out_of_fds_sheds_clients_without_spinning_and_recovers(limited, http_origin):
     p = limited(NOFILE, "--head-timeout", "60", "--keepalive-timeout", "1")
-    baseline = p.fd_count()
     h0 = p.healthz()
     assert h0["counters"]["accept_emfile"] == 0
-    assert p.wait_fds(baseline) == baseline
+    baseline = at_rest(p)
     free = NOFILE - baseline
     assert free > 10, f"elbasy already holds {baseline} fds at start; the limit {NOFILE} is too low"
 
@@ -237,8 +250,8 @@ def test_two_thousand_head_deadlines(proxy, many_fds):
     if many_fds < n + 200:
         pytest.skip(f"RLIMIT_NOFILE hard limit {many_fds} is too low for {n} connections")
     p = proxy("--head-timeout", str(HEAD_TIMEOUT))
-    fds0 = p.fd_count()
     h0 = p.healthz()
+    fds0 = at_rest(p)
     socks: list[socket.socket] = []
     try:
         t_first = time.monotonic()
@@ -282,3 +295,52 @@ def test_two_thousand_head_deadlines(proxy, many_fds):
     while p.fd_count() > fds0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert p.fd_count() == fds0
+
+
+def test_connection_limits_answer_503_at_once_and_count(proxy, http_origin) -> None:
+    """--max-client-connections: the connection past it from one address gets
+    elbasy's 503 at accept, the others go on; a place freed is taken again."""
+    p = proxy("--max-client-connections", "3")
+    hp = http_origin.hostport
+    held = [p.connect() for _ in range(3)]
+    for s in held:
+        s.sendall(b"GET http://" + hp.encode() + b"/hello HTTP/1.1\r\n")  # half a head
+    time.sleep(0.2)  # accepted (the listener defers accept until bytes come)
+    extra = p.connect()
+    with extra:
+        extra.sendall(f"GET http://{hp}/hello HTTP/1.1\r\nHost: {hp}\r\n\r\n".encode())
+        resp = origins.read_response(origins.Reader(extra))
+        assert resp.status == 503 and resp.headers.get("Retry-After") == "1"
+        assert b"too many connections" in resp.body
+    # the ones it held are served when their heads end
+    for s in held:
+        s.sendall(f"Host: {hp}\r\n\r\n".encode())
+        assert origins.read_response(origins.Reader(s)).status == 200
+        s.close()
+    h = p.healthz()  # its own connection fits again
+    assert h["counters"]["refused_busy"] == 1
+    assert h["connections"]["open"] == 1
+
+
+def test_the_global_connection_limit(proxy, http_origin) -> None:
+    p = proxy("--max-connections", "2")
+    hp = http_origin.hostport
+    held = [p.connect() for _ in range(2)]
+    for s in held:
+        s.sendall(b"GET / HTTP/1.1\r\n")
+    time.sleep(0.2)
+    extra = p.connect()
+    with extra:
+        extra.sendall(f"GET http://{hp}/hello HTTP/1.1\r\nHost: {hp}\r\n\r\n".encode())
+        assert origins.read_response(origins.Reader(extra)).status == 503
+    for s in held:
+        s.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            assert p.healthz()["counters"]["refused_busy"] >= 1
+            break
+        except (AssertionError, OSError, ValueError):
+            time.sleep(0.05)
+    else:
+        raise AssertionError("the limit never let a connection in again")

@@ -72,6 +72,8 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "keepalive_timeout": (7, 8.5),
     "response_timeout": (9, 10.5),
     "exchange_timeout": (120, 600.5),
+    "max_connections": (10_000, 0),
+    "max_client_connections": (64, 1024),
     "max_head_bytes": (2048, 4096),
     "splice": ("never", "always"),
     "connect_to": (["a:443:127.0.0.1:8443", "::b:"], ["*.c.com::[::1]:1"]),

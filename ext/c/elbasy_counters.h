@@ -57,7 +57,8 @@
     X(drain_refused) \
     X(drain_closed) \
     X(pool_idle) \
-    X(exchange_timeouts)
+    X(exchange_timeouts) \
+    X(refused_busy)
 
 #define ELB_LOOP_GAUGES(X) X(open) X(tunnels_open) X(intercepts_open) X(waiting) X(pool_idle)
 

@@ -105,6 +105,22 @@ static inline int elb_format_peer(const struct sockaddr_storage *ss, char *out, 
     return snprintf(out, cap, "%s:%u", ip, ntohs(s4->sin_port));
 }
 
+/* A client's address as a short key (family byte, then its 4 or 16 bytes):
+ * what the per-client connection count is kept by. Returns its length. */
+static inline int elb_peer_key(const struct sockaddr_storage *ss, unsigned char *out)
+{
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)ss;
+        out[0] = 6;
+        memcpy(out + 1, &s6->sin6_addr, 16);
+        return 17;
+    }
+    const struct sockaddr_in *s4 = (const struct sockaddr_in *)ss;
+    out[0] = 4;
+    memcpy(out + 1, &s4->sin_addr, 4);
+    return 5;
+}
+
 /* Where a request head ends: offset just past the blank line, or -1.
  * Scans from `from` so a head arriving in pieces is scanned once. */
 static inline long elb_head_end(const char *buf, size_t len, size_t from)

@@ -18,5 +18,6 @@ cdef extern from "elbasy_io.h" nogil:
     int elb_connect(int family, const char *ip, int port, int *out_fd, int *connected)
     int elb_socket_error(int fd)
     int elb_format_peer(const sockaddr_storage *ss, char *out, size_t cap)
+    int elb_peer_key(const sockaddr_storage *ss, unsigned char *out)
     long elb_head_end(const char *buf, size_t length, size_t start)
     long elb_chunked_scan(elb_chunked *st, const char *buf, size_t length)

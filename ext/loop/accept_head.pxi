@@ -14,6 +14,7 @@ cdef void accept_batch(Loop loop):
     cdef sockaddr_storage ss
     cdef socklen_t slen
     cdef Conn c
+    cdef object key
     for _i in range(ACCEPT_BATCH):
         slen = sizeof(ss)
         fd = accept4(loop.listen_fd, <sockaddr *>&ss, &slen, SOCK_NONBLOCK | SOCK_CLOEXEC)
@@ -33,6 +34,10 @@ cdef void accept_batch(Loop loop):
             # EPROTO: counted; the next wake-up tries again
             loop.c.accept_errors += 1
             return
+        key = client_key(&ss)
+        if over_limits(loop, key):
+            refuse_busy(loop, fd)
+            continue
         # TCP_NODELAY comes from the listener: accepted sockets inherit it
         c = Conn.__new__(Conn)  # no upstream, no pipes yet (Conn.__cinit__)
         c.fd = fd
@@ -42,11 +47,38 @@ cdef void accept_batch(Loop loop):
         map_fd(loop, fd, c)
         loop.c.accepted += 1
         loop.c.open += 1
+        c.client_key = key
+        loop.per_client[key] = loop.per_client.get(key, 0) + 1
         c.state = S_HEAD
         arm(loop, c, loop.now + loop.head_ns)
         # The listener defers accept until the client has sent something,
         # so the head is usually already here: read before polling.
         guarded_event(loop, c, fd, EPOLLIN)
+
+
+cdef inline object client_key(sockaddr_storage *ss):
+    cdef unsigned char key[17]
+    cdef int n = elb_peer_key(ss, key)
+    return PyBytes_FromStringAndSize(<char *>key, n)
+
+
+cdef inline bint over_limits(Loop loop, object key):
+    """Whether a new client connection would pass --max-connections or
+    --max-client-connections (this worker's counts)."""
+    if loop.max_conns and <Py_ssize_t>loop.c.open >= loop.max_conns:
+        return True
+    return loop.max_client_conns and loop.per_client.get(key, 0) >= loop.max_client_conns
+
+
+cdef void refuse_busy(Loop loop, int fd):
+    """Answer 503 at once and close: the client's request (usually here already,
+    the listener defers accept) is read and dropped first, so the close sends a
+    FIN after the answer, not a reset that could destroy it."""
+    loop.c.refused_busy += 1
+    recv(fd, loop.iobuf, IO_CHUNK, MSG_DONTWAIT)
+    send(fd, PyBytes_AS_STRING(loop.page_busy), PyBytes_GET_SIZE(loop.page_busy),
+         MSG_NOSIGNAL | MSG_DONTWAIT)
+    close(fd)
 
 
 cdef void shed_one_client(Loop loop):

@@ -43,6 +43,21 @@ cdef void close_conn(Loop loop, Conn c, bint reset):
     c.verdict = None
     c.addrs = None
     loop.c.open -= 1
+    client_gone(loop, c)
+
+
+cdef inline void client_gone(Loop loop, Conn c):
+    """One connection fewer for its client address (the limits' count)."""
+    cdef object key = c.client_key
+    cdef Py_ssize_t n
+    if key is None:
+        return
+    c.client_key = None
+    n = loop.per_client.get(key, 1) - 1
+    if n > 0:
+        loop.per_client[key] = n
+    else:
+        loop.per_client.pop(key, None)
 
 
 cdef void shutdown_all(Loop loop):

@@ -174,7 +174,7 @@ from counters cimport (
     elb_loop_gauges_zero,
 )
 from io cimport (
-    CH_DONE, elb_chunked_scan, elb_connect, elb_format_peer, elb_head_end, elb_now_ns,
+    CH_DONE, elb_chunked_scan, elb_connect, elb_format_peer, elb_head_end, elb_now_ns, elb_peer_key,
     elb_set_reset, elb_socket_error,
 )
 from system cimport (
@@ -323,7 +323,8 @@ cdef class Loop:
                  double head_timeout=10.0, double connect_timeout=10.0,
                  double idle_timeout=300.0, double keepalive_timeout=60.0,
                  double response_timeout=60.0, double exchange_timeout=300.0,
-                 Py_ssize_t max_head_bytes=65536,
+                 Py_ssize_t max_head_bytes=65536, Py_ssize_t max_connections=0,
+                 Py_ssize_t max_client_connections=0,
                  int splice=SPLICE_AUTO,  # no-cython-lint (the keyword is public; splice(2) is not)
                  server_tls=None, client_tls=None, bint listen_exclusive=False,
                  int quota_fd=-1, pages=LOOP_PAGES, counters=None):
@@ -356,6 +357,7 @@ cdef class Loop:
         self.page_internal_error = pages.internal_error
         self.page_bad_gateway = pages.bad_gateway
         self.page_drained = pages.drained
+        self.page_busy = pages.busy
         if counters is not None:
             self.c = counters_in(counters)
             self.counters_memory = counters
@@ -369,6 +371,9 @@ cdef class Loop:
         self.keepalive_ns = seconds_ns(keepalive_timeout)
         self.response_ns = seconds_ns(response_timeout)
         self.exchange_ns = seconds_ns(exchange_timeout)
+        self.max_conns = max_connections
+        self.max_client_conns = max_client_connections
+        self.per_client = {}
         self.max_head = max_head_bytes
         self.splice_mode = <SpliceMode>splice
         self.events = <epoll_event *>malloc(sizeof(epoll_event) * MAX_EVENTS)

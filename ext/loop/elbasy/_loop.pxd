@@ -142,6 +142,7 @@ cdef class Conn(Slot):
     cdef Buf cin                # from the client: head bytes, then body bytes
     cdef Buf cout               # to the client, not yet taken by its socket
     cdef object peer_text
+    cdef object client_key      # its address's key in Loop.per_client (elb_peer_key)
     cdef object ticket          # the policy's handle for this request or tunnel
     cdef object verdict         # the Tunnel or Forward being carried out
     cdef object addrs           # upstream connect: the resolver's addresses
@@ -187,6 +188,7 @@ cdef class Loop:
     cdef bytes page_internal_error
     cdef bytes page_bad_gateway
     cdef bytes page_drained
+    cdef bytes page_busy            # 503: a connection over the connection limits
     # the TLS factories' (elbasy.seam.ServerTLSSeam, ClientTLSSeam); None
     # without interception
     cdef object s_new_ssl       # an SSL* accepting as the CONNECT's host
@@ -214,6 +216,9 @@ cdef class Loop:
     cdef int64_t keepalive_ns
     cdef int64_t response_ns
     cdef int64_t exchange_ns
+    cdef Py_ssize_t max_conns         # 0: only the fd limit
+    cdef Py_ssize_t max_client_conns  # per client address; 0: no limit
+    cdef dict per_client              # client_key -> its open connections
     cdef Py_ssize_t max_head
     cdef SpliceMode splice_mode
     # the counters (ext/c/elbasy_counters.h): in the worker's slot of the
