@@ -589,8 +589,9 @@ class Config:
     intercept: tuple[str, ...] = setting(
         HostGlobs(),
         (),
-        "Terminate TLS for CONNECTs to hosts matching GLOB (e.g. '*.myshopify.com') and "
-        "relay each request; repeatable. Other hosts get a spliced tunnel.",
+        "Terminate TLS for CONNECTs to hosts matching GLOB (e.g. '*.myshopify.com'; each "
+        "'*' is one label) and relay each request; repeatable. Other hosts get a spliced "
+        "tunnel.",
         metavar="GLOB",
     )
     data_dir: str | None = setting(
