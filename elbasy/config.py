@@ -612,8 +612,9 @@ class Config:
     intercept: tuple[str, ...] = setting(
         HostGlobs(),
         (),
-        "Terminate TLS for CONNECTs to hosts matching GLOB (e.g. '*.myshopify.com') and "
-        "relay each request; repeatable. Other hosts get a spliced tunnel.",
+        "Terminate TLS for CONNECTs to hosts matching GLOB (e.g. '*.myshopify.com'; each "
+        "'*' is one label) and relay each request; repeatable. Other hosts get a spliced "
+        "tunnel.",
         metavar="GLOB",
     )
     data_dir: str | None = setting(
@@ -629,6 +630,26 @@ class Config:
         Flag(),
         False,
         "On first run, make a CA without name constraints (it can issue for ANY host).",
+    )
+    leaf_mint_rate: int = setting(
+        Integer(0, 1_000_000),
+        60,
+        "New leaf certificates a minute for one client address, after --leaf-mint-burst "
+        "(a worker allows 4 times as many for all clients; 0: no limit). Leaves already "
+        "made are always served.",
+        metavar="N",
+    )
+    leaf_mint_burst: int = setting(
+        Integer(1, 1_000_000),
+        20,
+        "New leaf certificates one client address may have minted at once.",
+        metavar="N",
+    )
+    leaf_cache_files: int = setting(
+        Integer(1, 10_000_000),
+        1000,
+        "Most leaf certificate files kept in the data dir; the least recently used go first.",
+        metavar="N",
     )
     # --- rules (elbasy.rules) ---
     rules: tuple[str, ...] | None = setting(

@@ -144,6 +144,12 @@ FAMILIES = _families(
     Family("dns_lookups", "counter", "Upstream names looked up (cache hits included)."),
     Family("dns_cache_hits", "counter", "Lookups answered from the resolver's cache."),
     Family("tls_leaf_mints", "counter", "Leaf certificates minted for intercepted hosts."),
+    Family(
+        "tls_leaf_refusals",
+        "counter",
+        "TLS names refused a leaf: not an intercepted host, or new leaves over the rate.",
+        ("reason",),
+    ),
 )
 
 #: the loop's counters as Prometheus families: family -> ((labels, counter name), ...)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from elbasy.errors import RemoteProtocolError
+from elbasy.hostglob import covered
 from elbasy.logs import access_on, log_access
 from elbasy.outbound import Outbound
 from elbasy.pacing import OWN_HEADERS, BadMaxWait, Paced, Pacer, Verdict
@@ -193,11 +193,16 @@ class Policy:
             return self._refuse(ex, exc)
 
     def intercepts(self, host: str) -> bool:
-        """Whether CONNECTs to ``host`` are intercepted (one glob match per host, cached)."""
+        """Whether CONNECTs to ``host`` are intercepted (one glob match per host, cached).
+
+        A glob covers names at its own depth only (:mod:`elbasy.hostglob`): a CONNECT
+        to ``n1.deep.myshopify.com`` under ``*.myshopify.com`` is tunnelled, not
+        intercepted, since no leaf would be minted for it.
+        """
         known = self._intercepted.get(host)
         if known is None:
             name = host.lower()
-            known = any(fnmatchcase(name, glob) for glob in self.intercept)
+            known = covered(name, self.intercept)
             if len(self._intercepted) >= 4096:
                 self._intercepted.clear()
             self._intercepted[host] = known

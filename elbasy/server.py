@@ -172,8 +172,8 @@ def interception(config: Config, intercept: tuple[str, ...]) -> tuple[Any, Any, 
     name constraints predate a new --intercept glob, or it is near expiry),
     naming the command that makes a new one.
     """
-    from elbasy.ca import CAError, CertificateAuthority, default_data_dir
-    from elbasy.tls import ClientTLS, ServerTLS, TLSError
+    from elbasy.ca import CAError, CertificateAuthority, default_data_dir, storage
+    from elbasy.tls import ClientTLS, MintLimiter, ServerTLS, TLSError
 
     def now() -> dt.datetime:
         return dt.datetime.now(dt.UTC)
@@ -196,7 +196,11 @@ def interception(config: Config, intercept: tuple[str, ...]) -> tuple[Any, Any, 
         client = ClientTLS(config.upstream_ca)
     except TLSError as e:
         raise StartupError(str(e)) from None
-    return ServerTLS(authority, now), client, str(authority.cert_path)
+    authority.leaf_files = config.leaf_cache_files
+    storage.prune_leaves(authority.leaves_dir, authority.leaf_files)  # a lower cap than before
+    limiter = MintLimiter(time.monotonic, config.leaf_mint_rate, config.leaf_mint_burst)
+    server = ServerTLS(authority, now, intercept=intercept, limiter=limiter)
+    return server, client, str(authority.cert_path)
 
 
 class Worker:
@@ -256,6 +260,9 @@ class Worker:
                     config, self.intercept
                 )
                 self.server_tls.on_mint = lambda: self.metrics.count("tls_leaf_mints")
+                self.server_tls.on_refuse = lambda why: self.metrics.count(
+                    "tls_leaf_refusals", (why,)
+                )
             self.policy = policy_type(self._stats, self.intercept, self.pacer)
             self.policy.status = self._status
             if self.server_tls is not None:

@@ -17,7 +17,14 @@ SNI, from a bounded C table keyed by SAN: the exact name first, then
 (:func:`elb_sni_miss`): it asks the :class:`~elbasy.ca.CertificateAuthority`
 for the leaf, loads it into a new context and inserts it under the leaf's SAN,
 so one miss for ``shop1.myshopify.com`` makes ``*.myshopify.com`` serve every
-other shop without Python. A table entry remembers its leaf's renewal time;
+other shop without Python. Only names an intercept glob covers get a leaf
+(:func:`elbasy.hostglob.covered`: one label per glob label, so
+``n1.deep.myshopify.com`` is not covered by ``*.myshopify.com``); any other
+SNI fails the handshake with an ``unrecognized_name`` alert before a key is
+made. New leaves can be rate-limited (:class:`MintLimiter`: a token bucket per
+client address and one for the worker); a leaf already in memory or on disk
+is served regardless.
+A table entry remembers its leaf's renewal time;
 a hit on a stale entry counts as a miss, and the fresh leaf replaces it. When
 the table is full the oldest inserted entry is dropped. Stale-ness is judged
 against the wall clock unless :meth:`ServerTLS.set_time` pins the C side to
@@ -50,9 +57,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import socket
 import ssl as _stdlib_ssl
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from elbasy._tls import ffi, lib
@@ -63,12 +71,14 @@ from elbasy.errors import (
     TLSConfigError,
     TLSError,
 )
+from elbasy.hostglob import covered
 
 __all__ = [
     "ERRORS",
     "CertificateVerifyError",
     "ClientTLS",
     "HandshakeError",
+    "MintLimiter",
     "ServerTLS",
     "TLSConfigError",
     "TLSError",
@@ -81,6 +91,11 @@ log = logging.getLogger("elbasy")
 
 DEFAULT_TABLE_SIZE: Final = 1024
 DEFAULT_SESSION_CACHE: Final = 256
+DEFAULT_MINT_RATE: Final = 60  # new leaves a minute, per client address
+DEFAULT_MINT_BURST: Final = 20  # new leaves at once, per client address
+#: the worker's own bucket holds this many clients' worth
+GLOBAL_MINT_FACTOR: Final = 4
+_MINT_CLIENTS: Final = 4096
 _TEXT_CAP: Final = 512
 
 _SSL: Final = lib.ERR_LIB_SSL
@@ -258,11 +273,94 @@ def _nothing() -> None:
     pass
 
 
+def _refused(reason: str) -> None:
+    pass
+
+
+def _peer_of(ssl: Any) -> str | None:
+    """The client address of a server SSL's socket (its write side: the read side may be
+    a memory BIO holding an early ClientHello), or None if it has none."""
+    fd = lib.SSL_get_wfd(ssl)
+    if fd < 0:
+        return None
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return None  # a Unix socket: no address to tell clients apart
+
+
+class MintLimiter:
+    """Token buckets for new leaves: ``burst`` at once and ``per_minute`` after that for each
+    client address, and :data:`GLOBAL_MINT_FACTOR` times as many for all clients together
+    (the only bucket for a client whose address is unknown). ``per_minute`` 0: no limit.
+
+    The per-client buckets are bounded (the table is cleared when it fills);
+    ``clock`` is monotonic seconds (the server passes ``time.monotonic``).
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        per_minute: int = DEFAULT_MINT_RATE,
+        burst: int = DEFAULT_MINT_BURST,
+    ) -> None:
+        if per_minute < 0 or burst < 1:
+            raise ValueError("per_minute must be at least 0 and burst at least 1")
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self.clock = clock
+        self.refused = 0
+        self._clients: dict[str, list[float]] = {}
+        now = clock()
+        self._all = [self.burst * GLOBAL_MINT_FACTOR, now]
+
+    @staticmethod
+    def _refill(bucket: list[float], rate: float, cap: float, now: float) -> None:
+        bucket[0] = min(cap, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+
+    def take(self, client: str | None) -> bool:
+        """Whether ``client`` (an address, or None) may have one more leaf minted now."""
+        if self.rate == 0:
+            return True
+        now = self.clock()
+        factor = GLOBAL_MINT_FACTOR
+        self._refill(self._all, self.rate * factor, self.burst * factor, now)
+        mine: list[float] | None = None
+        if client is not None:
+            mine = self._clients.get(client)
+            if mine is None:
+                if len(self._clients) >= _MINT_CLIENTS:
+                    self._clients.clear()
+                mine = self._clients[client] = [self.burst, now]
+            else:
+                self._refill(mine, self.rate, self.burst, now)
+        if self._all[0] < 1 or (mine is not None and mine[0] < 1):
+            self.refused += 1
+            return False
+        self._all[0] -= 1
+        if mine is not None:
+            mine[0] -= 1
+        return True
+
+
 class ServerTLS:
     """The server (client-facing) side of interception: one default context, leaves by SNI.
 
     ``clock`` is what the leaves are minted against; ``table_size`` bounds the C
     table of leaf contexts (the oldest inserted entry goes when it is full).
+    ``intercept``: the host globs whose names get a leaf (by default the
+    authority's); ``limiter``: who may have new leaves minted, and how fast
+    (None: no limit).
     One per worker, used from the loop's thread.
     """
 
@@ -271,10 +369,18 @@ class ServerTLS:
         authority: CertificateAuthority,
         clock: Callable[[], dt.datetime],
         table_size: int = DEFAULT_TABLE_SIZE,
+        intercept: Sequence[str] | None = None,
+        limiter: MintLimiter | None = None,
     ) -> None:
         if table_size < 1:
             raise ValueError("table_size must be at least 1")
         self.authority = authority
+        self.intercept = tuple(
+            g.lower() for g in (authority.intercept if intercept is None else intercept)
+        )
+        self.limiter = limiter
+        #: SNI names refused a leaf: not covered by a glob, or over the mint rate
+        self.refused = 0
         self.clock = clock
         self.table_size = table_size
         ctx = lib.elb_server_ctx_new(table_size)
@@ -286,18 +392,42 @@ class ServerTLS:
         self.last_failure: TLSError | None = None
         #: called once for each leaf minted (not loaded): /metrics counts them
         self.on_mint: Callable[[], None] = _nothing
+        #: called with "not_intercepted" or "rate" for each name refused a leaf
+        self.on_refuse: Callable[[str], None] = _refused
 
     # the servername callback's slow path
     def _on_miss(self, ssl: Any, name: str) -> Any:
+        if not covered(name, self.intercept):
+            # before any key is made: a client choosing names must not cost a mint
+            self.refused += 1
+            self.on_refuse("not_intercepted")
+            reason = f"no certificate for {name[:255]!r}: not an intercepted host"
+            log.debug("TLS: %s", reason)
+            self.last_failure = TLSConfigError(reason)
+            lib.elb_ssl_set_note(ssl, reason.encode("utf-8", "replace")[: _TEXT_CAP - 1])
+            return ffi.NULL
+
+        limited = False
+
+        def may_mint() -> bool:
+            nonlocal limited
+            if self.limiter is None or self.limiter.take(_peer_of(ssl)):
+                return True
+            limited = True
+            self.refused += 1
+            self.on_refuse("rate")
+            return False
+
         try:
             minted = self.authority.minted
-            leaf = self.authority.leaf_for(name, self.clock())
+            leaf = self.authority.leaf_for(name, self.clock(), may_mint)
             if self.authority.minted != minted:
                 self.on_mint()
             ctx = self._leaf_ctx(leaf)
         except Exception as e:
             reason = f"no certificate for {name!r}: {e}"
-            log.warning("TLS: %s", reason)
+            # a client over the mint rate is told in the handshake, not in the log each time
+            log.log(logging.DEBUG if limited else logging.WARNING, "TLS: %s", reason)
             self.last_failure = TLSConfigError(reason)
             lib.elb_ssl_set_note(ssl, reason.encode("utf-8", "replace")[: _TEXT_CAP - 1])
             return ffi.NULL

@@ -112,6 +112,7 @@ void SSL_set0_rbio(SSL *ssl, BIO *rbio);
 void SSL_set0_wbio(SSL *ssl, BIO *wbio);
 int SSL_set1_groups_list(SSL *ssl, char *list);
 int SSL_get_fd(const SSL *ssl);
+int SSL_get_wfd(const SSL *ssl);
 
 /* BIOs: the loop swaps a drained memory rbio for a socket one */
 BIO *BIO_new_socket(int sock, int close_flag);

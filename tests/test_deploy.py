@@ -70,6 +70,7 @@ COUNTERS_AND_GAUGES = {
     "elbasy_upstream_reused_total",
     "elbasy_tls_handshakes_total",
     "elbasy_tls_leaf_mints_total",
+    "elbasy_tls_leaf_refusals_total",
     "elbasy_dns_lookups_total",
     "elbasy_dns_cache_hits_total",
     "elbasy_errors_total",

@@ -238,14 +238,25 @@ def test_sni_miss_mints_once_and_the_wildcard_serves_the_next_shop_in_c(
     assert authority.minted == 2
 
 
-def test_a_deeper_name_does_not_match_the_wildcard(
+def test_a_deeper_name_is_not_intercepted_and_gets_no_leaf(
     server: ServerTLS, authority: CertificateAuthority, ctx: ssl.SSLContext
 ) -> None:
     serve_one(server, ctx, "shop1.myshopify.com")
-    _, theirs = serve_one(server, ctx, "a.b.myshopify.com")
-    assert san_of(theirs["cert"]) == ["a.b.myshopify.com"]
+    ours, theirs = socket_pair()
+    with ours, theirs:
+        peer = stdlib_client(theirs, ctx, "a.b.myshopify.com")
+        s = server.new_ssl(ours.fileno(), "shop1.myshopify.com")
+        try:
+            with pytest.raises(TLSConfigError, match="not an intercepted host"):
+                handshake(s)
+        finally:
+            free_ssl(s)
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME|unrecognized name"):
+            peer.outcome()
     assert server.stats()["sni_misses"] == 2
-    assert authority.minted == 2
+    assert server.refused == 1
+    assert authority.minted == 1
+    assert sorted(p.name for p in authority.leaves_dir.iterdir()) == ["*.myshopify.com.pem"]
 
 
 def test_without_sni_the_connect_host_picks_the_leaf(
@@ -412,8 +423,10 @@ def test_a_full_table_drops_its_oldest_entry(authority: CertificateAuthority) ->
 
 
 def test_name_the_ca_cannot_serve_fails_the_handshake_with_the_reason(
-    server: ServerTLS, authority: CertificateAuthority, caplog: pytest.LogCaptureFixture
+    authority: CertificateAuthority, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # intercepted (a glob covers it) but outside the CA's name constraints
+    server = ServerTLS(authority, lambda: NOW, intercept=[*INTERCEPT, "evil.example.org"])
     ctx = client_context(authority)
     ours, theirs = socket_pair()
     with ours, theirs, caplog.at_level(logging.WARNING, logger="elbasy"):
@@ -430,6 +443,8 @@ def test_name_the_ca_cannot_serve_fails_the_handshake_with_the_reason(
     assert not info.value.peer_fault
     assert "evil.example.org" in caplog.text
     assert server.stats()["contexts"] == 0
+    assert server.refused == 0  # refused by the CA, not before it
+    server.close()
     assert lib.ERR_peek_error() == 0  # the queue is left clean
 
 

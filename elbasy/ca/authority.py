@@ -40,8 +40,11 @@ leaked leaf file impersonates to its own name for its own 30 days.
 Validity: 30 days (never past the CA's own expiry), back-dated one hour.
 A leaf is renewed when less than a third of its lifetime is left (10 days),
 so clients never see one near expiry. Leaves are cached in memory (an LRU of
-``cache_size`` entries) and on disk; a name is minted again only when its leaf
-is missing, damaged, issued by another CA, or due for renewal.
+``cache_size`` entries) and on disk, at most :attr:`CertificateAuthority.leaf_files`
+files (the least recently used go first, see :func:`elbasy.ca.storage.prune_leaves`);
+a name is minted again only when its leaf is missing, damaged, issued by
+another CA, or due for renewal. ``leaf_for(..., may_mint=...)`` lets the caller
+refuse a mint (elbasy's rate limit) while leaves already made are still served.
 
 Not thread-safe: one :class:`CertificateAuthority` per worker, used from the
 loop's thread.
@@ -53,7 +56,7 @@ import datetime as dt
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -81,6 +84,7 @@ __all__ = [
     "CA_LIFETIME",
     "CA_ROTATE_BEFORE",
     "DEFAULT_CACHE_SIZE",
+    "DEFAULT_LEAF_FILES",
     "LEAF_LIFETIME",
     "CertificateAuthority",
     "Leaf",
@@ -94,6 +98,7 @@ CA_ROTATE_BEFORE: Final = dt.timedelta(days=365)
 LEAF_LIFETIME: Final = dt.timedelta(days=30)
 BACKDATE: Final = dt.timedelta(hours=1)
 DEFAULT_CACHE_SIZE: Final = 1024
+DEFAULT_LEAF_FILES: Final = 1000
 
 
 def _utc(now: dt.datetime) -> dt.datetime:
@@ -152,6 +157,8 @@ class CertificateAuthority:
         self.cache_size = cache_size
         self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         self.minted = 0  # leaves minted by this instance (the tests count them)
+        #: the most leaf files kept on disk (the least recently used are deleted)
+        self.leaf_files = DEFAULT_LEAF_FILES
         self._cache: OrderedDict[str, Leaf] = OrderedDict()
         self._ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         try:
@@ -354,12 +361,18 @@ class CertificateAuthority:
             return name  # a wildcard wider than the constraints: the name alone
         return san
 
-    def leaf_for(self, server_name: str, now: dt.datetime) -> Leaf:
+    def leaf_for(
+        self,
+        server_name: str,
+        now: dt.datetime,
+        may_mint: Callable[[], bool] | None = None,
+    ) -> Leaf:
         """The leaf that serves ``server_name`` (an SNI name or an IP literal) at ``now``.
 
         From memory, else from disk, else minted (and written to disk). Raises
         :class:`CAError` for a name that is not a host name or IP address, or one the
-        CA's name constraints do not permit, or when the CA has expired.
+        CA's name constraints do not permit, or when the CA has expired, or when
+        ``may_mint`` (asked only when a leaf is to be minted) says no.
         """
         now = _utc(now)
         name = normalize_name(server_name)
@@ -382,6 +395,11 @@ class CertificateAuthority:
             )
         leaf = self._load_leaf(key, now)
         if leaf is None:
+            if may_mint is not None and not may_mint():
+                raise CAError(
+                    f"not minting a leaf for {key!r} now: too many new leaves "
+                    "(--leaf-mint-rate, --leaf-mint-burst)"
+                )
             leaf = self._mint(san, now)
         self._cache[key] = leaf
         self._cache.move_to_end(key)
@@ -399,6 +417,7 @@ class CertificateAuthority:
         if found is None:
             return None
         cert, cert_pem, key_pem = found
+        storage.touch_leaf(self.leaves_dir, san)
         leaf = Leaf(
             name=san,
             cert_chain_pem=cert_pem + self.cert_pem,
@@ -455,6 +474,7 @@ class CertificateAuthority:
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         key_pem = storage.key_pem(key)
         storage.write_leaf(self.leaves_dir, name, cert_pem, key_pem)
+        storage.prune_leaves(self.leaves_dir, self.leaf_files, keep=name)
         self.minted += 1
         log.info("minted a leaf for %s, valid until %s", name, not_after.isoformat())
         return Leaf(

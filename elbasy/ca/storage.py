@@ -25,6 +25,9 @@ fixes it.
 ``leaves/`` is a cache: a leaf file that is missing, damaged, readable by
 others, issued by another CA or for another name is not used (the authority
 mints the name again and overwrites it), and making a new CA empties it.
+It is bounded: :func:`prune_leaves` deletes the least recently used files
+beyond a cap (by mtime; :func:`touch_leaf` marks a file used when it is
+loaded, since atime is often not kept).
 """
 
 from __future__ import annotations
@@ -56,8 +59,10 @@ __all__ = [
     "key_pem",
     "load_ca",
     "make_private_dir",
+    "prune_leaves",
     "read_leaf",
     "save_ca",
+    "touch_leaf",
     "write_leaf",
 ]
 
@@ -278,3 +283,54 @@ def write_leaf(leaves_dir: Path, name: str, cert: bytes, key: bytes) -> None:
     """Keep the leaf for SAN ``name``: its certificate then its key (PEM), one file, 0600."""
     make_private_dir(leaves_dir)
     _write_atomic(_leaf_path(leaves_dir, name), cert + key, 0o600)
+
+
+def touch_leaf(leaves_dir: Path, name: str) -> None:
+    """Mark the leaf file for ``name`` as just used (its mtime), for :func:`prune_leaves`."""
+    with contextlib.suppress(OSError):
+        os.utime(_leaf_path(leaves_dir, name))
+
+
+def prune_leaves(leaves_dir: Path, cap: int, keep: str | None = None) -> int:
+    """Delete the least recently used leaf files beyond ``cap``; how many were deleted.
+
+    Used means written or loaded (:func:`touch_leaf`): the oldest mtime goes
+    first. ``keep`` (a SAN name, the leaf just written) is never deleted. Only
+    ``<name>.pem`` files count; a file another process deletes first is skipped.
+    """
+    if cap < 0:
+        raise ValueError("cap must be at least 0")
+    spared = None if keep is None else keep + ".pem"
+    found: list[tuple[float, str]] = []
+    try:
+        with os.scandir(leaves_dir) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.name.endswith(".pem"):
+                    continue
+                try:
+                    found.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
+                except OSError:
+                    continue
+    except FileNotFoundError:
+        return 0
+    excess = len(found) - cap
+    if excess <= 0:
+        return 0
+    found.sort()
+    deleted = 0
+    for _, file_name in found:
+        if deleted >= excess:
+            break
+        if file_name == spared:
+            continue
+        try:
+            os.unlink(leaves_dir / file_name)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot delete the old leaf %s (%s)", leaves_dir / file_name, e.strerror)
+            continue
+        deleted += 1
+    if deleted:
+        log.info("deleted %d least recently used leaf files (the cap is %d)", deleted, cap)
+    return deleted
