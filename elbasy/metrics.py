@@ -280,6 +280,7 @@ class _Account:
     drift: float = float("nan")  # (server's level - the store's) / the bucket, at that report
     buckets: list[float] = field(default_factory=lambda: [0.0] * _BUCKETS)
     entry: int = -1  # its entry in the slot, or -1
+    raw: bytes = b""  # its key as the entry holds it
 
 
 class WorkerMetrics:
@@ -310,6 +311,7 @@ class WorkerMetrics:
         self._series = series
         self._used = used
         self._index: dict[bytes, int] = {}  # key -> its first value
+        self._fast: dict[tuple[str, tuple[str, ...]], int] = {}  # (family, labels) -> the same
         for i in range(series):  # a restarted worker carries on its predecessor's series
             raw, first, _ = _ENTRY.unpack_from(memory, _KEYS_AT + i * _ENTRY.size)
             self._index[raw.rstrip(b"\0")] = first
@@ -339,10 +341,14 @@ class WorkerMetrics:
 
     # ---- series ------------------------------------------------------------------
 
-    def _at(self, family: str, labels: Sequence[str]) -> int:
+    def _at(self, family: str, labels: tuple[str, ...]) -> int:
+        at = self._fast.get((family, labels))
+        if at is not None:
+            return at
         key = _key(family, labels)
         at = self._index.get(key)
         if at is not None:
+            self._fast[(family, labels)] = at
             return at
         width = _width(family)
         if self._series >= _MAX_SERIES or self._used + width > _MAX_VALUES:
@@ -355,14 +361,15 @@ class WorkerMetrics:
         # the entry is written before the count that shows it
         struct.pack_into("<qq", self.memory, 16, self._series, self._used)
         self._index[key] = at
+        self._fast[(family, labels)] = at
         return at
 
-    def count(self, family: str, labels: Sequence[str] = (), amount: float = 1.0) -> None:
+    def count(self, family: str, labels: tuple[str, ...] = (), amount: float = 1.0) -> None:
         at = self._at(family, labels)
         if at >= 0:
             self._values[at] += amount
 
-    def add(self, family: str, labels: Sequence[str], amount: float) -> None:
+    def add(self, family: str, labels: tuple[str, ...], amount: float) -> None:
         """Move a gauge by ``amount`` (+1 a request held, -1 it left)."""
         self.count(family, labels, amount)
 
@@ -377,22 +384,37 @@ class WorkerMetrics:
 
     # ---- what the policy and the pacer tell ------------------------------------------
 
-    def finished(self, rule: str, status: int, account: str | None, wall: float) -> None:
-        """A request's answer went (or it ended without one: ``status`` says which)."""
+    def finished(
+        self,
+        rule: str,
+        status: int,
+        account: str | None,
+        wall: float,
+        waited: float | None = None,
+    ) -> None:
+        """A request's answer went (or it ended without one: ``status`` says which);
+        ``waited``: the seconds a paced request that left waited for its quota."""
         self.count("requests", (rule, str(status)))
         if account is not None:
             a = self._account(rule, account)
             a.requests += 1
+            if waited is not None:
+                self._wait(a, waited, wall)
             self._changed(a)
 
     def waited(self, rule: str, account: str, seconds: float, wall: float) -> None:
         """A paced request left after waiting ``seconds`` for its quota."""
+        a = self._account(rule, account)
+        self._wait(a, seconds, wall)
+        self._changed(a)
+
+    def _wait(self, a: _Account, seconds: float, wall: float) -> None:
+        rule = a.rule
         b = bisect.bisect_left(WAIT_BUCKETS, seconds)
         at = self._at("quota_wait_seconds", (rule,))
         if at >= 0:
             self._values[at + b] += 1
             self._values[at + _BUCKETS] += seconds
-        a = self._account(rule, account)
         a.wait_total += seconds
         a.buckets[b] += 1
         h = self._history
@@ -402,7 +424,6 @@ class WorkerMetrics:
             h[p + 1 : p + _POINT_DOUBLES] = memoryview(bytes(8 * _BUCKETS)).cast("d")
             h[p] = n
         h[p + 1 + b] += 1
-        self._changed(a)
 
     def queued(self, rule: str, account: str, change: int, wall: float) -> None:
         """A request of this account joined (+1) or left (-1) the quota's line."""
@@ -488,7 +509,7 @@ class WorkerMetrics:
             mem,
             at,
             seq,
-            f"{a.rule}\x1f{a.account}".encode("utf-8", "replace")[:_ACCOUNT_KEY],
+            a.raw or _account_key(a),
             a.requests,
             a.wait_total,
             a.queued,
@@ -499,6 +520,11 @@ class WorkerMetrics:
             *a.buckets,
         )
         struct.pack_into("<q", mem, at, seq + 1)  # even: whole
+
+
+def _account_key(a: _Account) -> bytes:
+    a.raw = f"{a.rule}\x1f{a.account}".encode("utf-8", "replace")[:_ACCOUNT_KEY]
+    return a.raw
 
 
 def _rank(a: _Account) -> tuple[bool, float]:

@@ -288,9 +288,8 @@ class Policy:
             self._queue(ex, p, -1)
         wall = self.pacer.wall()
         rule = p.match.rule.id
-        if p.sent_at:
-            self.metrics.waited(rule, p.match.account, p.waited(), wall)
-        self.metrics.finished(rule, status, p.match.account, wall)
+        waited = p.waited() if p.sent_at else None
+        self.metrics.finished(rule, status, p.match.account, wall, waited)
 
     def _shed(self, ex: Exchange, v: Verdict, *, close: bool = False) -> Reply:
         """elbasy's own 429: the request would wait longer than allowed; nothing was sent.
