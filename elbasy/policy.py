@@ -232,7 +232,8 @@ class Policy:
         """No valid credentials: 407 with the challenges (401 for elbasy's own pages)."""
         self.metrics.error("auth_refused")
         self._finished(ex, 401 if own else 407, own=own)
-        log.info("refused %s %s from %s: no valid credentials", ex.method, ex.target, ex.client)
+        # the access line names the target, without query values or URL credentials
+        log.info("refused a %s from %s: no valid credentials", ex.method, ex.client)
         return Reply(PAGE_AUTH_REQUIRED if own else PROXY_AUTH_REQUIRED, True)
 
     def _refuse_client(self, client: str) -> Reply:

@@ -237,21 +237,29 @@ def test_refusals_are_counted_and_logged(guarded: Proxy, http_origin: origins.HT
         )
         return int(r.json()["counters"]["auth_refused"])
 
+    def access_lines(path: str, count: int) -> list[str]:
+        deadline = time.monotonic() + 5
+        while True:
+            lines = [line for line in guarded.stderr_lines if " 407 " in line and path in line]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.02)
+
     before = refused()
     for _ in range(3):
-        resp, _ = exchange(guarded, get(http_origin, basic(USER, "guess")))
+        resp, _ = exchange(guarded, get(http_origin, basic(USER, "guess"), "/counted"))
         assert resp.status == 407
     assert refused() == before + 3
     r = requests.get(f"http://127.0.0.1:{guarded.port}/metrics", auth=(USER, PASSWORD), timeout=10)
     assert 'elbasy_errors_total{kind="auth_refused"}' in r.text
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        lines = [line for line in guarded.stderr_lines if " 407 " in line and "/hello" in line]
-        if len(lines) >= 3:
-            break
-        time.sleep(0.05)
-    assert len(lines) >= 3
+    assert len(access_lines("/counted", 3)) == 3
+    # a URL with credentials in it is refused without them reaching the log
+    leaky = get(http_origin, path="/leaky").replace(b"http://", b"http://mallory:hunter2@")
+    assert exchange(guarded, leaky)[0].status == 407
+    assert len(access_lines("/leaky", 1)) == 1
     assert "guess" not in guarded.stderr and PASSWORD not in guarded.stderr
+    assert "hunter2" not in guarded.stderr
+    assert http_origin.requests == []
 
 
 def test_intercepted_session_needs_no_header(
