@@ -443,3 +443,21 @@ def test_docker_healthcheck_sends_the_credentials(guarded: Proxy, tmp_path: Path
     assert check(ELBASY_AUTH_FILE=str(write_auth(tmp_path))).returncode == 0
     assert check(ELBASY_AUTH_ENV="T", T=TOKEN).returncode == 0
     assert check(ELBASY_AUTH_ENV="T", T="wrong").returncode == 1
+
+
+def test_load_access_reads_the_file_and_the_environment(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_auth(tmp_path)
+    config = build_config(auth_file=str(path), auth_env="T", allow_clients=["10.0.0.0/8"])
+    with caplog.at_level("WARNING", logger="elbasy.auth"):
+        got = access_mod.load_access(config, {"T": "x y:z"})
+    assert got.credentials is not None and got.credentials.count == 3 + 2
+    assert got.clients is not None and got.clients.allows("10.0.0.1:1")
+    assert got.guarded and not access_mod.OPEN.guarded
+    assert "readable by every user" not in caplog.text
+    path.chmod(0o644)
+    with caplog.at_level("WARNING", logger="elbasy.auth"):
+        access_mod.load_access(build_config(auth_file=str(path)))
+    assert "readable by every user" in caplog.text
+    assert access_mod.load_access(build_config()) == access_mod.OPEN
