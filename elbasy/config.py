@@ -96,6 +96,7 @@ MAX_HEAD_BYTES_MAX = 16 * 1024 * 1024
 
 _HOSTNAME_CHARS = frozenset(string.ascii_letters + string.digits + "-._")
 _GLOB_CHARS = _HOSTNAME_CHARS | frozenset("*?[]!")
+_ENV_NAME_CHARS = frozenset(string.ascii_letters + string.digits + "_")
 
 
 def format_hostport(host: str, port: int) -> str:
@@ -394,6 +395,55 @@ class RuleIds(Kind):
 
 
 @dataclass(frozen=True, slots=True)
+class EnvName(Kind):
+    """The name of an environment variable (``--auth-env NAME``), or None."""
+
+    metavar: ClassVar[str | None] = "NAME"
+
+    def check(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        if (
+            not isinstance(value, str)
+            or not value
+            or value[0].isdigit()
+            or any(c not in _ENV_NAME_CHARS for c in value)
+        ):
+            raise ConfigError(f"must be an environment variable's name, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Networks(Kind):
+    """Client networks: ``--allow-clients 10.0.0.0/8,::1`` (repeatable; the environment
+    variable's are separated by commas or spaces) or a config file's list, held as
+    ``ipaddress`` spells each network (an address alone is its /32 or /128)."""
+
+    toml: ClassVar[str] = "array of strings"
+    multiple: ClassVar[bool] = True
+    metavar: ClassVar[str | None] = "CIDR[,CIDR]"
+
+    def check(self, value: Any) -> tuple[str, ...]:
+        out = []
+        for item in tuple(value):
+            try:
+                out.append(str(ipaddress.ip_network(item, strict=False)))
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"{item!r} is not a network (a CIDR such as 10.0.0.0/8, or an address)"
+                ) from None
+        return tuple(out)
+
+    def parse(self, setting: Setting, value: Any) -> dict[str, object]:
+        items = [value] if isinstance(value, str) else list(value or ())
+        return {setting.name: tuple(n.strip() for i in items for n in i.split(",") if n.strip())}
+
+    def dump(self, setting: Setting, config: Any) -> object:
+        networks = getattr(config, setting.name)
+        return list(networks) if networks else None  # none: every client
+
+
+@dataclass(frozen=True, slots=True)
 class RuleTables(Kind):
     """User rules, as the config file's ``[[rule]]`` tables (the built-ins' schema)."""
 
@@ -522,12 +572,36 @@ class Config:
         " lines, a file of their own (appended, reopened on SIGUSR1), or 'off'.",
         metavar="FILE|-|off",
     )
+    # --- who may use the proxy (elbasy.access) ---
+    auth_file: str | None = setting(
+        File(),
+        None,
+        "Ask clients for proxy credentials (Proxy-Authorization: Basic or Bearer), one "
+        "'user:password' or bare token a line in this file ('#' lines are comments); "
+        "read again on reload. elbasy's own pages then take them in Authorization.",
+        metavar="PATH",
+        default_text="no authentication",
+    )
+    auth_env: str | None = setting(
+        EnvName(),
+        None,
+        "Also take credentials from this environment variable (space-separated, as in "
+        "--auth-file), so no secret is on the command line or in the config file.",
+        default_text="none",
+    )
+    allow_clients: tuple[str, ...] = setting(
+        Networks(),
+        (),
+        "Refuse (403) clients whose address is outside these networks (comma-separated, "
+        "repeatable); the default lets any client in.",
+    )
     # --- what elbasy shows of itself (elbasy.metrics) ---
     metrics_listen: str | None = setting(
         Address(),
         None,
         "Also serve /metrics on this address (the supervisor answers: a scrape never "
-        "waits for a busy worker). /metrics on the proxy's own address works either way.",
+        "waits for a busy worker), without authentication: bind it to a private address. "
+        "/metrics on the proxy's own address works either way.",
         metavar="HOST:PORT",
         default_text="off",
     )

@@ -21,14 +21,17 @@ from importlib import resources
 from typing import Any
 
 from elbasy import __version__
+from elbasy.access import REALM
 from elbasy.protocol.headers import serialize
 
 REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    407: "Proxy Authentication Required",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
@@ -86,6 +89,33 @@ def unavailable_response(reason: str, retry_after: float, close: bool) -> bytes:
     retry = max(1, math.ceil(retry_after))
     body = f"elbasy: {reason}; retry after {retry} s\n".encode()
     return response(503, body, b"text/plain", close, ((b"Retry-After", str(retry).encode()),))
+
+
+def _challenges(header: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """Basic first (every client answers it), then Bearer (RFC 9110 11.6.1)."""
+    realm = REALM.encode()
+    return ((header, b'Basic realm="%s"' % realm), (header, b'Bearer realm="%s"' % realm))
+
+
+#: elbasy's 407: a request or CONNECT without valid proxy credentials (elbasy.access)
+PROXY_AUTH_REQUIRED = response(
+    407,
+    b"elbasy: proxy authentication required\n",
+    b"text/plain",
+    True,
+    _challenges(b"Proxy-Authenticate"),
+)
+#: elbasy's 401: one of its own pages without valid credentials, which a browser,
+#: curl -u and a Prometheus scrape (basic_auth, authorization) answer
+PAGE_AUTH_REQUIRED = response(
+    401,
+    b"elbasy: authentication required\n",
+    b"text/plain",
+    True,
+    _challenges(b"WWW-Authenticate"),
+)
+#: elbasy's 403 to a client outside --allow-clients
+CLIENT_REFUSED = error_response(403, "elbasy: this client's address may not use this proxy")
 
 
 #: what a request cut off by a drain is told to wait before trying again: by

@@ -11,12 +11,16 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from elbasy.access import OPEN, Access
 from elbasy.errors import RemoteProtocolError
 from elbasy.hostglob import covered
 from elbasy.logs import access_on, log_access
 from elbasy.outbound import Outbound
 from elbasy.pacing import OWN_HEADERS, BadMaxWait, Paced, Pacer, Verdict
 from elbasy.pages import (
+    CLIENT_REFUSED,
+    PAGE_AUTH_REQUIRED,
+    PROXY_AUTH_REQUIRED,
     draining_response,
     error_response,
     own_page,
@@ -64,6 +68,8 @@ COUNTERS = (
     "upstream_errors",
     "tls_client_failures",
     "abandoned_while_held",
+    "auth_refused",
+    "clients_refused",
 )
 _REFUSAL_COUNTER = {400: "bad_requests", 431: "heads_too_large"}
 # nginx's convention for "the client closed the request before an answer"
@@ -71,6 +77,10 @@ CLIENT_CLOSED = 499
 
 #: distinct CONNECT heads whose decision is kept (all are dropped when full)
 CONNECT_HEADS_KEPT = 1024
+#: where credentials are read: a proxy request's one header, or for elbasy's own
+#: pages the one a browser, curl -u and Prometheus send (or the proxy's)
+_PROXY_CREDENTIALS = (b"proxy-authorization",)
+_PAGE_CREDENTIALS = (b"authorization", b"proxy-authorization")
 
 
 class Exchange:
@@ -107,8 +117,11 @@ class Policy:
         stats: Callable[[], dict[str, Any]],
         intercept: Sequence[str] = (),
         pacer: Pacer | None = None,
+        access: Access = OPEN,
     ) -> None:
         self._stats = stats
+        # who may use the proxy (elbasy.access): credentials, client networks
+        self.access = access
         # without one (tests of routing alone): a pacer whose rules cover nothing
         self.pacer = pacer if pacer is not None else Pacer.unpaced()
         # host globs whose CONNECTs are intercepted (TLS terminated here)
@@ -152,7 +165,13 @@ class Policy:
     ) -> Reply | Tunnel | Intercept | Forward:
         """A request head from ``client``; ``site``: the interception it came in, if any."""
         if site is not None:
+            # its CONNECT was let in: the session's requests need no credentials
             return self._in_session(head, client, site)
+        access = self.access
+        if access.clients is not None and not access.clients.allows(client):
+            return self._refuse_client(client)
+        # a head kept here was let in before, credentials and all (same bytes,
+        # same answer); only heads that passed the check are kept
         known = self._connects.get(head) if head.startswith(b"CONNECT ") else None
         if known is not None:
             host, port, target, intercept = known
@@ -165,6 +184,10 @@ class Policy:
         # HTTP/1.0 clients get one request per connection: their upstream
         # request is HTTP/1.0 too, so no chunked answer can reach them.
         ex = Exchange(client, req.method, req.target, req.keep_alive and req.version != "1.0")
+        if access.credentials is not None:
+            own = req.method != "CONNECT" and req.target.startswith("/")
+            if not self._authorized(req, access.credentials.check, own):
+                return self._refuse_credentials(ex, own)
         try:
             if req.method == "CONNECT":
                 host, port = parse_authority(req.target)
@@ -191,6 +214,34 @@ class Policy:
             return self._paced(req, path, authority, host, port, False, ex)
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
+
+    @staticmethod
+    def _authorized(req: RequestHead, check: Callable[[bytes | None], bool], own: bool) -> bool:
+        """Whether a request carries valid credentials: a proxy request exactly one
+        valid Proxy-Authorization; a request for one of elbasy's pages a valid
+        Authorization (or Proxy-Authorization)."""
+        if not own and not req.lines.hop:
+            return False  # no hop-by-hop line at all, so no Proxy-Authorization
+        names = _PAGE_CREDENTIALS if own else _PROXY_CREDENTIALS
+        values = [value for name, value in req.headers() if name.lower() in names]
+        if own:
+            return any([check(value) for value in values])
+        return len(values) == 1 and check(values[0])
+
+    def _refuse_credentials(self, ex: Exchange, own: bool) -> Reply:
+        """No valid credentials: 407 with the challenges (401 for elbasy's own pages)."""
+        self.metrics.error("auth_refused")
+        self._finished(ex, 401 if own else 407, own=own)
+        # the access line names the target, without query values or URL credentials
+        log.info("refused a %s from %s: no valid credentials", ex.method, ex.client)
+        return Reply(PAGE_AUTH_REQUIRED if own else PROXY_AUTH_REQUIRED, True)
+
+    def _refuse_client(self, client: str) -> Reply:
+        """A client outside --allow-clients: 403 before its head is read further."""
+        self.metrics.error("clients_refused")
+        self._finished(Exchange(client, "-", "-"), 403)
+        log.info("refused %s: its address is outside --allow-clients", client)
+        return Reply(CLIENT_REFUSED, True)
 
     def intercepts(self, host: str) -> bool:
         """Whether CONNECTs to ``host`` are intercepted (one glob match per host, cached).

@@ -20,6 +20,7 @@ from typing import Any
 
 from elbasy import __version__
 from elbasy._loop import Loop
+from elbasy.access import Access, AccessError, load_access
 from elbasy.config import Config
 from elbasy.logs import set_worker
 from elbasy.metrics import MetricsMemory, WorkerMetrics
@@ -99,6 +100,15 @@ def _listen_on(sock: socket.socket, host: str, port: int) -> None:
 
 class StartupError(Exception):
     """elbasy cannot start as configured; the message says why and what to do."""
+
+
+def access_of(config: Config) -> Access:
+    """Who may use the proxy (elbasy.access): the credentials read now, the client
+    networks. Raises StartupError (one line) when the credentials cannot be read."""
+    try:
+        return load_access(config)
+    except AccessError as e:
+        raise StartupError(str(e)) from None
 
 
 def intercepted_hosts(config: Config, rules: RuleSet) -> tuple[str, ...]:
@@ -214,6 +224,8 @@ class Worker:
     EPOLLEXCLUSIVE while a reload's worker polls it too), the worker's
     ``slot`` and the ``shared`` quota state;
     without ``sock`` the worker opens its own listener (tests in one process).
+    ``access``: who may use it, as the supervisor read it for the worker's
+    generation (None: read here from ``config``).
     """
 
     def __init__(
@@ -225,6 +237,7 @@ class Worker:
         slot: int = 0,
         shared: Any = None,
         metrics: MetricsMemory | None = None,
+        access: Access | None = None,
     ) -> None:
         self.config = config
         self.slot = slot
@@ -264,6 +277,7 @@ class Worker:
                     "tls_leaf_refusals", (why,)
                 )
             self.policy = policy_type(self._stats, self.intercept, self.pacer)
+            self.policy.access = access if access is not None else access_of(config)
             self.policy.status = self._status
             if self.server_tls is not None:
                 # the certificate its leaves chain to (never the key)

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from elbasy import __version__
+from elbasy.access import Access, warn_if_open
 from elbasy.config import Config, ConfigError, format_hostport, parse_listen, worker_count
 from elbasy.logs import access_log_file, configure, reopen_log_file, startup_banner
 from elbasy.metrics import InstanceView, MetricsMemory, exposition
@@ -56,6 +57,7 @@ from elbasy.metrics_http import MetricsListener
 from elbasy.server import (
     StartupError,
     Worker,
+    access_of,
     intercepted_hosts,
     listen,
     listen_group,
@@ -211,6 +213,10 @@ class Supervisor:
     def __init__(self, config: Config, reload_config: Callable[[], Config]) -> None:
         self.config = config
         self.reload_config = reload_config
+        # who may use the proxy, read at start and on each reload (elbasy.access);
+        # a restarted worker takes its generation's
+        self.access: Access | None = None
+        self.reload_access: Access | None = None
         # one SO_REUSEPORT listener per worker index, kept open here for the
         # supervisor's lifetime: a restarted or reloaded worker takes over the
         # same socket, so what waits in its accept queue is never reset
@@ -253,6 +259,8 @@ class Supervisor:
         count = worker_count(self.config.workers)
         self.socks = listen_group(self.config.listen_host, self.config.listen_port, count)
         try:
+            self.access = access_of(self.config)
+            self._warn_if_open(self.socks[0], self.access)
             check_quota_store(self.config)
             prepare_ca(self.config)
             self.shared = make_shared(self.config)
@@ -266,7 +274,7 @@ class Supervisor:
             old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
             try:
                 for index in range(count):
-                    self._spawn(self._free_slot(), index, self.config, self.socks, 0)
+                    self._spawn(self._free_slot(), index, self.config, self.access, self.socks, 0)
                 self.ready_deadline = time.monotonic() + READY_TIMEOUT
                 self._serve()
             finally:
@@ -285,6 +293,12 @@ class Supervisor:
             raise StartupError(self.startup_error)
         log.info("stopped")
         return 0
+
+    @staticmethod
+    def _warn_if_open(sock: socket.socket, access: Access) -> None:
+        """A WARNING when the proxy listens beyond loopback and asks nothing of clients."""
+        host, port = sock.getsockname()[:2]
+        warn_if_open(host, format_hostport(host, port), access)
 
     def _listen_metrics(self) -> None:
         """``--metrics-listen``: the supervisor's own /metrics, read from the shared memory."""
@@ -360,7 +374,7 @@ class Supervisor:
             for when, slot, index in sorted(self.restarts):
                 if when <= now:
                     self.restarts.remove((when, slot, index))
-                    self._spawn(slot, index, self.config, self.socks, self.generation)
+                    self._spawn(slot, index, self.config, self.access, self.socks, self.generation)
         if self.kill_at is not None and now >= self.kill_at:
             for c in self.children.values():
                 log.error("worker %d (pid %d) did not finish its drain: killing it", c.slot, c.pid)
@@ -382,6 +396,7 @@ class Supervisor:
         slot: int,
         index: int,
         config: Config,
+        access: Access | None,
         socks: list[socket.socket],
         generation: int,
     ) -> Child:
@@ -393,7 +408,7 @@ class Supervisor:
             pid = os.fork()
             if pid == 0:  # pragma: no cover (the worker process)
                 os.close(ready_r)
-                self._become_worker(slot, config, socks[index], ready_w)
+                self._become_worker(slot, config, access, socks[index], ready_w)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(ready_w)
@@ -403,7 +418,12 @@ class Supervisor:
         return child
 
     def _become_worker(
-        self, slot: int, config: Config, sock: socket.socket, ready_w: int
+        self,
+        slot: int,
+        config: Config,
+        access: Access | None,
+        sock: socket.socket,
+        ready_w: int,
     ) -> NoReturn:
         """The forked child: build the Worker, say it is ready, serve; never returns."""
         code = 1
@@ -428,7 +448,12 @@ class Supervisor:
             configure(config.log_level, config.log_format, config.log_file, config.access_log)
             try:
                 worker = Worker(
-                    config, sock=sock, slot=slot, shared=self.shared, metrics=self.metrics
+                    config,
+                    sock=sock,
+                    slot=slot,
+                    shared=self.shared,
+                    metrics=self.metrics,
+                    access=access,
                 )
             except StartupError as e:
                 os.write(ready_w, b"E" + str(e).encode())
@@ -579,6 +604,7 @@ class Supervisor:
                 if path:
                     with open(path, "a", encoding="utf-8"):
                         pass
+            access = access_of(new)
             check_quota_store(new)
             if store_kind(new) != store_kind(self.config) or (
                 store_kind(new) == "redis" and new.quota_store != self.config.quota_store
@@ -609,14 +635,16 @@ class Supervisor:
                 sock.close()
             log.error("reload failed, the running workers go on: %s", e)
             return
+        self._warn_if_open((socks if moves else self.socks)[0], access)
         self.reload_gen = self.generation + 1
         self.reload_cfg = new
+        self.reload_access = access
         self.reload_socks = socks
         self.reload_moves = moves
         self.reload_deadline = time.monotonic() + READY_TIMEOUT
         listeners = socks if moves else [*self.socks, *socks]
         for index in range(count):
-            self._spawn(self._free_slot(), index, new, listeners, self.reload_gen)
+            self._spawn(self._free_slot(), index, new, access, listeners, self.reload_gen)
         log.info("reloading: starting %d new worker(s)", count)
 
     def _commit_reload(self) -> None:
@@ -628,6 +656,7 @@ class Supervisor:
                 os.kill(c.pid, signal.SIGTERM)
         self.restarts.clear()  # the old generation's crashed slots are not restarted
         self.config = self.reload_cfg
+        self.access = self.reload_access
         self.generation = self.reload_gen
         count = worker_count(self.config.workers)
         if self.reload_moves:
@@ -648,6 +677,7 @@ class Supervisor:
                     sock.close()
                 del self.socks[count:]
         self.reload_gen = self.reload_cfg = None
+        self.reload_access = None
         self.reload_socks = []
         with contextlib.suppress(OSError):
             configure(
@@ -674,6 +704,7 @@ class Supervisor:
         for sock in self.reload_socks:
             sock.close()
         self.reload_gen = self.reload_cfg = None
+        self.reload_access = None
         self.reload_socks = []
 
 
