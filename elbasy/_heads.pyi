@@ -13,6 +13,7 @@ class Head:
     expect_continue: bool
     hop: bool
     line_end: int
+    count: int  # header lines
     def without(
         self,
         names: tuple[bytes, ...] | frozenset[bytes] = (),

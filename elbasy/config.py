@@ -666,7 +666,7 @@ class Config:
     max_head_bytes: int = setting(
         Integer(MAX_HEAD_BYTES_MIN, MAX_HEAD_BYTES_MAX, "16 MiB"),
         65536,
-        "Largest request head accepted (431 beyond).",
+        "Largest request head (431 beyond) or response head (502) accepted.",
         to="loop",
     )
     splice: str = setting(

@@ -26,15 +26,29 @@ cdef class Chunked:
     """One chunked message's framing, fed as it arrives."""
 
     cdef elb_chunked st
+    cdef bytearray out
 
     def __cinit__(self):
         self.st.state = 0
         self.st.remaining = 0
+        self.out = bytearray()
 
     def feed(self, bytes data):
         """How many bytes of ``data`` belong to the message (all of them
-        unless it ends inside), or -1 for bad framing."""
-        return elb_chunked_scan(&self.st, PyBytes_AS_STRING(data), <size_t>PyBytes_GET_SIZE(data))
+        unless it ends inside), or -1 for bad framing. What the loop would
+        pass on of them (the message without its trailer lines) is added to
+        ``passed``."""
+        cdef bytearray work = bytearray(data)
+        cdef size_t kept = 0
+        cdef long got = elb_chunked_scan(&self.st, work, <size_t>len(work), &kept)
+        if got >= 0:
+            self.out += work[:kept]
+        return got
+
+    @property
+    def passed(self):
+        """Every byte passed on so far."""
+        return bytes(self.out)
 
     @property
     def done(self):

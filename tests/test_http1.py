@@ -8,9 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from elbasy._heads import scan
 from elbasy.errors import RemoteProtocolError
 from elbasy.protocol.headers import HOP_BY_HOP, named_in_connection
 from elbasy.protocol.http1 import (
+    MAX_CONNECTION_OPTIONS,
+    MAX_HEADER_LINES,
     parse_request_head,
     parse_response_head,
     request_framing,
@@ -88,6 +91,78 @@ def test_request_framings() -> None:
     with pytest.raises(RemoteProtocolError):
         gz = parse_request_head(b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n")
         request_framing(gz)
+
+
+@pytest.mark.parametrize(
+    "codings", [b"identity, chunked", b"gzip, chunked", b"chunked,identity", b"deflate,chunked"]
+)
+def test_only_chunked_exactly_frames_a_request(codings: bytes) -> None:
+    """RFC 9112 §6.1/§6.3: elbasy relays chunked framing only, so nothing else is
+    accepted as if it were (llhttp itself refuses some of the others)."""
+    head = b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: " + codings + b"\r\n\r\n"
+    with pytest.raises(RemoteProtocolError) as err:
+        request_framing(parse_request_head(head))
+    assert err.value.status_hint == 400
+    assert "Transfer-Encoding" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity, chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+)
+def test_a_response_framed_otherwise_is_a_bad_gateway(head: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as err:
+        response_framing(parse_response_head(head), "GET")
+    assert err.value.status_hint == 502
+
+
+def _with_lines(start: bytes, lines: int, connection: int = 0) -> bytes:
+    named = b", ".join(b"x-n%d" % i for i in range(connection))
+    head = start + (b"Connection: " + named + b"\r\n" if connection else b"")
+    return head + b"".join(b"X-L%d: v\r\n" % i for i in range(lines)) + b"\r\n"
+
+
+def test_header_lines_and_connection_options_are_capped() -> None:
+    req = b"GET http://a/ HTTP/1.1\r\n"
+    resp = b"HTTP/1.1 200 OK\r\n"
+    assert parse_request_head(_with_lines(req, MAX_HEADER_LINES)).lines.count == MAX_HEADER_LINES
+    parse_response_head(_with_lines(resp, MAX_HEADER_LINES - 1, MAX_CONNECTION_OPTIONS))
+    for parse, start, status in (
+        (parse_request_head, req, 431),
+        (parse_response_head, resp, 502),
+    ):
+        with pytest.raises(RemoteProtocolError, match="header lines") as err:
+            parse(_with_lines(start, MAX_HEADER_LINES + 1))
+        assert err.value.status_hint == status
+    for parse, start, status in (
+        (parse_request_head, req, 400),
+        (parse_response_head, resp, 502),
+    ):
+        with pytest.raises(RemoteProtocolError, match="Connection names") as err:
+            parse(_with_lines(start, 0, MAX_CONNECTION_OPTIONS + 1))
+        assert err.value.status_hint == status
+    with pytest.raises(RemoteProtocolError) as err:
+        parse_request_head(_with_lines(b"CONNECT a:443 HTTP/1.1\r\n", MAX_HEADER_LINES + 1))
+    assert err.value.status_hint == 431
+
+
+def test_thousands_of_named_lines_are_all_dropped() -> None:
+    """Past the caps (a set lookup per line, not a scan of the names): each named line goes."""
+    names = [b"X-H%d" % i for i in range(3000)]
+    head = b"GET / HTTP/1.1\r\n" + b"".join(
+        n + b": v\r\nKeep-%d: k\r\n" % i for i, n in enumerate(names)
+    )
+    lines = scan(head + b"\r\n")
+    out = lines.without(frozenset(n.lower() for n in names))
+    assert (
+        out
+        == b"GET / HTTP/1.1\r\n" + b"".join(b"Keep-%d: k\r\n" % i for i in range(3000)) + b"\r\n"
+    )
 
 
 def test_conflicting_content_lengths() -> None:

@@ -22,6 +22,15 @@ from elbasy.verdicts import BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE
 #: was reused; a 429 with --retry-idempotent)
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
+#: Header lines a head may carry (a request beyond: 431; a response: 502).
+#: Real clients and APIs send a few dozen; the cap keeps the work a head
+#: costs bounded by more than its bytes.
+MAX_HEADER_LINES = 256
+
+#: Distinct Connection options a head may carry (beyond: 400 or 502). A
+#: real one names one to three ("close", "keep-alive", "upgrade").
+MAX_CONNECTION_OPTIONS = 32
+
 
 class Framing(NamedTuple):
     """What the headers say about the message body and the connection."""
@@ -95,9 +104,24 @@ class _Validator:
         self.complete = True
 
 
-def _framing(lines: Head) -> Framing:
-    """What a scanned head's headers say about framing."""
+def _framing(lines: Head, what: str, status: int) -> Framing:
+    """What a scanned head's headers say about framing, once the head is
+    within the caps on header lines and Connection options."""
+    if lines.count > MAX_HEADER_LINES:
+        raise RemoteProtocolError(
+            f"{what} head has {lines.count} header lines (at most {MAX_HEADER_LINES})",
+            431 if status == 400 else status,
+        )
+    if len(lines.options) > MAX_CONNECTION_OPTIONS:
+        raise RemoteProtocolError(
+            f"{what} head's Connection names {len(lines.options)} options"
+            f" (at most {MAX_CONNECTION_OPTIONS})",
+            status,
+        )
     return Framing(lines.options, lines.lengths, lines.codings, lines.hop)
+
+
+_CHUNKED = (b"chunked",)
 
 
 def _validate(parser: _Parser, sink: _Validator, head: bytes, what: str, status: int) -> None:
@@ -128,8 +152,10 @@ def parse_request_head(head: bytes) -> RequestHead:
     lines = scan(head)
     if method == "CONNECT":
         # llhttp checked the headers; a tunnel needs none of them (yet)
+        if lines.count > MAX_HEADER_LINES:
+            _framing(lines, "request", 400)
         return RequestHead(method, target, version, lines, False, _NO_FRAMING)
-    framing = _framing(lines)
+    framing = _framing(lines, "request", 400)
     keep_alive = _keep_alive(version, framing.connection)
     return RequestHead(method, target, version, lines, keep_alive, framing)
 
@@ -140,7 +166,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     parser = httptools.HttpResponseParser(sink)
     _validate(parser, sink, head, "response", 502)
     lines = scan(head)
-    framing = _framing(lines)
+    framing = _framing(lines, "response", 502)
     version = parser.get_http_version()
     keep_alive = _keep_alive(version, framing.connection)
     return ResponseHead(parser.get_status_code(), version, lines, keep_alive, framing)
@@ -175,8 +201,14 @@ def request_framing(req: RequestHead) -> tuple[int, int]:
         if req.version == "1.0":
             # RFC 9112 §6.1: framing an HTTP/1.0 message by it is faulty
             raise RemoteProtocolError("Transfer-Encoding in an HTTP/1.0 request")
-        if f.codings[-1] != b"chunked":
-            raise RemoteProtocolError("request Transfer-Encoding must end in chunked")
+        if f.codings != _CHUNKED:
+            # RFC 9112 §6.1, §6.3: elbasy relays chunked framing only; any
+            # other coding (identity is none, gzip would need decoding to
+            # frame) could make two hops disagree on where the body ends
+            raise RemoteProtocolError(
+                "request Transfer-Encoding must be exactly chunked, not "
+                + ", ".join(c.decode("latin-1") for c in f.codings)
+            )
         return BODY_CHUNKED, 0
     if length is None or length == 0:
         return BODY_NONE, 0
@@ -190,7 +222,18 @@ def response_framing(resp: ResponseHead, request_method: str) -> tuple[int, int]
         return BODY_NONE, 0
     f = resp.framing
     if f.codings:
-        return (BODY_CHUNKED, 0) if f.codings[-1] == b"chunked" else (BODY_CLOSE, 0)
+        if f.codings != _CHUNKED:
+            # elbasy strips TE, so no client asked for another coding; and a
+            # framing elbasy does not read exactly is no framing to relay
+            raise RemoteProtocolError(
+                "response Transfer-Encoding must be exactly chunked, not "
+                + ", ".join(c.decode("latin-1") for c in f.codings),
+                502,
+            )
+        if resp.version == "1.0":
+            # RFC 9112 §6.1: its framing is faulty
+            raise RemoteProtocolError("Transfer-Encoding in an HTTP/1.0 response", 502)
+        return BODY_CHUNKED, 0
     length = _content_length(f, 502)
     if length is None:
         return BODY_CLOSE, 0

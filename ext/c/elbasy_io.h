@@ -144,10 +144,25 @@ static inline long elb_head_end(const char *buf, size_t len, size_t from)
  * where the message ends and to refuse malformed framing (RFC 9112 §7.1).
  * llhttp validates heads in the policy plane; this tracks body boundaries
  * in the data plane so bodies never cross into Python.
+ *
+ * Each chunk line is held to the grammar:
+ *   chunk-size [ chunk-ext ] CRLF, chunk-size = 1*HEXDIG,
+ *   chunk-ext = *( BWS ";" BWS token [ BWS "=" BWS ( token / quoted-string ) ] )
+ * and each trailer line to field-name ":" OWS field-value OWS (a token, then
+ * SP, HTAB, visible bytes and obs-text). Anything else is bad framing: what
+ * a lenient next hop would read differently is refused, never relayed.
+ *
+ * The trailer section is validated and then left out: only the blank line
+ * that ends the message is passed on. elbasy strips the Trailer header and
+ * the client's TE, and a trailer may name Content-Length, Transfer-Encoding
+ * or Host, which a next hop that merges trailers into the head would trust
+ * (RFC 9110 §6.5.1 lets a recipient discard trailers).
  */
 enum {
-    CH_SIZE = 0, CH_SIZE_ANY, CH_EXT, CH_SIZE_LF, CH_DATA, CH_DATA_CR, CH_DATA_LF,
-    CH_TRAILER_START, CH_TRAILER, CH_TRAILER_LF, CH_END_LF, CH_DONE
+    CH_SIZE = 0, CH_SIZE_ANY, CH_EXT_BWS, CH_EXT_NAME_PRE, CH_EXT_NAME, CH_EXT_NAME_BWS,
+    CH_EXT_VALUE_PRE, CH_EXT_TOKEN, CH_EXT_QUOTED, CH_EXT_QUOTED_PAIR, CH_EXT_AFTER,
+    CH_SIZE_LF, CH_DATA, CH_DATA_CR, CH_DATA_LF,
+    CH_TRAILER_START, CH_TRAILER_NAME, CH_TRAILER_VALUE, CH_TRAILER_LF, CH_END_LF, CH_DONE
 };
 
 typedef struct {
@@ -163,84 +178,147 @@ static inline int elb_hexval(char c)
     return -1;
 }
 
-/* Consume up to len bytes. Returns the bytes that belong to the message
- * (== len unless the message ended inside the buffer), or -1 on bad framing.
- * st->state == CH_DONE once the last chunk and trailers are through. */
-static inline long elb_chunked_scan(elb_chunked *st, const char *buf, size_t len)
+/* tchar (RFC 9110 §5.6.2) */
+static inline int elb_tchar(unsigned char c)
 {
-    size_t i = 0;
+    if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'))
+        return 1;
+    return c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL;
+}
+
+/* SP, HTAB, VCHAR or obs-text: what a field value or a quoted pair may hold */
+static inline int elb_vbyte(unsigned char c)
+{
+    return c == ' ' || c == '\t' || (c >= 0x21 && c != 0x7f);
+}
+
+/* Consume up to len bytes of buf. Returns the bytes that belong to the
+ * message (== len unless the message ended inside the buffer), or -1 on bad
+ * framing; *kept is how many of them to pass on, moved to the front of buf
+ * (fewer than returned once trailer lines are left out). st->state ==
+ * CH_DONE once the last chunk and trailers are through. */
+static inline long elb_chunked_scan(elb_chunked *st, char *buf, size_t len, size_t *kept)
+{
+    size_t i = 0, w = 0;
     while (i < len && st->state != CH_DONE) {
-        char c = buf[i];
+        unsigned char c = (unsigned char)buf[i];
+        int keep = 1;
         switch (st->state) {
         case CH_SIZE:
         case CH_SIZE_ANY: {
-            int v = elb_hexval(c);
+            int v = elb_hexval((char)c);
             if (v >= 0) {
                 if (st->remaining >> 59) return -1; /* absurd size */
                 st->remaining = st->remaining * 16 + (uint64_t)v;
                 st->state = CH_SIZE_ANY;
             } else if (st->state == CH_SIZE) {
                 return -1;
-            } else if (c == ';' || c == ' ' || c == '\t') {
-                st->state = CH_EXT;
+            } else if (c == ';') {
+                st->state = CH_EXT_NAME_PRE;
+            } else if (c == ' ' || c == '\t') {
+                st->state = CH_EXT_BWS;
             } else if (c == '\r') {
                 st->state = CH_SIZE_LF;
             } else {
                 return -1;
             }
-            i++;
             break;
         }
-        case CH_EXT:
-            if (c == '\r') st->state = CH_SIZE_LF;
-            else if (((unsigned char)c < 0x20 && c != '\t') || c == 0x7f) return -1;
-            i++;
+        case CH_EXT_BWS: /* whitespace that must lead to ";" */
+        case CH_EXT_AFTER: /* just past a quoted value */
+            if (c == ';') st->state = CH_EXT_NAME_PRE;
+            else if (c == ' ' || c == '\t') st->state = CH_EXT_BWS;
+            else if (c == '\r' && st->state == CH_EXT_AFTER) st->state = CH_SIZE_LF;
+            else return -1;
+            break;
+        case CH_EXT_NAME_PRE:
+            if (elb_tchar(c)) st->state = CH_EXT_NAME;
+            else if (c != ' ' && c != '\t') return -1;
+            break;
+        case CH_EXT_NAME:
+        case CH_EXT_NAME_BWS:
+            if (elb_tchar(c) && st->state == CH_EXT_NAME) break;
+            if (c == '=') st->state = CH_EXT_VALUE_PRE;
+            else if (c == ';') st->state = CH_EXT_NAME_PRE;
+            else if (c == ' ' || c == '\t') st->state = CH_EXT_NAME_BWS;
+            else if (c == '\r' && st->state == CH_EXT_NAME) st->state = CH_SIZE_LF;
+            else return -1;
+            break;
+        case CH_EXT_VALUE_PRE:
+            if (elb_tchar(c)) st->state = CH_EXT_TOKEN;
+            else if (c == '"') st->state = CH_EXT_QUOTED;
+            else if (c != ' ' && c != '\t') return -1;
+            break;
+        case CH_EXT_TOKEN:
+            if (elb_tchar(c)) break;
+            if (c == ';') st->state = CH_EXT_NAME_PRE;
+            else if (c == ' ' || c == '\t') st->state = CH_EXT_BWS;
+            else if (c == '\r') st->state = CH_SIZE_LF;
+            else return -1;
+            break;
+        case CH_EXT_QUOTED:
+            if (c == '"') st->state = CH_EXT_AFTER;
+            else if (c == '\\') st->state = CH_EXT_QUOTED_PAIR;
+            else if (!elb_vbyte(c)) return -1;
+            break;
+        case CH_EXT_QUOTED_PAIR:
+            if (!elb_vbyte(c)) return -1;
+            st->state = CH_EXT_QUOTED;
             break;
         case CH_SIZE_LF:
             if (c != '\n') return -1;
             st->state = st->remaining ? CH_DATA : CH_TRAILER_START;
-            i++;
             break;
         case CH_DATA: {
             size_t take = len - i;
             if (take > st->remaining) take = (size_t)st->remaining;
             st->remaining -= take;
+            if (w != i) memmove(buf + w, buf + i, take);
             i += take;
+            w += take;
             if (st->remaining == 0) st->state = CH_DATA_CR;
-            break;
+            continue;
         }
         case CH_DATA_CR:
             if (c != '\r') return -1;
             st->state = CH_DATA_LF;
-            i++;
             break;
         case CH_DATA_LF:
             if (c != '\n') return -1;
             st->state = CH_SIZE;
-            i++;
             break;
         case CH_TRAILER_START:
-        case CH_TRAILER:
-            /* a bare LF or other control byte would end the message early for
-             * a lenient upstream: refuse it rather than let one request hide
-             * another (the first byte of a line too) */
-            if (c == '\r') st->state = st->state == CH_TRAILER_START ? CH_END_LF : CH_TRAILER_LF;
-            else if (((unsigned char)c < 0x20 && c != '\t') || c == 0x7f) return -1;
-            else st->state = CH_TRAILER;
-            i++;
+            /* a bare LF or other stray byte would end the message early for
+             * a lenient next hop: refused rather than let one request hide
+             * another */
+            if (c == '\r') st->state = CH_END_LF;
+            else if (elb_tchar(c)) { st->state = CH_TRAILER_NAME; keep = 0; }
+            else return -1;
+            break;
+        case CH_TRAILER_NAME:
+            keep = 0;
+            if (c == ':') st->state = CH_TRAILER_VALUE;
+            else if (!elb_tchar(c)) return -1;
+            break;
+        case CH_TRAILER_VALUE:
+            keep = 0;
+            if (c == '\r') st->state = CH_TRAILER_LF;
+            else if (!elb_vbyte(c)) return -1;
             break;
         case CH_TRAILER_LF:
+            keep = 0;
             if (c != '\n') return -1;
             st->state = CH_TRAILER_START;
-            i++;
             break;
         case CH_END_LF:
             if (c != '\n') return -1;
             st->state = CH_DONE;
-            i++;
             break;
         }
+        if (keep) buf[w++] = (char)c;
+        i++;
     }
+    *kept = w;
     return (long)i;
 }
 

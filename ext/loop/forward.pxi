@@ -60,26 +60,30 @@ cdef int request_body_step(Loop loop, Conn c) except STEP_RAISED:
     cdef ExchangeState *ex = &c.exchange
     cdef Py_ssize_t avail = buf_len(&c.cin)
     cdef Py_ssize_t take
+    cdef size_t passed
     cdef long got
     if ex.req_done or avail == 0:
         return STEP_DONE
     if ex.req_framing == BODY_LENGTH:
         take = avail if <uint64_t>avail < ex.req_remaining else <Py_ssize_t>ex.req_remaining
+        passed = <size_t>take
         ex.req_remaining -= take
         if ex.req_remaining == 0:
             ex.req_done = True
     else:
-        got = elb_chunked_scan(&ex.req_chunks, c.cin.data + c.cin.start, avail)
+        # the scanner leaves trailer lines out, in place: `passed` of the
+        # `take` bytes it read go on
+        got = elb_chunked_scan(&ex.req_chunks, c.cin.data + c.cin.start, avail, &passed)
         if got < 0:
             bad_request_body(loop, c)
             return STEP_ENDED
         take = got
         if ex.req_chunks.state == CH_DONE:
             ex.req_done = True
-    buf_append(&ex.uout, c.cin.data + c.cin.start, take)
+    buf_append(&ex.uout, c.cin.data + c.cin.start, <Py_ssize_t>passed)
     buf_consumed(&c.cin, take)
-    c.bytes_up += take
-    loop.c.bytes_up += take
+    c.bytes_up += passed
+    loop.c.bytes_up += passed
     return STEP_DONE
 
 

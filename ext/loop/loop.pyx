@@ -196,6 +196,7 @@ from tls cimport (
 
 import os
 
+from elbasy.errors import RemoteProtocolError
 from elbasy.pages import LOOP_PAGES
 from elbasy.verdicts import (
     ABANDONED, BAD_BODY, BAD_RESPONSE, DRAINED, FAILED, FINISHED, HEAD_TOO_LARGE,

@@ -52,6 +52,7 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
     cdef ExchangeState *ex = &c.exchange
     cdef long end
     cdef Py_ssize_t avail, take
+    cdef size_t passed
     cdef Py_ssize_t parked = 0  # bytes of a final head parked in this call, not yet sent
     cdef long got
     cdef bytes head
@@ -60,11 +61,13 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
     while not ex.resp_head_done:
         avail = buf_len(&ex.uin)
         end = elb_head_end(ex.uin.data + ex.uin.start, avail, 0)
+        if end > loop.max_head or (end < 0 and avail > loop.max_head):
+            # held to --max-head-bytes as a request head is, wherever it
+            # ends: a read may bring the end of a head far past the limit
+            bad_response(loop, c, RemoteProtocolError(
+                f"response head larger than --max-head-bytes ({loop.max_head})", 502))
+            return STEP_ENDED
         if end < 0:
-            if avail > loop.max_head:
-                drop_upstream(loop, c, True)
-                fail(loop, c, 502, "the upstream's response head is too large")
-                return STEP_ENDED
             return STEP_WAIT  # the rest of the head is still on its way
         head = PyBytes_FromStringAndSize(ex.uin.data + ex.uin.start, end)
         buf_consumed(&ex.uin, end)
@@ -72,9 +75,7 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
             plan = loop.p_on_response(c.ticket, head)
         except Exception as exc:
             # the policy's refusal of this response (not a policy error): a 502
-            drop_upstream(loop, c, True)
-            send_final(loop, c, ended_page(
-                loop, c.ticket, Ended(BAD_RESPONSE, error=exc), loop.page_bad_gateway))
+            bad_response(loop, c, exc)
             return STEP_ENDED
         retry_at = plan.retry_at
         if retry_at != HOLD_NOW and not plan.interim:
@@ -111,11 +112,13 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
         return flush_client(loop, c)
     if ex.resp_framing == BODY_LENGTH:
         take = avail if <uint64_t>avail < ex.resp_remaining else <Py_ssize_t>ex.resp_remaining
+        passed = <size_t>take
         ex.resp_remaining -= take
         if ex.resp_remaining == 0:
             ex.resp_done = True
     elif ex.resp_framing == BODY_CHUNKED:
-        got = elb_chunked_scan(&ex.resp_chunks, ex.uin.data + ex.uin.start, avail)
+        # trailer lines are left out in place: `passed` of the `take` go on
+        got = elb_chunked_scan(&ex.resp_chunks, ex.uin.data + ex.uin.start, avail, &passed)
         if got < 0:
             loop.c.upstream_aborts += 1
             drop_upstream(loop, c, True)
@@ -132,23 +135,32 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
             ex.resp_done = True
     else:
         take = avail
+        passed = <size_t>take
     if ex.resp_done and take < avail:
         ex.reuse_upstream = False
     if ex.capture > buf_len(&ex.captured):
         buf_append(&ex.captured, ex.uin.data + ex.uin.start,
-                   min(take, ex.capture - buf_len(&ex.captured)))
-    c.bytes_down += take
-    loop.c.bytes_down += take
+                   min(<Py_ssize_t>passed, ex.capture - buf_len(&ex.captured)))
+    c.bytes_down += passed
+    loop.c.bytes_down += passed
     if buf_len(&c.cout):
-        buf_append(&c.cout, ex.uin.data + ex.uin.start, take)
+        buf_append(&c.cout, ex.uin.data + ex.uin.start, <Py_ssize_t>passed)
         ex.uin.start = 0
         ex.uin.end = 0
         return flush_client(loop, c)
-    if queue_client(loop, c, ex.uin.data + ex.uin.start, take) == STEP_ENDED:
+    if queue_client(loop, c, ex.uin.data + ex.uin.start, <Py_ssize_t>passed) == STEP_ENDED:
         return STEP_ENDED
     ex.uin.start = 0
     ex.uin.end = 0
     return STEP_DONE
+
+
+cdef void bad_response(Loop loop, Conn c, object error):
+    """The upstream's response head is not one to relay (too large, or the
+    policy refused it): the upstream goes and the client hears a 502."""
+    drop_upstream(loop, c, True)
+    send_final(loop, c, ended_page(
+        loop, c.ticket, Ended(BAD_RESPONSE, error=error), loop.page_bad_gateway))
 
 
 cdef void forward_expired(Loop loop, Conn c):
