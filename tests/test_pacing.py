@@ -585,14 +585,27 @@ def at_once(p: Proxy, ca: str, shop: str, token: str, n: int) -> list[tuple]:
             t.close()
 
 
+@pytest.mark.parametrize("store", ["shm", "redis"])
 def test_max_wait_sheds_with_retry_after(
     proxy: Callable[..., Proxy],
     api_ca: tuple[origins.TestCA, Path],
     shopify: RemoteMock,
     tmp_path: Path,
+    request: pytest.FixtureRequest,
+    store: str,
 ) -> None:
+    """With Redis the reservation's answer comes after the request was held: the
+    shed is then answered at its departure (the loop's departure gets a Reply)."""
+    url = request.getfixturevalue("redis_url") if store == "redis" else "shm"
     p, ca = elbasy_for(
-        proxy, api_ca, tmp_path, {"*.myshopify.com": shopify.port}, "--max-wait", "1"
+        proxy,
+        api_ca,
+        tmp_path,
+        {"*.myshopify.com": shopify.port},
+        "--max-wait",
+        "1",
+        "--quota-store",
+        url,
     )
     first = burst(p, ca, "maxwait", "tok", 39)
     assert [st for st, _ in first] == [200] * 39  # the bucket less one marble of headroom
@@ -606,6 +619,14 @@ def test_max_wait_sheds_with_retry_after(
     # every paced answer says how long it waited
     assert all(h.get("X-Elbasy-Wait") is not None for st, h in first + got if st == 200)
     assert float(got[1][1].get("X-Elbasy-Wait") or 0) > 0.5
+    # the shed connections were closed and nothing of them is left
+    h = p.wait_open_connections(1)
+    # (an SSL* each for the upstream connections kept in the pool)
+    assert h["live"]["conns"] == 1 and h["live"]["ssl"] == h["connections"]["upstream_idle"], h
+    if store == "redis":
+        # every one of the four was held for its reservation's answer, the two
+        # shed ones too: their 429 went at their departure
+        assert h["held"]["total"] >= 4, h["held"]
 
 
 def test_per_request_max_wait_override(
