@@ -624,9 +624,9 @@ def test_max_wait_sheds_with_retry_after(
     # (an SSL* each for the upstream connections kept in the pool)
     assert h["live"]["conns"] == 1 and h["live"]["ssl"] == h["connections"]["upstream_idle"], h
     if store == "redis":
-        # every one of the four was held for its reservation's answer, the two
-        # shed ones too: their 429 went at their departure
-        assert h["held"]["total"] >= 4, h["held"]
+        # all 43 waited for their reservation's answer (a piped store answers
+        # later): the two 429s went at their departures
+        assert h["held"]["total"] >= 43, h["held"]
 
 
 def test_per_request_max_wait_override(
