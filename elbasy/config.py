@@ -648,6 +648,7 @@ class Config:
         ((443, 443),),
         "Ports a CONNECT tunnel may reach (ranges like 8000-8999; 1-65535: any); "
         "repeatable. Plain http:// requests may go to any port of an allowed host.",
+        default_text="443",
     )
     allow_internal: tuple[str, ...] = setting(
         HostGlobs(),
