@@ -21,7 +21,6 @@ Whatever the reason, the client is told the one line :data:`DENIED` with a
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -132,13 +131,11 @@ def is_local_address(ip: IP) -> bool:
     if ip.is_loopback or ip.is_unspecified:
         return True
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind((str(ip), 0))
-        except OSError as e:
-            if e.errno in (errno.EADDRNOTAVAIL, errno.EINVAL):
-                return False
-            raise
+    except OSError:  # EADDRNOTAVAIL: not ours (EAFNOSUPPORT: no IPv6 here at all)
+        return False
     return True
 
 
