@@ -369,6 +369,48 @@ class HostGlobs(Kind):
 
 
 @dataclass(frozen=True, slots=True)
+class PortRanges(Kind):
+    """Ports and ranges of them (``443``, ``8000-8999``; commas or repeats), held as
+    (low, high) pairs."""
+
+    toml: ClassVar[str] = "array of ports"
+    multiple: ClassVar[bool] = True
+    metavar: ClassVar[str | None] = "PORT[-PORT]"
+
+    def check(self, value: Any) -> tuple[tuple[int, int], ...]:
+        ranges = tuple(value)
+        for pair in ranges:
+            ok = isinstance(pair, tuple) and len(pair) == 2 and all(is_int(p) for p in pair)
+            if not ok or not 1 <= pair[0] <= pair[1] <= 65535:
+                raise ConfigError(f"must hold port ranges from 1 to 65535, got {pair!r}")
+        if not ranges:
+            raise ConfigError("must name at least one port (1-65535: any)")
+        return ranges
+
+    def parse(self, setting: Setting, value: Any) -> dict[str, object]:
+        items = [value] if isinstance(value, str | int) else list(value)
+        out: list[tuple[int, int]] = []
+        for item in items:
+            for text in str(item).split(","):
+                out.append(_port_range(text.strip()))
+        return {setting.name: tuple(out)}
+
+    def dump(self, setting: Setting, config: Any) -> object:
+        return [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in getattr(config, setting.name)]
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, dash, high = text.partition("-")
+    parts = (low, high) if dash else (low, low)
+    if not all(p.isascii() and p.isdigit() and 1 <= int(p) <= 65535 for p in parts):
+        raise ConfigError(f"{text!r} is not a port (1 to 65535) or a range of them (8000-8999)")
+    lo, hi = int(parts[0]), int(parts[1])
+    if lo > hi:
+        raise ConfigError(f"{text!r}: the range's first port is above its last")
+    return lo, hi
+
+
+@dataclass(frozen=True, slots=True)
 class RuleIds(Kind):
     """Ids of API rules: ``--rules a,b`` or a config file's list; None: every rule."""
 
@@ -683,6 +725,42 @@ class Config:
         "any/keep; IPv6 in brackets). Repeatable; the first match wins.",
         metavar="HOST:PORT:ADDR:PORT",
     )
+    # --- where requests and tunnels may go (elbasy.destinations) ---
+    allow_hosts: tuple[str, ...] = setting(
+        HostGlobs(),
+        (),
+        "Only hosts matching one of these globs may be reached (403 for the others); "
+        "repeatable. Unset: any host.",
+        metavar="GLOB",
+        default_text="any host",
+    )
+    deny_hosts: tuple[str, ...] = setting(
+        HostGlobs(),
+        (),
+        "Hosts matching one of these globs are never reached (403); repeatable.",
+        metavar="GLOB",
+    )
+    allow_ports: tuple[tuple[int, int], ...] = setting(
+        PortRanges(),
+        ((443, 443),),
+        "Ports a CONNECT tunnel may reach (ranges like 8000-8999; 1-65535: any); "
+        "repeatable. Plain http:// requests may go to any port of an allowed host.",
+        default_text="443",
+    )
+    allow_internal: tuple[str, ...] = setting(
+        HostGlobs(),
+        (),
+        "Hosts matching one of these globs may resolve to internal addresses (loopback, "
+        "private, link-local, CGNAT...), which are refused (403) for every other host; "
+        "repeatable. Addresses --connect-to names are the operator's choice and pass.",
+        metavar="GLOB",
+    )
+    dns_timeout: float = setting(
+        Seconds(0.1, 60),
+        5.0,
+        "Longest one name's lookup may take; beyond it its requests fail (502) and the "
+        "lookup is left to finish on its own thread.",
+    )
     intercept: tuple[str, ...] = setting(
         HostGlobs(),
         (),
@@ -912,6 +990,10 @@ def _check_toml_value(path: Path, key: str, value: object) -> object:
     if kind == "array of tables":
         if isinstance(value, list) and all(isinstance(v, dict) for v in value):
             return value
+    if kind == "array of ports":
+        items = value if isinstance(value, list) else [value]
+        if all(isinstance(v, str) or is_int(v) for v in items):
+            return [str(v) for v in items]
     if kind == "array of strings":
         if isinstance(value, str):
             return [value]

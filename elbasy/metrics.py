@@ -143,6 +143,16 @@ FAMILIES = _families(
     Family("errors", "counter", "Requests and connections that failed, by kind.", ("kind",)),
     Family("dns_lookups", "counter", "Upstream names looked up (cache hits included)."),
     Family("dns_cache_hits", "counter", "Lookups answered from the resolver's cache."),
+    Family(
+        "dns_timeouts",
+        "counter",
+        "Names whose lookup (or its wait for a free place) outlasted --dns-timeout.",
+    ),
+    Family(
+        "dns_denied",
+        "counter",
+        "Lookups whose every address is one elbasy may not dial (internal, or itself).",
+    ),
     Family("tls_leaf_mints", "counter", "Leaf certificates minted for intercepted hosts."),
     Family(
         "tls_leaf_refusals",

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from elbasy.access import OPEN, Access
+from elbasy.destinations import DENIED, Destinations
 from elbasy.errors import RemoteProtocolError
 from elbasy.hostglob import covered
 from elbasy.logs import access_on, log_access
@@ -70,8 +71,13 @@ COUNTERS = (
     "abandoned_while_held",
     "auth_refused",
     "clients_refused",
+    "destination_denied",
 )
 _REFUSAL_COUNTER = {400: "bad_requests", 431: "heads_too_large"}
+#: what a client is told when its upstream could not be reached or did not answer
+#: (the same words for a refused connect, an unreachable network, a timeout or a
+#: bad answer: the reason is elbasy's log's, not a port scanner's)
+UPSTREAM_FAILED = "elbasy: the upstream could not be reached or did not answer"
 # nginx's convention for "the client closed the request before an answer"
 CLIENT_CLOSED = 499
 
@@ -118,10 +124,14 @@ class Policy:
         intercept: Sequence[str] = (),
         pacer: Pacer | None = None,
         access: Access = OPEN,
+        destinations: Destinations | None = None,
     ) -> None:
         self._stats = stats
         # who may use the proxy (elbasy.access): credentials, client networks
         self.access = access
+        # where requests may go by name (elbasy.destinations); the resolver
+        # checks the addresses. None: anywhere (tests of routing alone)
+        self.destinations = destinations
         # without one (tests of routing alone): a pacer whose rules cover nothing
         self.pacer = pacer if pacer is not None else Pacer.unpaced()
         # host globs whose CONNECTs are intercepted (TLS terminated here)
@@ -191,6 +201,9 @@ class Policy:
         try:
             if req.method == "CONNECT":
                 host, port = parse_authority(req.target)
+                denied = self._denied(ex, host, port, True)
+                if denied is not None:
+                    return denied
                 intercept = self.intercepts(host)
                 if len(self._connects) >= CONNECT_HEADS_KEPT:
                     self._connects.clear()
@@ -211,6 +224,9 @@ class Policy:
                 return Reply(data, close)
             # plain http:// to an API a rule covers is paced just the same
             host, port, authority, path = self.outbound.absolute(req.target)
+            denied = self._denied(ex, host, port, False)
+            if denied is not None:
+                return denied
             return self._paced(req, path, authority, host, port, False, ex)
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
@@ -358,6 +374,22 @@ class Policy:
         self._finished(ex, status, 0, len(data), shed=True)
         return Reply(data, close)
 
+    def _denied(self, ex: Exchange, host: str, port: int, tunnel: bool) -> Reply | None:
+        """elbasy's 403 when the destination rules refuse ``host:port``; else None."""
+        if self.destinations is None:
+            return None
+        why = self.destinations.refusal(host, port, tunnel)
+        if why is None:
+            return None
+        return Reply(self._deny(ex, why), True)
+
+    def _deny(self, ex: Exchange, why: str) -> bytes:
+        """The one 403 every refused destination gets; ``why`` goes to the log only."""
+        self.metrics.error("destination_denied")
+        self._finished(ex, 403)
+        log.info("denied %s %s from %s: %s", ex.method, ex.target, ex.client, why)
+        return error_response(403, DENIED)
+
     def _refuse(self, ex: Exchange, exc: RemoteProtocolError) -> Reply:
         status = exc.status_hint
         self.metrics.error(_REFUSAL_COUNTER.get(status, f"refused_{status}"))
@@ -442,14 +474,19 @@ class Policy:
         return self._endings[end.kind](ex, end)
 
     def _failed(self, ex: Exchange, status: int, reason: str) -> bytes:
-        """The upstream could not be reached or did not answer (or answered nonsense)."""
+        """The upstream could not be reached or did not answer (or answered nonsense);
+        403: the resolver's guard left no address to dial. The client is told
+        one wording for all of them; ``reason`` goes to the log."""
         if ex.paced is not None:
             self.pacer.abandoned(ex.paced)  # sent: it lands; never sent: its place goes back
+        if status == 403:
+            return self._deny(ex, reason)
         self.metrics.error("upstream_errors")
         self.metrics.error(f"upstream_{status}")
         self._finished(ex, status)
         log.warning("%s %s from %s: %s", ex.method, ex.target, ex.client, reason)
-        return error_response(status, reason)
+        # a 503 is elbasy's own state (out of sockets): the client may know it
+        return error_response(status, reason if status == 503 else UPSTREAM_FAILED)
 
     def _on_failed(self, ex: Exchange | None, end: Ended) -> bytes:
         assert ex is not None

@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 Ticket = Any
 
 #: what the resolver answers for a name: addresses (family, address, port) to
-#: try in order, or a one-line reason it cannot be reached
+#: try in order (exactly those the loop dials), or a one-line reason it cannot
+#: be reached, whose ``status`` attribute, if it has one, is the status the
+#: loop answers with (elbasy.resolver.Failure: 502; Denied: 403), else 502
 Answer = list[tuple[int, str, int]] | str
 
 

@@ -21,7 +21,8 @@ from typing import Any
 from elbasy import __version__
 from elbasy._loop import Loop
 from elbasy.access import Access, AccessError, load_access
-from elbasy.config import Config
+from elbasy.config import Config, parse_listen
+from elbasy.destinations import Destinations
 from elbasy.logs import set_worker
 from elbasy.metrics import MetricsMemory, WorkerMetrics
 from elbasy.pacing import Pacer
@@ -213,6 +214,21 @@ def interception(config: Config, intercept: tuple[str, ...]) -> tuple[Any, Any, 
     return server, client, str(authority.cert_path)
 
 
+def destinations(config: Config, address: tuple[str, int]) -> Destinations:
+    """The destination rules of a worker listening on ``address``: its own
+    addresses (and the supervisor's /metrics one) are never dialed."""
+    rules = Destinations(
+        config.allow_hosts,
+        config.deny_hosts,
+        config.allow_ports,
+        config.allow_internal,
+        own=[address],
+    )
+    if config.metrics_listen is not None:
+        rules.add_own(*parse_listen(config.metrics_listen))
+    return rules
+
+
 class Worker:
     """One loop with its listener, resolver and policy; ``serve()`` runs it.
 
@@ -253,7 +269,14 @@ class Worker:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.resolver = Resolver(time.monotonic, config.connect_to, metrics=self.metrics)
+        self.destinations = destinations(config, self.address)
+        self.resolver = Resolver(
+            time.monotonic,
+            config.connect_to,
+            metrics=self.metrics,
+            destinations=self.destinations,
+            timeout=config.dns_timeout,
+        )
         self.server_tls: Any = None
         self.client_tls: Any = None
         self.ca_file: str | None = None
@@ -279,6 +302,7 @@ class Worker:
             self.policy = policy_type(self._stats, self.intercept, self.pacer)
             self.policy.access = access if access is not None else access_of(config)
             self.policy.status = self._status
+            self.policy.destinations = self.destinations
             if self.server_tls is not None:
                 # the certificate its leaves chain to (never the key)
                 self.policy.ca_pem = self.server_tls.authority.cert_pem

@@ -41,6 +41,19 @@ STARTUP_RE = re.compile(
 )
 REPO = Path(__file__).resolve().parent.parent
 _DATA_HOME = tempfile.mkdtemp(prefix="elbasy-test-data-")
+#: what every test's elbasy is started with unless it asks for the default
+#: destination rules (``guarded=True``): the test origins listen on loopback,
+#: on ports of their own, so loopback is allowed explicitly and any port too
+OPEN_DESTINATIONS = (
+    "--allow-internal",
+    "127.0.0.1",
+    "--allow-internal",
+    "localhost",
+    "--allow-internal",
+    "::1",
+    "--allow-ports",
+    "1-65535",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -66,10 +79,15 @@ class Proxy:
     """A running `python -m elbasy` subprocess."""
 
     def __init__(
-        self, args: list[str], nofile: int | None = None, env: dict[str, str] | None = None
+        self,
+        args: list[str],
+        nofile: int | None = None,
+        env: dict[str, str] | None = None,
+        guarded: bool = False,
     ) -> None:
         """Start elbasy; with `nofile`, under that RLIMIT_NOFILE (soft and hard,
-        since elbasy lifts its soft limit to the hard one); `env` adds variables."""
+        since elbasy lifts its soft limit to the hard one); `env` adds variables;
+        `guarded`: with the default destination rules (else OPEN_DESTINATIONS)."""
         self.args = args
 
         def limit() -> None:
@@ -77,7 +95,15 @@ class Proxy:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "elbasy", "--listen", "127.0.0.1:0", *args],
+            [
+                sys.executable,
+                "-m",
+                "elbasy",
+                "--listen",
+                "127.0.0.1:0",
+                *(() if guarded else OPEN_DESTINATIONS),
+                *args,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -231,8 +257,8 @@ class Proxy:
 def _start_factory() -> tuple[Callable[..., Proxy], list[Proxy]]:
     started: list[Proxy] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> Proxy:
-        p = Proxy([str(a) for a in args], env=env)
+    def start(*args: str, env: dict[str, str] | None = None, guarded: bool = False) -> Proxy:
+        p = Proxy([str(a) for a in args], env=env, guarded=guarded)
         started.append(p)
         return p
 

@@ -159,6 +159,11 @@ DEFAULTS = {
     "splice": "auto",
     "connect_to": [],
     "intercept": [],
+    "allow_hosts": [],
+    "deny_hosts": [],
+    "allow_ports": ["443"],
+    "allow_internal": [],
+    "dns_timeout": 5.0,
     "unconstrained_ca": False,
     "leaf_mint_rate": 60,
     "leaf_mint_burst": 20,
@@ -222,6 +227,14 @@ def test_every_option_from_the_command_line() -> None:
             "--drain-timeout=7.5",
             "--metrics-listen=:9100",
             "--metrics-top-accounts=3",
+            "--allow-hosts=*.myshopify.com",
+            "--deny-hosts",
+            "Admin.example.com",
+            "--allow-ports=443,8443",
+            "--allow-ports",
+            "9000-9100",
+            "--allow-internal=localhost",
+            "--dns-timeout=2.5",
         ]
     )
     assert got == {
@@ -263,6 +276,11 @@ def test_every_option_from_the_command_line() -> None:
         "quota_redis_timeout": 0.5,
         "metrics_listen": "0.0.0.0:9100",
         "metrics_top_accounts": 3,
+        "allow_hosts": ["*.myshopify.com"],
+        "deny_hosts": ["admin.example.com"],
+        "allow_ports": ["443", "8443", "9000-9100"],
+        "allow_internal": ["localhost"],
+        "dns_timeout": 2.5,
     }
 
 
@@ -305,6 +323,11 @@ def test_every_option_from_the_environment() -> None:
         "ELBASY_RULES": "bigcommerce",
         "ELBASY_METRICS_LISTEN": "[::1]:9101",
         "ELBASY_METRICS_TOP_ACCOUNTS": "0",
+        "ELBASY_ALLOW_HOSTS": "*.a.com *.b.com",
+        "ELBASY_DENY_HOSTS": "x.a.com",
+        "ELBASY_ALLOW_PORTS": "443 8000-8999",
+        "ELBASY_ALLOW_INTERNAL": "db.internal",
+        "ELBASY_DNS_TIMEOUT": "1",
     }
     assert settings([], env) == {
         "listen": "[::1]:9001",
@@ -344,6 +367,11 @@ def test_every_option_from_the_environment() -> None:
         "drain_timeout": 0.0,
         "metrics_listen": "[::1]:9101",
         "metrics_top_accounts": 0,
+        "allow_hosts": ["*.a.com", "*.b.com"],
+        "deny_hosts": ["x.a.com"],
+        "allow_ports": ["443", "8000-8999"],
+        "allow_internal": ["db.internal"],
+        "dns_timeout": 1.0,
     }
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import STARTUP_RE, _clean_env
+from conftest import OPEN_DESTINATIONS, STARTUP_RE, _clean_env
 
 from elbasy.config import SETTINGS
 from elbasy.supervisor import KILL_GRACE
@@ -301,7 +301,16 @@ def test_elbasy_runs_without_writable_executable_memory(http_origin: Any) -> Non
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
     assert probe.returncode == 1 and b"PermissionError" in probe.stderr, probe.stderr
     proc = subprocess.Popen(
-        [sys.executable, "-m", "elbasy", "--listen", "127.0.0.1:0", "--workers", "2"],
+        [
+            sys.executable,
+            "-m",
+            "elbasy",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            *OPEN_DESTINATIONS,
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -123,6 +123,7 @@ def running(shop: origins.HTTPOrigin, test_ca: origins.TestCA, tmp_path: Path) -
         data_dir=str(tmp_path / "data"),
         upstream_ca=str(test_ca.path),
         connect_to=[f"{GLOB}:443:127.0.0.1:{shop.port}"],
+        allow_internal=["127.0.0.1"],  # the plain http:// origin
         log_level="warning",
     )
     worker = Worker(config, Holding)

@@ -46,17 +46,17 @@ def test_settings_come_from_the_config_file(proxy, tmp_path: Path, http_origin):
     assert resp.status == 200, resp
 
 
-def test_a_request_to_elbasy_through_itself_ends_at_its_own_pages(proxy):
-    """Forwarded requests leave in origin-form, so pointing elbasy at itself
-    reaches its own pages once instead of looping."""
-    p = proxy("--keepalive-timeout", "1")  # the pooled hop to itself goes after a second
+def test_a_request_to_elbasy_through_itself_is_refused(proxy):
+    """elbasy never dials its own address (loopback allowed or not): a request
+    pointed at itself is refused before any hop to itself is made."""
+    p = proxy("--keepalive-timeout", "1")
     base = p.fd_count()
     before = p.healthz()["connections"]["requests_total"]
     get = f"GET http://127.0.0.1:{p.port}/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     resp, closed = send_and_read(p, get.encode())
-    assert resp.status == 404 and closed, resp
-    # this request, its one forwarded copy, and the /healthz that reads the count
-    assert p.healthz()["connections"]["requests_total"] == before + 3
+    assert resp.status == 403 and closed, resp
+    # this request and the /healthz that reads the count: no forwarded copy
+    assert p.healthz()["connections"]["requests_total"] == before + 2
     deadline = time.monotonic() + 5
     while p.fd_count() > base and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -107,9 +107,19 @@ cdef object peer_of(Loop loop, Conn c):
     return c.peer_text
 
 
+cdef inline bint client_owes_reading(Conn c) noexcept:
+    """The client has not read enough of its answers to send more requests:
+    past OUT_HIGH bytes, or past PIPELINE_MAX answers, owed to it."""
+    cdef Py_ssize_t owed = buf_len(&c.cout)
+    if owed == 0:
+        c.pipelined = 0
+        return False
+    return owed > OUT_HIGH or c.pipelined >= PIPELINE_MAX
+
+
 cdef void update_head_mask(Loop loop, Conn c):
     cdef int want = 0
-    if buf_len(&c.cout) <= OUT_HIGH:
+    if not client_owes_reading(c):
         want = EPOLLIN
     if buf_len(&c.cout) or c.tls.c_rw:
         want |= EPOLLOUT
@@ -121,14 +131,15 @@ cdef void read_head(Loop loop, Conn c):
 
     A loop, not a recursion: a client may pipeline any number of
     requests that elbasy answers itself, and each answer comes back here.
-    Answers the client does not read pile up in cout; past OUT_HIGH no
-    more heads are read or dispatched until it drains.
+    Answers the client does not read pile up in cout; past OUT_HIGH bytes
+    or PIPELINE_MAX answers (c.pipelined: heads dispatched since cout was
+    last empty) no more heads are read or dispatched until it drains.
     """
     cdef ssize_t n
     cdef long end
     cdef Py_ssize_t have, scanned = 0, limit = loop.max_head + 1
     while True:
-        if buf_len(&c.cout) > OUT_HIGH:
+        if client_owes_reading(c):
             update_head_mask(loop, c)
             return
         have = buf_len(&c.cin)
@@ -138,6 +149,7 @@ cdef void read_head(Loop loop, Conn c):
                 head_too_large(loop, c)
                 return
             if end > 0:
+                c.pipelined += 1
                 dispatch_head(loop, c, end)
                 if c.state != S_HEAD:
                     return

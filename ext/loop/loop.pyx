@@ -74,7 +74,8 @@ S_HEAD
     set by:   accept_batch; client_tls_step (handshake done); back_to_head
     deadline: head_ns from a head's first byte; keepalive_ns between requests
     expiry:   close (head_timeouts; keepalive_closed when idle between requests)
-    epoll:    client IN while at most OUT_HIGH is owed, OUT while cout holds bytes
+    epoll:    client IN while at most OUT_HIGH bytes and PIPELINE_MAX answers are owed,
+              OUT while cout holds bytes
     events:   client IN/HUP: read_head; OUT: flush_client; ERR: client_lost
 S_BODY
     set by:   begin_peek (dispatch_head: a Forward whose body the policy sees first)

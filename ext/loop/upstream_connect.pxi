@@ -49,9 +49,14 @@ cdef void resolved_batch(Loop loop):
 
 
 cdef void resolved(Loop loop, Conn c, object res):
+    cdef int status
     if isinstance(res, str):
-        loop.c.connect_failures += 1
-        fail(loop, c, 502, res)
+        # the resolver's Failure says what to answer: 502 for a name that did
+        # not resolve, 403 when the guard left no address (elbasy.resolver)
+        status = getattr(res, "status", 502)
+        if status != 403:
+            loop.c.connect_failures += 1
+        fail(loop, c, status, str(res))
         return
     c.addrs = res
     c.addr_i = 0

@@ -131,6 +131,7 @@ cdef class Conn(Slot):
     cdef int umask              # the upstream fd's epoll interest (-1: not registered)
     cdef Goal goal              # what the connection waits for after connecting
     cdef int requests           # request heads read on this connection
+    cdef int pipelined          # heads dispatched since cout was last empty (accept_head.pxi)
     cdef int addr_i             # upstream connect: the next address to try
     cdef int last_err           # upstream connect: the last address's errno
     cdef bint client_shut       # our FIN to the client went out (lingering close)
