@@ -99,7 +99,7 @@ def test_a_resolver_missing_methods_is_refused(listener: Any) -> None:
 
 
 def test_pages_that_are_not_bytes_are_refused(listener: Any, resolver: Any) -> None:
-    bad = pages.LoopPages(b"", b"", b"", "502", b"")  # type: ignore[arg-type]
+    bad = pages.LoopPages(b"", b"", b"", "502", b"", b"")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         Loop(stub(members(PolicySeam)), resolver, listener.fileno(), pages=bad)
 
