@@ -664,6 +664,12 @@ class Peer:
                 STARTED.remove(p)
 
 
+#: the bench's origins listen on loopback, on ports of their own: elbasy's
+#: destination rules refuse both unless told (README, Destinations)
+LOOPBACK_ORIGINS = ("--allow-internal", "127.0.0.1", "--allow-internal", "localhost",
+                    "--allow-ports", "1-65535")  # fmt: skip
+
+
 def start_elbasy(
     peer: Peer, workdir: Path, python: str, splice: str = "auto", extra: list[str] | None = None
 ) -> None:
@@ -682,7 +688,7 @@ def start_elbasy(
         return
     peer.version = "elbasy " + chk.stdout.strip()
     cmd = [python, "-m", "elbasy", "--listen", f"{LOOPBACK}:0", "--log-level", "warning"]
-    cmd += ["--splice", splice, "--workers", str(workers)] + (extra or [])
+    cmd += ["--splice", splice, "--workers", str(workers), *LOOPBACK_ORIGINS] + (extra or [])
     proc = start(peer.label, cmd, workdir)
     peer.procs = [proc]
     peer.mem_proc = proc
