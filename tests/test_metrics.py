@@ -6,6 +6,7 @@ Prometheus server would read them.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -218,9 +219,7 @@ def test_one_scrape_is_the_whole_instance(
         assert drifts >= 43
         assert total(s, "elbasy_quota_drift_ratio_sum") / drifts < 0.05
         assert total(s, "elbasy_quota_drift_ratio_bucket", le="0.1") == drifts
-        (account_drift,) = [
-            v for (n, _), v in s.items() if n == "elbasy_account_quota_drift_ratio"
-        ]
+        (account_drift,) = [v for (n, _), v in s.items() if n == "elbasy_account_quota_drift_ratio"]
         assert abs(account_drift) < 0.1
         assert total(s, "elbasy_dns_lookups_total") >= 2  # one upstream connection a worker
         assert total(s, "elbasy_tls_leaf_mints_total") >= 1  # metered.myshopify.com
@@ -229,19 +228,17 @@ def test_one_scrape_is_the_whole_instance(
     assert shopify.stats()["totals"]["rest_throttled"] == 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_metrics_listen_is_served_by_the_supervisor(
     proxy: Callable[..., Proxy], http_origin: origins.HTTPOrigin
 ) -> None:
     """--metrics-listen: the same sums on an address of its own, while the
     workers carry plain forwarded requests (rule "none")."""
-    port = free_port()
-    p = proxy("--workers", "2", "--metrics-listen", f"127.0.0.1:{port}")
+    p = proxy("--workers", "2", "--metrics-listen", "127.0.0.1:0")
+    # port 0: the supervisor says where it listens (a port picked here and
+    # closed could be taken by anyone before elbasy binds it)
+    found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", p.stderr)
+    assert found, p.stderr
+    port = int(found.group(1))
     proxies = {"http": p.url}
     for _ in range(10):
         r = requests.get(f"http://127.0.0.1:{http_origin.port}/hello", proxies=proxies, timeout=10)
