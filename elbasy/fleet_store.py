@@ -64,7 +64,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from elbasy.limits import Limit, ServerView
-from elbasy.quota import LocalStore, QuotaStore, Reservation, Shed
+from elbasy.quota import LevelSeen, LocalStore, QuotaStore, Reservation, Shed
 
 __all__ = ["BACKOFF", "BACKOFF_MAX", "RELEARN", "FleetStore", "Pingable"]
 
@@ -435,12 +435,13 @@ class FleetStore:
         limits: Sequence[Limit],
         views: Sequence[ServerView],
         now: float,
+        seen: LevelSeen | None = None,
     ) -> None:
         self.observe_local(keys, limits, views, now)
         store = self._up()
         if store is not None:
             try:
-                store.observe(keys, limits, views, now)
+                store.observe(keys, limits, views, now, seen)
             except self.errors as exc:
                 self._fail(exc)
 

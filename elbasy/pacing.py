@@ -57,13 +57,13 @@ from elbasy.quota import (
     RESERVE,
     LateAnswer,
     Later,
+    LevelSeen,
     LocalStore,
     PipedQuotaStore,
     QuotaStore,
     Reservation,
     Shed,
     StoreFull,
-    view_entries,
 )
 from elbasy.rules import Match, Rule, RuleSet
 from elbasy.verdicts import NOW
@@ -749,8 +749,7 @@ class Pacer:
                 )
         if views:
             self._learn(m, views, {v.limit: v.rate for v in views if v.rate})
-            self._drift(m, views, seen_at)
-            self.store.observe(m.keys, self.limits(m), views, seen_at)
+            self.store.observe(m.keys, self.limits(m), views, seen_at, self._drift(m))
             told = tightest(views)
             if told is not None:
                 self.metrics.reported(m.rule.id, m.account, *told, wall_now)
@@ -817,22 +816,17 @@ class Pacer:
                 return paced.due
         return NOW
 
-    def _drift(self, m: Match, views: list[ServerView], now: float) -> None:
-        """How far the server's level of each bucket is from this store's, as a
-        fraction of the bucket (/metrics: elbasy_quota_drift_ratio). Outside
-        traffic, or another app on the account, shows here first. Stores that
-        cannot say at once (across a network) are not asked."""
-        level = getattr(self.store, "level", None)
-        safety = getattr(self.store, "safety", None)
-        if level is None or safety is None:
-            return
-        limits = self.limits(m)
-        for k, value, _ in view_entries(limits, views, safety):
-            if value is None:
-                continue
-            ours = level(m.keys[k], limits[k], now)
-            if ours is not None:
-                self.metrics.drift(m.rule.id, m.account, (value - ours) / limits[k].capacity)
+    def _drift(self, m: Match) -> LevelSeen:
+        """What the store says of each bucket the server reported: how far the
+        server's level is from the store's, as a fraction of the bucket
+        (/metrics: elbasy_quota_drift_ratio). Outside traffic, or another app
+        on the account, shows here first."""
+        limits, rule, account, metrics = self.limits(m), m.rule.id, m.account, self.metrics
+
+        def seen(k: int, server: float, ours: float) -> None:
+            metrics.drift(rule, account, (server - ours) / limits[k].capacity)
+
+        return seen
 
     def _refusal(
         self,

@@ -67,13 +67,14 @@ from elbasy.quota import (
     RESERVE,
     LateAnswer,
     Later,
+    LevelSeen,
     Reservation,
     Shed,
     StoreFull,
     _per_limit,
 )
 from elbasy.redis_pipe import Reply, SocketPipe
-from elbasy.redis_store import RedisStore, Step, answer
+from elbasy.redis_store import RedisStore, Step, answer, levels_seen
 
 __all__ = ["PipedStore", "pipe_to"]
 
@@ -116,6 +117,15 @@ class _Read:
 
     def __init__(self, name: str, generation: int) -> None:
         self.name, self.generation = name, generation
+
+
+class _Seen:
+    """An observe step whose answer carries the store's levels for /metrics' drift."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self, seen: LevelSeen) -> None:
+        self.seen = seen
 
 
 #: which server a step goes to: "" (the one server, or a Sentinel's master)
@@ -427,7 +437,13 @@ class PipedStore:
         came, self._stash = self._stash, []
         came += [answer for pipe, _ in self._pipes.values() for answer in pipe.completed()]
         for token, reply in came:
-            if isinstance(token, _Read | _Put):
+            if isinstance(token, _Seen):
+                if isinstance(reply, Exception):
+                    failed = failed or reply
+                else:
+                    assert isinstance(reply, bytes)
+                    levels_seen(answer(reply), token.seen)
+            elif isinstance(token, _Read | _Put):
                 if isinstance(reply, Exception):
                     failed = failed or reply
                 elif isinstance(token, _Read):
@@ -503,15 +519,17 @@ class PipedStore:
         limits: Sequence[Limit],
         step: Callable[[RedisStore], Step | None],
         r: Reservation | None = None,
+        token: object = None,
     ) -> bool:
-        """Send a step nobody waits for; False when it cannot go on the pipe now."""
+        """Send a step nobody waits for (its answer, if read, goes to ``token``);
+        False when it cannot go on the pipe now."""
         if r is not None and r.fallback:
             return False
         up = self._pipe_now(keys=keys, limits=limits)
         if up is None:
             return False
         shared, pipe = up
-        self._send(pipe, None, step(shared))
+        self._send(pipe, token, step(shared))
         return True
 
     def _announce(self, keys: Sequence[str]) -> None:
@@ -556,9 +574,15 @@ class PipedStore:
         limits: Sequence[Limit],
         views: Sequence[ServerView],
         now: float,
+        seen: LevelSeen | None = None,
     ) -> None:
         self.fleet.observe_local(keys, limits, views, now)
-        self._tell(keys, limits, lambda s: s.observe_request(keys, limits, views, now))
+        self._tell(
+            keys,
+            limits,
+            lambda s: s.observe_request(keys, limits, views, now),
+            token=None if seen is None else _Seen(seen),
+        )
 
     def throttled(
         self,

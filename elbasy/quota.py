@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -193,7 +193,12 @@ class QuotaStore(Facts, Protocol):
     def confirm(self, r: Reservation, now: float) -> float | None: ...
 
     def observe(
-        self, keys: Sequence[str], limits: Sequence[Limit], views: Sequence[ServerView], now: float
+        self,
+        keys: Sequence[str],
+        limits: Sequence[Limit],
+        views: Sequence[ServerView],
+        now: float,
+        seen: LevelSeen | None = None,
     ) -> None: ...
 
     def throttled(
@@ -237,6 +242,13 @@ RESERVE, CONFIRM, EARLIEST = "reserve", "confirm", "earliest"
 #: one answer that came later: (the caller's token, the step, its result),
 #: the result as the blocking step returns it, or a StoreFull for a reserve
 LateAnswer = tuple[object, str, object]
+
+#: What ``observe`` tells of each bucket a server's view named: (limit index,
+#: the server's level, the store's level just before the view merged), both in
+#: units. The pacer turns it into /metrics' drift. A store across a network
+#: tells it when the step's answer comes back; when it cannot reach its
+#: shared copy it tells nothing (a local share is not what the server counts).
+LevelSeen = Callable[[int, float, float], None]
 
 
 class PipedQuotaStore(QuotaStore, Protocol):
@@ -676,6 +688,7 @@ class LocalStore:
         limits: Sequence[Limit],
         views: Sequence[ServerView],
         now: float,
+        seen: LevelSeen | None = None,
     ) -> None:
         """Merge what the server reports (after a response arrived at ``now``).
 
@@ -687,9 +700,12 @@ class LocalStore:
             st = self._state(keys[k], limit, now)
             if value is not None:
                 if limit.kind == BUCKET:
+                    interval = self._interval(limit)
+                    if seen is not None:
+                        seen(k, value, max(0.0, st.sent - now) / interval + st.flying)
                     # the level the server reports, as this bucket's clock;
                     # what flies is in the server's count, or soon will be
-                    clock = now + (value - st.flying) * self._interval(limit)
+                    clock = now + (value - st.flying) * interval
                     if clock > st.sent:
                         st.sent = clock
                 else:
@@ -700,14 +716,6 @@ class LocalStore:
                         st.extra[i] = st.extra.get(i, 0.0) + (value - ours)
             if reset is not None:
                 st.blocked = max(st.blocked, now + reset)
-
-    def level(self, key: str, limit: Limit, now: float) -> float | None:
-        """A bucket's level as this store sees it at ``now``, in units (what the
-        server's view is compared with: /metrics' drift); None for a window."""
-        if limit.kind != BUCKET:
-            return None
-        st = self._state(key, limit, now)
-        return max(0.0, st.sent - now) / self._interval(limit) + st.flying
 
     def throttled(
         self,

@@ -88,6 +88,7 @@ from typing import Any, Literal
 from elbasy.limits import BUCKET, ROLLING, WINDOW, Limit, ServerView
 from elbasy.quota import (
     EVERY_LINE,
+    LevelSeen,
     Reservation,
     Safety,
     Shed,
@@ -300,6 +301,13 @@ def answer(raw: bytes) -> tuple[float, ...]:
     if not isinstance(raw, bytes) or len(raw) % 8:
         raise ValueError(f"not a quota script's reply: {raw!r:.80}")
     return struct.unpack(f"<{len(raw) // 8}d", raw)
+
+
+def levels_seen(got: tuple[float, ...], seen: LevelSeen) -> None:
+    """Tells ``seen`` the levels the observe script's answer carries: after its
+    now, (limit index, the server's level, the store's before the merge)."""
+    for i in range(1, len(got) - 2, 3):
+        seen(int(got[i]), got[i + 1], got[i + 2])
 
 
 class RedisStore:
@@ -614,8 +622,11 @@ class RedisStore:
         limits: Sequence[Limit],
         views: Sequence[ServerView],
         now: float,
+        seen: LevelSeen | None = None,
     ) -> None:
-        self._run(self.observe_request(keys, limits, views, now))
+        got = self._run(self.observe_request(keys, limits, views, now))
+        if seen is not None:
+            levels_seen(got, seen)
 
     def throttled(
         self,

@@ -38,7 +38,16 @@ from collections.abc import Sequence
 
 from elbasy._shm import LATER, SHED, Account, ShmTable, key_hash
 from elbasy.limits import BUCKET, Limit, ServerView
-from elbasy.quota import EVERY_LINE, Reservation, Safety, Shed, _per_limit, derived, view_entries
+from elbasy.quota import (
+    EVERY_LINE,
+    LevelSeen,
+    Reservation,
+    Safety,
+    Shed,
+    _per_limit,
+    derived,
+    view_entries,
+)
 
 log = logging.getLogger("elbasy.shm")
 
@@ -165,6 +174,7 @@ class ShmStore:
         limits: Sequence[Limit],
         views: Sequence[ServerView],
         now: float,
+        seen: LevelSeen | None = None,
     ) -> None:
         if not limits:
             return
@@ -172,14 +182,18 @@ class ShmStore:
             (k, value, None if reset is None else now + reset)
             for k, value, reset in view_entries(limits, views, self.safety)
         ]
+        if seen is not None:
+            for k, value, _ in entries:
+                if value is not None and (ours := self._level(keys[k], limits[k], now)) is not None:
+                    seen(k, value, ours)
         if entries:
             dropped = self.table.observe(self._account(keys, limits), entries, now)
             if dropped:
                 self.dropped += dropped
                 log.warning("quota table full: %d server view(s) dropped", dropped)
 
-    def level(self, key: str, limit: Limit, now: float) -> float | None:
-        """A bucket's level in the table at ``now``, in units (LocalStore.level)."""
+    def _level(self, key: str, limit: Limit, now: float) -> float | None:
+        """A bucket's level in the table at ``now``, in units; None for a window."""
         if limit.kind != BUCKET:
             return None
         rec = self.table.peek(key_hash(f"{key}\x1f{limit.name}".encode()))

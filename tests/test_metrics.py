@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -267,3 +268,57 @@ def test_metrics_listen_on_a_taken_port_is_a_startup_error(proxy: Callable[..., 
         )
     assert proc.returncode != 0
     assert f"--metrics-listen {where}: Address already in use" in proc.stderr
+
+
+def straight_to_the_shop(port: int, ca_file: Path, shop: str, token: str, n: int) -> None:
+    """n requests sent to the mock Shopify without elbasy: another app on the shop."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    context = ssl.create_default_context(cafile=str(ca_file))
+    with context.wrap_socket(raw, server_hostname=f"{shop}.myshopify.com") as t:
+        reader = origins.Reader(t)
+        for _ in range(n):
+            t.sendall(rest_request(shop, token)(0))
+            assert origins.read_response(reader).status == 200
+
+
+def drift_of(p: Proxy, seen: float) -> tuple[float, float]:
+    """The drift samples and the account's last drift, once more than ``seen``
+    samples are in (a shared store tells the level when its answer comes back)."""
+    deadline = time.monotonic() + 10
+    while True:
+        s = scrape(p)
+        count = total(s, "elbasy_quota_drift_ratio_count")
+        if count > seen or time.monotonic() > deadline:
+            (account,) = [v for (n, _), v in s.items() if n == "elbasy_account_quota_drift_ratio"]
+            return count, account
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("store", ["local", "workers", "redis"])
+def test_drift_shows_what_another_app_spent(
+    proxy: Callable[..., Proxy],
+    api_ca: tuple[origins.TestCA, Path],  # noqa: F811
+    shopify: RemoteMock,  # noqa: F811
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    store: str,
+) -> None:
+    """Drift compares the server's count of a bucket with the store's, in every
+    store: near 0 while elbasy sends everything, and the share another app
+    spent on the shop once it has (Shopify's 40-call bucket, 12 spent outside)."""
+    extra = {
+        "local": (),
+        "workers": ("--workers", "2"),
+        "redis": ("--quota-store", request.getfixturevalue("redis_url")),
+    }[store]
+    p, ca = elbasy_for(proxy, api_ca, tmp_path, {"*.myshopify.com": shopify.port}, *extra)
+    assert [st for st, _ in burst(p, ca, "drifting", "tok", 5)] == [200] * 5
+    count, account = drift_of(p, 4)
+    assert count == 5
+    assert abs(account) < 0.1, account
+    straight_to_the_shop(shopify.port, api_ca[0].path, "drifting", "tok", 12)
+    assert [st for st, _ in burst(p, ca, "drifting", "tok", 1)] == [200]
+    count, account = drift_of(p, 5)
+    assert count == 6
+    # 12 of 40 (less what leaked at 2/s meanwhile): the server is ahead of elbasy
+    assert 0.2 < account < 0.35, account

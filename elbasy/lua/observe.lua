@@ -1,8 +1,11 @@
 -- LocalStore.observe: what the server reported, merged pessimistically.
 -- ARGV (after the limits): m, then m x (limit index from 0, value, reset):
 -- value the bucket level in units or the window's used count, reset the
--- seconds nothing departs for (NaN: none of either). reply: now
+-- seconds nothing departs for (NaN: none of either). reply: now, then for
+-- each bucket given a value (limit index, the server's level, this store's
+-- level before the merge): what /metrics' drift compares
 local m = arg()
+local out = {now}
 for _ = 1, m do
   local k = arg() + 1
   local val = arg()
@@ -11,6 +14,8 @@ for _ = 1, m do
     local r, l = load(k, false), L[k]
     if val == val then
       if l.kind == BUCKET then
+        local ours = math.max(0.0, r.sent - now) / l.interval + r.flying
+        out[#out + 1], out[#out + 2], out[#out + 3] = k - 1, val, ours
         -- what flies is in the server's count, or soon will be
         local clock = now + (val - r.flying) * l.interval
         if clock > r.sent then
@@ -38,4 +43,4 @@ for _ = 1, m do
   end
 end
 save()
-return reply({now})
+return reply(out)
