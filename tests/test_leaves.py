@@ -37,6 +37,7 @@ from elbasy.ca import CertificateAuthority
 from elbasy.ca.storage import prune_leaves
 from elbasy.hostglob import covered, glob_covers
 from elbasy.policy import Policy
+from elbasy.rules import RuleSet
 from elbasy.tls import MintLimiter, ServerTLS, TLSConfigError, free_ssl
 
 INTERCEPT = ["*.myshopify.com", "api*.etsy.com", "api.github.com"]
@@ -75,6 +76,20 @@ def test_a_connect_to_a_deeper_name_is_tunnelled_not_intercepted() -> None:
     assert policy.intercepts("shop1.myshopify.com")
     assert not policy.intercepts("n1.deep.myshopify.com")
     assert not policy.intercepts("myshopify.com")
+
+
+def test_rules_cover_the_names_interception_covers() -> None:
+    """A rule's host glob covers a name at the depth interception does: a plain
+    http:// request to a deeper name is not paced by a rule whose CONNECT would
+    be tunnelled (fnmatch's * crossed the dot there)."""
+    rules = RuleSet.builtin()
+    head = [(b"X-Shopify-Access-Token", b"tok")]
+    path = "/admin/api/2024-10/products.json"
+    assert rules.covers("shop1.myshopify.com")
+    assert rules.match("shop1.myshopify.com", "GET", path, head) is not None
+    for name in ("n1.deep.myshopify.com", "myshopify.com", "x.openapi.etsy.com"):
+        assert not rules.covers(name)
+        assert rules.match(name, "GET", path, head) is None
 
 
 # --------------------------------------------------------------------------- ServerTLS

@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from elbasy.hostglob import covered
 from elbasy.limits import Limit, ServerView
 from elbasy.quota import Facts, LocalFacts
 from elbasy.rules.graphql_cost import estimate
@@ -373,7 +374,7 @@ class RuleSet:
     def _candidates(self, host: str) -> tuple[Rule, ...]:
         found = self._hosts.get(host)
         if found is None:
-            found = tuple(r for r in self._rules if any(p.match(host) for p in r.host_patterns))
+            found = tuple(r for r in self._rules if covered(host, r.hosts))
             if len(self._hosts) >= _MAX_HOSTS:
                 self._hosts.clear()
             self._hosts[host] = found

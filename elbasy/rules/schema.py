@@ -56,7 +56,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from fnmatch import translate
 from typing import Any, NoReturn
 
 from elbasy.limits import Limit
@@ -222,7 +221,6 @@ class Rule:
     description: str
     docs: tuple[str, ...]
     hosts: tuple[str, ...]
-    host_patterns: tuple[re.Pattern[str], ...]
     path: re.Pattern[str] | None
     exclude_paths: tuple[re.Pattern[str], ...]
     methods: frozenset[str] | None
@@ -606,10 +604,6 @@ def _cost(data: Any, where: str) -> Cost:
     )
 
 
-def _host_pattern(glob: str) -> re.Pattern[str]:
-    return re.compile(translate(glob.lower()))
-
-
 _RULE_KEYS = (
     "id",
     "provider",
@@ -701,7 +695,6 @@ def _compile(data: Mapping[str, Any], origin: str) -> Rule:
         description=_str(t, "description", "", ""),
         docs=_strs(t, "docs", ""),
         hosts=hosts,
-        host_patterns=tuple(_host_pattern(h) for h in hosts),
         path=_regex(m, "path", "match"),
         exclude_paths=exclude,
         methods=_methods(m, "methods", "match"),
