@@ -58,6 +58,7 @@ from elbasy.server import (
     StartupError,
     Worker,
     access_of,
+    bind_error,
     intercepted_hosts,
     listen,
     listen_group,
@@ -312,7 +313,7 @@ class Supervisor:
                 host, port, lambda: exposition(InstanceView(memory), top)
             )
         except OSError as exc:
-            raise StartupError(f"--metrics-listen {where}: {exc.strerror or exc}") from None
+            raise bind_error("--metrics-listen", host, port, exc) from None
         self.metrics_listener.start()
         log.info("metrics on http://%s/metrics", format_hostport(*self.metrics_listener.address))
 
