@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from importlib import resources
 from typing import Any
 
@@ -24,23 +25,16 @@ from elbasy import __version__
 from elbasy.access import REALM
 from elbasy.protocol.headers import serialize
 
-REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    407: "Proxy Authentication Required",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-    508: "Loop Detected",
-}
+
+@functools.cache
+def status_line(status: int) -> bytes:
+    """``HTTP/1.1 <status> <phrase>``: the standard reason phrase (RFC 9110, via
+    http.HTTPStatus) of every answer elbasy writes itself."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Unknown"
+    return b"HTTP/1.1 %d %s" % (status, phrase.encode("ascii"))
 
 
 def response(
@@ -59,8 +53,7 @@ def response(
     ]
     if close:
         head.append((b"Connection", b"close"))
-    line = b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Error").encode())
-    return serialize(line, head) + body
+    return serialize(status_line(status), head) + body
 
 
 def error_response(status: int, reason: str) -> bytes:
