@@ -338,6 +338,7 @@ class Worker:
             if self.server_tls is not None:
                 # the certificate its leaves chain to (never the key)
                 self.policy.ca_pem = self.server_tls.authority.cert_pem
+                self.policy.ca_file = self.ca_file
             self.loop = Loop(
                 self.policy,
                 self.resolver,

@@ -201,7 +201,7 @@ from elbasy.errors import RemoteProtocolError
 from elbasy.pages import LOOP_PAGES
 from elbasy.verdicts import (
     ABANDONED, BAD_BODY, BAD_RESPONSE, DRAINED, FAILED, FINISHED, HEAD_TOO_LARGE,
-    INTERNAL_ERROR, NOW, TLS_FAILED, Forward, Intercept, Reply, Tunnel,
+    HANDSHAKE_RESET, INTERNAL_ERROR, NOW, TLS_FAILED, Forward, Intercept, Reply, Tunnel,
 )
 
 # "hold until" NOW (elbasy.verdicts): leave at once, unconfirmed. Every
