@@ -228,7 +228,8 @@ def interception(config: Config, intercept: tuple[str, ...]) -> tuple[Any, Any, 
         )
     except CAError as e:
         raise StartupError(str(e)) from None
-    problem = authority.needs_new_ca(intercept, now())
+    # the command it names asks for the user's own globs: ca init adds the rules' hosts
+    problem = authority.needs_new_ca(intercept, now(), asked=config.intercept)
     if problem is not None:
         raise StartupError(problem)
     if authority.unconstrained:
