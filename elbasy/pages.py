@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import html
 import json
 import math
 import os
@@ -163,13 +164,15 @@ def own_page(
     metrics: Callable[[], tuple[bytes, bytes]],
     status: Callable[[], dict[str, Any]] | None = None,
     ca_pem: bytes | None = None,
+    proxy_url: str | None = None,
 ) -> tuple[int, bytes, bool]:
     """A request to elbasy itself (origin-form): (status, the whole answer, close after).
 
     ``metrics``: ``/metrics``, the instance's Prometheus text and its type;
     ``status``: the data of ``/status.json`` (None: not wired in, a 404);
     ``ca_pem``: the certificate of the CA that signs the intercepted hosts'
-    leaves, for ``/ca.pem`` (None: elbasy intercepts nothing).
+    leaves, for ``/ca.pem`` (None: elbasy intercepts nothing); ``proxy_url``: the
+    address clients use, written into the page's commands (None: placeholders).
     """
     path, _, query = target.partition("?")
     close = not keep_alive
@@ -193,7 +196,7 @@ def own_page(
             status_code = 200
             data = response(200, ca_pem, b"application/x-pem-file", close, CA_HEADERS)
     elif path == "/" or path in STATIC_PATHS:
-        status_code, data = 200, static_page(path, query, close)
+        status_code, data = 200, static_page(path, query, close, proxy_url)
     else:
         status_code, data = 404, response(404, b"not found\n", b"text/plain", close)
     if method == "HEAD":
@@ -269,14 +272,22 @@ def static_files() -> dict[str, StaticFile]:
     return out
 
 
-def static_page(path: str, query: str, close: bool) -> bytes:
+#: what the page says until it knows the address clients use
+PLACEHOLDER = b"http://HOST:PORT"
+
+
+def static_page(path: str, query: str, close: bool, proxy_url: str | None = None) -> bytes:
     """``/`` or one of the page's files. A file asked for with its current digest
     never changes (cached for a year); the page itself and an unversioned
-    link are checked again each time."""
+    link are checked again each time. ``proxy_url`` replaces the page's
+    ``http://HOST:PORT`` placeholders, so its commands work as shown, script or not."""
     f = static_files()[path]
     if f.version and query == f"v={f.version}":
         cache = b"public, max-age=31536000, immutable"
     else:
         cache = b"no-cache"
+    body = f.body
+    if path == "/" and proxy_url:
+        body = body.replace(PLACEHOLDER, html.escape(proxy_url).encode("ascii", "replace"))
     extra = ((b"Cache-Control", cache), *PAGE_HEADERS)
-    return response(200, f.body, f.content_type, close, extra)
+    return response(200, body, f.content_type, close, extra)

@@ -161,6 +161,8 @@ class Policy:
         # the CA's certificate file, named in the warning for a client that
         # does not trust it; the client addresses already warned
         self.ca_file: str | None = None
+        # the address clients set as their proxy, shown on the status page
+        self.proxy_url: str | None = None
         self._warned = WarnedClients()
         # the endings other than FINISHED (ended() takes that one itself)
         self._endings: dict[str, Callable[[Exchange | None, Ended], bytes | None]] = {
@@ -224,26 +226,35 @@ class Policy:
                 self._connects[head] = (host, port, req.target, intercept)
                 return Intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
             if req.target.startswith("/"):
-                status, data, close = own_page(
-                    req.method,
-                    req.target,
-                    req.keep_alive,
-                    self._stats,
-                    self.counters,
-                    self.metrics.scrape,
-                    self.status,
-                    self.ca_pem,
-                )
-                self._finished(ex, status, 0, len(data), own=True)
-                return Reply(data, close)
+                return self._own_page(req, req.target, ex)
             # plain http:// to an API a rule covers is paced just the same
             host, port, authority, path = self.outbound.absolute(req.target)
+            if self.destinations is not None and self.destinations.is_own(host, port):
+                # elbasy's own address through the proxy (a client with HTTP_PROXY
+                # set): its pages, as if asked directly, never a loop
+                return self._own_page(req, path.decode("ascii"), ex)
             denied = self._denied(ex, host, port, False)
             if denied is not None:
                 return denied
             return self._paced(req, path, authority, host, port, False, ex)
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
+
+    def _own_page(self, req: RequestHead, target: str, ex: Exchange) -> Reply:
+        """One of elbasy's own pages (origin-form ``target``)."""
+        status, data, close = own_page(
+            req.method,
+            target,
+            req.keep_alive,
+            self._stats,
+            self.counters,
+            self.metrics.scrape,
+            self.status,
+            self.ca_pem,
+            self.proxy_url,
+        )
+        self._finished(ex, status, 0, len(data), own=True)
+        return Reply(data, close)
 
     @staticmethod
     def _authorized(req: RequestHead, check: Callable[[bytes | None], bool], own: bool) -> bool:

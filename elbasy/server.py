@@ -196,15 +196,20 @@ def make_store(config: Config, shared: Any, slot: int) -> Any:
     return ShmStore(shared, slot, safety)
 
 
-def prepare_ca(config: Config) -> None:
-    """Load the CA, or make it on the first run, before any worker starts.
+def prepare_ca(config: Config) -> str | None:
+    """Load the CA, or make it on the first run, before any worker starts; the
+    path of its certificate (None: elbasy intercepts nothing).
 
     The supervisor calls it once, so workers forked after it only ever
     load the CA and never race to create it. Raises StartupError.
     """
     intercept = intercepted_hosts(config, config.ruleset())
-    if intercept:
-        interception(config, intercept)
+    if not intercept:
+        return None
+    server, client, ca_file = interception(config, intercept)
+    server.close()
+    client.close()
+    return ca_file
 
 
 def interception(config: Config, intercept: tuple[str, ...]) -> tuple[Any, Any, str]:
@@ -336,6 +341,7 @@ class Worker:
             self.policy.access = access if access is not None else access_of(config)
             self.policy.status = self._status
             self.policy.destinations = self.destinations
+            self.policy.proxy_url = proxy_url(self.address[0], self.address[1], socket.gethostname)
             if self.server_tls is not None:
                 # the certificate its leaves chain to (never the key)
                 self.policy.ca_pem = self.server_tls.authority.cert_pem
