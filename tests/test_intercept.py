@@ -427,7 +427,10 @@ def test_client_that_does_not_trust_the_ca(mitm: Mitm) -> None:
     assert len(warnings) == 1, warnings
     line = warnings[0]
     assert " WARNING " in line and "client 127.0.0.1 " in line
-    assert "unknown ca" in line and f"{SHOP}:443" in line
+    assert f"{SHOP}:443" in line
+    # curl's alert, usually; a loaded machine may see the close or the reset first
+    why = ("unknown ca", "once it had elbasy's certificate", "reset the connection")
+    assert any(w in line for w in why), line
     assert f"the CA file {mitm.ca}" in line
     for fix in ("elbasy ca trust-help", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
         assert fix in line, fix
