@@ -472,7 +472,9 @@ def test_a_reset_during_the_handshake_is_an_untrusting_client(mitm: Mitm) -> Non
     s.close()  # RST
     wait_for_log(mitm.proxy, "probably does not trust elbasy's CA")
     (line,) = _untrusted_warnings(mitm.proxy)
-    assert "closed the connection once it had elbasy's certificate" in line
+    # read as a close with no alert, or (seen first) as the socket's error
+    why = ("closed the connection once it had elbasy's certificate", "reset the connection")
+    assert any(w in line for w in why), line
 
 
 def test_garbage_instead_of_a_client_hello(mitm: Mitm) -> None:
