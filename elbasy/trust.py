@@ -14,16 +14,20 @@ from collections import OrderedDict
 from typing import Final
 
 from elbasy.errors import HandshakeError
-from elbasy.verdicts import HANDSHAKE_RESET
 
 __all__ = [
     "CLOSED_AFTER_LEAF",
+    "HANDSHAKE_RESET",
     "WarnedClients",
     "client_address",
     "distrusts_ca",
     "untrusted_ca_warning",
     "upstream_hint",
 ]
+
+#: the reason of a TLS_FAILED ending whose client reset the connection mid-handshake
+#: (the loop's words; often a client that rejected elbasy's certificate)
+HANDSHAKE_RESET: Final = "the client reset the connection during the handshake"
 
 #: client addresses remembered as warned (the oldest is forgotten past this)
 WARNED_CLIENTS: Final = 4096

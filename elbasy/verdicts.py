@@ -108,6 +108,3 @@ BAD_BODY = "bad_body"  # answer: a malformed chunked request body
 BAD_RESPONSE = "bad_response"  # answer: on_response raised; the response cannot be passed on
 INTERNAL_ERROR = "internal_error"  # answer: another policy call raised, or a loop step did
 DRAINED = "drained"  # answer: the worker's drain deadline came before the answer did
-#: the reason of a TLS_FAILED whose client reset the connection mid-handshake
-#: (often a client that rejected elbasy's certificate)
-HANDSHAKE_RESET = "the client reset the connection during the handshake"

@@ -5,12 +5,12 @@ from __future__ import annotations
 from elbasy.errors import HandshakeError, TLSConfigError
 from elbasy.trust import (
     CLOSED_AFTER_LEAF,
+    HANDSHAKE_RESET,
     WarnedClients,
     client_address,
     distrusts_ca,
     upstream_hint,
 )
-from elbasy.verdicts import HANDSHAKE_RESET
 
 
 def test_rejecting_alerts_and_leaving_after_the_leaf_mean_an_untrusted_ca() -> None:

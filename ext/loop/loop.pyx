@@ -201,8 +201,9 @@ from elbasy.errors import RemoteProtocolError
 from elbasy.pages import LOOP_PAGES
 from elbasy.verdicts import (
     ABANDONED, BAD_BODY, BAD_RESPONSE, DRAINED, FAILED, FINISHED, HEAD_TOO_LARGE,
-    HANDSHAKE_RESET, INTERNAL_ERROR, NOW, TLS_FAILED, Forward, Intercept, Reply, Tunnel,
+    INTERNAL_ERROR, NOW, TLS_FAILED, Forward, Intercept, Reply, Tunnel,
 )
+from elbasy.trust import HANDSHAKE_RESET
 
 # "hold until" NOW (elbasy.verdicts): leave at once, unconfirmed. Every
 # other hold-until is a monotonic time, held on the timer heap (hold_ns).
