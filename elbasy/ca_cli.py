@@ -93,11 +93,12 @@ def init(
     from elbasy.ca import CA_CERT_FILE, CA_KEY_FILE, CAError, CertificateAuthority
 
     where = _dir(data_dir)
+    asked, intercept = _hosts_to_cover(intercept)
     exists = (where / CA_KEY_FILE).exists() or (where / CA_CERT_FILE).exists()
     try:
         if exists and not force:
             current = CertificateAuthority.load(where)
-            problem = current.needs_new_ca(intercept, _now())
+            problem = current.needs_new_ca(intercept, _now(), asked=asked)
             if problem is None and unconstrained and not current.unconstrained:
                 problem = (
                     f"the CA in {where} is name-constrained; replace it with "
@@ -123,10 +124,45 @@ def init(
         raise _Failed(str(e)) from None
     click.echo(f"Created a CA in {where}.")
     if not unconstrained:
-        for glob in intercept:
+        for glob in asked:
             click.echo(f"  intercept {glob!r}: {_mapping(glob)}")
+        rules_hosts = [g for g in intercept if g not in asked]
+        if rules_hosts:
+            _wrapped("  and the enabled rules' hosts, which elbasy intercepts too: ", rules_hosts)
     _describe(authority)
     click.echo("Next: make clients trust it; `elbasy ca trust-help` shows how.")
+
+
+def _hosts_to_cover(intercept: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the globs the user asked for, every host the CA must cover).
+
+    The CA must serve what plain ``elbasy`` run with the same settings
+    intercepts: its --intercept globs and the enabled rules' hosts
+    (:func:`elbasy.server.intercepted_hosts`, the same list the first run makes
+    its CA for), so ``ca init`` covers those too, whatever --intercept adds.
+    """
+    from elbasy.config import Config
+    from elbasy.server import intercepted_hosts
+
+    config = click.get_current_context().find_object(Config) or Config()
+    asked = tuple(dict.fromkeys([*intercept, *config.intercept]))
+    every = intercepted_hosts(config, config.ruleset())
+    return asked, tuple(dict.fromkeys([*asked, *every]))
+
+
+def _wrapped(first: str, items: list[str]) -> None:
+    """``first`` then ``items`` comma-separated, in lines of at most 100 columns."""
+    import textwrap
+
+    text = textwrap.fill(
+        ", ".join(items),
+        100,
+        initial_indent=first,
+        subsequent_indent=" " * 13 if first.strip().endswith(":") else "    ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    click.echo(text)
 
 
 def _mapping(glob: str) -> str:
@@ -173,9 +209,9 @@ def _describe(authority: CertificateAuthority) -> None:
     else:
         for i, line in enumerate(authority.constraints.describe()):
             rows.append(("constraints" if i == 0 else "", line))
-    rows.append(("intercept", ", ".join(authority.intercept) or "(none recorded)"))
     for label, value in rows:
         click.echo(f"{label + ':' if label else '':<13}{value}")
+    _wrapped(f"{'intercept:':<13}", list(authority.intercept) or ["(none recorded)"])
     if _now() >= rotate:
         click.secho(
             f"The CA expires on {authority.not_after:%Y-%m-%d}: replace it with "

@@ -180,7 +180,9 @@ def main(ctx: click.Context, /, **options: Any) -> None:
     try:
         code = supervisor.run(config, lambda: reload_config(args))
     except StartupError as e:
-        raise click.ClickException(str(e)) from None
+        failed = click.ClickException(str(e))
+        failed.exit_code = e.exit_code  # 2: a listener's address, like a bad option
+        raise failed from None
     except KeyboardInterrupt:  # Ctrl-C before the supervisor installed its handlers
         code = 0
     ctx.exit(code)

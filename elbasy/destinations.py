@@ -164,6 +164,11 @@ class Destinations:
         if ip is not None:
             self._own.append((_plain(ip), port))
 
+    def is_own(self, host: str, port: int) -> bool:
+        """Whether ``host:port``, an IP literal, is an address elbasy listens on."""
+        ip = _parse(host)
+        return ip is not None and self._is_own(_plain(ip), port)
+
     # ---- by name (the policy, when the head comes) -----------------------------------
 
     def refusal(self, host: str, port: int, tunnel: bool) -> str | None:

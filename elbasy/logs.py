@@ -655,7 +655,25 @@ def startup_banner(version: str, host: str, port: int) -> None:
     (``[::1]:8080``).
     """
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    message = f"elbasy {version} listening on {where}"
+    _announce(f"elbasy {version} listening on {where}", version=version, host=host, port=port)
+
+
+def startup_next(url: str, ca_file: str | None) -> None:
+    """After the listening line, whatever the log level: the line a user runs
+    next (``export HTTPS_PROXY=...`` with the real address) and, when elbasy
+    intercepts, where its CA is and how to trust it."""
+    _announce(f"next: export HTTPS_PROXY={url} HTTP_PROXY={url}", proxy_url=url)
+    if ca_file is not None:
+        _announce(
+            f"clients must trust {ca_file} (also at {url}/ca.pem): elbasy ca trust-help",
+            ca_file=ca_file,
+        )
+
+
+def _announce(message: str, **fields: object) -> None:
+    """One startup line: on stderr alone in text (scripts read it); in JSON and
+    logfmt a record of that format with ``fields``; with --log-file the record
+    goes to the file and the plain line to stderr still."""
     handler = next(
         (
             h
@@ -672,5 +690,5 @@ def startup_banner(version: str, host: str, port: int) -> None:
         return
     record = logging.LogRecord("elbasy", logging.INFO, "", 0, message, None, None)
     if not text:
-        record.__dict__.update(version=version, host=host, port=port)
+        record.__dict__.update(fields)
     handler.handle(record)  # the handler's, not the logger's: past the level

@@ -767,8 +767,7 @@ class Pacer:
             # account's bucket: the client hears it; pacing cannot help
             self.counters["resource_throttled"] += 1
             log.warning(
-                "%s: a resource limit refused a request for %s (%s)",
-                m.rule.id,
+                "a resource limit refused a request for %s (%s)",
                 m.label,
                 status,
                 extra=self._refusal(m, status, headers, report.retry_after),
@@ -778,8 +777,7 @@ class Pacer:
         self.metrics.throttled(m.rule.id, "429" if status == 429 else "THROTTLED")
         until = self.store.throttled(m.keys, self.limits(m), wall_now, report.retry_after)
         log.warning(
-            "%s refused a request for %s (%s%s); holding the account until %.1f s from now",
-            m.rule.id,
+            "the server refused a request for %s (%s%s); holding the account until %.1f s from now",
             m.label,
             status,
             f", Retry-After {report.retry_after:g}" if report.retry_after is not None else "",

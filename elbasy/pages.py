@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import html
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from importlib import resources
 from typing import Any
 
@@ -24,23 +26,16 @@ from elbasy import __version__
 from elbasy.access import REALM
 from elbasy.protocol.headers import serialize
 
-REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    407: "Proxy Authentication Required",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-    508: "Loop Detected",
-}
+
+@functools.cache
+def status_line(status: int) -> bytes:
+    """``HTTP/1.1 <status> <phrase>``: the standard reason phrase (RFC 9110, via
+    http.HTTPStatus) of every answer elbasy writes itself."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Unknown"
+    return b"HTTP/1.1 %d %s" % (status, phrase.encode("ascii"))
 
 
 def response(
@@ -59,8 +54,7 @@ def response(
     ]
     if close:
         head.append((b"Connection", b"close"))
-    line = b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Error").encode())
-    return serialize(line, head) + body
+    return serialize(status_line(status), head) + body
 
 
 def error_response(status: int, reason: str) -> bytes:
@@ -170,13 +164,15 @@ def own_page(
     metrics: Callable[[], tuple[bytes, bytes]],
     status: Callable[[], dict[str, Any]] | None = None,
     ca_pem: bytes | None = None,
+    proxy_url: str | None = None,
 ) -> tuple[int, bytes, bool]:
     """A request to elbasy itself (origin-form): (status, the whole answer, close after).
 
     ``metrics``: ``/metrics``, the instance's Prometheus text and its type;
     ``status``: the data of ``/status.json`` (None: not wired in, a 404);
     ``ca_pem``: the certificate of the CA that signs the intercepted hosts'
-    leaves, for ``/ca.pem`` (None: elbasy intercepts nothing).
+    leaves, for ``/ca.pem`` (None: elbasy intercepts nothing); ``proxy_url``: the
+    address clients use, written into the page's commands (None: placeholders).
     """
     path, _, query = target.partition("?")
     close = not keep_alive
@@ -200,7 +196,7 @@ def own_page(
             status_code = 200
             data = response(200, ca_pem, b"application/x-pem-file", close, CA_HEADERS)
     elif path == "/" or path in STATIC_PATHS:
-        status_code, data = 200, static_page(path, query, close)
+        status_code, data = 200, static_page(path, query, close, proxy_url)
     else:
         status_code, data = 404, response(404, b"not found\n", b"text/plain", close)
     if method == "HEAD":
@@ -276,14 +272,22 @@ def static_files() -> dict[str, StaticFile]:
     return out
 
 
-def static_page(path: str, query: str, close: bool) -> bytes:
+#: what the page says until it knows the address clients use
+PLACEHOLDER = b"http://HOST:PORT"
+
+
+def static_page(path: str, query: str, close: bool, proxy_url: str | None = None) -> bytes:
     """``/`` or one of the page's files. A file asked for with its current digest
     never changes (cached for a year); the page itself and an unversioned
-    link are checked again each time."""
+    link are checked again each time. ``proxy_url`` replaces the page's
+    ``http://HOST:PORT`` placeholders, so its commands work as shown, script or not."""
     f = static_files()[path]
     if f.version and query == f"v={f.version}":
         cache = b"public, max-age=31536000, immutable"
     else:
         cache = b"no-cache"
+    body = f.body
+    if path == "/" and proxy_url:
+        body = body.replace(PLACEHOLDER, html.escape(proxy_url).encode("ascii", "replace"))
     extra = ((b"Cache-Control", cache), *PAGE_HEADERS)
-    return response(200, f.body, f.content_type, close, extra)
+    return response(200, body, f.content_type, close, extra)

@@ -38,6 +38,13 @@ from elbasy.protocol.http1 import (
     upstream_keeps_alive,
 )
 from elbasy.protocol.targets import parse_authority
+from elbasy.trust import (
+    WarnedClients,
+    client_address,
+    distrusts_ca,
+    untrusted_ca_warning,
+    upstream_hint,
+)
 from elbasy.verdicts import (
     ABANDONED,
     BAD_BODY,
@@ -80,6 +87,9 @@ _REFUSAL_COUNTER = {400: "bad_requests", 431: "heads_too_large"}
 UPSTREAM_FAILED = "elbasy: the upstream could not be reached or did not answer"
 # nginx's convention for "the client closed the request before an answer"
 CLIENT_CLOSED = 499
+#: the access line's status of an intercepted CONNECT whose client's TLS handshake
+#: failed (the "SSL handshake failed" status some proxies and CDNs log); never sent
+TLS_HANDSHAKE_FAILED = 525
 
 #: distinct CONNECT heads whose decision is kept (all are dropped when full)
 CONNECT_HEADS_KEPT = 1024
@@ -148,6 +158,12 @@ class Policy:
         # the worker wires in the data of /status.json and the CA of /ca.pem
         self.status: Callable[[], dict[str, Any]] | None = None
         self.ca_pem: bytes | None = None
+        # the CA's certificate file, named in the warning for a client that
+        # does not trust it; the client addresses already warned
+        self.ca_file: str | None = None
+        # the address clients set as their proxy, shown on the status page
+        self.proxy_url: str | None = None
+        self._warned = WarnedClients()
         # the endings other than FINISHED (ended() takes that one itself)
         self._endings: dict[str, Callable[[Exchange | None, Ended], bytes | None]] = {
             ABANDONED: self._on_abandoned,
@@ -210,26 +226,35 @@ class Policy:
                 self._connects[head] = (host, port, req.target, intercept)
                 return Intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
             if req.target.startswith("/"):
-                status, data, close = own_page(
-                    req.method,
-                    req.target,
-                    req.keep_alive,
-                    self._stats,
-                    self.counters,
-                    self.metrics.scrape,
-                    self.status,
-                    self.ca_pem,
-                )
-                self._finished(ex, status, 0, len(data), own=True)
-                return Reply(data, close)
+                return self._own_page(req, req.target, ex)
             # plain http:// to an API a rule covers is paced just the same
             host, port, authority, path = self.outbound.absolute(req.target)
+            if self.destinations is not None and self.destinations.is_own(host, port):
+                # elbasy's own address through the proxy (a client with HTTP_PROXY
+                # set): its pages, as if asked directly, never a loop
+                return self._own_page(req, path.decode("ascii"), ex)
             denied = self._denied(ex, host, port, False)
             if denied is not None:
                 return denied
             return self._paced(req, path, authority, host, port, False, ex)
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
+
+    def _own_page(self, req: RequestHead, target: str, ex: Exchange) -> Reply:
+        """One of elbasy's own pages (origin-form ``target``)."""
+        status, data, close = own_page(
+            req.method,
+            target,
+            req.keep_alive,
+            self._stats,
+            self.counters,
+            self.metrics.scrape,
+            self.status,
+            self.ca_pem,
+            self.proxy_url,
+        )
+        self._finished(ex, status, 0, len(data), own=True)
+        return Reply(data, close)
 
     @staticmethod
     def _authorized(req: RequestHead, check: Callable[[bytes | None], bool], own: bool) -> bool:
@@ -247,15 +272,16 @@ class Policy:
     def _refuse_credentials(self, ex: Exchange, own: bool) -> Reply:
         """No valid credentials: 407 with the challenges (401 for elbasy's own pages)."""
         self.metrics.error("auth_refused")
-        self._finished(ex, 401 if own else 407, own=own)
+        data = PAGE_AUTH_REQUIRED if own else PROXY_AUTH_REQUIRED
+        self._finished(ex, 401 if own else 407, 0, len(data), own=own)
         # the access line names the target, without query values or URL credentials
         log.info("refused a %s from %s: no valid credentials", ex.method, ex.client)
-        return Reply(PAGE_AUTH_REQUIRED if own else PROXY_AUTH_REQUIRED, True)
+        return Reply(data, True)
 
     def _refuse_client(self, client: str) -> Reply:
         """A client outside --allow-clients: 403 before its head is read further."""
         self.metrics.error("clients_refused")
-        self._finished(Exchange(client, "-", "-"), 403)
+        self._finished(Exchange(client, "-", "-"), 403, 0, len(CLIENT_REFUSED))
         log.info("refused %s: its address is outside --allow-clients", client)
         return Reply(CLIENT_REFUSED, True)
 
@@ -386,16 +412,18 @@ class Policy:
     def _deny(self, ex: Exchange, why: str) -> bytes:
         """The one 403 every refused destination gets; ``why`` goes to the log only."""
         self.metrics.error("destination_denied")
-        self._finished(ex, 403)
+        data = error_response(403, DENIED)
+        self._finished(ex, 403, 0, len(data))
         log.info("denied %s %s from %s: %s", ex.method, ex.target, ex.client, why)
-        return error_response(403, DENIED)
+        return data
 
     def _refuse(self, ex: Exchange, exc: RemoteProtocolError) -> Reply:
         status = exc.status_hint
         self.metrics.error(_REFUSAL_COUNTER.get(status, f"refused_{status}"))
-        self._finished(ex, status)
+        data = error_response(status, str(exc))
+        self._finished(ex, status, 0, len(data))
         log.info("refused %s from %s: %s", ex.target, ex.client, exc)
-        return Reply(error_response(status, str(exc)), True)
+        return Reply(data, True)
 
     # ---- response heads ---------------------------------------------------------
 
@@ -483,10 +511,13 @@ class Policy:
             return self._deny(ex, reason)
         self.metrics.error("upstream_errors")
         self.metrics.error(f"upstream_{status}")
-        self._finished(ex, status)
-        log.warning("%s %s from %s: %s", ex.method, ex.target, ex.client, reason)
         # a 503 is elbasy's own state (out of sockets): the client may know it
-        return error_response(status, reason if status == 503 else UPSTREAM_FAILED)
+        data = error_response(status, reason if status == 503 else UPSTREAM_FAILED)
+        self._finished(ex, status, 0, len(data))
+        log.warning(
+            "%s %s from %s: %s%s", ex.method, ex.target, ex.client, reason, upstream_hint(reason)
+        )
+        return data
 
     def _on_failed(self, ex: Exchange | None, end: Ended) -> bytes:
         assert ex is not None
@@ -511,11 +542,12 @@ class Policy:
         paced request's place in line goes back. ``ex`` is None for a
         request whose head had not all arrived.
         """
+        data = draining_response(end.sent)
         if ex is not None:
             if ex.paced is not None:
                 self.pacer.abandoned(ex.paced)  # sent: it lands; else its place goes back
-            self._finished(ex, 503)
-        return draining_response(end.sent)
+            self._finished(ex, 503, 0, len(data))
+        return data
 
     def _finished(
         self,
@@ -591,6 +623,16 @@ class Policy:
         """The TLS handshake with an intercepted client failed (untrusted CA, garbage...)."""
         assert ex is not None
         self.metrics.error("tls_client_failures")
+        if access_on():
+            took_ms = end.took_ns / 1e6
+            log_access(
+                ex.client, ex.method, ex.target, TLS_HANDSHAKE_FAILED, end.up, end.down, took_ms
+            )
+        address = client_address(ex.client)
+        if distrusts_ca(end.reason, end.error) and self._warned.first(address):
+            why = getattr(end.error, "reason", None) or end.reason
+            log.warning(untrusted_ca_warning(address, ex.target, why, self.ca_file))
+            return
         log.info("TLS with %s for %s failed: %s", ex.client, ex.target, end.reason)
 
     def _on_head_too_large(self, ex: Exchange | None, end: Ended) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import logging
 import resource
 import socket
@@ -21,7 +22,7 @@ from typing import Any
 from elbasy import __version__
 from elbasy._loop import Loop
 from elbasy.access import Access, AccessError, load_access
-from elbasy.config import Config, parse_listen
+from elbasy.config import Config, format_hostport, parse_listen
 from elbasy.destinations import Destinations
 from elbasy.logs import set_worker
 from elbasy.metrics import MetricsMemory, WorkerMetrics
@@ -67,9 +68,32 @@ def listen(host: str, port: int, reuseport: bool = False) -> socket.socket:
         _listen_on(sock, host, port)
     except OSError as e:
         sock.close()
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise StartupError(f"cannot listen on {where}: {e.strerror or e}") from None
+        raise bind_error("--listen", host, port, e) from None
     return sock
+
+
+def bind_error(option: str, host: str, port: int, exc: OSError) -> StartupError:
+    """The one line for a listener ``option`` (``--listen``, ``--metrics-listen``) that
+    could not bind ``host:port``: what went wrong and what to try instead."""
+    where = format_hostport(host, port)
+    shown = format_hostport(host, 0)[:-1]  # "127.0.0.1:", "[::1]:"
+    if exc.errno == errno.EADDRINUSE:
+        why = f"address already in use (try {option} {shown}PORT)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = (
+            f"this host has no address {host} "
+            f"(try {option} 127.0.0.1:{port}, or 0.0.0.0:{port} for every address)"
+        )
+    elif exc.errno == errno.EACCES and 0 < port < 1024:
+        why = (
+            f"permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE "
+            f"(try {option} {shown}8080)"
+        )
+    else:
+        text = exc.strerror or str(exc)
+        why = text[:1].lower() + text[1:]
+    suffix = "" if option == "--listen" else f" for {option}"
+    return ListenError(f"cannot listen on {where}{suffix}: {why}")
 
 
 def listen_group(host: str, port: int, count: int) -> list[socket.socket]:
@@ -101,6 +125,14 @@ def _listen_on(sock: socket.socket, host: str, port: int) -> None:
 
 class StartupError(Exception):
     """elbasy cannot start as configured; the message says why and what to do."""
+
+    exit_code = 1
+
+
+class ListenError(StartupError):
+    """A listener cannot bind its address: a bad option, exit code 2 like the others."""
+
+    exit_code = 2
 
 
 def access_of(config: Config) -> Access:
@@ -164,15 +196,20 @@ def make_store(config: Config, shared: Any, slot: int) -> Any:
     return ShmStore(shared, slot, safety)
 
 
-def prepare_ca(config: Config) -> None:
-    """Load the CA, or make it on the first run, before any worker starts.
+def prepare_ca(config: Config) -> str | None:
+    """Load the CA, or make it on the first run, before any worker starts; the
+    path of its certificate (None: elbasy intercepts nothing).
 
     The supervisor calls it once, so workers forked after it only ever
     load the CA and never race to create it. Raises StartupError.
     """
     intercept = intercepted_hosts(config, config.ruleset())
-    if intercept:
-        interception(config, intercept)
+    if not intercept:
+        return None
+    server, client, ca_file = interception(config, intercept)
+    server.close()
+    client.close()
+    return ca_file
 
 
 def interception(config: Config, intercept: tuple[str, ...]) -> tuple[Any, Any, str]:
@@ -196,7 +233,8 @@ def interception(config: Config, intercept: tuple[str, ...]) -> tuple[Any, Any, 
         )
     except CAError as e:
         raise StartupError(str(e)) from None
-    problem = authority.needs_new_ca(intercept, now())
+    # the command it names asks for the user's own globs: ca init adds the rules' hosts
+    problem = authority.needs_new_ca(intercept, now(), asked=config.intercept)
     if problem is not None:
         raise StartupError(problem)
     if authority.unconstrained:
@@ -303,9 +341,11 @@ class Worker:
             self.policy.access = access if access is not None else access_of(config)
             self.policy.status = self._status
             self.policy.destinations = self.destinations
+            self.policy.proxy_url = proxy_url(self.address[0], self.address[1], socket.gethostname)
             if self.server_tls is not None:
                 # the certificate its leaves chain to (never the key)
                 self.policy.ca_pem = self.server_tls.authority.cert_pem
+                self.policy.ca_file = self.ca_file
             self.loop = Loop(
                 self.policy,
                 self.resolver,

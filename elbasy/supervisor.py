@@ -51,19 +51,27 @@ from typing import Any, NoReturn
 from elbasy import __version__
 from elbasy.access import Access, warn_if_open
 from elbasy.config import Config, ConfigError, format_hostport, parse_listen, worker_count
-from elbasy.logs import access_log_file, configure, reopen_log_file, startup_banner
+from elbasy.logs import (
+    access_log_file,
+    configure,
+    reopen_log_file,
+    startup_banner,
+    startup_next,
+)
 from elbasy.metrics import InstanceView, MetricsMemory, exposition
 from elbasy.metrics_http import MetricsListener
 from elbasy.server import (
     StartupError,
     Worker,
     access_of,
+    bind_error,
     intercepted_hosts,
     listen,
     listen_group,
     prepare_ca,
     raise_fd_limit,
 )
+from elbasy.status import proxy_url
 
 log = logging.getLogger("elbasy.supervisor")
 
@@ -224,6 +232,7 @@ class Supervisor:
         self.shared: Any = None
         self.metrics: MetricsMemory | None = None
         self.metrics_listener: MetricsListener | None = None
+        self.ca_file: str | None = None  # the CA's certificate, when elbasy intercepts
         self.children: dict[int, Child] = {}
         self.generation = 0
         self.phase = "starting"  # then "running", then "stopping"
@@ -262,7 +271,7 @@ class Supervisor:
             self.access = access_of(self.config)
             self._warn_if_open(self.socks[0], self.access)
             check_quota_store(self.config)
-            prepare_ca(self.config)
+            self.ca_file = prepare_ca(self.config)
             self.shared = make_shared(self.config)
             # every worker's counters, for /metrics on any of them
             self.metrics = MetricsMemory(SLOTS)
@@ -312,7 +321,7 @@ class Supervisor:
                 host, port, lambda: exposition(InstanceView(memory), top)
             )
         except OSError as exc:
-            raise StartupError(f"--metrics-listen {where}: {exc.strerror or exc}") from None
+            raise bind_error("--metrics-listen", host, port, exc) from None
         self.metrics_listener.start()
         log.info("metrics on http://%s/metrics", format_hostport(*self.metrics_listener.address))
 
@@ -547,6 +556,7 @@ class Supervisor:
         self.phase = "running"
         host, port = self.socks[0].getsockname()[:2]
         startup_banner(__version__, host, port)
+        startup_next(proxy_url(host, port, socket.gethostname), self.ca_file)
         pids = ", ".join(str(c.pid) for c in self.children.values())
         log.info("%d worker(s) ready (pids %s)", len(self.children), pids)
         intercept = intercepted_hosts(self.config, self.config.ruleset())

@@ -72,6 +72,7 @@ from elbasy.errors import (
     TLSError,
 )
 from elbasy.hostglob import covered
+from elbasy.trust import CLOSED_AFTER_LEAF
 
 __all__ = [
     "ERRORS",
@@ -479,8 +480,23 @@ class ServerTLS:
         return int(ssl)
 
     def failure(self, ssl: int) -> TLSError:
-        """Why a client's handshake on ``ssl`` failed (see :func:`error_for`)."""
-        return error_for(ssl)
+        """Why a client's handshake on ``ssl`` failed (see :func:`error_for`).
+
+        A connection closed (or reset) without an alert after a leaf was picked for
+        it, so after elbasy's certificate went out, says so: a client that
+        rejects the certificate often leaves that way (:mod:`elbasy.trust`).
+        """
+        error = error_for(ssl)
+        if (
+            type(error) is HandshakeError
+            and error.code == 0
+            and self._finalizer.alive
+            and lib.SSL_get_SSL_CTX(_ptr(ssl)) != self._ctx
+        ):
+            return HandshakeError(
+                f"TLS handshake failed: {CLOSED_AFTER_LEAF}", reason=CLOSED_AFTER_LEAF
+            )
+        return error
 
     def set_time(self, now: dt.datetime | None) -> None:
         """Judge leaves' freshness in C at ``now`` (None: the wall clock, the default)."""

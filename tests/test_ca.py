@@ -14,10 +14,12 @@ import logging
 import os
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from conftest import Proxy
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -35,6 +37,8 @@ from elbasy.ca import (
     subtree_for_glob,
 )
 from elbasy.cli import main
+from elbasy.config import Config, build_config
+from elbasy.server import intercepted_hosts, prepare_ca
 
 NOW = dt.datetime(2030, 1, 15, 12, 0, tzinfo=dt.UTC)
 SHOPS = ("*.myshopify.com", "api.etsy.com", "127.0.0.1", "::1")
@@ -624,8 +628,13 @@ def test_cli_init_again(data_dir: Path) -> None:
 
     wider = ca_cli("init", "--data-dir", d, "--intercept", "*.etsy.com")
     assert wider.exit_code == 1
-    assert "cannot issue certificates for '*.etsy.com'" in wider.stderr
-    assert "elbasy ca init --force" in wider.stderr
+    said = " ".join(wider.stderr.split())
+    assert "cannot issue certificates for '*.etsy.com'" in said
+    # a few lines of at most 100 columns; the command on its own, naming the user's glob
+    assert all(len(line) <= 100 for line in wider.stderr.splitlines()[:-1]), wider.stderr
+    assert wider.stderr.splitlines()[-1] == (
+        f"  elbasy ca init --force --data-dir {d} --intercept '*.etsy.com'"
+    )
     assert CertificateAuthority.load(data_dir).fingerprint() == fingerprint
 
     forced = ca_cli("init", "--data-dir", d, "--intercept", "*.etsy.com", "--force")
@@ -634,7 +643,10 @@ def test_cli_init_again(data_dir: Path) -> None:
 
 
 def test_cli_init_needs_intercept_or_unconstrained(data_dir: Path) -> None:
-    result = ca_cli("init", "--data-dir", str(data_dir))
+    # no rule enabled and no --intercept: nothing to constrain the CA to
+    result = CliRunner().invoke(
+        main, ["--rules", "", "ca", "init", "--data-dir", str(data_dir)], prog_name="elbasy"
+    )
     assert result.exit_code == 1
     assert "--intercept GLOB" in result.stderr and "--unconstrained-ca" in result.stderr
     result = ca_cli("init", "--data-dir", str(data_dir), "--intercept", "*")
@@ -650,7 +662,9 @@ def test_cli_reads_the_environment(data_dir: Path, tmp_path: Path) -> None:
     env = {"ELBASY_DATA_DIR": str(data_dir), "ELBASY_INTERCEPT": "*.myshopify.com api.etsy.com"}
     result = CliRunner().invoke(main, ["ca", "init"], env=env, prog_name="elbasy")
     assert result.exit_code == 0, result.output
-    assert CertificateAuthority.load(data_dir).intercept == ("*.myshopify.com", "api.etsy.com")
+    # the globs asked for first, then the enabled rules' hosts
+    got = CertificateAuthority.load(data_dir).intercept
+    assert got == ("*.myshopify.com", "api.etsy.com", *rules_hosts(got[:2]))
     # and the XDG default
     xdg = tmp_path / "xdg"
     result = CliRunner().invoke(
@@ -661,6 +675,54 @@ def test_cli_reads_the_environment(data_dir: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert (xdg / "elbasy" / "ca-key.pem").exists()
+
+
+def rules_hosts(before: tuple[str, ...] = ()) -> list[str]:
+    """The hosts of the rules enabled by default, those in ``before`` left out."""
+    globs = intercepted_hosts(Config(), Config().ruleset())
+    return [g for g in globs if g not in before]
+
+
+def test_cli_init_defaults_to_the_enabled_rules_hosts(data_dir: Path) -> None:
+    result = ca_cli("init", "--data-dir", str(data_dir))
+    assert result.exit_code == 0, result.output
+    hosts = rules_hosts()
+    assert len(hosts) >= 6 and "openapi.etsy.com" in hosts
+    assert CertificateAuthority.load(data_dir).intercept == tuple(hosts)
+    assert all(len(line) <= 100 for line in result.stdout.splitlines() if "SHA-256" not in line)
+    # the CA plain `elbasy` makes on its first run is the same one: it starts with it
+    prepare_ca(build_config(data_dir=str(data_dir)))
+    # a subset of the rules: only their hosts
+    only = data_dir.parent / "only-etsy"
+    result = CliRunner().invoke(
+        main, ["--rules", "etsy-v3", "ca", "init", "--data-dir", str(only)], prog_name="elbasy"
+    )
+    assert result.exit_code == 0, result.output
+    assert CertificateAuthority.load(only).intercept == ("openapi.etsy.com",)
+
+
+def test_cli_init_as_the_readme_shows_makes_a_ca_elbasy_starts_with(
+    data_dir: Path, proxy: Callable[..., Proxy]
+) -> None:
+    d = str(data_dir)
+    result = ca_cli(
+        "init", "--data-dir", d, "--intercept", "*.myshopify.com", "--intercept", "api.etsy.com"
+    )
+    assert result.exit_code == 0, result.output
+    assert "'api.etsy.com': permits api.etsy.com" in result.stdout
+    said = " ".join(result.stdout.split())
+    assert "the enabled rules' hosts, which elbasy intercepts too: openapi.etsy.com," in said
+    authority = CertificateAuthority.load(data_dir)
+    assert authority.intercept[:2] == ("*.myshopify.com", "api.etsy.com")
+    # plain `elbasy` with the same data dir: every host it intercepts is covered
+    config = build_config(data_dir=d)
+    assert authority.needs_new_ca(intercepted_hosts(config, config.ruleset())) is None
+    prepare_ca(config)
+    # and `elbasy --intercept api.etsy.com` too
+    prepare_ca(build_config(data_dir=d, intercept=("api.etsy.com",)))
+    # a real start: it listens, no refusal
+    p = proxy("--data-dir", d)
+    assert "name-constrained" not in p.stderr
 
 
 def test_cli_trust_help_prints_real_paths(data_dir: Path) -> None:

@@ -149,7 +149,12 @@ def test_upstream_failures_tell_the_client_one_wording(proxy, refused_port):
 def test_a_request_to_elbasy_itself_is_refused_by_address(proxy):
     # loopback is allowed (the suite's open rules): the loop is refused all the same
     p = proxy()
+    # a GET to its own address through the proxy (HTTP_PROXY set) is one of its
+    # pages, answered at once: never dialed, so no loop
     resp = _get(p, f"http://127.0.0.1:{p.port}/healthz", f"127.0.0.1:{p.port}")
+    assert resp.status == 200 and b'"counters"' in resp.body
+    # by a name, it is dialed, and the dial refused by address
+    resp = _get(p, f"http://localhost:{p.port}/healthz", f"localhost:{p.port}")
     assert (resp.status, resp.body) == (403, DENIED_BODY)
     s, resp, _ = origins.connect_tunnel(p, f"localhost:{p.port}")
     s.close()

@@ -275,6 +275,17 @@ def test_forward_refused_is_502(proxy, refused_port):
     _logged(p, "Connection refused")
 
 
+def test_a_generated_502_has_its_reason_phrase_and_logs_the_bytes_it_sent(proxy, refused_port):
+    p = proxy()
+    target = f"http://127.0.0.1:{refused_port}/gone"
+    resp, _ = send_and_read(p, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert resp.raw_head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), resp.raw_head
+    sent = len(resp.raw_head) + len(resp.body)
+    _logged(p, f"GET 127.0.0.1:{refused_port}/gone 502 ")
+    (line,) = [ln for ln in p.stderr_lines if f"127.0.0.1:{refused_port}/gone 502 " in ln]
+    assert f" down={sent} " in line, (sent, line)
+
+
 def test_proxy_survives_error_storm_and_still_serves(proxy, http_origin, refused_port):
     p = proxy()
     for data in MALFORMED.values():

@@ -13,6 +13,7 @@ import hashlib
 import os
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -408,13 +409,72 @@ def test_name_constraints_are_enforced(mitm: Mitm, tmp_path: Path) -> None:
 # failures: each is clean, counted, and leaves no fd behind
 
 
+def _untrusted_warnings(p: Proxy) -> list[str]:
+    return [ln for ln in p.stderr_lines if "probably does not trust elbasy's CA" in ln]
+
+
 def test_client_that_does_not_trust_the_ca(mitm: Mitm) -> None:
     before = mitm.proxy.fd_count()
-    out = curl("-x", mitm.url, f"https://{SHOP}/hello")  # the system bundle only
-    assert out.returncode == 60, out.stderr  # curl: peer certificate cannot be authenticated
-    h = wait_for(mitm.proxy, lambda h: h["tls"]["client_handshake_failures"] >= 1)
-    assert h["tls"]["client_handshake_failures"] == 1
+    for _ in range(2):
+        out = curl("-x", mitm.url, f"https://{SHOP}/hello")  # the system bundle only
+        assert out.returncode == 60, out.stderr  # curl: peer certificate cannot be authenticated
+    h = wait_for(mitm.proxy, lambda h: h["tls"]["client_handshake_failures"] >= 2)
+    assert h["tls"]["client_handshake_failures"] == 2
+    # one WARNING for the address, however many times it fails, naming the fix
+    wait_for_log(mitm.proxy, "probably does not trust elbasy's CA")
+    time.sleep(0.2)
+    warnings = _untrusted_warnings(mitm.proxy)
+    assert len(warnings) == 1, warnings
+    line = warnings[0]
+    assert " WARNING " in line and "client 127.0.0.1 " in line
+    assert f"{SHOP}:443" in line
+    # curl's alert, usually; a loaded machine may see the close or the reset first
+    why = ("unknown ca", "once it had elbasy's certificate", "reset the connection")
+    assert any(w in line for w in why), line
+    assert f"the CA file {mitm.ca}" in line
+    for fix in ("elbasy ca trust-help", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        assert fix in line, fix
+    # and each failed handshake has its access line
+    failed = [ln for ln in mitm.proxy.stderr_lines if f"CONNECT {SHOP}:443 525 " in ln]
+    assert len(failed) == 2, mitm.proxy.stderr[-3000:]
     assert_fds_back(mitm.proxy, before)
+
+
+def test_python_client_that_does_not_trust_the_ca(mitm: Mitm) -> None:
+    for _ in range(2):
+        s = socket.create_connection(("127.0.0.1", mitm.proxy.port), timeout=10)
+        with s:
+            s.sendall(f"CONNECT {SHOP}:443 HTTP/1.1\r\nHost: {SHOP}:443\r\n\r\n".encode())
+            head = origins.Reader(s).read_head()
+            assert head is not None and head.startswith(b"HTTP/1.1 200"), head
+            with pytest.raises(ssl.SSLCertVerificationError):
+                ssl.create_default_context().wrap_socket(s, server_hostname=SHOP)
+    wait_for(mitm.proxy, lambda h: h["tls"]["client_handshake_failures"] >= 2)
+    wait_for_log(mitm.proxy, "probably does not trust elbasy's CA")
+    time.sleep(0.2)
+    assert len(_untrusted_warnings(mitm.proxy)) == 1
+
+
+def test_a_reset_during_the_handshake_is_an_untrusting_client(mitm: Mitm) -> None:
+    # a client that drops the connection with a RST once it has the leaf (some do
+    # this instead of an alert when they reject the certificate)
+    s = socket.create_connection(("127.0.0.1", mitm.proxy.port), timeout=10)
+    s.sendall(f"CONNECT {SHOP}:443 HTTP/1.1\r\nHost: {SHOP}:443\r\n\r\n".encode())
+    assert (origins.Reader(s).read_head() or b"").startswith(b"HTTP/1.1 200")
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=SHOP)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    s.sendall(outgoing.read())  # the ClientHello
+    assert s.recv(65536)  # the ServerHello and the leaf (or its start)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # RST
+    wait_for_log(mitm.proxy, "probably does not trust elbasy's CA")
+    (line,) = _untrusted_warnings(mitm.proxy)
+    # read as a close with no alert, or (seen first) as the socket's error
+    why = ("closed the connection once it had elbasy's certificate", "reset the connection")
+    assert any(w in line for w in why), line
 
 
 def test_garbage_instead_of_a_client_hello(mitm: Mitm) -> None:
@@ -436,6 +496,9 @@ def test_garbage_instead_of_a_client_hello(mitm: Mitm) -> None:
     assert h["tls"]["client_handshake_failures"] == 1
     assert h["counters"]["tls_client_failures"] == 1
     assert_fds_back(mitm.proxy, before)
+    # not TLS at all is no sign of an untrusted CA: the INFO line only
+    wait_for_log(mitm.proxy, "TLS with 127.0.0.1")
+    assert _untrusted_warnings(mitm.proxy) == []
 
 
 def wait_for_log(p: Proxy, text: str) -> None:
@@ -492,6 +555,12 @@ def test_upstream_with_a_bad_certificate_gives_502(
         )
         assert answer(out.stdout).startswith(b"HTTP/1.1 502"), out.stdout
         wait_for_log(p2, "unable to get local issuer certificate")
+        # an upstream whose CA elbasy lacks: the warning names the way to give it one
+        (line,) = [ln for ln in p2.stderr_lines if "unable to get local issuer" in ln]
+        assert " WARNING " in line and "--upstream-ca" in line and "SSL_CERT_FILE" in line
+        # a wrong name: no CA file mends it, so no such advice
+        (line,) = [ln for ln in p.stderr_lines if "hostname mismatch" in ln]
+        assert " WARNING " in line and "--upstream-ca" not in line
         h = p.healthz()
         assert h["tls"]["upstream_handshake_failures"] == 1
         assert_fds_back(p, before)

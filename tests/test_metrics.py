@@ -266,8 +266,12 @@ def test_metrics_listen_on_a_taken_port_is_a_startup_error(proxy: Callable[..., 
             text=True,
             timeout=30,
         )
-    assert proc.returncode != 0
-    assert f"--metrics-listen {where}: Address already in use" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert errors == [
+        f"Error: cannot listen on {where} for --metrics-listen: address already in use "
+        "(try --metrics-listen 127.0.0.1:PORT)"
+    ]
 
 
 def straight_to_the_shop(port: int, ca_file: Path, shop: str, token: str, n: int) -> None:

@@ -220,7 +220,10 @@ def test_a_graphql_refund_sends_the_waiting_query_early() -> None:
     assert loop.pacer.counters["woken_early"] == 1
 
 
-def test_a_429_is_sent_again_after_its_retry_after_and_first_in_line() -> None:
+def test_a_429_is_sent_again_after_its_retry_after_and_first_in_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("WARNING", logger="elbasy")
     loop = Loop()
     exs = [loop.request(rest()) for _ in range(41)]
     refused = exs[0]
@@ -236,6 +239,10 @@ def test_a_429_is_sent_again_after_its_retry_after_and_first_in_line() -> None:
     # the bucket is taken as full: a marble is free in 0.5 s, but Retry-After says 2 s
     assert plan.retry_at - loop.t == pytest.approx(2.0)
     assert loop.pacer.counters["server_throttled"] == 1
+    # the warning names the rule once, with the account
+    (warning,) = [r.getMessage() for r in caplog.records if "refused a request" in r.getMessage()]
+    assert warning.count("shopify-admin") == 1, warning
+    assert "(429, Retry-After 2)" in warning
     # it goes first when its time comes, before the one that waited behind it
     gone = loop.advance(2.5)
     assert gone[:2] == [refused, exs[40]]
@@ -247,7 +254,9 @@ def test_a_request_beyond_the_max_wait_is_shed_and_costs_nothing() -> None:
         loop.request(rest())
     head = rest().replace(b"\r\n\r\n", b"\r\nX-Elbasy-Max-Wait: 0.2\r\n\r\n")
     assert loop.request(head) is None
-    assert loop.replies[-1].startswith(b"HTTP/1.1 429") and b"X-Elbasy-Shed: 1" in loop.replies[-1]
+    # the standard reason phrase (http.HTTPStatus), not a made-up one
+    assert loop.replies[-1].startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+    assert b"X-Elbasy-Shed: 1" in loop.replies[-1]
     nxt = loop.request(rest())
     assert nxt is not None and loop.held[id(nxt)].due - loop.t == pytest.approx(0.5)
 

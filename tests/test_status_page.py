@@ -340,6 +340,55 @@ def test_ca_pem_is_the_ca_the_intercepted_leaves_chain_to(
     assert leaf.issuer == ca.subject
 
 
+def after_listening(p: Proxy, count: int) -> tuple[list[str], int]:
+    """elbasy's stderr lines once ``count`` lines from its listening line are in, and
+    that line's index."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [ln.rstrip("\n") for ln in p.stderr_lines]
+        at = next(i for i, ln in enumerate(lines) if " listening on 127.0.0.1:" in ln)
+        if len(lines) >= at + count or time.monotonic() > deadline:
+            return lines, at
+        time.sleep(0.05)
+
+
+def test_startup_says_the_next_line_and_the_page_the_real_address(
+    proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    p = proxy("--data-dir", str(data))
+    lines, at = after_listening(p, 3)
+    # right after the listening line: what to export, then where the CA is
+    assert lines[at + 1] == f"next: export HTTPS_PROXY={p.url} HTTP_PROXY={p.url}"
+    assert lines[at + 2] == (
+        f"clients must trust {data / 'ca.pem'} (also at {p.url}/ca.pem): elbasy ca trust-help"
+    )
+    # the page's commands carry the address, with or without its script
+    status, _, page = get(p, "/")
+    assert status == 200 and b"HOST:PORT" not in page
+    assert f"curl -fsS -o elbasy-ca.pem {p.url}/ca.pem".encode() in page
+    assert f"export HTTPS_PROXY={p.url} HTTP_PROXY={p.url}".encode() in page
+    # /ca.pem through the proxy, as a client with HTTP_PROXY set asks for it
+    out = subprocess.run(
+        ["curl", "-fsS", "--max-time", "10", "-x", p.url, f"{p.url}/ca.pem"],
+        capture_output=True,
+        timeout=20,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (data / "ca.pem").read_bytes()
+    out = subprocess.run(
+        ["curl", "-fsS", "--max-time", "10", f"{p.url}/ca.pem"], capture_output=True, timeout=20
+    )
+    assert out.stdout == (data / "ca.pem").read_bytes()
+
+
+def test_without_interception_startup_names_no_ca(proxy: Callable[..., Proxy]) -> None:
+    p = proxy("--rules", "")
+    lines, at = after_listening(p, 3)
+    assert lines[at + 1] == f"next: export HTTPS_PROXY={p.url} HTTP_PROXY={p.url}"
+    assert not any("clients must trust" in ln for ln in lines)
+
+
 def test_the_pages_files_are_package_data(tmp_path: Path) -> None:
     """What a wheel carries: setuptools' build_py copies the package with its data."""
     egg = tmp_path / "egg"  # the metadata build_py makes goes here, not into the checkout

@@ -11,12 +11,15 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import origins
+import pytest
 from origins import send_and_read
 
 # a paced API on a local origin: one request per 0.5 s for each key
@@ -229,29 +232,49 @@ def test_a_worker_that_keeps_dying_never_takes_the_supervisor_down(proxy):
     assert wait_for(lambda: get_healthz(p.port)["pid"] in p.worker_pids())
 
 
-def test_a_busy_port_is_a_one_line_error(proxy, tmp_path: Path):
-    import subprocess
-    import sys
+def _elbasy_fails(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "elbasy", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=str(Path(__file__).resolve().parent.parent),
+        env={**os.environ, "XDG_DATA_HOME": str(tmp_path)},
+    )
 
+
+def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The one ``Error:`` line of a failed start, exit status 2 (a bad option's), no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_busy_port_is_a_one_line_error(tmp_path: Path, workers: str):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "elbasy", "--listen", f"127.0.0.1:{port}", "--workers", "2"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=str(Path(__file__).resolve().parent.parent),
-            env={**os.environ, "XDG_DATA_HOME": str(tmp_path)},
-        )
+        proc = _elbasy_fails(tmp_path, "--listen", f"127.0.0.1:{port}", "--workers", workers)
     finally:
         taken.close()
-    assert proc.returncode == 1
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
-    assert errors == [f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"]
-    assert "Traceback" not in proc.stderr
+    assert _one_error_line(proc) == (
+        f"Error: cannot listen on 127.0.0.1:{port}: address already in use "
+        "(try --listen 127.0.0.1:PORT)"
+    )
+
+
+def test_an_address_this_host_lacks_is_a_one_line_error(tmp_path: Path):
+    # 192.0.2.0/24 is TEST-NET-1: documentation only, never a local address
+    proc = _elbasy_fails(tmp_path, "--listen", "192.0.2.1:8080")
+    assert _one_error_line(proc) == (
+        "Error: cannot listen on 192.0.2.1:8080: this host has no address 192.0.2.1 "
+        "(try --listen 127.0.0.1:8080, or 0.0.0.0:8080 for every address)"
+    )
 
 
 # --------------------------------------------------------------------------- SIGHUP

@@ -55,6 +55,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import textwrap
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -314,22 +315,28 @@ class CertificateAuthority:
 
     # ------------------------------------------------------------ coverage
 
-    def needs_new_ca(self, intercept: Iterable[str], now: dt.datetime | None = None) -> str | None:
+    def needs_new_ca(
+        self,
+        intercept: Iterable[str],
+        now: dt.datetime | None = None,
+        *,
+        asked: Iterable[str] | None = None,
+    ) -> str | None:
         """None if this CA can serve every host of ``intercept``; else why not and what to run.
 
         With ``now``, a CA within :data:`CA_ROTATE_BEFORE` of its expiry also needs
-        replacing.
+        replacing. ``asked``: the globs the command to run names with
+        ``--intercept`` (default: all of ``intercept``); ``elbasy ca init`` adds
+        the enabled rules' hosts itself, so elbasy names only the user's own. The
+        text is a few lines of at most 100 columns, the command on a line of its own.
         """
         globs = list(intercept)
         redo = f"elbasy ca init --force --data-dir {self.data_dir}" + "".join(
-            f" --intercept '{g}'" for g in globs
+            f" --intercept '{g}'" for g in (globs if asked is None else asked)
         )
-        after = " then trust the new certificate again (elbasy ca trust-help)."
         if now is not None and _utc(now) >= self.not_after - CA_ROTATE_BEFORE:
-            return (
-                f"the CA in {self.data_dir} expires on {self.not_after:%Y-%m-%d}; "
-                f"replace it: {redo}" + ("," + after)
-            )
+            why = f"the CA in {self.data_dir} expires on {self.not_after:%Y-%m-%d}."
+            return _with_command(why, redo)
         if self.constraints is None:
             return None
         outside: list[str] = []
@@ -342,12 +349,12 @@ class CertificateAuthority:
                 outside.append(glob)
         if not outside:
             return None
-        return (
-            f"the CA in {self.data_dir} is name-constrained to {self.constraints.summary()} "
-            "and cannot issue "
-            f"certificates for {', '.join(repr(g) for g in outside)}. Make a new one: {redo},"
-            + after
+        permitted = [*self.constraints.dns, *(str(n) for n in self.constraints.ips)]
+        why = (
+            f"the CA in {self.data_dir} cannot issue certificates for "
+            f"{_some(repr(g) for g in outside)} (it is name-constrained to {_some(permitted)})."
         )
+        return _with_command(why, redo)
 
     # ------------------------------------------------------------ leaves
 
@@ -485,3 +492,23 @@ class CertificateAuthority:
             not_after=cert.not_valid_after_utc,
             serial=cert.serial_number,
         )
+
+
+#: how many items a message lists before "and N more"
+_LISTED = 4
+_COLUMNS = 92  # 100 with the "Error: " click puts before the first line
+
+
+def _some(items: Iterable[str]) -> str:
+    """The first few of ``items``, comma-separated, then how many more there are."""
+    shown = list(items)
+    if len(shown) <= _LISTED + 1:
+        return ", ".join(shown)
+    return ", ".join(shown[:_LISTED]) + f" and {len(shown) - _LISTED} more"
+
+
+def _with_command(why: str, command: str) -> str:
+    """``why`` wrapped to a few readable lines, then the command that mends it on its own."""
+    text = why + " Make a new one, then trust the new certificate again (elbasy ca trust-help):"
+    prose = textwrap.fill(text, _COLUMNS, break_long_words=False, break_on_hyphens=False)
+    return f"{prose}\n  {command}"

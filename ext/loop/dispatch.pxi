@@ -65,7 +65,7 @@ cdef void conn_event(Loop loop, Conn c, int fd, uint32_t ev):
         elif st == S_TLS_ACCEPT:
             # a reset instead of the rest of the handshake (a client that
             # rejected our certificate, often): the handshake failed
-            client_tls_failed(loop, c, "the client reset the connection during the handshake")
+            client_tls_failed(loop, c, HANDSHAKE_RESET)
         else:
             client_lost(loop, c)
         return

@@ -203,6 +203,7 @@ from elbasy.verdicts import (
     ABANDONED, BAD_BODY, BAD_RESPONSE, DRAINED, FAILED, FINISHED, HEAD_TOO_LARGE,
     INTERNAL_ERROR, NOW, TLS_FAILED, Forward, Intercept, Reply, Tunnel,
 )
+from elbasy.trust import HANDSHAKE_RESET
 
 # "hold until" NOW (elbasy.verdicts): leave at once, unconfirmed. Every
 # other hold-until is a monotonic time, held on the timer heap (hold_ns).
