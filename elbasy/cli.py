@@ -10,8 +10,11 @@ rules, see :mod:`elbasy.rules`). The command line
 wins over the environment, which wins over the file, which wins over the
 defaults.
 
-``main`` is a click group so that later subcommands (``elbasy ca ...``) share
-these options; without a subcommand it runs the proxy.
+``main`` is a click group so that its subcommands (``elbasy ca ...``,
+``elbasy rules ...``, ``elbasy show-config``) share these options; without a
+subcommand it runs the proxy. The options may also follow a subcommand, with
+the same meaning (``elbasy show-config --listen :9000``): every subcommand
+takes hidden copies of them (:func:`_settings_after_subcommands`).
 """
 
 from __future__ import annotations

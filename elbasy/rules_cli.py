@@ -1,9 +1,10 @@
 """``elbasy rules ...``: list, show and check the API rules (see :mod:`elbasy.rules`).
 
 ``list`` and ``show`` see the rules the proxy would run with: the built-ins,
-the config file's ``[[rule]]`` tables, and ``--rules`` (given before the
-subcommand: ``elbasy --rules shopify-admin-rest rules list``). None of them
-starts the proxy.
+the config file's ``[[rule]]`` tables, and ``--rules`` (before or after the
+subcommand: ``elbasy --rules shopify-admin-rest rules list``). ``list`` is a
+table of every rule, enabled or not, that fits the terminal (80 to 120
+columns); ``show`` prints a disabled rule too. None of them starts the proxy.
 """
 
 from __future__ import annotations

@@ -552,7 +552,7 @@ class Supervisor:
         log.info("%d worker(s) ready (pids %s)", len(self.children), pids)
         intercept = intercepted_hosts(self.config, self.config.ruleset())
         if intercept:
-            # the first hosts, to fit a terminal; `elbasy rules list` shows them all
+            # the first hosts, to fit a terminal (`elbasy rules show ID` lists a rule's)
             log.info(
                 "intercepting %d host%s: %s",
                 len(intercept),
