@@ -1,8 +1,10 @@
 """``elbasy ca ...``: create, inspect and export the interception CA (see :mod:`elbasy.ca`).
 
-Every subcommand takes ``--data-dir`` (``ELBASY_DATA_DIR``; default
-``$XDG_DATA_HOME/elbasy``, else ``~/.local/share/elbasy``). None of them starts
-the proxy.
+Every subcommand takes ``--data-dir`` (default ``$XDG_DATA_HOME/elbasy``, else
+``~/.local/share/elbasy``), and ``init`` ``--intercept`` and ``--unconstrained-ca``:
+the same settings as ``elbasy``'s options, which may come before the subcommand
+(``elbasy --data-dir D ca init``), in ``ELBASY_DATA_DIR`` and the others, or in
+the config file. None of them starts the proxy.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import click
 
 if TYPE_CHECKING:
     from elbasy.ca import CertificateAuthority
+    from elbasy.config import Config
 
 __all__ = ["ca"]
 
@@ -37,16 +40,29 @@ def _data_dir_option(f: _F) -> _F:
         "data_dir",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
-        envvar="ELBASY_DATA_DIR",
         metavar="DIR",
         help="Where the CA lives. [default: $XDG_DATA_HOME/elbasy, else ~/.local/share/elbasy]",
     )(f)
 
 
+def _settings() -> Config | None:
+    """The settings of ``elbasy``'s options (``elbasy --data-dir D ca ...``, the
+    environment, the config file), when run as its subcommand."""
+    from elbasy.config import Config
+
+    return click.get_current_context().find_object(Config)
+
+
 def _dir(data_dir: Path | None) -> Path:
+    """The data dir: this subcommand's ``--data-dir``, else ``elbasy``'s setting."""
     from elbasy.ca import default_data_dir
 
-    return data_dir if data_dir is not None else default_data_dir()
+    if data_dir is not None:
+        return data_dir
+    config = _settings()
+    if config is not None and config.data_dir is not None:
+        return Path(config.data_dir)
+    return default_data_dir()
 
 
 def _now() -> dt.datetime:
@@ -73,7 +89,6 @@ def ca() -> None:
     "--intercept",
     "intercept",
     multiple=True,
-    envvar="ELBASY_INTERCEPT",
     metavar="GLOB",
     help="A host glob elbasy will intercept (e.g. '*.myshopify.com'); repeatable. "
     "The CA may only issue for these hosts.",
@@ -93,6 +108,9 @@ def init(
     from elbasy.ca import CA_CERT_FILE, CA_KEY_FILE, CAError, CertificateAuthority
 
     where = _dir(data_dir)
+    config = _settings()
+    if config is not None:  # `elbasy --unconstrained-ca ca init`, the environment, the file
+        unconstrained = unconstrained or config.unconstrained_ca
     asked, intercept = _hosts_to_cover(intercept)
     exists = (where / CA_KEY_FILE).exists() or (where / CA_CERT_FILE).exists()
     try:
@@ -144,7 +162,7 @@ def _hosts_to_cover(intercept: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[
     from elbasy.config import Config
     from elbasy.server import intercepted_hosts
 
-    config = click.get_current_context().find_object(Config) or Config()
+    config = _settings() or Config()
     asked = tuple(dict.fromkeys([*intercept, *config.intercept]))
     every = intercepted_hosts(config, config.ruleset())
     return asked, tuple(dict.fromkeys([*asked, *every]))

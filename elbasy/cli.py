@@ -10,12 +10,17 @@ rules, see :mod:`elbasy.rules`). The command line
 wins over the environment, which wins over the file, which wins over the
 defaults.
 
-``main`` is a click group so that later subcommands (``elbasy ca ...``) share
-these options; without a subcommand it runs the proxy.
+``main`` is a click group so that its subcommands (``elbasy ca ...``,
+``elbasy rules ...``, ``elbasy show-config``) share these options; without a
+subcommand it runs the proxy. The options may also follow a subcommand, with
+the same meaning (``elbasy show-config --listen :9000``): every subcommand
+takes hidden copies of them (:func:`_settings_after_subcommands`).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -33,6 +38,7 @@ from elbasy.config import (
     load_toml,
     setting_named,
     to_toml,
+    unknown_environment,
 )
 from elbasy.rules_cli import rules as rules_group
 from elbasy.settings import Choice, ChoiceOrURL, ConfigFile, Directory, File, Flag, Setting
@@ -53,6 +59,8 @@ class ConfigProblem(click.ClickException):
 #: tables), and those kept out of click's default_map (see _load_config_file)
 _FILE_ONLY = "elbasy.file_only_settings"
 _FILE_ASIDE = "elbasy.file_settings_aside"
+#: ctx.meta key: the settings given after a subcommand (`elbasy show-config --listen X`)
+_AFTER = "elbasy.settings_after_the_command"
 
 _SOURCES = {
     ParameterSource.COMMANDLINE: "",
@@ -106,10 +114,17 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     ctx.default_map = {**settings, **(ctx.default_map or {})}
 
 
-def _option(s: Setting) -> Callable[[_F], _F]:
-    """The click option of setting ``s``: ``--name``, ``ELBASY_NAME``, its help and default."""
+def _option(s: Setting, after: bool = False) -> Callable[[_F], _F]:
+    """The click option of setting ``s``: ``--name``, ``ELBASY_NAME``, its help and default.
+
+    ``after``: its copy that a subcommand takes (``elbasy show-config --listen X``),
+    hidden, without the environment variable (``main`` reads it), kept in ctx.meta.
+    """
     kind = s.kind
     attrs: dict[str, Any] = {"envvar": s.envvar, "metavar": s.option_metavar, "help": s.help}
+    if after:
+        attrs = {"metavar": s.option_metavar, "hidden": True, "expose_value": False}
+        attrs["callback"] = _keep_after
     if s.default_text is not None:
         attrs["help"] = f"{s.help} [default: {s.default_text}]"
         attrs["show_default"] = False  # the text above says it, once
@@ -130,6 +145,8 @@ def _option(s: Setting) -> Callable[[_F], _F]:
     if "type" not in attrs and not kind.multiple and not isinstance(kind, Flag):
         # text whatever the default looks like (--workers: 1 or auto)
         attrs["type"] = click.STRING
+    if after:
+        return click.option(*decls, s.name, **attrs)
     if isinstance(kind, ConfigFile):
         attrs.update(is_eager=True, expose_value=False, callback=_load_config_file)
         return click.option(*decls, s.name, **attrs)
@@ -165,6 +182,8 @@ def main(ctx: click.Context, /, **options: Any) -> None:
     """
     config = _config_of(ctx, options)
     ctx.obj = config
+    for line in unknown_environment(os.environ, config):
+        click.echo(f"Warning: {line}", err=True)
     if ctx.invoked_subcommand is not None:
         return
 
@@ -214,9 +233,118 @@ def reload_config(args: list[str]) -> Config:
 @main.command("show-config")
 @click.pass_obj
 def show_config(config: Config) -> None:
-    """Print the effective settings as a TOML config file, then exit."""
+    """Print the effective settings as a TOML config file, then exit.
+
+    A setting left unset is a comment saying what that means; the data dir
+    is the directory it stands for (where the CA lives).
+    """
+    import dataclasses
+
+    from elbasy.ca import default_data_dir
+
+    if config.data_dir is None:
+        config = dataclasses.replace(config, data_dir=str(default_data_dir()))
     click.echo(to_toml(config), nl=False)
 
 
 main.add_command(ca)
 main.add_command(rules_group)
+
+
+# --------------------------------------------------------------------------- options after
+
+
+def _keep_after(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Callback of a setting's option after a subcommand: its value, for _after_config
+    (which takes those given on the command line)."""
+    if param.name:
+        ctx.meta.setdefault(_AFTER, {})[param.name] = value
+
+
+def _after_config(ctx: click.Context, after: dict[str, Any]) -> Config:
+    """The Config of ``main``'s options with those given after the subcommand: these
+    count as the command line, and a ``--config`` file among them as the config file."""
+    root = ctx.find_root()
+    options = dict(root.params)
+    only_here = dict(ctx.meta.get(_FILE_ONLY, {}))
+    from_file: set[str] = set()
+
+    def source(name: str) -> ParameterSource | None:
+        return root.get_parameter_source(name)
+
+    for name, value in ctx.meta.get(_FILE_ASIDE, {}).items():
+        if source(name) in (ParameterSource.DEFAULT, None):
+            options[name] = value
+    after = dict(after)
+    path = after.pop("config", None)
+    if path:
+        try:
+            settings = load_toml(path)
+        except ConfigError as e:
+            raise ConfigProblem(str(e)) from None
+        for s in SETTINGS:
+            if s.name not in settings:
+                continue
+            if not s.option:
+                try:
+                    only_here[s.name] = s.kind.from_file(settings[s.name], f"config file {path!r}")
+                except ConfigError as e:
+                    raise ConfigProblem(str(e)) from None
+            elif source(s.name) not in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+                options[s.name] = settings[s.name]
+                from_file.add(s.name)
+    for name, value in after.items():
+        owner = setting_named(name)
+        before = source(name) == ParameterSource.COMMANDLINE
+        if owner is not None and owner.kind.multiple and before:
+            value = (*options[name], *value)  # repeatable: before and after add up
+        options[name] = value
+        from_file.discard(name)
+    try:
+        return build_config(**options, **only_here)
+    except ConfigError as e:
+        owner = setting_named(e.field)
+        if owner is not None and owner.name in after:
+            raise ConfigProblem(f"invalid value for {owner.flag}: {e.reason}") from None
+        if owner is not None and owner.name in from_file:
+            raise ConfigProblem(
+                f"invalid value for {owner.flag} (from the config file): {e.reason}"
+            ) from None
+        raise _problem(root, e) from None
+
+
+def _taking_settings_after(callback: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        after = {
+            name: value
+            for name, value in ctx.meta.pop(_AFTER, {}).items()
+            if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+        }
+        if after:
+            ctx.obj = _after_config(ctx, after)
+        return callback(*args, **kwargs)
+
+    return run
+
+
+def _settings_after_subcommands(group: click.Group) -> None:
+    """Let every subcommand of ``group`` (and theirs) take ``main``'s options after its
+    name too (`elbasy show-config --listen X`, `elbasy rules list --rules a,b`), with the
+    same meaning; an option of the subcommand's own (``ca init --intercept``) stays its."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _settings_after_subcommands(command)
+            continue
+        own = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
+        for s in SETTINGS:
+            if s.option and s.flag not in own:
+                _option(s, after=True)(command)
+        if command.callback is not None:
+            command.callback = _taking_settings_after(command.callback)
+        if not command.epilog:
+            command.epilog = "elbasy's options (see elbasy --help) may also follow the command."
+
+
+_settings_after_subcommands(main)

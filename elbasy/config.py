@@ -27,14 +27,16 @@ The first matching rule wins (:func:`route`).
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from elbasy.redis_store import PASSWORD_ENV as REDIS_PASSWORD_ENV
 from elbasy.redis_store import SCHEMES as REDIS_SCHEMES
 from elbasy.settings import (
     Choice,
@@ -76,12 +78,14 @@ __all__ = [
     "ConfigError",
     "ConnectTo",
     "build_config",
+    "did_you_mean",
     "format_hostport",
     "load_toml",
     "parse_listen",
     "route",
     "setting_named",
     "to_toml",
+    "unknown_environment",
     "worker_count",
 ]
 
@@ -776,7 +780,10 @@ class Config:
         default_text="$XDG_DATA_HOME/elbasy",
     )
     upstream_ca: str | None = setting(
-        File(), None, "Also trust these CA certificates (PEM) when verifying upstream TLS."
+        File(),
+        None,
+        "Also trust these CA certificates (PEM) when verifying upstream TLS.",
+        default_text="the system's roots only",
     )
     unconstrained_ca: bool = setting(
         Flag(),
@@ -974,9 +981,9 @@ def build_config(**options: Any) -> Config:
 CONFIG_KEYS: Mapping[str, str] = {s.name: s.kind.toml for s in SETTINGS if s.toml}
 
 
-def _check_toml_value(path: Path, key: str, value: object) -> object:
+def _check_toml_value(path: Path, key: str, value: object, raw_key: str) -> object:
     kind = CONFIG_KEYS[key]
-    where = f"config file {str(path)!r}, key {key!r}"
+    where = f"config file {str(path)!r}, key {raw_key!r}"
     if kind == "string" and isinstance(value, str):
         return value
     if kind == "number" and is_number(value):
@@ -1021,21 +1028,50 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")
         if key not in CONFIG_KEYS:
-            raise ConfigError(
-                f"config file {str(path)!r}: unknown key {raw_key!r} "
-                f"(known: {', '.join(k.replace('_', '-') for k in CONFIG_KEYS)})"
-            )
+            guess = did_you_mean(key, CONFIG_KEYS)
+            if guess is not None and "-" in raw_key:
+                guess = guess.replace("_", "-")  # in the file's spelling
+            hint = f"did you mean {guess!r}?" if guess else "`elbasy show-config` prints every key"
+            raise ConfigError(f"config file {str(path)!r}: unknown key {raw_key!r} ({hint})")
         if key in out:
             raise ConfigError(f"config file {str(path)!r}: key {raw_key!r} is given twice")
-        out[key] = _check_toml_value(path, key, value)
+        out[key] = _check_toml_value(path, key, value, raw_key)
+    return out
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str | None:
+    """The one of ``known`` that ``name`` is most likely a typo of, if any is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+#: ``ELBASY_*`` environment variables that are no setting's but still elbasy's
+OTHER_ENVVARS: tuple[str, ...] = (REDIS_PASSWORD_ENV,)
+
+
+def unknown_environment(environ: Mapping[str, str], config: Config | None = None) -> list[str]:
+    """One warning for each ``ELBASY_*`` variable in ``environ`` that elbasy does not read
+    (a typo such as ``ELBASY_MAX_WIAT`` is otherwise silently ignored), with the name it
+    most likely meant. ``config``'s ``--auth-env`` variable is one elbasy reads."""
+    known = [s.envvar for s in SETTINGS if s.option] + list(OTHER_ENVVARS)
+    if config is not None and config.auth_env:
+        known.append(config.auth_env)
+    out = []
+    for name in sorted(environ):
+        if not name.startswith("ELBASY_") or name in known:
+            continue
+        guess = did_you_mean(name[7:], [k[7:] for k in known if k.startswith("ELBASY_")])
+        hint = f"; did you mean ELBASY_{guess}?" if guess else " (see `elbasy --help`)"
+        out.append(f"ignoring the environment variable {name}: no such setting{hint}")
     return out
 
 
 def to_toml(config: Config) -> str:
     """``config`` as a config file that :func:`load_toml` reads back to the same settings.
 
-    Every setting that has a value, in :data:`SETTINGS` order; arrays of tables
-    (the user's ``[[rule]]``\\ s) after every plain key, as TOML requires.
+    Every setting in :data:`SETTINGS` order, one left unset (None) as a
+    comment saying what that means (``# upstream_ca: not set (...)``); arrays of
+    tables (the user's ``[[rule]]``\\ s) after every plain key, as TOML requires.
     """
     plain: list[str] = []
     tables: list[str] = []
@@ -1046,4 +1082,6 @@ def to_toml(config: Config) -> str:
         if value is not None:
             text = s.kind.toml_text(s.name, value)
             (tables if s.kind.toml == "array of tables" else plain).append(text)
+        else:
+            plain.append(f"# {s.name}: not set ({s.default_text or 'none'})\n")
     return "".join(plain) + "".join(tables)

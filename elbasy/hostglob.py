@@ -17,10 +17,10 @@ and an IPv6 literal is compared without its brackets.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
-__all__ = ["covered", "glob_covers"]
+__all__ = ["covered", "glob_covers", "some_hosts"]
 
 
 def _labels(text: str) -> list[str]:
@@ -41,3 +41,17 @@ def glob_covers(glob: str, name: str) -> bool:
 def covered(name: str, globs: Iterable[str]) -> bool:
     """Whether any of ``globs`` covers ``name``."""
     return any(glob_covers(glob, name) for glob in globs)
+
+
+def some_hosts(hosts: Sequence[str], width: int) -> str:
+    """The first hosts, then how many more, in about ``width`` characters (at least one
+    host is named): ``*.myshopify.com, openapi.etsy.com +10 more``."""
+    shown = 1
+    while shown < len(hosts):
+        more = len(hosts) - shown - 1
+        text = ", ".join(hosts[: shown + 1]) + (f" +{more} more" if more else "")
+        if len(text) > width:
+            break
+        shown += 1
+    rest = len(hosts) - shown
+    return ", ".join(hosts[:shown]) + (f" +{rest} more" if rest > 0 else "")

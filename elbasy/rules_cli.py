@@ -1,9 +1,10 @@
 """``elbasy rules ...``: list, show and check the API rules (see :mod:`elbasy.rules`).
 
 ``list`` and ``show`` see the rules the proxy would run with: the built-ins,
-the config file's ``[[rule]]`` tables, and ``--rules`` (given before the
-subcommand: ``elbasy --rules shopify-admin-rest rules list``). None of them
-starts the proxy.
+the config file's ``[[rule]]`` tables, and ``--rules`` (before or after the
+subcommand: ``elbasy --rules shopify-admin-rest rules list``). ``list`` is a
+table of every rule, enabled or not, that fits the terminal (80 to 120
+columns); ``show`` prints a disabled rule too. None of them starts the proxy.
 """
 
 from __future__ import annotations
@@ -36,27 +37,47 @@ def _describe_limit(limit: Limit) -> str:
     return f"{limit.name} {numbers}{unit}"
 
 
-def _hosts(hosts: tuple[str, ...] | list[str]) -> str:
-    """The first two hosts, and how many more (`elbasy rules show` lists them all)."""
-    shown = ",".join(hosts[:2])
-    return shown + (f" (+{len(hosts) - 2})" if len(hosts) > 2 else "")
+def _numbers(limit: Limit) -> str:
+    """A limit's numbers without its name, for the table (``10000 per rolling 86400s``)."""
+    text = _describe_limit(limit)
+    text = text.split(" ", 1)[1]
+    return text.split(" (", 1)[0] + text.split(")", 1)[1] if " (" in text else text
 
 
-def _summary(rule: Rule) -> str:
-    tier = rule.default_tier
-    limits = [
-        _describe_limit(spec.by_tier[tier or ""])
-        + (
-            f" (a request {spec.request_cost:g}, a mutation {spec.mutation_cost:g})"
-            if spec.counts == "requests"
-            else ""
-        )
-        for spec in rule.limits
-    ]
-    text = "; ".join(limits) or "no limits"
-    if rule.tier_names:
-        text += f" [{tier}; tiers: {', '.join(rule.tier_names)}]"
-    return text
+def _fit(items: list[str], width: int) -> str:
+    """As many of ``items`` as fit in ``width``, then how many more."""
+    shown = 0
+    while shown < len(items):
+        rest = len(items) - shown - 1
+        text = ", ".join(items[: shown + 1]) + (f" +{rest} more" if rest else "")
+        if len(text) > width:
+            break
+        shown += 1
+    if shown == 0:
+        return ""
+    rest = len(items) - shown
+    return ", ".join(items[:shown]) + (f" +{rest} more" if rest else "")
+
+
+def _limits_cell(rule: Rule, width: int) -> str:
+    """The default tier's limits in ``width`` characters: named if they fit, else their
+    numbers, else the first one cut short."""
+    limits = [spec.by_tier[rule.default_tier or ""] for spec in rule.limits]
+    if not limits:
+        return "no limits"
+    for items in ([_describe_limit(x) for x in limits], [_numbers(x) for x in limits]):
+        text = _fit(items, width)
+        if text:
+            return text
+    first = _numbers(limits[0])
+    return first if len(first) <= width else first[: max(width - 3, 1)] + "..."
+
+
+def _columns() -> int:
+    """The table's width: the terminal's, within 80 to 120 columns (100 when unknown)."""
+    import shutil
+
+    return min(max(shutil.get_terminal_size((100, 24)).columns, 80), 120)
 
 
 @click.group("rules")
@@ -71,38 +92,61 @@ def rules() -> None:
 @rules.command("list")
 @click.pass_obj
 def list_rules(config: Config) -> None:
-    """One line per enabled rule: id, provider, hosts, limits (default tier)."""
-    ruleset = config.ruleset()
-    rows = [(r.id, r.provider, _hosts(r.hosts), _summary(r)) for r in ruleset]
-    if not rows:
-        click.echo("no rules enabled")
-        return
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
-        click.echo("  ".join([*cells, row[3]]))
+    """A table of the rules: enabled or not (--rules), hosts, limits (default tier)."""
+    from elbasy.rules import RuleSet
+
+    width = _columns()
+    every = RuleSet.load(None, config.rule)
+    enabled = set(config.ruleset().ids())
+    name_width = max(len(r.id) for r in every)
+    # the hosts get what leaves the limits 24 columns; at 100 columns and more, all they need
+    hosts_width = max(16, width - name_width - len("yes") - 3 * 2 - 24)
+    header = ("RULE", "ON", "HOSTS")
+    rows = [(r.id, "yes" if r.id in enabled else "no", _hosts_cell(r, hosts_width)) for r in every]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    room = width - sum(widths) - 2 * len(widths)
+    lines = [(*header, "LIMITS (default tier)")]
+    lines += [(*row, _limits_cell(r, room)) for row, r in zip(rows, every, strict=True)]
+    for line in lines:
+        cells = [cell.ljust(w) for cell, w in zip(line, widths, strict=False)]
+        click.echo("  ".join([*cells, line[3]]).rstrip())
+
+
+def _hosts_cell(rule: Rule, width: int) -> str:
+    """The first hosts and how many more, in ``width`` characters."""
+    from elbasy.hostglob import some_hosts
+
+    text = some_hosts(rule.hosts, width)
+    if len(text) <= width:
+        return text
+    more = f" +{len(rule.hosts) - 1} more" if len(rule.hosts) > 1 else ""
+    return rule.hosts[0][: max(width - len(more) - 3, 1)] + "..." + more
 
 
 @rules.command("show")
 @click.argument("name")
 @click.pass_obj
 def show_rule(config: Config, name: str) -> None:
-    """Print rule NAME as TOML, with the source of every number."""
+    """Print rule NAME as TOML, with the source of every number; a disabled rule too."""
     from elbasy.rules import RuleError, RuleSet, rule_to_toml
 
-    ruleset = config.ruleset()
+    every = RuleSet.load(None, config.rule)
     try:
-        rule = ruleset.get(name)
+        rule = every.get(name)
     except RuleError:
-        raise _Failed(
-            f"no enabled rule {name!r} (enabled: {', '.join(ruleset.ids()) or 'none'})"
-        ) from None
+        from elbasy.config import did_you_mean
+
+        guess = did_you_mean(name, every.ids())
+        hint = f"did you mean {guess!r}?" if guess else f"rules: {', '.join(every.ids())}"
+        raise _Failed(f"no rule {name!r} ({hint})") from None
+    enabled = name in config.ruleset().ids()
+    state = "" if enabled else "; disabled (not in --rules)"
     if rule.origin.startswith("builtin:"):
         _, text = RuleSet.builtin_rule_data(rule.id)
-        click.echo(f"# built-in rule, {rule.origin}")
+        click.echo(f"# built-in rule, {rule.origin}{state}")
         click.echo(text, nl=False)
     else:
-        click.echo(f"# user rule, from the {rule.origin}")
+        click.echo(f"# user rule, from the {rule.origin}{state}")
         click.echo(rule_to_toml(rule.data), nl=False)
 
 

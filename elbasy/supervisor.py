@@ -51,6 +51,7 @@ from typing import Any, NoReturn
 from elbasy import __version__
 from elbasy.access import Access, warn_if_open
 from elbasy.config import Config, ConfigError, format_hostport, parse_listen, worker_count
+from elbasy.hostglob import some_hosts
 from elbasy.logs import (
     access_log_file,
     configure,
@@ -561,9 +562,12 @@ class Supervisor:
         log.info("%d worker(s) ready (pids %s)", len(self.children), pids)
         intercept = intercepted_hosts(self.config, self.config.ruleset())
         if intercept:
+            # the first hosts, to fit a terminal (`elbasy rules show ID` lists a rule's)
             log.info(
-                "intercepting %s (clients must trust elbasy's CA: elbasy ca trust-help)",
-                ", ".join(intercept),
+                "intercepting %d host%s: %s",
+                len(intercept),
+                "" if len(intercept) == 1 else "s",
+                some_hosts(intercept, 45),
             )
 
     def _fail_startup(self, why: str) -> None:

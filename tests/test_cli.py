@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import elbasy
+from elbasy.ca import default_data_dir
 from elbasy.cli import build_config, main
 from elbasy.config import Config, ConfigError, ConnectTo
 
@@ -159,6 +160,7 @@ DEFAULTS = {
     "splice": "auto",
     "connect_to": [],
     "intercept": [],
+    "data_dir": str(default_data_dir()),  # show-config says where the CA lives
     "allow_hosts": [],
     "deny_hosts": [],
     "allow_ports": ["443"],
@@ -577,3 +579,169 @@ def test_python_m_elbasy_usage_error_has_no_traceback() -> None:
     assert proc.returncode == 2
     assert "Invalid value for '--log-level'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- options after
+
+
+def test_options_after_the_subcommand_mean_the_same() -> None:
+    assert settings(["--listen", ":9000"]) == {**DEFAULTS, "listen": "0.0.0.0:9000"}
+    result = invoke(["show-config", "--listen", ":9000", "--max-wait=5", "--retry-idempotent"])
+    assert result.exit_code == 0, result.output
+    got = tomllib.loads(result.stdout)
+    assert got == {**DEFAULTS, "listen": "0.0.0.0:9000", "max_wait": 5.0, "retry_idempotent": True}
+    # after wins over the environment, like the command line before the subcommand
+    result = invoke(["show-config", "--listen", ":9001"], {"ELBASY_LISTEN": ":9002"})
+    assert tomllib.loads(result.stdout)["listen"] == "0.0.0.0:9001"
+    # repeatable options add up, before and after
+    result = invoke(["--connect-to", "a:1:b:2", "show-config", "--connect-to", "c:3:d:4"])
+    assert tomllib.loads(result.stdout)["connect_to"] == ["a:1:b:2", "c:3:d:4"]
+    # the other subcommands take them too
+    listed = invoke(["rules", "list", "--rules", "etsy-v3"])
+    assert listed.exit_code == 0, listed.output
+    assert [ln.split()[0] for ln in listed.output.splitlines() if " yes " in ln] == ["etsy-v3"]
+
+
+def test_an_option_after_the_subcommand_errs_in_one_line() -> None:
+    line = one_line_error(invoke(["show-config", "--listen", "nope"]))
+    assert line == (
+        "Error: invalid value for --listen: invalid listen address 'nope': "
+        "expected HOST:PORT, e.g. 127.0.0.1:8080"
+    )
+    result = invoke(["show-config", "--no-such-option"])
+    assert result.exit_code == 2 and "No such option '--no-such-option'" in result.output
+
+
+def test_a_config_file_after_the_subcommand(tmp_path: Path) -> None:
+    path = write(tmp_path, 'listen = ":9000"\nmax_wait = 7\nrules = ["etsy-v3"]\n')
+    result = invoke(["show-config", "--config", str(path)], {"ELBASY_MAX_WAIT": "9"})
+    assert result.exit_code == 0, result.output
+    got = tomllib.loads(result.stdout)
+    # the file's settings, under the environment's
+    assert (got["listen"], got["max_wait"], got["rules"]) == ("0.0.0.0:9000", 9.0, ["etsy-v3"])
+    bad = write(tmp_path, "max_head_bytes = 5\n")
+    line = one_line_error(invoke(["show-config", "--config", str(bad)]))
+    assert line.startswith("Error: invalid value for --max-head-bytes (from the config file): ")
+
+
+def test_data_dir_before_ca_init_is_the_ca_s(tmp_path: Path) -> None:
+    """`elbasy --data-dir D ca init` makes the CA in D, as `elbasy ca init --data-dir D` does
+    (it used the default data dir), and the environment and config file name it too."""
+    home = tmp_path / "home"
+    env = {"XDG_DATA_HOME": str(home)}
+    d = tmp_path / "d"
+    result = invoke(["--data-dir", str(d), "ca", "init", "--intercept", "*.a.test"], env)
+    assert result.exit_code == 0, result.output
+    assert f"Created a CA in {d}." in result.stdout
+    assert (d / "ca.pem").exists() and not home.exists()
+    # the same CA, however the data dir is given
+    shown = invoke(["ca", "show", "--data-dir", str(d)], env).stdout
+    assert f"certificate: {d / 'ca.pem'}" in shown
+    assert invoke(["--data-dir", str(d), "ca", "show"], env).stdout == shown
+    assert invoke(["ca", "show"], {**env, "ELBASY_DATA_DIR": str(d)}).stdout == shown
+    path = write(tmp_path, f"data_dir = {str(d)!r}\n")
+    assert invoke(["--config", str(path), "ca", "show"], env).stdout == shown
+    assert invoke(["ca", "show", "--config", str(path)], env).stdout == shown
+    # the subcommand's own option wins over the environment
+    other = tmp_path / "other"
+    result = invoke(["ca", "show", "--data-dir", str(other)], {**env, "ELBASY_DATA_DIR": str(d)})
+    assert result.exit_code == 1 and f"no CA in {other}" in result.stderr
+
+
+def test_intercept_before_ca_init_is_the_ca_s(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    result = invoke(["--data-dir", str(d), "--intercept", "*.b.test", "ca", "init"])
+    assert result.exit_code == 0, result.output
+    assert "intercept '*.b.test': permits b.test" in result.stdout
+    env = {"ELBASY_INTERCEPT": "x.c.test"}
+    result = invoke(["ca", "init", "--data-dir", str(tmp_path / "e")], env)
+    assert result.exit_code == 0, result.output
+    assert "intercept 'x.c.test': permits x.c.test" in result.stdout
+
+
+# --------------------------------------------------------------------------- show-config
+
+
+def test_show_config_says_what_every_unset_setting_means(tmp_path: Path) -> None:
+    home = tmp_path / "share"
+    result = invoke(["show-config"], {"XDG_DATA_HOME": str(home)})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    # where the CA lives, as a setting that reads back
+    assert f'data_dir = "{home / "elbasy"}"' in lines
+    assert "# upstream_ca: not set (the system's roots only)" in lines
+    assert "# rules: not set (every rule)" in lines
+    assert "# log_file: not set (stderr)" in lines
+    from elbasy.config import SETTINGS
+
+    for s in SETTINGS:
+        if s.toml and s.name != "rule":  # every setting but the [[rule]] tables, once
+            said = [ln for ln in lines if ln.startswith((f"{s.name} = ", f"# {s.name}: "))]
+            assert len(said) == 1, s.name
+    given = invoke(["--data-dir", str(tmp_path / "d"), "show-config"]).stdout
+    assert f'data_dir = "{tmp_path / "d"}"' in given.splitlines()
+
+
+# --------------------------------------------------------------------------- typos
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("max_wiat = 3\n", ": unknown key 'max_wiat' (did you mean 'max_wait'?)"),
+        ("max-wiat = 3\n", ": unknown key 'max-wiat' (did you mean 'max-wait'?)"),
+        ("log-levle = 'debug'\n", ": unknown key 'log-levle' (did you mean 'log-level'?)"),
+        ("threads = 4\n", ": unknown key 'threads' (`elbasy show-config` prints every key)"),
+        ('max-head-bytes = "big"\n', ", key 'max-head-bytes': expected integer, got 'big'"),
+    ],
+)
+def test_config_file_errors_use_the_file_s_spelling(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = write(tmp_path, text)
+    line = one_line_error(invoke(["--config", str(path)]))
+    assert line == f"Error: config file {str(path)!r}{message}"
+
+
+def test_unknown_environment_variables_are_warned_about() -> None:
+    result = invoke(
+        ["show-config"],
+        {
+            "ELBASY_MAX_WIAT": "3",
+            "ELBASY_ZZZ": "1",
+            "ELBASY_REDIS_PASSWORD": "s",
+            "ELBASY_MAX_WAIT": "4",
+        },
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "Warning: ignoring the environment variable ELBASY_MAX_WIAT: no such setting; "
+        "did you mean ELBASY_MAX_WAIT?",
+        "Warning: ignoring the environment variable ELBASY_ZZZ: no such setting "
+        "(see `elbasy --help`)",
+    ]
+    assert tomllib.loads(result.stdout)["max_wait"] == 4.0
+    # the variable --auth-env names is elbasy's to read
+    quiet = invoke(["--auth-env", "ELBASY_TOKENS", "show-config"], {"ELBASY_TOKENS": "t"})
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_python_m_elbasy_warns_of_an_unknown_environment_variable(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELBASY_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["ELBASY_MAX_WIAT"] = "5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "elbasy", "rules", "list"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == (
+        "Warning: ignoring the environment variable ELBASY_MAX_WIAT: no such setting; "
+        "did you mean ELBASY_MAX_WAIT?\n"
+    )
+    # the table fits the 100 columns of a terminal elbasy cannot measure
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 100

@@ -491,4 +491,5 @@ def test_to_toml_round_trips_rules(tmp_path: Path) -> None:
     loaded = load_toml(write(tmp_path, text))
     assert loaded["rules"] == ["my-api"]
     assert loaded["rule"] == [MY_RULE]
-    assert "rules" not in to_toml(Config()) and "[[rule]]" not in to_toml(Config())
+    assert "rules =" not in to_toml(Config()) and "[[rule]]" not in to_toml(Config())
+    assert "# rules: not set (every rule)\n" in to_toml(Config())

@@ -35,7 +35,7 @@ from test_tls import (
 
 from elbasy.ca import CertificateAuthority
 from elbasy.ca.storage import prune_leaves
-from elbasy.hostglob import covered, glob_covers
+from elbasy.hostglob import covered, glob_covers, some_hosts
 from elbasy.policy import Policy
 from elbasy.rules import RuleSet
 from elbasy.tls import MintLimiter, ServerTLS, TLSConfigError, free_ssl
@@ -319,3 +319,15 @@ def test_through_elbasy_deep_names_get_no_leaf_and_shops_share_one(
     refused = metrics_total(samples, "elbasy_tls_leaf_refusals_total", reason="not_intercepted")
     assert refused == 500
     assert p.healthz()["connections"]["tunnels_total"] == 5
+
+
+def test_some_hosts_names_the_first_and_counts_the_rest() -> None:
+    hosts = ["a.example.com", "b.example.com", "c.example.com", "d.example.com"]
+    assert some_hosts(hosts, 100) == ", ".join(hosts)
+    assert some_hosts(hosts, 40) == "a.example.com, b.example.com +2 more"
+    assert some_hosts(hosts, 5) == "a.example.com +3 more"  # one at least
+    assert some_hosts(hosts[:1], 5) == "a.example.com"
+    assert some_hosts([], 5) == ""
+    for width in range(1, 80):
+        text = some_hosts(hosts, width)
+        assert len(text) <= width or text == "a.example.com +3 more", (width, text)

@@ -1041,15 +1041,32 @@ def invoke(args: list[str], env: dict[str, str] | None = None) -> Result:
 def test_cli_rules_list() -> None:
     result = invoke(["rules", "list"])
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    assert [line.split()[0] for line in lines] == list(BUILTIN_IDS)
+    header, *lines = result.output.splitlines()
+    assert header.split() == ["RULE", "ON", "HOSTS", "LIMITS", "(default", "tier)"]
+    assert [line.split()[:2] for line in lines] == [[i, "yes"] for i in BUILTIN_IDS]
     rest = next(line for line in lines if line.startswith("shopify-admin-rest "))
     assert "*.myshopify.com" in rest and "shopify-rest 40 @ 2/s" in rest
+    amazon = next(line for line in lines if line.startswith("amazon-sp-api "))
+    assert "sellingpartnerapi-na.amazon.com +5 more" in amazon and "+11 more" in amazon
     subset = invoke(["--rules", "etsy-v3", "rules", "list"])
-    assert subset.exit_code == 0 and subset.output.startswith("etsy-v3 ")
-    assert len(subset.output.splitlines()) == 1
+    assert subset.exit_code == 0
+    on = {line.split()[0]: line.split()[1] for line in subset.output.splitlines()[1:]}
+    assert on == {i: "yes" if i == "etsy-v3" else "no" for i in BUILTIN_IDS}
     env = invoke(["rules", "list"], {"ELBASY_RULES": "github-rest,bigcommerce"})
-    assert [line.split()[0] for line in env.output.splitlines()] == ["bigcommerce", "github-rest"]
+    on = {line.split()[0]: line.split()[1] for line in env.output.splitlines()[1:]}
+    assert [i for i in on if on[i] == "yes"] == ["bigcommerce", "github-rest"]
+
+
+@pytest.mark.parametrize("columns", ["80", "100", "120", "300"])
+def test_cli_rules_list_fits_the_terminal(columns: str) -> None:
+    result = invoke(["rules", "list"], {"COLUMNS": columns})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == len(BUILTIN_IDS) + 1
+    width = min(int(columns), 120)
+    assert max(len(line) for line in lines) <= width, result.output
+    # a narrower terminal gets shorter cells, never a wrapped table
+    assert all(line.split()[0] in ("RULE", *BUILTIN_IDS) for line in lines)
 
 
 def test_cli_unknown_rule_id() -> None:
@@ -1064,8 +1081,19 @@ def test_cli_rules_show() -> None:
     data = tomllib.loads(result.output)
     assert data["id"] == "shopify-admin-rest"
     assert "https://shopify.dev/docs/api/admin-rest/usage/rate-limits" in result.output
-    missing = invoke(["--rules", "etsy-v3", "rules", "show", "github-rest"])
-    assert missing.exit_code == 1 and "no enabled rule 'github-rest'" in missing.output
+    disabled = invoke(["--rules", "etsy-v3", "rules", "show", "github-rest"])
+    assert disabled.exit_code == 0, disabled.output
+    first = disabled.output.splitlines()[0]
+    assert first == "# built-in rule, builtin:github-rest.toml; disabled (not in --rules)"
+    assert tomllib.loads(disabled.output)["id"] == "github-rest"
+    enabled = invoke(["--rules", "etsy-v3", "rules", "show", "etsy-v3"])
+    assert "disabled" not in enabled.output.splitlines()[0]
+    typo = invoke(["rules", "show", "github-rst"])
+    assert typo.exit_code == 1
+    assert typo.output == "Error: no rule 'github-rst' (did you mean 'github-rest'?)\n"
+    missing = invoke(["rules", "show", "nope"])
+    assert missing.exit_code == 1
+    assert "Error: no rule 'nope' (rules: shopify-admin-graphql, " in missing.output
 
 
 def test_cli_rules_check(tmp_path: Path) -> None:
@@ -1081,7 +1109,9 @@ def test_cli_config_file_user_rules(tmp_path: Path) -> None:
     path = write(tmp_path, text, "elbasy.toml")
     listed = invoke(["--config", str(path), "rules", "list"])
     assert listed.exit_code == 0, listed.output
-    assert [line.split()[0] for line in listed.output.splitlines()] == ["my-api", "etsy-v3"]
+    on = [line.split()[0] for line in listed.output.splitlines()[1:] if line.split()[1] == "yes"]
+    assert on == ["my-api", "etsy-v3"]
+    assert listed.output.splitlines()[1].startswith("my-api ")  # user rules first
     shown = invoke(["--config", str(path), "rules", "show", "my-api"])
     assert shown.exit_code == 0
     assert tomllib.loads(shown.output)["limits"][0]["rate"] == 5

@@ -183,6 +183,25 @@ def test_two_workers_serve_and_share_the_connections(proxy):
     assert sum(1 for ln in p.stderr_lines if "listening on" in ln) == 1  # the banner, once
 
 
+def test_the_intercepting_line_fits_a_terminal(proxy):
+    """With every built-in rule on (12 hosts), the startup line names the first hosts and
+    how many more, within 120 columns with its time stamp (it was 450)."""
+    from elbasy.config import Config
+    from elbasy.server import intercepted_hosts
+
+    hosts = intercepted_hosts(Config(), Config().ruleset())
+    assert len(hosts) > 5
+    p = proxy()
+    deadline = time.monotonic() + 10
+    while not (lines := [ln.rstrip("\n") for ln in p.stderr_lines if " intercepting " in ln]):
+        assert time.monotonic() < deadline, p.stderr
+        time.sleep(0.05)
+    assert len(lines) == 1 and len(lines[0]) <= 120, lines
+    assert f" intercepting {len(hosts)} hosts: {hosts[0]}, {hosts[1]} +" in lines[0]
+    assert lines[0].endswith(" more")
+    assert any(ln.rstrip("\n").endswith("elbasy ca trust-help") for ln in p.stderr_lines)
+
+
 def test_a_killed_worker_is_restarted_and_the_others_serve_on(proxy):
     p = proxy("--workers", "2")
     victim, survivor = p.worker_pids()
