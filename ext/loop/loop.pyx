@@ -105,8 +105,8 @@ S_DEPARTING
 S_RESOLVE
     set by:   start_upstream (a Tunnel; send_forward with no pooled upstream;
               upstream_lost's one retry)
-    deadline: connect_ns
-    expiry:   504 (connect_timeouts)
+    deadline: connect_ns; DRAIN_RESOLVE_NS once the worker drains
+    expiry:   504 (connect_timeouts); draining: the drain's 503 (drain_refused)
     epoll:    client none (a reset still shows as ERR or HUP)
     events:   client HUP/ERR: client_lost; the resolver's answer (resolved_batch)
 S_CONNECT
