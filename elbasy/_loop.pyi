@@ -1,5 +1,6 @@
 """Type stub for the Cython data plane (ext/loop/: loop.pyx and the rooms it includes)."""
 
+from collections.abc import Callable
 from typing import Any
 
 from elbasy.pages import LoopPages
@@ -72,6 +73,7 @@ class Loop:
         listen_exclusive: bool = False,
         pages: LoopPages = ...,
         counters: memoryview | None = None,
+        client_allowed: Callable[[bytes], bool] | None = None,
     ) -> None: ...
     def run(self) -> None: ...
     def stop(self) -> None: ...

@@ -13,7 +13,9 @@ things of a client before it does anything for it:
   with an empty password, since most clients can only put credentials in
   the proxy URL (``http://TOKEN@host:port``).
 * **client networks** (``--allow-clients CIDR,...``): a client whose address
-  is outside every one is refused.
+  is outside every one is refused at accept: the loop asks
+  :meth:`ClientNetworks.allows_key` (through ``Policy.client_allowed``) once
+  per address and closes that address's connections before reading a byte.
 
 Credentials are read when elbasy starts and on every reload (SIGHUP), never
 per request; the checker keeps only their SHA-256 digests and compares a
@@ -22,7 +24,7 @@ presented credential with every one of its kind by
 tells nothing of which credential (or how much of one) was right.
 
 Plain Python over bytes: the policy calls :meth:`Credentials.check` and
-:meth:`ClientNetworks.allows`; :func:`load_access` is the only I/O here.
+:meth:`ClientNetworks.allows_key`; :func:`load_access` is the only I/O here.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "ClientNetworks",
     "Credentials",
     "REALM",
+    "address_of_key",
     "load_access",
     "parse_credentials",
     "warn_if_open",
@@ -57,7 +60,7 @@ log = logging.getLogger("elbasy.auth")
 
 #: the realm of elbasy's challenges (``Proxy-Authenticate``, ``WWW-Authenticate``)
 REALM = "elbasy"
-#: client addresses whose verdict each worker keeps (all dropped when full)
+#: refused client addresses a worker remembers having logged (all forgotten when full)
 CLIENTS_KEPT = 4096
 
 
@@ -153,36 +156,43 @@ def _check_entry(entry: str, where: str) -> None:
 class ClientNetworks:
     """The networks clients may connect from (``--allow-clients``)."""
 
-    __slots__ = ("networks", "_known")
+    __slots__ = ("networks",)
 
     def __init__(self, networks: Sequence[str]) -> None:
         self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
-        self._known: dict[str, bool] = {}
+
+    def allows_key(self, key: bytes) -> bool:
+        """Whether the client address the loop keys as ``key`` (its family, 4 or
+        6, then the packed address: ``elb_peer_key``) is inside one of the
+        networks. Anything else is refused."""
+        address = address_of_key(key)
+        return address is not None and self._inside(address)
 
     def allows(self, client: str) -> bool:
         """Whether ``client`` (``ip:port`` or ``[ipv6]:port``, as the loop names
-        it) is inside one of the networks; an IPv4-mapped IPv6 address
-        (``[::ffff:10.0.0.1]``, a dual-stack listener's) counts as its IPv4
-        address. Anything that is no address is refused."""
+        it) is inside one of the networks. Anything that is no address is refused."""
         host = client.rpartition(":")[0]
-        known = self._known.get(host)
-        if known is None:
-            known = self._decide(host)
-            if len(self._known) >= CLIENTS_KEPT:
-                self._known.clear()
-            self._known[host] = known
-        return known
-
-    def _decide(self, host: str) -> bool:
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
             return False
+        return self._inside(address)
+
+    def _inside(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        # an IPv4-mapped IPv6 address (::ffff:10.0.0.1, a dual-stack
+        # listener's IPv4 client) counts as its IPv4 address
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks)
+
+
+def address_of_key(key: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address the loop's client key names (``4`` + 4 bytes, ``6`` + 16), or None."""
+    if len(key) == 5 and key[0] == 4 or len(key) == 17 and key[0] == 6:
+        return ipaddress.ip_address(key[1:])
+    return None
 
 
 @dataclass(frozen=True)

@@ -638,8 +638,8 @@ class Config:
     allow_clients: tuple[str, ...] = setting(
         Networks(),
         (),
-        "Refuse (403) clients whose address is outside these networks (comma-separated, "
-        "repeatable); the default lets any client in.",
+        "Close, at accept and unanswered, connections from addresses outside these networks "
+        "(comma-separated, repeatable); the default lets any client in.",
     )
     # --- what elbasy shows of itself (elbasy.metrics) ---
     metrics_listen: str | None = setting(

@@ -225,6 +225,7 @@ LOOP_ERRORS = (
     "response_timeouts",
     "exchange_timeouts",
     "refused_busy",
+    "clients_refused",
     "client_aborts",
     "upstream_aborts",
     "policy_errors",

@@ -108,8 +108,6 @@ PAGE_AUTH_REQUIRED = response(
     True,
     _challenges(b"WWW-Authenticate"),
 )
-#: elbasy's 403 to a client outside --allow-clients
-CLIENT_REFUSED = error_response(403, "elbasy: this client's address may not use this proxy")
 
 
 #: what a request cut off by a drain is told to wait before trying again: by

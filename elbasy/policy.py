@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from elbasy.access import OPEN, Access
+from elbasy.access import CLIENTS_KEPT, OPEN, Access, address_of_key
 from elbasy.destinations import DENIED, Destinations
 from elbasy.errors import RemoteProtocolError
 from elbasy.hostglob import covered
@@ -19,7 +19,6 @@ from elbasy.logs import access_on, log_access
 from elbasy.outbound import Outbound
 from elbasy.pacing import OWN_HEADERS, BadMaxWait, Paced, Pacer, Verdict
 from elbasy.pages import (
-    CLIENT_REFUSED,
     PAGE_AUTH_REQUIRED,
     PROXY_AUTH_REQUIRED,
     draining_response,
@@ -77,7 +76,6 @@ COUNTERS = (
     "tls_client_failures",
     "abandoned_while_held",
     "auth_refused",
-    "clients_refused",
     "destination_denied",
 )
 _REFUSAL_COUNTER = {400: "bad_requests", 431: "heads_too_large"}
@@ -151,6 +149,7 @@ class Policy:
         # a worker pool sends the same few heads over and over, and the same bytes
         # always get the same answer, so llhttp reads each one once
         self._connects: dict[bytes, tuple[str, int, str, bool]] = {}
+        self._refused_clients: set[bytes] = set()  # --allow-clients: logged already
         self.outbound = Outbound()
         # what this worker counts lives in its slot of the instance's metrics
         # (elbasy.metrics), where /metrics reads every worker's
@@ -194,8 +193,6 @@ class Policy:
             # its CONNECT was let in: the session's requests need no credentials
             return self._in_session(head, client, site)
         access = self.access
-        if access.clients is not None and not access.clients.allows(client):
-            return self._refuse_client(client)
         # a head kept here was let in before, credentials and all (same bytes,
         # same answer); only heads that passed the check are kept
         known = self._connects.get(head) if head.startswith(b"CONNECT ") else None
@@ -278,12 +275,25 @@ class Policy:
         log.info("refused a %s from %s: no valid credentials", ex.method, ex.client)
         return Reply(data, True)
 
-    def _refuse_client(self, client: str) -> Reply:
-        """A client outside --allow-clients: 403 before its head is read further."""
-        self.metrics.error("clients_refused")
-        self._finished(Exchange(client, "-", "-"), 403, 0, len(CLIENT_REFUSED))
-        log.info("refused %s: its address is outside --allow-clients", client)
-        return Reply(CLIENT_REFUSED, True)
+    def client_allowed(self, key: bytes) -> bool:
+        """--allow-clients, asked by the loop at accept, once per client address
+        (``key``: the address's family, 4 or 6, and its packed bytes): whether
+        it may be served. A refused address is logged the first time only (of
+        the last ``CLIENTS_KEPT`` refused); the loop closes its connections
+        unread and counts each (``clients_refused``)."""
+        clients = self.access.clients
+        if clients is None or clients.allows_key(key):
+            return True
+        if key not in self._refused_clients:
+            if len(self._refused_clients) >= CLIENTS_KEPT:
+                self._refused_clients.clear()
+            self._refused_clients.add(key)
+            log.info(
+                "refused connections from %s: its address is outside --allow-clients "
+                "(closed at accept, unread; logged once per address)",
+                address_of_key(key),
+            )
+        return False
 
     def intercepts(self, host: str) -> bool:
         """Whether CONNECTs to ``host`` are intercepted (one glob match per host, cached).

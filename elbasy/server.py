@@ -359,6 +359,10 @@ class Worker:
                 quota_fd=self.pacer.store.fileno(),
                 pages=LOOP_PAGES,
                 counters=self.metrics.loop_counters,
+                # --allow-clients is decided at accept, once per client address
+                client_allowed=(
+                    self.policy.client_allowed if self.policy.access.clients is not None else None
+                ),
             )
             # the pacer moves held requests (a line that moved) through the loop
             self.pacer.wake = self.loop.wake

@@ -84,10 +84,12 @@ class Proxy:
         nofile: int | None = None,
         env: dict[str, str] | None = None,
         guarded: bool = False,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         """Start elbasy; with `nofile`, under that RLIMIT_NOFILE (soft and hard,
         since elbasy lifts its soft limit to the hard one); `env` adds variables;
-        `guarded`: with the default destination rules (else OPEN_DESTINATIONS)."""
+        `guarded`: with the default destination rules (else OPEN_DESTINATIONS);
+        `prefix`: a command that execs the rest (its pid stays elbasy's)."""
         self.args = args
 
         def limit() -> None:
@@ -96,6 +98,7 @@ class Proxy:
 
         self.proc = subprocess.Popen(
             [
+                *prefix,
                 sys.executable,
                 "-m",
                 "elbasy",
@@ -257,8 +260,13 @@ class Proxy:
 def _start_factory() -> tuple[Callable[..., Proxy], list[Proxy]]:
     started: list[Proxy] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, guarded: bool = False) -> Proxy:
-        p = Proxy([str(a) for a in args], env=env, guarded=guarded)
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        guarded: bool = False,
+        prefix: tuple[str, ...] = (),
+    ) -> Proxy:
+        p = Proxy([str(a) for a in args], env=env, guarded=guarded, prefix=prefix)
         started.append(p)
         return p
 

@@ -315,17 +315,68 @@ def test_reload_reads_the_auth_file_again(
 # -- client networks ------------------------------------------------------------------------------
 
 
-def test_allow_clients_refuses_other_addresses(proxy, http_origin: origins.HTTPOrigin) -> None:
-    p = proxy("--allow-clients", "127.0.0.1,10.0.0.0/8")
+def _refused_at_accept(p: Proxy, raw: bytes, source: str) -> str:
+    """What a client from ``source`` sees after sending ``raw``: "reset" when
+    elbasy closed without reading it (unread bytes make the close a reset)."""
+    with socket.socket() as s:
+        s.settimeout(10)
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", p.port))
+        s.sendall(raw)
+        try:
+            data = s.recv(65536)
+        except ConnectionResetError:
+            return "reset"
+        return "eof" if not data else repr(data[:40])
+
+
+def test_allow_clients_closes_other_addresses_at_accept(
+    proxy, http_origin: origins.HTTPOrigin
+) -> None:
+    p = proxy("--allow-clients", "127.0.0.1,10.0.0.0/8", "--log-level", "info")
     resp, _ = exchange(p, get(http_origin), source="127.0.0.1")
     assert resp.status == 200 and resp.body == BODY
-    for raw in (get(http_origin), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"):
-        resp, closed = exchange(p, raw, source="127.0.0.2")
-        assert resp.status == 403 and closed
-        assert resp.body == b"elbasy: this client's address may not use this proxy\n"
+    seen = [
+        _refused_at_accept(p, raw, source)
+        for source in ("127.0.0.2", "127.0.0.3")
+        for raw in (get(http_origin), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"x")
+    ]
+    # no answer, and nothing read: the close is a reset
+    assert seen == ["reset"] * 6, seen
     assert len(http_origin.requests) == 1
-    assert p.healthz()["counters"]["clients_refused"] == 2
-    assert "127.0.0.2" in p.stderr and "outside --allow-clients" in p.stderr
+    h = p.healthz()
+    assert h["counters"]["clients_refused"] == 6
+    assert h["connections"]["requests_total"] == 2  # the allowed GET and this /healthz
+    # one line per refused address, not per connection
+    lines = [line for line in p.stderr_lines if "outside --allow-clients" in line]
+    assert len(lines) == 2, lines
+    assert "127.0.0.2" in lines[0] and "127.0.0.3" in lines[1]
+    assert 'elbasy_errors_total{kind="clients_refused"} 6.0' in _metrics_text(p)
+
+
+def _metrics_text(p: Proxy) -> str:
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return origins.Reader(s).read_to_eof().decode()
+
+
+def test_refused_clients_cost_no_memory_per_connection(proxy) -> None:
+    """A flood from one refused address: counted, one log line, elbasy's memory flat."""
+    p = proxy("--allow-clients", "127.0.0.1,10.0.0.0/8", "--log-level", "info")
+
+    def rss() -> int:
+        with open(f"/proc/{p.worker_pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    for _ in range(200):
+        _refused_at_accept(p, b"GET / HTTP/1.1\r\n\r\n", "127.0.0.5")
+    before = rss()
+    for _ in range(2000):
+        _refused_at_accept(p, b"GET / HTTP/1.1\r\n\r\n", "127.0.0.5")
+    assert rss() - before < 2048, (before, rss())  # KiB
+    lines = [line for line in p.stderr_lines if "outside --allow-clients" in line]
+    assert len(lines) == 1, lines
+    assert p.healthz()["counters"]["clients_refused"] == 2200
 
 
 def test_client_networks() -> None:
@@ -336,6 +387,14 @@ def test_client_networks() -> None:
     assert not nets.allows("11.0.0.1:5000")
     assert not nets.allows("[2001:db9::1]:443")
     assert not nets.allows("-") and not nets.allows("nonsense:1") and not nets.allows("")
+    # the loop's keys: the family, then the packed address
+    assert nets.allows_key(b"\x04" + bytes([10, 1, 2, 3]))
+    assert not nets.allows_key(b"\x04" + bytes([11, 0, 0, 1]))
+    assert nets.allows_key(b"\x06" + socket.inet_pton(socket.AF_INET6, "::ffff:10.9.9.9"))
+    assert nets.allows_key(b"\x06" + socket.inet_pton(socket.AF_INET6, "2001:db8::1"))
+    assert not nets.allows_key(b"\x06" + socket.inet_pton(socket.AF_INET6, "2001:db9::1"))
+    assert not nets.allows_key(b"") and not nets.allows_key(b"\x04\x01")
+    assert not nets.allows_key(b"\x06" + bytes(4))
     assert build_config(allow_clients="10.0.0.1, ::1").allow_clients == ("10.0.0.1/32", "::1/128")
     with pytest.raises(ConfigError, match="not a network"):
         build_config(allow_clients="10.0.0.0/33")

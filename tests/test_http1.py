@@ -334,3 +334,29 @@ def test_one_pass_matches_the_passes_it_replaced(
     assert lines.without(tuple(names), drop_host, start) == (
         start + _reference_drop(head, drop)[head.index(b"\r\n") :]
     )
+
+
+# ---- found by the fuzz run (tests/fuzz)
+
+
+@pytest.mark.parametrize("before", [b"\r\n", b"\n", b"\r\n\r\n", b"\r\r\n", b"\n\r"])
+def test_empty_lines_before_the_start_line_are_left_out(before: bytes) -> None:
+    """llhttp skips CR and LF before the start line; the scanner must start where it
+    did: the request line was read as a header line and forwarded upstream."""
+    req = parse_request_head(
+        before + b"POST http://a/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n"
+    )
+    assert req.method == "POST" and req.target == "http://a/x"
+    assert req.raw.startswith(b"POST http://a/x HTTP/1.1\r\n")
+    assert req.headers() == [(b"Host", b"a"), (b"Content-Length", b"3")]
+    assert req.framing.content_lengths == (b"3",)
+    resp = parse_response_head(before + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert resp.status == 200 and resp.status_line == b"HTTP/1.1 200 OK"
+    assert resp.headers() == [(b"Transfer-Encoding", b"chunked")]
+
+
+def test_a_connect_port_of_other_unicode_digits_is_refused() -> None:
+    # str.isdigit() is true of "³": int() then raised a ValueError, not the refusal
+    for target in ("a:0³", "a:٤٤٣", "a:４４３"):
+        with pytest.raises(RemoteProtocolError):
+            parse_authority(target)

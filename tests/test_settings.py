@@ -327,7 +327,15 @@ def test_loop_stub_takes_the_loop_settings() -> None:
         k: v
         for k, v in stub.items()
         if k
-        not in ("server_tls", "client_tls", "listen_exclusive", "quota_fd", "pages", "counters")
+        not in (
+            "server_tls",
+            "client_tls",
+            "listen_exclusive",
+            "quota_fd",
+            "pages",
+            "counters",
+            "client_allowed",
+        )
     } == loop
     assert set(loop) == {s.keyword for s in SETTINGS if s.to == "loop"}
 
@@ -374,6 +382,7 @@ def test_worker_gives_the_loop_and_pacer_exactly_their_settings(
             "pages": LOOP_PAGES,  # what the loop answers when the policy's call raised
             # its counters, in its slot of the metrics memory
             "counters": worker.metrics.loop_counters,
+            "client_allowed": None,  # no --allow-clients: nothing is asked at accept
         }
         pacer = {k: v for k, v in seen["Pacer"].items() if k not in ("wall", "mono", "metrics")}
         assert pacer == config.pacer_settings()

@@ -136,8 +136,23 @@ def _validate(parser: _Parser, sink: _Validator, head: bytes, what: str, status:
         raise RemoteProtocolError(f"malformed {what} head: incomplete", status)
 
 
+def _after_empty_lines(head: bytes) -> bytes:
+    """The head less the CR and LF bytes before its first line.
+
+    RFC 9112 §2.2: a recipient SHOULD ignore at least one empty line before
+    the request line (a client's stray CRLF after a body). llhttp, which
+    validates the head, skips every CR and LF there; elbasy's scanner has to
+    start where llhttp did, or it takes the empty line for the start line and
+    the real one for a header line (which was forwarded upstream as a header:
+    found by the fuzz run, tests/fuzz).
+    """
+    return head.lstrip(b"\r\n")
+
+
 def parse_request_head(head: bytes) -> RequestHead:
-    """Parse a complete request head (request line to blank line)."""
+    """Parse a complete request head (request line to blank line); empty lines
+    before the request line are left out (the head's ``raw`` starts after them)."""
+    head = _after_empty_lines(head)
     sink = _Validator()
     parser = httptools.HttpRequestParser(sink)
     _validate(parser, sink, head, "request", 400)
@@ -161,7 +176,9 @@ def parse_request_head(head: bytes) -> RequestHead:
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
-    """Parse a complete response head from an upstream."""
+    """Parse a complete response head from an upstream (empty lines before its
+    status line left out, as for a request)."""
+    head = _after_empty_lines(head)
     sink = _Validator()
     parser = httptools.HttpResponseParser(sink)
     _validate(parser, sink, head, "response", 502)

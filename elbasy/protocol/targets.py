@@ -27,7 +27,7 @@ def check_host(host: str) -> str:
 
 
 def check_port(text: str) -> int:
-    if not text.isdigit() or len(text) > 5:
+    if not (text.isascii() and text.isdigit()) or len(text) > 5:
         raise RemoteProtocolError(f"bad port in target: {text!r}")
     port = int(text)
     if not 0 < port < 65536:

@@ -58,7 +58,8 @@
     X(drain_closed) \
     X(pool_idle) \
     X(exchange_timeouts) \
-    X(refused_busy)
+    X(refused_busy) \
+    X(clients_refused)
 
 #define ELB_LOOP_GAUGES(X) X(open) X(tunnels_open) X(intercepts_open) X(waiting) X(pool_idle)
 

@@ -18,8 +18,10 @@ cdef enum:
     PUMP_ROUNDS = 8           # bounds the work one wake-up does for one flow
     OUT_HIGH = 262144         # bytes owed to a client beyond which its input waits
     PIPELINE_MAX = 32         # answers owed to a client beyond which its input waits
+    CLIENT_VERDICTS_KEPT = 4096  # --allow-clients verdicts a loop keeps, by address
     LINGER_NS = 2000000000    # how long a lingering close waits for the client's FIN
     DRAIN_TUNNEL_IDLE_NS = 1000000000  # draining: a tunnel idle this long is closed
+    DRAIN_RESOLVE_NS = 500000000  # draining: a DNS lookup is waited for this long, then 503
 
 # ---- connection states ------------------------------------------------------------
 # One value per row of the state table at the top of ext/loop/loop.pyx, which

@@ -35,6 +35,9 @@ cdef void accept_batch(Loop loop):
             loop.c.accept_errors += 1
             return
         key = client_key(&ss)
+        if loop.p_client_allowed is not None and not client_allowed(loop, key):
+            refuse_client(loop, fd)
+            continue
         if over_limits(loop, key):
             refuse_busy(loop, fd)
             continue
@@ -60,6 +63,33 @@ cdef inline object client_key(sockaddr_storage *ss):
     cdef unsigned char key[17]
     cdef int n = elb_peer_key(ss, key)
     return PyBytes_FromStringAndSize(<char *>key, n)
+
+
+cdef bint client_allowed(Loop loop, object key):
+    """--allow-clients: whether the client at ``key`` may be served. The policy
+    decides (elbasy.access.ClientNetworks), asked once per address: its verdict
+    is kept, at most CLIENT_VERDICTS_KEPT of them (all forgotten when full). A
+    policy that raises refuses the client and counts a policy error."""
+    cdef object known = loop.client_verdicts.get(key)
+    if known is not None:
+        return known is True
+    try:
+        known = True if loop.p_client_allowed(key) else False
+    except Exception:
+        loop.c.policy_errors += 1
+        return False
+    if len(loop.client_verdicts) >= CLIENT_VERDICTS_KEPT:
+        loop.client_verdicts.clear()
+    loop.client_verdicts[key] = known
+    return known is True
+
+
+cdef void refuse_client(Loop loop, int fd):
+    """A client outside --allow-clients: closed at accept, nothing read or sent
+    (its unread request makes the close a reset). Counted; the policy logged
+    the address when it was first refused."""
+    loop.c.clients_refused += 1
+    close(fd)
 
 
 cdef inline bint over_limits(Loop loop, object key):

@@ -111,8 +111,11 @@ cdef void conn_expired(Loop loop, Conn c):
             loop.c.head_timeouts += 1
         close_conn(loop, c, False)
     elif st == S_RESOLVE:
-        loop.c.connect_timeouts += 1
-        fail(loop, c, 504, "timed out resolving the upstream host")
+        if loop.drain_begun:
+            drain_refuse(loop, c, False)  # draining: a lookup is not waited for
+        else:
+            loop.c.connect_timeouts += 1
+            fail(loop, c, 504, "timed out resolving the upstream host")
     elif st == S_CONNECT:
         drop_upstream(loop, c, False)
         if c.addrs is not None and c.addr_i < len(c.addrs):

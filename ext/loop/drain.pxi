@@ -11,6 +11,9 @@
 #   `Connection: close` (drain_close_reply, and response_step for forwarded
 #   answers) and no connection goes back to S_HEAD for another request
 #   (back_to_head lingers instead). Held requests depart as the quota allows.
+#   A request waiting for DNS gets DRAIN_RESOLVE_NS for its answer, then the
+#   503 (conn_expired): a name that never answers must not hold the drain
+#   for its whole deadline, and nothing of the request has gone anywhere.
 # * drain_expire, at the deadline: every request still held, still reading
 #   its body, resolving, connecting or waiting for its upstream's response
 #   head is answered 503 with Retry-After (the policy spells it and gives a
@@ -41,6 +44,8 @@ cdef void drain_begin(Loop loop):
             linger(loop, c)  # idle between requests: a clean close now
         elif c.state == S_TUNNEL and (c.deadline == 0 or c.deadline > loop.now + loop.idle_ns):
             arm(loop, c, loop.now + loop.idle_ns)
+        elif c.state == S_RESOLVE and c.deadline > loop.now + DRAIN_RESOLVE_NS:
+            arm(loop, c, loop.now + DRAIN_RESOLVE_NS)
 
 
 cdef void drain_expire(Loop loop):

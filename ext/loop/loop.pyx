@@ -105,8 +105,8 @@ S_DEPARTING
 S_RESOLVE
     set by:   start_upstream (a Tunnel; send_forward with no pooled upstream;
               upstream_lost's one retry)
-    deadline: connect_ns
-    expiry:   504 (connect_timeouts)
+    deadline: connect_ns; DRAIN_RESOLVE_NS once the worker drains
+    expiry:   504 (connect_timeouts); draining: the drain's 503 (drain_refused)
     epoll:    client none (a reset still shows as ERR or HUP)
     events:   client HUP/ERR: client_lost; the resolver's answer (resolved_batch)
 S_CONNECT
@@ -330,7 +330,7 @@ cdef class Loop:
                  Py_ssize_t max_client_connections=0,
                  int splice=SPLICE_AUTO,  # no-cython-lint (the keyword is public; splice(2) is not)
                  server_tls=None, client_tls=None, bint listen_exclusive=False,
-                 int quota_fd=-1, pages=LOOP_PAGES, counters=None):
+                 int quota_fd=-1, pages=LOOP_PAGES, counters=None, client_allowed=None):
         # the seam (elbasy.seam), bound before any fd is taken: an object
         # missing a method is refused here, not at the request that needs it
         cdef list missing = []
@@ -377,6 +377,10 @@ cdef class Loop:
         self.max_conns = max_connections
         self.max_client_conns = max_client_connections
         self.per_client = {}
+        if client_allowed is not None and not callable(client_allowed):
+            raise TypeError(f"client_allowed must be callable, not {client_allowed!r}")
+        self.p_client_allowed = client_allowed
+        self.client_verdicts = {}
         self.max_head = max_head_bytes
         self.splice_mode = <SpliceMode>splice
         self.events = <epoll_event *>malloc(sizeof(epoll_event) * MAX_EVENTS)

@@ -29,6 +29,7 @@ cdef dict loop_stats(Loop loop):
             "response_timeouts": loop.c.response_timeouts,
             "exchange_timeouts": loop.c.exchange_timeouts,
             "refused_busy": loop.c.refused_busy,
+            "clients_refused": loop.c.clients_refused,
             "client_aborts": loop.c.client_aborts,
             "drain_refused": loop.c.drain_refused,
             "drain_closed": loop.c.drain_closed,

@@ -19,7 +19,10 @@ cdef void start_upstream(Loop loop, Conn c, str host, int port):
     # takes its time is closed at once, not when the answer is ready. A
     # half-close (FIN) raises nothing: that client still gets its answer.
     set_mask(loop, c.fd, &c.cmask, 0)
-    arm(loop, c, loop.now + loop.connect_ns)
+    if loop.drain_begun and loop.connect_ns > DRAIN_RESOLVE_NS:
+        arm(loop, c, loop.now + DRAIN_RESOLVE_NS)  # drain_begin says why
+    else:
+        arm(loop, c, loop.now + loop.connect_ns)
     try:
         res = loop.r_lookup(host, port, (c.fd, c.serial))
     except Exception as exc:

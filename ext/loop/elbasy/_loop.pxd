@@ -220,6 +220,11 @@ cdef class Loop:
     cdef Py_ssize_t max_conns         # 0: only the fd limit
     cdef Py_ssize_t max_client_conns  # per client address; 0: no limit
     cdef dict per_client              # client_key -> its open connections
+    # --allow-clients: the policy's verdict on a client address (a client_key
+    # -> bool), asked once per address and kept in client_verdicts (at most
+    # CLIENT_VERDICTS_KEPT); None: every client is let in, nothing asked
+    cdef object p_client_allowed
+    cdef dict client_verdicts
     cdef Py_ssize_t max_head
     cdef SpliceMode splice_mode
     # the counters (ext/c/elbasy_counters.h): in the worker's slot of the
