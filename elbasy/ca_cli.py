@@ -10,12 +10,13 @@ the config file. None of them starts the proxy.
 from __future__ import annotations
 
 import datetime as dt
-import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+
+from elbasy.roots import system_bundle
 
 if TYPE_CHECKING:
     from elbasy.ca import CertificateAuthority
@@ -24,14 +25,6 @@ if TYPE_CHECKING:
 __all__ = ["ca"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-# where distributions keep the system roots, for the combined bundle
-_SYSTEM_BUNDLES = (
-    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
-    "/etc/pki/tls/certs/ca-bundle.crt",  # RHEL, Fedora, CentOS, Amazon Linux
-    "/etc/ssl/ca-bundle.pem",  # openSUSE
-    "/etc/ssl/cert.pem",  # Arch, macOS
-)
 
 
 def _data_dir_option(f: _F) -> _F:
@@ -268,11 +261,6 @@ def export(data_dir: Path | None) -> None:
     click.echo(pem.decode("ascii"), nl=False)
 
 
-def _system_bundle() -> str | None:
-    candidates = [*_SYSTEM_BUNDLES, ssl.get_default_verify_paths().openssl_cafile]
-    return next((c for c in candidates if c and Path(c).is_file()), None)
-
-
 @ca.command("trust-help")
 @_data_dir_option
 def trust_help(data_dir: Path | None) -> None:
@@ -280,7 +268,7 @@ def trust_help(data_dir: Path | None) -> None:
     where = _dir(data_dir)
     cert, _, fingerprint = _read_cert(where)
     bundle = where / "bundle.pem"
-    system = _system_bundle()
+    system = system_bundle()
     system_text = system or "<your system CA bundle>"
     lines = [
         f"The elbasy CA certificate is {cert}",

@@ -165,12 +165,33 @@ def _setting_options(f: _F) -> _F:
     return f
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"elbasy {__version__}")
+    try:
+        from elbasy.tls import openssl_library, openssl_version
+    except ImportError as e:  # a broken install: say so, --version is how one finds out
+        click.echo(f"OpenSSL: elbasy's TLS binding does not load: {e}")
+    else:
+        where = openssl_library()
+        click.echo(f"{openssl_version()}" + (f" ({where})" if where else ""))
+    ctx.exit()
+
+
 @click.group(
     invoke_without_command=True,
     subcommand_metavar="[COMMAND [ARGS]...]",
     context_settings={"show_default": True},
 )
-@click.version_option(__version__, "--version", prog_name="elbasy", message="%(prog)s %(version)s")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show elbasy's version and the OpenSSL it runs with, and exit.",
+)
 @_setting_options
 @click.pass_context
 def main(ctx: click.Context, /, **options: Any) -> None:

@@ -245,6 +245,10 @@ def interception(config: Config, intercept: tuple[str, ...]) -> tuple[Any, Any, 
         client = ClientTLS(config.upstream_ca)
     except TLSError as e:
         raise StartupError(str(e)) from None
+    if client.trust.source == "none" and config.upstream_ca is None:
+        log.warning("upstream CAs: none found (no system bundle, no certifi); set SSL_CERT_FILE")
+    else:
+        log.debug("upstream CAs: %s", client.trust.describe())
     authority.leaf_files = config.leaf_cache_files
     storage.prune_leaves(authority.leaves_dir, authority.leaf_files)  # a lower cap than before
     limiter = MintLimiter(time.monotonic, config.leaf_mint_rate, config.leaf_mint_burst)

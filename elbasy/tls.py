@@ -37,9 +37,9 @@ belong to the default context, so resumption works across leaves.
 Client side
 ===========
 
-:class:`ClientTLS` verifies upstreams against OpenSSL's default paths
-(``SSL_CERT_FILE``/``SSL_CERT_DIR`` honoured), the system bundle the stdlib
-reports as a fallback, and an optional extra CA file (``--upstream-ca``),
+:class:`ClientTLS` verifies upstreams against the CAs :mod:`elbasy.trust`
+finds (``SSL_CERT_FILE``/``SSL_CERT_DIR``, else the distro's bundle, else
+certifi's) and an optional extra CA file (``--upstream-ca``),
 with SNI for names, host or IP checks, ALPN ``http/1.1`` and a per-host
 session cache in C.
 
@@ -58,7 +58,6 @@ import datetime as dt
 import logging
 import os
 import socket
-import ssl as _stdlib_ssl
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -72,6 +71,7 @@ from elbasy.errors import (
     TLSError,
 )
 from elbasy.hostglob import covered
+from elbasy.roots import Trust, upstream_trust
 from elbasy.trust import CLOSED_AFTER_LEAF
 
 __all__ = [
@@ -85,6 +85,7 @@ __all__ = [
     "TLSError",
     "error_for",
     "free_ssl",
+    "openssl_library",
     "openssl_version",
 ]
 
@@ -151,6 +152,20 @@ ERRORS: Final[dict[tuple[int, int | None], type[TLSError]]] = {
 def openssl_version() -> str:
     """The version of the OpenSSL elbasy._tls is linked to."""
     return str(ffi.string(lib.OpenSSL_version(lib.OPENSSL_VERSION)).decode())
+
+
+def openssl_library() -> str | None:
+    """The file the running libssl was loaded from (the wheel's grafted copy or
+    the system's), read from /proc/self/maps; None where that is not readable."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.rstrip("\n").partition("/")[2]
+                if path and os.path.basename(path).startswith("libssl"):
+                    return "/" + path
+    except OSError:
+        return None
+    return None
 
 
 def _class_for(code: int) -> type[TLSError]:
@@ -538,9 +553,10 @@ class ServerTLS:
 class ClientTLS:
     """The upstream side: verified TLS 1.2+ with SNI, ALPN http/1.1 and session resumption.
 
-    Trust: OpenSSL's default paths (``SSL_CERT_FILE`` and ``SSL_CERT_DIR``
-    honoured), the system bundle the stdlib reports (a fallback for an OpenSSL
-    built elsewhere), and ``extra_ca`` (a PEM bundle, ``--upstream-ca``).
+    Trust: OpenSSL's default paths, what :func:`elbasy.trust.upstream_trust`
+    finds on this host (``SSL_CERT_FILE``/``SSL_CERT_DIR``, else the distro's
+    bundle, else certifi's; :attr:`trust`), and ``extra_ca`` (a PEM bundle,
+    ``--upstream-ca``).
     :class:`TLSConfigError` names the file if it does not load.
     """
 
@@ -552,11 +568,11 @@ class ClientTLS:
             raise _config_error("cannot create the upstream TLS context")
         self._ctx: Any = ctx
         self._finalizer = weakref.finalize(self, lib.SSL_CTX_free, ctx)
-        paths = _stdlib_ssl.get_default_verify_paths()
+        self.trust: Trust = upstream_trust()
         lib.elb_client_ctx_load_defaults(
             ctx,
-            os.fsencode(paths.cafile) if paths.cafile else ffi.NULL,
-            os.fsencode(paths.capath) if paths.capath else ffi.NULL,
+            os.fsencode(self.trust.cafile) if self.trust.cafile else ffi.NULL,
+            os.fsencode(self.trust.capath) if self.trust.capath else ffi.NULL,
         )
         self.extra_ca = extra_ca
         if extra_ca is not None:

@@ -20,6 +20,7 @@ import elbasy
 from elbasy.ca import default_data_dir
 from elbasy.cli import build_config, main
 from elbasy.config import Config, ConfigError, ConnectTo
+from elbasy.tls import openssl_version
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,7 +135,11 @@ def test_help_lists_every_option() -> None:
 def test_version() -> None:
     result = invoke(["--version"])
     assert result.exit_code == 0
-    assert result.output == f"elbasy {elbasy.__version__}\n"
+    first, second = result.output.splitlines()
+    assert first == f"elbasy {elbasy.__version__}"
+    # the OpenSSL elbasy's binding runs with, and the file it came from
+    assert second.startswith(f"{openssl_version()} (/"), second
+    assert "libssl" in second
 
 
 # --------------------------------------------------------------------------- precedence
@@ -561,7 +566,8 @@ def run_elbasy(*args: str) -> subprocess.CompletedProcess[str]:
 def test_python_m_elbasy_version() -> None:
     proc = run_elbasy("--version")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"elbasy {elbasy.__version__}\n"
+    assert proc.stdout.splitlines()[0] == f"elbasy {elbasy.__version__}"
+    assert proc.stdout.splitlines()[1].startswith("OpenSSL 3.")
 
 
 def test_python_m_elbasy_bad_option_is_one_line() -> None:
