@@ -655,7 +655,19 @@ def startup_banner(version: str, host: str, port: int) -> None:
     (``[::1]:8080``).
     """
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    message = f"elbasy {version} listening on {where}"
+    _always(f"elbasy {version} listening on {where}", version=version, host=host, port=port)
+
+
+def reverse_banner(host: str, port: int, origin: str) -> None:
+    """Log ``reverse proxy on <host>:<port> to <origin>`` for one --reverse listener,
+    whatever the log level, as :func:`startup_banner` logs (its port: port 0's choice)."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    _always(f"reverse proxy on {where} to {origin}", host=host, port=port, origin=origin)
+
+
+def _always(message: str, **fields: object) -> None:
+    """One INFO record past the level: the plain line on stderr in text (or with a
+    log file), the record of the format with ``fields`` in JSON and logfmt."""
     handler = next(
         (
             h
@@ -672,5 +684,5 @@ def startup_banner(version: str, host: str, port: int) -> None:
         return
     record = logging.LogRecord("elbasy", logging.INFO, "", 0, message, None, None)
     if not text:
-        record.__dict__.update(version=version, host=host, port=port)
+        record.__dict__.update(fields)
     handler.handle(record)  # the handler's, not the logger's: past the level
