@@ -169,8 +169,8 @@ def test_sdk_clients_are_paced_with_zero_429s(
     assert stats["throttled"] == 0, stats
     assert set(statuses) == {200}, statuses
     assert stats["accepted"] == sum(statuses.values())
-    # paced: close to 10 a second (the first second's burst included), never above
-    assert 0.7 * 10 * took <= stats["accepted"] <= 10 * (took + 1), (stats, took)
+    # paced: close to 10 a second; at most 10 in each calendar second the run touched
+    assert 0.7 * 10 * took <= stats["accepted"] <= 10 * (took + 2), (stats, took)
     assert waits and max(waits) > 0.1  # held for their quota: the clients asked for more
     print(f"reverse, 9 clients: {stats['accepted']} requests in {took:.1f} s, 0 throttled")
 
