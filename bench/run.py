@@ -20,6 +20,8 @@ in alternating order over several repeats:
                  handshakes per request
   latency        hey -c 1 over a fixed count: p50/p99 through the intercepting
                  proxy, and the milliseconds it adds to going direct
+  reverse        hey, keep-alive, plain HTTP to elbasy's --reverse listener (a base
+                 URL, no proxy setting), forwarded over its TLS to the same origin
 
 "direct" (no proxy) and "haproxy" (the client talks TLS to HAProxy, which
 relays bytes to the origin: a user-space hop without CONNECT) are measured in
@@ -93,7 +95,9 @@ ALL_TARGETS = ["direct", "haproxy", *RELAYS] + PROXIES + list(ELBASY_VARIANTS)
 # Peers that terminate TLS themselves, each from a second, intercepting
 # instance (the first one passes CONNECT tunnels through untouched).
 INTERCEPTORS = ["elbasy", "elbasy-w2", "mitmproxy", "proxy.py"]
-INTERCEPT_CELLS = ["intercept", "intercept-new", "latency"]
+# "reverse": elbasy's --reverse listener on its intercepting instance, beside the
+# nginx relay (the same hop, reached over TLS) and direct
+INTERCEPT_CELLS = ["intercept", "intercept-new", "latency", "reverse"]
 # The intercepted origin is named, not an address: proxies verify its certificate.
 TLS_HOST = "localhost"
 BENCH_CA_CN = "elbasy bench origin CA"
@@ -110,6 +114,7 @@ CELL_TITLES = {
     "intercept": "TLS interception keep-alive (req/s)",
     "intercept-new": "TLS interception new conn/req (req/s)",
     "latency": "interception latency p50 / p99 (+added) (ms)",
+    "reverse": "reverse proxy keep-alive, --reverse (req/s)",
 }
 # Which targets each cell applies to.  HAProxy relays the TLS origin (and,
 # for bulk-plain, the plain one); it forwards no absolute-form HTTP.  The
@@ -124,6 +129,7 @@ CELL_TARGETS = {
     "intercept": ["direct", *RELAYS] + INTERCEPTORS,
     "intercept-new": ["direct", *RELAYS] + INTERCEPTORS,
     "latency": ["direct", *RELAYS] + INTERCEPTORS,
+    "reverse": ["direct", *RELAYS, "elbasy", "elbasy-w2"],
 }
 
 
@@ -625,6 +631,7 @@ class Peer:
     role: str = ""  # "intercept" for a peer's TLS-intercepting instance
     intercept: Peer | None = None  # that instance, when the interception cells run
     ca_file: Path | None = None  # the CA an intercepting instance signs with
+    reverse_port: int = 0  # elbasy's intercepting instance: its --reverse listener
 
     @property
     def ok(self) -> bool:
@@ -703,6 +710,9 @@ def start_elbasy(
         if m:
             peer.version = f"elbasy {m.group(1)}"
             peer.connect_port = peer.plain_port = int(m.group(3))
+            # a --reverse listener's line comes before the banner
+            r = re.search(r"reverse proxy on [0-9.]+:(\d+)", proc.logpath.read_text())
+            peer.reverse_port = int(r.group(1)) if r else 0
             return
         time.sleep(0.1)
     peer.fail(f"elbasy printed no 'listening on' line within 20 s:\n{proc.log_tail()}")
@@ -855,6 +865,8 @@ def start_elbasy_intercept(peer: Peer, workdir: Path, python: str, origins: Orig
         str(data),
         "--upstream-ca",
         str(origins.ca_file),
+        "--reverse",
+        f"{LOOPBACK}:0=https://{TLS_HOST}:{origins.tls_port}",
     ]
     start_elbasy(peer, workdir, python, extra=extra)
     peer.ca_file = data / "ca.pem"
@@ -1274,6 +1286,10 @@ def hey_cell(cell: str, target: Peer, origins: Origins, args) -> dict:
     cmd = ["hey", "-z", f"{args.duration}s", "-c", str(args.concurrency), "-t", "10"]
     if cell in ("connect-new", "intercept-new"):
         cmd.append("-disable-keepalive")
+    if cell == "reverse" and target.name not in ("direct", *RELAYS):
+        # a base URL on elbasy's --reverse listener: no proxy, no TLS to elbasy
+        url = f"http://{LOOPBACK}:{target.reverse_port}/100b"
+        return run_hey(cmd + [url], timeout=args.duration + 40)
     if cell in INTERCEPT_CELLS:
         return run_hey(cmd + intercept_route(target, origins), timeout=args.duration + 40)
     if target.name == "haproxy":

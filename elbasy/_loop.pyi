@@ -1,10 +1,11 @@
 """Type stub for the Cython data plane (ext/loop/: loop.pyx and the rooms it includes)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from elbasy.pages import LoopPages
 from elbasy.seam import ClientTLSSeam, PolicySeam, ResolverSeam, ServerTLSSeam
+from elbasy.verdicts import Reverse
 
 # the loop's constants as compiled (ext/includes/consts.pxi)
 STATES: dict[str, int]
@@ -74,6 +75,7 @@ class Loop:
         pages: LoopPages = ...,
         counters: memoryview | None = None,
         client_allowed: Callable[[bytes], bool] | None = None,
+        reverse: Sequence[tuple[int, Reverse]] = (),
     ) -> None: ...
     def run(self) -> None: ...
     def stop(self) -> None: ...

@@ -77,6 +77,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConnectTo",
+    "ReverseTo",
     "build_config",
     "did_you_mean",
     "format_hostport",
@@ -310,6 +311,88 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+# --------------------------------------------------------------------------- reverse
+
+
+@dataclass(frozen=True, slots=True)
+class ReverseTo:
+    """One ``--reverse LISTEN=URL``: a listener whose clients reach one target.
+
+    A client whose SDK takes a base URL points it at ``http://LISTEN``; each
+    request is forwarded to the target (``https://`` verified, or ``http://``)
+    and paced by the target's rule as a proxied one would be.
+    """
+
+    listen_host: str
+    listen_port: int
+    tls: bool  # the target speaks https
+    host: str  # lower case; IPv6 without brackets
+    port: int
+
+    @classmethod
+    def parse(cls, spec: str) -> ReverseTo:
+        """Parse ``HOST:PORT=https://TARGET[:PORT]``.
+
+        >>> str(ReverseTo.parse("127.0.0.1:9001=https://openapi.etsy.com:443/"))
+        '127.0.0.1:9001=https://openapi.etsy.com'
+        """
+        spec = spec.strip()
+        where, eq, url = spec.partition("=")
+        usage = f"invalid reverse {spec!r}: expected LISTEN=URL, e.g. 127.0.0.1:9001=https://api.example.com"
+        if not eq or not where or not url:
+            raise ConfigError(usage)
+        try:
+            listen_host, listen_port = parse_listen(where)
+        except ConfigError as e:
+            raise ConfigError(f"invalid reverse {spec!r}: {e.reason}") from None
+        scheme, sep, rest = url.partition("://")
+        scheme = scheme.lower()
+        if not sep or scheme not in ("http", "https"):
+            raise ConfigError(
+                f"invalid reverse {spec!r}: the target must be an http:// or https:// URL"
+            )
+        authority = rest[:-1] if rest.endswith("/") else rest
+        if not authority or any(c in authority for c in "/?#@"):
+            raise ConfigError(
+                f"invalid reverse {spec!r}: the target is a scheme and host[:port] only "
+                "(no path, query or credentials)"
+            )
+        from elbasy.errors import RemoteProtocolError
+        from elbasy.protocol.targets import check_host, check_port
+
+        host, port_text = authority, ""
+        if authority.startswith("["):
+            close = authority.find("]")
+            host, port_text = authority[: close + 1], authority[close + 1 :]
+            if close < 0 or (port_text and not port_text.startswith(":")):
+                raise ConfigError(f"invalid reverse {spec!r}: bad IPv6 address in the target")
+            port_text = port_text[1:]
+        elif ":" in authority:
+            host, _, port_text = authority.partition(":")
+        try:
+            host = check_host(host)
+            port = check_port(port_text) if port_text else (443 if scheme == "https" else 80)
+        except RemoteProtocolError as e:
+            raise ConfigError(f"invalid reverse {spec!r}: {e}") from None
+        return cls(listen_host, listen_port, scheme == "https", host, port)
+
+    @property
+    def origin(self) -> str:
+        """The target as a URL's origin (``https://openapi.etsy.com``)."""
+        scheme = "https" if self.tls else "http"
+        default = 443 if self.tls else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}" + ("" if self.port == default else f":{self.port}")
+
+    @property
+    def listen(self) -> str:
+        return format_hostport(self.listen_host, self.listen_port)
+
+    def __str__(self) -> str:
+        """The rule in the form :meth:`parse` reads."""
+        return f"{self.listen}={self.origin}"
+
+
 # --------------------------------------------------------------------------- kinds of elbasy's own
 
 
@@ -351,6 +434,33 @@ class ConnectRules(Kind):
 
     def parse(self, setting: Setting, value: Any) -> dict[str, object]:
         return {setting.name: tuple(ConnectTo.parse(spec) for spec in value)}
+
+    def dump(self, setting: Setting, config: Any) -> object:
+        return [str(rule) for rule in getattr(config, setting.name)]
+
+
+@dataclass(frozen=True, slots=True)
+class ReverseRules(Kind):
+    """``--reverse LISTEN=URL`` listeners, written as :meth:`ReverseTo.parse` reads them,
+    held parsed; no two on one address, none on ``--listen``'s (checked by the Config)."""
+
+    toml: ClassVar[str] = "array of strings"
+    multiple: ClassVar[bool] = True
+
+    def check(self, value: Any) -> tuple[ReverseTo, ...]:
+        rules = tuple(value)
+        seen: set[tuple[str, int]] = set()
+        for rule in rules:
+            if not isinstance(rule, ReverseTo):
+                raise ConfigError(f"must hold ReverseTo rules, got {rule!r}")
+            where = (rule.listen_host, rule.listen_port)
+            if rule.listen_port and where in seen:
+                raise ConfigError(f"two reverse listeners on {rule.listen}")
+            seen.add(where)
+        return rules
+
+    def parse(self, setting: Setting, value: Any) -> dict[str, object]:
+        return {setting.name: tuple(ReverseTo.parse(spec) for spec in value)}
 
     def dump(self, setting: Setting, config: Any) -> object:
         return [str(rule) for rule in getattr(config, setting.name)]
@@ -729,6 +839,14 @@ class Config:
         "any/keep; IPv6 in brackets). Repeatable; the first match wins.",
         metavar="HOST:PORT:ADDR:PORT",
     )
+    reverse: tuple[ReverseTo, ...] = setting(
+        ReverseRules(),
+        (),
+        "Also listen on LISTEN as a reverse proxy to the URL's origin (e.g. "
+        "127.0.0.1:9001=https://openapi.etsy.com): clients use http://LISTEN as their "
+        "base URL; requests are paced like proxied ones. Repeatable.",
+        metavar="LISTEN=URL",
+    )
     # --- where requests and tunnels may go (elbasy.destinations) ---
     allow_hosts: tuple[str, ...] = setting(
         HostGlobs(),
@@ -885,6 +1003,12 @@ class Config:
             except ConfigError as e:
                 raise ConfigError(e.reason, name) from None
             object.__setattr__(self, name, value)
+        for rule in self.reverse:
+            if rule.listen_port and (rule.listen_host, rule.listen_port) == (
+                self.listen_host,
+                self.listen_port,
+            ):
+                raise ConfigError(f"{rule}: {rule.listen} is the proxy's --listen", "reverse")
         from elbasy.rules import RuleError
 
         try:

@@ -670,6 +670,13 @@ def startup_next(url: str, ca_file: str | None) -> None:
         )
 
 
+def reverse_banner(host: str, port: int, origin: str) -> None:
+    """Log ``reverse proxy on <host>:<port> to <origin>`` for one --reverse listener,
+    whatever the log level, as :func:`startup_banner` logs (its port: port 0's choice)."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    _announce(f"reverse proxy on {where} to {origin}", host=host, port=port, origin=origin)
+
+
 def _announce(message: str, **fields: object) -> None:
     """One startup line: on stderr alone in text (scripts read it); in JSON and
     logfmt a record of that format with ``fields``; with --log-file the record

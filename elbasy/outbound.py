@@ -74,17 +74,19 @@ class Outbound:
         tls: bool,
         drop: tuple[bytes, ...] = (),
         peek: int = 0,
+        extra: bytes = b"",
     ) -> Forward:
         """The request as it leaves. ``drop``: more header names (lower-case) that must not
         leave (elbasy's own, a rule's). ``peek``: the policy reads this many bytes of the
-        body before the request leaves (when it has one)."""
+        body before the request leaves (when it has one). ``extra``: header lines added
+        after Host and Via, each after its own CRLF (a reverse listener's X-Forwarded-*)."""
         lines = req.lines
         if lines.via and any(self.via in value for value in lines.via):
             raise RemoteProtocolError("request loop: it has already passed through here", 508)
         body, length = request_framing(req)
         version = b"HTTP/1.0" if req.version == "1.0" else b"HTTP/1.1"
         start = req.method.encode("ascii") + b" " + path + b" " + version
-        start += b"\r\nHost: " + authority + b"\r\nVia: 1.1 " + self.via
+        start += b"\r\nHost: " + authority + b"\r\nVia: 1.1 " + self.via + extra
         named = named_in_connection(req.framing.connection)
         names = named.union(drop) if named else drop
         expect = False

@@ -61,11 +61,13 @@ from elbasy.verdicts import (
     Intercept,
     Reply,
     ResponsePlan,
+    Reverse,
     Tunnel,
 )
 
 if TYPE_CHECKING:
     from elbasy._loop import Ended
+    from elbasy.config import ReverseTo
 
 log = logging.getLogger("elbasy.proxy")
 
@@ -95,6 +97,27 @@ CONNECT_HEADS_KEPT = 1024
 #: pages the one a browser, curl -u and Prometheus send (or the proxy's)
 _PROXY_CREDENTIALS = (b"proxy-authorization",)
 _PAGE_CREDENTIALS = (b"authorization", b"proxy-authorization")
+#: what a --reverse listener's client may not say about the hops before the target:
+#: elbasy sets the X-Forwarded-* itself, and a Forwarded would contradict them
+FORWARDED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded")
+_REVERSE_DROP = OWN_HEADERS + FORWARDED_HEADERS
+
+
+def reverse_site(rule: ReverseTo, listening: tuple[str, int]) -> Reverse:
+    """The site of a --reverse listener bound to ``listening`` (its address as bound:
+    port 0 is the port the kernel chose)."""
+    host = f"[{rule.host}]" if ":" in rule.host else rule.host
+    default = 443 if rule.tls else 80
+    authority = host if rule.port == default else f"{host}:{rule.port}"
+    where = f"[{listening[0]}]" if ":" in listening[0] else listening[0]
+    return Reverse(
+        rule.host,
+        rule.port,
+        rule.tls,
+        authority.encode("ascii"),
+        rule.origin,
+        f"{where}:{listening[1]}".encode("ascii"),
+    )
 
 
 class Exchange:
@@ -186,10 +209,13 @@ class Policy:
     # ---- request heads -----------------------------------------------------------
 
     def on_request(
-        self, head: bytes, client: str, site: Intercept | None = None
+        self, head: bytes, client: str, site: Intercept | Reverse | None = None
     ) -> Reply | Tunnel | Intercept | Forward:
-        """A request head from ``client``; ``site``: the interception it came in, if any."""
+        """A request head from ``client``; ``site``: the interception it came in, or the
+        --reverse listener it came to, if any."""
         if site is not None:
+            if isinstance(site, Reverse):
+                return self._reversed(head, client, site)
             # its CONNECT was let in: the session's requests need no credentials
             return self._in_session(head, client, site)
         access = self.access
@@ -339,6 +365,44 @@ class Policy:
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
 
+    def _reversed(self, head: bytes, client: str, site: Reverse) -> Reply | Forward:
+        """A request to a --reverse listener: forwarded to its one target, paced by the
+        target's rule, with the X-Forwarded-* the target may read."""
+        access = self.access  # --allow-clients was decided at accept, as on the proxy port
+        try:
+            req = parse_request_head(head)
+        except RemoteProtocolError as exc:
+            return self._refuse(Exchange(client, "-", site.origin), exc)
+        path = req.target.encode("ascii")
+        ex = Exchange(client, req.method, "-", req.keep_alive and req.version != "1.0")
+        try:
+            if not (path.startswith(b"/") or path == b"*"):
+                path = self.outbound.origin_form(path)  # a client may send absolute-form
+            ex.target = site.origin + path.decode("ascii")
+            if access.credentials is not None and not self._authorized(
+                req, access.credentials.check, False
+            ):
+                return self._refuse_credentials(ex, False)
+            if req.method == "CONNECT":
+                raise RemoteProtocolError("CONNECT to a reverse listener (use the proxy's port)")
+            if b"upgrade" in req.framing.connection:
+                raise RemoteProtocolError(
+                    f"elbasy does not relay protocol upgrades to {site.origin}", 501
+                )
+            address = client.rpartition(":")[0].strip("[]").encode("ascii")
+            told = req.lines.host
+            extra = (
+                b"\r\nX-Forwarded-For: "
+                + address
+                + b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
+                + (told if told else site.listen)
+            )
+            return self._paced(
+                req, path, site.authority, site.host, site.port, site.tls, ex, _REVERSE_DROP, extra
+            )
+        except RemoteProtocolError as exc:
+            return self._refuse(ex, exc)
+
     def _paced(
         self,
         req: RequestHead,
@@ -348,20 +412,23 @@ class Policy:
         port: int,
         tls: bool,
         ex: Exchange,
+        own: tuple[bytes, ...] = OWN_HEADERS,
+        extra: bytes = b"",
     ) -> Reply | Forward:
-        """A request on its way to host:port: paced on its quota account if a rule covers it."""
+        """A request on its way to host:port: paced on its quota account if a rule covers it.
+        ``own``: the headers that never leave (elbasy's; a reverse listener's also drops
+        the X-Forwarded-* the client sent); ``extra``: header lines it adds."""
+        out = self.outbound
         if not self.pacer.rules.covers(host):
             ex.sent_at = self.pacer.mono()  # unpaced: it leaves now
-            return self.outbound.forward(req, path, authority, host, port, ex, tls, OWN_HEADERS)
+            return out.forward(req, path, authority, host, port, ex, tls, own, extra=extra)
         headers = req.headers()
         match = self.pacer.match(host, req.method, path.decode("ascii"), headers)
         if match is None:
             ex.sent_at = self.pacer.mono()
-            return self.outbound.forward(req, path, authority, host, port, ex, tls, OWN_HEADERS)
-        drop = OWN_HEADERS + match.strip_headers
-        fwd = self.outbound.forward(
-            req, path, authority, host, port, ex, tls, drop, match.body_needed
-        )
+            return out.forward(req, path, authority, host, port, ex, tls, own, extra=extra)
+        drop = own + match.strip_headers
+        fwd = out.forward(req, path, authority, host, port, ex, tls, drop, match.body_needed, extra)
         try:
             paced = self.pacer.start(match, req.method, headers)
         except BadMaxWait as exc:

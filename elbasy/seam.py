@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from elbasy.verdicts import Forward, Intercept, Reply, ResponsePlan, Tunnel
+from elbasy.verdicts import Forward, Intercept, Reply, ResponsePlan, Reverse, Tunnel
 
 if TYPE_CHECKING:
     from elbasy._loop import Ended
@@ -59,11 +59,12 @@ class PolicySeam(Protocol):
     a monotonic time in seconds, NOW for at once."""
 
     def on_request(
-        self, head: bytes, client: str, site: Intercept | None, /
+        self, head: bytes, client: str, site: Intercept | Reverse | None, /
     ) -> Reply | Tunnel | Intercept | Forward:
         """A whole request head from ``client`` (the peer's "address:port");
         ``site``: the interception the connection is in (its TLS session with
-        the client, where only a Reply or a Forward may come back), or None."""
+        the client, where only a Reply or a Forward may come back), the
+        --reverse listener's Reverse that accepted it (the same), or None."""
 
     def on_body(self, ticket: Ticket, body: bytes, /) -> float | Reply:
         """The first ``Forward.peek`` bytes of the body: its hold-until (NOW:

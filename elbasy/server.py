@@ -28,7 +28,7 @@ from elbasy.logs import set_worker
 from elbasy.metrics import MetricsMemory, WorkerMetrics
 from elbasy.pacing import Pacer
 from elbasy.pages import LOOP_PAGES
-from elbasy.policy import Policy
+from elbasy.policy import Policy, reverse_site
 from elbasy.quota import LocalStore, Safety
 from elbasy.resolver import Resolver
 from elbasy.rules import RuleSet
@@ -110,6 +110,46 @@ def listen_group(host: str, port: int, count: int) -> list[socket.socket]:
             sock.close()
         raise
     return group
+
+
+def listen_reverse(config: Config, count: int, proxy: tuple[str, int]) -> list[list[socket.socket]]:
+    """One SO_REUSEPORT group of ``count`` listeners per ``--reverse`` (as
+    :func:`listen_group`), by worker: element ``i`` holds worker ``i``'s socket of each
+    one, in the order of ``config.reverse``. ``proxy``: the proxy's listening address.
+    Raises StartupError (one line, naming the --reverse), closing what it opened."""
+    groups: list[list[socket.socket]] = []
+    try:
+        for rule in config.reverse:
+            try:
+                groups.append(listen_group(rule.listen_host, rule.listen_port, count))
+            except StartupError as e:
+                raise StartupError(f"--reverse {rule}: {e}") from None
+        check_own_ports(config, groups, proxy)
+    except BaseException:
+        for group in groups:
+            for sock in group:
+                sock.close()
+        raise
+    return (
+        [list(row) for row in zip(*groups, strict=True)] if groups else [[] for _ in range(count)]
+    )
+
+
+def check_own_ports(
+    config: Config, groups: list[list[socket.socket]], proxy: tuple[str, int]
+) -> None:
+    """Refuse a --reverse bound where the proxy or another --reverse listens (an
+    overlapping address, same port): SO_REUSEPORT lets such a bind succeed, and the
+    listeners would then share one another's connections."""
+    wild = ("0.0.0.0", "::")
+    seen = [(proxy[0], proxy[1], "the proxy (--listen)")]
+    for rule, group in zip(config.reverse, groups, strict=True):
+        host, port = group[0].getsockname()[:2]
+        for other_host, other_port, what in seen:
+            overlaps = host == other_host or host in wild or other_host in wild
+            if port == other_port and overlaps:
+                raise StartupError(f"--reverse {rule}: port {port} is taken by {what}")
+        seen.append((host, port, f"--reverse {rule}"))
 
 
 def _listen_on(sock: socket.socket, host: str, port: int) -> None:
@@ -296,6 +336,7 @@ class Worker:
         shared: Any = None,
         metrics: MetricsMemory | None = None,
         access: Access | None = None,
+        reverse_socks: list[socket.socket] | None = None,
     ) -> None:
         self.config = config
         self.slot = slot
@@ -308,10 +349,20 @@ class Worker:
         set_worker(slot)  # its access lines name it
         self.sock = sock if sock is not None else listen(config.listen_host, config.listen_port)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
+        if reverse_socks is None:
+            try:
+                reverse_socks = listen_reverse(config, 1, self.address)[0]
+            except BaseException:
+                self.sock.close()
+                raise
+        # one socket per --reverse, in its order (elbasy.policy.reverse_site)
+        self.reverse_socks = reverse_socks
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.destinations = destinations(config, self.address)
+        for rs in self.reverse_socks:
+            self.destinations.add_own(*rs.getsockname()[:2])
         self.resolver = Resolver(
             time.monotonic,
             config.connect_to,
@@ -341,6 +392,7 @@ class Worker:
                 self.server_tls.on_refuse = lambda why: self.metrics.count(
                     "tls_leaf_refusals", (why,)
                 )
+            sites = self._reverse_sites()
             self.policy = policy_type(self._stats, self.intercept, self.pacer)
             self.policy.access = access if access is not None else access_of(config)
             self.policy.status = self._status
@@ -367,12 +419,35 @@ class Worker:
                 client_allowed=(
                     self.policy.client_allowed if self.policy.access.clients is not None else None
                 ),
+                reverse=[
+                    (rs.fileno(), site) for rs, site in zip(self.reverse_socks, sites, strict=True)
+                ],
             )
             # the pacer moves held requests (a line that moved) through the loop
             self.pacer.wake = self.loop.wake
         except BaseException:
             self.close()
             raise
+
+    def _reverse_sites(self) -> list[Any]:
+        """Each --reverse listener's site (elbasy.verdicts.Reverse); an https target
+        gets the verifying upstream TLS even when nothing is intercepted. Raises
+        StartupError when the destination rules refuse a target."""
+        config = self.config
+        sites = []
+        for rule, rs in zip(config.reverse, self.reverse_socks, strict=True):
+            why = self.destinations.refusal(rule.host, rule.port, False)
+            if why is not None:
+                raise StartupError(f"--reverse {rule}: the destination rules refuse it ({why})")
+            sites.append(reverse_site(rule, rs.getsockname()[:2]))
+        if self.client_tls is None and any(rule.tls for rule in config.reverse):
+            from elbasy.tls import ClientTLS, TLSError
+
+            try:
+                self.client_tls = ClientTLS(config.upstream_ca)
+            except TLSError as e:
+                raise StartupError(str(e)) from None
+        return sites
 
     def _stats(self) -> dict[str, Any]:
         loop = getattr(self, "loop", None)
@@ -426,5 +501,7 @@ class Worker:
             if tls is not None:
                 tls.close()
         self.sock.close()
+        for rs in self.reverse_socks:
+            rs.close()
         self._wake_r.close()
         self._wake_w.close()

@@ -56,6 +56,7 @@ from elbasy.logs import (
     access_log_file,
     configure,
     reopen_log_file,
+    reverse_banner,
     startup_banner,
     startup_next,
 )
@@ -69,6 +70,7 @@ from elbasy.server import (
     intercepted_hosts,
     listen,
     listen_group,
+    listen_reverse,
     prepare_ca,
     raise_fd_limit,
 )
@@ -230,6 +232,9 @@ class Supervisor:
         # supervisor's lifetime: a restarted or reloaded worker takes over the
         # same socket, so what waits in its accept queue is never reset
         self.socks: list[socket.socket] = []
+        # each worker index's --reverse listeners, one of each one's group, kept
+        # the same way (a reload cannot change --reverse: only their count grows)
+        self.rsocks: list[list[socket.socket]] = []
         self.shared: Any = None
         self.metrics: MetricsMemory | None = None
         self.metrics_listener: MetricsListener | None = None
@@ -250,6 +255,7 @@ class Supervisor:
         # a reload's listeners: a new group (a new address) or the sockets it
         # adds to the running group (more workers); kept only if it commits
         self.reload_socks: list[socket.socket] = []
+        self.reload_rsocks: list[list[socket.socket]] = []
         self.reload_moves = False  # reload_socks replace the group (a new address)
         self.reload_deadline = 0.0
         self._wake_r = self._wake_w = -1
@@ -269,6 +275,7 @@ class Supervisor:
         count = worker_count(self.config.workers)
         self.socks = listen_group(self.config.listen_host, self.config.listen_port, count)
         try:
+            self.rsocks = listen_reverse(self.config, count, self.socks[0].getsockname()[:2])
             self.access = access_of(self.config)
             self._warn_if_open(self.socks[0], self.access)
             check_quota_store(self.config)
@@ -295,7 +302,7 @@ class Supervisor:
             for fd in (self._wake_r, self._wake_w):
                 if fd >= 0:
                     os.close(fd)
-            for sock in [*self.socks, *self.reload_socks]:
+            for sock in self._all_socks():
                 sock.close()
             if self.metrics_listener is not None:
                 self.metrics_listener.close()
@@ -303,6 +310,11 @@ class Supervisor:
             raise StartupError(self.startup_error)
         log.info("stopped")
         return 0
+
+    def _all_socks(self) -> list[socket.socket]:
+        """Every listening socket the supervisor holds: the proxy's and the --reverse ones."""
+        reverse = [sock for row in (*self.rsocks, *self.reload_rsocks) for sock in row]
+        return [*self.socks, *self.reload_socks, *reverse]
 
     @staticmethod
     def _warn_if_open(sock: socket.socket, access: Access) -> None:
@@ -418,7 +430,8 @@ class Supervisor:
             pid = os.fork()
             if pid == 0:  # pragma: no cover (the worker process)
                 os.close(ready_r)
-                self._become_worker(slot, config, access, socks[index], ready_w)
+                rsocks = [*self.rsocks, *self.reload_rsocks][index]
+                self._become_worker(slot, config, access, socks[index], rsocks, ready_w)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(ready_w)
@@ -433,6 +446,7 @@ class Supervisor:
         config: Config,
         access: Access | None,
         sock: socket.socket,
+        rsocks: list[socket.socket],
         ready_w: int,
     ) -> NoReturn:
         """The forked child: build the Worker, say it is ready, serve; never returns."""
@@ -443,8 +457,8 @@ class Supervisor:
             for fd in (self._wake_r, self._wake_w, *self._ready_fds()):
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            for other in [*self.socks, *self.reload_socks]:
-                if other is not sock:
+            for other in self._all_socks():
+                if other is not sock and all(other is not mine for mine in rsocks):
                     other.close()
             if self.metrics_listener is not None:
                 self.metrics_listener.forget()
@@ -464,6 +478,7 @@ class Supervisor:
                     shared=self.shared,
                     metrics=self.metrics,
                     access=access,
+                    reverse_socks=rsocks,
                 )
             except StartupError as e:
                 os.write(ready_w, b"E" + str(e).encode())
@@ -556,6 +571,10 @@ class Supervisor:
     def _started(self) -> None:
         self.phase = "running"
         host, port = self.socks[0].getsockname()[:2]
+        # each --reverse's line before the banner scripts wait for
+        for rule, sock in zip(self.config.reverse, self.rsocks[0], strict=True):
+            rhost, rport = sock.getsockname()[:2]
+            reverse_banner(rhost, rport, rule.origin)
         startup_banner(__version__, host, port)
         startup_next(proxy_url(host, port, socket.gethostname), self.ca_file)
         pids = ", ".join(str(c.pid) for c in self.children.values())
@@ -609,6 +628,7 @@ class Supervisor:
             log.error("reload failed, the running workers go on: %s", e)
             return
         socks: list[socket.socket] = []
+        rsocks: list[list[socket.socket]] = []
         moves = (new.listen_host, new.listen_port) != (
             self.config.listen_host,
             self.config.listen_port,
@@ -624,6 +644,8 @@ class Supervisor:
                 store_kind(new) == "redis" and new.quota_store != self.config.quota_store
             ):
                 raise StartupError("a reload cannot change --quota-store; restart elbasy")
+            if new.reverse != self.config.reverse:
+                raise StartupError("a reload cannot change --reverse; restart elbasy")
             table = getattr(self.shared, "table", self.shared)  # Redis: its share's table
             capacity = getattr(table, "capacity", None)
             if capacity is not None and new.quota_capacity != capacity:
@@ -644,8 +666,14 @@ class Supervisor:
                 host, port = self.socks[0].getsockname()[:2]
                 while len(self.socks) + len(socks) < count:
                     socks.append(listen(host, port, reuseport=True))
+            # more workers: each --reverse group grows by as many
+            where = [sock.getsockname()[:2] for sock in self.rsocks[0]] if self.rsocks else []
+            while len(self.rsocks) + len(rsocks) < count:
+                rsocks.append([])
+                for host, port in where:
+                    rsocks[-1].append(listen(host, port, reuseport=True))
         except (StartupError, OSError) as e:
-            for sock in socks:
+            for sock in [*socks, *(sock for row in rsocks for sock in row)]:
                 sock.close()
             log.error("reload failed, the running workers go on: %s", e)
             return
@@ -654,6 +682,7 @@ class Supervisor:
         self.reload_cfg = new
         self.reload_access = access
         self.reload_socks = socks
+        self.reload_rsocks = rsocks
         self.reload_moves = moves
         self.reload_deadline = time.monotonic() + READY_TIMEOUT
         listeners = socks if moves else [*self.socks, *socks]
@@ -690,9 +719,15 @@ class Supervisor:
                 for sock in self.socks[count:]:
                     sock.close()
                 del self.socks[count:]
+        self.rsocks += self.reload_rsocks
+        for row in self.rsocks[count:]:
+            for sock in row:
+                sock.close()
+        del self.rsocks[count:]
         self.reload_gen = self.reload_cfg = None
         self.reload_access = None
         self.reload_socks = []
+        self.reload_rsocks = []
         with contextlib.suppress(OSError):
             configure(
                 self.config.log_level,
@@ -715,11 +750,12 @@ class Supervisor:
                 c.draining = True
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(c.pid, STOP_NOW)
-        for sock in self.reload_socks:
+        for sock in [*self.reload_socks, *(sock for row in self.reload_rsocks for sock in row)]:
             sock.close()
         self.reload_gen = self.reload_cfg = None
         self.reload_access = None
         self.reload_socks = []
+        self.reload_rsocks = []
 
 
 def _noop(signum: int, frame: object) -> None:

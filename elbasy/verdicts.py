@@ -52,6 +52,21 @@ class Intercept(NamedTuple):
     ticket: Any
 
 
+class Reverse(NamedTuple):
+    """The site of a ``--reverse`` listener: every request on it goes to one target.
+
+    The loop hands it, as the ``site`` of ``on_request``, with every head read on
+    a connection that listener accepted; the policy builds it once per listener.
+    """
+
+    host: str  # the target's (lower case; IPv6 without brackets)
+    port: int
+    tls: bool  # https: verified, SNI, ALPN http/1.1
+    authority: bytes  # the Host the target gets (``openapi.etsy.com``)
+    origin: str  # ``https://openapi.etsy.com``, for the access log
+    listen: bytes  # the listener's address: X-Forwarded-Host when the client sends no Host
+
+
 class Forward(NamedTuple):
     """Send `head` (then the request body, by framing) to host:port and relay the answer.
 

@@ -390,6 +390,7 @@ def test_config_keys_are_the_option_names() -> None:
         "max_head_bytes",
         "splice",
         "connect_to",
+        "reverse",
         "allow_hosts",
         "deny_hosts",
         "allow_ports",

@@ -2,14 +2,30 @@
 #
 # accept_batch makes a Conn per client (the listener defers accept until the
 # client has sent something, so the head is usually already here and is read
-# at once). read_head reads and dispatches heads while the connection waits
-# for one; dispatch_head asks the policy once per head and carries out its
-# verdict: a Reply (replies.pxi), a Forward (now, held, or its body shown to
-# the policy first: hold.pxi), a Tunnel (upstream_connect.pxi) or an
-# Intercept (intercept.pxi).
+# at once). A --reverse listener's connections carry its site (the policy's
+# Reverse) from accept on: the policy sees it with every head, as it sees an
+# interception's; the plain listener's pass None. read_head reads and
+# dispatches heads while the connection waits for one; dispatch_head asks the
+# policy once per head and carries out its verdict: a Reply (replies.pxi), a
+# Forward (now, held, or its body shown to the policy first: hold.pxi), a
+# Tunnel (upstream_connect.pxi) or an Intercept (intercept.pxi).
 
 
-cdef void accept_batch(Loop loop):
+cdef void add_listener(Loop loop, int fd, object site) except *:
+    """Poll a --reverse listener (at start-up): its connections get ``site``."""
+    cdef Listener lst
+    if site is None:
+        raise ValueError("a reverse listener needs its site")
+    lst = Listener.__new__(Listener)
+    lst.fd = fd
+    lst.site = site
+    add_fd(loop, fd, EPOLLIN | (EPOLLEXCLUSIVE if loop.listen_exclusive else 0))
+    map_fd(loop, fd, lst)
+    loop.listeners.append(lst)
+
+
+cdef void accept_batch(Loop loop, int lfd, object site):
+    """Accept what waits on listener `lfd`; `site`: a --reverse listener's (else None)."""
     cdef int _i, fd, err
     cdef sockaddr_storage ss
     cdef socklen_t slen
@@ -17,7 +33,7 @@ cdef void accept_batch(Loop loop):
     cdef object key
     for _i in range(ACCEPT_BATCH):
         slen = sizeof(ss)
-        fd = accept4(loop.listen_fd, <sockaddr *>&ss, &slen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        fd = accept4(lfd, <sockaddr *>&ss, &slen, SOCK_NONBLOCK | SOCK_CLOEXEC)
         if fd < 0:
             err = errno
             if err == EAGAIN or err == EINTR:
@@ -28,7 +44,7 @@ cdef void accept_batch(Loop loop):
                 # out of fds (ours or the system's): shed one client so the
                 # listener does not stay readable forever
                 loop.c.accept_emfile += 1
-                shed_one_client(loop)
+                shed_one_client(loop, lfd)
                 return
             # ENOBUFS/ENOMEM (kernel memory), EPERM (a firewall rule),
             # EPROTO: counted; the next wake-up tries again
@@ -52,6 +68,9 @@ cdef void accept_batch(Loop loop):
         loop.c.open += 1
         c.client_key = key
         loop.per_client[key] = loop.per_client.get(key, 0) + 1
+        if site is not None:
+            c.site = site
+            c.reverse = True
         c.state = S_HEAD
         arm(loop, c, loop.now + loop.head_ns)
         # The listener defers accept until the client has sent something,
@@ -111,13 +130,13 @@ cdef void refuse_busy(Loop loop, int fd):
     close(fd)
 
 
-cdef void shed_one_client(Loop loop):
-    """Out of fds: close the spare, accept and drop one client, re-take it."""
+cdef void shed_one_client(Loop loop, int lfd):
+    """Out of fds: close the spare, accept and drop one client of `lfd`, re-take it."""
     cdef int fd
     if loop.spare_fd >= 0:
         close(loop.spare_fd)
         loop.spare_fd = -1
-    fd = accept4(loop.listen_fd, NULL, NULL, SOCK_CLOEXEC)
+    fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)
     if fd >= 0:
         close(fd)
     loop.spare_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)

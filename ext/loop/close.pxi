@@ -25,7 +25,8 @@ cdef void close_conn(Loop loop, Conn c, bint reset):
         # hears it (a paced request's cost lands: it may have reached the server)
         tell_ended(loop, c.ticket, ending(ABANDONED))
     if c.site is not None:
-        loop.c.intercepts_open -= 1
+        if not c.reverse:
+            loop.c.intercepts_open -= 1
         c.site = None
     ssl_release(&c.tls.cssl)
     c.state = S_CLOSED
@@ -67,7 +68,8 @@ cdef void shutdown_all(Loop loop):
             continue
         if type(obj) is Conn:
             close_conn(loop, <Conn>obj, False)
-        else:
+        elif type(obj) is Pooled:
             pool_drop(loop, <Pooled>obj)
+        # a Listener stays: its socket is Python's
     loop.pool.clear()
     loop.c.pool_idle = 0

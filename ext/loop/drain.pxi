@@ -32,6 +32,8 @@ cdef void drain_begin(Loop loop):
     loop.now = elb_now_ns()
     if loop.listening:
         epoll_ctl(loop.epfd, EPOLL_CTL_DEL, loop.listen_fd, &e)
+        for obj in loop.listeners:
+            epoll_ctl(loop.epfd, EPOLL_CTL_DEL, (<Listener>obj).fd, &e)
         loop.listening = False
     if loop.idle_ns > DRAIN_TUNNEL_IDLE_NS:
         loop.idle_ns = DRAIN_TUNNEL_IDLE_NS  # a byte moved pushes a tunnel's end this far only

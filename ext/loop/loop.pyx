@@ -1,7 +1,8 @@
 # cython: language_level=3
 """elbasy's data plane: one epoll loop per worker process.
 
-The loop owns every fd: the listener, client connections, upstream
+The loop owns every fd: the listeners (the proxy's, each --reverse one's: a
+Listener in fdmap), client connections, upstream
 connections (in use and pooled), kernel pipes for splice(2), the resolver's
 eventfd, the quota store's eventfd and the signal wake-up fd. It makes no
 policy decision: a complete
@@ -330,7 +331,8 @@ cdef class Loop:
                  Py_ssize_t max_client_connections=0,
                  int splice=SPLICE_AUTO,  # no-cython-lint (the keyword is public; splice(2) is not)
                  server_tls=None, client_tls=None, bint listen_exclusive=False,
-                 int quota_fd=-1, pages=LOOP_PAGES, counters=None, client_allowed=None):
+                 int quota_fd=-1, pages=LOOP_PAGES, counters=None, client_allowed=None,
+                 reverse=()):
         # the seam (elbasy.seam), bound before any fd is taken: an object
         # missing a method is refused here, not at the request that needs it
         cdef list missing = []
@@ -402,6 +404,10 @@ cdef class Loop:
         self.listen_exclusive = listen_exclusive
         add_fd(self, listen_fd, EPOLLIN | (EPOLLEXCLUSIVE if listen_exclusive else 0))
         self.listening = True
+        # --reverse listeners: (fd, site) pairs, shared like the main one
+        self.listeners = []
+        for lfd, site in reverse:
+            add_listener(self, lfd, site)
         self.resolver_fd = resolver_fileno()
         add_fd(self, self.resolver_fd, EPOLLIN)
         self.wakeup_fd = wakeup_fd
@@ -477,7 +483,7 @@ cdef class Loop:
                 fd = self.events[i].data.fd
                 ev = self.events[i].events
                 if fd == self.listen_fd:
-                    accept_batch(self)
+                    accept_batch(self, fd, None)
                 elif fd == self.resolver_fd:
                     resolved_batch(self)
                 elif fd == self.wakeup_fd:
@@ -491,6 +497,8 @@ cdef class Loop:
                         continue
                     if type(obj) is Conn:
                         guarded_event(self, <Conn>obj, fd, ev)
+                    elif type(obj) is Listener:
+                        accept_batch(self, fd, (<Listener>obj).site)
                     else:
                         pool_drop(self, <Pooled>obj)
             obj = None  # a connection closed in this batch is freed now, not next turn

@@ -123,6 +123,13 @@ cdef class Pooled(Slot):
 
 
 @cython.final
+cdef class Listener(Slot):
+    # a --reverse listener (its socket is Python's, never closed here): every
+    # connection it accepts has `site` as its Conn.site (accept_head.pxi)
+    cdef object site            # the policy's elbasy.verdicts.Reverse
+
+
+@cython.final
 cdef class Conn(Slot):
     # a client connection and, while it has one, its upstream
     cdef ConnState state        # a row of the state table (loop.pyx)
@@ -147,7 +154,8 @@ cdef class Conn(Slot):
     cdef object ticket          # the policy's handle for this request or tunnel
     cdef object verdict         # the Tunnel or Forward being carried out
     cdef object addrs           # upstream connect: the resolver's addresses
-    cdef object site            # intercepted: the Intercept verdict (host, port)
+    cdef object site            # intercepted: the Intercept verdict; --reverse: its Reverse
+    cdef bint reverse           # accepted by a --reverse listener (site is its Reverse)
     cdef TunnelState tunnel
     cdef ExchangeState exchange
     cdef TlsState tls
@@ -166,6 +174,7 @@ cdef class Loop:
     cdef bint stopping
     cdef bint listen_exclusive  # the listener is shared: EPOLLEXCLUSIVE (one waiter woken)
     cdef bint listening         # the listener is in this loop's epoll
+    cdef list listeners         # the --reverse Listeners (also in fdmap at their fds)
     cdef bint draining          # drain() was asked for (drain.pxi)
     cdef bint drain_begun       # run() has stopped accepting and closed the idle
     cdef bint drain_expired     # the drain's deadline came: the rest were answered 503
