@@ -220,9 +220,9 @@ def main(ctx: click.Context, /, **options: Any) -> None:
     try:
         code = supervisor.run(config, lambda: reload_config(args))
     except StartupError as e:
-        failed = click.ClickException(str(e))
-        failed.exit_code = e.exit_code  # 2: a listener's address, like a bad option
-        raise failed from None
+        # a listener's address is a bad option (exit 2); anything else exit 1
+        failed = ConfigProblem if e.exit_code == ConfigProblem.exit_code else click.ClickException
+        raise failed(str(e)) from None
     except KeyboardInterrupt:  # Ctrl-C before the supervisor installed its handlers
         code = 0
     ctx.exit(code)
