@@ -43,15 +43,18 @@ def covered(name: str, globs: Iterable[str]) -> bool:
     return any(glob_covers(glob, name) for glob in globs)
 
 
-def some_hosts(hosts: Sequence[str], width: int) -> str:
-    """The first hosts, then how many more, in about ``width`` characters (at least one
-    host is named): ``*.myshopify.com, openapi.etsy.com +10 more``."""
-    shown = 1
+def some_hosts(hosts: Sequence[str], width: int, at_least: int = 1) -> str:
+    """The first hosts, then how many more, in about ``width`` characters, at least
+    ``at_least`` named (0 and none fits: ""):
+    ``*.myshopify.com, openapi.etsy.com +10 more``."""
+    shown = at_least
     while shown < len(hosts):
         more = len(hosts) - shown - 1
         text = ", ".join(hosts[: shown + 1]) + (f" +{more} more" if more else "")
         if len(text) > width:
             break
         shown += 1
+    if shown == 0:
+        return ""
     rest = len(hosts) - shown
     return ", ".join(hosts[:shown]) + (f" +{rest} more" if rest > 0 else "")

@@ -46,17 +46,9 @@ def _numbers(limit: Limit) -> str:
 
 def _fit(items: list[str], width: int) -> str:
     """As many of ``items`` as fit in ``width``, then how many more."""
-    shown = 0
-    while shown < len(items):
-        rest = len(items) - shown - 1
-        text = ", ".join(items[: shown + 1]) + (f" +{rest} more" if rest else "")
-        if len(text) > width:
-            break
-        shown += 1
-    if shown == 0:
-        return ""
-    rest = len(items) - shown
-    return ", ".join(items[:shown]) + (f" +{rest} more" if rest else "")
+    from elbasy.hostglob import some_hosts
+
+    return some_hosts(items, width, at_least=0)
 
 
 def _limits_cell(rule: Rule, width: int) -> str:
