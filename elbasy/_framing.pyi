@@ -1,6 +1,9 @@
 """Type stub for ext/framing.pyx."""
 
+from types import EllipsisType
+
 def head_end(buf: bytes, start: int = 0) -> int: ...
+def hello_name(buf: bytes) -> bytes | None | EllipsisType: ...
 
 class Chunked:
     def feed(self, data: bytes) -> int: ...

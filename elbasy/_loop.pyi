@@ -5,7 +5,7 @@ from typing import Any
 
 from elbasy.pages import LoopPages
 from elbasy.seam import ClientTLSSeam, PolicySeam, ResolverSeam, ServerTLSSeam
-from elbasy.verdicts import Reverse
+from elbasy.verdicts import Reverse, Transparent
 
 # the loop's constants as compiled (ext/includes/consts.pxi)
 STATES: dict[str, int]
@@ -75,7 +75,7 @@ class Loop:
         pages: LoopPages = ...,
         counters: memoryview | None = None,
         client_allowed: Callable[[bytes], bool] | None = None,
-        reverse: Sequence[tuple[int, Reverse]] = (),
+        sites: Sequence[tuple[int, Reverse | Transparent]] = (),
     ) -> None: ...
     def run(self) -> None: ...
     def stop(self) -> None: ...

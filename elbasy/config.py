@@ -419,6 +419,24 @@ class Address(Kind):
 
 
 @dataclass(frozen=True, slots=True)
+class Addresses(Kind):
+    """Listening addresses of their own (``--transparent HOST:PORT``, repeatable), each
+    held as its text (``127.0.0.1:443``, ``[::1]:443``); no two the same."""
+
+    toml: ClassVar[str] = "array of strings"
+    multiple: ClassVar[bool] = True
+
+    def check(self, value: Any) -> tuple[str, ...]:
+        out: list[str] = []
+        for text in value:
+            where = format_hostport(*parse_listen(str(text)))
+            if where in out and not where.endswith(":0"):
+                raise ConfigError(f"{where} is given twice")
+            out.append(where)
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectRules(Kind):
     """``--connect-to`` rules, written as :meth:`ConnectTo.parse` reads them, held parsed."""
 
@@ -847,6 +865,14 @@ class Config:
         "base URL; requests are paced like proxied ones. Repeatable.",
         metavar="LISTEN=URL",
     )
+    transparent: tuple[str, ...] = setting(
+        Addresses(),
+        (),
+        "Also listen on HOST:PORT (e.g. :443) for clients sent there by DNS, /etc/hosts "
+        "or an iptables REDIRECT: a TLS client is intercepted or spliced by the name in "
+        "its ClientHello, a plain HTTP one routed by its Host. Repeatable.",
+        metavar="HOST:PORT",
+    )
     # --- where requests and tunnels may go (elbasy.destinations) ---
     allow_hosts: tuple[str, ...] = setting(
         HostGlobs(),
@@ -1009,6 +1035,10 @@ class Config:
                 self.listen_port,
             ):
                 raise ConfigError(f"{rule}: {rule.listen} is the proxy's --listen", "reverse")
+        proxy = format_hostport(self.listen_host, self.listen_port)
+        for where in self.transparent:
+            if where == proxy and self.listen_port:
+                raise ConfigError(f"{where} is the proxy's --listen", "transparent")
         from elbasy.rules import RuleError
 
         try:

@@ -677,6 +677,13 @@ def reverse_banner(host: str, port: int, origin: str) -> None:
     _announce(f"reverse proxy on {where} to {origin}", host=host, port=port, origin=origin)
 
 
+def transparent_banner(host: str, port: int) -> None:
+    """Log ``transparent listener on <host>:<port>`` for one --transparent listener,
+    whatever the log level, as :func:`startup_banner` logs (its port: port 0's choice)."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    _announce(f"transparent listener on {where}", host=host, port=port)
+
+
 def _announce(message: str, **fields: object) -> None:
     """One startup line: on stderr alone in text (scripts read it); in JSON and
     logfmt a record of that format with ``fields``; with --log-file the record

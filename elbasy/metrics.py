@@ -226,6 +226,7 @@ LOOP_ERRORS = (
     "exchange_timeouts",
     "refused_busy",
     "clients_refused",
+    "bad_hellos",
     "client_aborts",
     "upstream_aborts",
     "policy_errors",

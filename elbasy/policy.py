@@ -36,7 +36,7 @@ from elbasy.protocol.http1 import (
     response_framing,
     upstream_keeps_alive,
 )
-from elbasy.protocol.targets import parse_authority
+from elbasy.protocol.targets import check_host, parse_authority
 from elbasy.trust import (
     WarnedClients,
     client_address,
@@ -62,6 +62,7 @@ from elbasy.verdicts import (
     Reply,
     ResponsePlan,
     Reverse,
+    Transparent,
     Tunnel,
 )
 
@@ -79,8 +80,14 @@ COUNTERS = (
     "abandoned_while_held",
     "auth_refused",
     "destination_denied",
+    "no_server_name",
 )
 _REFUSAL_COUNTER = {400: "bad_requests", 431: "heads_too_large"}
+#: the fatal TLS alerts (RFC 8446 §6.2) that close a --transparent listener's TLS
+#: client elbasy will not carry: its ClientHello names no server (unrecognized_name),
+#: or the destination rules refuse the name (access_denied)
+ALERT_UNRECOGNIZED_NAME = b"\x15\x03\x01\x00\x02\x02\x70"
+ALERT_ACCESS_DENIED = b"\x15\x03\x01\x00\x02\x02\x31"
 #: what a client is told when its upstream could not be reached or did not answer
 #: (the same words for a refused connect, an unreachable network, a timeout or a
 #: bad answer: the reason is elbasy's log's, not a port scanner's)
@@ -209,13 +216,15 @@ class Policy:
     # ---- request heads -----------------------------------------------------------
 
     def on_request(
-        self, head: bytes, client: str, site: Intercept | Reverse | None = None
+        self, head: bytes, client: str, site: Intercept | Reverse | Transparent | None = None
     ) -> Reply | Tunnel | Intercept | Forward:
         """A request head from ``client``; ``site``: the interception it came in, or the
-        --reverse listener it came to, if any."""
+        --reverse or --transparent listener it came to, if any."""
         if site is not None:
             if isinstance(site, Reverse):
                 return self._reversed(head, client, site)
+            if isinstance(site, Transparent):
+                return self._transparent_http(head, client)
             # its CONNECT was let in: the session's requests need no credentials
             return self._in_session(head, client, site)
         access = self.access
@@ -250,18 +259,90 @@ class Policy:
                 return Intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
             if req.target.startswith("/"):
                 return self._own_page(req, req.target, ex)
-            # plain http:// to an API a rule covers is paced just the same
-            host, port, authority, path = self.outbound.absolute(req.target)
-            if self.destinations is not None and self.destinations.is_own(host, port):
-                # elbasy's own address through the proxy (a client with HTTP_PROXY
-                # set): its pages, as if asked directly, never a loop
-                return self._own_page(req, path.decode("ascii"), ex)
-            denied = self._denied(ex, host, port, False)
-            if denied is not None:
-                return denied
-            return self._paced(req, path, authority, host, port, False, ex)
+            return self._plain_http(req, req.target, ex)
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
+
+    def _plain_http(self, req: RequestHead, target: str, ex: Exchange) -> Reply | Forward:
+        """A request for an absolute ``http://`` target: paced by its rule as an https
+        one would be, or one of elbasy's own pages when it names elbasy itself."""
+        host, port, authority, path = self.outbound.absolute(target)
+        if self.destinations is not None and self.destinations.is_own(host, port):
+            # elbasy's own address through the proxy (a client with HTTP_PROXY
+            # set): its pages, as if asked directly, never a loop
+            return self._own_page(req, path.decode("ascii"), ex)
+        denied = self._denied(ex, host, port, False)
+        if denied is not None:
+            return denied
+        return self._paced(req, path, authority, host, port, False, ex)
+
+    def _transparent_http(self, head: bytes, client: str) -> Reply | Forward:
+        """A plain HTTP request to a --transparent listener: its Host says where it
+        was meant to go, and it is carried as the same request through the proxy
+        would be (``http://`` + Host + its path)."""
+        try:
+            req = parse_request_head(head)
+        except RemoteProtocolError as exc:
+            return self._refuse(Exchange(client, "-", "-"), exc)
+        ex = Exchange(client, req.method, req.target, req.keep_alive and req.version != "1.0")
+        try:
+            if req.method == "CONNECT":
+                raise RemoteProtocolError(
+                    "CONNECT to a transparent listener (use the proxy's port)"
+                )
+            host = req.lines.host
+            if not host:
+                raise RemoteProtocolError("a request to a transparent listener needs a Host")
+            if not req.target.startswith("/"):
+                # absolute-form: a client that takes this port for a proxy
+                return self._plain_http(req, req.target, ex)
+            target = "http://" + host.decode("ascii", "replace") + req.target
+            ex.target = target
+            return self._plain_http(req, target, ex)
+        except RemoteProtocolError as exc:
+            return self._refuse(ex, exc)
+
+    # ---- a --transparent listener's TLS clients ------------------------------------
+
+    def on_hello(
+        self, name: str | None, client: str, site: Transparent, original: str | None
+    ) -> Reply | Tunnel | Intercept:
+        """A --transparent listener's TLS client opened with a ClientHello naming
+        ``name`` (None: it names no server). ``original``: where the client meant to
+        connect ("address:port") when a REDIRECT rule sent it here, else None.
+
+        It gets what a CONNECT to the name would: an interception for a host a rule
+        or ``--intercept`` covers, else a tunnel (to ``original``, or to the name on
+        port 443), both under the destination rules. A name that resolves to elbasy
+        itself is refused by the resolver's address guard, as for a CONNECT. A client
+        that names no server, or one the rules refuse, gets a TLS alert and a close.
+        """
+        if name is None:
+            ex = Exchange(client, "CONNECT", f"-:{site.port}")
+            self.metrics.error("no_server_name")
+            self._finished(ex, 400, 0, len(ALERT_UNRECOGNIZED_NAME))
+            log.info(
+                "closed a TLS connection from %s: its ClientHello names no server, and "
+                "a transparent listener routes by that name",
+                client,
+            )
+            return Reply(ALERT_UNRECOGNIZED_NAME, True)
+        to_host = host = name.lower().rstrip(".")
+        port = site.port
+        if original is not None:
+            to_host, port = parse_authority(original)
+            to_host = to_host.strip("[]")
+        ex = Exchange(client, "CONNECT", f"{host}:{port}")
+        try:
+            check_host(host)
+        except RemoteProtocolError as exc:
+            self._refuse(ex, exc)
+            return Reply(ALERT_UNRECOGNIZED_NAME, True)
+        if self._denied(ex, host, port, True) is not None:
+            return Reply(ALERT_ACCESS_DENIED, True)
+        if self.intercepts(host):
+            return Intercept(host, port, ex)
+        return Tunnel(to_host, port, ex)
 
     def _own_page(self, req: RequestHead, target: str, ex: Exchange) -> Reply:
         """One of elbasy's own pages (origin-form ``target``)."""

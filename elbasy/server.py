@@ -34,6 +34,7 @@ from elbasy.resolver import Resolver
 from elbasy.rules import RuleSet
 from elbasy.status import document as status_document
 from elbasy.status import proxy_url
+from elbasy.verdicts import Transparent
 
 log = logging.getLogger("elbasy")
 
@@ -54,7 +55,9 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def listen(host: str, port: int, reuseport: bool = False) -> socket.socket:
+def listen(
+    host: str, port: int, reuseport: bool = False, option: str = "--listen"
+) -> socket.socket:
     """The listening socket, non-blocking; raises StartupError (one line) when it cannot bind.
 
     ``reuseport``: one of a group bound to one port (SO_REUSEPORT), among which
@@ -68,7 +71,7 @@ def listen(host: str, port: int, reuseport: bool = False) -> socket.socket:
         _listen_on(sock, host, port)
     except OSError as e:
         sock.close()
-        raise bind_error("--listen", host, port, e) from None
+        raise bind_error(option, host, port, e) from None
     return sock
 
 
@@ -96,15 +99,15 @@ def bind_error(option: str, host: str, port: int, exc: OSError) -> StartupError:
     return ListenError(f"cannot listen on {where}{suffix}: {why}")
 
 
-def listen_group(host: str, port: int, count: int) -> list[socket.socket]:
+def listen_group(host: str, port: int, count: int, option: str = "--listen") -> list[socket.socket]:
     """``count`` SO_REUSEPORT listeners on one port (port 0: the first one's),
-    one per worker; raises StartupError, closing what it opened."""
-    first = listen(host, port, reuseport=True)
+    one per worker; raises StartupError (naming ``option``), closing what it opened."""
+    first = listen(host, port, reuseport=True, option=option)
     group = [first]
     try:
         port = first.getsockname()[1]
         while len(group) < count:
-            group.append(listen(host, port, reuseport=True))
+            group.append(listen(host, port, reuseport=True, option=option))
     except BaseException:
         for sock in group:
             sock.close()
@@ -112,18 +115,27 @@ def listen_group(host: str, port: int, count: int) -> list[socket.socket]:
     return group
 
 
-def listen_reverse(config: Config, count: int, proxy: tuple[str, int]) -> list[list[socket.socket]]:
-    """One SO_REUSEPORT group of ``count`` listeners per ``--reverse`` (as
-    :func:`listen_group`), by worker: element ``i`` holds worker ``i``'s socket of each
-    one, in the order of ``config.reverse``. ``proxy``: the proxy's listening address.
-    Raises StartupError (one line, naming the --reverse), closing what it opened."""
+def site_listeners(config: Config) -> list[tuple[str, str, int]]:
+    """The listeners beside the proxy's whose connections carry a site: each
+    ``--reverse`` then each ``--transparent``, as (option and value, host, port)."""
+    out = [(f"--reverse {rule}", rule.listen_host, rule.listen_port) for rule in config.reverse]
+    for where in config.transparent:
+        out.append((f"--transparent {where}", *parse_listen(where)))
+    return out
+
+
+def listen_sites(config: Config, count: int, proxy: tuple[str, int]) -> list[list[socket.socket]]:
+    """One SO_REUSEPORT group of ``count`` listeners per :func:`site_listeners` entry
+    (as :func:`listen_group`), by worker: element ``i`` holds worker ``i``'s socket of
+    each one, in their order. ``proxy``: the proxy's listening address. Raises
+    StartupError (one line, naming the option), closing what it opened."""
     groups: list[list[socket.socket]] = []
     try:
-        for rule in config.reverse:
+        for what, host, port in site_listeners(config):
             try:
-                groups.append(listen_group(rule.listen_host, rule.listen_port, count))
+                groups.append(listen_group(host, port, count, what.split()[0]))
             except StartupError as e:
-                raise StartupError(f"--reverse {rule}: {e}") from None
+                raise type(e)(f"{what}: {e}") from None
         check_own_ports(config, groups, proxy)
     except BaseException:
         for group in groups:
@@ -138,18 +150,18 @@ def listen_reverse(config: Config, count: int, proxy: tuple[str, int]) -> list[l
 def check_own_ports(
     config: Config, groups: list[list[socket.socket]], proxy: tuple[str, int]
 ) -> None:
-    """Refuse a --reverse bound where the proxy or another --reverse listens (an
-    overlapping address, same port): SO_REUSEPORT lets such a bind succeed, and the
-    listeners would then share one another's connections."""
+    """Refuse a --reverse or --transparent bound where the proxy or another of them
+    listens (an overlapping address, same port): SO_REUSEPORT lets such a bind
+    succeed, and the listeners would then share one another's connections."""
     wild = ("0.0.0.0", "::")
     seen = [(proxy[0], proxy[1], "the proxy (--listen)")]
-    for rule, group in zip(config.reverse, groups, strict=True):
+    for (this, _, _), group in zip(site_listeners(config), groups, strict=True):
         host, port = group[0].getsockname()[:2]
         for other_host, other_port, what in seen:
             overlaps = host == other_host or host in wild or other_host in wild
             if port == other_port and overlaps:
-                raise StartupError(f"--reverse {rule}: port {port} is taken by {what}")
-        seen.append((host, port, f"--reverse {rule}"))
+                raise StartupError(f"{this}: port {port} is taken by {what}")
+        seen.append((host, port, this))
 
 
 def _listen_on(sock: socket.socket, host: str, port: int) -> None:
@@ -336,7 +348,7 @@ class Worker:
         shared: Any = None,
         metrics: MetricsMemory | None = None,
         access: Access | None = None,
-        reverse_socks: list[socket.socket] | None = None,
+        site_socks: list[socket.socket] | None = None,
     ) -> None:
         self.config = config
         self.slot = slot
@@ -349,19 +361,19 @@ class Worker:
         set_worker(slot)  # its access lines name it
         self.sock = sock if sock is not None else listen(config.listen_host, config.listen_port)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
-        if reverse_socks is None:
+        if site_socks is None:
             try:
-                reverse_socks = listen_reverse(config, 1, self.address)[0]
+                site_socks = listen_sites(config, 1, self.address)[0]
             except BaseException:
                 self.sock.close()
                 raise
-        # one socket per --reverse, in its order (elbasy.policy.reverse_site)
-        self.reverse_socks = reverse_socks
+        # one socket per --reverse, then per --transparent, in their order (site_listeners)
+        self.site_socks = site_socks
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.destinations = destinations(config, self.address)
-        for rs in self.reverse_socks:
+        for rs in self.site_socks:
             self.destinations.add_own(*rs.getsockname()[:2])
         self.resolver = Resolver(
             time.monotonic,
@@ -392,7 +404,7 @@ class Worker:
                 self.server_tls.on_refuse = lambda why: self.metrics.count(
                     "tls_leaf_refusals", (why,)
                 )
-            sites = self._reverse_sites()
+            sites = self._sites()
             self.policy = policy_type(self._stats, self.intercept, self.pacer)
             self.policy.access = access if access is not None else access_of(config)
             self.policy.status = self._status
@@ -419,8 +431,8 @@ class Worker:
                 client_allowed=(
                     self.policy.client_allowed if self.policy.access.clients is not None else None
                 ),
-                reverse=[
-                    (rs.fileno(), site) for rs, site in zip(self.reverse_socks, sites, strict=True)
+                sites=[
+                    (rs.fileno(), site) for rs, site in zip(self.site_socks, sites, strict=True)
                 ],
             )
             # the pacer moves held requests (a line that moved) through the loop
@@ -429,17 +441,21 @@ class Worker:
             self.close()
             raise
 
-    def _reverse_sites(self) -> list[Any]:
-        """Each --reverse listener's site (elbasy.verdicts.Reverse); an https target
-        gets the verifying upstream TLS even when nothing is intercepted. Raises
-        StartupError when the destination rules refuse a target."""
+    def _sites(self) -> list[Any]:
+        """Each --reverse listener's site (elbasy.verdicts.Reverse), then each
+        --transparent one's (Transparent), in the order of ``site_socks``; an https
+        target gets the verifying upstream TLS even when nothing is intercepted.
+        Raises StartupError when the destination rules refuse a target."""
         config = self.config
-        sites = []
-        for rule, rs in zip(config.reverse, self.reverse_socks, strict=True):
+        sites: list[Any] = []
+        reverse_socks = self.site_socks[: len(config.reverse)]
+        for rule, rs in zip(config.reverse, reverse_socks, strict=True):
             why = self.destinations.refusal(rule.host, rule.port, False)
             if why is not None:
                 raise StartupError(f"--reverse {rule}: the destination rules refuse it ({why})")
             sites.append(reverse_site(rule, rs.getsockname()[:2]))
+        for ts in self.site_socks[len(config.reverse) :]:
+            sites.append(Transparent(ts.getsockname()[:2], 443))
         if self.client_tls is None and any(rule.tls for rule in config.reverse):
             from elbasy.tls import ClientTLS, TLSError
 
@@ -501,7 +517,7 @@ class Worker:
             if tls is not None:
                 tls.close()
         self.sock.close()
-        for rs in self.reverse_socks:
+        for rs in self.site_socks:
             rs.close()
         self._wake_r.close()
         self._wake_w.close()

@@ -59,6 +59,7 @@ from elbasy.logs import (
     reverse_banner,
     startup_banner,
     startup_next,
+    transparent_banner,
 )
 from elbasy.metrics import InstanceView, MetricsMemory, exposition
 from elbasy.metrics_http import MetricsListener
@@ -70,7 +71,7 @@ from elbasy.server import (
     intercepted_hosts,
     listen,
     listen_group,
-    listen_reverse,
+    listen_sites,
     prepare_ca,
     raise_fd_limit,
 )
@@ -232,8 +233,9 @@ class Supervisor:
         # supervisor's lifetime: a restarted or reloaded worker takes over the
         # same socket, so what waits in its accept queue is never reset
         self.socks: list[socket.socket] = []
-        # each worker index's --reverse listeners, one of each one's group, kept
-        # the same way (a reload cannot change --reverse: only their count grows)
+        # each worker index's --reverse and --transparent listeners (site_listeners),
+        # one of each one's group, kept the same way (a reload cannot change them:
+        # only their count grows)
         self.rsocks: list[list[socket.socket]] = []
         self.shared: Any = None
         self.metrics: MetricsMemory | None = None
@@ -275,7 +277,7 @@ class Supervisor:
         count = worker_count(self.config.workers)
         self.socks = listen_group(self.config.listen_host, self.config.listen_port, count)
         try:
-            self.rsocks = listen_reverse(self.config, count, self.socks[0].getsockname()[:2])
+            self.rsocks = listen_sites(self.config, count, self.socks[0].getsockname()[:2])
             self.access = access_of(self.config)
             self._warn_if_open(self.socks[0], self.access)
             check_quota_store(self.config)
@@ -478,7 +480,7 @@ class Supervisor:
                     shared=self.shared,
                     metrics=self.metrics,
                     access=access,
-                    reverse_socks=rsocks,
+                    site_socks=rsocks,
                 )
             except StartupError as e:
                 os.write(ready_w, b"E" + str(e).encode())
@@ -571,10 +573,13 @@ class Supervisor:
     def _started(self) -> None:
         self.phase = "running"
         host, port = self.socks[0].getsockname()[:2]
-        # each --reverse's line before the banner scripts wait for
-        for rule, sock in zip(self.config.reverse, self.rsocks[0], strict=True):
+        # each --reverse's and --transparent's line before the banner scripts wait for
+        reverse = len(self.config.reverse)
+        for rule, sock in zip(self.config.reverse, self.rsocks[0][:reverse], strict=True):
             rhost, rport = sock.getsockname()[:2]
             reverse_banner(rhost, rport, rule.origin)
+        for sock in self.rsocks[0][reverse:]:
+            transparent_banner(*sock.getsockname()[:2])
         startup_banner(__version__, host, port)
         startup_next(proxy_url(host, port, socket.gethostname), self.ca_file)
         pids = ", ".join(str(c.pid) for c in self.children.values())
@@ -646,6 +651,8 @@ class Supervisor:
                 raise StartupError("a reload cannot change --quota-store; restart elbasy")
             if new.reverse != self.config.reverse:
                 raise StartupError("a reload cannot change --reverse; restart elbasy")
+            if new.transparent != self.config.transparent:
+                raise StartupError("a reload cannot change --transparent; restart elbasy")
             table = getattr(self.shared, "table", self.shared)  # Redis: its share's table
             capacity = getattr(table, "capacity", None)
             if capacity is not None and new.quota_capacity != capacity:

@@ -67,6 +67,18 @@ class Reverse(NamedTuple):
     listen: bytes  # the listener's address: X-Forwarded-Host when the client sends no Host
 
 
+class Transparent(NamedTuple):
+    """The site of a ``--transparent`` listener: its clients reach it by DNS, ``/etc/hosts``
+    or a REDIRECT rule, never by a CONNECT.
+
+    The loop hands it to ``on_hello`` with a TLS client's ClientHello, and as the
+    ``site`` of ``on_request`` with every head of a plain HTTP client (routed by Host).
+    """
+
+    listen: tuple[str, int]  # the listener's address as bound
+    port: int  # where a spliced TLS client goes when its name is all there is: 443
+
+
 class Forward(NamedTuple):
     """Send `head` (then the request body, by framing) to host:port and relay the answer.
 

@@ -1,7 +1,7 @@
 # cython: language_level=3
 """The data plane's framing scanners (ext/c/elbasy_io.h) as Python objects.
 
-The loop calls elb_head_end and elb_chunked_scan directly on its buffers;
+The loop calls elb_head_end, elb_chunked_scan and elb_hello_name directly on its buffers;
 this module hands the same compiled C to the tests, which feed each scanner
 whole, split at every byte and byte by byte, with no sockets. A test through
 sockets cannot promise those splits: TCP may join two sends before the loop
@@ -10,7 +10,10 @@ reads them, so which pieces the scanner saw would be up to the kernel.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
-from io cimport CH_DONE, elb_chunked, elb_chunked_scan, elb_head_end
+from io cimport (
+    CH_DONE, ELB_HELLO_BAD, ELB_HELLO_MORE, ELB_HELLO_NAME, elb_chunked, elb_chunked_scan,
+    elb_head_end, elb_hello_name,
+)
 
 
 def head_end(bytes buf, size_t start=0):
@@ -20,6 +23,23 @@ def head_end(bytes buf, size_t start=0):
     loop passes it while a head arrives in pieces.
     """
     return elb_head_end(PyBytes_AS_STRING(buf), <size_t>PyBytes_GET_SIZE(buf), start)
+
+
+def hello_name(bytes buf):
+    """The server name of the TLS ClientHello that ``buf`` begins with: the name
+    (bytes), ``None`` for a whole ClientHello that names no host, ``...`` when
+    more bytes are needed; raises ValueError for bytes that are not one."""
+    cdef unsigned char name[256]
+    cdef size_t n = 0
+    cdef int rc = elb_hello_name(<const unsigned char *>PyBytes_AS_STRING(buf),
+                                 <size_t>PyBytes_GET_SIZE(buf), name, &n)
+    if rc == ELB_HELLO_NAME:
+        return bytes(name[:n])
+    if rc == ELB_HELLO_MORE:
+        return ...
+    if rc == ELB_HELLO_BAD:
+        raise ValueError("not a TLS ClientHello")
+    return None
 
 
 cdef class Chunked:

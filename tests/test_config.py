@@ -391,6 +391,7 @@ def test_config_keys_are_the_option_names() -> None:
         "splice",
         "connect_to",
         "reverse",
+        "transparent",
         "allow_hosts",
         "deny_hosts",
         "allow_ports",

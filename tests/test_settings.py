@@ -79,6 +79,7 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "splice": ("never", "always"),
     "connect_to": (["a:443:127.0.0.1:8443", "::b:"], ["*.c.com::[::1]:1"]),
     "reverse": (["127.0.0.1:9101=https://a.example.com"], ["[::1]:9102=http://b.example.com:8080"]),
+    "transparent": (["127.0.0.1:9443"], ["[::1]:9444", "0.0.0.0:9445"]),
     "intercept": (["*.myshopify.com"], ["API.etsy.com", "*.b.com"]),
     "allow_hosts": (["*.myshopify.com"], ["API.github.com", "*.b.com"]),
     "deny_hosts": (["admin.example.com"], ["*.internal"]),
@@ -336,7 +337,7 @@ def test_loop_stub_takes_the_loop_settings() -> None:
             "pages",
             "counters",
             "client_allowed",
-            "reverse",
+            "sites",
         )
     } == loop
     assert set(loop) == {s.keyword for s in SETTINGS if s.to == "loop"}
@@ -385,7 +386,7 @@ def test_worker_gives_the_loop_and_pacer_exactly_their_settings(
             # its counters, in its slot of the metrics memory
             "counters": worker.metrics.loop_counters,
             "client_allowed": None,  # no --allow-clients: nothing is asked at accept
-            "reverse": [],  # no --reverse listener
+            "sites": [],  # no --reverse or --transparent listener
         }
         pacer = {k: v for k, v in seen["Pacer"].items() if k not in ("wall", "mono", "metrics")}
         assert pacer == config.pacer_settings()

@@ -59,7 +59,8 @@
     X(pool_idle) \
     X(exchange_timeouts) \
     X(refused_busy) \
-    X(clients_refused)
+    X(clients_refused) \
+    X(bad_hellos)
 
 #define ELB_LOOP_GAUGES(X) X(open) X(tunnels_open) X(intercepts_open) X(waiting) X(pool_idle)
 

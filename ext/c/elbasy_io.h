@@ -105,6 +105,42 @@ static inline int elb_format_peer(const struct sockaddr_storage *ss, char *out, 
     return snprintf(out, cap, "%s:%u", ip, ntohs(s4->sin_port));
 }
 
+/* Where a client redirected to a --transparent listener (iptables REDIRECT
+ * or DNAT) meant to connect, as "address:port" in out (elb_format_peer's
+ * form). Returns its length, or 0 when the connection was not redirected
+ * (its destination is the listener's own address) or the kernel keeps no
+ * record of it (no conntrack). SO_ORIGINAL_DST is netfilter's option, 80 at
+ * SOL_IP, and IP6T_SO_ORIGINAL_DST 80 at SOL_IPV6 (linux/netfilter_ipv4.h
+ * and netfilter_ipv6/ip6_tables.h). */
+#define ELB_SO_ORIGINAL_DST 80
+
+static inline int elb_original_dst(int fd, char *out, size_t cap)
+{
+    struct sockaddr_storage here, meant;
+    socklen_t hlen = sizeof(here), mlen = sizeof(meant);
+    memset(&meant, 0, sizeof(meant));
+    if (getsockname(fd, (struct sockaddr *)&here, &hlen) != 0)
+        return 0;
+    if (here.ss_family == AF_INET6) {
+        if (getsockopt(fd, SOL_IPV6, ELB_SO_ORIGINAL_DST, &meant, &mlen) != 0)
+            return 0;
+        meant.ss_family = AF_INET6;
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&here;
+        const struct sockaddr_in6 *b = (const struct sockaddr_in6 *)&meant;
+        if (a->sin6_port == b->sin6_port && memcmp(&a->sin6_addr, &b->sin6_addr, 16) == 0)
+            return 0;
+    } else {
+        if (getsockopt(fd, SOL_IP, ELB_SO_ORIGINAL_DST, &meant, &mlen) != 0)
+            return 0;
+        meant.ss_family = AF_INET;
+        const struct sockaddr_in *a = (const struct sockaddr_in *)&here;
+        const struct sockaddr_in *b = (const struct sockaddr_in *)&meant;
+        if (a->sin_port == b->sin_port && a->sin_addr.s_addr == b->sin_addr.s_addr)
+            return 0;
+    }
+    return elb_format_peer(&meant, out, cap);
+}
+
 /* A client's address as a short key (family byte, then its 4 or 16 bytes):
  * what the per-client connection count is kept by. Returns its length. */
 static inline int elb_peer_key(const struct sockaddr_storage *ss, unsigned char *out)
@@ -320,6 +356,119 @@ static inline long elb_chunked_scan(elb_chunked *st, char *buf, size_t len, size
     }
     *kept = w;
     return (long)i;
+}
+
+/* ---- the server name of a TLS ClientHello (a --transparent listener) ----
+ *
+ * A client sent to elbasy by DNS, /etc/hosts or a REDIRECT rule opens with
+ * a ClientHello, and its server_name says where it meant to go. The loop
+ * keeps every byte it read (they go on to OpenSSL, or to the upstream of a
+ * spliced connection), so this only reads: it gathers the handshake message
+ * from the records it came in (usually one) and walks its fields by the
+ * lengths RFC 8446 §4.1.2 and RFC 6066 §3 give them.
+ *
+ * Returns ELB_HELLO_NAME with the host_name's bytes at out[0..*out_len)
+ * (1 to 255 printable ASCII bytes, not terminated), ELB_HELLO_MORE when the
+ * ClientHello is not all here yet, ELB_HELLO_NO_NAME for a whole one that
+ * names no host, ELB_HELLO_BAD for bytes that are not a ClientHello (or one
+ * longer than ELB_HELLO_MAX bytes). */
+enum {
+    ELB_HELLO_NAME = 1,
+    ELB_HELLO_MORE = 0,
+    ELB_HELLO_NO_NAME = -1,
+    ELB_HELLO_BAD = -2,
+};
+#define ELB_HELLO_MAX 16384
+
+static inline int elb_hello_name(const unsigned char *buf, size_t len,
+                                 unsigned char *out, size_t *out_len)
+{
+    unsigned char msg[ELB_HELLO_MAX];
+    size_t have = 0, want = 0, at = 0;
+    /* gather the handshake message's bytes out of the records */
+    while (1) {
+        if (len - at < 5)
+            return ELB_HELLO_MORE;
+        const unsigned char *rec = buf + at;
+        size_t rlen = ((size_t)rec[3] << 8) | rec[4];
+        if (rec[0] != 0x16 || rec[1] != 0x03 || rlen == 0 || rlen > 16384)
+            return ELB_HELLO_BAD;  /* not a handshake record */
+        size_t avail = len - at - 5;
+        size_t take = avail < rlen ? avail : rlen;
+        if (take > ELB_HELLO_MAX - have)
+            take = ELB_HELLO_MAX - have;
+        memcpy(msg + have, rec + 5, take);
+        have += take;
+        if (want == 0 && have >= 4) {
+            if (msg[0] != 0x01)  /* handshake type client_hello */
+                return ELB_HELLO_BAD;
+            want = 4 + (((size_t)msg[1] << 16) | ((size_t)msg[2] << 8) | msg[3]);
+            if (want > ELB_HELLO_MAX || want < 4 + 2 + 32 + 1 + 2 + 1)
+                return ELB_HELLO_BAD;
+        }
+        if (want != 0 && have >= want)
+            break;
+        if (avail < rlen)
+            return ELB_HELLO_MORE;  /* the rest of this record is on its way */
+        at += 5 + rlen;
+    }
+    const unsigned char *p = msg + 4 + 2 + 32;  /* legacy_version, random */
+    const unsigned char *end = msg + want;
+    size_t n;
+#define ELB_HELLO_SKIP(bytes)                                      \
+    do {                                                           \
+        if ((size_t)(end - p) < (bytes)) return ELB_HELLO_BAD;     \
+        p += (bytes);                                              \
+    } while (0)
+    n = p[0];                                                      /* session id */
+    ELB_HELLO_SKIP(1);
+    ELB_HELLO_SKIP(n);
+    if (end - p < 2) return ELB_HELLO_BAD;
+    n = ((size_t)p[0] << 8) | p[1];                                /* cipher suites */
+    if (n < 2 || n % 2) return ELB_HELLO_BAD;
+    ELB_HELLO_SKIP(2);
+    ELB_HELLO_SKIP(n);
+    if (end - p < 1) return ELB_HELLO_BAD;
+    n = p[0];                                                      /* compressions */
+    if (n < 1) return ELB_HELLO_BAD;
+    ELB_HELLO_SKIP(1);
+    ELB_HELLO_SKIP(n);
+    if (p == end)
+        return ELB_HELLO_NO_NAME;                                  /* no extensions */
+    if (end - p < 2) return ELB_HELLO_BAD;
+    n = ((size_t)p[0] << 8) | p[1];
+    ELB_HELLO_SKIP(2);
+    if ((size_t)(end - p) != n) return ELB_HELLO_BAD;
+    while (end - p >= 4) {
+        size_t type = ((size_t)p[0] << 8) | p[1];
+        size_t elen = ((size_t)p[2] << 8) | p[3];
+        ELB_HELLO_SKIP(4);
+        if ((size_t)(end - p) < elen) return ELB_HELLO_BAD;
+        if (type == 0) {                                           /* server_name */
+            const unsigned char *q = p, *qend = p + elen;
+            if (qend - q < 2 || (((size_t)q[0] << 8) | q[1]) != elen - 2)
+                return ELB_HELLO_BAD;
+            q += 2;
+            while (qend - q >= 3) {
+                size_t ntype = q[0], nlen = ((size_t)q[1] << 8) | q[2];
+                q += 3;
+                if ((size_t)(qend - q) < nlen) return ELB_HELLO_BAD;
+                if (ntype == 0) {                                  /* host_name */
+                    if (nlen == 0 || nlen > 255) return ELB_HELLO_BAD;
+                    for (size_t i = 0; i < nlen; i++)
+                        if (q[i] <= 0x20 || q[i] >= 0x7f) return ELB_HELLO_BAD;
+                    memcpy(out, q, nlen);
+                    *out_len = nlen;
+                    return ELB_HELLO_NAME;
+                }
+                q += nlen;
+            }
+            return q == qend ? ELB_HELLO_NO_NAME : ELB_HELLO_BAD;
+        }
+        p += elen;
+    }
+#undef ELB_HELLO_SKIP
+    return p == end ? ELB_HELLO_NO_NAME : ELB_HELLO_BAD;
 }
 
 #endif

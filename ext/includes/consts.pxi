@@ -43,6 +43,7 @@ cdef enum ConnState:
     S_BODY = 11         # reading a request body the policy asked to see first
     S_BODY_READ = 12    # that body is with the policy (on_body), nothing read meanwhile
     S_DEPARTING = 13    # a held request the policy confirmed, on its way to an upstream
+    S_HELLO = 14        # --transparent: reading the client's first bytes (a ClientHello?)
 
 # ---- values shared with Python ------------------------------------------------------
 # Checked equal to their Python twins by tests/test_loop_states.py through the

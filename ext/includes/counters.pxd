@@ -49,6 +49,7 @@ cdef extern from "elbasy_counters.h" nogil:
         uint64_t exchange_timeouts
         uint64_t refused_busy
         uint64_t clients_refused
+        uint64_t bad_hellos
     const char *const elb_loop_counter_names[]
     const char *const elb_loop_gauge_names[]
     void elb_loop_gauges_zero(elb_loop_counters *c)

@@ -12,10 +12,14 @@
 
 
 cdef void add_listener(Loop loop, int fd, object site) except *:
-    """Poll a --reverse listener (at start-up): its connections get ``site``."""
+    """Poll a --reverse or --transparent listener (at start-up): its connections
+    get ``site`` (its Reverse or Transparent)."""
     cdef Listener lst
     if site is None:
-        raise ValueError("a reverse listener needs its site")
+        raise ValueError("a reverse or transparent listener needs its site")
+    if type(site) is Transparent and loop.p_on_hello is None:
+        raise TypeError(f"the policy {type(loop.p_on_request.__self__).__name__} "
+                        "has no method on_hello (a --transparent listener asks it)")
     lst = Listener.__new__(Listener)
     lst.fd = fd
     lst.site = site
@@ -25,7 +29,8 @@ cdef void add_listener(Loop loop, int fd, object site) except *:
 
 
 cdef void accept_batch(Loop loop, int lfd, object site):
-    """Accept what waits on listener `lfd`; `site`: a --reverse listener's (else None)."""
+    """Accept what waits on listener `lfd`; `site`: a --reverse or --transparent
+    listener's (else None)."""
     cdef int _i, fd, err
     cdef sockaddr_storage ss
     cdef socklen_t slen
@@ -68,10 +73,13 @@ cdef void accept_batch(Loop loop, int lfd, object site):
         loop.c.open += 1
         c.client_key = key
         loop.per_client[key] = loop.per_client.get(key, 0) + 1
+        c.state = S_HEAD
         if site is not None:
             c.site = site
             c.reverse = True
-        c.state = S_HEAD
+            if type(site) is Transparent:
+                c.transparent = True  # until its first bytes say it is plain HTTP
+                c.state = S_HELLO
         arm(loop, c, loop.now + loop.head_ns)
         # The listener defers accept until the client has sent something,
         # so the head is usually already here: read before polling.

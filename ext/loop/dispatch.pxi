@@ -77,6 +77,9 @@ cdef void conn_event(Loop loop, Conn c, int fd, uint32_t ev):
             read_head(loop, c)
         else:
             update_head_mask(loop, c)
+    elif st == S_HELLO:
+        if ev & (EPOLLIN | EPOLLHUP):
+            read_hello(loop, c)
     elif st == S_CONNECT or st == S_TLS_CONNECT:
         if fd != c.ufd:
             if ev & EPOLLHUP:
@@ -128,7 +131,7 @@ cdef void conn_expired(Loop loop, Conn c):
         close_conn(loop, c, False)
     elif st == S_WAIT:
         departure(loop, c)
-    elif st == S_TLS_ACCEPT or st == S_BODY:
+    elif st == S_TLS_ACCEPT or st == S_BODY or st == S_HELLO:
         loop.c.head_timeouts += 1
         close_conn(loop, c, False)
     elif st == S_TLS_CONNECT:

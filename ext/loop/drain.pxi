@@ -82,7 +82,7 @@ cdef void drain_expire(Loop loop):
                     drain_refuse(loop, c, False)  # a head on its way: it gets an answer
                 else:
                     linger(loop, c)  # idle, or still taking its last answer
-            elif st == S_TUNNEL or st == S_TLS_ACCEPT:
+            elif st == S_TUNNEL or st == S_TLS_ACCEPT or st == S_HELLO:
                 loop.c.drain_closed += 1
                 close_conn(loop, c, False)
             # S_LINGER ends by itself within LINGER_NS

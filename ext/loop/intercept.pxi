@@ -12,7 +12,8 @@ cdef void begin_intercept(Loop loop, Conn c, object v):
 
     The leaf is chosen by SNI in the binding's C table (the CONNECT host
     when the client sends no SNI). A ClientHello that came with the
-    CONNECT head goes to OpenSSL from memory first.
+    CONNECT head goes to OpenSSL from memory first; a --transparent
+    client's (read_hello) is all it sent, and it gets no "200".
     """
     cdef bytes ok = CONNECT_200
     cdef bytes early = PyBytes_FromStringAndSize(c.cin.data + c.cin.start, buf_len(&c.cin))
@@ -39,7 +40,10 @@ cdef void begin_intercept(Loop loop, Conn c, object v):
     # it goes out first in client_tls_step, which sends cout without TLS.
     # A client already gone is seen there, with the SSL* owned by c (and
     # freed with it) and the intercept counted as opened and aborted.
-    buf_append(&c.cout, PyBytes_AS_STRING(ok), PyBytes_GET_SIZE(ok))
+    if c.transparent:
+        c.transparent = False  # from here on, what fails is told inside TLS
+    else:
+        buf_append(&c.cout, PyBytes_AS_STRING(ok), PyBytes_GET_SIZE(ok))
     arm(loop, c, loop.now + loop.head_ns)
     client_tls_step(loop, c)
 

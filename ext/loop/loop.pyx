@@ -72,7 +72,8 @@ ERR is EPOLLERR, HUP EPOLLHUP, RDHUP EPOLLRDHUP. tests/test_loop_states.py
 checks that this table, the enum and both dispatches name the same states.
 
 S_HEAD
-    set by:   accept_batch; client_tls_step (handshake done); back_to_head
+    set by:   accept_batch; client_tls_step (handshake done); back_to_head;
+              read_hello (a --transparent client's plain HTTP)
     deadline: head_ns from a head's first byte; keepalive_ns between requests
     expiry:   close (head_timeouts; keepalive_closed when idle between requests)
     epoll:    client IN while at most OUT_HIGH bytes and PIPELINE_MAX answers are owed,
@@ -103,6 +104,13 @@ S_DEPARTING
     expiry:   cannot happen (internal_errors, close)
     epoll:    S_WAIT's
     events:   client HUP: client_lost; ERR: client_lost
+S_HELLO
+    set by:   accept_batch (a --transparent listener)
+    deadline: head_ns
+    expiry:   close (head_timeouts)
+    epoll:    client IN
+    events:   client IN/HUP: read_hello (a ClientHello: on_hello; other bytes:
+              S_HEAD, read_head); ERR: client_lost
 S_RESOLVE
     set by:   start_upstream (a Tunnel; send_forward with no pooled upstream;
               upstream_lost's one retry)
@@ -117,7 +125,7 @@ S_CONNECT
     epoll:    upstream OUT; client none
     events:   upstream OUT/ERR: connect_ready; client HUP/ERR: client_lost
 S_TLS_ACCEPT
-    set by:   begin_intercept (dispatch_head: an Intercept)
+    set by:   begin_intercept (dispatch_head, dispatch_hello: an Intercept)
     deadline: head_ns
     expiry:   close (head_timeouts)
     epoll:    client OUT until the plain "200" is out, then what the handshake wants
@@ -176,8 +184,9 @@ from counters cimport (
     elb_loop_gauges_zero,
 )
 from io cimport (
-    CH_DONE, elb_chunked_scan, elb_connect, elb_format_peer, elb_head_end, elb_now_ns, elb_peer_key,
-    elb_set_reset, elb_socket_error,
+    CH_DONE, ELB_HELLO_BAD, ELB_HELLO_MAX, ELB_HELLO_MORE, ELB_HELLO_NAME, elb_chunked_scan,
+    elb_connect, elb_format_peer, elb_head_end, elb_hello_name, elb_now_ns, elb_original_dst,
+    elb_peer_key, elb_set_reset, elb_socket_error,
 )
 from system cimport (
     ECONNABORTED, ENOBUFS, ENOMEM, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD,
@@ -202,7 +211,7 @@ from elbasy.errors import RemoteProtocolError
 from elbasy.pages import LOOP_PAGES
 from elbasy.verdicts import (
     ABANDONED, BAD_BODY, BAD_RESPONSE, DRAINED, FAILED, FINISHED, HEAD_TOO_LARGE,
-    INTERNAL_ERROR, NOW, TLS_FAILED, Forward, Intercept, Reply, Tunnel,
+    INTERNAL_ERROR, NOW, TLS_FAILED, Forward, Intercept, Reply, Transparent, Tunnel,
 )
 from elbasy.trust import HANDSHAKE_RESET
 
@@ -221,6 +230,7 @@ include "epoll.pxi"
 include "deadlines.pxi"
 include "dispatch.pxi"
 include "accept_head.pxi"
+include "hello.pxi"
 include "hold.pxi"
 include "intercept.pxi"
 include "upstream_connect.pxi"
@@ -252,6 +262,7 @@ STATES = {
     "S_BODY": S_BODY,
     "S_BODY_READ": S_BODY_READ,
     "S_DEPARTING": S_DEPARTING,
+    "S_HELLO": S_HELLO,
 }
 BODY_FRAMINGS = {
     "BODY_NONE": BODY_NONE,
@@ -332,7 +343,7 @@ cdef class Loop:
                  int splice=SPLICE_AUTO,  # no-cython-lint (the keyword is public; splice(2) is not)
                  server_tls=None, client_tls=None, bint listen_exclusive=False,
                  int quota_fd=-1, pages=LOOP_PAGES, counters=None, client_allowed=None,
-                 reverse=()):
+                 sites=()):
         # the seam (elbasy.seam), bound before any fd is taken: an object
         # missing a method is refused here, not at the request that needs it
         cdef list missing = []
@@ -344,6 +355,8 @@ cdef class Loop:
         self.p_ended = seam_method(policy, "ended", missing)
         self.p_quota_moved = seam_method(policy, "quota_moved", missing)
         seam_complete("policy", policy, missing)
+        # asked only by a --transparent listener's clients (add_listener)
+        self.p_on_hello = getattr(policy, "on_hello", None)
         resolver_fileno = seam_method(resolver, "fileno", missing)
         self.r_lookup = seam_method(resolver, "lookup", missing)
         self.r_completed = seam_method(resolver, "completed", missing)
@@ -404,9 +417,9 @@ cdef class Loop:
         self.listen_exclusive = listen_exclusive
         add_fd(self, listen_fd, EPOLLIN | (EPOLLEXCLUSIVE if listen_exclusive else 0))
         self.listening = True
-        # --reverse listeners: (fd, site) pairs, shared like the main one
+        # --reverse and --transparent listeners: (fd, site) pairs, shared like the main one
         self.listeners = []
-        for lfd, site in reverse:
+        for lfd, site in sites:
             add_listener(self, lfd, site)
         self.resolver_fd = resolver_fileno()
         add_fd(self, self.resolver_fd, EPOLLIN)

@@ -117,10 +117,15 @@ cdef void send_final(Loop loop, Conn c, bytes data):
     send, shut our side, read and discard for a moment, then close.
 
     ``data`` is the policy's last word on this exchange (or the loop's own
-    page): the ticket is dropped, so the close does not tell it again.
+    page): the ticket is dropped, so the close does not tell it again. A
+    --transparent TLS client before its tunnel or TLS session (it sent a
+    ClientHello nobody answered) gets a TLS alert instead of the page.
     """
     drop_upstream(loop, c, False)
     c.ticket = None
+    if c.transparent:
+        c.transparent = False
+        data = ALERT_INTERNAL_ERROR
     if queue_client(loop, c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) == STEP_ENDED:
         return
     linger(loop, c)

@@ -30,6 +30,7 @@ cdef dict loop_stats(Loop loop):
             "exchange_timeouts": loop.c.exchange_timeouts,
             "refused_busy": loop.c.refused_busy,
             "clients_refused": loop.c.clients_refused,
+            "bad_hellos": loop.c.bad_hellos,
             "client_aborts": loop.c.client_aborts,
             "drain_refused": loop.c.drain_refused,
             "drain_closed": loop.c.drain_closed,

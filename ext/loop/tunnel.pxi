@@ -40,8 +40,13 @@ cdef void begin_tunnel(Loop loop, Conn c):
     c.bytes_up = 0
     c.bytes_down = 0
     # The "200" goes first; a client that did not wait for it (bytes after
-    # the CONNECT head) has those bytes passed on before anything else.
-    if buf_len(&c.cout):
+    # the CONNECT head) has those bytes passed on before anything else. A
+    # --transparent client sent no CONNECT: no "200", and its ClientHello,
+    # still in cin, is what goes up first.
+    if c.transparent:
+        c.transparent = False
+        sent = PyBytes_GET_SIZE(ok)
+    elif buf_len(&c.cout):
         # a response to an earlier request is still on its way: it goes first
         buf_append(&c.tunnel.down.pend, c.cout.data + c.cout.start, buf_len(&c.cout))
         sent = 0

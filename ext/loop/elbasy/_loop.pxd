@@ -124,9 +124,10 @@ cdef class Pooled(Slot):
 
 @cython.final
 cdef class Listener(Slot):
-    # a --reverse listener (its socket is Python's, never closed here): every
-    # connection it accepts has `site` as its Conn.site (accept_head.pxi)
-    cdef object site            # the policy's elbasy.verdicts.Reverse
+    # a --reverse or --transparent listener (its socket is Python's, never
+    # closed here): every connection it accepts has `site` as its Conn.site
+    # (accept_head.pxi)
+    cdef object site            # the policy's elbasy.verdicts.Reverse or Transparent
 
 
 @cython.final
@@ -154,8 +155,14 @@ cdef class Conn(Slot):
     cdef object ticket          # the policy's handle for this request or tunnel
     cdef object verdict         # the Tunnel or Forward being carried out
     cdef object addrs           # upstream connect: the resolver's addresses
-    cdef object site            # intercepted: the Intercept verdict; --reverse: its Reverse
-    cdef bint reverse           # accepted by a --reverse listener (site is its Reverse)
+    # site: intercepted, the Intercept verdict; --reverse, its Reverse; --transparent,
+    # its Transparent until the first bytes say what comes (a TLS client's goes, plain
+    # HTTP's stays). reverse: accepted by a --reverse or --transparent listener (site is
+    # not an interception's). transparent: a --transparent TLS client before its tunnel
+    # or TLS session: no CONNECT, so no "200"; an error closes with a TLS alert.
+    cdef object site
+    cdef bint reverse
+    cdef bint transparent
     cdef TunnelState tunnel
     cdef ExchangeState exchange
     cdef TlsState tls
@@ -187,6 +194,7 @@ cdef class Loop:
     cdef object p_on_response_body
     cdef object p_ended
     cdef object p_quota_moved
+    cdef object p_on_hello
     # the resolver's (elbasy.seam.ResolverSeam)
     cdef object r_lookup
     cdef object r_completed
