@@ -22,6 +22,12 @@ in alternating order over several repeats:
                  proxy, and the milliseconds it adds to going direct
   reverse        hey, keep-alive, plain HTTP to elbasy's --reverse listener (a base
                  URL, no proxy setting), forwarded over its TLS to the same origin
+  transparent    hey, keep-alive, https://localhost:PORT on elbasy's --transparent
+                 listener (no proxy setting: the SNI names the host), intercepted and
+                 forwarded to the same origin as the interception cells
+  transparent-splice
+                 the same on the tunnelling instance, where localhost is not
+                 intercepted: spliced to the TLS origin (beside the CONNECT cell)
 
 "direct" (no proxy) and "haproxy" (the client talks TLS to HAProxy, which
 relays bytes to the origin: a user-space hop without CONNECT) are measured in
@@ -97,13 +103,21 @@ ALL_TARGETS = ["direct", "haproxy", *RELAYS] + PROXIES + list(ELBASY_VARIANTS)
 INTERCEPTORS = ["elbasy", "elbasy-w2", "mitmproxy", "proxy.py"]
 # "reverse": elbasy's --reverse listener on its intercepting instance, beside the
 # nginx relay (the same hop, reached over TLS) and direct
-INTERCEPT_CELLS = ["intercept", "intercept-new", "latency", "reverse"]
+INTERCEPT_CELLS = ["intercept", "intercept-new", "latency", "reverse", "transparent"]
 # The intercepted origin is named, not an address: proxies verify its certificate.
 TLS_HOST = "localhost"
 BENCH_CA_CN = "elbasy bench origin CA"
 
 BULK_CELLS = ["bulk", "bulk-plain"]
-CELLS = ["plain", "connect", "connect-new", *BULK_CELLS, "idle"] + INTERCEPT_CELLS
+CELLS = [
+    "plain",
+    "connect",
+    "connect-new",
+    "transparent-splice",
+    *BULK_CELLS,
+    "idle",
+    *INTERCEPT_CELLS,
+]
 CELL_TITLES = {
     "plain": "plain HTTP keep-alive (req/s)",
     "connect": "CONNECT keep-alive (req/s)",
@@ -115,6 +129,8 @@ CELL_TITLES = {
     "intercept-new": "TLS interception new conn/req (req/s)",
     "latency": "interception latency p50 / p99 (+added) (ms)",
     "reverse": "reverse proxy keep-alive, --reverse (req/s)",
+    "transparent": "TLS interception keep-alive, --transparent (req/s)",
+    "transparent-splice": "spliced keep-alive, --transparent (req/s)",
 }
 # Which targets each cell applies to.  HAProxy relays the TLS origin (and,
 # for bulk-plain, the plain one); it forwards no absolute-form HTTP.  The
@@ -130,6 +146,8 @@ CELL_TARGETS = {
     "intercept-new": ["direct", *RELAYS] + INTERCEPTORS,
     "latency": ["direct", *RELAYS] + INTERCEPTORS,
     "reverse": ["direct", *RELAYS, "elbasy", "elbasy-w2"],
+    "transparent": ["direct", *RELAYS, "elbasy", "elbasy-w2"],
+    "transparent-splice": ["direct", "haproxy", "elbasy", "elbasy-w2"],
 }
 
 
@@ -632,6 +650,7 @@ class Peer:
     intercept: Peer | None = None  # that instance, when the interception cells run
     ca_file: Path | None = None  # the CA an intercepting instance signs with
     reverse_port: int = 0  # elbasy's intercepting instance: its --reverse listener
+    transparent_port: int = 0  # elbasy's --transparent listener (each instance has one)
 
     @property
     def ok(self) -> bool:
@@ -677,6 +696,17 @@ LOOPBACK_ORIGINS = ("--allow-internal", "127.0.0.1", "--allow-internal", "localh
                     "--allow-ports", "1-65535")  # fmt: skip
 
 
+def transparent_args(origins: Origins) -> list[str]:
+    """elbasy's --transparent listener, and where its clients' name (localhost, as
+    hey's SNI says) leads: the TLS origin."""
+    return [
+        "--transparent",
+        f"{LOOPBACK}:0",
+        "--connect-to",
+        f"{TLS_HOST}:443:{LOOPBACK}:{origins.tls_port}",
+    ]
+
+
 def start_elbasy(
     peer: Peer, workdir: Path, python: str, splice: str = "auto", extra: list[str] | None = None
 ) -> None:
@@ -711,8 +741,11 @@ def start_elbasy(
             peer.version = f"elbasy {m.group(1)}"
             peer.connect_port = peer.plain_port = int(m.group(3))
             # a --reverse listener's line comes before the banner
-            r = re.search(r"reverse proxy on [0-9.]+:(\d+)", proc.logpath.read_text())
+            text = proc.logpath.read_text()
+            r = re.search(r"reverse proxy on [0-9.]+:(\d+)", text)
             peer.reverse_port = int(r.group(1)) if r else 0
+            t = re.search(r"transparent listener on [0-9.]+:(\d+)", text)
+            peer.transparent_port = int(t.group(1)) if t else 0
             return
         time.sleep(0.1)
     peer.fail(f"elbasy printed no 'listening on' line within 20 s:\n{proc.log_tail()}")
@@ -867,6 +900,7 @@ def start_elbasy_intercept(peer: Peer, workdir: Path, python: str, origins: Orig
         str(origins.ca_file),
         "--reverse",
         f"{LOOPBACK}:0=https://{TLS_HOST}:{origins.tls_port}",
+        *transparent_args(origins),
     ]
     start_elbasy(peer, workdir, python, extra=extra)
     peer.ca_file = data / "ca.pem"
@@ -1210,7 +1244,7 @@ def start_peer(peer: Peer, workdir: Path, origins: Origins, args) -> None:
     log(f"starting {name}")
     try:
         if name == "elbasy" or name in ELBASY_WORKERS:
-            start_elbasy(peer, workdir, args.elbasy_python)
+            start_elbasy(peer, workdir, args.elbasy_python, extra=transparent_args(origins))
         elif name in ELBASY_VARIANTS:
             start_elbasy(peer, workdir, args.elbasy_python, ELBASY_VARIANTS[name])
         elif name == "squid":
@@ -1290,6 +1324,13 @@ def hey_cell(cell: str, target: Peer, origins: Origins, args) -> dict:
         # a base URL on elbasy's --reverse listener: no proxy, no TLS to elbasy
         url = f"http://{LOOPBACK}:{target.reverse_port}/100b"
         return run_hey(cmd + [url], timeout=args.duration + 40)
+    if cell in ("transparent", "transparent-splice") and target.name.startswith("elbasy"):
+        # no proxy setting: the client dials elbasy by the origin's name (hey sends
+        # an SNI only when -host names one)
+        url = f"https://{TLS_HOST}:{target.transparent_port}/100b"
+        return run_hey(cmd + ["-host", TLS_HOST, url], timeout=args.duration + 40)
+    if cell == "transparent-splice" and target.name == "direct":
+        return run_hey(cmd + [origins.intercept_small], timeout=args.duration + 40)
     if cell in INTERCEPT_CELLS:
         return run_hey(cmd + intercept_route(target, origins), timeout=args.duration + 40)
     if target.name == "haproxy":
