@@ -277,3 +277,18 @@ def warn_if_open(host: str, where: str, access: Access) -> bool:
         where,
     )
     return True
+
+
+def warn_if_transparent_open(host: str, where: str, access: Access) -> bool:
+    """Log a WARNING when a --transparent listener listens beyond loopback without
+    --allow-clients: its clients do not know a proxy is there, so they send no
+    credentials, and --auth-* cannot guard it. True: it warned."""
+    if access.clients is not None or is_loopback(host):
+        return False
+    log.warning(
+        "transparent listener on %s, beyond loopback, with no --allow-clients: its "
+        "clients send no proxy credentials, so anyone who can reach this address can "
+        "use it",
+        where,
+    )
+    return True

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from elbasy import __version__
-from elbasy.access import Access, warn_if_open
+from elbasy.access import Access, warn_if_open, warn_if_transparent_open
 from elbasy.config import Config, ConfigError, format_hostport, parse_listen, worker_count
 from elbasy.hostglob import some_hosts
 from elbasy.logs import (
@@ -280,6 +280,9 @@ class Supervisor:
             self.rsocks = listen_sites(self.config, count, self.socks[0].getsockname()[:2])
             self.access = access_of(self.config)
             self._warn_if_open(self.socks[0], self.access)
+            for sock in self.rsocks[0][len(self.config.reverse) :]:
+                host, port = sock.getsockname()[:2]
+                warn_if_transparent_open(host, format_hostport(host, port), self.access)
             check_quota_store(self.config)
             self.ca_file = prepare_ca(self.config)
             self.shared = make_shared(self.config)

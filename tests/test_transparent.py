@@ -410,6 +410,17 @@ def test_destination_rules_and_client_networks_apply(
     assert "refused connections from 127.0.0.1" in t.proxy.stderr
 
 
+def test_a_transparent_listener_beyond_loopback_warns_without_client_networks(
+    proxy: Callable[..., Proxy],
+) -> None:
+    p = proxy("--transparent", "0.0.0.0:0", "--auth-env", "ELBASY_TEST_TOKEN",
+              env={"ELBASY_TEST_TOKEN": "secret"})  # fmt: skip
+    assert "transparent listener on 0.0.0.0:" in p.stderr
+    assert "with no --allow-clients" in p.stderr
+    p = proxy("--transparent", "0.0.0.0:0", "--allow-clients", "127.0.0.0/8")
+    assert "with no --allow-clients" not in p.stderr
+
+
 def _fds_in_use(p: Proxy, h: dict) -> int:
     """The workers' fds less the ones kept for reuse (pooled pipes and upstreams)."""
     return p.fd_count() - 2 * h["live"]["pipes_pooled"] - h["connections"]["upstream_idle"]
