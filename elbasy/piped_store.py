@@ -35,10 +35,12 @@ local share's, which learns every fact this machine is told), and the
 counter moves when Redis's answer differs, so the pacer reads its limits
 again.
 
-Where a step still blocks, said plainly: making the pipe (connect, AUTH,
-SELECT, and for ``rediss://`` the TLS handshake: at start and after a
-recovery, bounded by ``timeout``; while Redis is down the fleet store's
-reconnect attempts run on a thread); the second reservation of an
+Where a step still blocks, said plainly: making a pipe looks its host up
+when Redis is named by a host name (an address is not looked up; the
+connect, AUTH, SELECT and the TLS handshake go on without blocking, the
+first steps queued behind them, and a connect that hangs is a step not
+answered within ``timeout``); while Redis is down the fleet store's
+reconnect attempts run on a thread; the second reservation of an
 idempotent request sent again after a 429 (rare: it follows a refusal).
 The pipe speaks as the URL says: TCP, TLS (``rediss://``, with its
 ``ssl_*`` options) or a unix socket. A ``redis+cluster://`` store has a pipe
@@ -256,7 +258,7 @@ class PipedStore:
         # NOSCRIPT is answered after steps sent behind it)
         self._asks: dict[_Ask, None] = {}
         self._epoll = select.epoll()
-        self._watched: set[int] = set()
+        self._watched: dict[int, int] = {}  # fd -> its epoll interest
         self._watch(fleet.fileno())
         self._watch(self._moved_fd)
         self.sent = 0  # steps sent on the pipe
@@ -267,15 +269,27 @@ class PipedStore:
 
     # ------------------------------------------------------------------ the pipe
 
-    def _watch(self, fd: int) -> None:
-        if fd >= 0 and fd not in self._watched:
-            self._epoll.register(fd, select.EPOLLIN)
-            self._watched.add(fd)
+    def _watch(self, fd: int, write: bool = False) -> None:
+        """Watch ``fd`` for answers, and (``write``) for room to write: a pipe
+        whose connect is on its way, or whose steps the kernel did not all take."""
+        mask = select.EPOLLIN | (select.EPOLLOUT if write else 0)
+        if fd < 0 or self._watched.get(fd) == mask:
+            return
+        if fd in self._watched:
+            self._epoll.modify(fd, mask)
+        else:
+            self._epoll.register(fd, mask)
+        self._watched[fd] = mask
 
     def _unwatch(self, fd: int) -> None:
-        if fd in self._watched:
-            self._watched.discard(fd)
+        if self._watched.pop(fd, None) is not None:
             self._epoll.unregister(fd)
+
+    def _watch_pipes(self) -> None:
+        """Each open pipe watched for writable only while it has something to write."""
+        for pipe, fd in self._pipes.values():
+            if pipe.closed is None:
+                self._watch(fd, pipe.wants_write())
 
     def _pipe_now(
         self,
@@ -329,7 +343,7 @@ class PipedStore:
         pool = getattr(shared.client, "connection_pool", None)
         if hasattr(pool, "get_master_address"):
             self._watch_master(pool, made)
-        self._watch(made.fileno())
+        self._watch(made.fileno(), made.wants_write())
         # a worker that started with Redis down watches its moves from now on
         self._watch(self.fleet.fileno())
         return shared, made
@@ -337,8 +351,9 @@ class PipedStore:
     def _watch_master(self, pool: Any, pipe: SocketPipe) -> None:
         if self._watcher is not None:
             self._watcher.stop()
-        host, port = pipe.sock.getpeername()[:2]
-        self._watcher = MasterWatch(pool, (host, int(port)), self._moved_fd)
+        where = pipe.address  # as the Sentinels named it (a TCP pipe)
+        assert not isinstance(where, str), "a Sentinel's master is reached over TCP"
+        self._watcher = MasterWatch(pool, (where[0], int(where[1])), self._moved_fd)
         self._watcher.start()
 
     def _forget(self, node: Node) -> None:
@@ -349,7 +364,7 @@ class PipedStore:
             self._unwatch(fd)
         else:
             # its socket is closed already, which took it out of the epoll set
-            self._watched.discard(fd)
+            self._watched.pop(fd, None)
         pipe.close()
 
     def _drop_pipes(self) -> None:
@@ -462,6 +477,7 @@ class PipedStore:
                 failed = failed or reply  # a step that only told
         for pipe, _ in self._pipes.values():
             failed = failed or pipe.closed
+        self._watch_pipes()
         if failed is not None:
             self._asks = {**dict.fromkeys(unanswered), **self._asks}
             self.lost_answers += len(self._asks)

@@ -30,14 +30,19 @@ that met ``NOSCRIPT`` ran nothing: it is sent again (with the script's source
 once, which loads it for every later ``EVALSHA``) and answered when that
 answer comes.
 
-Not done here yet: reconnecting (a lost connection answers every call in
-flight with the error, and the pipe is then closed), and connecting without
-blocking (:class:`SocketPipe` connects, authenticates and selects its
-database when made, within ``timeout``).
+:class:`SocketPipe` connects without blocking too: the connect (and for
+``rediss://`` the TLS handshake) goes on while the first steps queue, AUTH
+and SELECT are pipelined ahead of them (Redis runs a connection's commands
+in order), and an AUTH or SELECT that fails answers every step behind it
+with why. A host given by name is looked up when the pipe is made (the one
+step that may wait: on a DNS answer; an address does not). Reconnecting is
+its owner's (a lost connection answers every call in flight with the error,
+and the pipe is then closed).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import ssl
@@ -68,6 +73,10 @@ def _resp(*args: bytes | str) -> bytes:
         out.append(b)
         out.append(b"\r\n")
     return b"".join(out)
+
+
+#: the token of AUTH and SELECT, sent ahead of every step: their answers are the pipe's
+_HELLO = object()
 
 
 class _Call:
@@ -103,40 +112,32 @@ class SocketPipe:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         """``path``: a unix socket instead of host and port; ``tls``: speak TLS
-        (``rediss://``), the server's name checked as ``tls`` says."""
+        (``rediss://``), the server's name checked as ``tls`` says. Returns at
+        once, the connect on its way (``timeout`` is its owner's: a step not
+        answered in time is the owner's to answer). Raises OSError when the
+        connect fails at once (no such socket file, a name with no address)."""
         sock: socket.socket
         if path:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect(path)
-            except OSError:
-                sock.close()
-                raise
+            target: Any = path
         else:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            family, _, _, _, target = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if tls is not None:
-            try:  # the handshake: blocking, once, within the timeout
-                sock = tls.wrap_socket(sock, server_hostname=host)
-            except OSError:
-                sock.close()
-                raise
+        sock.setblocking(False)
+        err = sock.connect_ex(target)
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            raise ConnectionError(
+                f"cannot connect to Redis at {path or target}: {os.strerror(err)}"
+            )
         self.sock = sock
+        self.address: tuple[str, int] | str = path or (host, port)
+        self._tls = tls
+        self._server_name = host
+        #: the connect (or the TLS handshake) is still on its way
+        self.connecting = True
         self._reader = hiredis.Reader()
-        hello: list[tuple[str, bytes]] = []
-        if password:
-            auth = ("AUTH", username, password) if username else ("AUTH", password)
-            hello.append(("AUTH", _resp(*auth)))
-        if db:
-            hello.append(("SELECT", _resp("SELECT", str(db))))
-        for what, cmd in hello:  # blocking, once, within the timeout
-            self.sock.sendall(cmd)
-            reply = self._read_one()
-            if isinstance(reply, Exception):
-                self.sock.close()
-                raise ConnectionError(f"Redis refused {what}: {reply}")
-        self.sock.setblocking(False)
         self._out = bytearray()
         self._fifo: deque[_Call] = deque()
         self._lost_calls: list[tuple[object, Reply]] = []
@@ -144,16 +145,46 @@ class SocketPipe:
         self.round_trips = 0  # writes that carried commands
         self.reloads = 0
         self.closed: Exception | None = None
+        if password:
+            auth = ("AUTH", username, password) if username else ("AUTH", password)
+            self._fifo.append(_Call(_HELLO, "AUTH", "", (), b""))
+            self._out += _resp(*auth)
+        if db:
+            self._fifo.append(_Call(_HELLO, "SELECT", "", (), b""))
+            self._out += _resp("SELECT", str(db))
+        if not self._connected() and self.closed is not None:
+            raise self.closed  # refused inside connect() (loopback, a local firewall)
 
-    def _read_one(self) -> Any:
-        while True:
-            got = self._reader.gets()
-            if got is not False:
-                return got
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("Redis closed the connection")
-            self._reader.feed(data)
+    def _connected(self) -> bool:
+        """Move the connect (then the TLS handshake) on; True once the pipe is ready.
+        A failure closes the pipe (every call in flight answered with it)."""
+        if not self.connecting:
+            return True
+        if self.closed is not None:
+            return False
+        if not isinstance(self.sock, ssl.SSLSocket):
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._lost(ConnectionError(f"cannot connect to Redis: {os.strerror(err)}"))
+                return False
+            try:
+                self.sock.getpeername()
+            except OSError:  # ENOTCONN: the handshake is on its way
+                return False
+            if self._tls is not None:
+                self.sock = self._tls.wrap_socket(
+                    self.sock, server_hostname=self._server_name, do_handshake_on_connect=False
+                )
+        if isinstance(self.sock, ssl.SSLSocket):
+            try:
+                self.sock.do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return False
+            except OSError as exc:
+                self._lost(exc)
+                return False
+        self.connecting = False
+        return True
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -185,14 +216,13 @@ class SocketPipe:
         self._out += _resp(*args)
 
     def wants_write(self) -> bool:
-        """Bytes the kernel did not take yet: watch the fd for writable, then flush()."""
-        return bool(self._out)
+        """Bytes the kernel did not take yet, or a connect on its way: watch the fd
+        for writable, then flush()."""
+        return self.closed is None and (bool(self._out) or self.connecting)
 
     def flush(self) -> None:
         """Write what the socket takes now (every step sent since: one round trip)."""
-        if not self._out:
-            return
-        if self.closed is not None:
+        if self.closed is not None or not self._connected() or not self._out:
             return
         self.round_trips += 1
         try:
@@ -209,6 +239,8 @@ class SocketPipe:
         out, self._lost_calls = self._lost_calls, []
         if self.closed is not None:
             return out
+        if not self._connected():
+            return out + self._take_lost()
         while True:
             try:
                 data = self.sock.recv(262144)
@@ -228,6 +260,11 @@ class SocketPipe:
             if reply is False:
                 break
             call = self._fifo.popleft()
+            if call.token is _HELLO:
+                if isinstance(reply, Exception):
+                    self._lost(ConnectionError(f"Redis refused {call.name}: {reply}"))
+                    return out + self._take_lost()
+                continue
             if (
                 isinstance(reply, hiredis.ReplyError)
                 and str(reply).startswith(_NOSCRIPT)
@@ -249,7 +286,7 @@ class SocketPipe:
     def _lost(self, exc: Exception) -> None:
         """The connection is gone: every call in flight is answered with why."""
         self.closed = exc
-        self._lost_calls += [(call.token, exc) for call in self._fifo]
+        self._lost_calls += [(call.token, exc) for call in self._fifo if call.token is not _HELLO]
         self._fifo.clear()
         self._out.clear()
         self.sock.close()

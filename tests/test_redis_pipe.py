@@ -9,6 +9,7 @@ batch costs one round trip; NOSCRIPT is answered by running the step once
 from __future__ import annotations
 
 import select
+import socket
 import time
 from collections.abc import Callable
 
@@ -124,3 +125,70 @@ def test_a_lost_connection_answers_every_call_in_flight(redis_url: str) -> None:
     finally:
         pipe.close()
         store.close()
+
+
+def test_making_a_pipe_never_waits_for_the_connect() -> None:
+    """A Redis whose accept queue is full (its SYNs go unanswered, as a server
+    that hangs would): the pipe is made at once, takes steps without blocking,
+    and answers nothing until the connect is through."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        queued = []
+        for _ in range(4):  # fill the backlog (0 means one, plus the SYN queue's slack)
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", port))
+            queued.append(c)
+        time.sleep(0.1)
+        try:
+            started = time.monotonic()
+            pipe = SocketPipe("127.0.0.1", port, password="x", db=3)
+            pipe.send(1, "reserve", ["{a}:k"], b"blob")
+            pipe.flush()
+            got = pipe.completed()
+            took = time.monotonic() - started
+            assert took < 0.05, took
+            assert got == [] and pipe.connecting and pipe.wants_write()
+            pipe.close()
+        finally:
+            for c in queued:
+                c.close()
+
+
+def test_a_refused_auth_answers_every_step_behind_it(redis_url: str) -> None:
+    """AUTH and SELECT go ahead of the first steps, pipelined; the test server
+    has no password, so AUTH is refused and each step is answered with why."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    store = RedisStore(redis_url, EXACT, clock="caller")
+    pipe = SocketPipe("127.0.0.1", port, password="wrong")
+    try:
+        for i in range(3):
+            pipe.send(i, *store.request("reserve", ["a"], [SHOPIFY], 0.0, 1.0, 60))
+        got = _collect(pipe, 3, timeout=5)
+        assert [t for t, _ in got] == [0, 1, 2]
+        assert all(isinstance(r, ConnectionError) for _, r in got), got
+        assert "Redis refused AUTH" in str(got[0][1])
+        assert pipe.closed is not None
+    finally:
+        pipe.close()
+        store.close()
+
+
+def test_a_refused_connect_is_an_error_at_once_or_an_answer_later() -> None:
+    """A refused connect known by the time the pipe is made (loopback answers at
+    once) is an error there, and its owner falls back as for any Redis that cannot
+    be reached; one known later answers the steps sent meanwhile with why."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connects are refused
+        try:
+            pipe = SocketPipe("127.0.0.1", port)
+        except ConnectionError as exc:
+            assert "Connection refused" in str(exc)
+            return
+        pipe.send(7, "reserve", ["{a}:k"], b"blob")
+        got = _collect(pipe, 1, timeout=5)
+    assert [t for t, _ in got] == [7]
+    assert "Connection refused" in str(got[0][1])
