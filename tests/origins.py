@@ -842,3 +842,18 @@ def connect_tunnel(
         body = reader.read_exact(int(cl)) if cl is not None else reader.read_to_eof()
     resp = Response(status, parts[2] if len(parts) > 2 else "", parts[0], headers, body, head)
     return s, resp, reader
+
+
+def client_hello(name: str | None) -> bytes:
+    """The first bytes Python's ssl module sends for ``name`` (None: no server name):
+    a real ClientHello, for the --transparent listener's scanner."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()

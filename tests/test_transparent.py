@@ -53,18 +53,6 @@ def transparent_port(p: Proxy) -> int:
     raise AssertionError("no transparent listener line:\n" + p.stderr)
 
 
-def client_hello(name: str | None) -> bytes:
-    """The ClientHello Python's ssl module sends for ``name`` (None: no SNI)."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return outgoing.read()
-
-
 def refragment(hello: bytes, size: int) -> bytes:
     """The same ClientHello with its handshake message cut into records of ``size`` bytes."""
     body = hello[5:]
@@ -79,7 +67,7 @@ def refragment(hello: bytes, size: int) -> bytes:
 
 
 def test_the_hello_scanner_finds_the_name_whole_split_and_in_many_records() -> None:
-    hello = client_hello("Shop1.MyShopify.com")
+    hello = origins.client_hello("Shop1.MyShopify.com")
     assert hello_name(hello) == b"Shop1.MyShopify.com"
     for cut in range(len(hello)):
         assert hello_name(hello[:cut]) is ..., cut  # more is needed, never a guess
@@ -88,7 +76,7 @@ def test_the_hello_scanner_finds_the_name_whole_split_and_in_many_records() -> N
         cut_up = refragment(hello, size)
         assert hello_name(cut_up) == b"Shop1.MyShopify.com", size
         assert hello_name(cut_up[:-1]) is ...
-    assert hello_name(client_hello(None)) is None
+    assert hello_name(origins.client_hello(None)) is None
 
 
 @pytest.mark.parametrize(
@@ -107,7 +95,7 @@ def test_the_hello_scanner_refuses_what_is_not_a_client_hello(data: bytes) -> No
 
 
 def test_a_name_with_a_control_byte_is_refused() -> None:
-    hello = bytearray(client_hello("abc.example.com"))
+    hello = bytearray(origins.client_hello("abc.example.com"))
     at = bytes(hello).index(b"abc.example.com")
     hello[at + 1] = 0x0A
     with pytest.raises(ValueError):
@@ -444,8 +432,8 @@ def test_clients_that_reset_or_stall_leave_nothing(
     )
     h = t.proxy.wait_open_connections(1)
     baseline, live = _fds_in_use(t.proxy, h), h["live"]
-    spliced = client_hello(SITE)
-    intercepted = client_hello(SHOP)
+    spliced = origins.client_hello(SITE)
+    intercepted = origins.client_hello(SHOP)
 
     def reset_after(data: bytes) -> None:
         with socket.create_connection(("127.0.0.1", t.port), timeout=10) as s:

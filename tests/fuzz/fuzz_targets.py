@@ -16,7 +16,12 @@ else is a finding, and so is a property that does not hold:
 * ``connect_target``: ``parse_authority`` refuses, or gives a host and a
   port in 1..65535 that parse again to themselves;
 * ``hostglob``: ``glob_covers`` never lets a ``*`` cross a dot, ignores
-  case, and every name covers itself.
+  case, and every name covers itself;
+* ``hello``: the ClientHello scanner of ``--transparent``
+  (``elbasy._framing.hello_name``) decides once: a verdict on some bytes
+  (a name, no name, or not a ClientHello) stays the same whatever follows,
+  every prefix before it asks for more or says the same, and a name is
+  1 to 255 printable bytes found in the input.
 
 ``tests/fuzz/run.py`` runs one under atheris (coverage-guided);
 ``tests/fuzz/test_fuzz.py`` runs each briefly in the suite.
@@ -33,9 +38,10 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 import httptools  # noqa: E402
+from origins import client_hello  # noqa: E402
 from test_framing import BODIES, HEADS, fed_chunked, reference_chunked, reference_head_end  # noqa: E402
 
-from elbasy._framing import head_end  # noqa: E402
+from elbasy._framing import head_end, hello_name  # noqa: E402
 from elbasy.errors import RemoteProtocolError  # noqa: E402
 from elbasy.hostglob import glob_covers  # noqa: E402
 from elbasy.protocol.http1 import parse_request_head, parse_response_head  # noqa: E402
@@ -146,11 +152,35 @@ def hostglob(data: bytes) -> None:
         _check(glob_covers(plain, name), "a name does not cover itself", data)
 
 
+# ---- the ClientHello scanner ------------------------------------------------------------
+
+
+def _hello(data: bytes) -> object:
+    try:
+        return hello_name(data)
+    except ValueError:
+        return ValueError
+
+
+def hello(data: bytes) -> None:
+    whole = _hello(data)
+    if isinstance(whole, bytes):
+        _check(0 < len(whole) <= 255, "a server name of a bad length", data)
+        _check(all(0x20 < b < 0x7F for b in whole), "a server name with a bad byte", data)
+        _check(whole in data, "a server name not in the hello", data)
+    if whole is not ...:
+        _check(_hello(data + b"\x16\x03\x01\x00\x01x") == whole, "more bytes changed it", data)
+    for cut in range(0, len(data), max(1, len(data) // 16)):
+        got = _hello(data[:cut])
+        _check(got is ... or got == whole, "a prefix decided otherwise", data)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "heads": heads,
     "chunked": chunked,
     "connect_target": connect_target,
     "hostglob": hostglob,
+    "hello": hello,
 }
 
 SEEDS: dict[str, list[bytes]] = {
@@ -183,4 +213,5 @@ SEEDS: dict[str, list[bytes]] = {
         b"[::1]\x00[::1]",
         b"A.B.\x00a.b",
     ],
+    "hello": [client_hello("api.github.com"), client_hello(None), b"\x16\x03\x01\x00\x05\x01"],
 }
