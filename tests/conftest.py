@@ -215,6 +215,11 @@ class Proxy:
                 total += len(os.listdir(f"/proc/{pid}/fd"))
         return total
 
+    def fds_in_use(self, h: dict) -> int:
+        """The workers' fds less the ones kept for reuse (pooled pipes and upstreams),
+        ``h`` their /healthz read at the same moment."""
+        return self.fd_count() - 2 * h["live"]["pipes_pooled"] - h["connections"]["upstream_idle"]
+
     def cpu_seconds(self) -> float:
         """User + system CPU time elbasy has used so far: the supervisor, its live
         workers, and the workers it has reaped (its cutime and cstime)."""

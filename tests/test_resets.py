@@ -185,15 +185,10 @@ def _leave(s: socket.socket, how: str) -> None:
 # one storm and its aftermath
 
 
-def _fds_in_use(p: Proxy, h: dict) -> int:
-    """The proxy's fds less the ones it keeps for reuse (pooled pipes and upstreams)."""
-    return p.fd_count() - 2 * h["live"]["pipes_pooled"] - h["connections"]["upstream_idle"]
-
-
 def _baseline(p: Proxy) -> tuple[int, dict]:
     """(fds in use, /healthz) once the proxy is quiet: only the /healthz connection open."""
     h = p.wait_open_connections(1, timeout=10)
-    return _fds_in_use(p, h), h
+    return p.fds_in_use(h), h
 
 
 def _storm(n: int, one: Callable[[int], str]) -> Counter[str]:
@@ -218,7 +213,7 @@ def _assert_back(site: Site, fds: int, before: dict, outcomes: Counter[str]) -> 
     deadline = time.monotonic() + 15
     while True:
         h = p.healthz()
-        now_fds = _fds_in_use(p, h)
+        now_fds = p.fds_in_use(h)
         settled = (
             h["connections"]["open"] == 1
             and h["held"]["waiting"] == 0

@@ -64,11 +64,6 @@ def healthz(p: Proxy, auth: str | None) -> dict:
         conn.close()
 
 
-def fds_in_use(p: Proxy, h: dict) -> int:
-    """The worker's fds less the ones it keeps for reuse (pooled pipes and upstreams)."""
-    return p.fd_count() - 2 * h["live"]["pipes_pooled"] - h["connections"]["upstream_idle"]
-
-
 def quiet(
     p: Proxy, auth: str | None, timeout: float = 15.0, target: int | None = None
 ) -> tuple[int, dict]:
@@ -79,7 +74,7 @@ def quiet(
     last = -1
     while True:
         h = healthz(p, auth)
-        fds = fds_in_use(p, h)
+        fds = p.fds_in_use(h)
         settled = (
             h["connections"]["open"] == 1
             and h["held"]["waiting"] == 0

@@ -278,11 +278,6 @@ def test_credentials_and_client_networks_apply(
 # --------------------------------------------------------------------------- resets
 
 
-def _fds_in_use(p: Proxy, h: dict) -> int:
-    """The workers' fds less the ones kept for reuse (pooled pipes and upstreams)."""
-    return p.fd_count() - 2 * h["live"]["pipes_pooled"] - h["connections"]["upstream_idle"]
-
-
 def test_reset_clients_leave_no_fd(
     proxy: Callable[..., Proxy],
     api_ca: tuple[origins.TestCA, Path],
@@ -295,7 +290,7 @@ def test_reset_clients_leave_no_fd(
     port = int(base.rsplit(":", 1)[1])
     assert requests.get(base + "/hello", timeout=30).status_code == 200
     h = p.wait_open_connections(1, timeout=10)
-    baseline, live = _fds_in_use(p, h), h["live"]
+    baseline, live = p.fds_in_use(h), h["live"]
 
     def before(i: int) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -315,7 +310,7 @@ def test_reset_clients_leave_no_fd(
     deadline = time.monotonic() + 15
     while True:
         h = p.wait_open_connections(1, timeout=10)
-        now = _fds_in_use(p, h)
+        now = p.fds_in_use(h)
         if now <= baseline or time.monotonic() > deadline:
             break
         time.sleep(0.2)

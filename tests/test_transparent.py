@@ -409,11 +409,6 @@ def test_a_transparent_listener_beyond_loopback_warns_without_client_networks(
     assert "with no --allow-clients" not in p.stderr
 
 
-def _fds_in_use(p: Proxy, h: dict) -> int:
-    """The workers' fds less the ones kept for reuse (pooled pipes and upstreams)."""
-    return p.fd_count() - 2 * h["live"]["pipes_pooled"] - h["connections"]["upstream_idle"]
-
-
 def test_clients_that_reset_or_stall_leave_nothing(
     proxy: Callable[..., Proxy],
     api_ca: tuple[origins.TestCA, Path],
@@ -431,7 +426,7 @@ def test_clients_that_reset_or_stall_leave_nothing(
         extra=("--log-level", "error", "--head-timeout", "1"),
     )
     h = t.proxy.wait_open_connections(1)
-    baseline, live = _fds_in_use(t.proxy, h), h["live"]
+    baseline, live = t.proxy.fds_in_use(h), h["live"]
     spliced = origins.client_hello(SITE)
     intercepted = origins.client_hello(SHOP)
 
@@ -452,7 +447,7 @@ def test_clients_that_reset_or_stall_leave_nothing(
     deadline = time.monotonic() + 15
     while True:
         h = t.proxy.wait_open_connections(1, timeout=10)
-        now = _fds_in_use(t.proxy, h)
+        now = t.proxy.fds_in_use(h)
         if now <= baseline or time.monotonic() > deadline:
             break
         time.sleep(0.2)
