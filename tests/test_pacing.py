@@ -177,7 +177,10 @@ def metrics_total(samples: dict, name: str, **labels: str) -> float:
 
 #: one worker, and four sharing the quota in shared memory: N workers must not
 #: hand out N quotas (the four-worker runs are acceptance loads of their own)
-WORKERS = [pytest.param(1, id="1-worker"), pytest.param(4, id="4-workers", marks=pytest.mark.load)]
+WORKERS = [
+    pytest.param(1, id="1-worker", marks=pytest.mark.load),
+    pytest.param(4, id="4-workers", marks=pytest.mark.load),
+]
 #: Four workers on GraphQL, the same: zero THROTTLED, every shop >= 0.95 of its points
 GRAPHQL_WORKERS = WORKERS
 
@@ -509,6 +512,7 @@ def test_shopify_rest_through_redis_killed_and_back(
             r.stop()
 
 
+@pytest.mark.load
 def test_shopify_rest_with_outside_traffic(
     proxy: Callable[..., Proxy],
     api_ca: tuple[origins.TestCA, Path],
@@ -844,6 +848,7 @@ def graphql_request(shop: str, token: str) -> Callable[[int], bytes]:
     return make
 
 
+@pytest.mark.load
 def test_shopify_graphql_varied_costs(
     proxy: Callable[..., Proxy],
     api_ca: tuple[origins.TestCA, Path],
