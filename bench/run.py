@@ -28,6 +28,11 @@ in alternating order over several repeats:
   transparent-splice
                  the same on the tunnelling instance, where localhost is not
                  intercepted: spliced to the TLS origin (beside the CONNECT cell)
+  connect-tls    the connect cell through elbasy's --listen-tls listener (hey -x
+                 https://): the tunnel relayed through the client's TLS session
+  connect-tls-new
+                 the same with hey -disable-keepalive (two TLS handshakes each)
+  intercept-tls  the intercept cell through --listen-tls: TLS inside TLS
 
 "direct" (no proxy) and "haproxy" (the client talks TLS to HAProxy, which
 relays bytes to the origin: a user-space hop without CONNECT) are measured in
@@ -103,7 +108,16 @@ ALL_TARGETS = ["direct", "haproxy", *RELAYS] + PROXIES + list(ELBASY_VARIANTS)
 INTERCEPTORS = ["elbasy", "elbasy-w2", "mitmproxy", "proxy.py"]
 # "reverse": elbasy's --reverse listener on its intercepting instance, beside the
 # nginx relay (the same hop, reached over TLS) and direct
-INTERCEPT_CELLS = ["intercept", "intercept-new", "latency", "reverse", "transparent"]
+INTERCEPT_CELLS = [
+    "intercept",
+    "intercept-new",
+    "latency",
+    "reverse",
+    "transparent",
+    "intercept-tls",
+]
+# the cells through elbasy's --listen-tls listener (hey -x https://)
+TLS_LISTENER_CELLS = ["connect-tls", "connect-tls-new", "intercept-tls"]
 # The intercepted origin is named, not an address: proxies verify its certificate.
 TLS_HOST = "localhost"
 BENCH_CA_CN = "elbasy bench origin CA"
@@ -114,6 +128,8 @@ CELLS = [
     "connect",
     "connect-new",
     "transparent-splice",
+    "connect-tls",
+    "connect-tls-new",
     *BULK_CELLS,
     "idle",
     *INTERCEPT_CELLS,
@@ -131,6 +147,9 @@ CELL_TITLES = {
     "reverse": "reverse proxy keep-alive, --reverse (req/s)",
     "transparent": "TLS interception keep-alive, --transparent (req/s)",
     "transparent-splice": "spliced keep-alive, --transparent (req/s)",
+    "connect-tls": "CONNECT keep-alive, --listen-tls (req/s)",
+    "connect-tls-new": "CONNECT new tunnel/req, --listen-tls (req/s)",
+    "intercept-tls": "TLS interception keep-alive, --listen-tls (req/s)",
 }
 # Which targets each cell applies to.  HAProxy relays the TLS origin (and,
 # for bulk-plain, the plain one); it forwards no absolute-form HTTP.  The
@@ -148,6 +167,9 @@ CELL_TARGETS = {
     "reverse": ["direct", *RELAYS, "elbasy", "elbasy-w2"],
     "transparent": ["direct", *RELAYS, "elbasy", "elbasy-w2"],
     "transparent-splice": ["direct", "haproxy", "elbasy", "elbasy-w2"],
+    "connect-tls": ["direct", "haproxy", "elbasy", "elbasy-w2"],
+    "connect-tls-new": ["direct", "haproxy", "elbasy", "elbasy-w2"],
+    "intercept-tls": ["direct", *RELAYS, "elbasy", "elbasy-w2"],
 }
 
 
@@ -651,6 +673,7 @@ class Peer:
     ca_file: Path | None = None  # the CA an intercepting instance signs with
     reverse_port: int = 0  # elbasy's intercepting instance: its --reverse listener
     transparent_port: int = 0  # elbasy's --transparent listener (each instance has one)
+    tls_port: int = 0  # elbasy's --listen-tls listener (each instance has one)
 
     @property
     def ok(self) -> bool:
@@ -698,8 +721,11 @@ LOOPBACK_ORIGINS = ("--allow-internal", "127.0.0.1", "--allow-internal", "localh
 
 def transparent_args(origins: Origins) -> list[str]:
     """elbasy's --transparent listener, and where its clients' name (localhost, as
-    hey's SNI says) leads: the TLS origin."""
+    hey's SNI says) leads: the TLS origin; and its --listen-tls listener (hey does
+    not check the proxy's certificate)."""
     return [
+        "--listen-tls",
+        f"{LOOPBACK}:0",
         "--transparent",
         f"{LOOPBACK}:0",
         "--connect-to",
@@ -746,6 +772,8 @@ def start_elbasy(
             peer.reverse_port = int(r.group(1)) if r else 0
             t = re.search(r"transparent listener on [0-9.]+:(\d+)", text)
             peer.transparent_port = int(t.group(1)) if t else 0
+            s = re.search(r"TLS proxy on [0-9.]+:(\d+)", text)
+            peer.tls_port = int(s.group(1)) if s else 0
             return
         time.sleep(0.1)
     peer.fail(f"elbasy printed no 'listening on' line within 20 s:\n{proc.log_tail()}")
@@ -1318,8 +1346,14 @@ def intercept_route(target: Peer, origins: Origins) -> list[str]:
 
 def hey_cell(cell: str, target: Peer, origins: Origins, args) -> dict:
     cmd = ["hey", "-z", f"{args.duration}s", "-c", str(args.concurrency), "-t", "10"]
-    if cell in ("connect-new", "intercept-new"):
+    if cell in ("connect-new", "intercept-new", "connect-tls-new"):
         cmd.append("-disable-keepalive")
+    if cell in TLS_LISTENER_CELLS and target.name.startswith("elbasy"):
+        url = origins.intercept_small if cell == "intercept-tls" else origins.tls_small
+        proxy_url = f"https://{LOOPBACK}:{target.tls_port}"
+        return run_hey(cmd + ["-x", proxy_url, url], timeout=args.duration + 40)
+    if cell in ("connect-tls", "connect-tls-new") and target.name == "direct":
+        return run_hey(cmd + [origins.tls_small], timeout=args.duration + 40)
     if cell == "reverse" and target.name not in ("direct", *RELAYS):
         # a base URL on elbasy's --reverse listener: no proxy, no TLS to elbasy
         url = f"http://{LOOPBACK}:{target.reverse_port}/100b"

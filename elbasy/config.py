@@ -873,6 +873,24 @@ class Config:
         "its ClientHello, a plain HTTP one routed by its Host. Repeatable.",
         metavar="HOST:PORT",
     )
+    listen_tls: str | None = setting(
+        Address(),
+        None,
+        "Also listen on HOST:PORT for clients that reach the proxy over TLS "
+        "(HTTPS_PROXY=https://HOST:PORT): the same proxy, its tunnels relayed through "
+        "the TLS session and intercepted hosts TLS inside it.",
+        metavar="HOST:PORT",
+        default_text="off",
+    )
+    tls_cert: str | None = setting(
+        File(),
+        None,
+        "The --listen-tls certificate chain (PEM), with --tls-key.",
+        default_text="one elbasy makes for the listener's names, in the data dir",
+    )
+    tls_key: str | None = setting(
+        File(), None, "The --listen-tls certificate's private key (PEM)."
+    )
     # --- where requests and tunnels may go (elbasy.destinations) ---
     allow_hosts: tuple[str, ...] = setting(
         HostGlobs(),
@@ -1036,6 +1054,8 @@ class Config:
             ):
                 raise ConfigError(f"{rule}: {rule.listen} is the proxy's --listen", "reverse")
         proxy = format_hostport(self.listen_host, self.listen_port)
+        if self.listen_tls is not None and self.listen_tls == proxy and self.listen_port:
+            raise ConfigError(f"{self.listen_tls} is the proxy's --listen", "listen_tls")
         for where in self.transparent:
             if where == proxy and self.listen_port:
                 raise ConfigError(f"{where} is the proxy's --listen", "transparent")

@@ -684,6 +684,17 @@ def transparent_banner(host: str, port: int) -> None:
     _announce(f"transparent listener on {where}", host=host, port=port)
 
 
+def tls_listener_banner(host: str, port: int, cert_file: str) -> None:
+    """Log ``TLS proxy on <host>:<port>`` for --listen-tls, with what its clients set
+    and the certificate they trust, whatever the log level."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    _announce(
+        f"TLS proxy on {where}: clients set HTTPS_PROXY=https://{where} and trust {cert_file}",
+        host=host,
+        port=port,
+    )
+
+
 def _announce(message: str, **fields: object) -> None:
     """One startup line: on stderr alone in text (scripts read it); in JSON and
     logfmt a record of that format with ``fields``; with --log-file the record

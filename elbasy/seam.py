@@ -118,6 +118,10 @@ class ServerTLSSeam(Protocol):
     def failure(self, ssl: int, /) -> Exception:
         """Why the handshake of ``ssl`` failed."""
 
+    def new_ssl_over(self, outer: int, fallback_name: str, /) -> int:
+        """An SSL* (as an address) that reads and writes through the TLS session
+        ``outer``: a CONNECT intercepted inside a --listen-tls connection."""
+
 
 class ClientTLSSeam(Protocol):
     """Interception's side facing the upstream: a verifying SSL* to the host."""

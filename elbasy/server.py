@@ -34,7 +34,7 @@ from elbasy.resolver import Resolver
 from elbasy.rules import RuleSet
 from elbasy.status import document as status_document
 from elbasy.status import proxy_url
-from elbasy.verdicts import Transparent
+from elbasy.verdicts import TLSListener, Transparent
 
 log = logging.getLogger("elbasy")
 
@@ -117,10 +117,13 @@ def listen_group(host: str, port: int, count: int, option: str = "--listen") -> 
 
 def site_listeners(config: Config) -> list[tuple[str, str, int]]:
     """The listeners beside the proxy's whose connections carry a site: each
-    ``--reverse`` then each ``--transparent``, as (option and value, host, port)."""
+    ``--reverse``, each ``--transparent``, then ``--listen-tls``, as (option and
+    value, host, port)."""
     out = [(f"--reverse {rule}", rule.listen_host, rule.listen_port) for rule in config.reverse]
     for where in config.transparent:
         out.append((f"--transparent {where}", *parse_listen(where)))
+    if config.listen_tls is not None:
+        out.append((f"--listen-tls {config.listen_tls}", *parse_listen(config.listen_tls)))
     return out
 
 
@@ -246,6 +249,35 @@ def make_store(config: Config, shared: Any, slot: int) -> Any:
     from elbasy.shm import ShmStore
 
     return ShmStore(shared, slot, safety)
+
+
+def listener_names(host: str) -> list[str]:
+    """The names a --listen-tls certificate of elbasy's own covers: its address
+    (127.0.0.1 for a wildcard one), ``localhost`` and this host's name."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    return [shown, "localhost", socket.gethostname()]
+
+
+def listener_tls_pem(config: Config) -> tuple[bytes, bytes, str]:
+    """The --listen-tls certificate and key, and the file clients trust: the
+    operator's --tls-cert, or the one elbasy keeps in its data dir (made the first
+    time; the supervisor asks first, so workers only read it). Raises StartupError."""
+    from elbasy.ca import CAError, default_data_dir
+    from elbasy.ca.listener import listener_certificate, read_listener_certificate
+
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ListenError("--listen-tls: --tls-cert and --tls-key go together")
+    try:
+        if config.tls_cert is not None and config.tls_key is not None:
+            cert, key = read_listener_certificate(config.tls_cert, config.tls_key)
+            return cert, key, config.tls_cert
+        assert config.listen_tls is not None
+        where = Path(config.data_dir) if config.data_dir else default_data_dir()
+        host = parse_listen(config.listen_tls)[0]
+        cert, key, path = listener_certificate(where, listener_names(host))
+        return cert, key, str(path)
+    except CAError as e:
+        raise StartupError(str(e)) from None
 
 
 def prepare_ca(config: Config) -> str | None:
@@ -384,6 +416,7 @@ class Worker:
         )
         self.server_tls: Any = None
         self.client_tls: Any = None
+        self.listener_tls: Any = None
         self.ca_file: str | None = None
         try:
             rules = config.ruleset()
@@ -404,6 +437,14 @@ class Worker:
                 self.server_tls.on_refuse = lambda why: self.metrics.count(
                     "tls_leaf_refusals", (why,)
                 )
+            if config.listen_tls is not None:
+                from elbasy.tls import ListenerTLS, TLSError
+
+                cert, key, _ = listener_tls_pem(config)
+                try:
+                    self.listener_tls = ListenerTLS(cert, key)
+                except TLSError as e:
+                    raise StartupError(f"--listen-tls: {e}") from None
             sites = self._sites()
             self.policy = policy_type(self._stats, self.intercept, self.pacer)
             self.policy.access = access if access is not None else access_of(config)
@@ -454,8 +495,12 @@ class Worker:
             if why is not None:
                 raise StartupError(f"--reverse {rule}: the destination rules refuse it ({why})")
             sites.append(reverse_site(rule, rs.getsockname()[:2]))
-        for ts in self.site_socks[len(config.reverse) :]:
+        transparent = self.site_socks[len(config.reverse) :][: len(config.transparent)]
+        for ts in transparent:
             sites.append(Transparent(ts.getsockname()[:2], 443))
+        if self.listener_tls is not None:
+            ls = self.site_socks[-1]
+            sites.append(TLSListener(ls.getsockname()[:2], self.listener_tls.new_ssl))
         if self.client_tls is None and any(rule.tls for rule in config.reverse):
             from elbasy.tls import ClientTLS, TLSError
 
@@ -513,7 +558,7 @@ class Worker:
 
     def close(self) -> None:
         self.resolver.close()
-        for tls in (self.server_tls, self.client_tls):
+        for tls in (self.server_tls, self.client_tls, self.listener_tls):
             if tls is not None:
                 tls.close()
         self.sock.close()

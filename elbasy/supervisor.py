@@ -59,6 +59,7 @@ from elbasy.logs import (
     reverse_banner,
     startup_banner,
     startup_next,
+    tls_listener_banner,
     transparent_banner,
 )
 from elbasy.metrics import InstanceView, MetricsMemory, exposition
@@ -72,6 +73,7 @@ from elbasy.server import (
     listen,
     listen_group,
     listen_sites,
+    listener_tls_pem,
     prepare_ca,
     raise_fd_limit,
 )
@@ -237,6 +239,7 @@ class Supervisor:
         # one of each one's group, kept the same way (a reload cannot change them:
         # only their count grows)
         self.rsocks: list[list[socket.socket]] = []
+        self.listener_cert = ""  # --listen-tls: the certificate file clients trust
         self.shared: Any = None
         self.metrics: MetricsMemory | None = None
         self.metrics_listener: MetricsListener | None = None
@@ -285,6 +288,9 @@ class Supervisor:
                 warn_if_transparent_open(host, format_hostport(host, port), self.access)
             check_quota_store(self.config)
             self.ca_file = prepare_ca(self.config)
+            if self.config.listen_tls is not None:
+                # made (or read) once here, so workers forked after only read it
+                self.listener_cert = listener_tls_pem(self.config)[2]
             self.shared = make_shared(self.config)
             # every worker's counters, for /metrics on any of them
             self.metrics = MetricsMemory(SLOTS)
@@ -581,8 +587,12 @@ class Supervisor:
         for rule, sock in zip(self.config.reverse, self.rsocks[0][:reverse], strict=True):
             rhost, rport = sock.getsockname()[:2]
             reverse_banner(rhost, rport, rule.origin)
-        for sock in self.rsocks[0][reverse:]:
+        transparent = self.rsocks[0][reverse:][: len(self.config.transparent)]
+        for sock in transparent:
             transparent_banner(*sock.getsockname()[:2])
+        if self.config.listen_tls is not None:
+            thost, tport = self.rsocks[0][-1].getsockname()[:2]
+            tls_listener_banner(thost, tport, self.listener_cert)
         startup_banner(__version__, host, port)
         startup_next(proxy_url(host, port, socket.gethostname), self.ca_file)
         pids = ", ".join(str(c.pid) for c in self.children.values())
@@ -656,6 +666,12 @@ class Supervisor:
                 raise StartupError("a reload cannot change --reverse; restart elbasy")
             if new.transparent != self.config.transparent:
                 raise StartupError("a reload cannot change --transparent; restart elbasy")
+            if (new.listen_tls, new.tls_cert, new.tls_key) != (
+                self.config.listen_tls,
+                self.config.tls_cert,
+                self.config.tls_key,
+            ):
+                raise StartupError("a reload cannot change --listen-tls; restart elbasy")
             table = getattr(self.shared, "table", self.shared)  # Redis: its share's table
             capacity = getattr(table, "capacity", None)
             if capacity is not None and new.quota_capacity != capacity:

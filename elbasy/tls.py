@@ -494,6 +494,18 @@ class ServerTLS:
             raise _config_error("cannot create a server TLS connection")
         return int(ssl)
 
+    def new_ssl_over(self, outer: int, fallback_name: str) -> int:
+        """A server ``SSL*`` (as an int) that reads and writes through the TLS
+        session ``outer`` (an ``SSL*`` as an int): a CONNECT intercepted inside a
+        ``--listen-tls`` connection. Raises :class:`TLSError` on failure."""
+        if not self._finalizer.alive:
+            raise TLSConfigError("the TLS server context is closed")
+        name = fallback_name.lower().rstrip(".").strip("[]")
+        ssl = lib.elb_server_ssl_over(self._ctx, ffi.cast("SSL *", outer), _ascii(name))
+        if ssl == 0:
+            raise _config_error("cannot create a server TLS connection inside TLS")
+        return int(ssl)
+
     def failure(self, ssl: int) -> TLSError:
         """Why a client's handshake on ``ssl`` failed (see :func:`error_for`).
 
@@ -548,6 +560,30 @@ class ServerTLS:
 
 
 # --------------------------------------------------------------------------- client side
+
+
+class ListenerTLS:
+    """The certificate of ``--listen-tls``: the one a client checks when it reaches
+    elbasy's proxy over TLS (``HTTPS_PROXY=https://...``). One per worker."""
+
+    def __init__(self, cert_pem: bytes, key_pem: bytes) -> None:
+        ctx = lib.elb_leaf_ctx_new(cert_pem, len(cert_pem), key_pem, len(key_pem))
+        if ctx == ffi.NULL:
+            raise _config_error("the --listen-tls certificate and key do not load together")
+        self._ctx: Any = ctx
+        self._finalizer = weakref.finalize(self, lib.SSL_CTX_free, ctx)
+
+    def new_ssl(self, fd: int) -> int:
+        """A server ``SSL*`` (as an int) accepting on socket ``fd``."""
+        if not self._finalizer.alive:
+            raise TLSConfigError("the --listen-tls context is closed")
+        ssl = lib.elb_server_ssl(self._ctx, fd, ffi.NULL, ffi.NULL, 0)
+        if ssl == 0:
+            raise _config_error("cannot create a server TLS connection")
+        return int(ssl)
+
+    def close(self) -> None:
+        self._finalizer()
 
 
 class ClientTLS:

@@ -9,6 +9,7 @@ the Cython side can switch on them without touching Python objects.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 #: "Hold until": when a request may leave, in seconds on the monotonic clock
@@ -77,6 +78,19 @@ class Transparent(NamedTuple):
 
     listen: tuple[str, int]  # the listener's address as bound
     port: int  # where a spliced TLS client goes when its name is all there is: 443
+
+
+class TLSListener(NamedTuple):
+    """The site of the ``--listen-tls`` listener: the proxy itself, reached over TLS.
+
+    The loop makes each accepted connection's TLS session with ``new_ssl`` (the
+    listener's certificate) and hands its heads to ``on_request`` as the plain
+    proxy's (site None): CONNECTs are relayed through the session, intercepted
+    hosts get a TLS session inside it.
+    """
+
+    listen: tuple[str, int]  # the listener's address as bound
+    new_ssl: Callable[[int], int]  # a server SSL* (as an int) accepting on an fd
 
 
 class Forward(NamedTuple):

@@ -153,6 +153,7 @@ void elb_sni_set_now(SSL_CTX *server, int64_t now);
 int elb_sni_stats(SSL_CTX *server, uint64_t *out);
 uintptr_t elb_server_ssl(SSL_CTX *ctx, int fd, const char *fallback_name,
                          const char *early, size_t early_len);
+uintptr_t elb_server_ssl_over(SSL_CTX *ctx, SSL *outer, const char *fallback_name);
 const char *elb_ssl_name(SSL *ssl);
 int elb_ssl_set_note(SSL *ssl, const char *text);
 const char *elb_ssl_note(SSL *ssl);

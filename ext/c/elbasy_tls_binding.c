@@ -539,6 +539,31 @@ fail:
     return 0;
 }
 
+uintptr_t elb_server_ssl_over(SSL_CTX *ctx, SSL *outer, const char *fallback_name)
+{
+    if (!elb_init() || outer == NULL)
+        return 0;
+    SSL *ssl = SSL_new(ctx);
+    if (ssl == NULL)
+        return 0;
+    if (!elb_set_name(ssl, fallback_name))
+        goto fail;
+    /* an SSL filter BIO over the outer session: what the inner one reads and
+     * writes is the outer one's plaintext; a retry on the outer one (it waits
+     * for its socket) is a retry on the inner one. BIO_NOCLOSE: the loop frees
+     * the outer SSL* itself, after the inner one. */
+    BIO *bio = BIO_new(BIO_f_ssl());
+    if (bio == NULL)
+        goto fail;
+    BIO_set_ssl(bio, outer, BIO_NOCLOSE);
+    SSL_set_bio(ssl, bio, bio);  /* one BIO both ways: one reference taken */
+    SSL_set_accept_state(ssl);
+    return (uintptr_t)ssl;
+fail:
+    SSL_free(ssl);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ client side */
 
 static int elb_new_session_cb(SSL *ssl, SSL_SESSION *sess)

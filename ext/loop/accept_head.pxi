@@ -80,10 +80,33 @@ cdef void accept_batch(Loop loop, int lfd, object site):
             if type(site) is Transparent:
                 c.transparent = True  # until its first bytes say it is plain HTTP
                 c.state = S_HELLO
+            elif type(site) is TLSListener:
+                # the proxy over TLS: the session first, then heads as the plain
+                # listener's (site None)
+                c.site = None
+                c.reverse = False
+                if not listener_tls(loop, c, site):
+                    continue
         arm(loop, c, loop.now + loop.head_ns)
         # The listener defers accept until the client has sent something,
         # so the head is usually already here: read before polling.
         guarded_event(loop, c, fd, EPOLLIN)
+
+
+cdef bint listener_tls(Loop loop, Conn c, object site):
+    """Begin a --listen-tls client's TLS session (S_TLS_ACCEPT); False when no
+    SSL* could be made (counted, the connection closed)."""
+    cdef uintptr_t ptr
+    try:
+        ptr = site.new_ssl(c.fd)
+    except Exception:
+        loop.c.policy_errors += 1
+        close_conn(loop, c, False)
+        return False
+    c.tls.cssl = <SSL *>ptr
+    ssl_adopt()
+    c.state = S_TLS_ACCEPT
+    return True
 
 
 cdef inline object client_key(sockaddr_storage *ss):

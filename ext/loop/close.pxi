@@ -28,7 +28,8 @@ cdef void close_conn(Loop loop, Conn c, bint reset):
         if not c.reverse:
             loop.c.intercepts_open -= 1
         c.site = None
-    ssl_release(&c.tls.cssl)
+    ssl_release(&c.tls.cssl)  # an intercepted session first: it writes through the outer one
+    ssl_release(&c.tls.outer)
     c.state = S_CLOSED
     if c.fd >= 0:
         loop.fdmap[c.fd] = None

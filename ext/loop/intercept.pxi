@@ -13,21 +13,33 @@ cdef void begin_intercept(Loop loop, Conn c, object v):
     The leaf is chosen by SNI in the binding's C table (the CONNECT host
     when the client sends no SNI). A ClientHello that came with the
     CONNECT head goes to OpenSSL from memory first; a --transparent
-    client's (read_hello) is all it sent, and it gets no "200".
+    client's (read_hello) is all it sent, and it gets no "200". Inside a
+    --listen-tls session the new session reads and writes through that one
+    (which becomes c.tls.outer), the "200" too.
     """
     cdef bytes ok = CONNECT_200
     cdef bytes early = PyBytes_FromStringAndSize(c.cin.data + c.cin.start, buf_len(&c.cin))
     cdef uintptr_t ptr
+    cdef bint nested = c.tls.cssl != NULL
     if loop.s_new_ssl is None:
         policy_error(loop, c, RuntimeError("interception is not configured in this loop"))
         return
     c.verdict = v
     c.ticket = v.ticket
     try:
-        ptr = loop.s_new_ssl(c.fd, v.host, early)
+        if nested:
+            if PyBytes_GET_SIZE(early):
+                raise RemoteProtocolError(
+                    "a ClientHello sent before the CONNECT's answer inside a TLS proxy "
+                    "connection (wait for the 200)")
+            ptr = loop.s_new_ssl_over(<uintptr_t>c.tls.cssl, v.host)
+        else:
+            ptr = loop.s_new_ssl(c.fd, v.host, early)
     except Exception as exc:
         policy_error(loop, c, exc)
         return
+    if nested:
+        c.tls.outer = c.tls.cssl
     c.tls.cssl = <SSL *>ptr
     ssl_adopt()
     c.tls.early_tls = PyBytes_GET_SIZE(early) > 0
@@ -51,8 +63,9 @@ cdef void begin_intercept(Loop loop, Conn c, object v):
 cdef void client_tls_step(Loop loop, Conn c):
     cdef int rc, want = EPOLLIN
     if buf_len(&c.cout):
-        # the "200" (plain text) goes before any TLS byte
-        rc = buf_send(c.fd, NULL, &c.cout, NULL)
+        # the "200" (plain text, or inside a --listen-tls session through it)
+        # goes before any TLS byte of the intercepted session
+        rc = buf_send(c.fd, c.tls.outer, &c.cout, NULL)
         if rc < 0:
             client_lost(loop, c)  # gone before the "200": an abort, SSL* freed
             return

@@ -125,7 +125,8 @@ S_CONNECT
     epoll:    upstream OUT; client none
     events:   upstream OUT/ERR: connect_ready; client HUP/ERR: client_lost
 S_TLS_ACCEPT
-    set by:   begin_intercept (dispatch_head, dispatch_hello: an Intercept)
+    set by:   begin_intercept (dispatch_head, dispatch_hello: an Intercept);
+              listener_tls (accept_batch: a --listen-tls client)
     deadline: head_ns
     expiry:   close (head_timeouts)
     epoll:    client OUT until the plain "200" is out, then what the handshake wants
@@ -201,7 +202,7 @@ from timers cimport (
     elb_timers_push,
 )
 from tls cimport (
-    SSL, SSL_free, elb_io_recv, elb_io_send, elb_tls_goodbye, elb_tls_handshake,
+    SSL, SSL_free, SSL_pending, elb_io_recv, elb_io_send, elb_tls_goodbye, elb_tls_handshake,
     elb_tls_settle,
 )
 
@@ -211,7 +212,7 @@ from elbasy.errors import RemoteProtocolError
 from elbasy.pages import LOOP_PAGES
 from elbasy.verdicts import (
     ABANDONED, BAD_BODY, BAD_RESPONSE, DRAINED, FAILED, FINISHED, HEAD_TOO_LARGE,
-    INTERNAL_ERROR, NOW, TLS_FAILED, Forward, Intercept, Reply, Transparent, Tunnel,
+    INTERNAL_ERROR, NOW, TLS_FAILED, Forward, Intercept, Reply, TLSListener, Transparent, Tunnel,
 )
 from elbasy.trust import HANDSHAKE_RESET
 
@@ -364,6 +365,7 @@ cdef class Loop:
         if server_tls is not None:
             self.s_new_ssl = seam_method(server_tls, "new_ssl", missing)
             self.s_failure = seam_method(server_tls, "failure", missing)
+            self.s_new_ssl_over = getattr(server_tls, "new_ssl_over", None)
             seam_complete("server TLS", server_tls, missing)
         if client_tls is not None:
             self.u_new_ssl = seam_method(client_tls, "new_ssl", missing)

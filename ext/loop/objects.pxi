@@ -104,6 +104,7 @@ cdef class Conn(Slot):
         global live_conns
         live_conns -= 1
         ssl_release(&self.tls.cssl)
+        ssl_release(&self.tls.outer)
         ssl_release(&self.tls.ussl)
         buf_free(&self.cin)
         buf_free(&self.cout)

@@ -5,7 +5,9 @@
 # reports PUMP_OK, PUMP_SRC_FAILED or PUMP_DST_FAILED; it closes nothing: its
 # caller aborts the tunnel with the failed side as the culprit, and a reset
 # travels on to the other side. A flow copies through the loop's buffer
-# until one read fills it, then splices (splice.pxi).
+# until one read fills it, then splices (splice.pxi). A --listen-tls client's
+# side is its TLS session (c.tls.cssl): that flow never splices, and its
+# bytes are read and written through OpenSSL.
 
 
 cdef inline void tunnel_init(TunnelState *t) noexcept nogil:
@@ -46,6 +48,13 @@ cdef void begin_tunnel(Loop loop, Conn c):
     if c.transparent:
         c.transparent = False
         sent = PyBytes_GET_SIZE(ok)
+    elif c.tls.cssl != NULL:
+        # a --listen-tls session: everything to the client goes through TLS,
+        # the "200" too (the pump sends it), and no byte can be spliced
+        buf_append(&c.tunnel.down.pend, c.cout.data + c.cout.start, buf_len(&c.cout))
+        sent = 0
+        c.tunnel.up.no_splice = True
+        c.tunnel.down.no_splice = True
     elif buf_len(&c.cout):
         # a response to an earlier request is still on its way: it goes first
         buf_append(&c.tunnel.down.pend, c.cout.data + c.cout.start, buf_len(&c.cout))
@@ -63,11 +72,12 @@ cdef void begin_tunnel(Loop loop, Conn c):
         c.bytes_up += early
     buf_free(&c.cin)
     buf_free(&c.cout)
-    if loop.splice_mode == SPLICE_ALWAYS:
+    if loop.splice_mode == SPLICE_ALWAYS and c.tls.cssl == NULL:
         go_splice(loop, &c.tunnel.up)
         go_splice(loop, &c.tunnel.down)
     arm(loop, c, loop.now + loop.idle_ns)
-    if early:
+    if early or c.tls.cssl != NULL:
+        # (a TLS session may hold decrypted bytes epoll cannot see: read them now)
         rc = pump(loop, c, &c.tunnel.up, c.fd, c.ufd)
         if rc < 0:
             tunnel_abort(loop, c, c.fd if rc == PUMP_SRC_FAILED else c.ufd)
@@ -90,6 +100,9 @@ cdef void tunnel_event(Loop loop, Conn c, int fd, uint32_t ev):
     if ev & EPOLLERR:
         tunnel_abort(loop, c, fd)  # a reset (or another socket error) on fd
         return
+    if ev & EPOLLOUT and fd == c.fd and c.tls.c_rw:
+        c.tls.c_rw = 0  # a TLS read that had to write first goes on now
+        ev |= EPOLLIN
     if ev & (EPOLLIN | EPOLLHUP):
         rc = pump(loop, c, reading, fd, other)
         if rc < 0:
@@ -122,7 +135,7 @@ cdef void tunnel_masks(Loop loop, Conn c):
     cdef int cw = 0, uw = 0
     if not c.tunnel.up.eof and not dir_pending(&c.tunnel.up):
         cw |= EPOLLIN
-    if dir_pending(&c.tunnel.down):
+    if dir_pending(&c.tunnel.down) or c.tls.c_rw:
         cw |= EPOLLOUT
     if not c.tunnel.down.eof and not dir_pending(&c.tunnel.down):
         uw |= EPOLLIN
@@ -163,8 +176,11 @@ cdef int pump(Loop loop, Conn c, Dir *d, int src, int dst) except STEP_RAISED:
     cdef ssize_t n, k
     cdef int _rounds, rc
     cdef bint up = d == &c.tunnel.up
+    # a --listen-tls client's side is its TLS session (never spliced: no_splice)
+    cdef SSL *src_ssl = c.tls.cssl if src == c.fd else NULL
+    cdef SSL *dst_ssl = c.tls.cssl if dst == c.fd else NULL
     # 1. bytes already on their way
-    rc = buf_send(dst, NULL, &d.pend, &loop.c.copied)
+    rc = buf_send(dst, dst_ssl, &d.pend, &loop.c.copied)
     if rc <= 0:
         return PUMP_DST_FAILED if rc < 0 else PUMP_OK
     if d.pend.cap:
@@ -180,7 +196,7 @@ cdef int pump(Loop loop, Conn c, Dir *d, int src, int dst) except STEP_RAISED:
             n = splice(src, NULL, d.pipe_w, NULL, SPLICE_CHUNK,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
         else:
-            n = recv(src, loop.iobuf, IO_CHUNK, 0)
+            n = elb_io_recv(src, src_ssl, loop.iobuf, IO_CHUNK, &c.tls.c_rw)
         if n < 0:
             if errno == EINTR:
                 continue  # a signal first: nothing moved, read again
@@ -206,7 +222,7 @@ cdef int pump(Loop loop, Conn c, Dir *d, int src, int dst) except STEP_RAISED:
             if rc != 1:
                 return rc
             continue
-        k = send(dst, loop.iobuf, n, MSG_NOSIGNAL)
+        k = elb_io_send(dst, dst_ssl, loop.iobuf, n)
         if k < 0:
             if errno != EAGAIN and errno != EINTR:
                 return PUMP_DST_FAILED  # EPIPE, ECONNRESET: dst is gone
@@ -217,15 +233,18 @@ cdef int pump(Loop loop, Conn c, Dir *d, int src, int dst) except STEP_RAISED:
         if k < n:
             buf_append(&d.pend, loop.iobuf + k, n - k)
             return PUMP_OK
-        if n < IO_CHUNK:
+        if n < IO_CHUNK and (src_ssl == NULL or SSL_pending(src_ssl) == 0):
             # a short read emptied the socket: another recv would
             # only say EAGAIN; the level-triggered poll will call again
+            # (a TLS read gives one record: more may wait inside OpenSSL)
             return PUMP_OK
     # 3. the source is done and everything reached dst: pass the FIN on
     if d.eof and not d.shut and not dir_pending(d):
         # the FIN travels on; when the other way is already finished the
         # tunnel closes right after, and close() sends it for free
         if not (c.tunnel.down.shut if up else c.tunnel.up.shut):
+            if dst_ssl != NULL:
+                elb_tls_goodbye(dst_ssl)  # a TLS client hears the end as close_notify
             shutdown(dst, SHUT_WR)  # errors ignored: a dead dst shows on its next event
         d.shut = True
         release_pipe(loop, d)

@@ -73,7 +73,10 @@ cdef struct ExchangeState:
 cdef struct TlsState:
     # intercepted sessions and https upstreams (intercept.pxi); the SSL*s are
     # owned and counted from ssl_adopt to ssl_release (objects.pxi)
-    SSL *cssl              # intercepted: our TLS session with the client
+    # outer: --listen-tls with an intercepted CONNECT inside, the outer session,
+    # which cssl reads and writes through
+    SSL *cssl              # intercepted (or --listen-tls): our TLS session with the client
+    SSL *outer
     SSL *ussl              # our TLS session with an https upstream
     int c_rw               # a TLS read on the client needs it writable
     int u_rw               # a TLS read on the upstream needs it writable
@@ -195,6 +198,7 @@ cdef class Loop:
     cdef object p_ended
     cdef object p_quota_moved
     cdef object p_on_hello
+    cdef object s_new_ssl_over  # the server TLS's new_ssl_over (interception inside --listen-tls)
     # the resolver's (elbasy.seam.ResolverSeam)
     cdef object r_lookup
     cdef object r_completed
