@@ -5,7 +5,7 @@ from typing import Any
 
 from elbasy.pages import LoopPages
 from elbasy.seam import ClientTLSSeam, PolicySeam, ResolverSeam, ServerTLSSeam
-from elbasy.verdicts import Reverse, Transparent
+from elbasy.verdicts import Reverse, TLSListener, Transparent
 
 # the loop's constants as compiled (ext/includes/consts.pxi)
 STATES: dict[str, int]
@@ -46,6 +46,7 @@ class Ended:
         sent: bool = False,
     ) -> None: ...
 
+CLIENT_BUCKETS: int
 LOOP_COUNTERS: tuple[str, ...]
 LOOP_GAUGES: tuple[str, ...]
 LOOP_COUNTERS_SIZE: int
@@ -75,7 +76,8 @@ class Loop:
         pages: LoopPages = ...,
         counters: memoryview | None = None,
         client_allowed: Callable[[bytes], bool] | None = None,
-        sites: Sequence[tuple[int, Reverse | Transparent]] = (),
+        sites: Sequence[tuple[int, Reverse | Transparent | TLSListener]] = (),
+        instance_counts: tuple[memoryview, int, int, int, int, int] | None = None,
     ) -> None: ...
     def run(self) -> None: ...
     def stop(self) -> None: ...

@@ -824,16 +824,16 @@ class Config:
     max_connections: int = setting(
         Integer(0, 10_000_000),
         0,
-        "A worker answers 503 at once to a new client connection beyond this many open "
-        "(0: only the fd limit).",
+        "Answer 503 at once to a new client connection beyond this many open, every "
+        "worker's counted (0: only the fd limit).",
         to="loop",
         default_text="0, off",
     )
     max_client_connections: int = setting(
         Integer(0, 10_000_000),
         0,
-        "A worker answers 503 at once to a client address with this many connections "
-        "open already (0: no limit).",
+        "Answer 503 at once to a client address with this many connections open "
+        "already, on any worker (0: no limit).",
         to="loop",
         default_text="0, off",
     )

@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from elbasy._loop import LOOP_COUNTERS, LOOP_COUNTERS_SIZE, LOOP_GAUGES
+from elbasy._loop import CLIENT_BUCKETS, LOOP_COUNTERS, LOOP_COUNTERS_SIZE, LOOP_GAUGES
 
 __all__ = [
     "FAMILIES",
@@ -89,7 +89,11 @@ _ACCOUNTS_AT = _VALUES_AT + _MAX_VALUES * 8
 # a history point: its interval number, then the wait histogram
 _POINT_DOUBLES = 1 + _BUCKETS
 _HISTORY_AT = _ACCOUNTS_AT + ACCOUNTS_KEPT * _ACCOUNT.size
-_SLOT_END = _HISTORY_AT + HISTORY_POINTS * _POINT_DOUBLES * 8
+# the worker's open connections by client address (a uint32 per bucket of the
+# address's hash): --max-client-connections counts the whole instance's, every
+# slot's bucket summed (elbasy._loop.CLIENT_BUCKETS, ext/loop/accept_head.pxi)
+_CLIENTS_AT = _HISTORY_AT + HISTORY_POINTS * _POINT_DOUBLES * 8
+_SLOT_END = _CLIENTS_AT + CLIENT_BUCKETS * 4
 SLOT_SIZE = -(-_SLOT_END // mmap.PAGESIZE) * mmap.PAGESIZE
 
 assert LOOP_COUNTERS_SIZE <= _LOOP_SIZE, "the loop's counters outgrew their place in a slot"
@@ -272,6 +276,21 @@ class MetricsMemory:
         if not 0 <= i < self.slots:
             raise ValueError(f"metrics slot {i} is not in 0..{self.slots - 1}")
         return self.view[i * SLOT_SIZE : (i + 1) * SLOT_SIZE]
+
+    def connections_of(self, slot: int) -> tuple[memoryview, int, int, int, int, int]:
+        """What worker ``slot``'s Loop takes as ``instance_counts``: the whole
+        mapping, the slots, their size, where the loop's counters and the client
+        counts are in each, and its own slot (the connection limits count the
+        instance's connections, every worker's)."""
+        return (self.view, self.slots, SLOT_SIZE, _LOOP_AT, _CLIENTS_AT, slot)
+
+    def forget_connections(self, slot: int) -> None:
+        """A reaped worker's connections are gone: its open count and its client
+        counts are zeroed, so the instance's limits no longer count them."""
+        memory = self.slot(slot)
+        memory[_CLIENTS_AT : _CLIENTS_AT + CLIENT_BUCKETS * 4] = bytes(CLIENT_BUCKETS * 4)
+        at = _LOOP_AT + 8 * LOOP_COUNTERS.index("open")
+        memory[at : at + 8] = bytes(8)
 
 
 def _header(slot: memoryview) -> tuple[int, float, int, int, int, int]:

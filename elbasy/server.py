@@ -468,6 +468,8 @@ class Worker:
                 quota_fd=self.pacer.store.fileno(),
                 pages=LOOP_PAGES,
                 counters=self.metrics.loop_counters,
+                # the connection limits count every worker's connections
+                instance_counts=self.metrics.instance.connections_of(slot),
                 # --allow-clients is decided at accept, once per client address
                 client_allowed=(
                     self.policy.client_allowed if self.policy.access.clients is not None else None

@@ -547,6 +547,9 @@ class Supervisor:
                 os.close(child.ready_r)
                 child.ready_r = None
             on_worker_gone(self.shared, child.slot)
+            if self.metrics is not None:
+                # its connections no longer count against the instance's limits
+                self.metrics.forget_connections(child.slot)
             self._gone(child, status)
 
     def _gone(self, child: Child, status: int) -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import errno
 import http.client
 import json
+import os
 import re
 import resource
 import select
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -344,3 +346,56 @@ def test_the_global_connection_limit(proxy, http_origin) -> None:
             time.sleep(0.05)
     else:
         raise AssertionError("the limit never let a connection in again")
+
+
+def _held_and_refused(p, n: int, source: str = "127.0.0.1") -> tuple[list[socket.socket], int]:
+    """Open ``n`` connections from ``source``, each with half a head (accepted, and
+    then held open by elbasy); (the ones still open, how many were answered 503)."""
+    kept, refused = [], 0
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", p.port), timeout=10, source_address=(source, 0))
+        s.sendall(b"GET /healthz HTTP/1.1\r\n")
+        kept.append(s)
+    time.sleep(0.5)
+    still = []
+    for s in kept:
+        s.settimeout(0.2)
+        try:
+            got = s.recv(4096)
+        except TimeoutError:
+            still.append(s)  # held: waiting for the rest of its head
+            continue
+        refused += got.startswith(b"HTTP/1.1 503")
+        s.close()
+    return still, refused
+
+
+def test_the_limits_count_every_workers_connections(proxy) -> None:
+    """With --workers 2 the kernel spreads one address's connections over both
+    workers; the limits are the instance's all the same. A worker killed while it
+    holds connections gives its share back once it is reaped."""
+    p = proxy("--workers", "2", "--max-client-connections", "3", "--max-connections", "5")
+    held, refused = _held_and_refused(p, 8)
+    assert (len(held), refused) == (3, 5)
+    other, refused = _held_and_refused(p, 4, "127.0.0.2")  # another address: its own 3...
+    assert (len(other), refused) == (2, 2)  # ...but the instance holds 5 at most
+    for s in held + other:
+        s.close()
+    time.sleep(0.5)
+    again, refused = _held_and_refused(p, 4)
+    assert (len(again), refused) == (3, 1)  # places freed are taken again
+    # the worker holding most of them dies: its share goes with it
+    pids = p.worker_pids()
+    counts = {pid: sum(1 for fd in os.listdir(f"/proc/{pid}/fd")) for pid in pids}
+    victim = max(counts, key=counts.__getitem__)
+    os.kill(victim, signal.SIGKILL)
+    for s in again:
+        s.close()
+    deadline = time.monotonic() + 10
+    while (len(p.worker_pids()) < 2 or victim in p.worker_pids()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    after, refused = _held_and_refused(p, 4)
+    assert (len(after), refused) == (3, 1)
+    for s in after:
+        s.close()

@@ -141,6 +141,14 @@ static inline int elb_original_dst(int fd, char *out, size_t cap)
     return elb_format_peer(&meant, out, cap);
 }
 
+/* A full memory barrier: a worker's own count, stored, is seen by the other
+ * workers before it reads theirs (the connection limits: each of two workers
+ * that take a connection at once then sees the other's). */
+static inline void elb_fence(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
 /* A client's address as a short key (family byte, then its 4 or 16 bytes):
  * what the per-client connection count is kept by. Returns its length. */
 static inline int elb_peer_key(const struct sockaddr_storage *ss, unsigned char *out)

@@ -24,6 +24,7 @@ cdef extern from "elbasy_io.h" nogil:
     int elb_socket_error(int fd)
     int elb_format_peer(const sockaddr_storage *ss, char *out, size_t cap)
     int elb_original_dst(int fd, char *out, size_t cap)
+    void elb_fence()
     int elb_peer_key(const sockaddr_storage *ss, unsigned char *out)
     long elb_head_end(const char *buf, size_t length, size_t start)
     long elb_chunked_scan(elb_chunked *st, char *buf, size_t length, size_t *kept)

@@ -31,7 +31,7 @@ cdef void add_listener(Loop loop, int fd, object site) except *:
 cdef void accept_batch(Loop loop, int lfd, object site):
     """Accept what waits on listener `lfd`; `site`: a --reverse or --transparent
     listener's (else None)."""
-    cdef int _i, fd, err
+    cdef int _i, fd, err, bucket
     cdef sockaddr_storage ss
     cdef socklen_t slen
     cdef Conn c
@@ -59,7 +59,8 @@ cdef void accept_batch(Loop loop, int lfd, object site):
         if loop.p_client_allowed is not None and not client_allowed(loop, key):
             refuse_client(loop, fd)
             continue
-        if over_limits(loop, key):
+        bucket = client_bucket(key)
+        if not admitted(loop, bucket):
             refuse_busy(loop, fd)
             continue
         # TCP_NODELAY comes from the listener: accepted sockets inherit it
@@ -70,9 +71,8 @@ cdef void accept_batch(Loop loop, int lfd, object site):
         c.peer = ss
         map_fd(loop, fd, c)
         loop.c.accepted += 1
-        loop.c.open += 1
         c.client_key = key
-        loop.per_client[key] = loop.per_client.get(key, 0) + 1
+        c.client_bucket = bucket  # counted by admitted, with loop.c.open
         c.state = S_HEAD
         if site is not None:
             c.site = site
@@ -142,12 +142,61 @@ cdef void refuse_client(Loop loop, int fd):
     close(fd)
 
 
-cdef inline bint over_limits(Loop loop, object key):
-    """Whether a new client connection would pass --max-connections or
-    --max-client-connections (this worker's counts)."""
-    if loop.max_conns and <Py_ssize_t>loop.c.open >= loop.max_conns:
-        return True
-    return loop.max_client_conns and loop.per_client.get(key, 0) >= loop.max_client_conns
+cdef inline int client_bucket(object key):
+    """Which of the CLIENT_COUNT_BUCKETS counts a client address (its key) is
+    counted in: FNV-1a of the key. Two addresses that share a bucket share its
+    limit (stricter for both, never looser); with 16,384 buckets that takes
+    about a hundred busy addresses to be likely for any one pair."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(key)
+    cdef Py_ssize_t i, n = PyBytes_GET_SIZE(key)
+    cdef uint32_t h = 2166136261u
+    for i in range(n):
+        h = (h ^ p[i]) * 16777619u
+    return <int>(h % CLIENT_COUNT_BUCKETS)
+
+
+cdef inline bint admitted(Loop loop, int bucket):
+    """Count a new client connection (loop.c.open, its address's bucket), then
+    see whether it passed --max-connections or --max-client-connections: the
+    instance's counts, every worker's summed (this loop's alone without instance
+    memory). Past a limit it is uncounted again and refused. Counting first and
+    looking after a fence means two workers taking connections at once both see
+    both: at worst both refuse, never both admit past the limit."""
+    loop.c.open += 1
+    loop.clients[bucket] += 1
+    if (loop.max_conns or loop.max_client_conns) and loop.peers != NULL:
+        elb_fence()
+    if over_limits(loop, bucket):
+        loop.c.open -= 1
+        loop.clients[bucket] -= 1
+        return False
+    return True
+
+
+cdef inline bint over_limits(Loop loop, int bucket):
+    """Whether the counts, this connection's included, are past a limit."""
+    cdef Py_ssize_t s, total
+    cdef unsigned char *slot
+    if loop.max_conns:
+        if loop.peers == NULL:
+            total = <Py_ssize_t>loop.c.open
+        else:
+            total = 0
+            for s in range(loop.peers_slots):
+                slot = loop.peers + s * loop.peers_stride
+                total += <Py_ssize_t>(<elb_loop_counters *>(slot + loop.peers_loop_at)).open
+        if total > loop.max_conns:
+            return True
+    if loop.max_client_conns:
+        if loop.peers == NULL:
+            total = loop.clients[bucket]
+        else:
+            total = 0
+            for s in range(loop.peers_slots):
+                slot = loop.peers + s * loop.peers_stride + loop.peers_clients_at
+                total += (<unsigned int *>slot)[bucket]
+        return total > loop.max_client_conns
+    return False
 
 
 cdef void refuse_busy(Loop loop, int fd):

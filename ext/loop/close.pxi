@@ -50,16 +50,12 @@ cdef void close_conn(Loop loop, Conn c, bint reset):
 
 cdef inline void client_gone(Loop loop, Conn c):
     """One connection fewer for its client address (the limits' count)."""
-    cdef object key = c.client_key
-    cdef Py_ssize_t n
-    if key is None:
+    if c.client_bucket < 0:
         return
+    if loop.clients[c.client_bucket] > 0:
+        loop.clients[c.client_bucket] -= 1
+    c.client_bucket = -1
     c.client_key = None
-    n = loop.per_client.get(key, 1) - 1
-    if n > 0:
-        loop.per_client[key] = n
-    else:
-        loop.per_client.pop(key, None)
 
 
 cdef void shutdown_all(Loop loop):

@@ -175,8 +175,8 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.errno cimport EAGAIN, EBADF, EINTR, EINVAL, EMFILE, ENFILE, ENOSYS, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memmove
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memmove, memset
 
 from counters cimport (
     elb_loop_counter_names,
@@ -186,8 +186,8 @@ from counters cimport (
 )
 from io cimport (
     CH_DONE, ELB_HELLO_BAD, ELB_HELLO_MAX, ELB_HELLO_MORE, ELB_HELLO_NAME, elb_chunked_scan,
-    elb_connect, elb_format_peer, elb_head_end, elb_hello_name, elb_now_ns, elb_original_dst,
-    elb_peer_key, elb_set_reset, elb_socket_error,
+    elb_connect, elb_fence, elb_format_peer, elb_head_end, elb_hello_name, elb_now_ns,
+    elb_original_dst, elb_peer_key, elb_set_reset, elb_socket_error,
 )
 from system cimport (
     ECONNABORTED, ENOBUFS, ENOMEM, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD,
@@ -249,6 +249,9 @@ include "stats.pxi"
 # The loop's constants that Python also knows, as the compiled module has
 # them: tests/test_loop_states.py checks them against elbasy.verdicts,
 # elbasy.config and the state table above.
+#: the buckets of client addresses the connection limits count by (a slot's share
+#: of the metrics memory holds as many uint32s: elbasy.metrics)
+CLIENT_BUCKETS = CLIENT_COUNT_BUCKETS
 STATES = {
     "S_HEAD": S_HEAD,
     "S_RESOLVE": S_RESOLVE,
@@ -307,6 +310,33 @@ cdef list name_list(const char *const *names):
     return out
 
 
+cdef void clients_in(Loop loop, object instance_counts) except *:
+    """Where the connection limits count (Loop.clients, Loop.peers_*): in this
+    worker's slot of the instance's metrics memory, ``instance_counts`` being
+    (the mapping, its slots, their size, the loop counters' and the client
+    counts' place in a slot, this worker's slot: MetricsMemory.connections_of),
+    zeroed for a predecessor's; or, with None, in this loop's own array."""
+    cdef unsigned char[::1] view
+    cdef Py_ssize_t slot
+    if instance_counts is None:
+        loop.own_clients = <unsigned int *>calloc(CLIENT_COUNT_BUCKETS, sizeof(unsigned int))
+        if loop.own_clients == NULL:
+            raise MemoryError()
+        loop.clients = loop.own_clients
+        return
+    memory, loop.peers_slots, loop.peers_stride, loop.peers_loop_at, loop.peers_clients_at, slot = (
+        instance_counts)
+    view = memory
+    if (not 0 <= slot < loop.peers_slots or view.shape[0] < loop.peers_slots * loop.peers_stride
+            or loop.peers_clients_at + CLIENT_COUNT_BUCKETS * 4 > loop.peers_stride
+            or (<uintptr_t>&view[0] + loop.peers_clients_at) % 8):
+        raise ValueError("instance_counts do not describe the metrics memory")
+    loop.peers_memory = memory
+    loop.peers = &view[0]
+    loop.clients = <unsigned int *>(loop.peers + slot * loop.peers_stride + loop.peers_clients_at)
+    memset(loop.clients, 0, CLIENT_COUNT_BUCKETS * sizeof(unsigned int))
+
+
 cdef elb_loop_counters *counters_in(object memory) except NULL:
     """The struct at the start of ``memory``: a writable, C-contiguous buffer
     of at least LOOP_COUNTERS_SIZE bytes, aligned for uint64 (an mmap slice)."""
@@ -344,7 +374,7 @@ cdef class Loop:
                  int splice=SPLICE_AUTO,  # no-cython-lint (the keyword is public; splice(2) is not)
                  server_tls=None, client_tls=None, bint listen_exclusive=False,
                  int quota_fd=-1, pages=LOOP_PAGES, counters=None, client_allowed=None,
-                 sites=()):
+                 sites=(), instance_counts=None):
         # the seam (elbasy.seam), bound before any fd is taken: an object
         # missing a method is refused here, not at the request that needs it
         cdef list missing = []
@@ -393,7 +423,7 @@ cdef class Loop:
         self.exchange_ns = seconds_ns(exchange_timeout)
         self.max_conns = max_connections
         self.max_client_conns = max_client_connections
-        self.per_client = {}
+        clients_in(self, instance_counts)
         if client_allowed is not None and not callable(client_allowed):
             raise TypeError(f"client_allowed must be callable, not {client_allowed!r}")
         self.p_client_allowed = client_allowed
@@ -447,6 +477,7 @@ cdef class Loop:
         close_retired(self)
         free(self.events)
         free(self.iobuf)
+        free(self.own_clients)
         elb_timers_free(&self.timers)
         free(self.retired)
 

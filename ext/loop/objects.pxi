@@ -94,6 +94,7 @@ cdef class Conn(Slot):
         global live_conns
         live_conns += 1
         self.ufd = -1
+        self.client_bucket = -1
         self.cmask = -1
         self.umask = -1
         tunnel_init(&self.tunnel)

@@ -154,7 +154,8 @@ cdef class Conn(Slot):
     cdef Buf cin                # from the client: head bytes, then body bytes
     cdef Buf cout               # to the client, not yet taken by its socket
     cdef object peer_text
-    cdef object client_key      # its address's key in Loop.per_client (elb_peer_key)
+    cdef object client_key      # its address's key (elb_peer_key): --allow-clients asks by it
+    cdef int client_bucket      # its address's count in Loop.clients (-1: not counted)
     cdef object ticket          # the policy's handle for this request or tunnel
     cdef object verdict         # the Tunnel or Forward being carried out
     cdef object addrs           # upstream connect: the resolver's addresses
@@ -240,7 +241,16 @@ cdef class Loop:
     cdef int64_t exchange_ns
     cdef Py_ssize_t max_conns         # 0: only the fd limit
     cdef Py_ssize_t max_client_conns  # per client address; 0: no limit
-    cdef dict per_client              # client_key -> its open connections
+    # the connection limits' counts: this worker's open connections by a hash of
+    # the client's address (clients), in its slot of the instance's metrics
+    # memory when it has one; every worker's slot is summed (peers_*: the
+    # mapping, its slots, their size, where each holds its loop counters and
+    # its client counts). Without one, this loop's alone.
+    cdef unsigned int *clients
+    cdef unsigned int *own_clients
+    cdef unsigned char *peers
+    cdef Py_ssize_t peers_slots, peers_stride, peers_loop_at, peers_clients_at
+    cdef object peers_memory
     # --allow-clients: the policy's verdict on a client address (a client_key
     # -> bool), asked once per address and kept in client_verdicts (at most
     # CLIENT_VERDICTS_KEPT); None: every client is let in, nothing asked
