@@ -341,6 +341,7 @@ def test_loop_stub_takes_the_loop_settings() -> None:
             "counters",
             "client_allowed",
             "sites",
+            "instance_counts",
         )
     } == loop
     assert set(loop) == {s.keyword for s in SETTINGS if s.to == "loop"}
@@ -389,7 +390,9 @@ def test_worker_gives_the_loop_and_pacer_exactly_their_settings(
             # its counters, in its slot of the metrics memory
             "counters": worker.metrics.loop_counters,
             "client_allowed": None,  # no --allow-clients: nothing is asked at accept
-            "sites": [],  # no --reverse or --transparent listener
+            "sites": [],  # no --reverse, --transparent or --listen-tls listener
+            # the connection limits count in the metrics memory (its own, one slot)
+            "instance_counts": worker.metrics.instance.connections_of(0),
         }
         pacer = {k: v for k, v in seen["Pacer"].items() if k not in ("wall", "mono", "metrics")}
         assert pacer == config.pacer_settings()
