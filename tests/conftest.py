@@ -294,6 +294,13 @@ def _stop_all(started: list[Proxy]) -> None:
         pytest.fail("\n".join(problems), pytrace=False)
 
 
+@pytest.fixture(scope="module")
+def api_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[origins.TestCA, Path]:
+    """A test CA for a module's API origins (its leaves' directory beside it)."""
+    where = tmp_path_factory.mktemp("apis")
+    return origins.make_ca(where), where
+
+
 @pytest.fixture
 def proxy() -> Iterator[Callable[..., Proxy]]:
     """Factory: ``p = proxy("--head-timeout", "2")`` starts elbasy on 127.0.0.1:0.

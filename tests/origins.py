@@ -857,3 +857,12 @@ def client_hello(name: str | None) -> bytes:
     except ssl.SSLWantReadError:
         pass
     return outgoing.read()
+
+
+def server_context(ca: TestCA, directory: Path, names: tuple[str, ...]) -> ssl.SSLContext:
+    """A server TLS context with a leaf for ``names`` (and 127.0.0.1) from ``ca``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = make_leaf(ca, directory, names=names, ips=("127.0.0.1",))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx

@@ -107,10 +107,7 @@ class Running:
 
 @pytest.fixture
 def shop(test_ca: origins.TestCA, tmp_path: Path) -> Iterator[origins.HTTPOrigin]:
-    cert, key = origins.make_leaf(test_ca, tmp_path, names=(GLOB, "localhost"))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
-    o = origins.HTTPOrigin(tls=ctx)
+    o = origins.HTTPOrigin(tls=origins.server_context(test_ca, tmp_path, (GLOB, "localhost")))
     yield o
     o.close()
 

@@ -33,20 +33,10 @@ REST_PATH = "/admin/api/2024-10/products.json"
 BANNER = re.compile(r"TLS proxy on 127\.0\.0\.1:(\d+): .* and trust (\S+)")
 
 
-@pytest.fixture(scope="module")
-def api_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[origins.TestCA, Path]:
-    where = tmp_path_factory.mktemp("apis")
-    return origins.make_ca(where), where
-
-
 @pytest.fixture
 def site_origin(api_ca: tuple[origins.TestCA, Path]) -> Iterator[origins.HTTPOrigin]:
     ca, where = api_ca
-    (where / "site").mkdir(exist_ok=True)
-    cert, key = origins.make_leaf(ca, where / "site", names=(SITE,), ips=("127.0.0.1",))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
-    o = origins.HTTPOrigin(tls=ctx)
+    o = origins.HTTPOrigin(tls=origins.server_context(ca, where / "site", (SITE,)))
     yield o
     o.close()
 

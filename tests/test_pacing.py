@@ -37,12 +37,6 @@ CLIENTS = 200
 RUN = 30.0
 
 
-@pytest.fixture(scope="module")
-def api_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[origins.TestCA, Path]:
-    where = tmp_path_factory.mktemp("apis")
-    return origins.make_ca(where), where
-
-
 def remote_mock(kind: str, api_ca: tuple[origins.TestCA, Path]) -> RemoteMock:
     """The mock in a process of its own: the load's client threads keep this one's GIL."""
     ca, where = api_ca

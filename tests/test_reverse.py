@@ -42,12 +42,6 @@ def reverse_ports(p: Proxy) -> dict[str, int]:
     return {m.group(2): int(m.group(1)) for m in map(REVERSE_RE.search, p.stderr_lines) if m}
 
 
-@pytest.fixture(scope="module")
-def api_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[origins.TestCA, Path]:
-    where = tmp_path_factory.mktemp("apis")
-    return origins.make_ca(where), where
-
-
 @pytest.fixture
 def etsy(api_ca: tuple[origins.TestCA, Path]) -> Iterator[RemoteMock]:
     ca, where = api_ca

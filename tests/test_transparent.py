@@ -105,12 +105,6 @@ def test_a_name_with_a_control_byte_is_refused() -> None:
 # --------------------------------------------------------------------------- the listener
 
 
-@pytest.fixture(scope="module")
-def api_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[origins.TestCA, Path]:
-    where = tmp_path_factory.mktemp("apis")
-    return origins.make_ca(where), where
-
-
 @pytest.fixture
 def shopify(api_ca: tuple[origins.TestCA, Path]) -> Iterator[RemoteMock]:
     ca, where = api_ca
@@ -123,11 +117,7 @@ def shopify(api_ca: tuple[origins.TestCA, Path]) -> Iterator[RemoteMock]:
 @pytest.fixture
 def site_origin(api_ca: tuple[origins.TestCA, Path]) -> Iterator[origins.HTTPOrigin]:
     ca, where = api_ca
-    (where / "site").mkdir(exist_ok=True)
-    cert, key = origins.make_leaf(ca, where / "site", names=(SITE,), ips=("127.0.0.1",))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
-    o = origins.HTTPOrigin(tls=ctx)
+    o = origins.HTTPOrigin(tls=origins.server_context(ca, where / "site", (SITE,)))
     yield o
     o.close()
 
