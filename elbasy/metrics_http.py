@@ -54,6 +54,8 @@ class MetricsListener:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # never SO_REUSEPORT: a taken port is an error, not a share of its connections
+    allow_reuse_port = False
 
 
 class _Server6(_Server):

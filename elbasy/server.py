@@ -99,9 +99,37 @@ def bind_error(option: str, host: str, port: int, exc: OSError) -> StartupError:
     return ListenError(f"cannot listen on {where}{suffix}: {why}")
 
 
-def listen_group(host: str, port: int, count: int, option: str = "--listen") -> list[socket.socket]:
+def probe_free(host: str, port: int, option: str = "--listen") -> None:
+    """Raise StartupError (one line, naming ``option``) when ``host:port`` is taken.
+
+    A bind without SO_REUSEPORT (then closed, never listening): a SO_REUSEPORT
+    listener would otherwise join the group of whatever already listens there
+    with SO_REUSEPORT (another elbasy of the same user, say) and silently take
+    half its connections. SO_REUSEADDR as the listeners have it, so connections
+    of a past run in TIME_WAIT do not count as taken. Port 0 is not probed: the
+    kernel gives it a port nobody holds. Between the probe and the listeners'
+    bind another SO_REUSEPORT listener could still slip in (two elbasys started
+    on one port at the same instant): one start in a race, never a standing
+    listener overlooked."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+        except OSError as e:
+            raise bind_error(option, host, port, e) from None
+
+
+def listen_group(
+    host: str, port: int, count: int, option: str = "--listen", probe: bool = True
+) -> list[socket.socket]:
     """``count`` SO_REUSEPORT listeners on one port (port 0: the first one's),
-    one per worker; raises StartupError (naming ``option``), closing what it opened."""
+    one per worker; raises StartupError (naming ``option``), closing what it opened.
+    ``probe``: first see that no one listens there already (:func:`probe_free`)."""
+    if probe:
+        probe_free(host, port, option)
     first = listen(host, port, reuseport=True, option=option)
     group = [first]
     try:
@@ -134,12 +162,15 @@ def listen_sites(config: Config, count: int, proxy: tuple[str, int]) -> list[lis
     StartupError (one line, naming the option), closing what it opened."""
     groups: list[list[socket.socket]] = []
     try:
+        # the ports as given first (one of the proxy's or of another site's would
+        # fail the probe as merely "in use"), then as bound (port 0's)
+        check_own_ports(config, [(host, port) for _, host, port in site_listeners(config)], proxy)
         for what, host, port in site_listeners(config):
             try:
                 groups.append(listen_group(host, port, count, what.split()[0]))
             except StartupError as e:
                 raise type(e)(f"{what}: {e}") from None
-        check_own_ports(config, groups, proxy)
+        check_own_ports(config, [group[0].getsockname()[:2] for group in groups], proxy)
     except BaseException:
         for group in groups:
             for sock in group:
@@ -151,18 +182,18 @@ def listen_sites(config: Config, count: int, proxy: tuple[str, int]) -> list[lis
 
 
 def check_own_ports(
-    config: Config, groups: list[list[socket.socket]], proxy: tuple[str, int]
+    config: Config, addresses: list[tuple[str, int]], proxy: tuple[str, int]
 ) -> None:
-    """Refuse a --reverse or --transparent bound where the proxy or another of them
-    listens (an overlapping address, same port): SO_REUSEPORT lets such a bind
-    succeed, and the listeners would then share one another's connections."""
+    """Refuse a --reverse or --transparent at ``addresses`` (each site's, in
+    :func:`site_listeners` order; port 0: not yet known, not compared) where the
+    proxy or another of them listens (an overlapping address, same port): their
+    listeners would share one another's connections."""
     wild = ("0.0.0.0", "::")
     seen = [(proxy[0], proxy[1], "the proxy (--listen)")]
-    for (this, _, _), group in zip(site_listeners(config), groups, strict=True):
-        host, port = group[0].getsockname()[:2]
+    for (this, _, _), (host, port) in zip(site_listeners(config), addresses, strict=True):
         for other_host, other_port, what in seen:
             overlaps = host == other_host or host in wild or other_host in wild
-            if port == other_port and overlaps:
+            if port and port == other_port and overlaps:
                 raise StartupError(f"{this}: port {port} is taken by {what}")
         seen.append((host, port, this))
 

@@ -690,7 +690,12 @@ class Supervisor:
                     "the last reload's workers are still draining)"
                 )
             if moves:
-                socks = listen_group(new.listen_host, new.listen_port, count)
+                # the probe would find this instance's own listeners on their port
+                # (127.0.0.1:P to 0.0.0.0:P): only a new port is probed
+                own_port = self.socks[0].getsockname()[1]
+                socks = listen_group(
+                    new.listen_host, new.listen_port, count, probe=new.listen_port != own_port
+                )
             else:
                 host, port = self.socks[0].getsockname()[:2]
                 while len(self.socks) + len(socks) < count:

@@ -287,6 +287,53 @@ def test_a_busy_port_is_a_one_line_error(tmp_path: Path, workers: str):
     )
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "where"),
+    [
+        ("--listen", "127.0.0.1:{port}", "127.0.0.1:{port}"),
+        ("--reverse", "127.0.0.1:{port}=http://127.0.0.1:9", "127.0.0.1:{port} for --reverse"),
+        ("--metrics-listen", "127.0.0.1:{port}", "127.0.0.1:{port} for --metrics-listen"),
+    ],
+)
+def test_a_second_elbasy_on_a_running_ones_port_is_a_one_line_error(
+    proxy, tmp_path: Path, option: str, value: str, where: str
+):
+    """The first one's SO_REUSEPORT listeners would take in a second elbasy's
+    (same user) without a word, each then getting half the connections: the
+    second must refuse to start instead, and the first serve on as before."""
+    p = proxy("--workers", "2")
+    workers = set(p.worker_pids())
+    port = p.port
+    args = [option, value.format(port=port), "--workers", "2"]
+    if option != "--listen":
+        args = ["--listen", "127.0.0.1:0", *args]
+    second = subprocess.Popen(
+        [sys.executable, "-m", "elbasy", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(Path(__file__).resolve().parent.parent),
+        env={**os.environ, "XDG_DATA_HOME": str(tmp_path)},
+    )
+    try:
+        _, err = second.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        second.kill()
+        second.communicate()
+        raise AssertionError(f"a second elbasy started on port {port}, the first's") from None
+    proc = subprocess.CompletedProcess(second.args, second.returncode, "", err)
+    named = f"{option} {value.format(port=port)}: " if option == "--reverse" else ""
+    assert _one_error_line(proc) == (
+        f"Error: {named}cannot listen on {where.format(port=port)}: address already in use "
+        f"(try {option} 127.0.0.1:PORT)"
+    )
+    # the first one serves on, every connection answered by its own workers
+    for _ in range(20):
+        assert get_healthz(port)["pid"] in workers
+    assert set(p.worker_pids()) == workers
+
+
 def test_an_address_this_host_lacks_is_a_one_line_error(tmp_path: Path):
     # 192.0.2.0/24 is TEST-NET-1: documentation only, never a local address
     proc = _elbasy_fails(tmp_path, "--listen", "192.0.2.1:8080")
