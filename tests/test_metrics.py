@@ -23,7 +23,6 @@ from conftest import Proxy
 from mockapis.remote import RemoteMock
 from prometheus_client.parser import text_string_to_metric_families
 from test_pacing import (  # noqa: F401
-    api_ca,
     burst,
     elbasy_for,
     rest_request,
