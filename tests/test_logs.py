@@ -637,7 +637,6 @@ def test_access_log_off(proxy: Callable[..., Proxy], http_origin: origins.HTTPOr
 
 TOKEN = "shpat-logs-secret-1234"
 # the mock Shopify of the pacing tests, in a process of its own, and its CA
-api_ca = test_pacing.api_ca
 shopify = test_pacing.shopify
 
 
