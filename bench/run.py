@@ -28,6 +28,9 @@ in alternating order over several repeats:
   transparent-splice
                  the same on the tunnelling instance, where localhost is not
                  intercepted: spliced to the TLS origin (beside the CONNECT cell)
+  transparent-new
+                 the same with hey -disable-keepalive: a new connection, and so a
+                 ClientHello read and a splice set up, per request
   connect-tls    the connect cell through elbasy's --listen-tls listener (hey -x
                  https://): the tunnel relayed through the client's TLS session
   connect-tls-new
@@ -128,6 +131,7 @@ CELLS = [
     "connect",
     "connect-new",
     "transparent-splice",
+    "transparent-new",
     "connect-tls",
     "connect-tls-new",
     *BULK_CELLS,
@@ -147,6 +151,7 @@ CELL_TITLES = {
     "reverse": "reverse proxy keep-alive, --reverse (req/s)",
     "transparent": "TLS interception keep-alive, --transparent (req/s)",
     "transparent-splice": "spliced keep-alive, --transparent (req/s)",
+    "transparent-new": "spliced new conn/req, --transparent (req/s)",
     "connect-tls": "CONNECT keep-alive, --listen-tls (req/s)",
     "connect-tls-new": "CONNECT new tunnel/req, --listen-tls (req/s)",
     "intercept-tls": "TLS interception keep-alive, --listen-tls (req/s)",
@@ -167,6 +172,7 @@ CELL_TARGETS = {
     "reverse": ["direct", *RELAYS, "elbasy", "elbasy-w2"],
     "transparent": ["direct", *RELAYS, "elbasy", "elbasy-w2"],
     "transparent-splice": ["direct", "haproxy", "elbasy", "elbasy-w2"],
+    "transparent-new": ["direct", "haproxy", "elbasy", "elbasy-w2"],
     "connect-tls": ["direct", "haproxy", "elbasy", "elbasy-w2"],
     "connect-tls-new": ["direct", "haproxy", "elbasy", "elbasy-w2"],
     "intercept-tls": ["direct", *RELAYS, "elbasy", "elbasy-w2"],
@@ -1346,7 +1352,7 @@ def intercept_route(target: Peer, origins: Origins) -> list[str]:
 
 def hey_cell(cell: str, target: Peer, origins: Origins, args) -> dict:
     cmd = ["hey", "-z", f"{args.duration}s", "-c", str(args.concurrency), "-t", "10"]
-    if cell in ("connect-new", "intercept-new", "connect-tls-new"):
+    if cell in ("connect-new", "intercept-new", "connect-tls-new", "transparent-new"):
         cmd.append("-disable-keepalive")
     if cell in TLS_LISTENER_CELLS and target.name.startswith("elbasy"):
         url = origins.intercept_small if cell == "intercept-tls" else origins.tls_small
@@ -1358,12 +1364,14 @@ def hey_cell(cell: str, target: Peer, origins: Origins, args) -> dict:
         # a base URL on elbasy's --reverse listener: no proxy, no TLS to elbasy
         url = f"http://{LOOPBACK}:{target.reverse_port}/100b"
         return run_hey(cmd + [url], timeout=args.duration + 40)
-    if cell in ("transparent", "transparent-splice") and target.name.startswith("elbasy"):
+    if cell in ("transparent", "transparent-splice", "transparent-new") and target.name.startswith(
+        "elbasy"
+    ):
         # no proxy setting: the client dials elbasy by the origin's name (hey sends
         # an SNI only when -host names one)
         url = f"https://{TLS_HOST}:{target.transparent_port}/100b"
         return run_hey(cmd + ["-host", TLS_HOST, url], timeout=args.duration + 40)
-    if cell == "transparent-splice" and target.name == "direct":
+    if cell in ("transparent-splice", "transparent-new") and target.name == "direct":
         return run_hey(cmd + [origins.intercept_small], timeout=args.duration + 40)
     if cell in INTERCEPT_CELLS:
         return run_hey(cmd + intercept_route(target, origins), timeout=args.duration + 40)
