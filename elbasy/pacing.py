@@ -163,6 +163,9 @@ class Paced:
     left: bool = False  # its client left while an answer was on its way
     ask_again: bool = False  # its line moved while its confirm was on its way
     refused: Verdict | None = None  # its reservation's answer was a shed
+    # sent again after the server's refusal: the server's block (wall time)
+    # its new reservation's departure waits for
+    blocked_until: float = 0.0
 
     def waited(self) -> float:
         return max(0.0, self.sent_at - self.arrived) if self.sent_at else 0.0
@@ -488,6 +491,18 @@ class Pacer:
             refused: Verdict | None = self._no_room(m, got)
         elif isinstance(got, Shed):
             refused = self._shed(m, paced, got)
+        elif paced.blocked_until:
+            # the new place of a request sent again after the server's refusal:
+            # it goes once the server's block is over
+            assert isinstance(got, Reservation)
+            self._placed_again(paced, got)
+            until, paced.blocked_until = paced.blocked_until, 0.0
+            if until > self.wall():
+                paced.due = self._to_mono(until)
+                self.wake(paced.waiter, paced.due)
+            else:
+                self.wake(paced.waiter, self._confirm(paced))
+            return
         else:
             assert isinstance(got, Reservation)
             refused = None
@@ -701,11 +716,13 @@ class Pacer:
         status: int,
         headers: list[tuple[bytes, bytes]],
         body: bytes | None,
+        waiter: object = None,
     ) -> float:
         """Learn from a response; return a monotonic time to send it again, or NOW (not again).
 
         Called with the head (``body`` None) and, for rules that read bodies,
-        once more with the body at the end.
+        once more with the body at the end. ``waiter`` is what :attr:`wake` is
+        called with if it is sent again and its departure moves.
         """
         m = paced.match
         report = self.rules.read_response(m, status, headers, body)
@@ -791,28 +808,59 @@ class Pacer:
             and paced.method in IDEMPOTENT_METHODS
             and m.retry_safe
         ):
-            try:
+            return self._send_again(paced, until, wall_now, waiter)
+        return NOW
+
+    def _send_again(self, paced: Paced, until: float, wall_now: float, waiter: object) -> float:
+        """A refused request that is safe to send again takes a new place at the
+        head of its line, to leave once the server's block (``until``, wall
+        time) is over: its departure (monotonic), or NOW when there is no place
+        (the client hears the refusal). With a piped store (Redis) the place is
+        asked for without waiting: the request is held on the net timer and
+        :meth:`_reserved` places it when the answer comes."""
+        m = paced.match
+        try:
+            if self.piped is not None:
+                got = self.piped.reserve_later(
+                    paced, m.keys, self.limits(m), m.costs, wall_now, MAX_WAIT_CEILING
+                )
+                if got is LATER:
+                    paced.pending = RESERVE
+                    self._hold_again(paced, until, waiter)
+                    return self._net()
+                assert not isinstance(got, Later)
+                again = got
+            else:
                 again = self.store.reserve(
                     m.keys, self.limits(m), m.costs, wall_now, MAX_WAIT_CEILING
                 )
-            except StoreFull:
-                return NOW  # no place to hold it again: the client hears the refusal
-            if isinstance(again, Reservation):
-                # it came before everyone waiting now, so it stands at the head of
-                # every worker's line: a position of 0 has no units ahead of it
-                # (units ahead = position - units out of the queue, never above 0)
-                again.positions = (0.0,) * len(again.positions)
-                paced.retried = True
-                paced.reservation = again
-                paced.head_at = 0.0
-                self.counters["retried"] += 1
-                # it came before everyone waiting now: it goes first again
-                self._open_line(m.keys).appendleft(paced)
-                paced.line = m.keys
-                paced.gone = False
-                paced.due = self._to_mono(max(self.store.earliest(again, wall_now), until))
-                return paced.due
-        return NOW
+        except StoreFull:
+            return NOW  # no place to hold it again: the client hears the refusal
+        if not isinstance(again, Reservation):
+            return NOW
+        self._hold_again(paced, until, waiter)
+        self._placed_again(paced, again)
+        paced.due = self._to_mono(max(self.store.earliest(again, wall_now), until))
+        return paced.due
+
+    def _hold_again(self, paced: Paced, until: float, waiter: object) -> None:
+        """It came before everyone waiting now: it goes first in its line again."""
+        paced.retried = True
+        paced.blocked_until = until
+        paced.head_at = 0.0
+        paced.waiter = waiter
+        self._open_line(paced.match.keys).appendleft(paced)
+        paced.line = paced.match.keys
+        paced.gone = False
+
+    def _placed_again(self, paced: Paced, again: Reservation) -> None:
+        """The new place of a request sent again: at the head of every worker's
+        line, as it came before everyone waiting now (a position of 0 has no
+        units ahead of it: units ahead = position - units out of the queue,
+        never above 0)."""
+        again.positions = (0.0,) * len(again.positions)
+        paced.reservation = again
+        self.counters["retried"] += 1
 
     def _drift(self, m: Match) -> LevelSeen:
         """What the store says of each bucket the server reported: how far the

@@ -40,8 +40,9 @@ when Redis is named by a host name (an address is not looked up; the
 connect, AUTH, SELECT and the TLS handshake go on without blocking, the
 first steps queued behind them, and a connect that hangs is a step not
 answered within ``timeout``); while Redis is down the fleet store's
-reconnect attempts run on a thread; the second reservation of an
-idempotent request sent again after a 429 (rare: it follows a refusal).
+reconnect attempts run on a thread. (The second reservation of an
+idempotent request sent again after a 429 goes over the pipe too, answered
+later like the first.)
 The pipe speaks as the URL says: TCP, TLS (``rediss://``, with its
 ``ssl_*`` options) or a unix socket. A ``redis+cluster://`` store has a pipe
 per node, each step sent to the node of its account's slot (redis-py's
@@ -623,8 +624,9 @@ class PipedStore:
         now: float,
         max_wait: float,
     ) -> Reservation | Shed:
-        """A reservation answered now (the fleet store's, one round trip): only
-        for a request sent again after a 429."""
+        """A reservation answered now (the fleet store's: one round trip while
+        Redis is up). The pacer asks :meth:`reserve_later` instead; this is
+        the store contract's blocking form."""
         return self.fleet.reserve(keys, limits, cost, now, max_wait)
 
     def earliest(self, r: Reservation, now: float) -> float:

@@ -596,7 +596,7 @@ class Policy:
             return plan
         headers = resp.headers()
         paced.response = (resp.status, headers)
-        again = self.pacer.answered(paced, resp.status, headers, None)
+        again = self.pacer.answered(paced, resp.status, headers, None, ex)
         if again != NOW:
             return plan._replace(retry_at=again)
         wait = b"X-Elbasy-Wait: %.3f\r\n\r\n" % paced.waited()

@@ -31,6 +31,8 @@ EXACT = Safety(margin=0.0, headroom=0.0, jitter=0.0, guard=0.0)
 START = 1_800_000_000.0
 TIMEOUT = 0.25
 PATH = "/admin/api/2024-10/products.json"
+#: Shopify's refusal of a REST call: the bucket full, a second to wait
+REFUSAL = [(b"Retry-After", b"2.0"), (b"X-Shopify-Shop-Api-Call-Limit", b"40/40")]
 
 
 class LoopWithoutSockets:
@@ -41,6 +43,10 @@ class LoopWithoutSockets:
         self.held: dict[int, tuple[Paced, float]] = {}  # waiter -> (paced, its timer)
         self.sent: list[int] = []  # waiters in the order they left
         self.refused: dict[int, Verdict] = {}
+        self.left_at: list[tuple[int, float]] = []  # (waiter, clock) as each left
+        self.throttle: set[int] = set()  # waiters the API answers 429 once
+        self.answering = 0.0  # real seconds the pacer took over the last 429
+        self.before_refusal: Callable[[], None] = lambda: None
         pacer.wake = self.wake
 
     def wake(self, waiter: object, when: float) -> None:
@@ -65,9 +71,21 @@ class LoopWithoutSockets:
         return paced
 
     def _left(self, waiter: int, paced: Paced) -> None:
-        """Sent; the API's answer (no rate headers) comes at once: it landed."""
+        """Sent; the API's answer comes at once: no rate headers (it landed),
+        or for a waiter in ``throttle`` a 429 with Retry-After 2 once, after
+        which the pacer may hold it to send again."""
         self.sent.append(waiter)
-        self.pacer.answered(paced, 200, [], None)
+        self.left_at.append((waiter, self.clock["t"]))
+        if waiter not in self.throttle:
+            self.pacer.answered(paced, 200, [], None)
+            return
+        self.throttle.discard(waiter)
+        self.before_refusal()
+        started = time.monotonic()
+        again = self.pacer.answered(paced, 429, REFUSAL, None, waiter)
+        self.answering = time.monotonic() - started
+        if again != NOW:
+            self.held[waiter] = (paced, again)
 
     def answers(self, wait: float = 0.0) -> int:
         """Deliver what came on the store's fd (waiting up to ``wait`` s for it)."""
@@ -117,7 +135,7 @@ def clock() -> dict[str, float]:
 
 
 def piped_pacer(
-    url: str, clock: dict[str, float], backoff: float = 3600.0
+    url: str, clock: dict[str, float], backoff: float = 3600.0, retry: bool = False
 ) -> tuple[Pacer, PipedStore]:
     fleet = FleetStore(
         lambda: RedisStore(url, EXACT, clock="caller", timeout=TIMEOUT),
@@ -126,7 +144,13 @@ def piped_pacer(
         backoff_max=backoff,
     )
     store = PipedStore(fleet, timeout=TIMEOUT)
-    pacer = Pacer(RuleSet.builtin(), store, wall=lambda: clock["t"], mono=lambda: clock["t"])
+    pacer = Pacer(
+        RuleSet.builtin(),
+        store,
+        wall=lambda: clock["t"],
+        mono=lambda: clock["t"],
+        retry_idempotent=retry,
+    )
     return pacer, store
 
 
@@ -319,3 +343,52 @@ def test_facts_are_read_over_the_pipe(redis_url: str, clock: dict[str, float]) -
     finally:
         store.close()
         other.close()
+
+
+def test_a_429_sent_again_asks_for_its_new_place_without_waiting(
+    redis_url: str, clock: dict[str, float]
+) -> None:
+    """The API refuses one request (Retry-After 2): its new place is asked of
+    Redis over the pipe and the request held on its net timer meanwhile; when
+    the answer comes it stands first in its line, leaves when the server's
+    block is over, and before the one that waited behind it."""
+    pacer, store = piped_pacer(redis_url, clock, retry=True)
+    piped = LoopWithoutSockets(pacer, store, clock)
+    piped.throttle.add(39)  # the bucket's last place: the API had counted another call
+    for k in range(41):
+        piped.arrive(k, "acme")
+    piped.run(lambda: piped.sent.count(39) == 2 and 40 in piped.sent)
+    assert piped.pacer.counters["retried"] == 1
+    assert piped.sent[-2:] == [39, 40]
+    again = [t for w, t in piped.left_at if w == 39][1]
+    assert again == pytest.approx(START + 2.0, abs=1e-6)  # Retry-After, from the refusal
+    assert store.stats()["late_answers"] == 0  # Redis answered it: no fall back
+    store.close()
+
+
+def test_a_429_sent_again_while_redis_is_stopped_does_not_block(
+    clock: dict[str, float],
+) -> None:
+    """Redis stops while the request is on its way, and the API refuses it:
+    the pacer hears the 429 and asks for the request's new place without
+    waiting for Redis (well under the timeout); the net timer hands it to the
+    local share, and it leaves once the server's block is over."""
+    server = RedisServer()
+    pacer, store = piped_pacer(server.url, clock, retry=True)
+    loop = LoopWithoutSockets(pacer, store, clock)
+    try:
+        loop.arrive(1, "acme")
+        loop.run(lambda: loop.sent == [1])
+        loop.throttle.add(2)
+        loop.before_refusal = lambda: os.kill(server.proc.pid, signal.SIGSTOP)
+        loop.arrive(2, "acme")
+        loop.run(lambda: loop.sent.count(2) == 2)
+        assert loop.answering < TIMEOUT / 5, loop.answering
+        assert pacer.counters["retried"] == 1
+        refused_at, again_at = [t for w, t in loop.left_at if w == 2]
+        assert again_at - refused_at == pytest.approx(2.0, abs=1e-6)
+        assert store.stats()["fallback"] == "local"
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        store.close()
+        server.stop()
