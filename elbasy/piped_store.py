@@ -46,9 +46,13 @@ later like the first.)
 The pipe speaks as the URL says: TCP, TLS (``rediss://``, with its
 ``ssl_*`` options) or a unix socket. A ``redis+cluster://`` store has a pipe
 per node, each step sent to the node of its account's slot (redis-py's
-map of slots); a node that answers MOVED or ASK (the cluster resharding)
-counts as Redis failing: the local share answers until the backoff's
-reconnect, which reads the map again.
+map of slots). A node that answers MOVED (a resharding moved the slot, or a
+failover its master) has the call sent on to the node named, and the slot
+moved in the map so the account's next steps go there; an ASK (the slot
+migrating) sends that call on after ASKING. Neither counts as Redis failing
+(``redirects`` in the stats). A node that cannot be reached, or a call
+redirected more than ``MAX_REDIRECTS`` times, does: the local share answers
+until the backoff's reconnect, which reads the map again.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ from elbasy.quota import (
     StoreFull,
     _per_limit,
 )
-from elbasy.redis_pipe import Reply, SocketPipe
+from elbasy.redis_pipe import Redirected, Reply, SocketPipe
 from elbasy.redis_store import RedisStore, Step, answer, levels_seen
 
 __all__ = ["PipedStore", "pipe_to"]
@@ -154,10 +158,16 @@ def pipe_to(redis: RedisStore, node: Node, timeout: float) -> SocketPipe:
     pool = getattr(client, "connection_pool", None)
     if pool is None:  # a cluster node
         server = client.get_node(node_name=node)
-        if server is None or server.redis_connection is None:
-            raise ConnectionError(f"no Redis Cluster node {node}")
-        pool = server.redis_connection.connection_pool
-        host, port = server.host, server.port
+        if server is not None and server.redis_connection is not None:
+            pool = server.redis_connection.connection_pool
+            host, port = server.host, server.port
+        else:
+            # a node the map learned of from a MOVED: reached as the others are
+            known = next((n for n in client.get_nodes() if n.redis_connection is not None), None)
+            if known is None:
+                raise ConnectionError(f"no Redis Cluster node {node}")
+            pool = known.redis_connection.connection_pool
+            host, _, port = node.rpartition(":")
     elif hasattr(pool, "get_master_address"):
         host, port = pool.get_master_address()  # it moves on a failover
     else:
@@ -267,6 +277,7 @@ class PipedStore:
         self.late_answers = 0  # steps answered by the fleet store after the timeout
         self.lost_answers = 0  # steps answered by the fleet store after a lost connection
         self.pipes = 0  # pipes made
+        self.redirects = 0  # calls sent on to the node a MOVED or ASK named
 
     # ------------------------------------------------------------------ the pipe
 
@@ -334,11 +345,16 @@ class PipedStore:
                 shared.client.nodes_manager.initialize()
                 self._stale_map = False
                 node = node_of(shared, key)
-            made = self._make_pipe(shared, node, self.timeout)
+            made = self._new_pipe(shared, node)
         except (OSError, ConnectionError) as exc:
             self.fleet.fail(exc)
             self._drop_pipes()
             return None
+        return shared, made
+
+    def _new_pipe(self, shared: RedisStore, node: Node) -> SocketPipe:
+        """A pipe to ``node``, watched. Raises OSError when it cannot be made."""
+        made = self._make_pipe(shared, node, self.timeout)
         self.pipes += 1
         self._pipes[node] = (made, made.fileno())
         pool = getattr(shared.client, "connection_pool", None)
@@ -347,7 +363,32 @@ class PipedStore:
         self._watch(made.fileno(), made.wants_write())
         # a worker that started with Redis down watches its moves from now on
         self._watch(self.fleet.fileno())
-        return shared, made
+        return made
+
+    def _follow(self, shared: RedisStore, moved: Redirected) -> bool:
+        """Send a call a cluster node redirected to the node it names: a MOVED
+        also moves the slot in redis-py's map, so the account's next steps go
+        there at once; an ASK (the slot migrating) sends only this call, after
+        ASKING. False when that node cannot be reached (Redis counts as
+        failing, as for any lost answer)."""
+        if not moved.ask:
+            from redis.exceptions import MovedError
+
+            shared.client.nodes_manager.move_slot(MovedError(f"{moved.slot} {moved.node}"))
+        got = self._pipes.get(moved.node)
+        try:
+            if got is not None and got[0].closed is None:
+                pipe = got[0]
+            else:
+                if got is not None:
+                    self._forget(moved.node)
+                pipe = self._new_pipe(shared, moved.node)
+            pipe.resend(moved.call, asking=moved.ask)
+        except (OSError, ConnectionError):
+            return False
+        pipe.flush()
+        self.redirects += 1
+        return True
 
     def _watch_master(self, pool: Any, pipe: SocketPipe) -> None:
         if self._watcher is not None:
@@ -453,6 +494,10 @@ class PipedStore:
         came, self._stash = self._stash, []
         came += [answer for pipe, _ in self._pipes.values() for answer in pipe.completed()]
         for token, reply in came:
+            if isinstance(reply, Redirected):
+                if self._follow(shared, reply):
+                    continue  # its answer comes from the node named
+                reply = ConnectionError(f"cannot reach the Redis Cluster node {reply.node}")
             if isinstance(token, _Seen):
                 if isinstance(reply, Exception):
                     failed = failed or reply
@@ -757,6 +802,7 @@ class PipedStore:
                 "in_flight": len(self._asks),
                 "late_answers": self.late_answers,
                 "lost_answers": self.lost_answers,
+                "redirects": self.redirects,
             }
         )
         return out

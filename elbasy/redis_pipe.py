@@ -55,7 +55,7 @@ import hiredis
 
 from elbasy.redis_store import SCRIPTS
 
-__all__ = ["SocketPipe", "ThreadPipe", "Reply"]
+__all__ = ["SocketPipe", "ThreadPipe", "Redirected", "Reply"]
 
 #: what a call is answered with: the script's reply, or why there is none
 Reply = bytes | Exception
@@ -79,8 +79,20 @@ def _resp(*args: bytes | str) -> bytes:
 _HELLO = object()
 
 
+#: the token of an ASKING sent ahead of a call an ASK redirected: its OK is the pipe's
+_ASKING = object()
+#: times one call follows MOVED or ASK before its answer is that error (a
+#: cluster whose nodes disagree for longer is failing)
+MAX_REDIRECTS = 5
+
+
 class _Call:
-    __slots__ = ("token", "name", "sha", "keys", "blob", "more", "retried")
+    """One command in flight: a step (``name``: its script; EVALSHA) or a plain
+    command (``args``), kept whole so it can be sent again (NOSCRIPT, or to the
+    cluster node a MOVED or ASK names)."""
+
+    __slots__ = ("token", "name", "sha", "keys", "blob", "more", "args", "retried", "asking",
+                 "redirects")
 
     def __init__(
         self,
@@ -90,10 +102,46 @@ class _Call:
         keys: Sequence[str],
         blob: bytes,
         more: tuple[bytes | str, ...] = (),
+        args: tuple[bytes | str, ...] = (),
     ):
         self.token, self.name, self.sha, self.keys, self.blob = token, name, sha, keys, blob
-        self.more = more
-        self.retried = False
+        self.more, self.args = more, args
+        self.retried = False  # sent again with its script's source after NOSCRIPT
+        self.asking = False  # sent after ASKING (an ASK's node): so is its resend
+        self.redirects = 0
+
+
+class Redirected(Exception):
+    """A Redis Cluster node's word that a call's slot is served by another node:
+    ``MOVED`` (for good: the map of slots changed, a resharding or a failover)
+    or ``ASK`` (this call only, while the slot migrates). The call is sent
+    there (:meth:`SocketPipe.resend`) by the pipes' owner, who knows the nodes.
+    """
+
+    def __init__(self, reply: str, call: _Call, default_host: str) -> None:
+        super().__init__(reply)
+        kind, slot, where = reply.split(" ", 2)  # "MOVED 3999 127.0.0.1:6381"
+        host, _, port = where.rpartition(":")
+        self.ask = kind == "ASK"
+        self.slot = int(slot)
+        # an empty host: the node that answered, at another port (Redis 7)
+        self.host = host or default_host
+        self.port = int(port)
+        self.call = call
+
+    @property
+    def node(self) -> str:
+        """The node's name as redis-py's map of slots spells it (host:port)."""
+        return f"{self.host}:{self.port}"
+
+
+def _redirect_of(reply: Reply) -> str:
+    """``MOVED``/``ASK`` when a reply is that redirection, else ""."""
+    if isinstance(reply, hiredis.ReplyError):
+        text = str(reply)
+        if text.startswith("MOVED ") or text.startswith("ASK "):
+            return text
+    return ""
 
 
 class SocketPipe:
@@ -144,6 +192,7 @@ class SocketPipe:
         self._shas = {name: _sha(src) for name, src in SCRIPTS.items()}
         self.round_trips = 0  # writes that carried commands
         self.reloads = 0
+        self.redirects = 0  # calls a cluster node answered MOVED or ASK
         self.closed: Exception | None = None
         if password:
             auth = ("AUTH", username, password) if username else ("AUTH", password)
@@ -212,8 +261,34 @@ class SocketPipe:
         """Queue one plain command (PUBLISH, GET), answered in turn like a step."""
         if self.closed is not None:
             raise ConnectionError(f"the Redis pipe is closed: {self.closed}")
-        self._fifo.append(_Call(token, "", "", (), b""))
+        self._fifo.append(_Call(token, "", "", (), b"", args=args))
         self._out += _resp(*args)
+
+    def resend(self, call: _Call, asking: bool) -> None:
+        """Send a call another node redirected here (:class:`Redirected`): after
+        ASKING for an ASK. Written at the next :meth:`flush`. Never blocks."""
+        if self.closed is not None:
+            raise ConnectionError(f"the Redis pipe is closed: {self.closed}")
+        call.redirects += 1
+        call.asking = asking
+        call.retried = False  # this node may not have the script yet
+        self._queue(call)
+
+    def _queue(self, call: _Call, source: bool = False) -> None:
+        """Queue ``call`` (after ASKING when it is an ASK's), as EVALSHA, or with
+        its script's ``source`` as EVAL, or as its plain command."""
+        if call.asking:
+            self._fifo.append(_Call(_ASKING, "", "", (), b""))
+            self._out += _resp("ASKING")
+        self._fifo.append(call)
+        if not call.name:
+            self._out += _resp(*call.args)
+            return
+        n = str(len(call.keys))
+        if source:
+            self._out += _resp("EVAL", SCRIPTS[call.name], n, *call.keys, call.blob, *call.more)
+        else:
+            self._out += _resp("EVALSHA", call.sha, n, *call.keys, call.blob, *call.more)
 
     def wants_write(self) -> bool:
         """Bytes the kernel did not take yet, or a connect on its way: watch the fd
@@ -265,6 +340,8 @@ class SocketPipe:
                     self._lost(ConnectionError(f"Redis refused {call.name}: {reply}"))
                     return out + self._take_lost()
                 continue
+            if call.token is _ASKING:
+                continue  # its OK; the call behind it answers
             if (
                 isinstance(reply, hiredis.ReplyError)
                 and str(reply).startswith(_NOSCRIPT)
@@ -274,10 +351,13 @@ class SocketPipe:
                 # ran nothing: again, with the source (which loads it for later calls)
                 self.reloads += 1
                 call.retried = True
-                self._fifo.append(call)
-                n = str(len(call.keys))
-                self._out += _resp("EVAL", SCRIPTS[call.name], n, *call.keys, call.blob, *call.more)
+                self._queue(call, source=True)
                 continue
+            redirect = _redirect_of(reply)
+            if redirect and call.redirects < MAX_REDIRECTS:
+                # ran nothing here: the owner sends it to the node named
+                self.redirects += 1
+                reply = Redirected(redirect, call, self._server_name)
             out.append((call.token, reply))
         if self._out:
             self.flush()

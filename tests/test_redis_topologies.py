@@ -225,6 +225,67 @@ def test_the_piped_store_on_a_redis_cluster(cluster: list[RedisServer]) -> None:
         piped.close()
 
 
+def test_the_piped_store_follows_a_slot_resharded_under_it(cluster: list[RedisServer]) -> None:
+    """An account's slot moves to another node while its requests come, the
+    way ``redis-cli --cluster reshard`` moves it: while the slot migrates, the
+    old node answers ASK for the keys already moved and the call is sent on
+    after ASKING (to a node that has not loaded the scripts yet); once the
+    slot is the new node's, the old one answers MOVED, the map moves and the
+    account's later steps go to the new node. Nothing falls back, and the
+    account's bucket moved whole: 40 requests go at once over the three
+    stages, and the 41st waits for the drip."""
+    import redis
+
+    url = f"redis+cluster://127.0.0.1:{cluster[0].port}"
+    clock = {"t": START}
+    store = RedisStore(connect(url), EXACT, clock="caller")
+    piped = PipedStore(FleetStore(store, LocalStore(EXACT)), timeout=0.5)
+    pacer = Pacer(RuleSet.builtin(), piped, wall=lambda: clock["t"], mono=lambda: clock["t"])
+    loop = LoopWithoutSockets(pacer, piped, clock)
+    nodes = [redis.Redis(port=node.port) for node in cluster]
+    try:
+        for k in range(5):
+            loop.arrive(k, "moving")
+        loop.run(lambda: len(loop.sent) == 5)
+        (src,) = [c for c in nodes if c.keys("elbasy:{shopify-admin-rest|*")]
+        keys = src.keys("elbasy:{shopify-admin-rest|*")
+        slot = src.cluster("keyslot", keys[0].decode())
+        dst, third = [c for c in nodes if c is not src]
+        dst_id, src_id = dst.cluster("myid"), src.cluster("myid")
+        dst.script_flush()  # the new node has never run a script of elbasy's
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        moved = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+        src.execute_command(
+            "MIGRATE", "127.0.0.1", cluster[nodes.index(dst)].port, "", 0, 5000, "KEYS", *moved
+        )
+        for k in range(5, 10):  # asked of the old node: ASK, then the new one
+            loop.arrive(k, "moving")
+        loop.run(lambda: len(loop.sent) == 10)
+        asked = piped.stats()["redirects"]
+        assert asked, piped.stats()
+        for c in (dst, src, third):
+            c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        for k in range(10, 40):  # the first asks the old node: MOVED, and the map moves
+            loop.arrive(k, "moving")
+        loop.run(lambda: len(loop.sent) == 40)
+        stats = piped.stats()
+        assert stats["redirects"] > asked, stats
+        assert stats["fallbacks"] == 0 and stats["late_answers"] == 0, stats
+        assert stats["lost_answers"] == 0, stats
+        assert src.keys("elbasy:{shopify-admin-rest|*") == []
+        assert dst.keys("elbasy:{shopify-admin-rest|*")
+        # the bucket came along: the 41st waits for its drip (2/s)
+        loop.arrive(40, "moving")
+        loop.run(lambda: len(loop.sent) == 41)
+        assert clock["t"] == pytest.approx(START + 0.5, abs=1e-6)
+        assert piped.stats()["redirects"] == stats["redirects"]  # sent to the new node at once
+    finally:
+        piped.close()
+        for c in nodes:
+            c.close()
+
+
 def tls_redis(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
     """A redis-server speaking only TLS, with a certificate for 127.0.0.1."""
     cert, key = tmp_path / "redis.crt", tmp_path / "redis.key"
