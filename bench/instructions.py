@@ -21,6 +21,9 @@ alternate for ``--repeats`` rounds, so before and after share one run.
 
     python3 bench/instructions.py --tree /tmp/elbasy-base --tree . --repeats 3
 
+``--keep DIR`` keeps each cell's dump, to see where the instructions go
+(``callgrind_annotate --inclusive=yes DIR/…-intercept-….callgrind``).
+
 Needs valgrind (Debian's ``valgrind``, which brings ``callgrind_control``)
 and the nginx that bench/run.py installs; a run of 3 rounds of two
 checkouts takes about five minutes.
@@ -32,6 +35,7 @@ import argparse
 import http.client
 import os
 import re
+import shutil
 import socket
 import ssl
 import statistics
@@ -78,8 +82,9 @@ def totals(path: Path) -> int:
     raise SystemExit(f"no totals in {path}")
 
 
-def counted(pid: int, out: Path, send) -> int:
-    """Instructions of process ``pid`` while ``send()`` runs."""
+def counted(pid: int, out: Path, send, keep: Path | None = None) -> int:
+    """Instructions of process ``pid`` while ``send()`` runs; the dump is
+    copied to ``keep`` (a file name) for ``callgrind_annotate`` when given."""
     subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
     before = set(out.parent.glob(out.name + "*"))
     send()
@@ -89,7 +94,10 @@ def counted(pid: int, out: Path, send) -> int:
         new = set(out.parent.glob(out.name + "*")) - before
         if new:
             time.sleep(0.5)  # let the dump finish writing
-            return totals(new.pop())
+            dump = new.pop()
+            if keep is not None:
+                shutil.copyfile(dump, keep)
+            return totals(dump)
         time.sleep(0.1)
     raise SystemExit("callgrind wrote no dump")
 
@@ -139,12 +147,25 @@ def measure(tree: Path, origins, work: Path, args) -> dict[str, float]:
         if not port:
             raise SystemExit((work / "elbasy.log").read_text(errors="replace"))
         result = {}
+        def kept(cell: str) -> Path | None:
+            if args.keep is None:
+                return None
+            args.keep.mkdir(parents=True, exist_ok=True)
+            return args.keep / f"{tree.name or 'tree'}-{cell}-{time.monotonic_ns()}.callgrind"
+
         plain_cell(port, origins.plain_port, args.warmup)
-        ir = counted(proc.pid, out, lambda: plain_cell(port, origins.plain_port, args.requests))
+        ir = counted(
+            proc.pid,
+            out,
+            lambda: plain_cell(port, origins.plain_port, args.requests),
+            kept("plain"),
+        )
         result["plain"] = ir / args.requests
         conn = intercept_conn(port, origins.tls_port, data / "ca.pem")
         intercept_cell(conn, args.warmup)
-        ir = counted(proc.pid, out, lambda: intercept_cell(conn, args.requests))
+        ir = counted(
+            proc.pid, out, lambda: intercept_cell(conn, args.requests), kept("intercept")
+        )
         result["intercept"] = ir / args.requests
         conn.close()
         return result
@@ -160,6 +181,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--keep",
+        type=Path,
+        help="copy each cell's callgrind dump here (read it with callgrind_annotate)",
+    )
     args = ap.parse_args()
     socket.setdefaulttimeout(60)
     with tempfile.TemporaryDirectory(prefix="elbasy-ir-") as tmp:
