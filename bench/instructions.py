@@ -65,8 +65,10 @@ from elbasy.cli import build_config
 from elbasy.logs import configure
 from elbasy.server import Worker
 data, ca, host = sys.argv[1:4]
+# the origins are on loopback, on ports of their own: allowed, as bench/run.py does
 config = build_config(listen="127.0.0.1:0", log_level="warning", intercept=[host],
-                      data_dir=data, upstream_ca=ca)
+                      data_dir=data, upstream_ca=ca,
+                      allow_internal=["127.0.0.1", "localhost"], allow_ports=["1-65535"])
 configure(config.log_level, config.log_format, config.log_file)
 worker = Worker(config)
 sys.stderr.write(f"listening on 127.0.0.1:{worker.address[1]}\\n")

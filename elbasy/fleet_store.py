@@ -98,6 +98,10 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (redis.exceptions.RedisError, OSError)
 
 
+def _nothing() -> None:
+    """FleetStore.on_fall_back until a pacer is wired in."""
+
+
 #: QuotaStore.recheck while the shared store is not made (RedisStore.recheck)
 _RECHECK_UNMADE = 0.5
 
@@ -168,6 +172,7 @@ class FleetStore:
         self.recoveries = 0  # times the shared store answered again
         self.local_steps = 0  # steps the local share answered instead
         self.moved_to_local = 0  # shared reservations that had to depart locally
+        self.carried = 0  # shared reservations in flight whose units the local share held
         self.dropped = 0  # steps owed to the shared store it could not be sent
         self.attempts = 0  # reconnect attempts
         self.last_error = ""
@@ -175,6 +180,9 @@ class FleetStore:
         self._make: Callable[[], Pingable] | None = None
         #: reconnect attempts run on a thread, never in a step (elbasy.piped_store)
         self.probe_aside = False
+        #: called when it falls back: the pacer has the local share count the
+        #: units of its requests in flight on the shared store (carry)
+        self.on_fall_back: Callable[[], None] = _nothing
         self._probe: _Probe | None = None
         if callable(shared) and not hasattr(shared, "reserve"):
             self._make = shared
@@ -203,6 +211,7 @@ class FleetStore:
                 self.last_error,
                 self.share,
             )
+            self.on_fall_back()
         else:
             log.debug("quota store %s still unreachable: %s", self.name, self.last_error)
         self._retry_at = now + self._wait
@@ -312,6 +321,25 @@ class FleetStore:
         if isinstance(got, Reservation):
             got.fallback = True
         return got
+
+    def carry(self, r: Reservation, now: float) -> Reservation | None:
+        """A shared reservation sent and not answered when the shared store
+        failed: its units are out (the server counts them when it answers),
+        but the local share never granted them and would grant them again. The
+        local share counts them as sent too, a reservation of its own that its
+        owner lands when the answer comes, as it lands ``r``. None: nothing to
+        carry, or the share has no room for them by its count (it counts them
+        already, from the servers' reports: nothing is held twice)."""
+        if r.fallback or r.landed or not r.limits:
+            return None
+        held = self._local_reserve(r.keys, r.limits, r.costs, now, math.inf)
+        if not isinstance(held, Reservation):
+            return None
+        if self.local.confirm(held, now) is not None:
+            self.local.give_back(held, now)
+            return None
+        self.carried += 1
+        return held
 
     def _move(self, r: Reservation, now: float) -> float | None:
         """A shared reservation that must wait or depart while the shared store
@@ -563,6 +591,7 @@ class FleetStore:
                 "recoveries": self.recoveries,
                 "local_steps": self.local_steps,
                 "moved_to_local": self.moved_to_local,
+                "carried": self.carried,
                 "dropped_steps": self.dropped,
                 "reconnect_attempts": self.attempts,
             }

@@ -166,6 +166,9 @@ class Paced:
     # sent again after the server's refusal: the server's block (wall time)
     # its new reservation's departure waits for
     blocked_until: float = 0.0
+    # sent on the shared store (Redis) and unanswered when it failed: its units
+    # as the local share counts them, landed with it when its answer comes
+    carried: Reservation | None = None
 
     def waited(self) -> float:
         return max(0.0, self.sent_at - self.arrived) if self.sent_at else 0.0
@@ -223,6 +226,13 @@ class Pacer:
         # what the rules learn (tiers, query shapes' costs) is kept where the
         # quota is: shared by every worker of a shared store
         rules.facts = store
+        # A store that can fall back from a shared store to a local share
+        # (elbasy.fleet_store): the requests in flight on the shared store, by
+        # id, whose units the local share must hold if it fails (carry)
+        self._flying: dict[int, Paced] = {}
+        self._carries = callable(getattr(store, "carry", None))
+        if self._carries:
+            store.on_fall_back = self._carry_flying  # type: ignore[attr-defined]
         self.max_wait = max_wait
         self.retry_idempotent = retry_idempotent
         self.wall = wall
@@ -551,6 +561,8 @@ class Pacer:
     def _sent(self, paced: Paced) -> None:
         """It leaves now: out of its line, and the next one is woken."""
         paced.sent_at = self.mono()
+        if self._carries:
+            self._flying[id(paced)] = paced
         if log.isEnabledFor(DEBUG):
             m = paced.match
             log.debug(
@@ -730,9 +742,14 @@ class Pacer:
         wall_now = self.wall()
         seen_at = self._view_time(paced, wall_now)
         r = paced.reservation
+        if self._carries:
+            self._flying.pop(id(paced), None)
         if r is not None and r.sent and not r.landed:
             # the server has counted it: its units restore from here on
             self.store.landed(r, seen_at)
+        if paced.carried is not None:
+            self.store.landed(paced.carried, seen_at)  # and where the local share held them
+            paced.carried = None
         views = list(report.views)
         # The refund first, then the server's view: the view already holds this
         # request's refund, so taking the view first and refunding after would
@@ -953,6 +970,17 @@ class Pacer:
 
     # ------------------------------------------------------------------ 5. leaving
 
+    def _carry_flying(self) -> None:
+        """The shared store failed: every request this worker sent on it and has
+        no answer for yet has its units counted in the local share too
+        (FleetStore.carry), so the share does not grant them again while they
+        are on their way."""
+        now = self.wall()
+        for paced in self._flying.values():
+            r = paced.reservation
+            if r is not None and paced.carried is None:
+                paced.carried = self.store.carry(r, now)  # type: ignore[attr-defined]
+
     def abandoned(self, paced: Paced) -> None:
         """The client went away before its request left: its place goes back,
         and the line behind it moves up (the first one woken if it was first).
@@ -961,6 +989,12 @@ class Pacer:
         (the upstream or the client went away mid-way) lands now, as the
         server may have counted it.
         """
+        if self._carries:
+            self._flying.pop(id(paced), None)
+            if paced.carried is not None:
+                # sent, never answered: it lands, as the server may have counted it
+                self.store.landed(paced.carried, self.wall())
+                paced.carried = None
         if paced.pending in (RESERVE, CONFIRM):
             # the answer on its way decides what is given back or landed
             paced.left = True

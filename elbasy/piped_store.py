@@ -770,6 +770,20 @@ class PipedStore:
             self._generation += 1
         return self._generation
 
+    # ------------------------------------------------------------------ falling back
+
+    @property
+    def on_fall_back(self) -> Callable[[], None]:
+        """Called when the fleet store falls back (FleetStore.on_fall_back)."""
+        return self.fleet.on_fall_back
+
+    @on_fall_back.setter
+    def on_fall_back(self, told: Callable[[], None]) -> None:
+        self.fleet.on_fall_back = told
+
+    def carry(self, r: Reservation, now: float) -> Reservation | None:
+        return self.fleet.carry(r, now)
+
     # ------------------------------------------------------------------ the line, housekeeping
 
     @property

@@ -47,6 +47,9 @@ class LoopWithoutSockets:
         self.throttle: set[int] = set()  # waiters the API answers 429 once
         self.answering = 0.0  # real seconds the pacer took over the last 429
         self.before_refusal: Callable[[], None] = lambda: None
+        # answers held back: sent requests stay on their way until answer_all()
+        self.hold_answers = False
+        self.on_the_way: list[Paced] = []
         pacer.wake = self.wake
 
     def wake(self, waiter: object, when: float) -> None:
@@ -76,6 +79,9 @@ class LoopWithoutSockets:
         which the pacer may hold it to send again."""
         self.sent.append(waiter)
         self.left_at.append((waiter, self.clock["t"]))
+        if self.hold_answers:
+            self.on_the_way.append(paced)
+            return
         if waiter not in self.throttle:
             self.pacer.answered(paced, 200, [], None)
             return
@@ -388,6 +394,43 @@ def test_a_429_sent_again_while_redis_is_stopped_does_not_block(
         refused_at, again_at = [t for w, t in loop.left_at if w == 2]
         assert again_at - refused_at == pytest.approx(2.0, abs=1e-6)
         assert store.stats()["fallback"] == "local"
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        store.close()
+        server.stop()
+
+
+def test_requests_on_their_way_when_redis_fails_keep_their_units_in_the_local_share(
+    clock: dict[str, float],
+) -> None:
+    """40 requests on a 40-unit bucket, granted by Redis, still on their way
+    (no answer yet) when Redis stops: the local share that takes over counts
+    their 40 units as sent, so the next request waits for their answers and
+    the drip, instead of leaving at once as on an empty bucket (which the API
+    would refuse). Their answers land them there as in Redis's count."""
+    server = RedisServer()
+    pacer, store = piped_pacer(server.url, clock)
+    loop = LoopWithoutSockets(pacer, store, clock)
+    loop.hold_answers = True
+    try:
+        for k in range(40):
+            loop.arrive(k, "acme")
+        loop.run(lambda: len(loop.sent) == 40)
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        nxt = loop.arrive(40, "acme")  # asked of Redis: its net timer, then the local share
+        loop.run(lambda: clock["t"] >= START + 1.0 or 40 in loop.sent)
+        assert 40 not in loop.sent, "it left on an empty share, ahead of the 40 on their way"
+        stats = store.stats()
+        assert stats["fallback"] == "local" and stats["carried"] == 40, stats
+        assert not nxt.pending
+        answered_at = clock["t"]
+        limit = [(b"X-Shopify-Shop-Api-Call-Limit", b"40/40")]
+        for paced in loop.on_the_way:
+            pacer.answered(paced, 200, limit, None)
+            assert paced.carried is None
+        loop.run(lambda: 40 in loop.sent)
+        # the 40 restore from their answers: one unit 0.5 s later at 2/s
+        assert loop.left_at[-1] == (40, pytest.approx(answered_at + 0.5, abs=1e-6))
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
         store.close()
