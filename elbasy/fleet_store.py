@@ -47,10 +47,13 @@ The rules it keeps:
 * **told once**: one warning when it falls back and one info line when it
   recovers, per episode; ``stats()`` counts both (``/healthz``).
 
-At the switch itself the fleet may exceed a limit by at most one share per
-worker that switched: what Redis had granted and what the local share grants
-are counted apart until the servers' headers reach both (which the share's
-headroom and the scaled reports keep small).
+At the switch itself, a worker's requests sent on Redis and not answered yet
+are counted as sent in its local share (:meth:`FleetStore.carry`, told by
+the pacer through ``on_fall_back``), so the share does not grant their units
+again. What stays possible is an excess of at most one share per worker that
+switched, from other machines' grants (and this machine's other workers'
+until they switch too): counted apart until the servers' headers reach every
+share, which the share's headroom and the scaled reports keep small.
 """
 
 from __future__ import annotations
