@@ -194,18 +194,26 @@ def cluster() -> Iterator[list[RedisServer]]:
             node.stop()
 
 
+def cluster_pacer(
+    cluster: list[RedisServer],
+) -> tuple[RedisStore, PipedStore, LoopWithoutSockets, dict[str, float]]:
+    """A pacer on a PipedStore over ``redis+cluster://`` (its first node named),
+    played by LoopWithoutSockets on a clock the test moves."""
+    url = f"redis+cluster://127.0.0.1:{cluster[0].port}"
+    clock = {"t": START}
+    store = RedisStore(connect(url), EXACT, clock="caller")
+    piped = PipedStore(FleetStore(store, LocalStore(EXACT)), timeout=0.5)
+    pacer = Pacer(RuleSet.builtin(), piped, wall=lambda: clock["t"], mono=lambda: clock["t"])
+    return store, piped, LoopWithoutSockets(pacer, piped, clock), clock
+
+
 def test_the_piped_store_on_a_redis_cluster(cluster: list[RedisServer]) -> None:
     """``redis+cluster://``: a pipe per node, each step sent to its account's
     node; each account's limits in one slot (every script touches one),
     accounts spread over the nodes, facts shared."""
     import redis
 
-    url = f"redis+cluster://127.0.0.1:{cluster[0].port}"
-    clock = {"t": START}
-    store = RedisStore(connect(url), EXACT, clock="caller")
-    piped = PipedStore(FleetStore(store, LocalStore(EXACT)), timeout=0.5)
-    pacer = Pacer(RuleSet.builtin(), piped, wall=lambda: clock["t"], mono=lambda: clock["t"])
-    loop = LoopWithoutSockets(pacer, piped, clock)
+    store, piped, loop, clock = cluster_pacer(cluster)
     try:
         for k in range(30):
             paced = loop.arrive(k, f"shop{k}")
@@ -236,12 +244,7 @@ def test_the_piped_store_follows_a_slot_resharded_under_it(cluster: list[RedisSe
     stages, and the 41st waits for the drip."""
     import redis
 
-    url = f"redis+cluster://127.0.0.1:{cluster[0].port}"
-    clock = {"t": START}
-    store = RedisStore(connect(url), EXACT, clock="caller")
-    piped = PipedStore(FleetStore(store, LocalStore(EXACT)), timeout=0.5)
-    pacer = Pacer(RuleSet.builtin(), piped, wall=lambda: clock["t"], mono=lambda: clock["t"])
-    loop = LoopWithoutSockets(pacer, piped, clock)
+    store, piped, loop, clock = cluster_pacer(cluster)
     nodes = [redis.Redis(port=node.port) for node in cluster]
     try:
         for k in range(5):
