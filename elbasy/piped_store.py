@@ -50,8 +50,10 @@ map of slots). A node that answers MOVED (a resharding moved the slot, or a
 failover its master) has the call sent on to the node named, and the slot
 moved in the map so the account's next steps go there; an ASK (the slot
 migrating) sends that call on after ASKING. Neither counts as Redis failing
-(``redirects`` in the stats). A node that cannot be reached, or a call
-redirected more than ``MAX_REDIRECTS`` times, does: the local share answers
+(``redirects`` in the stats). A node that cannot be reached, a call
+redirected more than ``MAX_REDIRECTS`` times, or a TRYAGAIN (a migration
+that has moved some of one account's keys and not the others yet, which
+only a rule with more than one limit can meet) does: the local share answers
 until the backoff's reconnect, which reads the map again.
 """
 
