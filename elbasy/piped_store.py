@@ -717,8 +717,8 @@ class PipedStore:
                 self._news += 1  # the pacer reads its limits again
         elif kept is not None:
             # Redis lost it (restarted empty): what this machine learned is shared
-            # again (one blocking write, as rare as a restart)
-            self.fleet.put_fact(read.name, *kept)
+            # again, sent over the pipe like any fact
+            self.put_fact(read.name, *kept)
 
     def _command(self, pipe: SocketPipe, token: object, *args: str | bytes) -> None:
         idle = not pipe.pending()

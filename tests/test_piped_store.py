@@ -435,3 +435,40 @@ def test_requests_on_their_way_when_redis_fails_keep_their_units_in_the_local_sh
         os.kill(server.proc.pid, signal.SIGCONT)
         store.close()
         server.stop()
+
+
+def test_a_fact_redis_lost_is_put_back_over_the_pipe(
+    redis_url: str, clock: dict[str, float]
+) -> None:
+    """Redis restarts empty (FLUSHALL here) after this machine learned a plan:
+    the next read of the fact finds it gone, and the machine's word is sent
+    back over the pipe like any fact, never a blocking write."""
+    import redis
+
+    pacer, store = piped_pacer(redis_url, clock)
+    other = RedisStore(redis_url, EXACT, clock="caller", facts_refresh=0.0)
+    flusher = redis.Redis.from_url(redis_url)
+    name = "plan|k|shopify-rest"
+    try:
+        store.put_fact(name, 400.0, 20.0)
+        deadline = time.monotonic() + 5.0
+        while other.fact(name) is None:
+            assert time.monotonic() < deadline, store.stats()
+            select.select([store.fileno()], [], [], 0.1)
+            store.answers(clock["t"])
+        flusher.flushall()
+        assert other.fact(name) is None
+        sent = store.stats()["steps_sent"]
+        deadline = time.monotonic() + 5.0
+        while other.fact(name) is None:
+            assert time.monotonic() < deadline, store.stats()
+            store.facts_generation  # noqa: B018 - asks for the counter when due
+            assert store.fact(name) == (400.0, 20.0)  # the machine's word meanwhile
+            select.select([store.fileno()], [], [], 0.1)
+            store.answers(clock["t"])
+        assert other.fact(name) == (400.0, 20.0)
+        assert store.stats()["steps_sent"] > sent  # put back by a step on the pipe
+    finally:
+        flusher.close()
+        other.close()
+        store.close()
