@@ -35,11 +35,12 @@ local share's, which learns every fact this machine is told), and the
 counter moves when Redis's answer differs, so the pacer reads its limits
 again.
 
-Where a step still blocks, said plainly: making a pipe looks its host up
+Where the loop still waits, said plainly: making a pipe looks its host up
 when Redis is named by a host name (an address is not looked up; the
 connect, AUTH, SELECT and the TLS handshake go on without blocking, the
 first steps queued behind them, and a connect that hangs is a step not
-answered within ``timeout``); while Redis is down the fleet store's
+answered within ``timeout``), and for a Sentinel-watched master asks one
+Sentinel where the master is; while Redis is down the fleet store's
 reconnect attempts run on a thread. (The second reservation of an
 idempotent request sent again after a 429 goes over the pipe too, answered
 later like the first.)
