@@ -234,12 +234,14 @@ def fleet(
     port: int,
     redis_url: str,
     skews: tuple[str, ...] = ("",),
+    extra: tuple[str, ...] = (),
 ) -> tuple[list[Proxy], str]:
     """elbasy instances (separate processes and ports) sharing quota in one Redis:
     one on this machine's clock, then one per ``skews`` entry ("": the same
-    clock; "+2s", "-2s": its wall clock that far off)."""
+    clock; "+2s", "-2s": its wall clock that far off); ``extra``: options of
+    every instance."""
     first, ca = elbasy_for(
-        proxy, api_ca, tmp_path, {"*.myshopify.com": port}, "--quota-store", redis_url
+        proxy, api_ca, tmp_path, {"*.myshopify.com": port}, "--quota-store", redis_url, *extra
     )
     instances = [first]
     args = ["--data-dir", str(tmp_path / "data"), "--upstream-ca", str(api_ca[0].path)]
@@ -254,7 +256,7 @@ def fleet(
                 "FAKETIME_DONT_FAKE_MONOTONIC": "1",
             }
         instances.append(
-            proxy(*args, "--log-level", "warning", "--quota-store", redis_url, env=env)
+            proxy(*args, "--log-level", "warning", "--quota-store", redis_url, *extra, env=env)
         )
     return instances, ca
 
@@ -449,48 +451,59 @@ def test_shopify_rest_through_a_killed_worker(
 
 
 @pytest.mark.load
-@pytest.mark.parametrize("workers", [2])
+@pytest.mark.parametrize("instances", [1, 2], ids=["one-instance-two-workers", "two-instances"])
 def test_shopify_rest_through_redis_killed_and_back(
     proxy: Callable[..., Proxy],
     api_ca: tuple[origins.TestCA, Path],
     shopify: RemoteMock,
     tmp_path: Path,
-    workers: int,
+    instances: int,
 ) -> None:
     """--quota-store redis:// under the REST load, its Redis killed (SIGKILL)
-    mid-run: no request fails or is shed, the workers keep pacing on the
-    machine's share (one instance: the whole quota, one shared-memory table
-    for its workers), and once Redis is back on the same port the quota is
-    shared in Redis again (issue 14)."""
+    mid-run: no request fails or is shed and the API refuses none. One
+    instance of two workers paces on the machine's share (the whole quota,
+    one shared-memory table for its workers); two instances
+    (``--quota-instances 2``, every account's clients on both) each on half
+    of every limit. Once Redis is back on the same port, the quota is shared
+    in Redis again (issue 14)."""
     configure_plans(shopify)
     server = RedisServer()
-    port = server.port
     revived: list[RedisServer] = []
     try:
-        p, ca = elbasy_for(
-            proxy,
-            api_ca,
-            tmp_path,
-            {"*.myshopify.com": shopify.port},
-            "--quota-store",
-            server.url,
-            "--workers",
-            str(workers),
-        )
+        if instances == 1:
+            p, ca = elbasy_for(
+                proxy,
+                api_ca,
+                tmp_path,
+                {"*.myshopify.com": shopify.port},
+                "--quota-store",
+                server.url,
+                "--workers",
+                "2",
+            )
+            machines = [p]
+        else:
+            machines, ca = fleet(
+                proxy, api_ca, tmp_path, shopify.port, server.url, extra=("--quota-instances", "2")
+            )
 
         def kill_redis() -> None:
             os.kill(server.proc.pid, signal.SIGKILL)
 
-        outcomes, _ = load.run(p.port, ca, shop_clients(), 8.0, at=(3.0, kill_redis))
+        clients = spread(shop_clients(), machines)
+        outcomes, _ = load.run(0, ca, clients, 8.0, at=(3.0, kill_redis))
         during = shopify.stats()["totals"]["rest_throttled"]  # the kill and the outage
-        quota = p.healthz()["quota"]
-        assert quota["store"] == "redis" and quota["fallback"] == "local", quota
-        assert quota["fallbacks"] == 1 and quota["local_steps"] > 500, quota
-        revived.append(RedisServer(port=port))
+        for p in machines:
+            quota = p.healthz()["quota"]
+            assert quota["store"] == "redis" and quota["fallback"] == "local", quota
+            assert quota["local_share"] == f"{1 / instances:g}", quota
+            assert quota["fallbacks"] == 1 and quota["local_steps"] > 250, quota
+        revived.append(RedisServer(port=server.port))
         # the next PING is due within 8 s of the kill (0.5, 1, 2, 4 s), then 1 s of relearning
-        more, _ = load.run(p.port, ca, shop_clients(), 8.0)
-        quota = p.healthz()["quota"]
-        assert quota["fallback"] == "no" and quota["recoveries"] == 1, quota
+        more, _ = load.run(0, ca, clients, 8.0)
+        for p in machines:
+            quota = p.healthz()["quota"]
+            assert quota["fallback"] == "no" and quota["recoveries"] == 1, quota
         for name in outcomes:
             for run, out in (("outage", outcomes[name]), ("back", more[name])):
                 assert not out.errors, (run, name, out.errors[:3])

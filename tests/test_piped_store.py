@@ -15,6 +15,7 @@ import select
 import signal
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from redis_server import RedisServer
@@ -161,6 +162,28 @@ def piped_pacer(
 
 
 @pytest.fixture
+def stoppable(
+    clock: dict[str, float],
+) -> Iterator[Callable[..., tuple[RedisServer, LoopWithoutSockets]]]:
+    """A Redis of the test's own, which it may stop (SIGSTOP), and a pacer on a
+    PipedStore over it (``piped_pacer``'s options); let go at the end,
+    stopped or not."""
+    made: list[tuple[RedisServer, PipedStore]] = []
+
+    def make(**options: Any) -> tuple[RedisServer, LoopWithoutSockets]:
+        server = RedisServer()
+        pacer, store = piped_pacer(server.url, clock, **options)
+        made.append((server, store))
+        return server, LoopWithoutSockets(pacer, store, clock)
+
+    yield make
+    for server, store in made:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        store.close()
+        server.stop()
+
+
+@pytest.fixture
 def piped(redis_url: str, clock: dict[str, float]) -> Iterator[LoopWithoutSockets]:
     pacer, store = piped_pacer(redis_url, clock)
     try:
@@ -243,73 +266,63 @@ def test_a_client_that_leaves_before_its_answer_gives_its_place_back(
 
 
 def test_a_redis_that_stops_answering_is_left_within_the_timeout(
-    clock: dict[str, float],
+    clock: dict[str, float], stoppable: Callable[..., tuple[RedisServer, LoopWithoutSockets]]
 ) -> None:
     """Redis stopped (SIGSTOP: its socket accepts, nobody answers): the held
     request's net timer finds its answer overdue, the local share answers it
     and every later step, and nothing waited longer than the timeout."""
-    server = RedisServer()
-    pacer, store = piped_pacer(server.url, clock)
-    loop = LoopWithoutSockets(pacer, store, clock)
-    try:
-        loop.arrive(1, "acme")
-        loop.run(lambda: loop.sent == [1])
-        os.kill(server.proc.pid, signal.SIGSTOP)
-        started = time.monotonic()
-        loop.arrive(2, "acme")
-        loop.run(lambda: 2 in loop.sent)
-        assert time.monotonic() - started < 2.0
-        assert clock["t"] == pytest.approx(START + TIMEOUT, abs=1e-6)  # its net timer
-        stats = store.stats()
-        assert stats["fallback"] == "local" and stats["late_answers"] == 1, stats
-        loop.arrive(3, "acme")  # answered now, by the local share
-        assert loop.sent == [1, 2, 3]
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
-        store.close()
-        server.stop()
+    server, loop = stoppable()
+    store = loop.store
+    loop.arrive(1, "acme")
+    loop.run(lambda: loop.sent == [1])
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    loop.arrive(2, "acme")
+    loop.run(lambda: 2 in loop.sent)
+    assert time.monotonic() - started < 2.0
+    assert clock["t"] == pytest.approx(START + TIMEOUT, abs=1e-6)  # its net timer
+    stats = store.stats()
+    assert stats["fallback"] == "local" and stats["late_answers"] == 1, stats
+    loop.arrive(3, "acme")  # answered now, by the local share
+    assert loop.sent == [1, 2, 3]
 
 
-def test_a_stopped_redis_is_probed_aside_and_shared_again(clock: dict[str, float]) -> None:
+def test_a_stopped_redis_is_probed_aside_and_shared_again(
+    clock: dict[str, float], stoppable: Callable[..., tuple[RedisServer, LoopWithoutSockets]]
+) -> None:
     """While Redis is stopped, its reconnect attempts (a PING that cannot be
     answered) run on a thread: every step is answered at local speed, probe
     or no probe. Once it answers again, new reservations go to Redis."""
-    server = RedisServer()
-    pacer, store = piped_pacer(server.url, clock, backoff=0.2)
-    loop = LoopWithoutSockets(pacer, store, clock)
-    try:
-        loop.arrive(1, "acme")
-        loop.run(lambda: loop.sent == [1])
-        os.kill(server.proc.pid, signal.SIGSTOP)
-        loop.arrive(2, "acme")
-        loop.run(lambda: 2 in loop.sent)
-        assert store.fleet.down
-        slowest = 0.0
-        for k in range(3, 43):  # 0.8 s: probes are due every 0.2 s meanwhile
-            time.sleep(0.02)
-            started = time.monotonic()
-            loop.arrive(k, f"shop{k}")
-            slowest = max(slowest, time.monotonic() - started)
-        assert store.fleet.attempts >= 2 and store.fleet.down
-        assert slowest < TIMEOUT / 2, slowest
-        assert len(loop.sent) == 42  # every one answered at once, by the local share
-        os.kill(server.proc.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 10.0
-        k = 100
-        while store.fleet.down:
-            assert time.monotonic() < deadline, store.stats()
-            time.sleep(0.05)
-            loop.arrive(k, f"shop{k}")
-            k += 1
-        time.sleep(store.fleet.relearn + 0.1)  # new reservations stay local while it relearns
-        paced = loop.arrive(k + 1, "fresh")
-        assert paced.pending == "reserve"  # sent to Redis, answered later
-        loop.run(lambda: k + 1 in loop.sent)
-        assert store.stats()["recoveries"] == 1
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
-        store.close()
-        server.stop()
+    server, loop = stoppable(backoff=0.2)
+    store = loop.store
+    loop.arrive(1, "acme")
+    loop.run(lambda: loop.sent == [1])
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    loop.arrive(2, "acme")
+    loop.run(lambda: 2 in loop.sent)
+    assert store.fleet.down
+    slowest = 0.0
+    for k in range(3, 43):  # 0.8 s: probes are due every 0.2 s meanwhile
+        time.sleep(0.02)
+        started = time.monotonic()
+        loop.arrive(k, f"shop{k}")
+        slowest = max(slowest, time.monotonic() - started)
+    assert store.fleet.attempts >= 2 and store.fleet.down
+    assert slowest < TIMEOUT / 2, slowest
+    assert len(loop.sent) == 42  # every one answered at once, by the local share
+    os.kill(server.proc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10.0
+    k = 100
+    while store.fleet.down:
+        assert time.monotonic() < deadline, store.stats()
+        time.sleep(0.05)
+        loop.arrive(k, f"shop{k}")
+        k += 1
+    time.sleep(store.fleet.relearn + 0.1)  # new reservations stay local while it relearns
+    paced = loop.arrive(k + 1, "fresh")
+    assert paced.pending == "reserve"  # sent to Redis, answered later
+    loop.run(lambda: k + 1 in loop.sent)
+    assert store.stats()["recoveries"] == 1
 
 
 def test_the_net_timer_of_a_line_head_is_a_fallback_only(
@@ -373,68 +386,56 @@ def test_a_429_sent_again_asks_for_its_new_place_without_waiting(
 
 
 def test_a_429_sent_again_while_redis_is_stopped_does_not_block(
-    clock: dict[str, float],
+    clock: dict[str, float], stoppable: Callable[..., tuple[RedisServer, LoopWithoutSockets]]
 ) -> None:
     """Redis stops while the request is on its way, and the API refuses it:
     the pacer hears the 429 and asks for the request's new place without
     waiting for Redis (well under the timeout); the net timer hands it to the
     local share, and it leaves once the server's block is over."""
-    server = RedisServer()
-    pacer, store = piped_pacer(server.url, clock, retry=True)
-    loop = LoopWithoutSockets(pacer, store, clock)
-    try:
-        loop.arrive(1, "acme")
-        loop.run(lambda: loop.sent == [1])
-        loop.throttle.add(2)
-        loop.before_refusal = lambda: os.kill(server.proc.pid, signal.SIGSTOP)
-        loop.arrive(2, "acme")
-        loop.run(lambda: loop.sent.count(2) == 2)
-        assert loop.answering < TIMEOUT / 5, loop.answering
-        assert pacer.counters["retried"] == 1
-        refused_at, again_at = [t for w, t in loop.left_at if w == 2]
-        assert again_at - refused_at == pytest.approx(2.0, abs=1e-6)
-        assert store.stats()["fallback"] == "local"
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
-        store.close()
-        server.stop()
+    server, loop = stoppable(retry=True)
+    pacer, store = loop.pacer, loop.store
+    loop.arrive(1, "acme")
+    loop.run(lambda: loop.sent == [1])
+    loop.throttle.add(2)
+    loop.before_refusal = lambda: os.kill(server.proc.pid, signal.SIGSTOP)
+    loop.arrive(2, "acme")
+    loop.run(lambda: loop.sent.count(2) == 2)
+    assert loop.answering < TIMEOUT / 5, loop.answering
+    assert pacer.counters["retried"] == 1
+    refused_at, again_at = [t for w, t in loop.left_at if w == 2]
+    assert again_at - refused_at == pytest.approx(2.0, abs=1e-6)
+    assert store.stats()["fallback"] == "local"
 
 
 def test_requests_on_their_way_when_redis_fails_keep_their_units_in_the_local_share(
-    clock: dict[str, float],
+    clock: dict[str, float], stoppable: Callable[..., tuple[RedisServer, LoopWithoutSockets]]
 ) -> None:
     """40 requests on a 40-unit bucket, granted by Redis, still on their way
     (no answer yet) when Redis stops: the local share that takes over counts
     their 40 units as sent, so the next request waits for their answers and
     the drip, instead of leaving at once as on an empty bucket (which the API
     would refuse). Their answers land them there as in Redis's count."""
-    server = RedisServer()
-    pacer, store = piped_pacer(server.url, clock)
-    loop = LoopWithoutSockets(pacer, store, clock)
+    server, loop = stoppable()
+    pacer, store = loop.pacer, loop.store
     loop.hold_answers = True
-    try:
-        for k in range(40):
-            loop.arrive(k, "acme")
-        loop.run(lambda: len(loop.sent) == 40)
-        os.kill(server.proc.pid, signal.SIGSTOP)
-        nxt = loop.arrive(40, "acme")  # asked of Redis: its net timer, then the local share
-        loop.run(lambda: clock["t"] >= START + 1.0 or 40 in loop.sent)
-        assert 40 not in loop.sent, "it left on an empty share, ahead of the 40 on their way"
-        stats = store.stats()
-        assert stats["fallback"] == "local" and stats["carried"] == 40, stats
-        assert not nxt.pending
-        answered_at = clock["t"]
-        limit = [(b"X-Shopify-Shop-Api-Call-Limit", b"40/40")]
-        for paced in loop.on_the_way:
-            pacer.answered(paced, 200, limit, None)
-            assert paced.carried is None
-        loop.run(lambda: 40 in loop.sent)
-        # the 40 restore from their answers: one unit 0.5 s later at 2/s
-        assert loop.left_at[-1] == (40, pytest.approx(answered_at + 0.5, abs=1e-6))
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
-        store.close()
-        server.stop()
+    for k in range(40):
+        loop.arrive(k, "acme")
+    loop.run(lambda: len(loop.sent) == 40)
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    nxt = loop.arrive(40, "acme")  # asked of Redis: its net timer, then the local share
+    loop.run(lambda: clock["t"] >= START + 1.0 or 40 in loop.sent)
+    assert 40 not in loop.sent, "it left on an empty share, ahead of the 40 on their way"
+    stats = store.stats()
+    assert stats["fallback"] == "local" and stats["carried"] == 40, stats
+    assert not nxt.pending
+    answered_at = clock["t"]
+    limit = [(b"X-Shopify-Shop-Api-Call-Limit", b"40/40")]
+    for paced in loop.on_the_way:
+        pacer.answered(paced, 200, limit, None)
+        assert paced.carried is None
+    loop.run(lambda: 40 in loop.sent)
+    # the 40 restore from their answers: one unit 0.5 s later at 2/s
+    assert loop.left_at[-1] == (40, pytest.approx(answered_at + 0.5, abs=1e-6))
 
 
 def test_a_fact_redis_lost_is_put_back_over_the_pipe(
