@@ -105,6 +105,10 @@ def _nothing() -> None:
     """FleetStore.on_fall_back until a pacer is wired in."""
 
 
+def _nothing_after(shared: Pingable) -> None:
+    """FleetStore.after_attempt until an owner sets one."""
+
+
 #: QuotaStore.recheck while the shared store is not made (RedisStore.recheck)
 _RECHECK_UNMADE = 0.5
 
@@ -183,6 +187,11 @@ class FleetStore:
         self._make: Callable[[], Pingable] | None = None
         #: reconnect attempts run on a thread, never in a step (elbasy.piped_store)
         self.probe_aside = False
+        #: called with the shared store after each reconnect attempt it answered,
+        #: where the attempt runs (its thread when probe_aside): what its owner
+        #: must find before using it again (elbasy.piped_store: addresses). An
+        #: error it raises fails the attempt.
+        self.after_attempt: Callable[[Pingable], None] = _nothing_after
         #: called when it falls back: the pacer has the local share count the
         #: units of its requests in flight on the shared store (carry)
         self.on_fall_back: Callable[[], None] = _nothing
@@ -275,8 +284,11 @@ class FleetStore:
         """One reconnect attempt: the store made (None: the one there answered PING)."""
         if self.shared is None:
             assert self._make is not None
-            return self._make()
+            made = self._make()
+            self.after_attempt(made)
+            return made
         self.shared.ping()
+        self.after_attempt(self.shared)
         return None
 
     def _scaled(self, limits: Sequence[Limit]) -> tuple[Limit, ...]:

@@ -35,13 +35,16 @@ local share's, which learns every fact this machine is told), and the
 counter moves when Redis's answer differs, so the pacer reads its limits
 again.
 
-Where the loop still waits, said plainly: making a pipe looks its host up
-when Redis is named by a host name (an address is not looked up; the
-connect, AUTH, SELECT and the TLS handshake go on without blocking, the
-first steps queued behind them, and a connect that hangs is a step not
-answered within ``timeout``), and for a Sentinel-watched master asks one
-Sentinel where the master is; while Redis is down the fleet store's
-reconnect attempts run on a thread. (The second reservation of an
+Making a pipe does not wait either: the connect, AUTH, SELECT and the TLS
+handshake go on without blocking, the first steps queued behind them (a
+connect that hangs is a step not answered within ``timeout``), and what a
+pipe needs first is found off the loop (:func:`found_ahead`: Redis's host
+name looked up, a Sentinel's master asked for) while the worker starts, by
+each reconnect attempt on its thread (``FleetStore.after_attempt``) and by
+the master watch after a failover. Said plainly, the one wait left on the
+loop is the lookup of a name that could not be found ahead (the resolver
+failing as the worker started, a cluster node first named by a MOVED).
+While Redis is down the fleet store's reconnect attempts run on a thread. (The second reservation of an
 idempotent request sent again after a 429 goes over the pipe too, answered
 later like the first.)
 The pipe speaks as the URL says: TCP, TLS (``rediss://``, with its
@@ -83,7 +86,7 @@ from elbasy.quota import (
     StoreFull,
     _per_limit,
 )
-from elbasy.redis_pipe import Redirected, Reply, SocketPipe
+from elbasy.redis_pipe import Redirected, Reply, SocketPipe, look_up
 from elbasy.redis_store import RedisStore, Step, answer, levels_seen
 
 __all__ = ["PipedStore", "pipe_to"]
@@ -153,10 +156,36 @@ def node_of(redis: RedisStore, key: str | None) -> Node:
     return str(node.name)
 
 
-def pipe_to(redis: RedisStore, node: Node, timeout: float) -> SocketPipe:
-    """A SocketPipe to ``node`` of ``redis``'s client (a Sentinel's master: where
-    the Sentinels say it is now), over TCP, TLS or a unix socket as the
-    client's. Raises OSError when the server cannot be reached."""
+def found_ahead(redis: RedisStore) -> tuple[str, int] | None:
+    """Find now what making a pipe to ``redis``'s servers would otherwise wait
+    for on the loop: each host name's address (elbasy.redis_pipe.look_up)
+    and a Sentinel's master, which is returned (None for another kind of
+    store). It waits: call it where waiting is allowed (a worker starting, a
+    reconnect attempt's thread). Raises what the lookup or the Sentinels
+    raise."""
+    client = redis.client
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:  # a cluster: its nodes as the map names them
+        for server in client.get_nodes():
+            look_up(server.host, int(server.port))
+        return None
+    if hasattr(pool, "get_master_address"):
+        host, port = pool.get_master_address()
+        look_up(host, int(port))
+        return host, int(port)
+    kwargs = pool.connection_kwargs
+    if not kwargs.get("path"):
+        look_up(kwargs.get("host") or "127.0.0.1", int(kwargs.get("port") or 6379))
+    return None
+
+
+def pipe_to(
+    redis: RedisStore, node: Node, timeout: float, master: tuple[str, int] | None = None
+) -> SocketPipe:
+    """A SocketPipe to ``node`` of ``redis``'s client (a Sentinel's master: at
+    ``master``, found ahead, else where the Sentinels say it is now), over
+    TCP, TLS or a unix socket as the client's. Raises OSError when the server
+    cannot be reached."""
     client = redis.client
     pool = getattr(client, "connection_pool", None)
     if pool is None:  # a cluster node
@@ -172,7 +201,8 @@ def pipe_to(redis: RedisStore, node: Node, timeout: float) -> SocketPipe:
             pool = known.redis_connection.connection_pool
             host, _, port = node.rpartition(":")
     elif hasattr(pool, "get_master_address"):
-        host, port = pool.get_master_address()  # it moves on a failover
+        # it moves on a failover; asked here only when not found ahead
+        host, port = master if master is not None else pool.get_master_address()
     else:
         host, port = pool.connection_kwargs.get("host"), pool.connection_kwargs.get("port")
     kwargs = pool.connection_kwargs
@@ -219,15 +249,20 @@ class MasterWatch(threading.Thread):
         super().__init__(name="elbasy-redis-master", daemon=True)
         self.pool, self.at, self.fd, self.every = pool, at, fd, every
         self.moved = False
+        self.now_at: tuple[str, int] | None = None  # the new master, once moved
         self._stop_at = threading.Event()
 
     def run(self) -> None:
         while not self._stop_at.wait(self.every):
             try:
                 host, port = self.pool.get_master_address()
+                now_at = (host, int(port))
+                if now_at != self.at:
+                    look_up(*now_at)  # the new pipe connects without a lookup
             except Exception:  # noqa: BLE001 - no Sentinel answers: asked again
                 continue
-            if (host, int(port)) != self.at:
+            if now_at != self.at:
+                self.now_at = now_at
                 self.moved = True
                 os.eventfd_write(self.fd, 1)
                 return
@@ -246,11 +281,23 @@ class PipedStore:
         fleet: FleetStore,
         *,
         timeout: float,
-        make_pipe: Callable[[RedisStore, Node, float], SocketPipe] = pipe_to,
+        make_pipe: Callable[
+            [RedisStore, Node, float, tuple[str, int] | None], SocketPipe
+        ] = pipe_to,
     ) -> None:
         self.fleet = fleet
-        # while Redis is down, its reconnect attempts run on a thread: no step waits
+        # while Redis is down, its reconnect attempts run on a thread: no step
+        # waits; each attempt Redis answered finds the addresses ahead there
         fleet.probe_aside = True
+        fleet.after_attempt = self._find_ahead
+        # a Sentinel's master as found ahead (at start, by a reconnect attempt,
+        # by the master watch), so making a pipe does not ask the Sentinels
+        self._master: tuple[str, int] | None = None
+        if fleet.shared is not None:
+            try:
+                self._find_ahead(fleet.shared)  # the worker is starting: waiting is allowed
+            except fleet.errors:
+                pass  # unreachable now: the first pipe finds it, or a reconnect attempt
         self.timeout = timeout
         self._make_pipe = make_pipe
         # one pipe per server (one, or a cluster's nodes), with its fd number
@@ -355,9 +402,13 @@ class PipedStore:
             return None
         return shared, made
 
+    def _find_ahead(self, shared: Any) -> None:
+        """Addresses and a Sentinel's master found off the loop (found_ahead)."""
+        self._master = found_ahead(shared)
+
     def _new_pipe(self, shared: RedisStore, node: Node) -> SocketPipe:
         """A pipe to ``node``, watched. Raises OSError when it cannot be made."""
-        made = self._make_pipe(shared, node, self.timeout)
+        made = self._make_pipe(shared, node, self.timeout, self._master)
         self.pipes += 1
         self._pipes[node] = (made, made.fileno())
         pool = getattr(shared.client, "connection_pool", None)
@@ -487,6 +538,7 @@ class PipedStore:
         watcher = self._watcher
         if watcher is not None and watcher.moved:
             self._watcher = None
+            self._master = watcher.now_at  # where the next pipe goes
             for pipe, _ in self._pipes.values():
                 pipe.abandon(ConnectionError("the Sentinels moved the master"))
         if not self._pipes and not self._stash:

@@ -34,8 +34,9 @@ answer comes.
 ``rediss://`` the TLS handshake) goes on while the first steps queue, AUTH
 and SELECT are pipelined ahead of them (Redis runs a connection's commands
 in order), and an AUTH or SELECT that fails answers every step behind it
-with why. A host given by name is looked up when the pipe is made (the one
-step that may wait: on a DNS answer; an address does not). Reconnecting is
+with why. A host given by name is looked up when the pipe is made, unless
+its owner found its address ahead (:func:`look_up`, off the loop).
+Reconnecting is
 its owner's (a lost connection answers every call in flight with the error,
 and the pipe is then closed).
 """
@@ -55,7 +56,7 @@ import hiredis
 
 from elbasy.redis_store import SCRIPTS
 
-__all__ = ["SocketPipe", "ThreadPipe", "Redirected", "Reply"]
+__all__ = ["SocketPipe", "ThreadPipe", "Redirected", "Reply", "look_up"]
 
 #: what a call is answered with: the script's reply, or why there is none
 Reply = bytes | Exception
@@ -73,6 +74,19 @@ def _resp(*args: bytes | str) -> bytes:
         out.append(b)
         out.append(b"\r\n")
     return b"".join(out)
+
+
+#: Redis hosts' addresses found ahead, off the loop (:func:`look_up`): a pipe
+#: made to one of them later connects without a lookup
+_LOOKED_UP: dict[tuple[str, int], tuple[int, Any]] = {}
+
+
+def look_up(host: str, port: int) -> None:
+    """Find ``host``'s address now, for the pipes made to it later. It waits on
+    the resolver: call it where waiting is allowed (a worker starting, a
+    reconnect attempt's thread). Raises OSError when the name has no address."""
+    family, _, _, _, target = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    _LOOKED_UP[(host, port)] = (family, target)
 
 
 #: the token of AUTH and SELECT, sent ahead of every step: their answers are the pipe's
@@ -169,7 +183,13 @@ class SocketPipe:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target: Any = path
         else:
-            family, _, _, _, target = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            known = _LOOKED_UP.get((host, port))
+            if known is not None:
+                family, target = known
+            else:  # not found ahead: looked up here (an address is not a lookup)
+                family, _, _, _, target = socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM
+                )[0]
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)

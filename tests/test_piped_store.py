@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -473,3 +474,30 @@ def test_a_fact_redis_lost_is_put_back_over_the_pipe(
         flusher.close()
         other.close()
         store.close()
+
+
+def test_a_redis_named_by_a_host_name_is_looked_up_before_the_loop_needs_it(
+    clock: dict[str, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``redis://localhost:PORT``: the name is looked up while the worker
+    starts (and again by each reconnect attempt, on its thread), so making
+    the pipe in the loop does not wait on the resolver: here any lookup after
+    the start fails the test."""
+    server = RedisServer()
+    pacer, store = piped_pacer(f"redis://localhost:{server.port}/0", clock)
+    loop = LoopWithoutSockets(pacer, store, clock)
+    try:
+
+        def resolver_on_the_loop(*args: object, **kwargs: object) -> None:
+            raise AssertionError(f"a lookup on the loop: {args}")
+
+        monkeypatch.setattr(socket, "getaddrinfo", resolver_on_the_loop)
+        loop.arrive(1, "acme")
+        loop.run(lambda: loop.sent == [1])
+        stats = store.stats()
+        assert stats["pipes"] == 1 and stats["fallbacks"] == 0, stats
+        assert stats["late_answers"] == 0, stats
+    finally:
+        monkeypatch.undo()
+        store.close()
+        server.stop()

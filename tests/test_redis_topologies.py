@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +100,18 @@ def test_the_piped_store_follows_a_sentinel_failover(
     store = PipedStore(fleet, timeout=0.5)
     pacer = Pacer(RuleSet.builtin(), store, wall=lambda: clock["t"], mono=lambda: clock["t"])
     loop = LoopWithoutSockets(pacer, store, clock)
+    # who asks the Sentinels where the master is, from here on: never the
+    # loop (this thread); the master watch and the reconnect attempts do
+    assert fleet.shared is not None
+    pool = fleet.shared.client.connection_pool
+    asked_by: list[int] = []
+    ask = pool.get_master_address
+
+    def asked() -> tuple[str, int]:
+        asked_by.append(threading.get_ident())
+        return ask()  # type: ignore[no-any-return]
+
+    pool.get_master_address = asked
     try:
         loop.arrive(1, "acme")
         loop.run(lambda: loop.sent == [1])
@@ -135,6 +148,7 @@ def test_the_piped_store_follows_a_sentinel_failover(
         assert on_new.keys("elbasy:{shopify-admin-rest|after*"), "the step is in the new master"
         on_new.close()
         assert len(loop.sent) == k  # every request went: none failed over the switch
+        assert asked_by and threading.get_ident() not in asked_by
     finally:
         store.close()
 
