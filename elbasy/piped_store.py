@@ -44,9 +44,9 @@ each reconnect attempt on its thread (``FleetStore.after_attempt``) and by
 the master watch after a failover. Said plainly, the one wait left on the
 loop is the lookup of a name that could not be found ahead (the resolver
 failing as the worker started, a cluster node first named by a MOVED).
-While Redis is down the fleet store's reconnect attempts run on a thread. (The second reservation of an
-idempotent request sent again after a 429 goes over the pipe too, answered
-later like the first.)
+While Redis is down the fleet store's reconnect attempts run on a thread.
+The second reservation of an idempotent request sent again after a 429 goes
+over the pipe too, answered later like the first.
 The pipe speaks as the URL says: TCP, TLS (``rediss://``, with its
 ``ssl_*`` options) or a unix socket. A ``redis+cluster://`` store has a pipe
 per node, each step sent to the node of its account's slot (redis-py's
