@@ -398,3 +398,15 @@ def test_numeric_spellings_resolve_to_loopback():
         infos = socket.getaddrinfo(spelling, None, type=socket.SOCK_STREAM)
         assert {i[4][0] for i in infos} == {"127.0.0.1"}
         assert internal_reason(infos[0][4][0]) == "loopback"
+
+
+def test_own_addresses_added_later_are_seen_by_an_answer_already_given() -> None:
+    """is_own keeps its answers (a plain request asks for each), and an address
+    elbasy starts listening on later (a listener bound after the rules were
+    made) is seen at once, not hidden behind a kept "no"."""
+    d = Destinations(own=[("127.0.0.1", 8080)])
+    assert d.is_own("127.0.0.1", 8080) and not d.is_own("127.0.0.1", 9090)
+    assert not d.is_own("127.0.0.1", 9090)  # kept
+    d.add_own("127.0.0.1", 9090)
+    assert d.is_own("127.0.0.1", 9090)
+    assert not d.is_own("example.com", 8080)  # a name is never an address
