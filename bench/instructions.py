@@ -135,6 +135,9 @@ def measure(tree: Path, origins, work: Path, args) -> dict[str, float]:
     log = open(work / "elbasy.log", "wb")
     env = {**os.environ, "PYTHONPATH": str(tree), "XDG_DATA_HOME": str(data)}
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    # each dump after the first names its functions by numbers defined in
+    # the first: written out whole, a kept dump reads on its own
+    cmd += ["--compress-strings=no", "--compress-pos=no"]
     cmd += [sys.executable, "-c", WORKER, str(data), str(origins.ca_file), bench.TLS_HOST]
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -23,3 +23,26 @@ class Head:
     def headers(self) -> list[tuple[bytes, bytes]]: ...
 
 def scan(head: bytes) -> Head: ...
+
+MAX_HEADER_LINES: int
+MAX_CONNECTION_OPTIONS: int
+
+class RequestHead(Head):
+    method: str
+    target: str
+    version: str  # "1.0" or "1.1"
+    keep_alive: bool
+    @property
+    def lines(self) -> RequestHead: ...
+
+class ResponseHead(Head):
+    status: int
+    version: str
+    keep_alive: bool
+    @property
+    def lines(self) -> ResponseHead: ...
+    @property
+    def status_line(self) -> bytes: ...
+
+def parse_request(head: bytes) -> RequestHead: ...
+def parse_response(head: bytes) -> ResponseHead: ...

@@ -87,7 +87,7 @@ class Outbound:
         version = b"HTTP/1.0" if req.version == "1.0" else b"HTTP/1.1"
         start = req.method.encode("ascii") + b" " + path + b" " + version
         start += b"\r\nHost: " + authority + b"\r\nVia: 1.1 " + self.via + extra
-        named = named_in_connection(req.framing.connection)
+        named = named_in_connection(req.options)
         names = named.union(drop) if named else drop
         expect = False
         if body == BODY_NONE:

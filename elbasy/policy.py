@@ -431,7 +431,7 @@ class Policy:
         try:
             if req.method == "CONNECT":
                 raise RemoteProtocolError("CONNECT inside an intercepted TLS session")
-            if b"upgrade" in req.framing.connection:
+            if b"upgrade" in req.options:
                 raise RemoteProtocolError(
                     f"elbasy does not relay protocol upgrades on intercepted hosts ({site.host})",
                     501,
@@ -466,7 +466,7 @@ class Policy:
                 return self._refuse_credentials(ex, False)
             if req.method == "CONNECT":
                 raise RemoteProtocolError("CONNECT to a reverse listener (use the proxy's port)")
-            if b"upgrade" in req.framing.connection:
+            if b"upgrade" in req.options:
                 raise RemoteProtocolError(
                     f"elbasy does not relay protocol upgrades to {site.origin}", 501
                 )
@@ -639,8 +639,7 @@ class Policy:
     def _plan(self, ex: Exchange, resp: ResponseHead) -> ResponsePlan:
         body, length = response_framing(resp, ex.method)
         keep_client = ex.keep_alive and body != BODY_CLOSE and resp.status != 101
-        f = resp.framing
-        head = resp.lines.without(named_in_connection(f.connection))
+        head = resp.without(named_in_connection(resp.options))
         if not keep_client:
             head = head[:-2] + b"Connection: close\r\n\r\n"
         # a 101 hands the connection to another protocol: never pooled

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import httptools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -212,7 +213,7 @@ def test_hop_by_hop_and_connection_named_headers_are_stripped() -> None:
         b"Accept: */*\r\nTransfer-Encoding: chunked\r\nHost: a\r\n\r\n"
     )
     req = parse_request_head(head)
-    out = req.lines.without(named_in_connection(req.framing.connection), True)
+    out = req.lines.without(named_in_connection(req.options), True)
     assert out == b"GET http://a/ HTTP/1.1\r\nAccept: */*\r\nTransfer-Encoding: chunked\r\n\r\n"
     assert req.lines.host == b"a"
     assert HOP_BY_HOP == {
@@ -233,7 +234,7 @@ def test_hop_by_hop_lines_are_cut_from_the_raw_head() -> None:
         b"keep-alive: timeout=5\r\nX-Kept: a\r\nTE: trailers\r\nTex: kept\r\n\r\n"
     )
     resp = parse_response_head(head)
-    out = resp.lines.without(named_in_connection(resp.framing.connection))
+    out = resp.lines.without(named_in_connection(resp.options))
     assert out == b"HTTP/1.1 200 OK\r\nX-Kept: a\r\nTex: kept\r\n\r\n"
     assert parse_response_head(out).headers() == [(b"X-Kept", b"a"), (b"Tex", b"kept")]
 
@@ -349,7 +350,7 @@ def test_empty_lines_before_the_start_line_are_left_out(before: bytes) -> None:
     assert req.method == "POST" and req.target == "http://a/x"
     assert req.raw.startswith(b"POST http://a/x HTTP/1.1\r\n")
     assert req.headers() == [(b"Host", b"a"), (b"Content-Length", b"3")]
-    assert req.framing.content_lengths == (b"3",)
+    assert req.lengths == (b"3",)
     resp = parse_response_head(before + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
     assert resp.status == 200 and resp.status_line == b"HTTP/1.1 200 OK"
     assert resp.headers() == [(b"Transfer-Encoding", b"chunked")]
@@ -360,3 +361,61 @@ def test_a_connect_port_of_other_unicode_digits_is_refused() -> None:
     for target in ("a:0³", "a:٤٤٣", "a:４４３"):
         with pytest.raises(RemoteProtocolError):
             parse_authority(target)
+
+
+class _Llhttp:
+    """What llhttp itself reports of a start line, to check elbasy's reading of
+    the validated bytes against."""
+
+    def __init__(self) -> None:
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+
+_TARGET = st.text(alphabet="abcxyz0123456789/?=&%-._~:@!$'()*+,;", min_size=1, max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]),
+    gap1=st.integers(1, 3),
+    target=_TARGET,
+    gap2=st.integers(1, 3),
+    version=st.sampled_from(["1.0", "1.1"]),
+)
+def test_the_request_line_reads_as_llhttp_reads_it(
+    method: str, gap1: int, target: str, gap2: int, version: str
+) -> None:
+    """Method, target and version come off the request line after llhttp accepts
+    it (spaces between included, which llhttp allows): the same as its callbacks."""
+    head = f"{method}{' ' * gap1}/{target}{' ' * gap2}HTTP/{version}\r\nHost: a\r\n\r\n"
+    sink = _Llhttp()
+    parser = httptools.HttpRequestParser(sink)
+    parser.feed_data(head.encode())
+    req = parse_request_head(head.encode())
+    assert req.method == parser.get_method().decode() == method
+    assert req.target == sink.url.decode() == "/" + target
+    assert req.version == parser.get_http_version() == version
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    status=st.integers(100, 999).filter(lambda s: s != 101),  # 101: the protocol changes
+    version=st.sampled_from(["1.0", "1.1"]),
+    reason=st.sampled_from(["", " ", " OK", " Too Many Requests"]),
+)
+def test_the_status_line_reads_as_llhttp_reads_it(status: int, version: str, reason: str) -> None:
+    head = f"HTTP/{version} {status}{reason}\r\nContent-Length: 0\r\n\r\n".encode()
+    parser = httptools.HttpResponseParser(_Llhttp())
+    parser.feed_data(head)
+    resp = parse_response_head(head)
+    assert resp.status == parser.get_status_code() == status
+    assert resp.version == parser.get_http_version() == version
+    assert resp.status_line == head.split(b"\r\n")[0]
+
+
+def test_a_version_llhttp_accepts_but_elbasy_does_not_is_refused() -> None:
+    with pytest.raises(RemoteProtocolError, match="unsupported HTTP version 2.0"):
+        parse_request_head(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n")
