@@ -15,8 +15,7 @@ import os
 import httptools
 
 from elbasy.errors import RemoteProtocolError
-from elbasy.protocol.headers import named_in_connection
-from elbasy.protocol.http1 import IDEMPOTENT_METHODS, RequestHead, request_framing
+from elbasy.protocol.http1 import IDEMPOTENT_METHODS, RequestHead
 from elbasy.protocol.targets import check_host, check_port
 from elbasy.verdicts import BODY_NONE, Forward
 
@@ -80,24 +79,10 @@ class Outbound:
         leave (elbasy's own, a rule's). ``peek``: the policy reads this many bytes of the
         body before the request leaves (when it has one). ``extra``: header lines added
         after Host and Via, each after its own CRLF (a reverse listener's X-Forwarded-*)."""
-        lines = req.lines
-        if lines.via and any(self.via in value for value in lines.via):
+        if req.via and any(self.via in value for value in req.via):
             raise RemoteProtocolError("request loop: it has already passed through here", 508)
-        body, length = request_framing(req)
-        version = b"HTTP/1.0" if req.version == "1.0" else b"HTTP/1.1"
-        start = req.method.encode("ascii") + b" " + path + b" " + version
-        start += b"\r\nHost: " + authority + b"\r\nVia: 1.1 " + self.via + extra
-        named = named_in_connection(req.options)
-        names = named.union(drop) if named else drop
-        expect = False
-        if body == BODY_NONE:
-            peek = 0
-        elif peek and lines.expect_continue and b"expect" not in names:
-            # elbasy reads the body before the request leaves, so it says
-            # "100 Continue" itself; the upstream gets the body with the head
-            names = (*names, b"expect")
-            expect = True
-        head = lines.without(names, True, start)
+        out = req.outgoing(path, authority, self.via, extra, drop, peek)
+        head, body, length, peek, expect = out
         retryable = req.method in IDEMPOTENT_METHODS and body == BODY_NONE
         return Forward(host, port, head, body, length, retryable, ticket, tls, 0.0, peek, expect)
 

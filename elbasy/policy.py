@@ -27,14 +27,11 @@ from elbasy.pages import (
     shed_response,
     unavailable_response,
 )
-from elbasy.protocol.headers import named_in_connection
 from elbasy.protocol.http1 import (
     RequestHead,
     ResponseHead,
     parse_request_head,
     parse_response_head,
-    response_framing,
-    upstream_keeps_alive,
 )
 from elbasy.protocol.targets import check_host, parse_authority
 from elbasy.trust import (
@@ -48,7 +45,6 @@ from elbasy.verdicts import (
     ABANDONED,
     BAD_BODY,
     BAD_RESPONSE,
-    BODY_CLOSE,
     BODY_NONE,
     DRAINED,
     FAILED,
@@ -637,13 +633,7 @@ class Policy:
         self.pacer.answered(paced, status, headers, body)
 
     def _plan(self, ex: Exchange, resp: ResponseHead) -> ResponsePlan:
-        body, length = response_framing(resp, ex.method)
-        keep_client = ex.keep_alive and body != BODY_CLOSE and resp.status != 101
-        head = resp.without(named_in_connection(resp.options))
-        if not keep_client:
-            head = head[:-2] + b"Connection: close\r\n\r\n"
-        # a 101 hands the connection to another protocol: never pooled
-        reuse = upstream_keeps_alive(resp) and body != BODY_CLOSE and resp.status != 101
+        head, body, length, keep_client, reuse = resp.relayed(ex.method, ex.keep_alive)
         return ResponsePlan(head, resp.status, body, length, False, keep_client, reuse)
 
     # ---- endings ------------------------------------------------------------------

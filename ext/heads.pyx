@@ -388,6 +388,7 @@ cdef int read_lines(Head h, bytes head) except -1:
 # ---- whole heads: llhttp's check, the pass above, the start line ----------------
 
 from elbasy.errors import RemoteProtocolError
+from elbasy.verdicts import BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE
 
 #: Header lines a head may carry (a request beyond: 431; a response: 502).
 #: Real clients and APIs send a few dozen; the cap keeps the work a head
@@ -404,6 +405,53 @@ cdef object _Upgrade = httptools.HttpParserUpgrade
 cdef object _Malformed = httptools.HttpParserError
 cdef bytes _CLOSE = b"close"
 cdef bytes _KEEP_ALIVE = b"keep-alive"
+cdef tuple _CHUNKED = (b"chunked",)
+cdef bytes _EXPECT = b"expect"
+cdef tuple _NO_BODY = (BODY_NONE, 0)
+cdef tuple _BY_CHUNKS = (BODY_CHUNKED, 0)
+cdef tuple _TO_CLOSE = (BODY_CLOSE, 0)
+
+# Connection options that are not header names.
+cdef frozenset _PLAIN_OPTIONS = frozenset({b"close", b"keep-alive"})
+
+# Never dropped because Connection names them: elbasy frames the body by
+# them, so the next hop must see the same framing (or one request could
+# carry another inside its body), and Host is set by elbasy itself.
+cdef frozenset _NEVER_NAMED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+#: distinct Connection option sets whose named headers are kept (all dropped when full)
+OPTION_SETS_KEPT = 256
+cdef dict _named = {}
+
+
+cpdef frozenset named_in_connection(frozenset connection):
+    """The Connection options that name headers to drop (not close or keep-alive)."""
+    if not connection:
+        return connection
+    cdef object known = _named.get(connection)
+    if known is None:
+        if len(_named) >= OPTION_SETS_KEPT:
+            _named.clear()
+        known = _named[connection] = connection - _PLAIN_OPTIONS - _NEVER_NAMED
+    return <frozenset>known
+
+
+cdef object _content_length(tuple values, int status):
+    """The one Content-Length of ``values`` (None: there is none)."""
+    if not values:
+        return None
+    cdef bytes text = values[0]
+    if len(values) > 1:
+        for value in values:
+            if value != text:
+                raise RemoteProtocolError("conflicting Content-Length values", status)
+    if not text.isdigit():
+        raise RemoteProtocolError("bad Content-Length", status)
+    return int(text)
+
+
+cdef str _listed(tuple codings):
+    return ", ".join([c.decode("latin-1") for c in codings])
 
 
 cdef class _Checked:
@@ -436,6 +484,57 @@ cdef class RequestHead(Head):
         """The head's header lines: this object (`Head`'s fields and cuts)."""
         return self
 
+    cpdef tuple framing(self):
+        """(body framing, length) of the request (RFC 9112 §6.3)."""
+        length = _content_length(self.lengths, 400)
+        if self.codings:
+            if length is not None:
+                raise RemoteProtocolError("both Transfer-Encoding and Content-Length")
+            if self.version == "1.0":
+                # RFC 9112 §6.1: framing an HTTP/1.0 message by it is faulty
+                raise RemoteProtocolError("Transfer-Encoding in an HTTP/1.0 request")
+            if self.codings != _CHUNKED:
+                # RFC 9112 §6.1, §6.3: elbasy relays chunked framing only; any
+                # other coding (identity is none, gzip would need decoding to
+                # frame) could make two hops disagree on where the body ends
+                raise RemoteProtocolError(
+                    "request Transfer-Encoding must be exactly chunked, not "
+                    + _listed(self.codings)
+                )
+            return _BY_CHUNKS
+        if length is None or length == 0:
+            return _NO_BODY
+        return (BODY_LENGTH, length)
+
+    def outgoing(self, bytes path not None, bytes authority not None, bytes via not None,
+                 bytes extra not None, drop, int peek):
+        """The request as it leaves: (head, body framing, length, peek, expect).
+
+        The start line names ``path``; Host (``authority``) and Via (``via``,
+        this proxy's name) follow it, then ``extra`` (header lines, each
+        after its CRLF). Left out: the hop-by-hop lines, the client's Host,
+        what Connection names, and the names in ``drop`` (lower-case).
+        ``peek``: the bytes of the body the policy reads before it leaves
+        (0 when there is no body); ``expect``: the client asked for
+        100-continue, which elbasy then answers itself, so the upstream
+        gets no Expect and the body with the head.
+        """
+        body, length = self.framing()
+        cdef bytes start = b"".join([
+            self.method.encode("ascii"), b" ", path,
+            b" HTTP/1.0" if self.version == "1.0" else b" HTTP/1.1",
+            b"\r\nHost: ", authority, b"\r\nVia: 1.1 ", via, extra,
+        ])
+        named = named_in_connection(self.options)
+        names = named.union(drop) if named else drop
+        cdef bint expect = False
+        if body == BODY_NONE:
+            peek = 0
+        elif peek and self.expect_continue and _EXPECT not in names:
+            names = (*names, _EXPECT)
+            expect = True
+        return self.without(names, True, start), body, length, peek, expect
+
 
 cdef class ResponseHead(Head):
     """A response head, parsed: its status and version besides what `Head` reads."""
@@ -451,6 +550,50 @@ cdef class ResponseHead(Head):
     @property
     def status_line(self):
         return self.raw[: self.line_end]
+
+    cpdef tuple framing(self, str request_method):
+        """(body framing, length) of the response to ``request_method``."""
+        cdef int status = self.status
+        if request_method == "HEAD" or 100 <= status < 200 or status == 204 or status == 304:
+            return _NO_BODY
+        if self.codings:
+            if self.codings != _CHUNKED:
+                # elbasy strips TE, so no client asked for another coding; and a
+                # framing elbasy does not read exactly is no framing to relay
+                raise RemoteProtocolError(
+                    "response Transfer-Encoding must be exactly chunked, not "
+                    + _listed(self.codings),
+                    502,
+                )
+            if self.version == "1.0":
+                # RFC 9112 §6.1: its framing is faulty
+                raise RemoteProtocolError("Transfer-Encoding in an HTTP/1.0 response", 502)
+            return _BY_CHUNKS
+        length = _content_length(self.lengths, 502)
+        if length is None:
+            return _TO_CLOSE
+        if length == 0:
+            return _NO_BODY
+        return (BODY_LENGTH, length)
+
+    def relayed(self, str request_method not None, bint client_keeps):
+        """The response as it goes to the client of a ``request_method``
+        request: (head, body framing, length, keep_client, reuse_upstream).
+
+        The head loses its hop-by-hop lines and what Connection names, and
+        says "Connection: close" when the client's connection ends after it:
+        when the client did not keep it (``client_keeps``), or the body runs
+        to the upstream's close. A 101 hands both connections to another
+        protocol: neither is kept.
+        """
+        body, length = self.framing(request_method)
+        cdef bint switched = self.status == 101
+        cdef bint keep_client = client_keeps and body != BODY_CLOSE and not switched
+        cdef bytes head = self.without(named_in_connection(self.options))
+        if not keep_client:
+            head = head[: len(head) - 2] + b"Connection: close\r\n\r\n"
+        reuse = self.keep_alive and body != BODY_CLOSE and not switched
+        return head, body, length, keep_client, reuse
 
 
 cdef bytes _after_empty_lines(bytes head):
