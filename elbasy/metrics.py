@@ -343,6 +343,8 @@ class WorkerMetrics:
         self._used = used
         self._index: dict[bytes, int] = {}  # key -> its first value
         self._fast: dict[tuple[str, tuple[str, ...]], int] = {}  # (family, labels) -> the same
+        # (rule, status) -> its requests series' value: the one count every request makes
+        self._requests: dict[tuple[str, int], int] = {}
         for i in range(series):  # a restarted worker carries on its predecessor's series
             raw, first, _ = _ENTRY.unpack_from(memory, _KEYS_AT + i * _ENTRY.size)
             self._index[raw.rstrip(b"\0")] = first
@@ -425,7 +427,13 @@ class WorkerMetrics:
     ) -> None:
         """A request's answer went (or it ended without one: ``status`` says which);
         ``waited``: the seconds a paced request that left waited for its quota."""
-        self.count("requests", (rule, str(status)))
+        at = self._requests.get((rule, status))
+        if at is None:
+            at = self._at("requests", (rule, str(status)))
+            if at >= 0:
+                self._requests[(rule, status)] = at
+        if at >= 0:
+            self._values[at] += 1.0
         if account is not None:
             a = self._account(rule, account)
             a.requests += 1

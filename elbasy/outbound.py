@@ -17,7 +17,7 @@ import httptools
 from elbasy.errors import RemoteProtocolError
 from elbasy.protocol.http1 import IDEMPOTENT_METHODS, RequestHead
 from elbasy.protocol.targets import check_host, check_port
-from elbasy.verdicts import BODY_NONE, Forward
+from elbasy.verdicts import BODY_NONE, NOW, Forward, built
 
 #: distinct URL authorities whose (host, port, Host value) are kept (all dropped when full)
 AUTHORITIES_KEPT = 4096
@@ -84,7 +84,10 @@ class Outbound:
         out = req.outgoing(path, authority, self.via, extra, drop, peek)
         head, body, length, peek, expect = out
         retryable = req.method in IDEMPOTENT_METHODS and body == BODY_NONE
-        return Forward(host, port, head, body, length, retryable, ticket, tls, 0.0, peek, expect)
+        forward: Forward = built(
+            Forward, (host, port, head, body, length, retryable, ticket, tls, NOW, peek, expect)
+        )
+        return forward
 
     def _authority(self, raw: bytes, port: int | None) -> tuple[str, int, bytes]:
         """(host, port, Host header value) of a URL's authority, checked once per authority."""

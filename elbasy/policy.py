@@ -29,7 +29,6 @@ from elbasy.pages import (
 )
 from elbasy.protocol.http1 import (
     RequestHead,
-    ResponseHead,
     parse_request_head,
     parse_response_head,
 )
@@ -60,6 +59,7 @@ from elbasy.verdicts import (
     Reverse,
     Transparent,
     Tunnel,
+    built,
 )
 
 if TYPE_CHECKING:
@@ -96,6 +96,8 @@ TLS_HANDSHAKE_FAILED = 525
 
 #: distinct CONNECT heads whose decision is kept (all are dropped when full)
 CONNECT_HEADS_KEPT = 1024
+#: intercepted (host, port) pairs whose origin text is kept (all dropped when full)
+ORIGINS_KEPT = 4096
 #: where credentials are read: a proxy request's one header, or for elbasy's own
 #: pages the one a browser, curl -u and Prometheus send (or the proxy's)
 _PROXY_CREDENTIALS = (b"proxy-authorization",)
@@ -171,6 +173,9 @@ class Policy:
         # host globs whose CONNECTs are intercepted (TLS terminated here)
         self.intercept = tuple(g.lower() for g in intercept)
         self._intercepted: dict[str, bool] = {}
+        # an intercepted (host, port) to its "https://host[:port]", the start of
+        # its requests' targets in the access log
+        self._origins: dict[tuple[str, int], str] = {}
         # CONNECT heads already checked, to their (host, port, target, intercept):
         # a worker pool sends the same few heads over and over, and the same bytes
         # always get the same answer, so llhttp reads each one once
@@ -217,11 +222,13 @@ class Policy:
         """A request head from ``client``; ``site``: the interception it came in, or the
         --reverse or --transparent listener it came to, if any."""
         if site is not None:
+            if type(site) is Intercept:  # the common case first
+                # its CONNECT was let in: the session's requests need no credentials
+                return self._in_session(head, client, site)
             if isinstance(site, Reverse):
                 return self._reversed(head, client, site)
             if isinstance(site, Transparent):
                 return self._transparent_http(head, client)
-            # its CONNECT was let in: the session's requests need no credentials
             return self._in_session(head, client, site)
         access = self.access
         # a head kept here was let in before, credentials and all (same bytes,
@@ -416,29 +423,35 @@ class Policy:
 
     def _in_session(self, head: bytes, client: str, site: Intercept) -> Reply | Forward:
         """A request inside an intercepted TLS session: forward it to the site over TLS."""
-        origin = "https://" + (site.host if site.port == 443 else f"{site.host}:{site.port}")
+        host, port = site.host, site.port
+        origin = self._origins.get((host, port))
+        if origin is None:
+            if len(self._origins) >= ORIGINS_KEPT:
+                self._origins.clear()
+            origin = "https://" + (host if port == 443 else f"{host}:{port}")
+            self._origins[(host, port)] = origin
         try:
             req = parse_request_head(head)
         except RemoteProtocolError as exc:
             return self._refuse(Exchange(client, "-", origin), exc)
-        ex = Exchange(
-            client, req.method, origin + req.target, req.keep_alive and req.version != "1.0"
-        )
+        method = req.method
+        target = req.target
+        ex = Exchange(client, method, origin + target, req.keep_alive and req.version != "1.0")
         try:
-            if req.method == "CONNECT":
+            if method == "CONNECT":
                 raise RemoteProtocolError("CONNECT inside an intercepted TLS session")
             if b"upgrade" in req.options:
                 raise RemoteProtocolError(
-                    f"elbasy does not relay protocol upgrades on intercepted hosts ({site.host})",
+                    f"elbasy does not relay protocol upgrades on intercepted hosts ({host})",
                     501,
                 )
-            path = req.target.encode("ascii")
+            path = target.encode("ascii")
             if not (path.startswith(b"/") or path == b"*"):
                 path = self.outbound.origin_form(path)
-            authority = req.lines.host
+            authority = req.host
             if authority is None:
                 authority = origin[8:].encode("ascii")
-            return self._paced(req, path, authority, site.host, site.port, True, ex)
+            return self._paced(req, path, authority, host, port, True, ex)
         except RemoteProtocolError as exc:
             return self._refuse(ex, exc)
 
@@ -583,16 +596,20 @@ class Policy:
 
     def on_response(self, ex: Exchange, head: bytes) -> ResponsePlan:
         resp = parse_response_head(head)
-        if 100 <= resp.status < 200 and resp.status != 101:
-            return ResponsePlan(head, resp.status, BODY_NONE, 0, True, True, True)
-        plan = self._plan(ex, resp)
+        status = resp.status
+        if 100 <= status < 200 and status != 101:
+            return ResponsePlan(head, status, BODY_NONE, 0, True, True, True)
+        head, body, length, keep_client, reuse = resp.relayed(ex.method, ex.keep_alive)
+        plan: ResponsePlan = built(
+            ResponsePlan, (head, status, body, length, False, keep_client, reuse, 0, NOW)
+        )
         paced = ex.paced
         if paced is None:
             ex.head_at = self.pacer.mono()  # a paced one's is the pacer's (Paced.head_at)
             return plan
         headers = resp.headers()
-        paced.response = (resp.status, headers)
-        again = self.pacer.answered(paced, resp.status, headers, None, ex)
+        paced.response = (status, headers)
+        again = self.pacer.answered(paced, status, headers, None, ex)
         if again != NOW:
             return plan._replace(retry_at=again)
         wait = b"X-Elbasy-Wait: %.3f\r\n\r\n" % paced.waited()
@@ -632,18 +649,19 @@ class Policy:
         status, headers = paced.response
         self.pacer.answered(paced, status, headers, body)
 
-    def _plan(self, ex: Exchange, resp: ResponseHead) -> ResponsePlan:
-        head, body, length, keep_client, reuse = resp.relayed(ex.method, ex.keep_alive)
-        return ResponsePlan(head, resp.status, body, length, False, keep_client, reuse)
-
     # ---- endings ------------------------------------------------------------------
 
     def ended(self, ex: Exchange | None, end: Ended) -> bytes | None:
         """Every ending, by its kind: logged and counted; the answer owed, if any."""
         if end.kind == FINISHED:  # the common case first: one comparison
             assert ex is not None
-            if ex.paced is not None:
-                self.pacer.abandoned(ex.paced)  # a request with no answer lands now
+            if ex.paced is None:
+                # counted and logged as _finished would, a frame or two sooner
+                self.metrics.finished("none", end.status, None, 0.0)
+                if access_on():
+                    self._logged(ex, end.status, end.up, end.down, end.took_ns / 1e6, False)
+                return None
+            self.pacer.abandoned(ex.paced)  # a request with no answer lands now
             self._finished(ex, end.status, end.up, end.down, end.took_ns / 1e6)
             return None
         return self._endings[end.kind](ex, end)
@@ -715,21 +733,27 @@ class Policy:
         if not own:
             self._count(ex, status)
         if access_on():  # off: one level check
-            wait_ms, upstream_ms, paced, retried = self._access_fields(ex, took_ms)
-            log_access(
-                ex.client,
-                ex.method,
-                ex.target,
-                status,
-                up,
-                down,
-                took_ms,
-                wait_ms,
-                upstream_ms,
-                paced,
-                shed,
-                retried,
-            )
+            self._logged(ex, status, up, down, took_ms, shed)
+
+    def _logged(
+        self, ex: Exchange, status: int, up: int, down: int, took_ms: float, shed: bool
+    ) -> None:
+        """An exchange's access line."""
+        wait_ms, upstream_ms, paced, retried = self._access_fields(ex, took_ms)
+        log_access(
+            ex.client,
+            ex.method,
+            ex.target,
+            status,
+            up,
+            down,
+            took_ms,
+            wait_ms,
+            upstream_ms,
+            paced,
+            shed,
+            retried,
+        )
 
     def _access_fields(
         self, ex: Exchange, took_ms: float

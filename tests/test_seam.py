@@ -242,3 +242,26 @@ def test_every_kind_of_ending_has_one_answer_or_none() -> None:
         assert data is not None and data.startswith(b"HTTP/1.1 %d " % status[kind]), kind
     for kind, end in SILENT.items():
         assert Policy(lambda: {}).ended(Exchange("c", "GET", "http://a/"), end) is None, kind
+
+
+def test_the_verdicts_built_around_their_constructors_have_every_field() -> None:
+    """The policy builds its per-request Forward and ResponsePlan with
+    ``verdicts.built`` (tuple.__new__, past the named tuples' __new__): each
+    must still carry exactly its fields, of the types the loop reads."""
+    policy = Policy(lambda: {}, ("localhost",))
+    site = Intercept("localhost", 8443, None)
+    fwd = policy.on_request(
+        b"POST /x HTTP/1.1\r\nHost: localhost:8443\r\nContent-Length: 3\r\n\r\n", "c:1", site
+    )
+    assert type(fwd) is verdicts.Forward and len(fwd) == len(verdicts.Forward._fields)
+    assert fwd == verdicts.Forward(
+        "localhost", 8443, fwd.head, verdicts.BODY_LENGTH, 3, False, fwd.ticket, True,
+        verdicts.NOW, 0, False,
+    )
+    assert fwd.head.startswith(b"POST /x HTTP/1.1\r\nHost: localhost:8443\r\nVia: 1.1 ")
+    plan = policy.on_response(fwd.ticket, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    assert type(plan) is verdicts.ResponsePlan and len(plan) == len(verdicts.ResponsePlan._fields)
+    assert plan == verdicts.ResponsePlan(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", 200, verdicts.BODY_LENGTH, 5,
+        False, True, True, 0, verdicts.NOW,
+    )
