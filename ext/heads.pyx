@@ -25,7 +25,7 @@ import httptools
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 
 # what a header line is to elbasy
@@ -669,7 +669,8 @@ def parse_request(bytes head):
     _validate(_RequestParser(sink), sink, head, "request", 400)
     cdef RequestHead h = RequestHead.__new__(RequestHead)
     read_lines(h, head)
-    # llhttp accepted "METHOD SP+ target SP+ HTTP/x.y": the target holds no space
+    # llhttp accepted "METHOD SP+ target", then "SP+ HTTP/x.y" (or RTSP/x.y, or
+    # nothing: HTTP/0.9): the target holds no space
     cdef const char *s = PyBytes_AS_STRING(head)
     cdef Py_ssize_t end = h.line_end, m = 0, a, b
     while m < end and s[m] != 32:
@@ -678,6 +679,8 @@ def parse_request(bytes head):
     while a < end and s[a] == 32:
         a += 1
     b = end - 8  # "HTTP/x.y"
+    if b <= a or s[b - 1] != 32 or memcmp(s + b, b"HTTP/", 5) != 0:
+        raise RemoteProtocolError("the request line names no HTTP/1.x version")
     while b > a and s[b - 1] == 32:
         b -= 1
     try:
@@ -704,8 +707,10 @@ def parse_response(bytes head):
     _validate(_ResponseParser(sink), sink, head, "response", 502)
     cdef ResponseHead h = ResponseHead.__new__(ResponseHead)
     read_lines(h, head)
-    # llhttp accepted "HTTP/x.y SP ddd": three digits at 9
+    # llhttp accepted "HTTP/x.y SP ddd" (or RTSP/, or ICE/): three digits at 9
     cdef const char *s = PyBytes_AS_STRING(head)
+    if h.line_end < 12 or memcmp(s, b"HTTP/", 5) != 0:
+        raise RemoteProtocolError("the status line names no HTTP/1.x version", 502)
     h.status = (s[9] - 48) * 100 + (s[10] - 48) * 10 + (s[11] - 48)
     h.version = _version_at(s + 5)
     _cap_lines(h, "response", 502)

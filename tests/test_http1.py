@@ -419,3 +419,26 @@ def test_the_status_line_reads_as_llhttp_reads_it(status: int, version: str, rea
 def test_a_version_llhttp_accepts_but_elbasy_does_not_is_refused() -> None:
     with pytest.raises(RemoteProtocolError, match="unsupported HTTP version 2.0"):
         parse_request_head(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # llhttp reads a request line with no version as HTTP/0.9 (found by the fuzz run)
+        b"CONNECT a:\r\n\r\n",
+        b"GET /x\r\nHost: a\r\n\r\n",
+        b"GET /xHTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET /x RTSP/1.0\r\nHost: a\r\n\r\n",  # llhttp takes RTSP too
+    ],
+)
+def test_a_request_line_without_an_http_version_is_refused(head: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="no HTTP/1.x version") as err:
+        parse_request_head(head)
+    assert err.value.status_hint == 400
+
+
+@pytest.mark.parametrize("line", [b"RTSP/1.0 200 OK", b"ICE/1.0 200 OK"])
+def test_a_status_line_of_another_protocol_is_a_bad_gateway(line: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="no HTTP/1.x version") as err:
+        parse_response_head(line + b"\r\nContent-Length: 0\r\n\r\n")
+    assert err.value.status_hint == 502

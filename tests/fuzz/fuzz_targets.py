@@ -193,6 +193,8 @@ SEEDS: dict[str, list[bytes]] = {
         # findings: CR and LF before the start line
         b"\r\nPOST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcG\n",
         b"\r\r\nHTTP/1.1 200 OK\r\noding: unked\r\nConnection:~ cloe\r\n\r\n",
+        # finding: a request line with no version, which llhttp reads as HTTP/0.9
+        b"CONNECT a:\r\n\r\nHTTP/1.1\r3\r\nProxy-Authorization: Basi ecDp5\r\n\r\n",
     ],
     "chunked": list(BODIES),
     "connect_target": [
