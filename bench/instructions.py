@@ -12,7 +12,10 @@ keep-alive client per cell:
 - ``plain``: absolute-form ``GET http://127.0.0.1:PORT/100b`` to an origin
   no rule covers (the forwarded request of the plain-HTTP cell);
 - ``intercept``: ``GET /100b`` inside one intercepted TLS session to
-  ``localhost`` (the interception keep-alive cell).
+  ``localhost`` (the interception keep-alive cell);
+- ``intercept-new``: the same request on a CONNECT and a TLS session of
+  its own each time (the new-connection cell; ``--requests`` / 10 of them,
+  a handshake costing some twenty requests).
 
 Each cell sends ``--warmup`` uncounted requests, zeroes the counters
 (``callgrind_control --zero``), sends ``--requests`` more and dumps; the
@@ -129,6 +132,13 @@ def intercept_cell(conn: http.client.HTTPSConnection, n: int) -> None:
         assert r.status == 200, r.status
 
 
+def intercept_new_cell(port: int, origin: int, ca: Path, n: int) -> None:
+    for _ in range(n):
+        conn = intercept_conn(port, origin, ca)
+        intercept_cell(conn, 1)
+        conn.close()
+
+
 def measure(tree: Path, origins, work: Path, args) -> dict[str, float]:
     data = work / f"data-{os.getpid()}-{time.monotonic_ns()}"
     out = work / f"callgrind-{time.monotonic_ns()}.out"
@@ -173,6 +183,15 @@ def measure(tree: Path, origins, work: Path, args) -> dict[str, float]:
         )
         result["intercept"] = ir / args.requests
         conn.close()
+        ca, fresh = data / "ca.pem", max(1, args.requests // 10)
+        intercept_new_cell(port, origins.tls_port, ca, max(1, args.warmup // 10))
+        ir = counted(
+            proc.pid,
+            out,
+            lambda: intercept_new_cell(port, origins.tls_port, ca, fresh),
+            kept("intercept-new"),
+        )
+        result["intercept-new"] = ir / fresh
         return result
     finally:
         proc.terminate()
@@ -209,15 +228,19 @@ def main() -> None:
                     )
         finally:
             bench.stop_all()
-        print("\n| checkout | plain forward (Ir/req) | intercepted keep-alive (Ir/req) |")
-        print("|---|---|---|")
+        cells = ("plain", "intercept", "intercept-new")
+        print(
+            "\n| checkout | plain forward (Ir/req) | intercepted keep-alive (Ir/req) "
+            "| intercepted, new connection each (Ir/req) |"
+        )
+        print("|---|---|---|---|")
         for tree, got in runs.items():
-            cells = [
+            row = [
                 f"{statistics.median(g[c] for g in got):,.0f} "
                 f"({min(g[c] for g in got):,.0f}–{max(g[c] for g in got):,.0f})"
-                for c in ("plain", "intercept")
+                for c in cells
             ]
-            print(f"| {tree} | " + " | ".join(cells) + " |")
+            print(f"| {tree} | " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

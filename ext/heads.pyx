@@ -613,6 +613,15 @@ cdef bytes _after_empty_lines(bytes head):
     return head if i == 0 else head[i:]
 
 
+cdef bytes _checked(object parser_type, bytes head, str what, int status):
+    """The head without the empty lines before it, once llhttp found it whole and
+    well formed (else the peer's fault, with ``status``)."""
+    head = _after_empty_lines(head)
+    cdef _Checked sink = _Checked.__new__(_Checked)
+    _validate(parser_type(sink), sink, head, what, status)
+    return head
+
+
 cdef int _validate(object parser, _Checked sink, bytes head, str what, int status) except -1:
     """Let llhttp check a whole head; its complaint becomes the peer's fault."""
     try:
@@ -664,9 +673,7 @@ cdef str _version_at(const char *p):
 def parse_request(bytes head):
     """Parse a complete request head (request line to blank line); empty lines
     before the request line are left out (the head's ``raw`` starts after them)."""
-    head = _after_empty_lines(head)
-    cdef _Checked sink = _Checked.__new__(_Checked)
-    _validate(_RequestParser(sink), sink, head, "request", 400)
+    head = _checked(_RequestParser, head, "request", 400)
     cdef RequestHead h = RequestHead.__new__(RequestHead)
     read_lines(h, head)
     # llhttp accepted "METHOD SP+ target", then "SP+ HTTP/x.y" (or RTSP/x.y, or
@@ -702,9 +709,7 @@ def parse_request(bytes head):
 def parse_response(bytes head):
     """Parse a complete response head from an upstream (empty lines before its
     status line left out, as for a request)."""
-    head = _after_empty_lines(head)
-    cdef _Checked sink = _Checked.__new__(_Checked)
-    _validate(_ResponseParser(sink), sink, head, "response", 502)
+    head = _checked(_ResponseParser, head, "response", 502)
     cdef ResponseHead h = ResponseHead.__new__(ResponseHead)
     read_lines(h, head)
     # llhttp accepted "HTTP/x.y SP ddd" (or RTSP/, or ICE/): three digits at 9

@@ -1,19 +1,6 @@
-"""HTTP/1.1 as elbasy needs it: sans-IO, bytes in, plain values out."""
+"""HTTP/1.1 as elbasy needs it: sans-IO, bytes in, plain values out.
 
-from elbasy.protocol.http1 import (
-    RequestHead,
-    ResponseHead,
-    parse_request_head,
-    parse_response_head,
-    request_framing,
-    response_framing,
-)
-
-__all__ = [
-    "RequestHead",
-    "ResponseHead",
-    "parse_request_head",
-    "parse_response_head",
-    "request_framing",
-    "response_framing",
-]
+`elbasy.protocol.http1` reads heads and framing, `headers` the header
+rules shared with the loop, `targets` request targets and authorities;
+each is imported by its own name.
+"""
