@@ -293,7 +293,7 @@ cdef tuple _codings(tuple values):
     return <tuple>known
 
 
-def scan(bytes head):
+def scan(bytes head not None):
     """Read a validated head's header lines, once."""
     cdef Head h = Head.__new__(Head)
     read_lines(h, head)
@@ -670,7 +670,7 @@ cdef str _version_at(const char *p):
     return PyBytes_FromStringAndSize(p, 3).decode("ascii")
 
 
-def parse_request(bytes head):
+def parse_request(bytes head not None):
     """Parse a complete request head (request line to blank line); empty lines
     before the request line are left out (the head's ``raw`` starts after them)."""
     head = _checked(_RequestParser, head, "request", 400)
@@ -706,7 +706,7 @@ def parse_request(bytes head):
     return h
 
 
-def parse_response(bytes head):
+def parse_response(bytes head not None):
     """Parse a complete response head from an upstream (empty lines before its
     status line left out, as for a request)."""
     head = _checked(_ResponseParser, head, "response", 502)

@@ -442,3 +442,10 @@ def test_a_status_line_of_another_protocol_is_a_bad_gateway(line: bytes) -> None
     with pytest.raises(RemoteProtocolError, match="no HTTP/1.x version") as err:
         parse_response_head(line + b"\r\nContent-Length: 0\r\n\r\n")
     assert err.value.status_hint == 502
+
+
+def test_a_head_that_is_not_bytes_is_a_type_error() -> None:
+    """None never reaches the C that reads a head's bytes."""
+    for parse in (parse_request_head, parse_response_head, scan):
+        with pytest.raises(TypeError):
+            parse(None)  # type: ignore[arg-type]
