@@ -239,6 +239,16 @@ class Proxy:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def lines_with(self, text: str, count: int, timeout: float = 5.0) -> list[str]:
+        """Its stderr lines holding ``text``, once there are ``count`` of them (or the
+        timeout passed): a line is read from the pipe a moment after elbasy writes it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.stderr_lines if text in line]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.02)
+
     def wait_open_connections(self, expected: int, timeout: float = 5.0) -> dict:
         """Poll /healthz until connections.open == expected (the healthz conn counts itself)."""
         deadline = time.monotonic() + timeout

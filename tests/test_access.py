@@ -237,14 +237,6 @@ def test_refusals_are_counted_and_logged(guarded: Proxy, http_origin: origins.HT
         )
         return int(r.json()["counters"]["auth_refused"])
 
-    def access_lines(path: str, count: int) -> list[str]:
-        deadline = time.monotonic() + 5
-        while True:
-            lines = [line for line in guarded.stderr_lines if " 407 " in line and path in line]
-            if len(lines) >= count or time.monotonic() > deadline:
-                return lines
-            time.sleep(0.02)
-
     before = refused()
     for _ in range(3):
         resp, _ = exchange(guarded, get(http_origin, basic(USER, "guess"), "/counted"))
@@ -252,11 +244,11 @@ def test_refusals_are_counted_and_logged(guarded: Proxy, http_origin: origins.HT
     assert refused() == before + 3
     r = requests.get(f"http://127.0.0.1:{guarded.port}/metrics", auth=(USER, PASSWORD), timeout=10)
     assert 'elbasy_errors_total{kind="auth_refused"}' in r.text
-    assert len(access_lines("/counted", 3)) == 3
+    assert len(guarded.lines_with("/counted 407 ", 3)) == 3
     # a URL with credentials in it is refused without them reaching the log
     leaky = get(http_origin, path="/leaky").replace(b"http://", b"http://mallory:hunter2@")
     assert exchange(guarded, leaky)[0].status == 407
-    assert len(access_lines("/leaky", 1)) == 1
+    assert len(guarded.lines_with("/leaky 407 ", 1)) == 1
     assert "guess" not in guarded.stderr and PASSWORD not in guarded.stderr
     assert "hunter2" not in guarded.stderr
     assert http_origin.requests == []
@@ -348,10 +340,11 @@ def test_allow_clients_closes_other_addresses_at_accept(
     assert h["counters"]["clients_refused"] == 6
     assert h["connections"]["requests_total"] == 2  # the allowed GET and this /healthz
     # one line per refused address, not per connection
-    lines = [line for line in p.stderr_lines if "outside --allow-clients" in line]
+    lines = p.lines_with("outside --allow-clients", 2)
     assert len(lines) == 2, lines
     assert "127.0.0.2" in lines[0] and "127.0.0.3" in lines[1]
     assert 'elbasy_errors_total{kind="clients_refused"} 6.0' in _metrics_text(p)
+    assert len(p.lines_with("outside --allow-clients", 3, timeout=0.0)) == 2, p.stderr_lines
 
 
 def _metrics_text(p: Proxy) -> str:
@@ -374,9 +367,9 @@ def test_refused_clients_cost_no_memory_per_connection(proxy) -> None:
     for _ in range(2000):
         _refused_at_accept(p, b"GET / HTTP/1.1\r\n\r\n", "127.0.0.5")
     assert rss() - before < 2048, (before, rss())  # KiB
-    lines = [line for line in p.stderr_lines if "outside --allow-clients" in line]
-    assert len(lines) == 1, lines
+    lines = p.lines_with("outside --allow-clients", 1)
     assert p.healthz()["counters"]["clients_refused"] == 2200
+    assert len(lines) == 1 and len(p.lines_with("outside --allow-clients", 2, 0.0)) == 1, lines
 
 
 def test_client_networks() -> None:

@@ -435,7 +435,7 @@ def test_client_that_does_not_trust_the_ca(mitm: Mitm) -> None:
     for fix in ("elbasy ca trust-help", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
         assert fix in line, fix
     # and each failed handshake has its access line
-    failed = [ln for ln in mitm.proxy.stderr_lines if f"CONNECT {SHOP}:443 525 " in ln]
+    failed = mitm.proxy.lines_with(f"CONNECT {SHOP}:443 525 ", 2)
     assert len(failed) == 2, mitm.proxy.stderr[-3000:]
     assert_fds_back(mitm.proxy, before)
 
