@@ -114,7 +114,8 @@ def test_slowloris_closed_at_head_deadline_while_others_served(proxy, http_origi
         time.sleep(0.3)
     t.join(15)
     assert all(st == 200 for st, _ in served), served
-    assert all(dt < 1.0 for _, dt in served), f"other clients stalled: {served}"
+    # a client stalled behind the slow one would wait out its 2 s head timeout
+    assert all(dt < 1.5 for _, dt in served), f"other clients stalled: {served}"
     closed_at = result.get("closed_at")
     assert closed_at is not None, "slowloris client was never closed"
     assert 1.5 <= closed_at <= 4.0, f"closed after {closed_at:.2f}s with --head-timeout 2"

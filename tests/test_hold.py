@@ -155,22 +155,24 @@ def test_held_request_departs_at_its_time_while_others_flow(
         with tls_session(running, tmp_path / "data") as s:
             get(s, "/hello")  # warm: handshakes out of the timing
             t0 = time.monotonic()
-            r = get(s, "/hello?hold=0.8")
+            r = get(s, "/hello?hold=1.0")
             done["held"] = time.monotonic() - t0
             assert r.body == b"hello from origin"
 
     t = threading.Thread(target=held)
     t.start()
     with tls_session(running, tmp_path / "data") as s:
-        time.sleep(0.2)  # the held request is waiting now
+        deadline = time.monotonic() + 5
+        while running.stats()["held"]["waiting"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the held request is waiting (its handshake first)
         t0 = time.monotonic()
         for _ in range(10):
             assert get(s, "/hello").status == 200
         quick = time.monotonic() - t0
-        assert running.stats()["held"]["waiting"] == 1
+        still = running.stats()["held"]["waiting"]
     t.join(10)
-    assert 0.8 <= done["held"] < 1.6, done
-    assert quick < 0.6, quick  # ten exchanges passed the held one
+    assert 1.0 <= done["held"] < 1.8, done
+    assert quick < 0.8 and still == 1, (quick, still)  # ten exchanges passed the held one
     stats = running.stats()
     assert stats["held"] == {
         "total": 1,
@@ -188,7 +190,7 @@ def test_departure_confirmed_later_waits_again(running: Running, tmp_path: Path)
         r = get(s, "/hello?hold=0.3&again=0.4")
         took = time.monotonic() - t0
     assert r.status == 200
-    assert 0.7 <= took < 1.4, took
+    assert 0.7 <= took < 2.0, took
     assert len(running.policy.departures) == 2  # asked at 0.3 s, moved, asked again
 
 
@@ -214,7 +216,7 @@ def test_plain_http_forward_is_held_too(running: Running) -> None:
             r = get(s, f"{origin.base}/hello?hold=0.5", host=origin.hostport)
             took = time.monotonic() - t0
         assert r.body == b"hello from origin"
-        assert 0.5 <= took < 1.2, took
+        assert 0.5 <= took < 1.8, took
     finally:
         origin.close()
 
@@ -260,7 +262,7 @@ def test_body_seen_before_departure(running: Running, tmp_path: Path) -> None:
         r = origins.read_response(origins.Reader(s))
         took = time.monotonic() - t0
         assert r.body.decode() == f"{hashlib.sha256(body).hexdigest()} {len(body)}"
-        assert 0.4 <= took < 1.2, took
+        assert 0.4 <= took < 1.8, took
         # a body larger than the peek: the policy sees its first bytes only
         big = b"hold=0;" + b"y" * 100_000
         s.sendall(
@@ -301,7 +303,7 @@ def test_refused_request_sent_again_without_the_client_seeing_it(
         r = get(s, "/refuse-once?key=a&retry=1")
         took = time.monotonic() - t0
         assert (r.status, r.body) == (200, b"ok")
-        assert 0.3 <= took < 1.2, took
+        assert 0.3 <= took < 1.8, took
         assert get(s, "/hello").status == 200  # the connection goes on
     assert len(shop.requests_for("/refuse-once")) == 2
     assert running.policy.retries == [f"https://{SHOP}/refuse-once?key=a&retry=1"]

@@ -28,7 +28,7 @@ def test_ctrl_c_stops_cleanly_and_ends_open_tunnels(proxy, raw_origin):
     sock.close()
     assert "Traceback" not in p.stderr
     # one access-log line for the tunnel, written as it was closed
-    assert any(f"CONNECT 127.0.0.1:{origin.port} 200" in line for line in p.stderr_lines)
+    assert p.lines_with(f"CONNECT 127.0.0.1:{origin.port} 200", 1), p.stderr
 
 
 def test_settings_come_from_the_config_file(proxy, tmp_path: Path, http_origin):

@@ -149,7 +149,7 @@ def test_making_a_pipe_never_waits_for_the_connect() -> None:
             pipe.flush()
             got = pipe.completed()
             took = time.monotonic() - started
-            assert took < 0.05, took
+            assert took < 0.5, took  # a connect that blocked on the full backlog: seconds
             assert got == [] and pipe.connecting and pipe.wants_write()
             pipe.close()
         finally:

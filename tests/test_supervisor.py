@@ -465,7 +465,7 @@ def test_a_second_ctrl_c_stops_at_once(proxy, tmp_path, http_origin):
     for t in threads:
         t.join(5)
     assert not any(t.is_alive() for t in threads)
-    assert any("stopping now" in ln for ln in p.stderr_lines)
+    assert p.lines_with("stopping now", 1), p.stderr
 
 
 def test_workers_ignore_a_ctrl_c_sent_to_them(proxy):
