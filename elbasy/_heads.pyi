@@ -30,6 +30,7 @@ MAX_CONNECTION_OPTIONS: int
 class RequestHead(Head):
     method: str
     target: str
+    target_bytes: bytes  # the same, as it came
     version: str  # "1.0" or "1.1"
     keep_alive: bool
     @property

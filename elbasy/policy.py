@@ -237,7 +237,7 @@ class Policy:
         if known is not None:
             host, port, target, intercept = known
             ex = Exchange(client, "CONNECT", target)
-            return Intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
+            return self._intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
         try:
             req = parse_request_head(head)
         except RemoteProtocolError as exc:
@@ -259,7 +259,7 @@ class Policy:
                 if len(self._connects) >= CONNECT_HEADS_KEPT:
                     self._connects.clear()
                 self._connects[head] = (host, port, req.target, intercept)
-                return Intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
+                return self._intercept(host, port, ex) if intercept else Tunnel(host, port, ex)
             if req.target.startswith("/"):
                 return self._own_page(req, req.target, ex)
             return self._plain_http(req, req.target, ex)
@@ -344,7 +344,7 @@ class Policy:
         if self._denied(ex, host, port, True) is not None:
             return Reply(ALERT_ACCESS_DENIED, True)
         if self.intercepts(host):
-            return Intercept(host, port, ex)
+            return self._intercept(host, port, ex)
         return Tunnel(to_host, port, ex)
 
     def _own_page(self, req: RequestHead, target: str, ex: Exchange) -> Reply:
@@ -421,22 +421,26 @@ class Policy:
             self._intercepted[host] = known
         return known
 
-    def _in_session(self, head: bytes, client: str, site: Intercept) -> Reply | Forward:
-        """A request inside an intercepted TLS session: forward it to the site over TLS."""
-        host, port = site.host, site.port
+    def _intercept(self, host: str, port: int, ex: Exchange) -> Intercept:
+        """The verdict of an intercepted CONNECT (or --transparent TLS client), with the
+        origin its requests' access lines start with (made once per host and port)."""
         origin = self._origins.get((host, port))
         if origin is None:
             if len(self._origins) >= ORIGINS_KEPT:
                 self._origins.clear()
             origin = "https://" + (host if port == 443 else f"{host}:{port}")
             self._origins[(host, port)] = origin
+        return Intercept(host, port, ex, origin)
+
+    def _in_session(self, head: bytes, client: str, site: Intercept) -> Reply | Forward:
+        """A request inside an intercepted TLS session: forward it to the site over TLS."""
+        host, port, origin = site.host, site.port, site.origin
         try:
             req = parse_request_head(head)
         except RemoteProtocolError as exc:
             return self._refuse(Exchange(client, "-", origin), exc)
         method = req.method
-        target = req.target
-        ex = Exchange(client, method, origin + target, req.keep_alive and req.version != "1.0")
+        ex = Exchange(client, method, origin + req.target, req.keep_alive and req.version != "1.0")
         try:
             if method == "CONNECT":
                 raise RemoteProtocolError("CONNECT inside an intercepted TLS session")
@@ -445,7 +449,7 @@ class Policy:
                     f"elbasy does not relay protocol upgrades on intercepted hosts ({host})",
                     501,
                 )
-            path = target.encode("ascii")
+            path = req.target_bytes
             if not (path.startswith(b"/") or path == b"*"):
                 path = self.outbound.origin_form(path)
             authority = req.host
@@ -463,7 +467,7 @@ class Policy:
             req = parse_request_head(head)
         except RemoteProtocolError as exc:
             return self._refuse(Exchange(client, "-", site.origin), exc)
-        path = req.target.encode("ascii")
+        path = req.target_bytes
         ex = Exchange(client, req.method, "-", req.keep_alive and req.version != "1.0")
         try:
             if not (path.startswith(b"/") or path == b"*"):

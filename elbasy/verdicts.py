@@ -51,6 +51,7 @@ class Intercept(NamedTuple):
     host: str
     port: int
     ticket: Any
+    origin: str  # "https://host[:port]", the start of its requests' targets in the access log
 
 
 class Reverse(NamedTuple):

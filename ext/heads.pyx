@@ -455,14 +455,33 @@ cdef str _listed(tuple codings):
 
 
 cdef class _Checked:
-    """llhttp's one callback here, the end of the head: leaving out on_url
-    and on_header keeps it from calling Python for the rest (the start line
+    """llhttp's callbacks here: the end of the head, and the end of a message
+    (a request with no body ends with its head). Leaving out on_url and
+    on_header keeps llhttp from calling Python for the rest (the start line
     is read off the validated bytes below)."""
 
-    cdef public bint complete
+    cdef public bint complete  # the head ended
+    cdef public bint finished  # and the message with it
 
     def on_headers_complete(self):
         self.complete = True
+
+    def on_message_complete(self):
+        self.finished = True
+
+
+# One request parser and its sink, kept from one head to the next. After a
+# request with no body on a connection that persists, llhttp is back at the
+# start of a message, as a new parser would be; making one costs about what
+# feeding it a head does (httptools looks up every callback on the sink). Any
+# other ending (a body to come, a close, a CONNECT or Upgrade, a refusal)
+# leaves it mid-message or stopped: it is dropped, and the next head gets a
+# new one. Should a kept parser refuse a head, a new one is asked again, so a
+# kept one can never refuse what a new one would pass, nor pass what it would
+# refuse (a parser mid-message finds no head end in the next head). Heads are
+# parsed one at a time: one thread, and no callback here parses.
+cdef object _kept_parser = None
+cdef _Checked _kept_sink = None
 
 
 cdef class RequestHead(Head):
@@ -476,6 +495,7 @@ cdef class RequestHead(Head):
 
     cdef readonly str method
     cdef readonly str target
+    cdef readonly bytes target_bytes  # the target as it came (ASCII): no encode to send it
     cdef readonly str version
     cdef readonly bint keep_alive
 
@@ -622,17 +642,45 @@ cdef bytes _checked(object parser_type, bytes head, str what, int status):
     return head
 
 
+cdef bytes _checked_request(bytes head):
+    """`_checked` for a request head, on the kept parser when there is one; the
+    parser is kept for the next head when the message ended with this one
+    (parse_request lets it go again if the connection does not persist)."""
+    global _kept_parser, _kept_sink
+    head = _after_empty_lines(head)
+    cdef object parser = _kept_parser
+    cdef _Checked sink = _kept_sink
+    cdef int upgraded = 0
+    _kept_parser = _kept_sink = None  # kept again below only if left clean
+    if parser is not None:
+        sink.complete = sink.finished = False
+        try:
+            upgraded = _validate(parser, sink, head, "request", 400)
+        except RemoteProtocolError:
+            parser = None  # maybe the kept parser's own state: a new one decides
+    if parser is None:
+        sink = _Checked.__new__(_Checked)
+        parser = _RequestParser(sink)
+        upgraded = _validate(parser, sink, head, "request", 400)
+    if not upgraded and sink.finished:
+        _kept_parser = parser
+        _kept_sink = sink
+    return head
+
+
 cdef int _validate(object parser, _Checked sink, bytes head, str what, int status) except -1:
-    """Let llhttp check a whole head; its complaint becomes the peer's fault."""
+    """Let llhttp check a whole head; its complaint becomes the peer's fault.
+    1: it was a CONNECT or an Upgrade (llhttp stops after it), else 0."""
+    cdef int upgraded = 0
     try:
         parser.feed_data(head)
     except _Upgrade:
-        pass  # CONNECT or Upgrade: the head is complete, what follows is not HTTP
+        upgraded = 1  # the head is complete, what follows is not HTTP
     except _Malformed as exc:
         raise RemoteProtocolError(f"malformed {what} head: {exc}", status) from None
     if not sink.complete:
         raise RemoteProtocolError(f"malformed {what} head: incomplete", status)
-    return 0
+    return upgraded
 
 
 cdef int _cap_lines(Head h, str what, int status) except -1:
@@ -673,7 +721,7 @@ cdef str _version_at(const char *p):
 def parse_request(bytes head not None):
     """Parse a complete request head (request line to blank line); empty lines
     before the request line are left out (the head's ``raw`` starts after them)."""
-    head = _checked(_RequestParser, head, "request", 400)
+    head = _checked_request(head)
     cdef RequestHead h = RequestHead.__new__(RequestHead)
     read_lines(h, head)
     # llhttp accepted "METHOD SP+ target", then "SP+ HTTP/x.y" (or RTSP/x.y, or
@@ -690,8 +738,9 @@ def parse_request(bytes head not None):
         raise RemoteProtocolError("the request line names no HTTP/1.x version")
     while b > a and s[b - 1] == 32:
         b -= 1
+    h.target_bytes = PyBytes_FromStringAndSize(s + a, b - a)
     try:
-        h.target = PyBytes_FromStringAndSize(s + a, b - a).decode("ascii")
+        h.target = h.target_bytes.decode("ascii")
     except UnicodeDecodeError:
         raise RemoteProtocolError("request target is not ASCII") from None
     h.version = _version_at(s + end - 3)
@@ -703,7 +752,14 @@ def parse_request(bytes head not None):
         return h  # a tunnel needs none of its headers (yet), nor keeps alive
     _cap_options(h, "request", 400)
     h.keep_alive = _persists(h.version, h.options)
+    if not h.keep_alive:
+        _drop_kept_parser()  # llhttp would take a next head on it for one after a close
     return h
+
+
+cdef void _drop_kept_parser():
+    global _kept_parser, _kept_sink
+    _kept_parser = _kept_sink = None
 
 
 def parse_response(bytes head not None):

@@ -449,3 +449,56 @@ def test_a_head_that_is_not_bytes_is_a_type_error() -> None:
     for parse in (parse_request_head, parse_response_head, scan):
         with pytest.raises(TypeError):
             parse(None)  # type: ignore[arg-type]
+
+
+# ---- one request parser kept from head to head ---------------------------------------
+
+# Heads that leave llhttp in every state a head can: done and ready for the
+# next (a bodiless GET that persists), waiting for a body (by length, by
+# chunks), closed (Connection: close, HTTP/1.0), stopped (CONNECT, Upgrade),
+# and refused (by llhttp, by elbasy's own checks after llhttp passed it).
+_BEFORE = [
+    b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n",
+    b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    b"GET /a HTTP/1.0\r\nHost: h\r\n\r\n",
+    b"GET /a HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n",
+    b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost h\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"GET /a HTTP/1.2\r\nHost: h\r\n\r\n",
+    b"\r\n\r\nGET /a HTTP/1.1\r\nHost: h\r\n\r\n",
+]
+_AFTER = [
+    *_BEFORE,
+    b"GET /b?x=1 HTTP/1.1\r\nHost: other\r\nX-A: 1\r\n\r\n",
+    b"DELETE /b HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
+    b"GET /b HTTP/1.1\r\nHost: h\r\nX: \x01\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n\r\n",
+]
+
+
+def _outcome(head: bytes) -> object:
+    """All a parse tells: the head's values, or the refusal's status and text."""
+    try:
+        req = parse_request_head(head)
+    except RemoteProtocolError as exc:
+        return ("refused", exc.status_hint, str(exc))
+    return (req.method, req.target, req.version, req.keep_alive, req.raw, req.headers())
+
+
+def test_a_head_parses_the_same_whatever_head_came_before() -> None:
+    """The parser kept after a bodiless head carries nothing into the next: each
+    head gives what it gives after a CONNECT (which always leaves a new parser
+    for the next head), whichever of every kind of head came just before."""
+    connect = _BEFORE[6]
+    for after in _AFTER:
+        _outcome(connect)
+        alone = _outcome(after)
+        for before in _BEFORE:
+            _outcome(before)
+            assert _outcome(after) == alone, (before, after)
+            # and twice over: a head after one like itself
+            assert _outcome(after) == alone, (before, after)

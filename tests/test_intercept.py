@@ -310,6 +310,51 @@ def test_client_hello_sent_with_the_connect_head(mitm: Mitm) -> None:
         assert got.startswith(b"HTTP/1.1 200")
 
 
+def test_requests_sent_with_the_clients_finished_are_all_read(mitm: Mitm) -> None:
+    """A client that sends its requests in the same flight as its Finished loses
+    none of them: elbasy reads the handshake ahead, so OpenSSL may hold them all
+    (a head, its body in a record of its own, a pipelined request) when the
+    handshake ends, where epoll never says they are there."""
+    ctx = mitm.tls_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3  # its Finished may carry data after it
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=SHOP)
+    with socket.create_connection(("127.0.0.1", mitm.proxy.port), timeout=10) as s:
+        s.sendall(f"CONNECT {SHOP}:443 HTTP/1.1\r\n\r\n".encode())
+        reader = origins.Reader(s)
+        assert reader.read_head().startswith(b"HTTP/1.1 200")  # type: ignore[union-attr]
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    s.sendall(outgoing.read())
+                incoming.write(s.recv(65536))
+        body = b"x" * 300
+        tls.write(
+            f"POST /echo HTTP/1.1\r\nHost: {SHOP}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        tls.write(body)
+        tls.write(f"GET /hello HTTP/1.1\r\nHost: {SHOP}\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(outgoing.read())  # the Finished and three records, in one write
+        got = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            incoming.write(data)
+            try:
+                while chunk := tls.read(65536):
+                    got += chunk
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                pass
+    first, _, second = got.partition(body)
+    assert first.startswith(b"HTTP/1.1 200"), got
+    assert second.count(b"HTTP/1.1 200") == 1 and b"hello from origin" in second, got
+
+
 def test_other_hosts_keep_the_spliced_tunnel(
     mitm: Mitm, shop: origins.HTTPOrigin, shop_tls: tuple[origins.TestCA, ssl.SSLContext]
 ) -> None:

@@ -38,7 +38,7 @@ from elbasy.verdicts import (
 )
 
 EXACT = Safety(margin=0.0, headroom=0.0, jitter=0.0, guard=0.0)
-SITE = Intercept("acme.myshopify.com", 443, None)
+SITE = Intercept("acme.myshopify.com", 443, None, "https://acme.myshopify.com")
 REST = "/admin/api/2024-10/products.json"
 GQL = "/admin/api/2024-10/graphql.json"
 

@@ -249,7 +249,7 @@ def test_the_verdicts_built_around_their_constructors_have_every_field() -> None
     ``verdicts.built`` (tuple.__new__, past the named tuples' __new__): each
     must still carry exactly its fields, of the types the loop reads."""
     policy = Policy(lambda: {}, ("localhost",))
-    site = Intercept("localhost", 8443, None)
+    site = Intercept("localhost", 8443, None, "https://localhost:8443")
     fwd = policy.on_request(
         b"POST /x HTTP/1.1\r\nHost: localhost:8443\r\nContent-Length: 3\r\n\r\n", "c:1", site
     )

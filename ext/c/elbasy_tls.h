@@ -18,6 +18,17 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
+/* Empty the thread's error queue before a TLS call, so SSL_get_error reads
+ * this call's failure only. The queue is almost always empty already, and
+ * ERR_peek_error looks at it for a fraction of what ERR_clear_error spends
+ * wiping all of its slots (some 400 instructions under OpenSSL 3, four
+ * times per intercepted request). */
+static inline void elb_tls_clear_errors(void)
+{
+    if (ERR_peek_error() != 0)
+        ERR_clear_error();
+}
+
 static inline ssize_t elb_io_recv(int fd, SSL *ssl, char *buf, size_t n, int *want_write)
 {
     int r;
@@ -25,7 +36,7 @@ static inline ssize_t elb_io_recv(int fd, SSL *ssl, char *buf, size_t n, int *wa
         return recv(fd, buf, n, 0);
     if (n > INT_MAX)
         n = INT_MAX;
-    ERR_clear_error();
+    elb_tls_clear_errors();
     r = SSL_read(ssl, buf, (int)n);
     if (r > 0)
         return r;
@@ -60,7 +71,7 @@ static inline ssize_t elb_io_send(int fd, SSL *ssl, const char *buf, size_t n)
         return 0;
     if (n > INT_MAX)
         n = INT_MAX;
-    ERR_clear_error();
+    elb_tls_clear_errors();
     r = SSL_write(ssl, buf, (int)n);
     if (r > 0)
         return r;
@@ -84,7 +95,7 @@ static inline ssize_t elb_io_send(int fd, SSL *ssl, const char *buf, size_t n)
 static inline int elb_tls_handshake(SSL *ssl, int *want)
 {
     int r;
-    ERR_clear_error();
+    elb_tls_clear_errors();
     r = SSL_do_handshake(ssl);
     if (r == 1)
         return 1;

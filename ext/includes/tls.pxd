@@ -9,6 +9,8 @@ cdef extern from "elbasy_tls.h" nogil:
         pass
     void SSL_free(SSL *ssl)
     int SSL_pending(const SSL *ssl)
+    int SSL_has_pending(const SSL *ssl)
+    void SSL_set_read_ahead(SSL *ssl, int yes)
     ssize_t elb_io_recv(int fd, SSL *ssl, char *buf, size_t n, int *want_write)
     ssize_t elb_io_send(int fd, SSL *ssl, const char *buf, size_t n)
     int elb_tls_handshake(SSL *ssl, int *want)

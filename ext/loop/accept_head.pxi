@@ -335,16 +335,16 @@ cdef void dispatch_head(Loop loop, Conn c, long end):
         reply(loop, c, (<object>v).data, (<object>v).close)
     elif type(v) is Forward:
         c.verdict = v
-        c.ticket = (<object>v).ticket
+        c.ticket = field(v, FWD_TICKET)
         c.goal = GOAL_FORWARD
         c.exchange.retried = False
-        if (<object>v).peek > 0 and (<object>v).body != BODY_NONE:
-            if (<object>v).expect and queue_client(
+        if <Py_ssize_t>field(v, FWD_PEEK) > 0 and <int>field(v, FWD_BODY) != BODY_NONE:
+            if field(v, FWD_EXPECT) and queue_client(
                     loop, c, CONTINUE_100, PyBytes_GET_SIZE(CONTINUE_100)) == STEP_ENDED:
                 return
-            begin_peek(loop, c, (<object>v).peek)
+            begin_peek(loop, c, field(v, FWD_PEEK))
             return
-        depart = hold_ns(loop, (<object>v).depart)
+        depart = hold_ns(loop, field(v, FWD_DEPART))
         if depart:
             hold(loop, c, depart)
         else:

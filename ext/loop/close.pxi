@@ -43,6 +43,7 @@ cdef void close_conn(Loop loop, Conn c, bint reset):
     c.deadline = 0
     c.ticket = None
     c.verdict = None
+    c.pool_key = None
     c.addrs = None
     loop.c.open -= 1
     client_gone(loop, c)

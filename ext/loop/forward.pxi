@@ -18,12 +18,12 @@ cdef void begin_forward(Loop loop, Conn c, bint reused):
     """Send the request over c.ufd: fresh from connect (or TLS), or `reused`
     from the pool (which makes a failure before any answer retryable)."""
     cdef ExchangeState *ex = &c.exchange
-    cdef object v = c.verdict
-    cdef bytes head = v.head
+    cdef object v = c.verdict  # a Forward
+    cdef bytes head = field(v, FWD_HEAD)
     c.state = S_FORWARD
     ex.reused = reused
-    ex.req_framing = v.body
-    ex.req_remaining = v.length
+    ex.req_framing = field(v, FWD_BODY)
+    ex.req_remaining = field(v, FWD_LENGTH)
     ex.req_chunks.state = 0
     ex.req_chunks.remaining = 0
     ex.req_done = ex.req_framing == BODY_NONE or (

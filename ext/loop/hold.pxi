@@ -147,6 +147,9 @@ cdef void departure(Loop loop, Conn c):
 
 
 cdef void send_forward(Loop loop, Conn c):
-    cdef object v = c.verdict
-    if not take_pooled(loop, c, v.host, v.port, v.tls):
-        start_upstream(loop, c, v.host, v.port)
+    cdef object v = c.verdict  # a Forward
+    cdef object host = field(v, FWD_HOST), port = field(v, FWD_PORT)
+    # the pool's key for this upstream, kept for pool_put when the answer is in
+    c.pool_key = (host, port, field(v, FWD_TLS))
+    if not take_pooled(loop, c, c.pool_key):
+        start_upstream(loop, c, host, port)

@@ -173,6 +173,7 @@ S_CLOSED
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_ITEM
 from libc.errno cimport EAGAIN, EBADF, EINTR, EINVAL, EMFILE, ENFILE, ENOSYS, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -202,8 +203,8 @@ from timers cimport (
     elb_timers_push,
 )
 from tls cimport (
-    SSL, SSL_free, SSL_pending, elb_io_recv, elb_io_send, elb_tls_goodbye, elb_tls_handshake,
-    elb_tls_settle,
+    SSL, SSL_free, SSL_has_pending, SSL_pending, SSL_set_read_ahead, elb_io_recv, elb_io_send,
+    elb_tls_goodbye, elb_tls_handshake, elb_tls_settle,
 )
 
 import os
@@ -212,13 +213,44 @@ from elbasy.errors import RemoteProtocolError
 from elbasy.pages import LOOP_PAGES
 from elbasy.verdicts import (
     ABANDONED, BAD_BODY, BAD_RESPONSE, DRAINED, FAILED, FINISHED, HEAD_TOO_LARGE,
-    INTERNAL_ERROR, NOW, TLS_FAILED, Forward, Intercept, Reply, TLSListener, Transparent, Tunnel,
+    INTERNAL_ERROR, NOW, TLS_FAILED, Forward, Intercept, Reply, ResponsePlan, TLSListener,
+    Transparent, Tunnel,
 )
 from elbasy.trust import HANDSHAKE_RESET
 
 # "hold until" NOW (elbasy.verdicts): leave at once, unconfirmed. Every
 # other hold-until is a monotonic time, held on the timer heap (hold_ns).
 cdef double HOLD_NOW = NOW
+
+# The verdicts are named tuples; the loop reads a Forward's and a
+# ResponsePlan's fields by position (a tuple slot, not an attribute
+# lookup: some twenty per request). Each position is taken from the
+# tuple's own _fields here, so the order is written once, in verdicts.py,
+# and a field renamed there fails the import, not a request.
+cdef Py_ssize_t FWD_HOST = Forward._fields.index("host")
+cdef Py_ssize_t FWD_PORT = Forward._fields.index("port")
+cdef Py_ssize_t FWD_HEAD = Forward._fields.index("head")
+cdef Py_ssize_t FWD_BODY = Forward._fields.index("body")
+cdef Py_ssize_t FWD_LENGTH = Forward._fields.index("length")
+cdef Py_ssize_t FWD_TICKET = Forward._fields.index("ticket")
+cdef Py_ssize_t FWD_TLS = Forward._fields.index("tls")
+cdef Py_ssize_t FWD_DEPART = Forward._fields.index("depart")
+cdef Py_ssize_t FWD_PEEK = Forward._fields.index("peek")
+cdef Py_ssize_t FWD_EXPECT = Forward._fields.index("expect")
+cdef Py_ssize_t PLAN_HEAD = ResponsePlan._fields.index("head")
+cdef Py_ssize_t PLAN_STATUS = ResponsePlan._fields.index("status")
+cdef Py_ssize_t PLAN_BODY = ResponsePlan._fields.index("body")
+cdef Py_ssize_t PLAN_LENGTH = ResponsePlan._fields.index("length")
+cdef Py_ssize_t PLAN_INTERIM = ResponsePlan._fields.index("interim")
+cdef Py_ssize_t PLAN_KEEP_CLIENT = ResponsePlan._fields.index("keep_client")
+cdef Py_ssize_t PLAN_REUSE_UPSTREAM = ResponsePlan._fields.index("reuse_upstream")
+cdef Py_ssize_t PLAN_CAPTURE = ResponsePlan._fields.index("capture")
+cdef Py_ssize_t PLAN_RETRY_AT = ResponsePlan._fields.index("retry_at")
+
+
+cdef inline object field(object verdict, Py_ssize_t at):
+    """Field ``at`` of a verdict whose type (Forward, ResponsePlan) was checked."""
+    return <object>PyTuple_GET_ITEM(verdict, at)
 
 # The two protocol lines the loop writes itself (every other answer comes
 # from Python: the policy's, or the LoopPages it was handed).

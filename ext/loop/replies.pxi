@@ -187,6 +187,7 @@ cdef void back_to_head(Loop loop, Conn c, bint resume):
     c.state = S_HEAD
     c.client_paused = False
     c.verdict = None
+    c.pool_key = None
     c.ticket = None
     c.goal = GOAL_NONE
     if loop.draining and not buf_len(&c.cin):

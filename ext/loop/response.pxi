@@ -58,6 +58,7 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
     cdef bytes head
     cdef object plan
     cdef double retry_at
+    cdef bint interim, keep_client
     while not ex.resp_head_done:
         avail = buf_len(&ex.uin)
         end = elb_head_end(ex.uin.data + ex.uin.start, avail, 0)
@@ -77,12 +78,16 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
             # the policy's refusal of this response (not a policy error): a 502
             bad_response(loop, c, exc)
             return STEP_ENDED
-        retry_at = plan.retry_at
-        if retry_at != HOLD_NOW and not plan.interim:
+        if type(plan) is not ResponsePlan:
+            raise TypeError(f"on_response returned {plan!r}, not a ResponsePlan")
+        interim = field(plan, PLAN_INTERIM)
+        retry_at = field(plan, PLAN_RETRY_AT)
+        if retry_at != HOLD_NOW and not interim:
             retry_later(loop, c, retry_at)
             return STEP_ENDED
-        head = plan.head
-        if loop.draining and not plan.interim and plan.keep_client:
+        head = field(plan, PLAN_HEAD)
+        keep_client = field(plan, PLAN_KEEP_CLIENT)
+        if loop.draining and not interim and keep_client:
             # the worker is draining: this answer is the connection's last
             head = head[:PyBytes_GET_SIZE(head) - 2] + b"Connection: close\r\n\r\n"
         c.bytes_down += PyBytes_GET_SIZE(head)
@@ -90,18 +95,18 @@ cdef int response_step(Loop loop, Conn c) except STEP_RAISED:
         # parked, not sent: the body bytes that came with it leave in the
         # same send (one segment, one wake-up for the client)
         buf_append(&c.cout, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
-        if plan.interim:
+        if interim:
             continue
         parked = PyBytes_GET_SIZE(head)
         ex.resp_head_done = True
-        ex.status = plan.status
-        ex.resp_framing = plan.body
-        ex.resp_remaining = plan.length
+        ex.status = field(plan, PLAN_STATUS)
+        ex.resp_framing = field(plan, PLAN_BODY)
+        ex.resp_remaining = field(plan, PLAN_LENGTH)
         ex.resp_chunks.state = 0
         ex.resp_chunks.remaining = 0
-        ex.keep_client = plan.keep_client and not loop.draining
-        ex.reuse_upstream = plan.reuse_upstream
-        ex.capture = plan.capture
+        ex.keep_client = keep_client and not loop.draining
+        ex.reuse_upstream = field(plan, PLAN_REUSE_UPSTREAM)
+        ex.capture = field(plan, PLAN_CAPTURE)
         if ex.resp_framing == BODY_NONE or (
                 ex.resp_framing == BODY_LENGTH and ex.resp_remaining == 0):
             ex.resp_done = True

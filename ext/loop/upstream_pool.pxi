@@ -6,9 +6,9 @@
 # byte from before is read as the next request's answer.
 
 
-cdef bint take_pooled(Loop loop, Conn c, str host, int port, bint tls):
-    """Reuse an idle upstream connection for (host, port, tls), if a live one waits."""
-    cdef list idle = loop.pool.get((host, port, tls))
+cdef bint take_pooled(Loop loop, Conn c, tuple key):
+    """Reuse an idle upstream connection for key (host, port, tls), if a live one waits."""
+    cdef list idle = loop.pool.get(key)
     cdef Pooled p
     cdef ssize_t n
     cdef char probe
@@ -40,8 +40,7 @@ cdef bint take_pooled(Loop loop, Conn c, str host, int port, bint tls):
 
 
 cdef void pool_put(Loop loop, Conn c):
-    cdef object v = c.verdict
-    cdef object key = (v.host, v.port, v.tls)
+    cdef object key = c.pool_key  # send_forward's, for this exchange's upstream
     cdef list idle = loop.pool.get(key)
     cdef Pooled p
     if idle is None:

@@ -158,6 +158,7 @@ cdef class Conn(Slot):
     cdef int client_bucket      # its address's count in Loop.clients (-1: not counted)
     cdef object ticket          # the policy's handle for this request or tunnel
     cdef object verdict         # the Tunnel or Forward being carried out
+    cdef tuple pool_key         # a Forward's upstream (host, port, tls): its pool's key
     cdef object addrs           # upstream connect: the resolver's addresses
     # site: intercepted, the Intercept verdict; --reverse, its Reverse; --transparent,
     # its Transparent until the first bytes say what comes (a TLS client's goes, plain
