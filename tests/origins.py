@@ -473,6 +473,9 @@ class HTTPOrigin(_Server):
       /hello                fixed 200 "hello from origin" with Content-Length
       /echo                 200, body = request body, Content-Length
       /chunked[?n=]         200 chunked response of n chunks "chunk-<i>;" (default 5)
+      /pieces[?n=]          200 with Content-Length: the head, then n pieces "piece-<i>;"
+                            (default 5), each in a send of its own (over TLS, a record each),
+                            corked: they reach the peer together
       /close                200 close-delimited (no Content-Length / Transfer-Encoding), then close
       /head-test            GET: 200 with body of 1234 bytes; HEAD: same headers, no body
       /204                  204 No Content
@@ -588,6 +591,14 @@ class HTTPOrigin(_Server):
             self._send(
                 sock, 200, req.body, "Content-Type: application/octet-stream\r\n", "OK", head_only
             )
+        elif path == "/pieces":
+            pieces = [f"piece-{i};".encode() for i in range(int(q.get("n", "5")))]
+            size = sum(map(len, pieces))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            sock.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
+            for piece in pieces:
+                sock.sendall(piece)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         elif path == "/chunked":
             n = int(q.get("n", "5"))
             out = bytearray(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")

@@ -55,6 +55,8 @@ def test_connect_head_is_complete_even_though_llhttp_calls_it_an_upgrade() -> No
         "[::1:443",
         "exa$mple.com:443",
         "example.com:44x3",
+        "[fe80::1%eth0]:443",
+        "[::%\xc6]:3",  # the fuzz run's: a zone Python keeps as written, upper case and all
     ],
 )
 def test_bad_connect_targets(target: str) -> None:

@@ -40,4 +40,9 @@ def parse_authority(target: str) -> tuple[str, int]:
     host, sep, port = target.rpartition(":")
     if not sep or not host:
         raise RemoteProtocolError(f"CONNECT target must be host:port, got {target!r}")
+    if "%" in host:
+        # an IPv6 zone (fe80::1%eth0) names an interface of the client's
+        # machine, never one of elbasy's (and Python keeps its text as
+        # written, case and all): no client can mean it in a CONNECT
+        raise RemoteProtocolError(f"IPv6 zone in CONNECT target: {target!r}")
     return check_host(host), check_port(port)

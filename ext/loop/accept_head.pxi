@@ -252,7 +252,7 @@ cdef void update_head_mask(Loop loop, Conn c):
         want = EPOLLIN
     if buf_len(&c.cout) or c.tls.c_rw:
         want |= EPOLLOUT
-    set_mask(loop, c.fd, &c.cmask, want)
+    watch_client(loop, c, want)
 
 
 cdef void read_head(Loop loop, Conn c):
@@ -286,8 +286,7 @@ cdef void read_head(Loop loop, Conn c):
                 continue
             scanned = have
         buf_reserve(&c.cin, limit - have if limit - have < 16384 else 16384)
-        n = elb_io_recv(c.fd, c.tls.cssl, c.cin.data + c.cin.end, c.cin.cap - c.cin.end,
-                        &c.tls.c_rw)
+        n = client_recv(c, c.cin.data + c.cin.end, c.cin.cap - c.cin.end)
         if n > 0:
             if have == 0 and c.requests > 0:
                 # a keep-alive client began its next request

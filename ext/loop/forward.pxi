@@ -126,8 +126,8 @@ cdef void forward_masks(Loop loop, Conn c):
         uw |= EPOLLIN | EPOLLRDHUP
     if buf_len(&ex.uout) or c.tls.u_rw:
         uw |= EPOLLOUT
-    set_mask(loop, c.fd, &c.cmask, cw)
-    set_mask(loop, c.ufd, &c.umask, uw)
+    watch_client(loop, c, cw)
+    watch_upstream(loop, c, uw)
 
 
 cdef void forward_event(Loop loop, Conn c, int fd, uint32_t ev):
@@ -143,7 +143,7 @@ cdef void forward_event(Loop loop, Conn c, int fd, uint32_t ev):
             c.client_paused = True
         elif ev & (EPOLLIN | EPOLLHUP):
             buf_reserve(&c.cin, IO_CHUNK)
-            n = elb_io_recv(c.fd, c.tls.cssl, c.cin.data + c.cin.end, IO_CHUNK, &c.tls.c_rw)
+            n = client_recv(c, c.cin.data + c.cin.end, IO_CHUNK)
             if n == 0 or (n < 0 and errno != EAGAIN and errno != EINTR):
                 # 0: its FIN in the middle of its own request body;
                 # ECONNRESET, EPROTO (TLS): it is gone. EAGAIN: nothing yet.

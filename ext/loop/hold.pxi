@@ -31,14 +31,13 @@ cdef void peek_step(Loop loop, Conn c):
         return  # (a "100 Continue" still on its way)
     while buf_len(&c.cin) < c.exchange.peek:
         buf_reserve(&c.cin, IO_CHUNK)
-        n = elb_io_recv(c.fd, c.tls.cssl, c.cin.data + c.cin.end, IO_CHUNK, &c.tls.c_rw)
+        n = client_recv(c, c.cin.data + c.cin.end, IO_CHUNK)
         if n > 0:
             c.cin.end += n
             continue
         if n < 0 and (errno == EAGAIN or errno == EINTR):
             # the rest of the body is on its way (or a signal came first)
-            set_mask(loop, c.fd, &c.cmask,
-                     EPOLLIN | (EPOLLOUT if c.tls.c_rw or buf_len(&c.cout) else 0))
+            watch_client(loop, c, EPOLLIN | (EPOLLOUT if c.tls.c_rw or buf_len(&c.cout) else 0))
             return
         # 0: its FIN before the body it announced; < 0: ECONNRESET, EPROTO
         client_lost(loop, c)

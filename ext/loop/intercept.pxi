@@ -43,9 +43,8 @@ cdef void begin_intercept(Loop loop, Conn c, object v):
     c.tls.cssl = <SSL *>ptr
     ssl_adopt()
     if not nested:
-        # the handshake reads ahead: each flight of the client's in one read,
-        # not two per record (a header, then the rest); off again when it is
-        # done (take_read_ahead)
+        # each read takes what the socket has, not a record's header, then
+        # its body (readahead.pxi: what that leaves in OpenSSL is read too)
         SSL_set_read_ahead(c.tls.cssl, 1)
     c.tls.early_tls = PyBytes_GET_SIZE(early) > 0
     buf_free(&c.cin)
@@ -98,26 +97,7 @@ cdef void client_tls_step(Loop loop, Conn c):
     c.ticket = None
     c.state = S_HEAD
     arm(loop, c, loop.now + loop.head_ns)
-    take_read_ahead(c)
     read_head(loop, c)  # the first request usually follows the handshake at once
-
-
-cdef void take_read_ahead(Conn c):
-    """The handshake is done: read no further ahead, and move into cin what
-    OpenSSL read past the client's Finished (the request a client sends right
-    after it, its body, more requests): bytes in OpenSSL's buffer raise no
-    epoll event, so none may stay there once the loop waits on the socket.
-    What is left after this is at most one record's rest, still to come.
-    An end or an error met here stays for read_head's next read to see."""
-    cdef ssize_t n
-    SSL_set_read_ahead(c.tls.cssl, 0)
-    while SSL_has_pending(c.tls.cssl):
-        buf_reserve(&c.cin, 16384)  # one whole record fits
-        n = elb_io_recv(c.fd, c.tls.cssl, c.cin.data + c.cin.end, c.cin.cap - c.cin.end,
-                        &c.tls.c_rw)
-        if n <= 0:
-            return
-        c.cin.end += n
 
 
 cdef void client_tls_failed(Loop loop, Conn c, object reason):
@@ -148,6 +128,8 @@ cdef void begin_upstream_tls(Loop loop, Conn c):
         return
     c.tls.ussl = <SSL *>ptr
     ssl_adopt()
+    SSL_set_read_ahead(c.tls.ussl, 1)  # as the client's (readahead.pxi)
+    c.tls.u_more = False
     c.state = S_TLS_CONNECT
     arm(loop, c, loop.now + loop.connect_ns)
     upstream_tls_step(loop, c)

@@ -260,6 +260,7 @@ cdef bytes CONNECT_200 = b"HTTP/1.1 200 Connection established\r\n\r\n"
 include "buffers.pxi"
 include "objects.pxi"
 include "epoll.pxi"
+include "readahead.pxi"
 include "deadlines.pxi"
 include "dispatch.pxi"
 include "accept_head.pxi"
@@ -447,6 +448,7 @@ cdef class Loop:
         self.fdmap = []
         self.pool = {}
         self.held = {}
+        self.posted = []
         self.head_ns = seconds_ns(head_timeout)
         self.connect_ns = seconds_ns(connect_timeout)
         self.idle_ns = seconds_ns(idle_timeout)
@@ -549,6 +551,8 @@ cdef class Loop:
                     break
                 if not self.drain_expired:
                     timeout = min(timeout, drain_timeout_ms(self))
+            if self.posted:
+                timeout = 0  # TLS input waits in OpenSSL: look at the sockets, then read it
             with nogil:
                 n = epoll_wait(self.epfd, self.events, MAX_EVENTS, timeout)
             if n < 0:
@@ -584,6 +588,8 @@ cdef class Loop:
             if self.now >= self.next_sweep:
                 sweep_pool(self)
                 self.next_sweep = self.now + 1000000000
+            if self.posted:
+                run_posted(self)
             close_retired(self)
         shutdown_all(self)
         close_retired(self)

@@ -16,7 +16,7 @@ cdef int read_response(Loop loop, Conn c) except STEP_RAISED:
     cdef int _rounds
     for _rounds in range(PUMP_ROUNDS):
         buf_reserve(&ex.uin, IO_CHUNK)
-        n = elb_io_recv(c.ufd, c.tls.ussl, ex.uin.data + ex.uin.end, IO_CHUNK, &c.tls.u_rw)
+        n = upstream_recv(c, ex.uin.data + ex.uin.end, IO_CHUNK)
         if n < 0:
             if errno == EINTR:
                 continue  # a signal first: read again

@@ -26,6 +26,7 @@ cdef bint take_pooled(Loop loop, Conn c, tuple key):
             c.ufd = p.fd
             c.umask = p.mask
             c.tls.ussl = p.ssl
+            c.tls.u_more = False  # pooled with nothing in OpenSSL (pool_put)
             p.ssl = NULL
             map_fd(loop, p.fd, c)
             p.deadline = 0
@@ -46,7 +47,9 @@ cdef void pool_put(Loop loop, Conn c):
     if idle is None:
         idle = []
         loop.pool[key] = idle
-    if len(idle) >= POOL_PER_HOST:
+    if len(idle) >= POOL_PER_HOST or (c.tls.ussl != NULL and SSL_has_pending(c.tls.ussl)):
+        # full; or bytes came after the answer (read ahead into OpenSSL, where
+        # the pool's peek cannot see them): no next request may read them
         drop_upstream(loop, c, False)
         return
     p = Pooled.__new__(Pooled)

@@ -80,6 +80,8 @@ cdef struct TlsState:
     SSL *ussl              # our TLS session with an https upstream
     int c_rw               # a TLS read on the client needs it writable
     int u_rw               # a TLS read on the upstream needs it writable
+    bint c_more            # the last TLS read on the client gave bytes: OpenSSL may
+    bint u_more            # hold more (read-ahead, readahead.pxi); the upstream's
     bint early_tls         # the ClientHello came with the CONNECT head
 
 
@@ -159,6 +161,7 @@ cdef class Conn(Slot):
     cdef object ticket          # the policy's handle for this request or tunnel
     cdef object verdict         # the Tunnel or Forward being carried out
     cdef tuple pool_key         # a Forward's upstream (host, port, tls): its pool's key
+    cdef int posted             # POSTED_CLIENT | POSTED_UPSTREAM: in Loop.posted (readahead.pxi)
     cdef object addrs           # upstream connect: the resolver's addresses
     # site: intercepted, the Intercept verdict; --reverse, its Reverse; --transparent,
     # its Transparent until the first bytes say what comes (a TLS client's goes, plain
@@ -222,6 +225,7 @@ cdef class Loop:
     cdef list fdmap             # fd -> Conn or Pooled
     cdef dict pool              # (host, port, tls) -> [Pooled], oldest first
     cdef dict held              # ticket -> Conn, for every request held in S_WAIT
+    cdef list posted            # Conns with TLS input in OpenSSL to read this turn
     cdef uint64_t next_serial
     cdef int64_t now
     cdef int64_t started_ns
