@@ -279,3 +279,63 @@ def test_an_operators_certificate_is_used(
         t.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert origins.read_response(origins.Reader(t)).status == 200
     assert not (tmp_path / "data" / "listener.pem").exists()
+
+
+def test_inner_records_that_come_in_one_outer_record_are_all_read(
+    proxy: Callable[..., Proxy],
+    api_ca: tuple[origins.TestCA, Path],
+    site_origin: origins.HTTPOrigin,
+    tmp_path: Path,
+) -> None:
+    """An intercepted session inside a --listen-tls one: a head, its body in an
+    inner record of its own and a pipelined request, all in one outer record.
+    The outer session decrypts the three at once and holds the two the inner
+    one has not asked for yet, where epoll never says they are there."""
+    s = start(
+        proxy, api_ca, tmp_path, f"{SITE}:443:127.0.0.1:{site_origin.port}",
+        extra=("--intercept", SITE),
+    )  # fmt: skip
+    outer_ctx = ssl.create_default_context(cafile=str(s.cert))
+    raw = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+    with outer_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as outer:
+        outer.sendall(f"CONNECT {SITE}:443 HTTP/1.1\r\nHost: {SITE}:443\r\n\r\n".encode())
+        reader = origins.Reader(outer)
+        assert reader.read_head().startswith(b"HTTP/1.1 200")  # type: ignore[union-attr]
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        inner = ssl.create_default_context(cafile=str(s.ca)).wrap_bio(
+            incoming, outgoing, server_hostname=SITE
+        )
+        while True:
+            try:
+                inner.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    outer.sendall(outgoing.read())
+                incoming.write(outer.recv(65536))
+        outer.sendall(outgoing.read())  # the inner Finished
+        time.sleep(0.2)  # elbasy has read it and waits for a head
+        body = b"y" * 300
+        inner.write(
+            f"POST /echo HTTP/1.1\r\nHost: {SITE}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        inner.write(body)
+        inner.write(f"GET /hello HTTP/1.1\r\nHost: {SITE}\r\nConnection: close\r\n\r\n".encode())
+        outer.sendall(outgoing.read())  # three inner records, one outer record
+        got = b""
+        while True:
+            try:
+                data = outer.recv(65536)
+            except ssl.SSLZeroReturnError:
+                break
+            if not data:
+                break
+            incoming.write(data)
+            try:
+                while chunk := inner.read(65536):
+                    got += chunk
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                pass
+    first, _, second = got.partition(body)
+    assert first.startswith(b"HTTP/1.1 200"), got
+    assert second.count(b"HTTP/1.1 200") == 1 and b"hello from origin" in second, got

@@ -16,8 +16,11 @@
 #   had said so. The loop's next epoll_wait does not sleep while any is
 #   posted.
 #
-# Tunnels over TLS (--listen-tls) do not read ahead; they keep their own
-# SSL_pending rule (tunnel.pxi).
+# An intercepted session inside a --listen-tls one does not read ahead, but
+# reads through the outer session, which decrypts a whole outer record at
+# once: inner records it holds wait just as unseen, so the client side asks
+# both (client_holds). Tunnels over TLS (--listen-tls) do not read ahead;
+# they keep their own SSL_pending rule (tunnel.pxi).
 
 cdef enum:
     POSTED_CLIENT = 1
@@ -38,10 +41,17 @@ cdef inline ssize_t upstream_recv(Conn c, char *buf, size_t n) noexcept:
     return got
 
 
+cdef inline bint client_holds(Conn c) noexcept:
+    """Whether OpenSSL holds client input: in its session, or in the --listen-tls
+    session an intercepted one reads through."""
+    return ((c.tls.cssl != NULL and SSL_has_pending(c.tls.cssl))
+            or (c.tls.outer != NULL and SSL_has_pending(c.tls.outer)))
+
+
 cdef void watch_client(Loop loop, Conn c, int want):
     """set_mask for the client, and a post when OpenSSL holds input it waits for."""
     set_mask(loop, c.fd, &c.cmask, want)
-    if want & EPOLLIN and c.tls.c_more and c.tls.cssl != NULL and SSL_has_pending(c.tls.cssl):
+    if want & EPOLLIN and c.tls.c_more and client_holds(c):
         post(loop, c, POSTED_CLIENT)
 
 
@@ -71,7 +81,7 @@ cdef void run_posted(Loop loop):
         side = c.posted
         c.posted = 0
         if (side & POSTED_CLIENT and c.fd >= 0 and c.cmask > 0 and c.cmask & EPOLLIN
-                and c.tls.cssl != NULL and SSL_has_pending(c.tls.cssl)):
+                and client_holds(c)):
             guarded_event(loop, c, c.fd, EPOLLIN)
         if (side & POSTED_UPSTREAM and c.ufd >= 0 and c.umask > 0 and c.umask & EPOLLIN
                 and c.tls.ussl != NULL and SSL_has_pending(c.tls.ussl)):
