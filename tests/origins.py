@@ -855,6 +855,63 @@ def connect_tunnel(
     return s, resp, reader
 
 
+def handshake_held(
+    tls: ssl.SSLObject,
+    incoming: ssl.MemoryBIO,
+    outgoing: ssl.MemoryBIO,
+    send: Callable[[bytes], object],
+    recv: Callable[[int], bytes],
+) -> None:
+    """A memory-BIO client handshake over ``send``/``recv``, done but for its
+    last flight (the Finished), left in ``outgoing`` for the caller to send."""
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            if outgoing.pending:
+                send(outgoing.read())
+            incoming.write(recv(65536))
+
+
+def write_echo_then_hello(tls: ssl.SSLObject, host: str, body: bytes) -> None:
+    """Into a memory-BIO TLS session, three records: a ``POST /echo`` head, its
+    ``body``, and a pipelined ``GET /hello`` that closes the connection."""
+    tls.write(
+        f"POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    )
+    tls.write(body)
+    tls.write(f"GET /hello HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+
+
+def read_until_closed(
+    recv: Callable[[int], bytes], incoming: ssl.MemoryBIO, tls: ssl.SSLObject
+) -> bytes:
+    """All a memory-BIO TLS session reads from ``recv`` until the connection ends."""
+    got = b""
+    while True:
+        try:
+            data = recv(65536)
+        except ssl.SSLZeroReturnError:  # ``recv`` of a TLS socket: its close_notify
+            break
+        if not data:
+            break
+        incoming.write(data)
+        try:
+            while chunk := tls.read(65536):
+                got += chunk
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            pass
+    return got
+
+
+def check_echo_then_hello(got: bytes, body: bytes) -> None:
+    """The two answers to `write_echo_then_hello`, in order and whole."""
+    first, _, second = got.partition(body)
+    assert first.startswith(b"HTTP/1.1 200"), got
+    assert second.count(b"HTTP/1.1 200") == 1 and b"hello from origin" in second, got
+
+
 def client_hello(name: str | None) -> bytes:
     """The first bytes Python's ssl module sends for ``name`` (None: no server name):
     a real ClientHello, for the --transparent listener's scanner."""

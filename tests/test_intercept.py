@@ -325,38 +325,15 @@ def test_records_that_arrive_together_are_all_read(mitm: Mitm, with_finished: bo
         s.sendall(f"CONNECT {SHOP}:443 HTTP/1.1\r\n\r\n".encode())
         reader = origins.Reader(s)
         assert reader.read_head().startswith(b"HTTP/1.1 200")  # type: ignore[union-attr]
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if outgoing.pending:
-                    s.sendall(outgoing.read())
-                incoming.write(s.recv(65536))
+        origins.handshake_held(tls, incoming, outgoing, s.sendall, s.recv)
         if not with_finished:
             s.sendall(outgoing.read())
             time.sleep(0.2)  # elbasy has read the Finished and waits for a head
         body = b"x" * 300
-        tls.write(
-            f"POST /echo HTTP/1.1\r\nHost: {SHOP}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        )
-        tls.write(body)
-        tls.write(f"GET /hello HTTP/1.1\r\nHost: {SHOP}\r\nConnection: close\r\n\r\n".encode())
+        origins.write_echo_then_hello(tls, SHOP, body)
         s.sendall(outgoing.read())  # three records (after the Finished), in one write
-        got = b""
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            incoming.write(data)
-            try:
-                while chunk := tls.read(65536):
-                    got += chunk
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-                pass
-    first, _, second = got.partition(body)
-    assert first.startswith(b"HTTP/1.1 200"), got
-    assert second.count(b"HTTP/1.1 200") == 1 and b"hello from origin" in second, got
+        got = origins.read_until_closed(s.recv, incoming, tls)
+    origins.check_echo_then_hello(got, body)
 
 
 def test_an_answer_in_many_records_at_once_is_all_relayed(mitm: Mitm) -> None:

@@ -305,37 +305,11 @@ def test_inner_records_that_come_in_one_outer_record_are_all_read(
         inner = ssl.create_default_context(cafile=str(s.ca)).wrap_bio(
             incoming, outgoing, server_hostname=SITE
         )
-        while True:
-            try:
-                inner.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if outgoing.pending:
-                    outer.sendall(outgoing.read())
-                incoming.write(outer.recv(65536))
+        origins.handshake_held(inner, incoming, outgoing, outer.sendall, outer.recv)
         outer.sendall(outgoing.read())  # the inner Finished
         time.sleep(0.2)  # elbasy has read it and waits for a head
         body = b"y" * 300
-        inner.write(
-            f"POST /echo HTTP/1.1\r\nHost: {SITE}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        )
-        inner.write(body)
-        inner.write(f"GET /hello HTTP/1.1\r\nHost: {SITE}\r\nConnection: close\r\n\r\n".encode())
+        origins.write_echo_then_hello(inner, SITE, body)
         outer.sendall(outgoing.read())  # three inner records, one outer record
-        got = b""
-        while True:
-            try:
-                data = outer.recv(65536)
-            except ssl.SSLZeroReturnError:
-                break
-            if not data:
-                break
-            incoming.write(data)
-            try:
-                while chunk := inner.read(65536):
-                    got += chunk
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-                pass
-    first, _, second = got.partition(body)
-    assert first.startswith(b"HTTP/1.1 200"), got
-    assert second.count(b"HTTP/1.1 200") == 1 and b"hello from origin" in second, got
+        got = origins.read_until_closed(outer.recv, incoming, inner)
+    origins.check_echo_then_hello(got, body)
